@@ -1,0 +1,35 @@
+//! The block-device boundary of the engine core.
+//!
+//! The core never opens files or sockets; it reads and writes namespaces through this trait,
+//! which the runtime implements (malloc in hugepage memory, files with O_DIRECT) and the
+//! simulation implements with fault injection. Offsets and lengths are in bytes and always
+//! multiples of [`crate::geometry::SECTOR_SIZE`]; an implementation may rely on that.
+
+use std::io;
+
+/// A namespace's backing store: the source's primary namespace or the destination's mirror.
+pub trait BlockDevice {
+    /// Capacity in bytes (a multiple of the sector size).
+    fn size_bytes(&self) -> u64;
+    /// Reads `buf.len()` bytes at `offset_bytes`.
+    fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes `data` at `offset_bytes`. Durable after the next successful [`BlockDevice::flush`].
+    fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
+    fn size_bytes(&self) -> u64 {
+        (**self).size_bytes()
+    }
+    fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> io::Result<()> {
+        (**self).read_at(offset_bytes, buf)
+    }
+    fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> io::Result<()> {
+        (**self).write_at(offset_bytes, data)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        (**self).flush()
+    }
+}

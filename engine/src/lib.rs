@@ -1,0 +1,9 @@
+//! nvmirror's engine core: the replication method of the patent claims, sans IO.
+//!
+//! Events go in (`handle_*` with the time as `now_us`), actions come out (`poll_*`, the send queue);
+//! block devices are reached through [`device::BlockDevice`]. No sockets, threads or clocks live here,
+//! so the same core is driven by the embedded runtime, an SPDK runtime and the seeded simulation.
+#![forbid(unsafe_code)]
+
+pub mod device;
+pub mod geometry;

@@ -1,0 +1,1 @@
+//! NVMe over TCP for nvmirror.
