@@ -1,1 +1,228 @@
-fn main() {}
+//! `nvmirror`: the synchronous NVMe-oF replication engine's command line.
+//!
+//! With no arguments it runs the embedded default, a source and a destination on loopback with
+//! malloc namespaces; `--config FILE` runs one side as the file says; `demo` drives a seeded
+//! workload through the embedded pair and prints what references saved on the wire.
+
+mod config;
+mod demo;
+mod setup;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use config::{Config, Role};
+
+const USAGE: &str = "\
+usage:
+  nvmirror                          run the embedded default (source + destination on loopback, malloc namespaces)
+  nvmirror --config FILE [--json]   run one side (role = source | destination) as FILE says
+  nvmirror demo [OPTIONS]           drive a seeded workload through the embedded pair and print the counters
+      --seed N --writes N --pattern aligned|mixed --mode references|naive --queue-depth N
+      --cp-every N (writes per CP) --json
+  nvmirror workload --config FILE [--seed N --writes N --pattern aligned|mixed|disjoint
+      --queue-depth N --cp-every N --ack-log FILE]
+                                    run a source with the seeded workload, exit once it is durable on both sides
+  nvmirror sync --config FILE       start a source, replay its ring, resend, take a CP, exit when in sync
+  nvmirror promote --config FILE    failover: replay a destination's log onto its mirror, bump the epoch
+  nvmirror version
+Signals: SIGINT/SIGTERM stop (counters are printed), SIGUSR1 prints the counters.
+Logging: RUST_LOG=debug|info|warn (default info).";
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_micros()
+        .init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("nvmirror: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let mut options = Options::parse(args)?;
+    match options.command.as_deref() {
+        None => {
+            let json = options.flag("--json");
+            match options.value("--config")? {
+                Some(path) => {
+                    options.finish()?;
+                    run_configured(&Config::load(std::path::Path::new(&path)).map_err(|e| e.to_string())?, json)
+                }
+                None => {
+                    options.finish()?;
+                    run_embedded_default(json)
+                }
+            }
+        }
+        Some("demo") => demo::run_demo(demo::DemoOptions::from(&mut options)?),
+        Some("workload") | Some("sync") => {
+            let sync_only = options.command.as_deref() == Some("sync");
+            demo::run_workload(&mut options, sync_only)
+        }
+        Some("promote") => {
+            let path = options.required("--config")?;
+            options.finish()?;
+            demo::promote(&Config::load(&path).map_err(|e| e.to_string())?)
+        }
+        Some("version") => {
+            println!(
+                "nvmirror {} ({}, replication protocol {})",
+                env!("CARGO_PKG_VERSION"),
+                env!("NVMIRROR_GIT_COMMIT"),
+                nvmirror_engine::wire::PROTOCOL_VERSION
+            );
+            Ok(())
+        }
+        Some("help") | Some("--help") | Some("-h") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown command '{other}'\n{USAGE}")),
+    }
+}
+
+/// Installs SIGINT/SIGTERM (stop) and SIGUSR1 (print counters) handlers.
+pub fn signals() -> Result<(Arc<AtomicBool>, Arc<AtomicBool>), String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let report = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone()).map_err(|e| format!("signal handler: {e}"))?;
+    }
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, report.clone())
+        .map_err(|e| format!("signal handler: {e}"))?;
+    Ok((stop, report))
+}
+
+fn run_configured(config: &Config, json: bool) -> Result<(), String> {
+    let (stop, report) = signals()?;
+    match config.role {
+        Role::Destination => {
+            let (running, address) = setup::spawn_destination(config.clone())?;
+            println!("nvmirror destination: volume '{}' accepting the source on {address}", config.volume);
+            demo::serve_until_stopped(&[&running.control], &stop, &report, json);
+            let node = running.stop()?;
+            demo::print_counters("destination", node.destination.counters(), json);
+        }
+        Role::Source => {
+            let running = setup::spawn_source(config.clone(), setup::target_front_end(config))?;
+            println!(
+                "nvmirror source: volume '{}' replicating to {}",
+                config.volume,
+                config.peer.expect("validated")
+            );
+            print_connect_lines(config);
+            demo::serve_until_stopped(&[&running.control], &stop, &report, json);
+            let node = running.stop()?;
+            demo::print_counters("source", node.volume.source.counters(), json);
+        }
+    }
+    Ok(())
+}
+
+fn run_embedded_default(json: bool) -> Result<(), String> {
+    let (stop, report) = signals()?;
+    let configs = demo::embedded_configs(config::CpModeConfig::References);
+    let source_config = configs.0.clone();
+    let pair = demo::EmbeddedPair::start(configs, setup::target_front_end(&source_config))?;
+    println!(
+        "nvmirror: embedded default running: source -> destination on {} (malloc namespaces). Ctrl-C stops.",
+        pair.replication_address
+    );
+    print_connect_lines(&source_config);
+    demo::serve_until_stopped(&[&pair.source.control, &pair.destination.control], &stop, &report, json);
+    let (source, destination) = pair.stop()?;
+    demo::print_counters("source", source.volume.source.counters(), json);
+    demo::print_counters("destination", destination.destination.counters(), json);
+    Ok(())
+}
+
+/// What a user types to reach the target: `nvme connect` and SPDK's perf.
+fn print_connect_lines(config: &Config) {
+    let Some(target) = &config.target else {
+        return;
+    };
+    for subsystem in &target.subsystems {
+        for listener in &target.listen {
+            println!(
+                "  connect a host: nvme connect -t tcp -a {} -s {} -n {}",
+                listener.ip(),
+                listener.port(),
+                subsystem.nqn
+            );
+            println!(
+                "  benchmark:      spdk_nvme_perf -r 'trtype:TCP adrfam:IPv4 traddr:{} trsvcid:{} subnqn:{}' -q 32 -o 4096 -w randwrite -t 10",
+                listener.ip(),
+                listener.port(),
+                subsystem.nqn
+            );
+        }
+    }
+    for discovery in &target.discovery_listen {
+        println!("  discovery:      nvme discover -t tcp -a {} -s {}", discovery.ip(), discovery.port());
+    }
+}
+
+/// A small command-line reader: `--key value` pairs and `--flag`s after an optional command word.
+pub struct Options {
+    pub command: Option<String>,
+    rest: Vec<String>,
+}
+
+impl Options {
+    fn parse(args: &[String]) -> Result<Options, String> {
+        let (command, rest) = match args.first() {
+            Some(first) if !first.starts_with('-') => (Some(first.clone()), args[1..].to_vec()),
+            Some(first) if first == "--help" || first == "-h" => (Some("help".into()), args[1..].to_vec()),
+            _ => (None, args.to_vec()),
+        };
+        Ok(Options { command, rest })
+    }
+
+    pub fn flag(&mut self, name: &str) -> bool {
+        match self.rest.iter().position(|a| a == name) {
+            Some(position) => {
+                self.rest.remove(position);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn value(&mut self, name: &str) -> Result<Option<String>, String> {
+        match self.rest.iter().position(|a| a == name) {
+            Some(position) if position + 1 < self.rest.len() => {
+                let value = self.rest.remove(position + 1);
+                self.rest.remove(position);
+                Ok(Some(value))
+            }
+            Some(_) => Err(format!("{name} needs a value")),
+            None => Ok(None),
+        }
+    }
+
+    pub fn required(&mut self, name: &str) -> Result<PathBuf, String> {
+        self.value(name)?.map(PathBuf::from).ok_or_else(|| format!("{name} FILE is required"))
+    }
+
+    pub fn number(&mut self, name: &str, default: u64) -> Result<u64, String> {
+        match self.value(name)? {
+            Some(text) => text.parse().map_err(|_| format!("{name}: '{text}' is not a number")),
+            None => Ok(default),
+        }
+    }
+
+    /// Rejects anything not consumed, so a typo never passes silently.
+    pub fn finish(&self) -> Result<(), String> {
+        match self.rest.first() {
+            Some(unknown) => Err(format!("unknown argument '{unknown}'\n{USAGE}")),
+            None => Ok(()),
+        }
+    }
+}

@@ -5,5 +5,23 @@
 //! so the same core is driven by the embedded runtime, an SPDK runtime and the seeded simulation.
 #![forbid(unsafe_code)]
 
+pub mod checksum;
+pub mod counters;
+pub mod cp;
+pub mod destination;
 pub mod device;
+pub mod error;
 pub mod geometry;
+pub mod ring;
+pub mod source;
+pub mod transfer;
+pub mod wire;
+
+pub use counters::Counters;
+pub use destination::{Destination, DestinationConfig, DestinationEvent, PromoteReport};
+pub use device::BlockDevice;
+pub use error::{EngineError, LinkError};
+pub use source::{
+    CpMode, ReadError, RecoveryReport, Source, SourceConfig, SourceEvent, WriteId, WriteRefused,
+    WriteSlot,
+};

@@ -1,0 +1,257 @@
+//! Process tests of `nvmirror-perf` against nvmirror's own NVMe/TCP target (`nvmirror_nvmf`), run in
+//! a thread of this test on an ephemeral 127.0.0.1 port over an in-memory namespace. One namespace
+//! device can corrupt a chosen sector on read, to prove verify mode reports it.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nvmirror_engine::device::BlockDevice;
+use nvmirror_nvmf::{DeviceBackend, PollGroup, SubsystemConfig, Target, TargetConfig};
+
+const PERF: &str = env!("CARGO_BIN_EXE_nvmirror-perf");
+const NQN: &str = "nqn.2024-01.io.nvmirror:perf-test";
+const DEVICE_BYTES: usize = 8 * 1024 * 1024;
+/// The target thread stops by itself after this long, whatever the test does.
+const TARGET_LIFETIME_MAX: Duration = Duration::from_secs(60);
+const PERF_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An in-memory namespace; reads covering `corrupt_offset_bytes` return that byte flipped.
+struct MemoryDevice {
+    bytes: Vec<u8>,
+    corrupt_offset_bytes: Option<u64>,
+}
+
+impl BlockDevice for MemoryDevice {
+    fn size_bytes(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+    fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let start = offset_bytes as usize;
+        buf.copy_from_slice(&self.bytes[start..start + buf.len()]);
+        if let Some(corrupt) = self.corrupt_offset_bytes {
+            if (offset_bytes..offset_bytes + buf.len() as u64).contains(&corrupt) {
+                buf[(corrupt - offset_bytes) as usize] ^= 0x01;
+            }
+        }
+        Ok(())
+    }
+    fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> std::io::Result<()> {
+        let start = offset_bytes as usize;
+        self.bytes[start..start + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The embedded target polled in a thread until dropped.
+struct EmbeddedTarget {
+    address: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EmbeddedTarget {
+    fn start(corrupt_offset_bytes: Option<u64>) -> EmbeddedTarget {
+        let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let subsystem = SubsystemConfig {
+            nqn: NQN.into(),
+            serial: "PERFTEST".into(),
+            model: "nvmirror perf test".into(),
+            allow_any_host: true,
+            allowed_hosts: Vec::new(),
+            namespaces: vec![1],
+        };
+        let mut config = TargetConfig::with_defaults(vec![subsystem], localhost);
+        config.listeners = vec![SocketAddr::new(localhost, 0)];
+        config.discovery_listeners = Vec::new();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (address_sender, address_receiver) = mpsc::channel();
+        let thread_stop = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let target = Target::new(config).expect("valid configuration");
+            let mut listeners = target.bind_listeners().expect("bind 127.0.0.1:0");
+            address_sender.send(listeners[0].local_addr()).unwrap();
+            let device = MemoryDevice {
+                bytes: vec![0; DEVICE_BYTES],
+                corrupt_offset_bytes,
+            };
+            let mut backend = DeviceBackend::new(vec![device]);
+            let mut group = PollGroup::new(target);
+            let start = Instant::now();
+            while !thread_stop.load(Ordering::Relaxed) && start.elapsed() < TARGET_LIFETIME_MAX {
+                let now_us = start.elapsed().as_micros() as u64;
+                for listener in &mut listeners {
+                    while let Some(stream) = listener.poll_accept() {
+                        group.add_connection(stream, now_us);
+                    }
+                }
+                if group.poll(now_us, &mut backend) == 0 {
+                    std::thread::yield_now();
+                }
+            }
+        });
+        let address = address_receiver
+            .recv_timeout(Duration::from_secs(10))
+            .expect("target started");
+        EmbeddedTarget {
+            address,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn perf(&self, extra: &[&str]) -> Output {
+        let address = self.address.to_string();
+        let mut child = Command::new(PERF)
+            .args([
+                "--target",
+                &address,
+                "--nqn",
+                NQN,
+                "--time-s",
+                "1",
+                "--warmup-s",
+                "0",
+                "--json",
+            ])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + PERF_TIMEOUT;
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!(
+                    "nvmirror-perf {extra:?} did not finish: {:?}",
+                    child.wait_with_output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl Drop for EmbeddedTarget {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn json_number(json: &str, key: &str) -> f64 {
+    let pattern = format!("\"{key}\":");
+    let start = json
+        .find(&pattern)
+        .unwrap_or_else(|| panic!("{key} missing in {json}"))
+        + pattern.len();
+    let end = json[start..].find([',', '}']).unwrap() + start;
+    json[start..end].parse().unwrap()
+}
+
+fn assert_clean(output: &Output, what: &str) {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{what}: {stdout}\n{stderr}");
+    let json = stdout.lines().last().unwrap();
+    assert!(json_number(json, "ios") > 0.0, "{what}: {json}");
+    assert_eq!(
+        json_number(json, "errors") + json_number(json, "verify_mismatches"),
+        0.0,
+        "{what}: {json}"
+    );
+}
+
+#[test]
+fn verified_workloads_run_clean() {
+    let target = EmbeddedTarget::start(None);
+    let in_capsule = [
+        "--verify",
+        "--pattern",
+        "randrw",
+        "--connections",
+        "2",
+        "--queue-depth",
+        "16",
+    ];
+    assert_clean(
+        &target.perf(&in_capsule),
+        "randrw 4 KiB in-capsule, two queues",
+    );
+    let digests = [
+        "--verify",
+        "--pattern",
+        "randrw",
+        "--header-digest",
+        "--data-digest",
+    ];
+    assert_clean(&target.perf(&digests), "randrw 4 KiB with digests");
+    // 16 KiB is above the target's 8 KiB in-capsule size: R2T and H2CData.
+    let r2t = [
+        "--verify",
+        "--pattern",
+        "rw",
+        "--io-size",
+        "16384",
+        "--data-digest",
+        "--disable-sq-flow-control",
+    ];
+    assert_clean(&target.perf(&r2t), "rw 16 KiB through R2T");
+}
+
+#[test]
+fn verify_reports_a_corrupted_sector_and_fails() {
+    let lba = 1000u64;
+    let target = EmbeddedTarget::start(Some(lba * 512 + 100));
+    let output = target.perf(&[
+        "--verify",
+        "--pattern",
+        "write",
+        "--lba-range-bytes",
+        "1048576",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("verify mismatch at LBA {lba}: expected lba {lba}")),
+        "{stderr}"
+    );
+    let json = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        json_number(json.lines().last().unwrap(), "verify_mismatches") >= 1.0,
+        "{json}"
+    );
+}
+
+#[test]
+fn unknown_subsystem_is_rejected_with_the_status_decoded() {
+    let target = EmbeddedTarget::start(None);
+    let address = target.address.to_string();
+    let output = Command::new(PERF)
+        .args([
+            "--target",
+            &address,
+            "--nqn",
+            "nqn.2024-01.io.nvmirror:nobody",
+            "--time-s",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("Fabrics Connect rejected: Command Specific / Connect Invalid Parameters"),
+        "{stderr}"
+    );
+}

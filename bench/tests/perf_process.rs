@@ -1,0 +1,417 @@
+//! Process tests of the `nvmirror-perf` binary: usage and connection errors always run; the runs
+//! against SPDK's nvmf_tgt (the reference NVMe/TCP target) need SPDK built at `$SPDK_PEER` (default
+//! /work/spdk-peer) and skip with a message when it is absent. The target runs without hugepages
+//! (`--no-huge`) on an ephemeral 127.0.0.1 port and is killed when the test ends, pass or fail.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nvmirror_nvmf::pdu::{Fes, PduType, TermReq};
+
+const PERF: &str = env!("CARGO_BIN_EXE_nvmirror-perf");
+const NQN: &str = "nqn.2016-06.io.spdk:cnode1";
+/// Longest any single perf invocation may take before the test kills it and fails.
+const PERF_TIMEOUT: Duration = Duration::from_secs(30);
+const TARGET_START_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn ephemeral_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs the perf binary, killing it after [`PERF_TIMEOUT`].
+fn spawn_perf(args: &[&str]) -> Child {
+    Command::new(PERF)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finish(mut child: Child) -> Output {
+    let deadline = Instant::now() + PERF_TIMEOUT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!(
+                "nvmirror-perf did not finish within {PERF_TIMEOUT:?}: {:?}",
+                child.wait_with_output()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn perf(args: &[&str]) -> Output {
+    finish(spawn_perf(args))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The value of `"key":number` in the JSON line.
+fn json_number(json: &str, key: &str) -> f64 {
+    let pattern = format!("\"{key}\":");
+    let start = json
+        .find(&pattern)
+        .unwrap_or_else(|| panic!("{key} missing in {json}"))
+        + pattern.len();
+    let end = json[start..].find([',', '}']).unwrap() + start;
+    json[start..end].parse().unwrap()
+}
+
+#[test]
+fn bad_usage_exits_2_naming_the_option() {
+    let output = perf(&[
+        "--target",
+        "127.0.0.1:4420",
+        "--nqn",
+        NQN,
+        "--io-size",
+        "1000",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        text(&output.stderr).contains("--io-size"),
+        "{}",
+        text(&output.stderr)
+    );
+    assert_eq!(perf(&["--nqn", NQN]).status.code(), Some(2));
+}
+
+#[test]
+fn refused_connection_exits_3_with_a_clear_message() {
+    let port = ephemeral_port().to_string();
+    let target = format!("127.0.0.1:{port}");
+    let output = perf(&["--target", &target, "--nqn", NQN, "--time-s", "1"]);
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("refused") && stderr.contains(&target),
+        "{stderr}"
+    );
+}
+
+/// A fake target that answers the ICReq with `reply` and closes; returns its address.
+fn fake_target(reply: Vec<u8>) -> (String, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let thread = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut icreq = [0u8; 128];
+        stream.read_exact(&mut icreq).unwrap();
+        assert_eq!(icreq[0], PduType::ICReq as u8);
+        stream.write_all(&reply).unwrap();
+    });
+    (address, thread)
+}
+
+#[test]
+fn target_term_req_is_reported_with_its_fes() {
+    let mut reply = vec![0u8; 64];
+    let term = TermReq {
+        fes: Fes::UnsupportedParameter as u16,
+        fei: 10,
+    };
+    let length = term.encode_into(&mut reply, PduType::C2HTermReq, &[]);
+    reply.truncate(length);
+    let (address, thread) = fake_target(reply);
+    let output = perf(&["--target", &address, "--nqn", NQN, "--time-s", "1"]);
+    thread.join().unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("C2HTermReq: FES 0x6 (UnsupportedParameter), FEI 0xa"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn malformed_icresp_is_a_clear_protocol_error() {
+    let mut reply = vec![0u8; 128];
+    reply[0] = 0x7e;
+    reply[2] = 128;
+    reply[4] = 128;
+    let (address, thread) = fake_target(reply);
+    let output = perf(&["--target", &address, "--nqn", NQN, "--time-s", "1"]);
+    thread.join().unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("malformed PDU from the target: unknown PDU type"),
+        "{stderr}"
+    );
+}
+
+/// SPDK's nvmf_tgt with one 16 MiB malloc namespace; killed on drop.
+struct SpdkTarget {
+    child: Child,
+    directory: PathBuf,
+    address: String,
+}
+
+impl Drop for SpdkTarget {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.directory);
+    }
+}
+
+impl SpdkTarget {
+    fn start(root: &Path) -> SpdkTarget {
+        let directory =
+            std::env::temp_dir().join(format!("nvmirror-perf-test-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).unwrap();
+        let socket = directory.join("rpc.sock");
+        let shm_id = (100 + std::process::id() % 800).to_string();
+        let log = std::fs::File::create(directory.join("nvmf_tgt.log")).unwrap();
+        let child = Command::new(root.join("build/bin/nvmf_tgt"))
+            .args([
+                "-m",
+                "0x1",
+                "-i",
+                &shm_id,
+                "--no-huge",
+                "-s",
+                "512",
+                "--disable-cpumask-locks",
+                "-r",
+            ])
+            .arg(&socket)
+            .env("LD_LIBRARY_PATH", root.join("build/lib"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let port = ephemeral_port();
+        let target = SpdkTarget {
+            child,
+            directory,
+            address: format!("127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + TARGET_START_TIMEOUT;
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "nvmf_tgt did not open its RPC socket; see {:?}",
+                target.directory
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let port = port.to_string();
+        for rpc in [
+            vec!["nvmf_create_transport", "-t", "TCP"],
+            vec!["bdev_malloc_create", "-b", "Malloc0", "16", "512"],
+            vec!["nvmf_create_subsystem", NQN, "-a", "-s", "SPDK0001"],
+            vec!["nvmf_subsystem_add_ns", NQN, "Malloc0"],
+            vec![
+                "nvmf_subsystem_add_listener",
+                NQN,
+                "-t",
+                "tcp",
+                "-a",
+                "127.0.0.1",
+                "-s",
+                &port,
+            ],
+        ] {
+            let status = Command::new(root.join("scripts/rpc.py"))
+                .arg("-s")
+                .arg(&socket)
+                .args(&rpc)
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success(), "rpc {rpc:?} failed");
+        }
+        target
+    }
+}
+
+fn spdk_root() -> Option<PathBuf> {
+    let root =
+        PathBuf::from(std::env::var("SPDK_PEER").unwrap_or_else(|_| "/work/spdk-peer".to_string()));
+    let usable = root.join("build/bin/nvmf_tgt").exists() && root.join("scripts/rpc.py").exists();
+    usable.then_some(root)
+}
+
+fn assert_clean_run(output: &Output, what: &str) -> String {
+    let stdout = text(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{what}: {stdout}\n{}",
+        text(&output.stderr)
+    );
+    let json = stdout.lines().last().unwrap().to_string();
+    assert!(json_number(&json, "iops") > 0.0, "{what}: {json}");
+    assert_eq!(json_number(&json, "errors"), 0.0, "{what}: {json}");
+    assert_eq!(
+        json_number(&json, "verify_mismatches"),
+        0.0,
+        "{what}: {json}"
+    );
+    assert!(
+        json_number(&json, "lat_us_p50") <= json_number(&json, "lat_us_p999"),
+        "{what}: {json}"
+    );
+    json
+}
+
+#[test]
+fn against_spdk_nvmf_tgt() {
+    let Some(root) = spdk_root() else {
+        eprintln!(
+            "SKIPPED: SPDK not found (set SPDK_PEER to an SPDK tree with build/bin/nvmf_tgt)"
+        );
+        return;
+    };
+    let target = SpdkTarget::start(&root);
+    let address = target.address.as_str();
+    let base = [
+        "--target",
+        address,
+        "--nqn",
+        NQN,
+        "--time-s",
+        "1",
+        "--warmup-s",
+        "0",
+        "--json",
+        "--verify",
+    ];
+
+    // 16 KiB writes exceed SPDK's 4 KiB in-capsule size: R2T + H2CData, with both digests, two queues.
+    let r2t = perf(
+        &[
+            &base[..],
+            &[
+                "--pattern",
+                "randrw",
+                "--io-size",
+                "16384",
+                "--header-digest",
+                "--data-digest",
+            ],
+        ]
+        .concat(),
+    );
+    let json = assert_clean_run(&r2t, "randrw 16 KiB with digests");
+    assert!(
+        json_number(&json, "reads") > 0.0 && json_number(&json, "writes") > 0.0,
+        "{json}"
+    );
+    let multi = perf(
+        &[
+            &base[..],
+            &[
+                "--pattern",
+                "randwrite",
+                "--connections",
+                "2",
+                "--queue-depth",
+                "8",
+            ],
+        ]
+        .concat(),
+    );
+    assert_clean_run(&multi, "randwrite in-capsule on two queues");
+    let success = perf(
+        &[
+            &base[..],
+            &["--pattern", "randread", "--disable-sq-flow-control"],
+        ]
+        .concat(),
+    );
+    assert_clean_run(&success, "randread completed by C2HData SUCCESS");
+
+    let unknown = perf(&[
+        "--target",
+        address,
+        "--nqn",
+        "nqn.2016-06.io.spdk:nobody",
+        "--time-s",
+        "1",
+    ]);
+    assert_eq!(unknown.status.code(), Some(3));
+    let stderr = text(&unknown.stderr);
+    assert!(
+        stderr.contains("Connect Invalid Parameters") && stderr.contains("(SUBNQN)"),
+        "{stderr}"
+    );
+    let inactive = perf(&[
+        "--target", address, "--nqn", NQN, "--nsid", "7", "--time-s", "1",
+    ]);
+    assert_eq!(inactive.status.code(), Some(3));
+    assert!(
+        text(&inactive.stderr).contains("namespace 7"),
+        "{}",
+        text(&inactive.stderr)
+    );
+
+    // A second, unverified writer scribbles over the verified range: every read-back must notice.
+    let range = ["--lba-range-bytes", "1048576"];
+    let verified = spawn_perf(
+        &[
+            &base[..2],
+            &[
+                "--nqn",
+                NQN,
+                "--time-s",
+                "3",
+                "--verify",
+                "--pattern",
+                "randrw",
+            ],
+            &range[..],
+        ]
+        .concat(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let scribbler = perf(&[
+        "--target",
+        address,
+        "--nqn",
+        NQN,
+        "--time-s",
+        "1",
+        "--warmup-s",
+        "0",
+        "--pattern",
+        "randwrite",
+        range[0],
+        range[1],
+    ]);
+    assert_eq!(
+        scribbler.status.code(),
+        Some(0),
+        "{}",
+        text(&scribbler.stderr)
+    );
+    let verified = finish(verified);
+    assert_eq!(
+        verified.status.code(),
+        Some(1),
+        "{}",
+        text(&verified.stdout)
+    );
+    let stderr = text(&verified.stderr);
+    assert!(
+        stderr.contains("verify mismatch at LBA") && stderr.contains("found garbage"),
+        "{stderr}"
+    );
+    drop(target);
+}

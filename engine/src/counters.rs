@@ -1,0 +1,111 @@
+//! Counters of one side (engine spec "Counters"): plain u64s the runtime prints as text
+//! (`name value` per line) or JSON; they show what references save on the wire (claim 1).
+
+use std::fmt::Write;
+
+/// What one side did since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub host_write_count: u64,
+    pub host_bytes_written: u64,
+    pub transfer_count: u64,
+    /// Wire bytes of Transfer messages.
+    pub transfer_bytes: u64,
+    /// Wire bytes destination -> source.
+    pub ack_bytes: u64,
+    pub cp_count: u64,
+    pub cp_data_blocks: u64,
+    /// Wire bytes of Data descriptors including their block.
+    pub cp_data_bytes: u64,
+    pub cp_reference_count: u64,
+    pub cp_reference_bytes: u64,
+    pub cp_zeroes_count: u64,
+    /// references × 4096 − cp_reference_bytes.
+    pub bytes_saved_by_references: u64,
+    pub cp_duration_us_total: u64,
+    pub cp_duration_us_max: u64,
+    pub cp_duration_us_last: u64,
+    pub ring_used_bytes: u64,
+    pub ring_size_bytes: u64,
+    /// Bytes sent plus bytes received.
+    pub wire_bytes_total: u64,
+    pub backpressure_count: u64,
+}
+
+impl Counters {
+    fn fields(&self) -> [(&'static str, u64); 19] {
+        [
+            ("host_write_count", self.host_write_count),
+            ("host_bytes_written", self.host_bytes_written),
+            ("transfer_count", self.transfer_count),
+            ("transfer_bytes", self.transfer_bytes),
+            ("ack_bytes", self.ack_bytes),
+            ("cp_count", self.cp_count),
+            ("cp_data_blocks", self.cp_data_blocks),
+            ("cp_data_bytes", self.cp_data_bytes),
+            ("cp_reference_count", self.cp_reference_count),
+            ("cp_reference_bytes", self.cp_reference_bytes),
+            ("cp_zeroes_count", self.cp_zeroes_count),
+            ("bytes_saved_by_references", self.bytes_saved_by_references),
+            ("cp_duration_us_total", self.cp_duration_us_total),
+            ("cp_duration_us_max", self.cp_duration_us_max),
+            ("cp_duration_us_last", self.cp_duration_us_last),
+            ("ring_used_bytes", self.ring_used_bytes),
+            ("ring_size_bytes", self.ring_size_bytes),
+            ("wire_bytes_total", self.wire_bytes_total),
+            ("backpressure_count", self.backpressure_count),
+        ]
+    }
+
+    /// One counter a line: `name value`.
+    pub fn to_text(&self) -> String {
+        let mut text = String::new();
+        for (name, value) in self.fields() {
+            writeln!(text, "{name} {value}").expect("writing to a String");
+        }
+        text
+    }
+
+    /// One JSON object.
+    pub fn to_json(&self) -> String {
+        let mut json = String::from("{");
+        for (i, (name, value)) in self.fields().into_iter().enumerate() {
+            let comma = if i == 0 { "" } else { "," };
+            write!(json, "{comma}\"{name}\":{value}").expect("writing to a String");
+        }
+        json.push('}');
+        json
+    }
+
+    /// Records one completed CP's duration.
+    pub fn record_cp_duration(&mut self, duration_us: u64) {
+        self.cp_count += 1;
+        self.cp_duration_us_total += duration_us;
+        self.cp_duration_us_max = self.cp_duration_us_max.max(duration_us);
+        self.cp_duration_us_last = duration_us;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_and_json() {
+        let mut counters = Counters {
+            host_write_count: 3,
+            backpressure_count: 1,
+            ..Counters::default()
+        };
+        counters.record_cp_duration(50);
+        counters.record_cp_duration(20);
+        let text = counters.to_text();
+        assert_eq!(text.lines().count(), 19);
+        assert!(text.starts_with("host_write_count 3\n"));
+        assert!(text.contains("cp_duration_us_max 50\ncp_duration_us_last 20\n"));
+        let json = counters.to_json();
+        assert!(json.starts_with("{\"host_write_count\":3,"));
+        assert!(json.ends_with("\"backpressure_count\":1}"));
+        assert!(json.contains("\"cp_count\":2,"));
+    }
+}

@@ -1,0 +1,521 @@
+//! The destination side's state machine (claims 6, 15, 16; engine spec "Destination"): it stores
+//! each data transfer's entries in its own ring with the source's placement, records
+//! transfer ID -> (half, base offset), acknowledges cumulatively, and at a CP resolves
+//! references out of its own log into the mirror namespaces. `promote` is the failover.
+//!
+//! Call order: `open`; `handle_connected`; `handle_message` per whole framed message (an `Err`
+//! is connection-fatal: flush the send queue best-effort, e.g. a queued Reject, then close);
+//! `tx_iovecs` + `tx_advance`; drain `poll_event`; `handle_disconnected` when the link drops.
+//!
+//! A new session (accepted Hello) rewinds both halves without erasing them: the source resends
+//! every entry of its unreleased CPs from the halves' start with the same seq and placement, so
+//! the bytes are overwritten identically, and a promotion meanwhile still finds every entry
+//! this side acknowledged (invariant 4).
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use crate::checksum::crc32c;
+use crate::counters::Counters;
+use crate::cp::Descriptor;
+use crate::device::BlockDevice;
+use crate::error::{EngineError, LinkError};
+use crate::geometry::{half_of_cp, round_down, BLOCK_SIZE, OUT_INLINE_BYTES, SECTOR_SIZE};
+use crate::ring::{EntryRequest, NvramRing};
+use crate::source::message_name;
+use crate::source::recovery::{check_namespaces, open_or_format, replay};
+use crate::transfer::TransferId;
+use crate::wire::{
+    self, Control, DescriptorTableMessage, Hello, Message, OutQueue, RejectReason, TransferMessage,
+};
+
+/// The destination's configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DestinationConfig {
+    pub volume_id: [u8; 16],
+}
+
+/// What the destination tells the runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DestinationEvent {
+    /// CP `cp_number` is durable in the mirror namespaces.
+    CpApplied { cp_number: u64 },
+    /// We refused the source's Hello (the reason text).
+    PeerRejected(String),
+}
+
+/// What a promotion replayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromoteReport {
+    pub entries_replayed: u64,
+    pub bytes_replayed: u64,
+    pub cp_completed: u64,
+    pub epoch: u64,
+}
+
+/// The destination state machine over ring memory `M` and mirror namespaces `D`.
+pub struct Destination<M, D: BlockDevice> {
+    ring: NvramRing<M>,
+    mirrors: Vec<D>,
+    volume_id: [u8; 16],
+    /// A Hello was accepted on the current link.
+    in_session: bool,
+    /// Per half: (transfer ID, base data offset) in arrival (= ID) order (claim 15).
+    transfers: [Vec<(TransferId, u32)>; 2],
+    descriptors_applied: u64,
+    logged_seq_max: Option<u64>,
+    pending_ack: Option<TransferId>,
+    out: OutQueue,
+    events: VecDeque<DestinationEvent>,
+    counters: Counters,
+    zero_block: Vec<u8>,
+}
+
+impl<M: AsRef<[u8]> + AsMut<[u8]>, D: BlockDevice> Destination<M, D> {
+    /// Opens (or formats) the ring; the log waits for the source's Hello (or a promotion).
+    pub fn open(config: DestinationConfig, ring: M, mirrors: Vec<D>) -> Result<Self, EngineError> {
+        check_namespaces(&mirrors)?;
+        let (ring, entries, formatted) = open_or_format(ring, config.volume_id)?;
+        let slots = ring.geometry().half_header_slots as usize;
+        log::info!(
+            "destination: opened at cp {} epoch {} ({} logged entries{})",
+            ring.superblock().cp_completed,
+            ring.superblock().epoch,
+            entries.len(),
+            if formatted { ", formatted" } else { "" }
+        );
+        let counters = Counters {
+            ring_size_bytes: ring.geometry().ring_bytes,
+            ..Counters::default()
+        };
+        Ok(Self {
+            ring,
+            mirrors,
+            volume_id: config.volume_id,
+            in_session: false,
+            transfers: [Vec::with_capacity(slots), Vec::with_capacity(slots)],
+            descriptors_applied: 0,
+            logged_seq_max: None,
+            pending_ack: None,
+            out: OutQueue::new(OUT_INLINE_BYTES, 4096),
+            events: VecDeque::with_capacity(64),
+            counters,
+            zero_block: vec![0; BLOCK_SIZE],
+        })
+    }
+
+    pub fn handle_connected(&mut self, _now_us: u64) {
+        self.out.clear();
+        self.in_session = false;
+        self.pending_ack = None;
+    }
+
+    pub fn handle_disconnected(&mut self, _now_us: u64) {
+        self.handle_connected(_now_us);
+    }
+
+    /// Handles one whole framed message from the source.
+    pub fn handle_message(&mut self, _now_us: u64, message: &[u8]) -> Result<(), LinkError> {
+        self.counters.wire_bytes_total += message.len() as u64;
+        let result = match (self.in_session, wire::decode(message)?) {
+            (false, Message::Hello(hello)) => self.on_hello(&hello),
+            (true, Message::Transfer(transfer)) => {
+                self.counters.transfer_count += 1;
+                self.counters.transfer_bytes += message.len() as u64;
+                self.on_transfer(&transfer)
+            }
+            (true, Message::DescriptorTable(table)) => self.on_table(&table),
+            (
+                true,
+                Message::CpCommit {
+                    cp_number,
+                    descriptor_count,
+                },
+            ) => self.on_commit(cp_number, descriptor_count),
+            (in_session, message) => Err(LinkError::Unexpected {
+                message: message_name(&message),
+                state: if in_session {
+                    "in session"
+                } else {
+                    "awaiting Hello"
+                },
+            }),
+        };
+        self.counters.ring_used_bytes = self.ring.used_bytes();
+        self.flush_pending_ack();
+        result
+    }
+
+    fn on_hello(&mut self, hello: &Hello) -> Result<(), LinkError> {
+        if let Err((reason, text)) = self.check_hello(hello) {
+            log::error!("destination: rejecting source: {text}");
+            let reject = Control::Reject {
+                reason,
+                text: &text,
+            };
+            let length = reject.encoded_bytes();
+            let _ = self.out.push_inline(length, |bytes| reject.encode(bytes));
+            self.events
+                .push_back(DestinationEvent::PeerRejected(text.clone()));
+            return Err(LinkError::RejectedPeer { reason, text });
+        }
+        if hello.epoch > self.ring.superblock().epoch {
+            self.ring.set_epoch(hello.epoch);
+        }
+        for half in 0..2 {
+            self.ring.rewind_half(half);
+            self.transfers[half].clear();
+        }
+        self.descriptors_applied = 0;
+        self.logged_seq_max = None;
+        self.in_session = true;
+        let superblock = *self.ring.superblock();
+        self.push_control(Control::HelloAck {
+            cp_completed: superblock.cp_completed,
+            epoch: superblock.epoch,
+        });
+        Ok(())
+    }
+
+    fn check_hello(&self, hello: &Hello) -> Result<(), (RejectReason, String)> {
+        let superblock = self.ring.superblock();
+        if hello.protocol_version != u32::from(wire::PROTOCOL_VERSION) {
+            return Err((
+                RejectReason::Version,
+                format!("protocol version {} unsupported", hello.protocol_version),
+            ));
+        }
+        if hello.block_size as usize != BLOCK_SIZE || hello.sector_size as usize != SECTOR_SIZE {
+            return Err((
+                RejectReason::Geometry,
+                format!(
+                    "block/sector size {}/{}",
+                    hello.block_size, hello.sector_size
+                ),
+            ));
+        }
+        if hello.volume_id != self.volume_id {
+            return Err((RejectReason::Volume, "volume id mismatch".to_string()));
+        }
+        if hello.geometry != self.ring.geometry() {
+            return Err((
+                RejectReason::Geometry,
+                format!(
+                    "ring geometry {:?} != ours {:?}",
+                    hello.geometry,
+                    self.ring.geometry()
+                ),
+            ));
+        }
+        let sizes: Vec<u64> = self.mirrors.iter().map(|m| m.size_bytes()).collect();
+        if hello.namespace_sizes() != sizes.as_slice() {
+            return Err((
+                RejectReason::Namespaces,
+                format!(
+                    "namespace sizes {:?} != mirrors {:?}",
+                    hello.namespace_sizes(),
+                    sizes
+                ),
+            ));
+        }
+        if hello.epoch < superblock.epoch {
+            return Err((
+                RejectReason::StaleEpoch,
+                format!("stale source: epoch {} < {}", hello.epoch, superblock.epoch),
+            ));
+        }
+        let ours = superblock.cp_completed;
+        if ours != hello.cp_completed && ours != hello.cp_completed + 1 {
+            return Err((
+                RejectReason::CpMismatch,
+                format!(
+                    "source cp {} vs destination cp {ours}: needs a full resync",
+                    hello.cp_completed
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn on_transfer(&mut self, transfer: &TransferMessage<'_>) -> Result<(), LinkError> {
+        let header = transfer.header;
+        let completed = self.ring.superblock().cp_completed;
+        if header.cp_number != completed + 1 && header.cp_number != completed + 2 {
+            return Err(protocol(format!(
+                "transfer for cp {} at cp {completed}",
+                header.cp_number
+            )));
+        }
+        let half = half_of_cp(header.cp_number);
+        if ![0, header.cp_number].contains(&self.ring.half_cp(half)) {
+            return Err(protocol(format!(
+                "transfer for cp {} into a half of cp {}",
+                header.cp_number,
+                self.ring.half_cp(half)
+            )));
+        }
+        if self.transfers[half]
+            .last()
+            .is_some_and(|&(last, _)| last >= header.transfer_id)
+        {
+            return Err(protocol(format!(
+                "transfer id {} not increasing",
+                header.transfer_id.0
+            )));
+        }
+        if self.ring.reserved_slots(0) + self.ring.reserved_slots(1) == 0 {
+            self.ring.set_next_seq(header.first_seq);
+        } else if self.ring.next_seq() != header.first_seq {
+            return Err(protocol(format!(
+                "transfer seq {} != expected {}",
+                header.first_seq,
+                self.ring.next_seq()
+            )));
+        }
+        // Verify everything before storing anything: a mismatch is never applied (invariant 5).
+        for (index, (entry, data)) in transfer.entries().enumerate() {
+            self.check_extent(
+                entry.nsid,
+                entry.lba * SECTOR_SIZE as u64,
+                u64::from(entry.length_bytes),
+            )?;
+            if crc32c(data) != entry.data_crc {
+                return Err(LinkError::DataCrc {
+                    transfer_id: header.transfer_id.0,
+                    entry_index: index as u32,
+                });
+            }
+        }
+        let mut base = None;
+        for (entry, data) in transfer.entries() {
+            let request = EntryRequest {
+                cp_number: header.cp_number,
+                transfer_id: header.transfer_id.0,
+                nsid: entry.nsid,
+                lba: entry.lba,
+                length_bytes: entry.length_bytes,
+                zeroes: entry.is_zeroes(),
+            };
+            let slot = self
+                .ring
+                .reserve(&request)
+                .map_err(|_| protocol("destination ring half full".to_string()))?;
+            if slot.data_offset() != entry.data_offset {
+                return Err(protocol(format!(
+                    "placement {} != source's {}",
+                    slot.data_offset(),
+                    entry.data_offset
+                )));
+            }
+            self.ring.data_mut(&slot).copy_from_slice(data);
+            self.ring.commit(&slot);
+            base.get_or_insert(round_down(u64::from(entry.data_offset), BLOCK_SIZE as u64) as u32);
+        }
+        self.transfers[half].push((header.transfer_id, base.expect("transfers have entries")));
+        self.logged_seq_max = Some(header.first_seq + u64::from(header.entry_count) - 1);
+        self.pending_ack = Some(header.transfer_id);
+        Ok(())
+    }
+
+    fn check_extent(
+        &self,
+        nsid: u32,
+        offset_bytes: u64,
+        length_bytes: u64,
+    ) -> Result<(), LinkError> {
+        let size = match self.mirrors.get((nsid as usize).wrapping_sub(1)) {
+            Some(mirror) => mirror.size_bytes(),
+            None => return Err(protocol(format!("namespace {nsid} does not exist"))),
+        };
+        match offset_bytes.checked_add(length_bytes) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(protocol(format!(
+                "namespace {nsid}: {length_bytes} bytes at {offset_bytes} beyond {size}"
+            ))),
+        }
+    }
+
+    fn on_table(&mut self, table: &DescriptorTableMessage<'_>) -> Result<(), LinkError> {
+        let cp_number = self.ring.superblock().cp_completed + 1;
+        if table.cp_number != cp_number {
+            return Err(protocol(format!(
+                "descriptors for cp {} while committing cp {cp_number}",
+                table.cp_number
+            )));
+        }
+        let half = half_of_cp(cp_number);
+        for (entry, data) in table.descriptors() {
+            let offset = entry
+                .block_index
+                .checked_mul(BLOCK_SIZE as u64)
+                .ok_or_else(|| protocol("block index overflow".into()))?;
+            self.check_extent(entry.nsid, offset, BLOCK_SIZE as u64)?;
+            let block = match entry.descriptor {
+                Descriptor::Reference {
+                    transfer_id,
+                    block_number,
+                } => {
+                    self.counters.cp_reference_count += 1;
+                    resolve(
+                        &self.ring,
+                        &self.transfers[half],
+                        half,
+                        transfer_id,
+                        block_number,
+                    )?
+                }
+                Descriptor::Data => {
+                    self.counters.cp_data_blocks += 1;
+                    data.expect("Data descriptors carry a block")
+                }
+                Descriptor::Zeroes => {
+                    self.counters.cp_zeroes_count += 1;
+                    &self.zero_block[..]
+                }
+            };
+            self.mirrors[entry.nsid as usize - 1]
+                .write_at(offset, block)
+                .map_err(|error| {
+                    LinkError::Device(format!("mirror namespace {}: {error}", entry.nsid))
+                })?;
+        }
+        self.descriptors_applied += u64::from(table.count);
+        Ok(())
+    }
+
+    fn on_commit(&mut self, cp_number: u64, descriptor_count: u64) -> Result<(), LinkError> {
+        let expected_cp = self.ring.superblock().cp_completed + 1;
+        if cp_number != expected_cp || descriptor_count != self.descriptors_applied {
+            return Err(protocol(format!(
+                "CpCommit cp {cp_number} with {descriptor_count} descriptors; expected cp {expected_cp} with {}",
+                self.descriptors_applied
+            )));
+        }
+        for (index, mirror) in self.mirrors.iter_mut().enumerate() {
+            mirror.flush().map_err(|error| {
+                LinkError::Device(format!("mirror namespace {}: flush: {error}", index + 1))
+            })?;
+        }
+        let half = half_of_cp(cp_number);
+        let transfer_floor = self.transfers[half].last().map_or(0, |&(id, _)| id.0 + 1);
+        self.ring.record_cp_completed(cp_number, transfer_floor);
+        self.ring.release_half(half);
+        self.transfers[half].clear();
+        self.descriptors_applied = 0;
+        self.counters.cp_count += 1;
+        self.push_control(Control::CpAck { cp_number });
+        self.events
+            .push_back(DestinationEvent::CpApplied { cp_number });
+        Ok(())
+    }
+
+    fn push_control(&mut self, control: Control<'_>) {
+        let length = control.encoded_bytes();
+        self.out
+            .push_inline(length, |bytes| control.encode(bytes))
+            .expect("the destination's queue holds only small messages");
+        self.counters.ack_bytes += length as u64;
+    }
+
+    /// Queues the cumulative TransferAck if there is room (it is retried after `tx_advance`).
+    fn flush_pending_ack(&mut self) {
+        if let Some(transfer_id) = self.pending_ack {
+            let ack = Control::TransferAck { transfer_id };
+            if self.out.can_push(ack.encoded_bytes(), 1) {
+                self.push_control(ack);
+                self.pending_ack = None;
+            }
+        }
+    }
+
+    pub fn tx_iovecs<'a>(&'a self, out: &mut Vec<IoSlice<'a>>, max: usize) -> usize {
+        self.out.tx_iovecs(&[], out, max)
+    }
+
+    pub fn tx_advance(&mut self, written: usize) {
+        self.out.tx_advance(written);
+        self.counters.wire_bytes_total += written as u64;
+        self.flush_pending_ack();
+    }
+
+    pub fn tx_pending_bytes(&self) -> u64 {
+        self.out.pending_bytes()
+    }
+
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<DestinationEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn cp_completed(&self) -> u64 {
+        self.ring.superblock().cp_completed
+    }
+
+    /// The highest seq stored in this session (what a TransferAck may cover).
+    pub fn logged_seq_max(&self) -> Option<u64> {
+        self.logged_seq_max
+    }
+
+    /// Gives back the ring memory and mirrors (a crash, or an orderly stop).
+    pub fn into_parts(self) -> (M, Vec<D>) {
+        (self.ring.into_memory(), self.mirrors)
+    }
+
+    /// Failover: replays the log's entries newer than the last completed CP onto the mirrors
+    /// (seq order), flushes, records them as completed, bumps the epoch (invariant 6).
+    pub fn promote(self) -> Result<PromoteReport, EngineError> {
+        let (memory, mut mirrors) = self.into_parts();
+        let (mut ring, entries) = NvramRing::open(memory).map_err(EngineError::Ring)?;
+        let bytes_replayed = replay(&ring, &mut mirrors, &entries)?;
+        if let Some(last) = entries.last() {
+            let transfer_floor = entries.iter().map(|e| e.transfer_id + 1).max().unwrap_or(0);
+            ring.record_cp_completed(last.cp_number, transfer_floor);
+            ring.release_half(0);
+            ring.release_half(1);
+        }
+        let epoch = ring.superblock().epoch + 1;
+        ring.set_epoch(epoch);
+        log::info!(
+            "destination: promoted at epoch {epoch}, replayed {} entries",
+            entries.len()
+        );
+        Ok(PromoteReport {
+            entries_replayed: entries.len() as u64,
+            bytes_replayed,
+            cp_completed: ring.superblock().cp_completed,
+            epoch,
+        })
+    }
+}
+
+/// The 4 KiB of block `block_number` of `transfer_id` in our own log (claim 15).
+fn resolve<'a, M: AsRef<[u8]> + AsMut<[u8]>>(
+    ring: &'a NvramRing<M>,
+    transfers: &[(TransferId, u32)],
+    half: usize,
+    transfer_id: TransferId,
+    block_number: u32,
+) -> Result<&'a [u8], LinkError> {
+    let index = transfers
+        .binary_search_by_key(&transfer_id, |&(id, _)| id)
+        .map_err(|_| protocol(format!("reference to unknown transfer {}", transfer_id.0)))?;
+    let position = u64::from(transfers[index].1) + u64::from(block_number) * BLOCK_SIZE as u64;
+    if position + BLOCK_SIZE as u64 > u64::from(ring.data_cursor(half)) {
+        return Err(protocol(format!(
+            "reference to block {block_number} beyond transfer {}",
+            transfer_id.0
+        )));
+    }
+    Ok(ring.bytes(
+        ring.geometry().data_area_offset(half) + position,
+        BLOCK_SIZE,
+    ))
+}
+
+fn protocol(text: String) -> LinkError {
+    LinkError::Protocol(text)
+}

@@ -1,0 +1,142 @@
+//! The source's per-CP state: its transfer ID structure and dirty map (claim 14), where its
+//! transfers stand on the link, and where the CP itself stands. One per ring half, allocated at
+//! start and reused.
+
+use crate::cp::ConsistencyPoint;
+use crate::transfer::{DirtyMap, TransferId, TransferRecord, TransferTable};
+
+/// Where a CP stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CpPhase {
+    /// The half is not in use.
+    Free,
+    /// Host writes go here.
+    Active,
+    /// No more writes; waiting for every transfer to be acknowledged.
+    Frozen,
+    /// Primary flushed; descriptor tables are being queued.
+    Committing,
+    /// CpCommit queued; waiting for CpAck.
+    AwaitingCpAck,
+}
+
+#[derive(Debug)]
+pub(super) struct CpState {
+    pub cp_number: u64,
+    pub phase: CpPhase,
+    pub transfers: TransferTable,
+    pub dirty: DirtyMap,
+    /// The last transfer still takes entries.
+    pub open_transfer: bool,
+    /// Transfers queued on this link session (a prefix of the table).
+    pub sent_count: u32,
+    /// Transfers acknowledged on this link session (a prefix of the sent ones).
+    pub acked_count: u32,
+    /// Entries written to the primaries (a prefix of the half's slots).
+    pub applied_slots: u32,
+    pub started_us: u64,
+    pub frozen_us: u64,
+    /// The half or the dirty map ran out of room: freeze as soon as possible.
+    pub full: bool,
+    /// The primaries were flushed after every entry of this CP was applied.
+    pub flushed: bool,
+    pub planner: Option<ConsistencyPoint>,
+}
+
+impl CpState {
+    pub fn new(transfers_max: usize, dirty_blocks_max: usize) -> Self {
+        Self {
+            cp_number: 0,
+            phase: CpPhase::Free,
+            transfers: TransferTable::with_capacity(transfers_max),
+            dirty: DirtyMap::with_capacity(dirty_blocks_max),
+            open_transfer: false,
+            sent_count: 0,
+            acked_count: 0,
+            applied_slots: 0,
+            started_us: 0,
+            frozen_us: 0,
+            full: false,
+            flushed: false,
+            planner: None,
+        }
+    }
+
+    pub fn activate(&mut self, cp_number: u64) {
+        assert_eq!(self.phase, CpPhase::Free);
+        assert!(self.transfers.is_empty() && self.dirty.is_empty());
+        self.cp_number = cp_number;
+        self.phase = CpPhase::Active;
+    }
+
+    pub fn close_open_transfer(&mut self) {
+        self.open_transfer = false;
+    }
+
+    pub fn freeze(&mut self, now_us: u64) {
+        assert_eq!(self.phase, CpPhase::Active);
+        self.close_open_transfer();
+        self.phase = CpPhase::Frozen;
+        self.frozen_us = now_us;
+        self.full = false;
+    }
+
+    /// Forgets the CP (it is durable on both sides).
+    pub fn release(&mut self) {
+        self.transfers.clear();
+        self.dirty.clear();
+        self.cp_number = 0;
+        self.phase = CpPhase::Free;
+        self.open_transfer = false;
+        self.sent_count = 0;
+        self.acked_count = 0;
+        self.applied_slots = 0;
+        self.started_us = 0;
+        self.frozen_us = 0;
+        self.full = false;
+        self.flushed = false;
+        self.planner = None;
+    }
+
+    /// A new link session: the destination starts over, so everything is resent and the CP's
+    /// descriptors are planned again.
+    pub fn reset_session(&mut self) {
+        self.sent_count = 0;
+        self.acked_count = 0;
+        if matches!(self.phase, CpPhase::Committing | CpPhase::AwaitingCpAck) {
+            self.phase = CpPhase::Frozen;
+            self.planner = None;
+        }
+    }
+
+    fn closed_count(&self) -> u32 {
+        self.transfers.len() - u32::from(self.open_transfer)
+    }
+
+    /// The table index of the next closed transfer to send.
+    pub fn next_unsent_closed(&self) -> Option<u32> {
+        (self.sent_count < self.closed_count()).then_some(self.sent_count)
+    }
+
+    /// Some transfer (closed or open) has not been sent yet.
+    pub fn has_unsent(&self) -> bool {
+        self.sent_count < self.transfers.len()
+    }
+
+    /// The oldest sent transfer still awaiting its ack.
+    pub fn next_unacked_sent(&self) -> Option<TransferRecord> {
+        (self.acked_count < self.sent_count).then(|| *self.transfers.get(self.acked_count))
+    }
+
+    /// Every transfer of the CP is closed and acknowledged on this session.
+    pub fn all_acked(&self) -> bool {
+        !self.open_transfer && self.acked_count == self.transfers.len()
+    }
+
+    /// `transfer_id` is one of this CP's transfers acknowledged on this session.
+    pub fn transfer_acked(&self, transfer_id: TransferId) -> bool {
+        self.transfers
+            .index_of(transfer_id)
+            .is_some_and(|index| index < self.acked_count)
+    }
+}

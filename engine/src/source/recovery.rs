@@ -1,0 +1,189 @@
+//! Source start and crash recovery (engine spec "Source::open"): open or format the ring, replay
+//! the entries newer than the last completed CP onto the primaries in seq order, flush, and
+//! rebuild the transfer tables and dirty maps from the entry headers so the entries are resent
+//! and then mirrored with references exactly as if the process had never stopped.
+
+use super::{apply_entry, logged_write, CpPhase, Source, SourceConfig};
+use crate::device::BlockDevice;
+use crate::error::EngineError;
+use crate::geometry::{half_of_cp, round_down, RingGeometry, BLOCK_SIZE, NAMESPACES_MAX};
+use crate::ring::{EntryHeader, NvramRing, RingError};
+use crate::transfer::{TransferId, TransferRecord};
+
+/// What `Source::open` found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// The ring had no valid superblock and was formatted.
+    pub formatted: bool,
+    pub entries_replayed: u64,
+    pub bytes_replayed: u64,
+    pub cp_completed: u64,
+    pub epoch: u64,
+}
+
+/// Checks the namespace list a side is started with.
+pub(crate) fn check_namespaces<D: BlockDevice>(devices: &[D]) -> Result<(), EngineError> {
+    if devices.is_empty() || devices.len() > NAMESPACES_MAX {
+        return Err(EngineError::NamespaceCount(devices.len()));
+    }
+    for (index, device) in devices.iter().enumerate() {
+        let size_bytes = device.size_bytes();
+        if size_bytes == 0 || size_bytes % BLOCK_SIZE as u64 != 0 {
+            return Err(EngineError::NamespaceSize {
+                nsid: index as u32 + 1,
+                size_bytes,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Opens the ring in `memory`, formatting it (epoch 1) when it has no valid superblock.
+pub(crate) fn open_or_format<M: AsRef<[u8]> + AsMut<[u8]>>(
+    memory: M,
+    volume_id: [u8; 16],
+) -> Result<(NvramRing<M>, Vec<EntryHeader>, bool), EngineError> {
+    let geometry =
+        RingGeometry::for_ring_size(memory.as_ref().len() as u64).map_err(EngineError::Geometry)?;
+    let (ring, entries, formatted) = match NvramRing::<M>::probe(memory.as_ref()) {
+        Err(RingError::NoSuperblock) => {
+            log::info!(
+                "ring: no valid superblock, formatting {} bytes",
+                geometry.ring_bytes
+            );
+            (
+                NvramRing::format(memory, geometry, volume_id, 1),
+                Vec::new(),
+                true,
+            )
+        }
+        Err(error) => return Err(EngineError::Ring(error)),
+        Ok(_) => {
+            let (ring, entries) = NvramRing::open(memory).map_err(EngineError::Ring)?;
+            (ring, entries, false)
+        }
+    };
+    if ring.superblock().volume_id != volume_id {
+        return Err(EngineError::VolumeMismatch);
+    }
+    Ok((ring, entries, formatted))
+}
+
+/// Writes `entries` to `devices` in seq order and flushes; returns the bytes replayed.
+pub(crate) fn replay<M: AsRef<[u8]> + AsMut<[u8]>, D: BlockDevice>(
+    ring: &NvramRing<M>,
+    devices: &mut [D],
+    entries: &[EntryHeader],
+) -> Result<u64, EngineError> {
+    let zero_block = vec![0; 64 * 1024];
+    let mut bytes = 0;
+    for header in entries {
+        if header.nsid == 0 || header.nsid as usize > devices.len() {
+            return Err(EngineError::NamespaceCount(devices.len()));
+        }
+        apply_entry(ring, devices, &zero_block, header).map_err(|error| EngineError::Device {
+            nsid: header.nsid,
+            error,
+        })?;
+        bytes += u64::from(header.length_bytes);
+    }
+    for (index, device) in devices.iter_mut().enumerate() {
+        device.flush().map_err(|error| EngineError::Device {
+            nsid: index as u32 + 1,
+            error,
+        })?;
+    }
+    Ok(bytes)
+}
+
+impl<M: AsRef<[u8]> + AsMut<[u8]>, D: BlockDevice> Source<M, D> {
+    /// Opens (or formats) the ring; replays entries newer than the last completed CP onto the
+    /// primaries in seq order, rebuilds dirty maps / transfer tables from them (so they are
+    /// resent and then CP'd with references), flushes.
+    pub fn open(
+        config: SourceConfig,
+        ring: M,
+        mut primaries: Vec<D>,
+        now_us: u64,
+    ) -> Result<(Self, RecoveryReport), EngineError> {
+        check_namespaces(&primaries)?;
+        let (ring, entries, formatted) = open_or_format(ring, config.volume_id)?;
+        let bytes_replayed = replay(&ring, &mut primaries, &entries)?;
+        let report = RecoveryReport {
+            formatted,
+            entries_replayed: entries.len() as u64,
+            bytes_replayed,
+            cp_completed: ring.superblock().cp_completed,
+            epoch: ring.superblock().epoch,
+        };
+        let mut source = Self::build(config, ring, primaries);
+        source.rebuild(&entries, now_us);
+        log::info!(
+            "source: opened at cp {} epoch {}, replayed {} entries ({} bytes)",
+            report.cp_completed,
+            report.epoch,
+            report.entries_replayed,
+            report.bytes_replayed
+        );
+        Ok((source, report))
+    }
+
+    /// Recreates the CP states of the replayed entries: CP c+1 frozen (its primary data is
+    /// flushed), CP c+2 (if it has entries) active, else a fresh active CP.
+    fn rebuild(&mut self, entries: &[EntryHeader], now_us: u64) {
+        let completed = self.ring.superblock().cp_completed;
+        let first = completed + 1;
+        for cp_number in [first, first + 1] {
+            let cp_entries: Vec<&EntryHeader> = entries
+                .iter()
+                .filter(|e| e.cp_number == cp_number)
+                .collect();
+            if cp_entries.is_empty() {
+                continue;
+            }
+            let state = &mut self.cps[half_of_cp(cp_number)];
+            state.activate(cp_number);
+            state.started_us = now_us;
+            for (slot, header) in cp_entries.iter().enumerate() {
+                let starts_transfer = state.transfers.is_empty()
+                    || state.transfers.get(state.transfers.len() - 1).id
+                        != TransferId(header.transfer_id);
+                if starts_transfer {
+                    state.transfers.push(TransferRecord {
+                        id: TransferId(header.transfer_id),
+                        first_seq: header.seq,
+                        first_slot: slot as u32,
+                        entry_count: 0,
+                        data_bytes: 0,
+                        base_offset: round_down(u64::from(header.data_offset), BLOCK_SIZE as u64)
+                            as u32,
+                    });
+                }
+                let table_index = state.transfers.len() - 1;
+                let record = state.transfers.get_mut(table_index);
+                record.entry_count += 1;
+                record.data_bytes += header.data_bytes();
+                let write = logged_write(header, table_index, record.base_offset);
+                state
+                    .dirty
+                    .note_write(&write)
+                    .expect("recovered entries fit the dirty map they came from");
+                self.next_transfer_id = self.next_transfer_id.max(header.transfer_id + 1);
+            }
+            state.applied_slots = cp_entries.len() as u32;
+        }
+        let first_state = &mut self.cps[half_of_cp(first)];
+        if first_state.phase == CpPhase::Active {
+            first_state.freeze(now_us);
+            first_state.flushed = true;
+            self.active_cp = first + 1;
+        } else {
+            self.active_cp = first;
+        }
+        let active = &mut self.cps[half_of_cp(self.active_cp)];
+        if active.phase == CpPhase::Free {
+            active.activate(self.active_cp);
+            active.started_us = now_us;
+        }
+    }
+}

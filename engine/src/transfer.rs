@@ -1,0 +1,375 @@
+//! Data transfers and buffer descriptors on the source (claims 3-5, 12-14: "a transfer ID structure"
+//! and "a buffer descriptor for each block" holding the index of the transfer ID and the block
+//! number within the transfer).
+//!
+//! A transfer is a run of consecutive entries of one CP. Its data base is its first entry's
+//! data offset rounded down to 4 KiB; a block the entry wholly covers sits at
+//! `base + block_number × 4096` in the half's data area, on the source and (same placement rule,
+//! same half start) on the destination. Both tables are allocated at start and cleared per CP.
+
+use crate::geometry::{BLOCK_SIZE, SECTOR_SIZE};
+
+/// A data transfer's unique, monotonically increasing ID (starts at 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TransferId(pub u64);
+
+/// One data transfer of a CP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransferRecord {
+    pub id: TransferId,
+    pub first_seq: u64,
+    pub first_slot: u32,
+    pub entry_count: u32,
+    /// Data bytes of its entries (what travels after the entry headers).
+    pub data_bytes: u32,
+    /// The data offset its block numbers count from (4 KiB aligned).
+    pub base_offset: u32,
+}
+
+/// The transfer ID structure of one CP: table index -> transfer (claim 14).
+#[derive(Debug)]
+pub struct TransferTable {
+    records: Vec<TransferRecord>,
+}
+
+impl TransferTable {
+    /// A table that holds `capacity` transfers without allocating again.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            records: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Appends a transfer and returns its table index.
+    pub fn push(&mut self, record: TransferRecord) -> u32 {
+        assert!(
+            self.records.len() < self.records.capacity(),
+            "transfer table sized at start"
+        );
+        assert!(self.records.last().is_none_or(|last| last.id < record.id));
+        assert_eq!(record.base_offset as usize % BLOCK_SIZE, 0);
+        self.records.push(record);
+        (self.records.len() - 1) as u32
+    }
+
+    pub fn get(&self, index: u32) -> &TransferRecord {
+        &self.records[index as usize]
+    }
+
+    /// The table index of `id` (IDs increase along the table).
+    pub fn index_of(&self, id: TransferId) -> Option<u32> {
+        self.records
+            .binary_search_by_key(&id, |record| record.id)
+            .ok()
+            .map(|index| index as u32)
+    }
+
+    pub fn get_mut(&mut self, index: u32) -> &mut TransferRecord {
+        &mut self.records[index as usize]
+    }
+
+    pub fn len(&self) -> u32 {
+        self.records.len() as u32
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.records.len() == self.records.capacity()
+    }
+
+    pub fn clear(&mut self) {
+        self.records.clear();
+    }
+}
+
+/// What the source knows about one dirty block of the current CP (claim 14).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BufferDescriptor {
+    /// The latest write wholly covered the block: it travels as a Reference.
+    Whole { table_index: u32, block_number: u32 },
+    /// The latest write covered only part of it: it travels as Data.
+    Partial,
+    /// The latest write was a write-zeroes covering all of it.
+    Zeroes,
+}
+
+/// A logged write as the dirty map sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoggedWrite {
+    pub nsid: u32,
+    pub lba: u64,
+    pub length_bytes: u32,
+    pub zeroes: bool,
+    pub table_index: u32,
+    /// The entry's data offset minus its transfer's base offset.
+    pub offset_in_transfer: u32,
+}
+
+impl LoggedWrite {
+    /// The first and one-past-last block the write touches.
+    pub fn block_range(&self) -> (u64, u64) {
+        let start = self.lba * SECTOR_SIZE as u64;
+        let end = start + u64::from(self.length_bytes);
+        (start / BLOCK_SIZE as u64, end.div_ceil(BLOCK_SIZE as u64))
+    }
+}
+
+/// The dirty map is full: the CP must start before more writes enter it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirtyMapFull;
+
+/// (nsid, block_index) -> [`BufferDescriptor`] for one CP: an open-addressing table allocated
+/// at start, iterated in first-dirtied order by the CP planner.
+#[derive(Debug)]
+pub struct DirtyMap {
+    keys: Vec<(u32, u64)>,
+    values: Vec<BufferDescriptor>,
+    positions: Vec<u32>,
+    /// Key index + 1 per slot; 0 = empty.
+    table: Vec<u32>,
+}
+
+impl DirtyMap {
+    /// A map for up to `capacity` dirty blocks.
+    pub fn with_capacity(capacity: usize) -> Self {
+        assert!(capacity > 0 && capacity < u32::MAX as usize / 4);
+        let slots = (capacity * 2).next_power_of_two();
+        Self {
+            keys: Vec::with_capacity(capacity),
+            values: Vec::with_capacity(capacity),
+            positions: Vec::with_capacity(capacity),
+            table: vec![0; slots],
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Blocks that can still become dirty.
+    pub fn free(&self) -> usize {
+        self.keys.capacity() - self.keys.len()
+    }
+
+    /// The `index`-th dirty block (first-dirtied order): (nsid, block_index, descriptor).
+    pub fn get(&self, index: usize) -> (u32, u64, BufferDescriptor) {
+        let (nsid, block_index) = self.keys[index];
+        (nsid, block_index, self.values[index])
+    }
+
+    /// The descriptor of a block, if dirty.
+    pub fn lookup(&self, nsid: u32, block_index: u64) -> Option<BufferDescriptor> {
+        match self.probe(nsid, block_index) {
+            (_, Some(index)) => Some(self.values[index]),
+            (_, None) => None,
+        }
+    }
+
+    /// Updates the descriptors of every block `write` touches (the rule of claims 13-14: a whole
+    /// overwrite makes the block a reference, a partial one makes it data). All or nothing.
+    pub fn note_write(&mut self, write: &LoggedWrite) -> Result<(), DirtyMapFull> {
+        let (first, end) = write.block_range();
+        if (end - first) as usize > self.free() {
+            return Err(DirtyMapFull);
+        }
+        let write_start = write.lba * SECTOR_SIZE as u64;
+        let write_end = write_start + u64::from(write.length_bytes);
+        for block_index in first..end {
+            let block_start = block_index * BLOCK_SIZE as u64;
+            let whole = block_start >= write_start && block_start + BLOCK_SIZE as u64 <= write_end;
+            let descriptor = match (whole, write.zeroes) {
+                (false, _) => BufferDescriptor::Partial,
+                (true, true) => BufferDescriptor::Zeroes,
+                (true, false) => {
+                    let position =
+                        u64::from(write.offset_in_transfer) + (block_start - write_start);
+                    assert_eq!(
+                        position % BLOCK_SIZE as u64,
+                        0,
+                        "placement keeps whole blocks aligned"
+                    );
+                    BufferDescriptor::Whole {
+                        table_index: write.table_index,
+                        block_number: (position / BLOCK_SIZE as u64) as u32,
+                    }
+                }
+            };
+            self.set(write.nsid, block_index, descriptor);
+        }
+        Ok(())
+    }
+
+    fn set(&mut self, nsid: u32, block_index: u64, descriptor: BufferDescriptor) {
+        match self.probe(nsid, block_index) {
+            (_, Some(index)) => self.values[index] = descriptor,
+            (position, None) => {
+                assert!(self.keys.len() < self.keys.capacity());
+                self.keys.push((nsid, block_index));
+                self.values.push(descriptor);
+                self.positions.push(position as u32);
+                self.table[position] = self.keys.len() as u32;
+            }
+        }
+    }
+
+    /// (slot position, key index if present).
+    fn probe(&self, nsid: u32, block_index: u64) -> (usize, Option<usize>) {
+        let mask = self.table.len() - 1;
+        let hash = (u64::from(nsid) << 48 ^ block_index).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut position = (hash >> 32) as usize & mask;
+        loop {
+            match self.table[position] {
+                0 => return (position, None),
+                stored => {
+                    let index = stored as usize - 1;
+                    if self.keys[index] == (nsid, block_index) {
+                        return (position, Some(index));
+                    }
+                }
+            }
+            position = (position + 1) & mask;
+        }
+    }
+
+    /// Forgets every dirty block (after the CP completed).
+    pub fn clear(&mut self) {
+        for &position in &self.positions {
+            self.table[position as usize] = 0;
+        }
+        self.keys.clear();
+        self.values.clear();
+        self.positions.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(
+        lba: u64,
+        length_bytes: u32,
+        table_index: u32,
+        offset_in_transfer: u32,
+    ) -> LoggedWrite {
+        LoggedWrite {
+            nsid: 1,
+            lba,
+            length_bytes,
+            zeroes: false,
+            table_index,
+            offset_in_transfer,
+        }
+    }
+
+    #[test]
+    fn partial_then_whole_becomes_reference() {
+        let mut map = DirtyMap::with_capacity(16);
+        map.note_write(&write(2, 1024, 0, 1024)).unwrap();
+        assert_eq!(map.lookup(1, 0), Some(BufferDescriptor::Partial));
+        map.note_write(&write(0, 4096, 1, 8192)).unwrap();
+        assert_eq!(
+            map.lookup(1, 0),
+            Some(BufferDescriptor::Whole {
+                table_index: 1,
+                block_number: 2
+            })
+        );
+        assert_eq!(map.len(), 1);
+    }
+
+    #[test]
+    fn whole_then_partial_becomes_data() {
+        let mut map = DirtyMap::with_capacity(16);
+        map.note_write(&write(8, 8192, 0, 0)).unwrap();
+        assert_eq!(
+            map.lookup(1, 2),
+            Some(BufferDescriptor::Whole {
+                table_index: 0,
+                block_number: 1
+            })
+        );
+        map.note_write(&write(17, 512, 0, 4096 * 2 + 512)).unwrap();
+        assert_eq!(
+            map.lookup(1, 1),
+            Some(BufferDescriptor::Whole {
+                table_index: 0,
+                block_number: 0
+            })
+        );
+        assert_eq!(map.lookup(1, 2), Some(BufferDescriptor::Partial));
+    }
+
+    #[test]
+    fn unaligned_write_covers_whole_middle_blocks_only() {
+        let mut map = DirtyMap::with_capacity(16);
+        // Bytes 3584..12800: blocks 0 and 3 partial, blocks 1 and 2 whole.
+        map.note_write(&write(7, 9216, 3, 3584)).unwrap();
+        assert_eq!(map.lookup(1, 0), Some(BufferDescriptor::Partial));
+        assert_eq!(
+            map.lookup(1, 1),
+            Some(BufferDescriptor::Whole {
+                table_index: 3,
+                block_number: 1
+            })
+        );
+        assert_eq!(
+            map.lookup(1, 2),
+            Some(BufferDescriptor::Whole {
+                table_index: 3,
+                block_number: 2
+            })
+        );
+        assert_eq!(map.lookup(1, 3), Some(BufferDescriptor::Partial));
+        assert_eq!(map.lookup(1, 4), None);
+        let zeroes = LoggedWrite {
+            zeroes: true,
+            ..write(8, 4096, 0, 0)
+        };
+        map.note_write(&zeroes).unwrap();
+        assert_eq!(map.lookup(1, 1), Some(BufferDescriptor::Zeroes));
+    }
+
+    #[test]
+    fn capacity_is_all_or_nothing_and_clear_resets() {
+        let mut map = DirtyMap::with_capacity(3);
+        map.note_write(&write(0, 8192, 0, 0)).unwrap();
+        assert_eq!(map.note_write(&write(16, 8192, 0, 8192)), Err(DirtyMapFull));
+        assert_eq!(map.len(), 2);
+        map.clear();
+        assert!(map.is_empty());
+        assert_eq!(map.lookup(1, 0), None);
+        map.note_write(&write(16, 8192, 0, 0)).unwrap();
+        assert_eq!(
+            map.get(1),
+            (
+                1,
+                3,
+                BufferDescriptor::Whole {
+                    table_index: 0,
+                    block_number: 1
+                }
+            )
+        );
+        let other_namespace = LoggedWrite {
+            nsid: 2,
+            ..write(16, 512, 0, 0)
+        };
+        map.note_write(&other_namespace).unwrap();
+        assert_eq!(map.lookup(2, 2), Some(BufferDescriptor::Partial));
+        assert_eq!(
+            map.lookup(1, 2),
+            Some(BufferDescriptor::Whole {
+                table_index: 0,
+                block_number: 0
+            })
+        );
+    }
+}

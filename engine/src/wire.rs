@@ -1,0 +1,811 @@
+//! The replication wire protocol, version 1: message framing and codec (engine spec "Wire
+//! protocol"; claims 10, 12, 15: data transfers with transfer IDs, references of transfer ID +
+//! block number). [`decode`] validates everything and returns a typed [`WireError`], never panics.
+//!
+//! Message header (16 B, little endian): magic "NVMW" u32 @0, version u8 @4, kind u8 @5,
+//! flags u16 @6 (zero), length u32 @8 (whole message incl. header), crc32c u32 @12.
+//! CRC coverage: the header (crc field as zero) and the body, except for Transfer, where it covers
+//! the header, the transfer header and the entry headers; the entry data are covered by each
+//! entry's data_crc, which the destination verifies before storing anything.
+//!
+//! Bodies:
+//! - Hello: protocol_version u32, block_size u32, sector_size u32, mode u8, namespace_count u8,
+//!   zero u16, volume_id [16], epoch u64, cp_completed u64, ring_bytes u64, half_header_slots u32,
+//!   half_data_bytes u32, then namespace_count × size_bytes u64.
+//! - HelloAck: cp_completed u64, epoch u64.   - Reject: reason u32, UTF-8 text.
+//! - Transfer: transfer_id u64, cp_number u64, first_seq u64, entry_count u32, then entry_count ×
+//!   {nsid u32, flags u16, length_bytes u32, lba u64, data_offset u32, data_crc u32} (26 B), then
+//!   the data of each non-ZEROES entry back to back.
+//! - TransferAck: transfer_id u64 (cumulative).
+//! - DescriptorTable: cp_number u64, count u32, then count × {kind u8, nsid u32, block_index u64}
+//!   followed for a Reference by {transfer_id u64, block_number u32} (13 or 25 B), then 4 KiB per
+//!   Data descriptor in order.
+//! - CpCommit: cp_number u64, descriptor_count u64.   - CpAck: cp_number u64.
+
+mod out_queue;
+
+pub use crate::geometry::MESSAGE_BYTES_MAX;
+pub use out_queue::{OutQueue, QueueFull, Segment};
+
+use std::fmt;
+
+use crate::checksum::{crc32c, crc32c_append};
+use crate::cp::{CpMode, Descriptor, DescriptorEntry};
+use crate::geometry::{
+    RingGeometry, BLOCK_SIZE, DESCRIPTORS_PER_TABLE, NAMESPACES_MAX, TRANSFER_ENTRIES_MAX,
+};
+use crate::ring::{entry_length_valid, ENTRY_FLAG_ZEROES};
+use crate::transfer::TransferId;
+
+/// "NVMW" in little endian.
+pub const WIRE_MAGIC: u32 = u32::from_le_bytes(*b"NVMW");
+/// The protocol version this code speaks.
+pub const PROTOCOL_VERSION: u8 = 1;
+pub const MESSAGE_HEADER_BYTES: usize = 16;
+pub const HELLO_FIXED_BYTES: usize = 64;
+pub const TRANSFER_HEADER_BYTES: usize = 28;
+pub const WIRE_ENTRY_BYTES: usize = 26;
+pub const TABLE_HEADER_BYTES: usize = 12;
+pub const DESCRIPTOR_BYTES: usize = 13;
+pub const REFERENCE_DESCRIPTOR_BYTES: usize = 25;
+const CRC_OFFSET: usize = 12;
+
+const _: () = assert!(REFERENCE_DESCRIPTOR_BYTES <= 32);
+const _: () = assert!(
+    MESSAGE_HEADER_BYTES
+        + TRANSFER_HEADER_BYTES
+        + TRANSFER_ENTRIES_MAX * WIRE_ENTRY_BYTES
+        + crate::geometry::TRANSFER_DATA_BYTES_MAX
+        <= MESSAGE_BYTES_MAX
+);
+
+/// Message kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    Hello = 1,
+    HelloAck = 2,
+    Reject = 3,
+    Transfer = 4,
+    TransferAck = 5,
+    DescriptorTable = 6,
+    CpCommit = 7,
+    CpAck = 8,
+}
+
+impl MessageKind {
+    fn from_u8(value: u8) -> Option<Self> {
+        Some(match value {
+            1 => Self::Hello,
+            2 => Self::HelloAck,
+            3 => Self::Reject,
+            4 => Self::Transfer,
+            5 => Self::TransferAck,
+            6 => Self::DescriptorTable,
+            7 => Self::CpCommit,
+            8 => Self::CpAck,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a Hello was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    Version = 1,
+    Geometry = 2,
+    Volume = 3,
+    StaleEpoch = 4,
+    CpMismatch = 5,
+    Namespaces = 6,
+}
+
+impl RejectReason {
+    fn from_u32(value: u32) -> Option<Self> {
+        Some(match value {
+            1 => Self::Version,
+            2 => Self::Geometry,
+            3 => Self::Volume,
+            4 => Self::StaleEpoch,
+            5 => Self::CpMismatch,
+            6 => Self::Namespaces,
+            _ => return None,
+        })
+    }
+}
+
+/// A malformed message: connection-fatal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireError {
+    Truncated {
+        length: usize,
+        needed: usize,
+    },
+    BadMagic,
+    BadVersion(u8),
+    UnknownKind(u8),
+    BadFlags(u16),
+    BadLength(u32),
+    Crc {
+        expected: u32,
+        actual: u32,
+    },
+    BadBody {
+        kind: MessageKind,
+        reason: &'static str,
+    },
+}
+
+impl fmt::Display for WireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Truncated { length, needed } => {
+                write!(f, "truncated message: {length} of {needed} bytes")
+            }
+            Self::BadMagic => f.write_str("bad message magic"),
+            Self::BadVersion(version) => write!(f, "unsupported protocol version {version}"),
+            Self::UnknownKind(kind) => write!(f, "unknown message kind {kind}"),
+            Self::BadFlags(flags) => write!(f, "nonzero message flags {flags:#x}"),
+            Self::BadLength(length) => write!(f, "bad message length {length}"),
+            Self::Crc { expected, actual } => {
+                write!(f, "message crc mismatch: {actual:#x} != {expected:#x}")
+            }
+            Self::BadBody { kind, reason } => write!(f, "bad {kind:?} body: {reason}"),
+        }
+    }
+}
+
+/// Hello: what the source tells the destination first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    pub protocol_version: u32,
+    pub block_size: u32,
+    pub sector_size: u32,
+    pub mode: CpMode,
+    pub volume_id: [u8; 16],
+    pub epoch: u64,
+    pub cp_completed: u64,
+    pub geometry: RingGeometry,
+    pub namespace_count: u8,
+    pub namespace_sizes_bytes: [u64; NAMESPACES_MAX],
+}
+
+impl Hello {
+    pub fn namespace_sizes(&self) -> &[u64] {
+        &self.namespace_sizes_bytes[..usize::from(self.namespace_count)]
+    }
+}
+
+/// The fixed part of a Transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransferHeader {
+    pub transfer_id: TransferId,
+    pub cp_number: u64,
+    pub first_seq: u64,
+    pub entry_count: u32,
+}
+
+/// An entry header as it travels in a Transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireEntry {
+    pub nsid: u32,
+    pub flags: u16,
+    pub length_bytes: u32,
+    pub lba: u64,
+    pub data_offset: u32,
+    pub data_crc: u32,
+}
+
+impl WireEntry {
+    pub fn is_zeroes(&self) -> bool {
+        self.flags & ENTRY_FLAG_ZEROES != 0
+    }
+    pub fn data_bytes(&self) -> u32 {
+        if self.is_zeroes() {
+            0
+        } else {
+            self.length_bytes
+        }
+    }
+    fn encode(&self, out: &mut [u8]) {
+        out[0..4].copy_from_slice(&self.nsid.to_le_bytes());
+        out[4..6].copy_from_slice(&self.flags.to_le_bytes());
+        out[6..10].copy_from_slice(&self.length_bytes.to_le_bytes());
+        out[10..18].copy_from_slice(&self.lba.to_le_bytes());
+        out[18..22].copy_from_slice(&self.data_offset.to_le_bytes());
+        out[22..26].copy_from_slice(&self.data_crc.to_le_bytes());
+    }
+    fn decode(bytes: &[u8]) -> Self {
+        Self {
+            nsid: le_u32(bytes, 0),
+            flags: le_u16(bytes, 4),
+            length_bytes: le_u32(bytes, 6),
+            lba: le_u64(bytes, 10),
+            data_offset: le_u32(bytes, 18),
+            data_crc: le_u32(bytes, 22),
+        }
+    }
+}
+
+/// A decoded Transfer borrowing the receive buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransferMessage<'a> {
+    pub header: TransferHeader,
+    entries: &'a [u8],
+    data: &'a [u8],
+}
+
+impl<'a> TransferMessage<'a> {
+    /// The entries with their data (empty for ZEROES), in order.
+    pub fn entries(&self) -> impl Iterator<Item = (WireEntry, &'a [u8])> + 'a {
+        let data = self.data;
+        let mut data_at = 0usize;
+        self.entries
+            .chunks_exact(WIRE_ENTRY_BYTES)
+            .map(move |bytes| {
+                let entry = WireEntry::decode(bytes);
+                let slice = &data[data_at..data_at + entry.data_bytes() as usize];
+                data_at += slice.len();
+                (entry, slice)
+            })
+    }
+}
+
+/// A decoded DescriptorTable borrowing the receive buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DescriptorTableMessage<'a> {
+    pub cp_number: u64,
+    pub count: u32,
+    descriptors: &'a [u8],
+    data: &'a [u8],
+}
+
+impl<'a> DescriptorTableMessage<'a> {
+    /// The descriptors, each Data one with its 4 KiB block.
+    pub fn descriptors(&self) -> impl Iterator<Item = (DescriptorEntry, Option<&'a [u8]>)> + 'a {
+        let (bytes, data) = (self.descriptors, self.data);
+        let (mut at, mut data_at) = (0usize, 0usize);
+        (0..self.count).map(move |_| {
+            let (entry, size) = decode_descriptor(&bytes[at..]).expect("validated by decode");
+            at += size;
+            let block = (entry.descriptor == Descriptor::Data).then(|| {
+                data_at += BLOCK_SIZE;
+                &data[data_at - BLOCK_SIZE..data_at]
+            });
+            (entry, block)
+        })
+    }
+}
+
+/// A decoded message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Message<'a> {
+    Hello(Hello),
+    HelloAck {
+        cp_completed: u64,
+        epoch: u64,
+    },
+    Reject {
+        reason: RejectReason,
+        text: &'a str,
+    },
+    Transfer(TransferMessage<'a>),
+    TransferAck {
+        transfer_id: TransferId,
+    },
+    DescriptorTable(DescriptorTableMessage<'a>),
+    CpCommit {
+        cp_number: u64,
+        descriptor_count: u64,
+    },
+    CpAck {
+        cp_number: u64,
+    },
+}
+
+/// For the runtime's receive loop: the full message length once the 16-byte header is there.
+pub fn frame_length(buffer: &[u8]) -> Result<Option<usize>, WireError> {
+    if buffer.len() < MESSAGE_HEADER_BYTES {
+        return Ok(None);
+    }
+    check_header(buffer).map(|(_, length)| Some(length))
+}
+
+fn check_header(buffer: &[u8]) -> Result<(MessageKind, usize), WireError> {
+    if le_u32(buffer, 0) != WIRE_MAGIC {
+        return Err(WireError::BadMagic);
+    }
+    if buffer[4] != PROTOCOL_VERSION {
+        return Err(WireError::BadVersion(buffer[4]));
+    }
+    let kind = MessageKind::from_u8(buffer[5]).ok_or(WireError::UnknownKind(buffer[5]))?;
+    let flags = le_u16(buffer, 6);
+    if flags != 0 {
+        return Err(WireError::BadFlags(flags));
+    }
+    let length = le_u32(buffer, 8);
+    if (length as usize) < MESSAGE_HEADER_BYTES || length as usize > MESSAGE_BYTES_MAX {
+        return Err(WireError::BadLength(length));
+    }
+    Ok((kind, length as usize))
+}
+
+/// Decodes one whole message (exactly `message.len()` bytes).
+pub fn decode(message: &[u8]) -> Result<Message<'_>, WireError> {
+    if message.len() < MESSAGE_HEADER_BYTES {
+        return Err(WireError::Truncated {
+            length: message.len(),
+            needed: MESSAGE_HEADER_BYTES,
+        });
+    }
+    let (kind, length) = check_header(message)?;
+    if length != message.len() {
+        return Err(if length > message.len() {
+            WireError::Truncated {
+                length: message.len(),
+                needed: length,
+            }
+        } else {
+            WireError::BadLength(length as u32)
+        });
+    }
+    let body = &message[MESSAGE_HEADER_BYTES..];
+    let covered = match kind {
+        MessageKind::Transfer => transfer_covered_bytes(body).min(message.len()),
+        _ => message.len(),
+    };
+    let expected = le_u32(message, CRC_OFFSET);
+    let actual = message_crc(&message[..covered]);
+    if expected != actual {
+        return Err(WireError::Crc { expected, actual });
+    }
+    decode_body(kind, body)
+}
+
+fn transfer_covered_bytes(body: &[u8]) -> usize {
+    if body.len() < TRANSFER_HEADER_BYTES {
+        return MESSAGE_HEADER_BYTES + body.len();
+    }
+    let count = le_u32(body, 24) as usize;
+    MESSAGE_HEADER_BYTES
+        + TRANSFER_HEADER_BYTES
+        + count.min(TRANSFER_ENTRIES_MAX) * WIRE_ENTRY_BYTES
+}
+
+/// CRC of a message prefix whose header's crc field is taken as zero.
+fn message_crc(covered: &[u8]) -> u32 {
+    let crc = crc32c(&covered[..CRC_OFFSET]);
+    let crc = crc32c_append(crc, &[0; 4]);
+    crc32c_append(crc, &covered[MESSAGE_HEADER_BYTES..])
+}
+
+fn bad(kind: MessageKind, reason: &'static str) -> WireError {
+    WireError::BadBody { kind, reason }
+}
+
+fn fixed(kind: MessageKind, body: &[u8], size: usize) -> Result<(), WireError> {
+    if body.len() == size {
+        Ok(())
+    } else {
+        Err(bad(kind, "wrong body length"))
+    }
+}
+
+fn decode_body(kind: MessageKind, body: &[u8]) -> Result<Message<'_>, WireError> {
+    match kind {
+        MessageKind::Hello => decode_hello(body).map(Message::Hello),
+        MessageKind::HelloAck => {
+            fixed(kind, body, 16)?;
+            Ok(Message::HelloAck {
+                cp_completed: le_u64(body, 0),
+                epoch: le_u64(body, 8),
+            })
+        }
+        MessageKind::Reject => {
+            if body.len() < 4 {
+                return Err(bad(kind, "wrong body length"));
+            }
+            let reason =
+                RejectReason::from_u32(le_u32(body, 0)).ok_or(bad(kind, "unknown reason"))?;
+            let text =
+                std::str::from_utf8(&body[4..]).map_err(|_| bad(kind, "text is not UTF-8"))?;
+            Ok(Message::Reject { reason, text })
+        }
+        MessageKind::Transfer => decode_transfer(body).map(Message::Transfer),
+        MessageKind::TransferAck => {
+            fixed(kind, body, 8)?;
+            Ok(Message::TransferAck {
+                transfer_id: TransferId(le_u64(body, 0)),
+            })
+        }
+        MessageKind::DescriptorTable => decode_table(body).map(Message::DescriptorTable),
+        MessageKind::CpCommit => {
+            fixed(kind, body, 16)?;
+            Ok(Message::CpCommit {
+                cp_number: le_u64(body, 0),
+                descriptor_count: le_u64(body, 8),
+            })
+        }
+        MessageKind::CpAck => {
+            fixed(kind, body, 8)?;
+            Ok(Message::CpAck {
+                cp_number: le_u64(body, 0),
+            })
+        }
+    }
+}
+
+fn decode_hello(body: &[u8]) -> Result<Hello, WireError> {
+    let kind = MessageKind::Hello;
+    if body.len() < HELLO_FIXED_BYTES {
+        return Err(bad(kind, "wrong body length"));
+    }
+    let mode = match body[12] {
+        0 => CpMode::References,
+        1 => CpMode::Naive,
+        _ => return Err(bad(kind, "unknown mode")),
+    };
+    let namespace_count = body[13];
+    if namespace_count == 0 || usize::from(namespace_count) > NAMESPACES_MAX {
+        return Err(bad(kind, "namespace count out of range"));
+    }
+    if body.len() != HELLO_FIXED_BYTES + 8 * usize::from(namespace_count) || le_u16(body, 14) != 0 {
+        return Err(bad(kind, "wrong body length"));
+    }
+    let mut hello = Hello {
+        protocol_version: le_u32(body, 0),
+        block_size: le_u32(body, 4),
+        sector_size: le_u32(body, 8),
+        mode,
+        volume_id: body[16..32].try_into().expect("16 bytes"),
+        epoch: le_u64(body, 32),
+        cp_completed: le_u64(body, 40),
+        geometry: RingGeometry {
+            ring_bytes: le_u64(body, 48),
+            half_header_slots: le_u32(body, 56),
+            half_data_bytes: le_u32(body, 60),
+        },
+        namespace_count,
+        namespace_sizes_bytes: [0; NAMESPACES_MAX],
+    };
+    for (i, size) in hello.namespace_sizes_bytes[..usize::from(namespace_count)]
+        .iter_mut()
+        .enumerate()
+    {
+        *size = le_u64(body, HELLO_FIXED_BYTES + 8 * i);
+    }
+    Ok(hello)
+}
+
+fn decode_transfer(body: &[u8]) -> Result<TransferMessage<'_>, WireError> {
+    let kind = MessageKind::Transfer;
+    if body.len() < TRANSFER_HEADER_BYTES {
+        return Err(bad(kind, "wrong body length"));
+    }
+    let header = TransferHeader {
+        transfer_id: TransferId(le_u64(body, 0)),
+        cp_number: le_u64(body, 8),
+        first_seq: le_u64(body, 16),
+        entry_count: le_u32(body, 24),
+    };
+    let count = header.entry_count as usize;
+    if count == 0 || count > TRANSFER_ENTRIES_MAX {
+        return Err(bad(kind, "entry count out of range"));
+    }
+    if header.transfer_id.0 == 0 || header.cp_number == 0 || header.first_seq == 0 {
+        return Err(bad(kind, "zero transfer id, cp number or seq"));
+    }
+    let entries_end = TRANSFER_HEADER_BYTES + count * WIRE_ENTRY_BYTES;
+    if body.len() < entries_end {
+        return Err(bad(kind, "entries beyond the message"));
+    }
+    let entries = &body[TRANSFER_HEADER_BYTES..entries_end];
+    let mut data_bytes = 0usize;
+    for bytes in entries.chunks_exact(WIRE_ENTRY_BYTES) {
+        let entry = WireEntry::decode(bytes);
+        if entry.flags & !ENTRY_FLAG_ZEROES != 0 {
+            return Err(bad(kind, "unknown entry flags"));
+        }
+        if !entry_length_valid(entry.length_bytes, entry.is_zeroes()) || entry.nsid == 0 {
+            return Err(bad(kind, "bad entry length or nsid"));
+        }
+        data_bytes += entry.data_bytes() as usize;
+    }
+    if body.len() != entries_end + data_bytes {
+        return Err(bad(kind, "data length does not match the entries"));
+    }
+    Ok(TransferMessage {
+        header,
+        entries,
+        data: &body[entries_end..],
+    })
+}
+
+fn decode_descriptor(bytes: &[u8]) -> Option<(DescriptorEntry, usize)> {
+    if bytes.len() < DESCRIPTOR_BYTES {
+        return None;
+    }
+    let (nsid, block_index) = (le_u32(bytes, 1), le_u64(bytes, 5));
+    let (descriptor, size) = match bytes[0] {
+        1 if bytes.len() >= REFERENCE_DESCRIPTOR_BYTES => (
+            Descriptor::Reference {
+                transfer_id: TransferId(le_u64(bytes, 13)),
+                block_number: le_u32(bytes, 21),
+            },
+            REFERENCE_DESCRIPTOR_BYTES,
+        ),
+        2 => (Descriptor::Data, DESCRIPTOR_BYTES),
+        3 => (Descriptor::Zeroes, DESCRIPTOR_BYTES),
+        _ => return None,
+    };
+    Some((
+        DescriptorEntry {
+            nsid,
+            block_index,
+            descriptor,
+        },
+        size,
+    ))
+}
+
+fn decode_table(body: &[u8]) -> Result<DescriptorTableMessage<'_>, WireError> {
+    let kind = MessageKind::DescriptorTable;
+    if body.len() < TABLE_HEADER_BYTES {
+        return Err(bad(kind, "wrong body length"));
+    }
+    let (cp_number, count) = (le_u64(body, 0), le_u32(body, 8));
+    if count == 0 || count as usize > DESCRIPTORS_PER_TABLE {
+        return Err(bad(kind, "descriptor count out of range"));
+    }
+    let mut at = TABLE_HEADER_BYTES;
+    let mut data_blocks = 0usize;
+    for _ in 0..count {
+        let (entry, size) =
+            decode_descriptor(&body[at..]).ok_or(bad(kind, "bad or truncated descriptor"))?;
+        data_blocks += usize::from(entry.descriptor == Descriptor::Data);
+        at += size;
+    }
+    if body.len() != at + data_blocks * BLOCK_SIZE {
+        return Err(bad(kind, "data length does not match the descriptors"));
+    }
+    Ok(DescriptorTableMessage {
+        cp_number,
+        count,
+        descriptors: &body[TABLE_HEADER_BYTES..at],
+        data: &body[at..],
+    })
+}
+
+/// Writes a message header with a zero crc field.
+fn encode_header(out: &mut [u8], kind: MessageKind, length: usize) {
+    assert!((MESSAGE_HEADER_BYTES..=MESSAGE_BYTES_MAX).contains(&length));
+    out[0..4].copy_from_slice(&WIRE_MAGIC.to_le_bytes());
+    out[4] = PROTOCOL_VERSION;
+    out[5] = kind as u8;
+    out[6..8].fill(0);
+    out[8..12].copy_from_slice(&(length as u32).to_le_bytes());
+    out[12..16].fill(0);
+}
+
+/// Seals a message whose crc-covered bytes are `covered` (header first).
+fn seal(covered: &mut [u8]) {
+    let crc = message_crc(covered);
+    covered[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Body bytes of a Hello with `namespace_count` namespaces.
+pub fn hello_body_bytes(namespace_count: usize) -> usize {
+    HELLO_FIXED_BYTES + 8 * namespace_count
+}
+
+fn encode_hello_body(out: &mut [u8], hello: &Hello) {
+    out.fill(0);
+    out[0..4].copy_from_slice(&hello.protocol_version.to_le_bytes());
+    out[4..8].copy_from_slice(&hello.block_size.to_le_bytes());
+    out[8..12].copy_from_slice(&hello.sector_size.to_le_bytes());
+    out[12] = match hello.mode {
+        CpMode::References => 0,
+        CpMode::Naive => 1,
+    };
+    out[13] = hello.namespace_count;
+    out[16..32].copy_from_slice(&hello.volume_id);
+    out[32..40].copy_from_slice(&hello.epoch.to_le_bytes());
+    out[40..48].copy_from_slice(&hello.cp_completed.to_le_bytes());
+    out[48..56].copy_from_slice(&hello.geometry.ring_bytes.to_le_bytes());
+    out[56..60].copy_from_slice(&hello.geometry.half_header_slots.to_le_bytes());
+    out[60..64].copy_from_slice(&hello.geometry.half_data_bytes.to_le_bytes());
+    for (i, size) in hello.namespace_sizes().iter().enumerate() {
+        out[HELLO_FIXED_BYTES + 8 * i..HELLO_FIXED_BYTES + 8 * i + 8]
+            .copy_from_slice(&size.to_le_bytes());
+    }
+}
+
+/// Bytes of a descriptor on the wire.
+pub fn descriptor_bytes(descriptor: &Descriptor) -> usize {
+    match descriptor {
+        Descriptor::Reference { .. } => REFERENCE_DESCRIPTOR_BYTES,
+        Descriptor::Data | Descriptor::Zeroes => DESCRIPTOR_BYTES,
+    }
+}
+
+/// Writes one descriptor; returns its size.
+pub fn encode_descriptor(out: &mut [u8], entry: &DescriptorEntry) -> usize {
+    out[1..5].copy_from_slice(&entry.nsid.to_le_bytes());
+    out[5..13].copy_from_slice(&entry.block_index.to_le_bytes());
+    match entry.descriptor {
+        Descriptor::Reference {
+            transfer_id,
+            block_number,
+        } => {
+            out[0] = 1;
+            out[13..21].copy_from_slice(&transfer_id.0.to_le_bytes());
+            out[21..25].copy_from_slice(&block_number.to_le_bytes());
+            REFERENCE_DESCRIPTOR_BYTES
+        }
+        Descriptor::Data => {
+            out[0] = 2;
+            DESCRIPTOR_BYTES
+        }
+        Descriptor::Zeroes => {
+            out[0] = 3;
+            DESCRIPTOR_BYTES
+        }
+    }
+}
+
+/// The small, wholly inline messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control<'a> {
+    Hello(&'a Hello),
+    HelloAck {
+        cp_completed: u64,
+        epoch: u64,
+    },
+    Reject {
+        reason: RejectReason,
+        text: &'a str,
+    },
+    TransferAck {
+        transfer_id: TransferId,
+    },
+    CpCommit {
+        cp_number: u64,
+        descriptor_count: u64,
+    },
+    CpAck {
+        cp_number: u64,
+    },
+}
+
+impl Control<'_> {
+    /// The encoded length of the message.
+    pub fn encoded_bytes(&self) -> usize {
+        MESSAGE_HEADER_BYTES
+            + match self {
+                Self::Hello(hello) => hello_body_bytes(usize::from(hello.namespace_count)),
+                Self::HelloAck { .. } | Self::CpCommit { .. } => 16,
+                Self::Reject { text, .. } => 4 + text.len(),
+                Self::TransferAck { .. } | Self::CpAck { .. } => 8,
+            }
+    }
+
+    /// Encodes the whole message into `out` (exactly [`Control::encoded_bytes`] long).
+    pub fn encode(&self, out: &mut [u8]) {
+        assert_eq!(out.len(), self.encoded_bytes());
+        let kind = match self {
+            Self::Hello(_) => MessageKind::Hello,
+            Self::HelloAck { .. } => MessageKind::HelloAck,
+            Self::Reject { .. } => MessageKind::Reject,
+            Self::TransferAck { .. } => MessageKind::TransferAck,
+            Self::CpCommit { .. } => MessageKind::CpCommit,
+            Self::CpAck { .. } => MessageKind::CpAck,
+        };
+        encode_header(out, kind, out.len());
+        let body = &mut out[MESSAGE_HEADER_BYTES..];
+        match *self {
+            Self::Hello(hello) => encode_hello_body(body, hello),
+            Self::HelloAck {
+                cp_completed,
+                epoch,
+            } => {
+                body[0..8].copy_from_slice(&cp_completed.to_le_bytes());
+                body[8..16].copy_from_slice(&epoch.to_le_bytes());
+            }
+            Self::Reject { reason, text } => {
+                body[0..4].copy_from_slice(&(reason as u32).to_le_bytes());
+                body[4..].copy_from_slice(text.as_bytes());
+            }
+            Self::TransferAck { transfer_id } => body.copy_from_slice(&transfer_id.0.to_le_bytes()),
+            Self::CpCommit {
+                cp_number,
+                descriptor_count,
+            } => {
+                body[0..8].copy_from_slice(&cp_number.to_le_bytes());
+                body[8..16].copy_from_slice(&descriptor_count.to_le_bytes());
+            }
+            Self::CpAck { cp_number } => body.copy_from_slice(&cp_number.to_le_bytes()),
+        }
+        seal(out);
+    }
+}
+
+/// Bytes of a Transfer's crc-covered prefix (message header, transfer header, entry headers).
+pub fn transfer_prefix_bytes(entry_count: usize) -> usize {
+    MESSAGE_HEADER_BYTES + TRANSFER_HEADER_BYTES + entry_count * WIRE_ENTRY_BYTES
+}
+
+/// Encodes a Transfer's prefix; the message is this prefix followed by `data_bytes` of entry data.
+pub fn encode_transfer_prefix(
+    out: &mut [u8],
+    header: &TransferHeader,
+    entries: &[WireEntry],
+    data_bytes: usize,
+) {
+    assert_eq!(header.entry_count as usize, entries.len());
+    assert!(!entries.is_empty() && entries.len() <= TRANSFER_ENTRIES_MAX);
+    assert_eq!(
+        entries
+            .iter()
+            .map(|e| e.data_bytes() as usize)
+            .sum::<usize>(),
+        data_bytes
+    );
+    assert_eq!(out.len(), transfer_prefix_bytes(entries.len()));
+    encode_header(out, MessageKind::Transfer, out.len() + data_bytes);
+    let body = &mut out[MESSAGE_HEADER_BYTES..];
+    body[0..8].copy_from_slice(&header.transfer_id.0.to_le_bytes());
+    body[8..16].copy_from_slice(&header.cp_number.to_le_bytes());
+    body[16..24].copy_from_slice(&header.first_seq.to_le_bytes());
+    body[24..28].copy_from_slice(&header.entry_count.to_le_bytes());
+    for (entry, bytes) in entries
+        .iter()
+        .zip(body[TRANSFER_HEADER_BYTES..].chunks_exact_mut(WIRE_ENTRY_BYTES))
+    {
+        entry.encode(bytes);
+    }
+    seal(out);
+}
+
+/// Bytes of a DescriptorTable holding `entries`.
+pub fn table_bytes(entries: impl Iterator<Item = Descriptor>) -> usize {
+    MESSAGE_HEADER_BYTES
+        + TABLE_HEADER_BYTES
+        + entries
+            .map(|d| descriptor_bytes(&d) + if d == Descriptor::Data { BLOCK_SIZE } else { 0 })
+            .sum::<usize>()
+}
+
+/// Writes a DescriptorTable's header fields and descriptors; returns where the data blocks
+/// start. The caller fills the blocks and then calls [`seal_message`].
+pub fn encode_table_prefix(out: &mut [u8], cp_number: u64, entries: &[DescriptorEntry]) -> usize {
+    assert!(!entries.is_empty() && entries.len() <= DESCRIPTORS_PER_TABLE);
+    encode_header(out, MessageKind::DescriptorTable, out.len());
+    let body = &mut out[MESSAGE_HEADER_BYTES..];
+    body[0..8].copy_from_slice(&cp_number.to_le_bytes());
+    body[8..12].copy_from_slice(&(entries.len() as u32).to_le_bytes());
+    let mut at = TABLE_HEADER_BYTES;
+    for entry in entries {
+        at += encode_descriptor(&mut body[at..], entry);
+    }
+    MESSAGE_HEADER_BYTES + at
+}
+
+/// Seals a wholly inline message (crc over all of it).
+pub fn seal_message(message: &mut [u8]) {
+    assert_eq!(le_u32(message, 8) as usize, message.len());
+    seal(message);
+}
+
+pub(crate) fn le_u16(bytes: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes(bytes[at..at + 2].try_into().expect("2 bytes"))
+}
+
+pub(crate) fn le_u32(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+}
+
+pub(crate) fn le_u64(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
+#[cfg(test)]
+mod tests;

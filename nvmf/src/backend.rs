@@ -1,0 +1,235 @@
+//! The storage boundary of the target: the [`Backend`] trait that the replicated volume (and the
+//! unreplicated [`DeviceBackend`]) implements, so write data lands straight in the backend's buffer
+//! (the volume's slot in the NVRAM ring) and a write completes only when the backend says it is durable.
+
+use std::collections::VecDeque;
+
+use nvmirror_engine::device::BlockDevice;
+use nvmirror_engine::geometry::SECTOR_SIZE;
+
+/// Size of a logical block exported to hosts.
+pub const LBA_BYTES: u32 = SECTOR_SIZE as u32;
+/// Largest single write the [`DeviceBackend`] buffers (the target's MDTS is never larger).
+pub const DEVICE_BACKEND_WRITE_BYTES_MAX: usize = 128 * 1024;
+/// Write slots the [`DeviceBackend`] preallocates; more outstanding writes report `Busy`.
+pub const DEVICE_BACKEND_SLOT_COUNT: usize = 256;
+
+/// What the target exports for one namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    pub size_bytes: u64,
+    /// Stable identity, reported as the namespace UUID and NGUID.
+    pub uuid: [u8; 16],
+}
+
+/// Names one outstanding backend operation until [`Backend::poll_completion`] returns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IoToken(pub u64);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendError {
+    /// No room right now (ring backpressure): retry on a later poll, never fail the command.
+    Busy,
+    InvalidNamespace,
+    OutOfRange,
+    Io,
+}
+
+/// The volume behind the target. Writes are two-phase: reserve a slot, receive the host's data straight
+/// into [`Backend::write_buffer`], then commit (or abort if the connection died before the data arrived).
+pub trait Backend {
+    type WriteSlot;
+    fn namespace(&self, nsid: u32) -> Option<NamespaceInfo>;
+    /// Busy = no room right now (ring backpressure): keep the command queued and retry on a later poll; never fail it.
+    fn reserve_write(
+        &mut self,
+        now_us: u64,
+        nsid: u32,
+        lba: u64,
+        length_bytes: u32,
+    ) -> Result<Self::WriteSlot, BackendError>;
+    /// Exactly `length_bytes` long.
+    fn write_buffer(&mut self, slot: &Self::WriteSlot) -> &mut [u8];
+    /// Completes later via `poll_completion`.
+    fn commit_write(&mut self, now_us: u64, slot: Self::WriteSlot) -> IoToken;
+    /// The connection died before the data arrived: the backend turns the slot into a no-op write (never garbage).
+    fn abort_write(&mut self, now_us: u64, slot: Self::WriteSlot) -> IoToken;
+    fn write_zeroes(
+        &mut self,
+        now_us: u64,
+        nsid: u32,
+        lba: u64,
+        length_bytes: u64,
+    ) -> Result<IoToken, BackendError>;
+    /// Synchronous.
+    fn read(&mut self, nsid: u32, lba: u64, buf: &mut [u8]) -> Result<(), BackendError>;
+    fn flush(&mut self, now_us: u64, nsid: u32) -> Result<IoToken, BackendError>;
+    fn poll_completion(&mut self) -> Option<IoToken>;
+}
+
+/// A reserved write of the [`DeviceBackend`]: an index into its preallocated slot buffers.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DeviceWriteSlot {
+    index: usize,
+    nsid: u32,
+    offset_bytes: u64,
+    length_bytes: u32,
+}
+
+/// The unreplicated backend: a set of `BlockDevice`s (nsid = index + 1); writes complete on the next
+/// `poll_completion`. Used by tests and by the "no replication" benchmark case.
+pub struct DeviceBackend<D: BlockDevice> {
+    devices: Vec<D>,
+    slot_buffers: Vec<Box<[u8]>>,
+    free_slots: Vec<usize>,
+    completions: VecDeque<IoToken>,
+    next_token: u64,
+}
+
+impl<D: BlockDevice> DeviceBackend<D> {
+    pub fn new(devices: Vec<D>) -> Self {
+        assert!(
+            !devices.is_empty(),
+            "a backend exports at least one namespace"
+        );
+        for device in &devices {
+            assert!(
+                device.size_bytes() % LBA_BYTES as u64 == 0,
+                "device size is whole LBAs"
+            );
+        }
+        DeviceBackend {
+            devices,
+            slot_buffers: (0..DEVICE_BACKEND_SLOT_COUNT)
+                .map(|_| vec![0u8; DEVICE_BACKEND_WRITE_BYTES_MAX].into_boxed_slice())
+                .collect(),
+            free_slots: (0..DEVICE_BACKEND_SLOT_COUNT).rev().collect(),
+            completions: VecDeque::with_capacity(DEVICE_BACKEND_SLOT_COUNT * 4),
+            next_token: 1,
+        }
+    }
+
+    pub fn device(&self, nsid: u32) -> &D {
+        &self.devices[nsid as usize - 1]
+    }
+
+    fn check(&self, nsid: u32, lba: u64, length_bytes: u64) -> Result<usize, BackendError> {
+        let index = (nsid as usize)
+            .checked_sub(1)
+            .filter(|&i| i < self.devices.len());
+        let index = index.ok_or(BackendError::InvalidNamespace)?;
+        let offset = lba
+            .checked_mul(LBA_BYTES as u64)
+            .ok_or(BackendError::OutOfRange)?;
+        let end = offset
+            .checked_add(length_bytes)
+            .ok_or(BackendError::OutOfRange)?;
+        if end > self.devices[index].size_bytes() {
+            return Err(BackendError::OutOfRange);
+        }
+        Ok(index)
+    }
+
+    fn complete(&mut self) -> IoToken {
+        let token = IoToken(self.next_token);
+        self.next_token += 1;
+        self.completions.push_back(token);
+        token
+    }
+}
+
+impl<D: BlockDevice> Backend for DeviceBackend<D> {
+    type WriteSlot = DeviceWriteSlot;
+
+    fn namespace(&self, nsid: u32) -> Option<NamespaceInfo> {
+        let index = (nsid as usize).checked_sub(1)?;
+        let device = self.devices.get(index)?;
+        let mut uuid = *b"nvmirror-device\0";
+        uuid[15] = nsid as u8;
+        uuid[6] = (uuid[6] & 0x0f) | 0x40; // RFC 4122 version 4 layout, stable per nsid
+        uuid[8] = (uuid[8] & 0x3f) | 0x80;
+        Some(NamespaceInfo {
+            size_bytes: device.size_bytes(),
+            uuid,
+        })
+    }
+
+    fn reserve_write(
+        &mut self,
+        _now_us: u64,
+        nsid: u32,
+        lba: u64,
+        length_bytes: u32,
+    ) -> Result<DeviceWriteSlot, BackendError> {
+        assert!(length_bytes > 0 && length_bytes as usize <= DEVICE_BACKEND_WRITE_BYTES_MAX);
+        self.check(nsid, lba, length_bytes as u64)?;
+        let index = self.free_slots.pop().ok_or(BackendError::Busy)?;
+        Ok(DeviceWriteSlot {
+            index,
+            nsid,
+            offset_bytes: lba * LBA_BYTES as u64,
+            length_bytes,
+        })
+    }
+
+    fn write_buffer(&mut self, slot: &DeviceWriteSlot) -> &mut [u8] {
+        &mut self.slot_buffers[slot.index][..slot.length_bytes as usize]
+    }
+
+    fn commit_write(&mut self, _now_us: u64, slot: DeviceWriteSlot) -> IoToken {
+        let data = &self.slot_buffers[slot.index][..slot.length_bytes as usize];
+        let result = self.devices[slot.nsid as usize - 1].write_at(slot.offset_bytes, data);
+        if let Err(error) = result {
+            log::error!(
+                "device write of nsid {} at {} failed: {error}",
+                slot.nsid,
+                slot.offset_bytes
+            );
+        }
+        self.free_slots.push(slot.index);
+        self.complete()
+    }
+
+    fn abort_write(&mut self, _now_us: u64, slot: DeviceWriteSlot) -> IoToken {
+        self.free_slots.push(slot.index);
+        self.complete()
+    }
+
+    fn write_zeroes(
+        &mut self,
+        _now_us: u64,
+        nsid: u32,
+        lba: u64,
+        length_bytes: u64,
+    ) -> Result<IoToken, BackendError> {
+        let index = self.check(nsid, lba, length_bytes)?;
+        let zeroes = [0u8; 4096];
+        let mut offset = lba * LBA_BYTES as u64;
+        let end = offset + length_bytes;
+        while offset < end {
+            let chunk = (end - offset).min(zeroes.len() as u64) as usize;
+            self.devices[index]
+                .write_at(offset, &zeroes[..chunk])
+                .map_err(|_| BackendError::Io)?;
+            offset += chunk as u64;
+        }
+        Ok(self.complete())
+    }
+
+    fn read(&mut self, nsid: u32, lba: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        let index = self.check(nsid, lba, buf.len() as u64)?;
+        self.devices[index]
+            .read_at(lba * LBA_BYTES as u64, buf)
+            .map_err(|_| BackendError::Io)
+    }
+
+    fn flush(&mut self, _now_us: u64, nsid: u32) -> Result<IoToken, BackendError> {
+        let index = self.check(nsid, 0, 0)?;
+        self.devices[index].flush().map_err(|_| BackendError::Io)?;
+        Ok(self.complete())
+    }
+
+    fn poll_completion(&mut self) -> Option<IoToken> {
+        self.completions.pop_front()
+    }
+}

@@ -1,0 +1,206 @@
+//! A poll group: the queue pairs one reactor polls (SPDK's `spdk_nvmf_poll_group`). Each pass reads and
+//! executes every connection within its budget, dispatches backend completions to their commands through
+//! a preallocated token table, flushes every socket once and enforces keep-alive. Lock-free on the I/O
+//! path; the backend is lent for the pass, not owned.
+
+use std::collections::HashMap;
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::backend::{Backend, IoToken};
+use crate::connection::{Connection, Phase};
+use crate::target::Target;
+
+/// Token-table entries reserved per connection (the largest queue depth is the bound per queue).
+pub const TOKENS_PER_CONNECTION: usize = crate::config::QUEUE_DEPTH_MAX as usize;
+/// Backend completions dispatched per pass at most.
+pub const COMPLETIONS_PER_POLL_MAX: usize = 1024;
+
+/// Identifies a connection slot and its incarnation (a reused slot gets a new generation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionKey {
+    pub slot: u32,
+    pub generation: u32,
+}
+
+/// What a connection's commands may use during one pass.
+pub struct Context<'a, B: Backend> {
+    pub now_us: u64,
+    pub backend: &'a mut B,
+    pub target: &'a Target,
+    tokens: &'a mut HashMap<IoToken, (ConnectionKey, u16)>,
+    key: ConnectionKey,
+}
+
+impl<B: Backend> Context<'_, B> {
+    /// Routes `token`'s completion back to request `index` of this connection.
+    pub fn register(&mut self, token: IoToken, index: u16) {
+        assert!(
+            self.tokens.len() < self.tokens.capacity(),
+            "token table sized at connection setup"
+        );
+        let previous = self.tokens.insert(token, (self.key, index));
+        assert!(previous.is_none(), "backend reused an outstanding token");
+    }
+}
+
+struct Slot<B: Backend> {
+    generation: u32,
+    connection: Option<Connection<B>>,
+}
+
+pub struct PollGroup<B: Backend> {
+    target: Arc<Target>,
+    slots: Vec<Slot<B>>,
+    tokens: HashMap<IoToken, (ConnectionKey, u16)>,
+    connection_count: usize,
+}
+
+impl<B: Backend> PollGroup<B> {
+    pub fn new(target: Arc<Target>) -> Self {
+        PollGroup {
+            target,
+            slots: Vec::new(),
+            tokens: HashMap::new(),
+            connection_count: 0,
+        }
+    }
+
+    pub fn add_connection(&mut self, stream: TcpStream, now_us: u64) {
+        let connection = match Connection::new(stream, now_us, self.target.config.recv_budget_pdus)
+        {
+            Ok(connection) => connection,
+            Err(error) => {
+                log::warn!("nvmf: dropping a new connection: {error}");
+                return;
+            }
+        };
+        self.tokens.reserve(TOKENS_PER_CONNECTION);
+        self.connection_count += 1;
+        if let Some(slot) = self.slots.iter_mut().find(|slot| slot.connection.is_none()) {
+            slot.generation = slot.generation.wrapping_add(1);
+            slot.connection = Some(connection);
+        } else {
+            self.slots.push(Slot {
+                generation: 0,
+                connection: Some(connection),
+            });
+        }
+    }
+
+    /// One pass: read/parse/execute every connection (bounded), dispatch backend completions, flush
+    /// sockets, enforce keep-alive. Returns the amount of work done (0 = idle).
+    pub fn poll(&mut self, now_us: u64, backend: &mut B) -> usize {
+        let mut work = 0;
+        for slot_index in 0..self.slots.len() {
+            let slot = &mut self.slots[slot_index];
+            let Some(connection) = slot.connection.as_mut() else {
+                continue;
+            };
+            let key = ConnectionKey {
+                slot: slot_index as u32,
+                generation: slot.generation,
+            };
+            let mut context = Context {
+                now_us,
+                backend: &mut *backend,
+                target: &self.target,
+                tokens: &mut self.tokens,
+                key,
+            };
+            work += connection.poll_retry(&mut context);
+            work += connection.poll_receive(&mut context);
+        }
+        work += self.dispatch_completions(backend);
+        for slot_index in 0..self.slots.len() {
+            let slot = &mut self.slots[slot_index];
+            let Some(connection) = slot.connection.as_mut() else {
+                continue;
+            };
+            work += connection.flush(now_us);
+            check_timers(connection, now_us);
+            if connection.is_closed() {
+                let key = ConnectionKey {
+                    slot: slot_index as u32,
+                    generation: slot.generation,
+                };
+                let mut context = Context {
+                    now_us,
+                    backend: &mut *backend,
+                    target: &self.target,
+                    tokens: &mut self.tokens,
+                    key,
+                };
+                connection.teardown(&mut context);
+                slot.connection = None;
+                self.connection_count -= 1;
+                self.tokens.retain(|_, (owner, _)| *owner != key);
+                work += 1;
+            }
+        }
+        work
+    }
+
+    fn dispatch_completions(&mut self, backend: &mut B) -> usize {
+        let mut count = 0;
+        while count < COMPLETIONS_PER_POLL_MAX {
+            let Some(token) = backend.poll_completion() else {
+                break;
+            };
+            count += 1;
+            let Some((key, index)) = self.tokens.remove(&token) else {
+                continue;
+            };
+            let slot = &mut self.slots[key.slot as usize];
+            if slot.generation != key.generation {
+                continue;
+            }
+            if let Some(connection) = slot.connection.as_mut() {
+                connection.on_token_complete(index);
+            }
+        }
+        count
+    }
+
+    /// Sockets to wait on when the reactor sleeps (poll(2)).
+    pub fn raw_fds(&self, out: &mut Vec<RawFd>) {
+        for slot in &self.slots {
+            if let Some(connection) = &slot.connection {
+                out.push(connection.stream.as_raw_fd());
+            }
+        }
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connection_count
+    }
+}
+
+/// ICReq timeout, keep-alive expiry and a controller that went away close the connection.
+fn check_timers<B: Backend>(connection: &mut Connection<B>, now_us: u64) {
+    match connection.phase {
+        Phase::AwaitICReq { deadline_us } if now_us >= deadline_us => {
+            connection.close("no ICReq in time")
+        }
+        Phase::Closing { deadline_us } if now_us >= deadline_us => {
+            connection.close("TermReq not flushed in time")
+        }
+        _ => {}
+    }
+    let Some(controller) = connection.queue.controller.as_ref() else {
+        return;
+    };
+    if controller.closed.load(Ordering::Acquire) {
+        connection.close("controller destroyed");
+    } else if controller.keep_alive_expired(now_us) {
+        log::warn!(
+            "nvmf: {}: keep-alive timeout expired for controller {}",
+            connection.peer,
+            controller.cntlid
+        );
+        controller.closed.store(true, Ordering::Release);
+        connection.close("keep-alive timeout");
+    }
+}

@@ -1,0 +1,415 @@
+//! The embedded target against a spec-written host: fabrics, admin, I/O, and every bad-input class with a
+//! second healthy connection doing verified I/O at the same time.
+
+mod host;
+
+use host::*;
+use nvmirror_nvmf::pdu::*;
+use nvmirror_nvmf::DeviceBackend;
+
+#[test]
+fn admin_identify_features_log_pages() {
+    let server = serve_memory(config(true));
+    let mut admin = Host::admin(server.address, false);
+    let cap = admin.property_get(0x00, true);
+    assert_eq!(
+        u64::from(cap.dw0) | (u64::from(cap.dw1) << 32),
+        (127 | 1 << 16 | 20 << 24 | 1 << 37)
+    );
+    assert_eq!(admin.property_get(0x08, false).dw0, 0x0001_0300);
+    let (completion, data) = admin.admin_command(admin_opcode::IDENTIFY, 0, 1, 0, 4096);
+    assert!(completion.status.is_success());
+    assert_eq!(&data[4..11], b"SERIAL1");
+    assert_eq!(u16::from_le_bytes([data[78], data[79]]), admin.cntlid);
+    assert_eq!(
+        u32::from_le_bytes(data[1792..1796].try_into().unwrap()),
+        (64 + 8192) / 16
+    );
+    let (completion, data) = admin.admin_command(admin_opcode::IDENTIFY, 1, 0, 0, 4096);
+    assert!(completion.status.is_success());
+    assert_eq!(
+        u64::from_le_bytes(data[0..8].try_into().unwrap()),
+        (DEVICE_BYTES / 512) as u64
+    );
+    let nguid = data[104..120].to_vec();
+    let (_, list) = admin.admin_command(admin_opcode::IDENTIFY, 0, 2, 0, 4096);
+    assert_eq!(
+        (u32::from_le_bytes(list[0..4].try_into().unwrap()), list[4]),
+        (1, 0)
+    );
+    let (_, descriptors) = admin.admin_command(admin_opcode::IDENTIFY, 1, 3, 0, 4096);
+    assert_eq!((descriptors[0], descriptors[1]), (2, 16));
+    assert_eq!(&descriptors[4..20], &nguid[..]);
+    assert_eq!(
+        admin
+            .admin_command(admin_opcode::IDENTIFY, 9, 0, 0, 4096)
+            .0
+            .status
+            .sc,
+        0x0b
+    );
+    // Features: number of queues, keep-alive, async event config.
+    let (completion, _) =
+        admin.admin_command(admin_opcode::SET_FEATURES, 0, 0x07, 3 | (3 << 16), 0);
+    assert_eq!(completion.dw0, 3 | (3 << 16));
+    assert!(admin
+        .admin_command(admin_opcode::SET_FEATURES, 0, 0x0f, 30_000, 0)
+        .0
+        .status
+        .is_success());
+    assert_eq!(
+        admin
+            .admin_command(admin_opcode::GET_FEATURES, 0, 0x0f, 0, 0)
+            .0
+            .dw0,
+        30_000
+    );
+    assert!(admin
+        .admin_command(admin_opcode::SET_FEATURES, 0, 0x0b, 1 << 8, 0)
+        .0
+        .status
+        .is_success());
+    assert_eq!(
+        admin
+            .admin_command(admin_opcode::GET_FEATURES, 0, 0x0b, 0, 0)
+            .0
+            .dw0,
+        1 << 8
+    );
+    // Log pages: error information, SMART, changed namespaces; an unknown page.
+    let numdl = |bytes: u32| (bytes / 4 - 1) << 16;
+    for (lid, bytes) in [(1u32, 64u32), (2, 512), (4, 4096)] {
+        let (completion, data) = admin.admin_command(
+            admin_opcode::GET_LOG_PAGE,
+            0xffff_ffff,
+            lid | numdl(bytes),
+            0,
+            bytes,
+        );
+        assert!(completion.status.is_success(), "log page {lid}");
+        assert_eq!(data.len(), bytes as usize);
+    }
+    let (smart, _) = admin.admin_command(
+        admin_opcode::GET_LOG_PAGE,
+        0xffff_ffff,
+        2 | numdl(512),
+        0,
+        512,
+    );
+    assert!(smart.status.is_success());
+    let (bad, _) = admin.admin_command(admin_opcode::GET_LOG_PAGE, 0, 0x70 | numdl(1024), 0, 1024);
+    assert_eq!(
+        (bad.status.sct, bad.status.sc),
+        (StatusCodeType::CommandSpecific, 0x09)
+    );
+    // Unknown admin opcode.
+    let (invalid, _) = admin.admin_command(0x7e, 0, 0, 0, 0);
+    assert_eq!((invalid.status.sc, invalid.status.dnr), (0x01, true));
+    // AERs are held; the fifth exceeds the limit.
+    for _ in 0..4 {
+        let mut command = Command::zeroed();
+        let cid = admin.cid();
+        command
+            .set_opcode(admin_opcode::ASYNC_EVENT_REQUEST)
+            .set_cid(cid);
+        admin.send_capsule(&command, &[]);
+    }
+    let (limit, _) = admin.admin_command(admin_opcode::ASYNC_EVENT_REQUEST, 0, 0, 0, 0);
+    assert_eq!(
+        (limit.status.sct, limit.status.sc),
+        (StatusCodeType::CommandSpecific, 0x05)
+    );
+    // Keep Alive works, shutdown completes.
+    assert!(admin
+        .admin_command(admin_opcode::KEEP_ALIVE, 0, 0, 0, 0)
+        .0
+        .status
+        .is_success());
+    assert!(admin.property_set(0x14, 1 | (1 << 14)).status.is_success());
+    assert_eq!(admin.property_get(0x1c, false).dw0 & 0b1100, 0b1000);
+}
+
+#[test]
+fn io_in_capsule_r2t_flush_write_zeroes_dsm_with_digests() {
+    for digests in [false, true] {
+        let server = serve_memory(config(true));
+        let admin = Host::admin(server.address, digests);
+        let mut io = Host::io(server.address, admin.cntlid, 1, digests);
+        let small: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        assert!(io.write(8, &small, true).status.is_success());
+        assert_eq!(io.read(8, 8).1, small);
+        let large: Vec<u8> = (0..65536u32).map(|i| (i * 13 + 1) as u8).collect();
+        assert!(io.write(64, &large, false).status.is_success());
+        assert_eq!(io.read(64, 128).1, large);
+        let cid = io.cid();
+        let mut flush = Command::zeroed();
+        flush.set_opcode(io_opcode::FLUSH).set_cid(cid).set_nsid(1);
+        assert!(io.execute(&flush, &[], &[]).0.status.is_success());
+        let cid = io.cid();
+        let mut zeroes = Command::zeroed();
+        zeroes
+            .set_opcode(io_opcode::WRITE_ZEROES)
+            .set_cid(cid)
+            .set_nsid(1)
+            .set_u64_at(40, 64)
+            .set_cdw(12, 7);
+        assert!(io.execute(&zeroes, &[], &[]).0.status.is_success());
+        assert_eq!(io.read(64, 8).1, vec![0u8; 4096]);
+        assert_eq!(io.read(72, 8).1, large[4096..8192].to_vec());
+        let mut range = [0u8; 16];
+        range[4..8].copy_from_slice(&8u32.to_le_bytes());
+        range[8..16].copy_from_slice(&8u64.to_le_bytes());
+        let cid = io.cid();
+        let mut dsm = Command::zeroed();
+        dsm.set_opcode(io_opcode::DATASET_MANAGEMENT)
+            .set_cid(cid)
+            .set_nsid(1)
+            .set_cdw(10, 0)
+            .set_cdw(11, 1 << 2);
+        dsm.set_sgl(SglDescriptor::InCapsule {
+            offset: 0,
+            length: 16,
+        });
+        assert!(io.execute(&dsm, &range, &[]).0.status.is_success());
+        // Out-of-range LBA, unknown I/O opcode.
+        let last_lba = (DEVICE_BYTES / 512) as u64 - 4;
+        let status = io.write(last_lba, &small, true).status;
+        assert_eq!((status.sc, status.dnr), (0x80, true));
+        assert_eq!(io.read(last_lba, 8).0.status.sc, 0x80);
+        io.verified_io(100, 5);
+    }
+}
+
+#[test]
+fn connect_rejections_carry_iattr_and_ipo() {
+    let server = serve_memory(config(false));
+    let mut healthy_admin = Host::admin(server.address, false);
+    let mut healthy = Host::io(server.address, healthy_admin.cntlid, 1, false);
+    let mut host = Host::open(server.address, false, false);
+    let unknown = host.connect(0, "nqn.2024-01.io.nvmirror:nope", HOSTNQN, 0xffff, 0);
+    assert_eq!(
+        (unknown.status.sct, unknown.status.sc),
+        (StatusCodeType::CommandSpecific, 0x82)
+    );
+    assert_eq!((unknown.dw0 & 1, unknown.dw0 >> 16), (1, 256));
+    let denied = host.connect(
+        0,
+        NQN,
+        "nqn.2014-08.org.nvmexpress:uuid:intruder",
+        0xffff,
+        0,
+    );
+    assert_eq!(
+        (denied.status.sct, denied.status.sc),
+        (StatusCodeType::CommandSpecific, 0x84)
+    );
+    let bad_cntlid = host.connect(2, NQN, HOSTNQN, 0x4242, 0);
+    assert_eq!(
+        (
+            bad_cntlid.status.sc,
+            bad_cntlid.dw0 & 1,
+            bad_cntlid.dw0 >> 16
+        ),
+        (0x82, 1, 16)
+    );
+    let duplicate_qid = host.connect(1, NQN, HOSTNQN, healthy_admin.cntlid, 0);
+    assert_eq!(
+        (
+            duplicate_qid.status.sc,
+            duplicate_qid.dw0 & 1,
+            duplicate_qid.dw0 >> 16
+        ),
+        (0x82, 0, 42)
+    );
+    healthy.verified_io(0, 1);
+    assert!(healthy_admin
+        .admin_command(admin_opcode::KEEP_ALIVE, 0, 0, 0, 0)
+        .0
+        .status
+        .is_success());
+}
+
+fn capsule_bytes(command: &Command, framing: &Framing, data: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; HEADER_BYTES_MAX + data.len()];
+    let prefix = encode_capsule_cmd(&mut buf, command, framing, data.len());
+    buf[prefix..prefix + data.len()].copy_from_slice(data);
+    buf.truncate(prefix + data.len());
+    buf
+}
+
+type Corruption = Box<dyn Fn(&mut Vec<u8>)>;
+
+#[test]
+fn malformed_pdus_terminate_only_their_connection() {
+    let server = serve_memory(config(true));
+    let admin = Host::admin(server.address, false);
+    let mut healthy = Host::io(server.address, admin.cntlid, 1, true);
+    let keep_alive = Command::property_get(1, 0x1c, false);
+    let good = capsule_bytes(&keep_alive, &Framing::PLAIN, &[]);
+    let cases: Vec<(&str, Corruption, Fes, Option<u32>)> = vec![
+        (
+            "unknown type",
+            Box::new(|pdu: &mut Vec<u8>| pdu[0] = 0x0c),
+            Fes::InvalidHeaderField,
+            Some(0),
+        ),
+        (
+            "bad hlen",
+            Box::new(|pdu: &mut Vec<u8>| pdu[2] = 80),
+            Fes::InvalidHeaderField,
+            Some(2),
+        ),
+        (
+            "bad plen",
+            Box::new(|pdu: &mut Vec<u8>| pdu[4] = 40),
+            Fes::InvalidHeaderField,
+            Some(4),
+        ),
+        (
+            "bad pdo",
+            Box::new(|pdu: &mut Vec<u8>| {
+                pdu[4] = 72 + 8;
+                pdu[3] = 16;
+                pdu.extend_from_slice(&[0; 8])
+            }),
+            Fes::InvalidHeaderField,
+            Some(3),
+        ),
+    ];
+    for (name, corrupt, fes, fei) in cases {
+        let mut host = Host::open(server.address, false, false);
+        let mut pdu = good.clone();
+        corrupt(&mut pdu);
+        host.send_raw(&pdu);
+        let reported = host.expect_term_req(fes);
+        if let Some(fei) = fei {
+            assert_eq!(reported, fei, "{name}");
+        }
+        healthy.verified_io(16, name.len() as u8);
+    }
+    // A PDU before ICReq.
+    let mut raw = Host::raw(server.address);
+    raw.send_raw(&good);
+    raw.expect_term_req(Fes::PduSequenceError);
+    // Bad header digest.
+    let mut host = Host::open(server.address, true, false);
+    let mut pdu = capsule_bytes(&keep_alive, &host.framing, &[]);
+    pdu[20] ^= 0xff;
+    host.send_raw(&pdu);
+    host.expect_term_req(Fes::HeaderDigestError);
+    // H2CData for an unknown transfer tag.
+    let mut host = Host::io(server.address, admin.cntlid, 2, false);
+    let header = DataHeader {
+        cccid: 9,
+        ttag: 77,
+        datao: 0,
+        datal: 512,
+        last: true,
+        success: false,
+    };
+    host.send_h2c(header, &[0; 512]);
+    assert_eq!(host.expect_term_req(Fes::InvalidHeaderField), 10);
+    healthy.verified_io(32, 9);
+}
+
+#[test]
+fn bad_data_digest_fails_the_command_not_the_connection() {
+    let server = serve_memory(config(true));
+    let admin = Host::admin(server.address, true);
+    let mut healthy = Host::io(server.address, admin.cntlid, 1, true);
+    let mut io = Host::io(server.address, admin.cntlid, 2, true);
+    healthy.verified_io(0, 3);
+    let cid = io.cid();
+    let data = vec![0xabu8; 4096];
+    let command = Command::read_write(
+        io_opcode::WRITE,
+        cid,
+        1,
+        0,
+        8,
+        SglDescriptor::InCapsule {
+            offset: 0,
+            length: 4096,
+        },
+    );
+    let mut pdu = capsule_bytes(&command, &io.framing, &data);
+    pdu.extend_from_slice(&(crc32c(&data) ^ 1).to_le_bytes());
+    io.send_raw(&pdu);
+    let Some(Received {
+        pdu: Pdu::CapsuleResp(completion),
+        ..
+    }) = io.receive()
+    else {
+        panic!("expected a response")
+    };
+    assert_eq!((completion.status.sc, completion.status.dnr), (0x22, false));
+    // The aborted write never reached the medium; the connection still works.
+    let (_, read) = io.read(0, 16);
+    assert_ne!(&read[..4096], &data[..]);
+    io.verified_io(64, 4);
+    healthy.verified_io(128, 5);
+}
+
+#[test]
+fn keep_alive_expiry_closes_the_controller() {
+    let server = serve_memory(config(true));
+    let mut admin = Host::open(server.address, false, false);
+    let completion = admin.connect(0, NQN, HOSTNQN, 0xffff, 300);
+    assert!(completion.status.is_success());
+    assert!(admin.property_set(0x14, 1).status.is_success());
+    let mut io = Host::io(server.address, completion.dw0 as u16, 1, false);
+    let mut other = Host::admin(server.address, false);
+    let mut other_io = Host::io(server.address, other.cntlid, 1, false);
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_millis(800) {
+        assert!(other
+            .admin_command(admin_opcode::KEEP_ALIVE, 0, 0, 0, 0)
+            .0
+            .status
+            .is_success());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        admin.receive().is_none(),
+        "admin queue closed after the keep-alive timeout"
+    );
+    assert!(
+        io.receive().is_none(),
+        "I/O queue of the expired controller closed"
+    );
+    other_io.verified_io(0, 7);
+}
+
+#[test]
+fn busy_backend_commands_wait_then_complete() {
+    let backend = BusyBackend {
+        inner: DeviceBackend::new(vec![MemDevice(vec![0; DEVICE_BYTES])]),
+        busy_reservations: 50,
+    };
+    let server = serve(config(true), backend);
+    let admin = Host::admin(server.address, false);
+    let mut io = Host::io(server.address, admin.cntlid, 1, false);
+    let data = vec![0x5au8; 4096];
+    assert!(io.write(0, &data, true).status.is_success());
+    assert!(io.write(8, &data, false).status.is_success());
+    assert_eq!(io.read(0, 16).1, [data.clone(), data].concat());
+}
+
+#[test]
+fn config_validation_names_the_field() {
+    let mut bad = config(true);
+    bad.in_capsule_data_bytes = 100;
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .starts_with("in_capsule_data_bytes"));
+    let mut bad = config(false);
+    bad.subsystems[0].allowed_hosts.clear();
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .starts_with("subsystems[0].allowed_hosts"));
+    let mut bad = config(true);
+    bad.subsystems[0].nqn = "nqn.2014-08.org.nvmexpress.discovery".into();
+    assert!(bad.validate().unwrap_err().contains("reserved"));
+}

@@ -1,0 +1,282 @@
+//! The replication link: one TCP connection between a source and its destination.
+//!
+//! The engine core frames and interprets messages; this part owns the socket. Sends are queued by
+//! the core (headers in its own buffer, transfer data as slices of ring memory) and each poll
+//! flushes them with one vectored write of up to [`SEND_IOVECS_MAX`] slices, so transfer data
+//! goes from the NVRAM ring to the socket without a staging copy. Receives fill one buffer with
+//! one large read; whole messages are handed to the core in place.
+//!
+//! The source dials and redials with a back-off; the destination accepts, and a new connection
+//! from the source replaces the old one (a restarted source must not wait for a dead socket to
+//! time out). Any protocol error closes the connection: the core forgets what it had in flight
+//! and the source resends everything unacknowledged after the next handshake.
+
+use std::fmt::Display;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+/// Slices handed to one `writev`.
+pub const SEND_IOVECS_MAX: usize = 64;
+/// Socket buffer size asked of the kernel, as SPDK's posix sock module does.
+pub const SOCKET_BUFFER_BYTES: usize = 2 << 20;
+/// How long a dial may block the reactor (loopback answers at once; a remote peer may not).
+pub const DIAL_TIMEOUT_MS: u64 = 200;
+/// Wait between failed dials.
+pub const REDIAL_BACKOFF_US: u64 = 250_000;
+/// Messages handled per poll, so a flood of acknowledgements cannot starve the rest of the reactor.
+pub const RECV_BUDGET_MESSAGES: usize = 256;
+
+/// What the link needs from an engine endpoint (the source or the destination state machine).
+pub trait LinkEndpoint {
+    type Error: Display;
+    fn handle_connected(&mut self, now_us: u64);
+    fn handle_disconnected(&mut self, now_us: u64);
+    fn handle_message(&mut self, now_us: u64, message: &[u8]) -> Result<(), Self::Error>;
+    /// Fills `out` with up to `max` slices from the head of the send queue; returns their total bytes.
+    fn tx_iovecs<'a>(&'a self, out: &mut Vec<IoSlice<'a>>, max: usize) -> usize;
+    fn tx_advance(&mut self, bytes: usize);
+    /// The whole-message length once the message header is in `buf`, `None` if more bytes are needed.
+    fn frame_length(buf: &[u8]) -> Result<Option<usize>, Self::Error>;
+    /// The largest message the peer may send (sizes the receive buffer).
+    fn message_bytes_max() -> usize;
+}
+
+/// Which side opens the connection.
+pub enum LinkRole {
+    Dial { peer: SocketAddr, next_dial_us: u64 },
+    Accept { listener: TcpListener },
+}
+
+/// Counters of the link itself (the core counts protocol bytes).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinkCounters {
+    pub connects: u64,
+    pub disconnects: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+pub struct Link {
+    role: LinkRole,
+    stream: Option<TcpStream>,
+    recv_buffer: Vec<u8>,
+    recv_filled: usize,
+    last_error: Option<String>,
+    pub counters: LinkCounters,
+}
+
+impl Link {
+    /// A source's link: dials `peer` now and again after every failure.
+    pub fn dial(peer: SocketAddr, message_bytes_max: usize) -> Self {
+        Self::new(LinkRole::Dial { peer, next_dial_us: 0 }, message_bytes_max)
+    }
+
+    /// A destination's link: accepts on `listen`.
+    pub fn accept(listen: SocketAddr, message_bytes_max: usize) -> io::Result<Self> {
+        let listener = TcpListener::bind(listen).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot listen for the source on {listen}: {e}"))
+        })?;
+        listener.set_nonblocking(true)?;
+        Ok(Self::new(LinkRole::Accept { listener }, message_bytes_max))
+    }
+
+    fn new(role: LinkRole, message_bytes_max: usize) -> Self {
+        Link {
+            role,
+            stream: None,
+            // Twice the largest message: a whole one plus the start of the next always fit.
+            recv_buffer: vec![0; 2 * message_bytes_max],
+            recv_filled: 0,
+            last_error: None,
+            counters: LinkCounters::default(),
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.stream.is_some()
+    }
+
+    /// The address the destination listens on (useful with port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match &self.role {
+            LinkRole::Accept { listener } => listener.local_addr().ok(),
+            LinkRole::Dial { .. } => None,
+        }
+    }
+
+    pub fn wait_fds(&self, out: &mut Vec<RawFd>) {
+        if let Some(stream) = &self.stream {
+            out.push(stream.as_raw_fd());
+        }
+        if let LinkRole::Accept { listener } = &self.role {
+            out.push(listener.as_raw_fd());
+        }
+    }
+
+    /// When a dialing link wants to be polled again without I/O.
+    pub fn next_deadline_us(&self) -> Option<u64> {
+        match (&self.role, &self.stream) {
+            (LinkRole::Dial { next_dial_us, .. }, None) => Some(*next_dial_us),
+            _ => None,
+        }
+    }
+
+    /// One bounded pass: (re)connect, receive and dispatch, flush the send queue. Returns work done.
+    pub fn poll<E: LinkEndpoint>(&mut self, now_us: u64, endpoint: &mut E) -> usize {
+        let mut work = self.poll_connect(now_us, endpoint);
+        if self.stream.is_none() {
+            return work;
+        }
+        match self.poll_receive(now_us, endpoint) {
+            Ok(n) => work += n,
+            Err(reason) => {
+                self.close(now_us, endpoint, reason);
+                return work + 1;
+            }
+        }
+        match self.flush(endpoint) {
+            Ok(n) => work + n,
+            Err(reason) => {
+                self.close(now_us, endpoint, reason);
+                work + 1
+            }
+        }
+    }
+
+    fn poll_connect<E: LinkEndpoint>(&mut self, now_us: u64, endpoint: &mut E) -> usize {
+        match &mut self.role {
+            LinkRole::Accept { listener } => match listener.accept() {
+                Ok((stream, from)) => {
+                    if self.stream.is_some() {
+                        log::warn!("link: new connection from {from} replaces the current one");
+                        self.close(now_us, endpoint, "replaced by a new connection".into());
+                    }
+                    self.attach(now_us, stream, from, endpoint);
+                    1
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => {
+                    log::warn!("link: accept failed: {e}");
+                    0
+                }
+            },
+            LinkRole::Dial { peer, next_dial_us } => {
+                if self.stream.is_some() || now_us < *next_dial_us {
+                    return 0;
+                }
+                let peer = *peer;
+                *next_dial_us = now_us + REDIAL_BACKOFF_US;
+                match TcpStream::connect_timeout(&peer, Duration::from_millis(DIAL_TIMEOUT_MS)) {
+                    Ok(stream) => {
+                        self.attach(now_us, stream, peer, endpoint);
+                        1
+                    }
+                    Err(e) => {
+                        let message = format!("cannot reach destination {peer}: {e}");
+                        if self.last_error.as_deref() != Some(message.as_str()) {
+                            log::warn!("link: {message}; retrying every {} ms", REDIAL_BACKOFF_US / 1000);
+                            self.last_error = Some(message);
+                        }
+                        1
+                    }
+                }
+            }
+        }
+    }
+
+    fn attach<E: LinkEndpoint>(&mut self, now_us: u64, stream: TcpStream, peer: SocketAddr, endpoint: &mut E) {
+        if let Err(e) = configure_socket(&stream) {
+            log::warn!("link: cannot configure socket to {peer}: {e}");
+        }
+        log::info!("link: connected to {peer}");
+        self.last_error = None;
+        self.stream = Some(stream);
+        self.recv_filled = 0;
+        self.counters.connects += 1;
+        endpoint.handle_connected(now_us);
+    }
+
+    /// Closes the connection after an error, says why once, and lets the core forget its in-flight state.
+    pub fn close<E: LinkEndpoint>(&mut self, now_us: u64, endpoint: &mut E, reason: String) {
+        if let Some(stream) = self.stream.take() {
+            log::warn!("link: closing connection to {:?}: {reason}", stream.peer_addr().ok());
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            self.counters.disconnects += 1;
+            self.recv_filled = 0;
+            endpoint.handle_disconnected(now_us);
+        }
+    }
+
+    fn poll_receive<E: LinkEndpoint>(&mut self, now_us: u64, endpoint: &mut E) -> Result<usize, String> {
+        let stream = self.stream.as_mut().expect("receive without a connection");
+        let mut work = 0;
+        match stream.read(&mut self.recv_buffer[self.recv_filled..]) {
+            Ok(0) => return Err("peer closed the connection".into()),
+            Ok(n) => {
+                self.recv_filled += n;
+                self.counters.bytes_received += n as u64;
+                work += 1;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("receive failed: {e}")),
+        }
+        let mut consumed = 0;
+        for _ in 0..RECV_BUDGET_MESSAGES {
+            let pending = &self.recv_buffer[consumed..self.recv_filled];
+            let length = match E::frame_length(pending) {
+                Ok(Some(length)) if length <= pending.len() => length,
+                Ok(_) => break,
+                Err(e) => return Err(format!("bad message framing: {e}")),
+            };
+            endpoint
+                .handle_message(now_us, &pending[..length])
+                .map_err(|e| format!("protocol error: {e}"))?;
+            consumed += length;
+            work += 1;
+        }
+        if consumed > 0 {
+            self.recv_buffer.copy_within(consumed..self.recv_filled, 0);
+            self.recv_filled -= consumed;
+        }
+        Ok(work)
+    }
+
+    fn flush<E: LinkEndpoint>(&mut self, endpoint: &mut E) -> Result<usize, String> {
+        let stream = self.stream.as_mut().expect("flush without a connection");
+        let mut work = 0;
+        loop {
+            let mut slices = Vec::with_capacity(SEND_IOVECS_MAX);
+            let described = endpoint.tx_iovecs(&mut slices, SEND_IOVECS_MAX);
+            if described == 0 {
+                return Ok(work);
+            }
+            match stream.write_vectored(&slices) {
+                Ok(0) => return Err("socket accepted no bytes".into()),
+                Ok(n) => {
+                    drop(slices);
+                    endpoint.tx_advance(n);
+                    self.counters.bytes_sent += n as u64;
+                    work += 1;
+                    if n < described {
+                        return Ok(work);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(work),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("send failed: {e}")),
+            }
+        }
+    }
+}
+
+fn configure_socket(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_nonblocking(true)?;
+    let socket = socket2::SockRef::from(stream);
+    socket.set_send_buffer_size(SOCKET_BUFFER_BYTES)?;
+    socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES)?;
+    Ok(())
+}

@@ -1,0 +1,336 @@
+//! Source and destination nodes: an engine state machine, its replication link and its front end,
+//! polled together on one reactor.
+//!
+//! Everything a node owns lives on its reactor's thread; other threads reach it only through
+//! [`NodeControl`] (atomics polled once per loop), so the I/O path takes no lock.
+
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use nvmirror_engine::counters::Counters;
+use nvmirror_engine::destination::{Destination, DestinationEvent};
+use nvmirror_engine::device::BlockDevice;
+use nvmirror_engine::source::{Source, SourceEvent, WriteId};
+use nvmirror_engine::wire;
+
+use crate::link::{Link, LinkEndpoint};
+use crate::reactor::Poller;
+use crate::ring_memory::RingMemory;
+
+/// A namespace device as the nodes hold it.
+pub type Device = Box<dyn BlockDevice + Send>;
+pub type SourceEngine = Source<RingMemory, Device>;
+pub type DestinationEngine = Destination<RingMemory, Device>;
+
+/// How other threads steer a node: requests are flags the node polls; results are published here.
+#[derive(Default)]
+pub struct NodeControl {
+    pub stop: AtomicBool,
+    pub cp_requested: AtomicBool,
+    pub counters_requested: AtomicBool,
+    /// Consistency points completed (source) or applied (destination).
+    pub cp_completed: AtomicU64,
+    /// Set by a source once its front end finished and the last CP made everything durable on both sides.
+    pub synced: AtomicBool,
+    /// Set when the peer refused the link for good (version, geometry, volume or epoch mismatch).
+    pub rejected: Mutex<Option<String>>,
+    /// The latest counters, published on request and at shutdown.
+    pub counters: Mutex<Option<Counters>>,
+}
+
+impl NodeControl {
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// Write completions a source front end has not collected yet: more than the ring can hold in flight.
+pub const COMPLETIONS_MAX: usize = 1 << 16;
+
+/// The replicated volume as front ends see it: the engine's volume API plus the writes that
+/// became durable on both sides since the front end last looked.
+pub struct Volume {
+    pub source: SourceEngine,
+    /// Completed write ids and tokens of operations that completed at once (flush), in order.
+    completed: std::collections::VecDeque<u64>,
+    immediate_count: u64,
+}
+
+impl Volume {
+    pub fn new(source: SourceEngine) -> Self {
+        Volume { source, completed: std::collections::VecDeque::with_capacity(COMPLETIONS_MAX), immediate_count: 0 }
+    }
+
+    /// The oldest write that completed and was not collected yet.
+    pub fn pop_completed(&mut self) -> Option<WriteId> {
+        self.completed.pop_front().map(WriteId)
+    }
+
+    pub(crate) fn pop_token(&mut self) -> Option<u64> {
+        self.completed.pop_front()
+    }
+
+    pub(crate) fn immediate_next(&mut self) -> u64 {
+        self.immediate_count += 1;
+        self.immediate_count
+    }
+
+    pub(crate) fn push_immediate(&mut self, token: u64) {
+        self.push_completed(WriteId(token));
+    }
+
+    fn push_completed(&mut self, id: WriteId) {
+        assert!(self.completed.len() < COMPLETIONS_MAX, "front end stopped collecting completions");
+        self.completed.push_back(id.0);
+    }
+}
+
+/// What feeds host I/O into a source: the NVMe/TCP target or the built-in workload.
+pub trait FrontEnd {
+    /// Issues (and re-issues after back-pressure) host I/O against the volume API and collects
+    /// completions with [`Volume::pop_completed`]. Returns work done.
+    fn poll(&mut self, now_us: u64, volume: &mut Volume) -> usize;
+    fn wait_fds(&self, _out: &mut Vec<RawFd>) {}
+    /// True once a finite front end (the workload) has issued everything and seen it complete.
+    fn is_finished(&self) -> bool {
+        false
+    }
+}
+
+/// An optional front end: none takes no host I/O.
+impl<F: FrontEnd> FrontEnd for Option<F> {
+    fn poll(&mut self, now_us: u64, volume: &mut Volume) -> usize {
+        match self {
+            Some(front_end) => front_end.poll(now_us, volume),
+            None => NoFrontEnd.poll(now_us, volume),
+        }
+    }
+    fn wait_fds(&self, out: &mut Vec<RawFd>) {
+        if let Some(front_end) = self {
+            front_end.wait_fds(out);
+        }
+    }
+    fn is_finished(&self) -> bool {
+        self.as_ref().is_some_and(FrontEnd::is_finished)
+    }
+}
+
+/// A front end for a source that takes no host I/O (the replication pair alone).
+pub struct NoFrontEnd;
+
+impl FrontEnd for NoFrontEnd {
+    fn poll(&mut self, _now_us: u64, volume: &mut Volume) -> usize {
+        assert!(volume.pop_completed().is_none(), "a write completed on a source without a front end");
+        0
+    }
+}
+
+impl LinkEndpoint for SourceEngine {
+    type Error = nvmirror_engine::LinkError;
+    fn handle_connected(&mut self, now_us: u64) {
+        Source::handle_connected(self, now_us)
+    }
+    fn handle_disconnected(&mut self, now_us: u64) {
+        Source::handle_disconnected(self, now_us)
+    }
+    fn handle_message(&mut self, now_us: u64, message: &[u8]) -> Result<(), Self::Error> {
+        Source::handle_message(self, now_us, message)
+    }
+    fn tx_iovecs<'a>(&'a self, out: &mut Vec<IoSlice<'a>>, max: usize) -> usize {
+        Source::tx_iovecs(self, out, max)
+    }
+    fn tx_advance(&mut self, bytes: usize) {
+        Source::tx_advance(self, bytes)
+    }
+    fn frame_length(buf: &[u8]) -> Result<Option<usize>, Self::Error> {
+        wire::frame_length(buf).map_err(Into::into)
+    }
+    fn message_bytes_max() -> usize {
+        wire::MESSAGE_BYTES_MAX
+    }
+}
+
+impl LinkEndpoint for DestinationEngine {
+    type Error = nvmirror_engine::LinkError;
+    fn handle_connected(&mut self, now_us: u64) {
+        Destination::handle_connected(self, now_us)
+    }
+    fn handle_disconnected(&mut self, now_us: u64) {
+        Destination::handle_disconnected(self, now_us)
+    }
+    fn handle_message(&mut self, now_us: u64, message: &[u8]) -> Result<(), Self::Error> {
+        Destination::handle_message(self, now_us, message)
+    }
+    fn tx_iovecs<'a>(&'a self, out: &mut Vec<IoSlice<'a>>, max: usize) -> usize {
+        Destination::tx_iovecs(self, out, max)
+    }
+    fn tx_advance(&mut self, bytes: usize) {
+        Destination::tx_advance(self, bytes)
+    }
+    fn frame_length(buf: &[u8]) -> Result<Option<usize>, Self::Error> {
+        wire::frame_length(buf).map_err(Into::into)
+    }
+    fn message_bytes_max() -> usize {
+        wire::MESSAGE_BYTES_MAX
+    }
+}
+
+/// The source side: host writes in, transfers and CPs out.
+pub struct SourceNode<F: FrontEnd> {
+    pub volume: Volume,
+    pub link: Link,
+    pub front_end: F,
+    control: std::sync::Arc<NodeControl>,
+    /// When the front end finished: the CP asked for to make everything durable on both sides.
+    final_cp_requested: bool,
+}
+
+impl<F: FrontEnd> SourceNode<F> {
+    pub fn new(source: SourceEngine, peer: SocketAddr, front_end: F, control: std::sync::Arc<NodeControl>) -> Self {
+        let link = Link::dial(peer, wire::MESSAGE_BYTES_MAX);
+        SourceNode { volume: Volume::new(source), link, front_end, control, final_cp_requested: false }
+    }
+
+    pub fn publish_counters(&self) {
+        *self.control.counters.lock().unwrap() = Some(self.volume.source.counters().clone());
+    }
+}
+
+impl<F: FrontEnd> Poller for SourceNode<F> {
+    /// One reactor pass. Returns work done (0 = idle).
+    fn poll(&mut self, now_us: u64) -> usize {
+        let mut work = self.link.poll(now_us, &mut self.volume.source);
+        self.volume.source.handle_tick(now_us);
+        work += self.front_end.poll(now_us, &mut self.volume);
+        while let Some(event) = self.volume.source.poll_event() {
+            work += 1;
+            self.handle_event(event);
+        }
+        self.poll_control(now_us);
+        // Sends queued by the tick, the front end or the events go out in this same pass.
+        if self.link.is_connected() {
+            work += self.link.poll(now_us, &mut self.volume.source);
+        }
+        work
+    }
+
+    fn wait_fds(&self, out: &mut Vec<RawFd>) {
+        self.link.wait_fds(out);
+        self.front_end.wait_fds(out);
+    }
+
+    fn next_deadline_us(&self) -> Option<u64> {
+        // Unsent bytes (a full socket) and the CP timer need polls that no readable fd announces.
+        if self.volume.source.tx_pending_bytes() > 0 {
+            return Some(0);
+        }
+        let timer = self.volume.source.next_deadline_us();
+        match (timer, self.link.next_deadline_us()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+impl<F: FrontEnd> SourceNode<F> {
+    fn handle_event(&mut self, event: SourceEvent) {
+        match event {
+            SourceEvent::WriteCompleted(id) => self.volume.push_completed(id),
+            SourceEvent::CpCompleted { cp_number, .. } => {
+                log::debug!("source: CP {cp_number} durable on both sides");
+                self.control.cp_completed.fetch_add(1, Ordering::Release);
+            }
+            SourceEvent::LinkReady => log::info!("source: replication link ready"),
+            SourceEvent::DeviceFailed(reason) => {
+                log::error!("source: primary namespace failed: {reason}; consistency points are stopped");
+                *self.control.rejected.lock().unwrap() = Some(format!("primary failed: {reason}"));
+            }
+            SourceEvent::LinkRejected(reason) => {
+                log::error!("source: the destination refused the link: {reason}");
+                *self.control.rejected.lock().unwrap() = Some(reason);
+            }
+        }
+    }
+
+    fn poll_control(&mut self, now_us: u64) {
+        if self.control.cp_requested.swap(false, Ordering::AcqRel) {
+            self.volume.source.request_cp(now_us);
+        }
+        if self.control.counters_requested.swap(false, Ordering::AcqRel) {
+            self.publish_counters();
+        }
+        if self.front_end.is_finished() && !self.control.synced.load(Ordering::Acquire) {
+            if !self.final_cp_requested {
+                self.volume.source.request_cp(now_us);
+                self.final_cp_requested = true;
+            } else if self.volume.source.is_idle() {
+                self.publish_counters();
+                self.control.synced.store(true, Ordering::Release);
+            }
+        }
+    }
+
+}
+
+/// The destination side: transfers into its local log, CPs into the mirror namespaces.
+pub struct DestinationNode {
+    pub destination: DestinationEngine,
+    pub link: Link,
+    control: std::sync::Arc<NodeControl>,
+}
+
+impl DestinationNode {
+    pub fn new(
+        destination: DestinationEngine,
+        listen: SocketAddr,
+        control: std::sync::Arc<NodeControl>,
+    ) -> std::io::Result<Self> {
+        let link = Link::accept(listen, wire::MESSAGE_BYTES_MAX)?;
+        Ok(DestinationNode { destination, link, control })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.link.local_addr()
+    }
+
+    pub fn publish_counters(&self) {
+        *self.control.counters.lock().unwrap() = Some(self.destination.counters().clone());
+    }
+}
+
+impl Poller for DestinationNode {
+    fn poll(&mut self, now_us: u64) -> usize {
+        let mut work = self.link.poll(now_us, &mut self.destination);
+        while let Some(event) = self.destination.poll_event() {
+            work += 1;
+            match event {
+                DestinationEvent::CpApplied { cp_number, .. } => {
+                    log::debug!("destination: CP {cp_number} applied to the mirror");
+                    self.control.cp_completed.fetch_add(1, Ordering::Release);
+                }
+                DestinationEvent::PeerRejected(reason) => {
+                    log::error!("destination: refused the source: {reason}");
+                    *self.control.rejected.lock().unwrap() = Some(reason);
+                }
+            }
+        }
+        if self.link.is_connected() {
+            work += self.link.poll(now_us, &mut self.destination);
+        }
+        if self.control.counters_requested.swap(false, Ordering::AcqRel) {
+            self.publish_counters();
+        }
+        work
+    }
+
+    fn wait_fds(&self, out: &mut Vec<RawFd>) {
+        self.link.wait_fds(out);
+    }
+
+    fn next_deadline_us(&self) -> Option<u64> {
+        (self.destination.tx_pending_bytes() > 0).then_some(0)
+    }
+}

@@ -1,0 +1,178 @@
+//! The NVMe/TCP target as a front end of the replicated volume, and the unreplicated target.
+//!
+//! Host writes reach the engine through [`nvmirror_nvmf::Backend`], implemented here by the
+//! [`Volume`]: a write's slot is its reserved entry in the NVRAM ring, so the target receives the
+//! host's data straight into the ring, and the command completes only when the engine reports the
+//! write durable on both sides (invariant 1). Queue pairs are polled on the engine's reactor.
+
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use nvmirror_engine::device::BlockDevice;
+use nvmirror_engine::source::{ReadError, WriteRefused, WriteSlot};
+use nvmirror_nvmf::{Backend, BackendError, DeviceBackend, IoToken, Listener, NamespaceInfo, PollGroup, Target};
+
+use crate::node::{FrontEnd, Volume};
+use crate::reactor::Poller;
+
+/// Tokens of operations that complete at once (flush) live above every write id.
+const IMMEDIATE_TOKEN_BASE: u64 = 1 << 63;
+
+fn backend_error(refused: WriteRefused) -> BackendError {
+    match refused {
+        WriteRefused::Backpressure => BackendError::Busy,
+        WriteRefused::InvalidNamespace => BackendError::InvalidNamespace,
+        WriteRefused::OutOfRange | WriteRefused::InvalidLength => BackendError::OutOfRange,
+    }
+}
+
+fn read_error(error: ReadError) -> BackendError {
+    match error {
+        ReadError::InvalidNamespace => BackendError::InvalidNamespace,
+        ReadError::OutOfRange | ReadError::InvalidLength => BackendError::OutOfRange,
+        ReadError::Device(kind) => {
+            log::error!("read from the primary failed: {kind:?}");
+            BackendError::Io
+        }
+    }
+}
+
+/// A namespace's stable UUID: the volume id with the namespace id folded in.
+fn namespace_uuid(volume_id: [u8; 16], nsid: u32) -> [u8; 16] {
+    let mut uuid = volume_id;
+    for (byte, extra) in uuid[12..].iter_mut().zip(nsid.to_be_bytes()) {
+        *byte ^= extra;
+    }
+    // RFC 4122 variant and a "version 8" (custom) marker, so hosts see a well-formed UUID.
+    uuid[6] = (uuid[6] & 0x0f) | 0x80;
+    uuid[8] = (uuid[8] & 0x3f) | 0x80;
+    uuid
+}
+
+impl Backend for Volume {
+    type WriteSlot = WriteSlot;
+
+    fn namespace(&self, nsid: u32) -> Option<NamespaceInfo> {
+        let sizes = self.source.namespace_sizes_bytes();
+        let size_bytes = *sizes.get((nsid as usize).checked_sub(1)?)?;
+        Some(NamespaceInfo { size_bytes, uuid: namespace_uuid(self.source.volume_id(), nsid) })
+    }
+
+    fn reserve_write(&mut self, now_us: u64, nsid: u32, lba: u64, length_bytes: u32) -> Result<WriteSlot, BackendError> {
+        self.source.reserve_write(now_us, nsid, lba, length_bytes).map_err(backend_error)
+    }
+
+    fn write_buffer(&mut self, slot: &WriteSlot) -> &mut [u8] {
+        self.source.write_buffer(slot)
+    }
+
+    fn commit_write(&mut self, now_us: u64, slot: WriteSlot) -> IoToken {
+        let id = slot.id();
+        self.source.commit_write(now_us, slot);
+        IoToken(id.0)
+    }
+
+    fn abort_write(&mut self, now_us: u64, slot: WriteSlot) -> IoToken {
+        let id = slot.id();
+        self.source.abort_write(now_us, slot);
+        IoToken(id.0)
+    }
+
+    fn write_zeroes(&mut self, now_us: u64, nsid: u32, lba: u64, length_bytes: u64) -> Result<IoToken, BackendError> {
+        let id = self.source.write_zeroes(now_us, nsid, lba, length_bytes).map_err(backend_error)?;
+        Ok(IoToken(id.0))
+    }
+
+    fn read(&mut self, nsid: u32, lba: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.source.read(nsid, lba, buf).map_err(read_error)
+    }
+
+    /// Every completed write is already in the NVRAM ring and the destination's log, both
+    /// non-volatile: there is no volatile cache to flush, so a flush completes at once.
+    fn flush(&mut self, _now_us: u64, nsid: u32) -> Result<IoToken, BackendError> {
+        if self.namespace(nsid).is_none() && nsid != u32::MAX {
+            return Err(BackendError::InvalidNamespace);
+        }
+        let token = IoToken(IMMEDIATE_TOKEN_BASE | self.immediate_next());
+        self.push_immediate(token.0);
+        Ok(token)
+    }
+
+    fn poll_completion(&mut self) -> Option<IoToken> {
+        self.pop_token().map(IoToken)
+    }
+}
+
+/// The NVMe/TCP target as the replicated volume's front end: listeners plus one poll group.
+pub struct TargetFrontEnd {
+    listeners: Vec<Listener>,
+    group: PollGroup<Volume>,
+}
+
+impl TargetFrontEnd {
+    /// Binds every listener of `target` (I/O and discovery).
+    pub fn new(target: Arc<Target>) -> std::io::Result<Self> {
+        let listeners = target.bind_listeners()?;
+        Ok(TargetFrontEnd { listeners, group: PollGroup::new(target) })
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(Listener::local_addr).collect()
+    }
+}
+
+impl FrontEnd for TargetFrontEnd {
+    fn poll(&mut self, now_us: u64, volume: &mut Volume) -> usize {
+        let mut work = 0;
+        for listener in &mut self.listeners {
+            while let Some(stream) = listener.poll_accept() {
+                self.group.add_connection(stream, now_us);
+                work += 1;
+            }
+        }
+        work + self.group.poll(now_us, volume)
+    }
+
+    fn wait_fds(&self, out: &mut Vec<RawFd>) {
+        out.extend(self.listeners.iter().map(Listener::raw_fd));
+        self.group.raw_fds(out);
+    }
+}
+
+/// The unreplicated target: the same NVMe/TCP front end over plain block devices, for the
+/// "without replication" side of the benchmarks.
+pub struct PlainTarget<D: BlockDevice> {
+    listeners: Vec<Listener>,
+    group: PollGroup<DeviceBackend<D>>,
+    backend: DeviceBackend<D>,
+}
+
+impl<D: BlockDevice> PlainTarget<D> {
+    pub fn new(target: Arc<Target>, devices: Vec<D>) -> std::io::Result<Self> {
+        let listeners = target.bind_listeners()?;
+        Ok(PlainTarget { listeners, group: PollGroup::new(target), backend: DeviceBackend::new(devices) })
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(Listener::local_addr).collect()
+    }
+}
+
+impl<D: BlockDevice> Poller for PlainTarget<D> {
+    fn poll(&mut self, now_us: u64) -> usize {
+        let mut work = 0;
+        for listener in &mut self.listeners {
+            while let Some(stream) = listener.poll_accept() {
+                self.group.add_connection(stream, now_us);
+                work += 1;
+            }
+        }
+        work + self.group.poll(now_us, &mut self.backend)
+    }
+
+    fn wait_fds(&self, out: &mut Vec<RawFd>) {
+        out.extend(self.listeners.iter().map(Listener::raw_fd));
+        self.group.raw_fds(out);
+    }
+}

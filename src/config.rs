@@ -1,0 +1,460 @@
+//! The configuration file (TOML) and its checks.
+//!
+//! Every value is checked at start; a bad one stops the process with an error that names the key
+//! and the reason. With no file, [`Config::embedded_default`] describes the local pair the README
+//! starts: a source and a destination on loopback with malloc namespaces.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Smallest ring: two halves of 2 MiB hugepages each.
+pub const RING_MIB_MIN: u64 = 4;
+/// Largest ring (it lives in hugepage memory).
+pub const RING_MIB_MAX: u64 = 16 * 1024;
+pub const RING_MIB_DEFAULT: u64 = 64;
+pub const CP_INTERVAL_MS_DEFAULT: u64 = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Source,
+    Destination,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpModeConfig {
+    /// Wholly overwritten blocks travel as references at CP time (the patent's method).
+    References,
+    /// Every dirty block travels as data at CP time (for comparison).
+    Naive,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdleConfig {
+    /// Spin forever: lowest latency, a whole core per reactor.
+    Busy,
+    /// Spin briefly, then sleep on the sockets: lets processes share cores.
+    Adaptive,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum NamespaceConfig {
+    /// Memory (hugepage-backed where possible); contents vanish with the process.
+    Malloc { size_mib: u64 },
+    /// A file or block device; created with `size_mib` when missing.
+    File { path: PathBuf, size_mib: Option<u64> },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub role: Role,
+    /// Names the replicated volume; both sides must agree (the handshake checks its id).
+    #[serde(default = "default_volume")]
+    pub volume: String,
+    /// Destination: where it accepts the source. Source: unused.
+    pub listen: Option<SocketAddr>,
+    /// Source: the destination's replication address.
+    pub peer: Option<SocketAddr>,
+    /// Where the NVRAM ring file lives (a hugetlbfs mount).
+    #[serde(default = "default_hugepage_dir")]
+    pub hugepage_dir: PathBuf,
+    /// Where the ring goes when no hugepages are free (a regular file: survives a crash, not a power loss).
+    #[serde(default = "default_fallback_dir")]
+    pub fallback_dir: PathBuf,
+    #[serde(default = "default_ring_mib")]
+    pub ring_size_mib: u64,
+    /// Cores for this node's reactors; the first one runs the replication engine.
+    #[serde(default = "default_cores")]
+    pub cores: Vec<usize>,
+    #[serde(default = "default_idle")]
+    pub idle: IdleConfig,
+    #[serde(default = "default_cp_interval")]
+    pub cp_interval_ms: u64,
+    #[serde(default = "default_cp_mode")]
+    pub cp_mode: CpModeConfig,
+    #[serde(rename = "namespace")]
+    pub namespaces: Vec<NamespaceConfig>,
+    /// Source only: the NVMe/TCP target exporting the replicated namespaces to hosts.
+    pub target: Option<TargetSection>,
+}
+
+/// `[target]`: listeners and subsystems of the embedded NVMe/TCP target.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSection {
+    #[serde(default = "default_target_listen")]
+    pub listen: Vec<SocketAddr>,
+    /// Extra listeners that serve only the discovery subsystem (every listener serves it too).
+    #[serde(default = "default_discovery_listen")]
+    pub discovery_listen: Vec<SocketAddr>,
+    #[serde(default = "default_in_capsule")]
+    pub in_capsule_data_bytes: u32,
+    #[serde(default = "default_queue_depth")]
+    pub queue_depth_max: u16,
+    #[serde(default = "default_io_queues")]
+    pub io_queues_max: u16,
+    #[serde(default = "default_kato")]
+    pub keep_alive_timeout_ms: u32,
+    #[serde(rename = "subsystem")]
+    pub subsystems: Vec<SubsystemSection>,
+}
+
+/// `[[target.subsystem]]`: one NVMe subsystem and the namespaces it exports.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubsystemSection {
+    pub nqn: String,
+    #[serde(default = "default_serial")]
+    pub serial: String,
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// Host NQNs allowed to connect; empty with `allow_any_host = true` lets everyone in.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub allow_any_host: bool,
+    /// Namespace numbers (1-based, in `[[namespace]]` order) this subsystem exports.
+    pub namespaces: Vec<u32>,
+}
+
+pub const NQN_DEFAULT: &str = "nqn.2026-11.io.nvmirror:vol0";
+
+fn default_target_listen() -> Vec<SocketAddr> {
+    vec!["127.0.0.1:4420".parse().expect("literal address")]
+}
+fn default_discovery_listen() -> Vec<SocketAddr> {
+    vec!["127.0.0.1:8009".parse().expect("literal address")]
+}
+fn default_in_capsule() -> u32 {
+    8192
+}
+fn default_queue_depth() -> u16 {
+    128
+}
+fn default_io_queues() -> u16 {
+    16
+}
+fn default_kato() -> u32 {
+    120_000
+}
+fn default_serial() -> String {
+    "NVMIRROR00000001".into()
+}
+fn default_model() -> String {
+    "nvmirror replicated volume".into()
+}
+
+impl TargetSection {
+    /// The default target: one subsystem exporting every namespace to any host on 127.0.0.1:4420.
+    pub fn embedded_default(namespace_count: usize) -> TargetSection {
+        TargetSection {
+            listen: default_target_listen(),
+            discovery_listen: default_discovery_listen(),
+            in_capsule_data_bytes: default_in_capsule(),
+            queue_depth_max: default_queue_depth(),
+            io_queues_max: default_io_queues(),
+            keep_alive_timeout_ms: default_kato(),
+            subsystems: vec![SubsystemSection {
+                nqn: NQN_DEFAULT.into(),
+                serial: default_serial(),
+                model: default_model(),
+                hosts: Vec::new(),
+                allow_any_host: true,
+                namespaces: (1..=namespace_count as u32).collect(),
+            }],
+        }
+    }
+
+    /// The target's own configuration, checked by the target crate (its error names the field).
+    pub fn to_target_config(&self, namespace_count: usize) -> Result<nvmirror_nvmf::TargetConfig, ConfigError> {
+        for (index, subsystem) in self.subsystems.iter().enumerate() {
+            if let Some(nsid) = subsystem.namespaces.iter().find(|n| **n == 0 || **n as usize > namespace_count) {
+                return Err(bad(
+                    format!("target.subsystem[{index}].namespaces"),
+                    format!("namespace {nsid} does not exist (there are {namespace_count})"),
+                ));
+            }
+        }
+        let config = nvmirror_nvmf::TargetConfig {
+            subsystems: self
+                .subsystems
+                .iter()
+                .map(|s| nvmirror_nvmf::SubsystemConfig {
+                    nqn: s.nqn.clone(),
+                    serial: s.serial.clone(),
+                    model: s.model.clone(),
+                    allow_any_host: s.allow_any_host,
+                    allowed_hosts: s.hosts.clone(),
+                    namespaces: s.namespaces.clone(),
+                })
+                .collect(),
+            listeners: self.listen.clone(),
+            discovery_listeners: self.discovery_listen.clone(),
+            in_capsule_data_bytes: self.in_capsule_data_bytes,
+            queue_depth_max: self.queue_depth_max,
+            io_queues_max: self.io_queues_max,
+            keep_alive_timeout_ms_default: self.keep_alive_timeout_ms,
+            recv_budget_pdus: nvmirror_nvmf::config::RECV_BUDGET_PDUS_DEFAULT,
+        };
+        config.validate().map_err(|reason| {
+            let (field, why) = reason.split_once(':').unwrap_or(("", reason.as_str()));
+            bad(format!("target.{}", field.trim()), why.trim().to_string())
+        })?;
+        Ok(config)
+    }
+}
+
+fn default_volume() -> String {
+    "vol0".into()
+}
+fn default_hugepage_dir() -> PathBuf {
+    "/dev/hugepages".into()
+}
+fn default_fallback_dir() -> PathBuf {
+    std::env::temp_dir().join("nvmirror")
+}
+fn default_ring_mib() -> u64 {
+    RING_MIB_DEFAULT
+}
+fn default_cores() -> Vec<usize> {
+    vec![0]
+}
+fn default_idle() -> IdleConfig {
+    IdleConfig::Adaptive
+}
+fn default_cp_interval() -> u64 {
+    CP_INTERVAL_MS_DEFAULT
+}
+fn default_cp_mode() -> CpModeConfig {
+    CpModeConfig::References
+}
+
+/// A configuration error: the key and why it is wrong.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "config key '{}': {}", self.key, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn bad(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.into(), reason: reason.into() }
+}
+
+impl Config {
+    /// Parses and checks a configuration file's text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let key = e
+                .span()
+                .map(|span| key_at(text, span.start))
+                .unwrap_or_else(|| "(file)".into());
+            bad(key, e.message().to_string())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad("(file)", format!("cannot read {}: {e}", path.display())))?;
+        Config::parse(&text)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.volume.is_empty() || self.volume.len() > 64 {
+            return Err(bad("volume", "must be 1 to 64 characters"));
+        }
+        match self.role {
+            Role::Source if self.peer.is_none() => {
+                return Err(bad("peer", "a source needs the destination's address (e.g. \"127.0.0.1:4800\")"))
+            }
+            Role::Destination if self.listen.is_none() => {
+                return Err(bad("listen", "a destination needs an address to accept the source on"))
+            }
+            _ => {}
+        }
+        if !(RING_MIB_MIN..=RING_MIB_MAX).contains(&self.ring_size_mib) || self.ring_size_mib % 2 != 0 {
+            return Err(bad(
+                "ring_size_mib",
+                format!("must be an even number of MiB from {RING_MIB_MIN} to {RING_MIB_MAX} (2 MiB hugepages), got {}", self.ring_size_mib),
+            ));
+        }
+        let cores = core_affinity::get_core_ids().map(|ids| ids.len()).unwrap_or(1);
+        if self.cores.is_empty() {
+            return Err(bad("cores", "needs at least one core"));
+        }
+        if let Some(core) = self.cores.iter().find(|core| **core >= cores) {
+            return Err(bad("cores", format!("core {core} does not exist (this machine has {cores})")));
+        }
+        if self.cp_interval_ms == 0 || self.cp_interval_ms > 3_600_000 {
+            return Err(bad("cp_interval_ms", "must be from 1 ms to one hour"));
+        }
+        if self.namespaces.is_empty() {
+            return Err(bad("namespace", "at least one [[namespace]] is needed"));
+        }
+        if let Some(target) = &self.target {
+            if self.role == Role::Destination {
+                return Err(bad("target", "only a source exports namespaces to hosts"));
+            }
+            target.to_target_config(self.namespaces.len())?;
+        }
+        for (index, namespace) in self.namespaces.iter().enumerate() {
+            let key = format!("namespace[{index}].size_mib");
+            match namespace {
+                NamespaceConfig::Malloc { size_mib } if *size_mib == 0 => {
+                    return Err(bad(key, "must be at least 1"))
+                }
+                NamespaceConfig::File { path, size_mib } => {
+                    if path.as_os_str().is_empty() {
+                        return Err(bad(format!("namespace[{index}].path"), "must not be empty"));
+                    }
+                    if *size_mib == Some(0) {
+                        return Err(bad(key, "must be at least 1"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The 16-byte volume identity both sides compare in the handshake: derived from the name.
+    pub fn volume_id(&self) -> [u8; 16] {
+        let mut id = [0u8; 16];
+        let first = crc32c::crc32c(self.volume.as_bytes());
+        let second = crc32c::crc32c_append(first, b"nvmirror-volume");
+        let third = crc32c::crc32c_append(second, self.volume.as_bytes());
+        let fourth = crc32c::crc32c_append(third, b"id");
+        for (chunk, word) in id.chunks_mut(4).zip([first, second, third, fourth]) {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        id
+    }
+
+    /// The ring file's name: one per role and volume, so a pair can share a hugepage mount.
+    pub fn ring_file_name(&self) -> String {
+        let role = match self.role {
+            Role::Source => "source",
+            Role::Destination => "destination",
+        };
+        format!("nvmirror-{}-{role}.ring", self.volume)
+    }
+
+    /// The embedded default: what `nvmirror` with no arguments runs (one side of it).
+    pub fn embedded_default(role: Role, replication: SocketAddr, core: usize) -> Config {
+        Config {
+            role,
+            volume: default_volume(),
+            listen: (role == Role::Destination).then_some(replication),
+            peer: (role == Role::Source).then_some(replication),
+            hugepage_dir: default_hugepage_dir(),
+            fallback_dir: default_fallback_dir(),
+            ring_size_mib: RING_MIB_DEFAULT,
+            cores: vec![core],
+            idle: IdleConfig::Adaptive,
+            cp_interval_ms: CP_INTERVAL_MS_DEFAULT,
+            cp_mode: CpModeConfig::References,
+            namespaces: vec![NamespaceConfig::Malloc { size_mib: 256 }],
+            target: (role == Role::Source).then(|| TargetSection::embedded_default(1)),
+        }
+    }
+}
+
+/// The dotted key around byte `offset` of a TOML text (best effort: the line's key and its table).
+fn key_at(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line = before.rsplit('\n').next().unwrap_or("");
+    let rest = &text[before.len() - line.len()..];
+    let this_line = rest.lines().next().unwrap_or("");
+    let key = this_line.split('=').next().unwrap_or("").trim();
+    let table = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').to_string());
+    match (table, key.is_empty() || key.starts_with('[')) {
+        (Some(table), false) => format!("{table}.{key}"),
+        (None, false) => key.to_string(),
+        (Some(table), true) => table,
+        (None, true) => "(file)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SOURCE: &str = r#"
+role = "source"
+peer = "127.0.0.1:4800"
+ring_size_mib = 8
+[[namespace]]
+kind = "malloc"
+size_mib = 16
+"#;
+
+    #[test]
+    fn a_good_file_parses() {
+        let config = Config::parse(SOURCE).unwrap();
+        assert_eq!(config.role, Role::Source);
+        assert_eq!(config.ring_size_mib, 8);
+        assert_eq!(config.namespaces, vec![NamespaceConfig::Malloc { size_mib: 16 }]);
+        assert_eq!(config.cp_interval_ms, CP_INTERVAL_MS_DEFAULT);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let odd_ring = SOURCE.replace("ring_size_mib = 8", "ring_size_mib = 7");
+        assert_eq!(Config::parse(&odd_ring).unwrap_err().key, "ring_size_mib");
+        let wrong_type = SOURCE.replace("ring_size_mib = 8", "ring_size_mib = \"big\"");
+        assert_eq!(Config::parse(&wrong_type).unwrap_err().key, "ring_size_mib");
+        let no_peer = SOURCE.replace("peer = \"127.0.0.1:4800\"", "");
+        assert_eq!(Config::parse(&no_peer).unwrap_err().key, "peer");
+        let bad_addr = SOURCE.replace("127.0.0.1:4800", "localhost");
+        assert_eq!(Config::parse(&bad_addr).unwrap_err().key, "peer");
+        let unknown = format!("{SOURCE}\nsurprise = 1\n");
+        let error = Config::parse(&unknown).unwrap_err();
+        assert!(error.reason.contains("surprise"), "{error}");
+        let zero = SOURCE.replace("size_mib = 16", "size_mib = 0");
+        assert_eq!(Config::parse(&zero).unwrap_err().key, "namespace[0].size_mib");
+        let core = SOURCE.replace("ring_size_mib = 8", "ring_size_mib = 8\ncores = [999]");
+        assert_eq!(Config::parse(&core).unwrap_err().key, "cores");
+    }
+
+    #[test]
+    fn target_section_parses_and_is_checked() {
+        let with_target = format!(
+            "{SOURCE}\n[target]\nlisten = [\"127.0.0.1:4420\"]\n[[target.subsystem]]\nnqn = \"nqn.2026-11.io.nvmirror:t\"\nallow_any_host = true\nnamespaces = [1]\n"
+        );
+        let config = Config::parse(&with_target).unwrap();
+        let target = config.target.as_ref().unwrap().to_target_config(1).unwrap();
+        assert_eq!(target.subsystems[0].namespaces, vec![1]);
+        let missing_namespace = with_target.replace("namespaces = [1]", "namespaces = [2]");
+        assert_eq!(Config::parse(&missing_namespace).unwrap_err().key, "target.subsystem[0].namespaces");
+        let bad_capsule = with_target.replace("[target]\n", "[target]\nin_capsule_data_bytes = 7\n");
+        assert_eq!(Config::parse(&bad_capsule).unwrap_err().key, "target.in_capsule_data_bytes");
+    }
+
+    #[test]
+    fn volume_ids_differ_by_name_and_are_stable() {
+        let a = Config::parse(SOURCE).unwrap();
+        let b = Config::parse(&format!("volume = \"other\"\n{SOURCE}")).unwrap();
+        assert_ne!(a.volume_id(), b.volume_id());
+        assert_eq!(a.volume_id(), Config::parse(SOURCE).unwrap().volume_id());
+    }
+}

@@ -1,0 +1,246 @@
+//! The embedded pair, the seeded demo, the workload runner used by the process tests, and promotion.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nvmirror_engine::counters::Counters;
+use nvmirror_engine::device::BlockDevice;
+use nvmirror_engine::geometry::BLOCK_SIZE;
+use nvmirror_runtime::node::{DestinationNode, FrontEnd, NodeControl, SourceEngine, SourceNode};
+use nvmirror_runtime::workload::{Pattern, Planner, Workload};
+
+use crate::config::{Config, CpModeConfig, Role};
+use crate::setup::{self, Running};
+use crate::Options;
+
+/// Namespace size of the embedded pair.
+pub const EMBEDDED_NAMESPACE_MIB: u64 = 256;
+
+/// The source and destination configs of the embedded default (malloc namespaces, loopback).
+pub fn embedded_configs(mode: CpModeConfig) -> (Config, Config) {
+    let any_port: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+    let cores = core_affinity::get_core_ids().map(|ids| ids.len()).unwrap_or(1);
+    let mut source = Config::embedded_default(Role::Source, any_port, 0);
+    let mut destination = Config::embedded_default(Role::Destination, any_port, 1 % cores);
+    source.cp_mode = mode;
+    destination.cp_mode = mode;
+    (source, destination)
+}
+
+/// A source and a destination in this process, each on its own reactor.
+pub struct EmbeddedPair<F: FrontEnd + Send + 'static> {
+    pub source: Running<SourceNode<F>>,
+    pub destination: Running<DestinationNode>,
+    pub replication_address: SocketAddr,
+}
+
+impl<F: FrontEnd + Send + 'static> EmbeddedPair<F> {
+    pub fn start<M>((mut source, destination): (Config, Config), make_front_end: M) -> Result<Self, String>
+    where
+        M: FnOnce(&SourceEngine) -> Result<F, String> + Send + 'static,
+    {
+        // Malloc namespaces start empty, so rings left by an earlier embedded run describe data
+        // that no longer exists: start both rings afresh.
+        for config in [&source, &destination] {
+            for dir in [&config.hugepage_dir, &config.fallback_dir] {
+                let stale = dir.join(config.ring_file_name());
+                if stale.exists() {
+                    std::fs::remove_file(&stale).map_err(|e| format!("{}: {e}", stale.display()))?;
+                    log::info!("embedded: removed the ring of an earlier run at {}", stale.display());
+                }
+            }
+        }
+        let (destination, replication_address) = setup::spawn_destination(destination)?;
+        source.peer = Some(replication_address);
+        let source = setup::spawn_source(source, make_front_end)?;
+        Ok(EmbeddedPair { source, destination, replication_address })
+    }
+
+    pub fn stop(self) -> Result<(SourceNode<F>, DestinationNode), String> {
+        let source = self.source.stop()?;
+        let destination = self.destination.stop()?;
+        Ok((source, destination))
+    }
+}
+
+/// Runs until SIGINT/SIGTERM, printing counters on SIGUSR1.
+pub fn serve_until_stopped(controls: &[&NodeControl], stop: &AtomicBool, report: &AtomicBool, json: bool) {
+    while !stop.load(Ordering::Acquire) {
+        if report.swap(false, Ordering::AcqRel) {
+            for control in controls {
+                control.counters_requested.store(true, Ordering::Release);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            for (index, control) in controls.iter().enumerate() {
+                if let Some(counters) = control.counters.lock().unwrap().as_ref() {
+                    print_counters(if index == 0 { "source" } else { "destination" }, counters, json);
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+pub fn print_counters(side: &str, counters: &Counters, json: bool) {
+    if json {
+        println!("{{\"side\":\"{side}\",\"counters\":{}}}", counters.to_json());
+    } else {
+        println!("--- {side} counters ---\n{}", counters.to_text().trim_end());
+    }
+}
+
+pub struct DemoOptions {
+    seed: u64,
+    writes: u64,
+    pattern: Pattern,
+    mode: CpModeConfig,
+    queue_depth: usize,
+    cp_every_writes: u64,
+    json: bool,
+}
+
+impl DemoOptions {
+    pub fn from(options: &mut Options) -> Result<DemoOptions, String> {
+        let demo = DemoOptions {
+            seed: options.number("--seed", 1)?,
+            writes: options.number("--writes", 20_000)?,
+            pattern: options.value("--pattern")?.as_deref().unwrap_or("mixed").parse()?,
+            mode: match options.value("--mode")?.as_deref().unwrap_or("references") {
+                "references" => CpModeConfig::References,
+                "naive" => CpModeConfig::Naive,
+                other => return Err(format!("--mode: '{other}' is not references or naive")),
+            },
+            queue_depth: options.number("--queue-depth", 32)? as usize,
+            cp_every_writes: options.number("--cp-every", 4000)?,
+            json: options.flag("--json"),
+        };
+        options.finish()?;
+        if demo.queue_depth == 0 || demo.queue_depth > nvmirror_runtime::workload::QUEUE_DEPTH_MAX {
+            return Err(format!("--queue-depth must be 1..={}", nvmirror_runtime::workload::QUEUE_DEPTH_MAX));
+        }
+        Ok(demo)
+    }
+}
+
+/// `nvmirror demo`: the seeded workload through the embedded pair, then counters and a byte-for-byte check.
+pub fn run_demo(options: DemoOptions) -> Result<(), String> {
+    let (stop, _report) = crate::signals()?;
+    let (source_config, destination_config) = embedded_configs(options.mode);
+    let sizes = vec![EMBEDDED_NAMESPACE_MIB << 20; source_config.namespaces.len()];
+    let (seed, writes, queue_depth, cp_every, pattern) =
+        (options.seed, options.writes, options.queue_depth, options.cp_every_writes, options.pattern);
+    let started = std::time::Instant::now();
+    let pair = EmbeddedPair::start((source_config, destination_config), move |_| {
+        Ok(Workload::new(Planner::new(pattern, seed, sizes), seed, queue_depth, writes, cp_every))
+    })?;
+    let control = pair.source.control.clone();
+    setup::wait_until(&control, &stop, || control.synced.load(Ordering::Acquire))?;
+    let elapsed = started.elapsed();
+    let (source, destination) = pair.stop()?;
+    let counters = source.volume.source.counters().clone();
+    let destination_counters = destination.destination.counters().clone();
+    let wire_bytes = source.link.counters.bytes_sent + source.link.counters.bytes_received;
+    let equal = compare_images(source, destination)?;
+    let host_bytes = counters.host_bytes_written.max(1);
+    let ratio = wire_bytes as f64 / host_bytes as f64;
+    if options.json {
+        println!(
+            "{{\"pattern\":\"{:?}\",\"mode\":\"{:?}\",\"seed\":{},\"writes\":{},\"host_bytes\":{},\"wire_bytes\":{},\"wire_per_host_byte\":{:.4},\"mirror_equals_primary\":{},\"seconds\":{:.3},\"source\":{},\"destination\":{}}}",
+            options.pattern, options.mode, options.seed, options.writes, counters.host_bytes_written, wire_bytes, ratio,
+            equal, elapsed.as_secs_f64(), counters.to_json(), destination_counters.to_json()
+        );
+    } else {
+        println!(
+            "nvmirror demo: {} {:?} writes (seed {}), CP mode {:?}, queue depth {}, {:.2} s",
+            options.writes, options.pattern, options.seed, options.mode, options.queue_depth, elapsed.as_secs_f64()
+        );
+        print_counters("source", &counters, false);
+        print_counters("destination", &destination_counters, false);
+        println!("--- summary ---");
+        println!("host bytes written          {}", counters.host_bytes_written);
+        println!("replication wire bytes      {wire_bytes} (both directions, all messages)");
+        println!("wire bytes per host byte    {ratio:.4}");
+        println!("bytes saved by references   {}", counters.bytes_saved_by_references);
+        println!("mirror equals primary       {}", if equal { "yes" } else { "NO" });
+    }
+    if !equal {
+        return Err("the destination mirror differs from the source primary".into());
+    }
+    Ok(())
+}
+
+/// Compares every namespace of the source's primary with the destination's mirror.
+fn compare_images(source: SourceNode<impl FrontEnd>, destination: DestinationNode) -> Result<bool, String> {
+    const CHUNK_BYTES: usize = 256 * BLOCK_SIZE;
+    let (_, mut primaries) = source.volume.source.into_parts();
+    let (_, mut mirrors) = destination.destination.into_parts();
+    let mut primary = vec![0u8; CHUNK_BYTES];
+    let mut mirror = vec![0u8; CHUNK_BYTES];
+    for (index, (primary_device, mirror_device)) in primaries.iter_mut().zip(mirrors.iter_mut()).enumerate() {
+        let size_bytes = primary_device.size_bytes();
+        let mut offset = 0u64;
+        while offset < size_bytes {
+            let length = CHUNK_BYTES.min((size_bytes - offset) as usize);
+            primary_device.read_at(offset, &mut primary[..length]).map_err(|e| format!("primary read: {e}"))?;
+            mirror_device.read_at(offset, &mut mirror[..length]).map_err(|e| format!("mirror read: {e}"))?;
+            if primary[..length] != mirror[..length] {
+                let first = (0..length).find(|i| primary[*i] != mirror[*i]).unwrap_or(0);
+                log::error!("namespace {}: mirror differs from primary at byte {}", index + 1, offset + first as u64);
+                return Ok(false);
+            }
+            offset += length as u64;
+        }
+    }
+    Ok(true)
+}
+
+/// `nvmirror workload` / `nvmirror sync`: one source process with the seeded workload (or none),
+/// exiting 0 once everything it wrote is durable on both sides.
+pub fn run_workload(options: &mut Options, sync_only: bool) -> Result<(), String> {
+    let path = options.required("--config")?;
+    let seed = options.number("--seed", 1)?;
+    let writes = if sync_only { 0 } else { options.number("--writes", 10_000)? };
+    let pattern: Pattern = options.value("--pattern")?.as_deref().unwrap_or("mixed").parse()?;
+    let queue_depth = options.number("--queue-depth", 16)? as usize;
+    let cp_every = options.number("--cp-every", 2000)?;
+    let ack_log = options.value("--ack-log")?;
+    let json = options.flag("--json");
+    options.finish()?;
+    let config = Config::load(&path).map_err(|e| e.to_string())?;
+    if config.role != Role::Source {
+        return Err(format!("{}: role must be source for this command", path.display()));
+    }
+    let (stop, _report) = crate::signals()?;
+    let running = setup::spawn_source(config, move |source: &SourceEngine| {
+        let mut workload =
+            Workload::new(Planner::new(pattern, seed, source.namespace_sizes_bytes().to_vec()), seed, queue_depth, writes, cp_every);
+        if let Some(path) = ack_log {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| format!("--ack-log {path}: {e}"))?;
+            workload = workload.with_ack_log(Box::new(std::io::BufWriter::new(file)));
+        }
+        Ok(workload)
+    })?;
+    let control = running.control.clone();
+    setup::wait_until(&control, &stop, || control.synced.load(Ordering::Acquire))?;
+    let node = running.stop()?;
+    print_counters("source", node.volume.source.counters(), json);
+    Ok(())
+}
+
+/// `nvmirror promote`: the destination's failover step.
+pub fn promote(config: &Config) -> Result<(), String> {
+    if config.role != Role::Destination {
+        return Err("promote takes a destination's config".into());
+    }
+    let destination = setup::open_destination(config)?;
+    let report = destination.promote().map_err(|e| format!("promote: {e}"))?;
+    println!(
+        "nvmirror promote: {} log entries ({} bytes) newer than CP {} replayed onto the mirror; epoch is now {}",
+        report.entries_replayed, report.bytes_replayed, report.cp_completed, report.epoch
+    );
+    Ok(())
+}

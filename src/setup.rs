@@ -1,0 +1,236 @@
+//! Turns a checked [`Config`] into running nodes: ring memory, namespace devices, engine state
+//! machines, and the reactor threads that poll them.
+
+use std::net::SocketAddr;
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use nvmirror_engine::destination::{Destination, DestinationConfig};
+use nvmirror_engine::source::{CpMode, Source, SourceConfig};
+use nvmirror_runtime::bdev::{FileDevice, MallocDevice};
+use nvmirror_nvmf::Target;
+use nvmirror_runtime::node::{Device, DestinationNode, FrontEnd, NodeControl, SourceEngine, SourceNode};
+use nvmirror_runtime::target::TargetFrontEnd;
+use nvmirror_runtime::reactor::{self, IdlePolicy, Poller, Reactor, ReactorConfig};
+use nvmirror_runtime::ring_memory::RingMemory;
+
+use crate::config::{Config, CpModeConfig, IdleConfig, NamespaceConfig};
+
+const MIB: u64 = 1 << 20;
+
+/// Opens (creating where asked) the namespace devices of a config.
+pub fn open_namespaces(config: &Config) -> Result<Vec<Device>, String> {
+    let mut devices: Vec<Device> = Vec::with_capacity(config.namespaces.len());
+    for (index, namespace) in config.namespaces.iter().enumerate() {
+        let device: Device = match namespace {
+            NamespaceConfig::Malloc { size_mib } => Box::new(
+                MallocDevice::new(size_mib * MIB)
+                    .map_err(|e| format!("namespace[{index}]: cannot allocate {size_mib} MiB: {e}"))?,
+            ),
+            NamespaceConfig::File { path, size_mib } => Box::new(
+                FileDevice::open(path, size_mib.map(|mib| mib * MIB), size_mib.is_some())
+                    .map_err(|e| format!("namespace[{index}]: {}: {e}", path.display()))?,
+            ),
+        };
+        devices.push(device);
+    }
+    Ok(devices)
+}
+
+/// Maps the node's NVRAM ring (hugepages, or a regular file with a warning).
+pub fn open_ring(config: &Config) -> Result<RingMemory, String> {
+    std::fs::create_dir_all(&config.fallback_dir)
+        .map_err(|e| format!("fallback_dir {}: {e}", config.fallback_dir.display()))?;
+    let (memory, backing) = RingMemory::open(
+        &config.hugepage_dir,
+        &config.fallback_dir,
+        &config.ring_file_name(),
+        config.ring_size_mib * MIB,
+    )
+    .map_err(|e| format!("NVRAM ring: {e}"))?;
+    log::info!("{:?} ring: {} MiB, {backing:?}", config.role, config.ring_size_mib);
+    Ok(memory)
+}
+
+pub fn reactor_config(config: &Config, name: &str) -> ReactorConfig {
+    let idle = match config.idle {
+        IdleConfig::Busy => IdlePolicy::BusyPoll,
+        IdleConfig::Adaptive => IdlePolicy::Adaptive { spin_us: 200, max_sleep_us: 10_000 },
+    };
+    ReactorConfig { name: name.into(), core: config.cores.first().copied(), idle }
+}
+
+pub fn open_source(config: &Config) -> Result<SourceEngine, String> {
+    let source_config = SourceConfig {
+        volume_id: config.volume_id(),
+        cp_interval_us: config.cp_interval_ms * 1000,
+        mode: match config.cp_mode {
+            CpModeConfig::References => CpMode::References,
+            CpModeConfig::Naive => CpMode::Naive,
+        },
+    };
+    let ring = open_ring(config)?;
+    let primaries = open_namespaces(config)?;
+    let (source, recovery) = Source::open(source_config, ring, primaries, reactor::monotonic_us())
+        .map_err(|e| format!("source: {e}"))?;
+    if recovery.formatted {
+        log::info!("source: new NVRAM ring formatted (epoch {})", recovery.epoch);
+    } else {
+        log::info!(
+            "source: ring replay: {} entries ({} bytes) newer than CP {} replayed onto the primary (epoch {})",
+            recovery.entries_replayed,
+            recovery.bytes_replayed,
+            recovery.cp_completed,
+            recovery.epoch
+        );
+    }
+    Ok(source)
+}
+
+pub fn open_destination(config: &Config) -> Result<nvmirror_runtime::node::DestinationEngine, String> {
+    let ring = open_ring(config)?;
+    let mirrors = open_namespaces(config)?;
+    Destination::open(DestinationConfig { volume_id: config.volume_id() }, ring, mirrors)
+        .map_err(|e| format!("destination: {e}"))
+}
+
+/// The front end of a configured source: the NVMe/TCP target when `[target]` is set, else none.
+pub fn target_front_end(
+    config: &Config,
+) -> impl FnOnce(&SourceEngine) -> Result<Option<TargetFrontEnd>, String> + Send + 'static {
+    let target = config.target.clone();
+    let namespace_count = config.namespaces.len();
+    move |_source: &SourceEngine| {
+        let Some(section) = target else {
+            return Ok(None);
+        };
+        let target_config = section.to_target_config(namespace_count).map_err(|e| e.to_string())?;
+        let target = Target::new(target_config).map_err(|e| format!("NVMe/TCP target: {e}"))?;
+        let front_end = TargetFrontEnd::new(target).map_err(|e| format!("NVMe/TCP target: {e}"))?;
+        log::info!("NVMe/TCP target listening on {:?}", front_end.local_addrs());
+        Ok(Some(front_end))
+    }
+}
+
+/// A node running on its reactor thread; joining it gives the node back (for checks and counters).
+pub struct Running<N> {
+    pub control: Arc<NodeControl>,
+    pub thread: JoinHandle<Result<N, String>>,
+}
+
+impl<N> Running<N> {
+    pub fn stop(self) -> Result<N, String> {
+        self.control.request_stop();
+        self.thread.join().map_err(|_| "reactor thread panicked".to_string())?
+    }
+}
+
+/// Starts a source node on its own reactor thread. `make_front_end` runs on that thread.
+pub fn spawn_source<F, M>(config: Config, make_front_end: M) -> Result<Running<SourceNode<F>>, String>
+where
+    F: FrontEnd + Send + 'static,
+    M: FnOnce(&SourceEngine) -> Result<F, String> + Send + 'static,
+{
+    let control = Arc::new(NodeControl::default());
+    let node_control = control.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("source".into())
+        .spawn(move || {
+            let built = open_source(&config).and_then(|source| {
+                let front_end = make_front_end(&source)?;
+                let peer = config.peer.expect("validated: a source has a peer");
+                Ok(SourceNode::new(source, peer, front_end, node_control.clone()))
+            });
+            let node = match built {
+                Ok(node) => {
+                    let _ = ready_tx.send(Ok(()));
+                    node
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.clone()));
+                    return Err(e);
+                }
+            };
+            let node = run_node(reactor_config(&config, "source"), &node_control.stop, node)?;
+            node.publish_counters();
+            Ok(node)
+        })
+        .map_err(|e| format!("cannot start the source reactor: {e}"))?;
+    ready_rx.recv().map_err(|_| "source reactor died at start".to_string())??;
+    Ok(Running { control, thread })
+}
+
+/// Starts a destination node on its own reactor thread; returns once it listens.
+pub fn spawn_destination(config: Config) -> Result<(Running<DestinationNode>, SocketAddr), String> {
+    let control = Arc::new(NodeControl::default());
+    let node_control = control.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("destination".into())
+        .spawn(move || {
+            let listen = config.listen.expect("validated: a destination listens");
+            let built = open_destination(&config).and_then(|destination| {
+                DestinationNode::new(destination, listen, node_control.clone()).map_err(|e| e.to_string())
+            });
+            let node = match built {
+                Ok(node) => {
+                    let _ = ready_tx.send(Ok(node.local_addr().expect("a destination listens")));
+                    node
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.clone()));
+                    return Err(e);
+                }
+            };
+            let node = run_node(reactor_config(&config, "destination"), &node_control.stop, node)?;
+            node.publish_counters();
+            Ok(node)
+        })
+        .map_err(|e| format!("cannot start the destination reactor: {e}"))?;
+    let address = ready_rx.recv().map_err(|_| "destination reactor died at start".to_string())??;
+    Ok((Running { control, thread }, address))
+}
+
+/// Polls `node` on a reactor on this thread until `stop`; gives the node back afterwards.
+fn run_node<N: Poller + 'static>(config: ReactorConfig, stop: &AtomicBool, node: N) -> Result<N, String> {
+    /// The reactor owns its pollers; sharing the node lets this thread take it back when it returns.
+    struct Shared<N>(Rc<RefCell<N>>);
+    impl<N: Poller> Poller for Shared<N> {
+        fn poll(&mut self, now_us: u64) -> usize {
+            self.0.borrow_mut().poll(now_us)
+        }
+        fn wait_fds(&self, out: &mut Vec<std::os::fd::RawFd>) {
+            self.0.borrow().wait_fds(out)
+        }
+        fn next_deadline_us(&self) -> Option<u64> {
+            self.0.borrow().next_deadline_us()
+        }
+    }
+    let node = Rc::new(RefCell::new(node));
+    let name = config.name.clone();
+    let mut reactor = Reactor::<()>::new(config, 1).map_err(|e| format!("{name} reactor: {e}"))?;
+    reactor.add_poller(Box::new(Shared(node.clone())));
+    let stats = reactor.run(stop, |_, _, _| {});
+    log::debug!("{name} reactor: {stats:?}");
+    Ok(Rc::try_unwrap(node).ok().expect("the reactor dropped its pollers").into_inner())
+}
+
+/// Waits until `done` holds, a stop is requested (signal), or the peer refused the link.
+pub fn wait_until(control: &NodeControl, stop: &AtomicBool, done: impl Fn() -> bool) -> Result<(), String> {
+    loop {
+        if done() {
+            return Ok(());
+        }
+        if let Some(reason) = control.rejected.lock().unwrap().clone() {
+            return Err(format!("replication link refused: {reason}"));
+        }
+        if stop.load(Ordering::Acquire) {
+            return Err("interrupted".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

@@ -1,0 +1,223 @@
+//! Process tests: a source and a destination as two `nvmirror` processes on loopback, with file
+//! namespaces so the images can be compared from outside; a source killed with SIGKILL and
+//! restarted; a mismatched pair refused; a bad config named.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nvmirror_runtime::workload::{fill_payload, parse_ack_line};
+
+const BIN: &str = env!("CARGO_BIN_EXE_nvmirror");
+const NAMESPACE_MIB: u64 = 16;
+const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A scratch directory removed at the end of the test.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("nvmirror-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed when the test ends, whatever happens.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn write_config(scratch: &Scratch, role: &str, volume: &str, port: u16, image: &str, cp_interval_ms: u64) -> PathBuf {
+    let address = if role == "source" { "peer" } else { "listen" };
+    let text = format!(
+        "role = \"{role}\"\nvolume = \"{volume}\"\n{address} = \"127.0.0.1:{port}\"\n\
+         hugepage_dir = \"{dir}\"\nfallback_dir = \"{dir}\"\nring_size_mib = 8\ncp_interval_ms = {cp_interval_ms}\n\
+         [[namespace]]\nkind = \"file\"\npath = \"{image}\"\nsize_mib = {NAMESPACE_MIB}\n\
+         [[namespace]]\nkind = \"file\"\npath = \"{image}.2\"\nsize_mib = {NAMESPACE_MIB}\n",
+        dir = scratch.0.display(),
+        image = scratch.path(image).display(),
+    );
+    let path = scratch.path(&format!("{role}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn start_destination(config: &Path) -> Process {
+    let mut child = Command::new(BIN)
+        .args(["--config", config.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start destination");
+    // Wait for its "accepting" line so the source's first dial finds it.
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    assert!(line.contains("accepting the source"), "destination said: {line}");
+    Process(child)
+}
+
+fn run_to_end(mut command: Command) -> Output {
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let started = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if started.elapsed() > TEST_TIMEOUT {
+            let _ = child.kill();
+            let output = child.wait_with_output().unwrap();
+            panic!("command timed out; stderr:\n{}", String::from_utf8_lossy(&output.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn read_image(path: &Path) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path).unwrap().read_to_end(&mut bytes).unwrap();
+    bytes
+}
+
+fn assert_images_equal(scratch: &Scratch) {
+    for suffix in ["", ".2"] {
+        let primary = read_image(&scratch.path(&format!("primary.img{suffix}")));
+        let mirror = read_image(&scratch.path(&format!("mirror.img{suffix}")));
+        assert_eq!(primary.len(), mirror.len());
+        if let Some(first) = (0..primary.len()).find(|i| primary[*i] != mirror[*i]) {
+            panic!("namespace{suffix}: mirror differs from primary first at byte {first}");
+        }
+        assert!(primary.iter().any(|b| *b != 0), "the workload wrote nothing to primary.img{suffix}");
+    }
+}
+
+#[test]
+fn two_processes_mirror_equals_primary_after_mixed_workload() {
+    let scratch = Scratch::new("mixed");
+    let port = free_port();
+    let destination = write_config(&scratch, "destination", "mixed", port, "mirror.img", 10_000);
+    let source = write_config(&scratch, "source", "mixed", port, "primary.img", 10_000);
+    let _destination = start_destination(&destination);
+    let mut workload = Command::new(BIN);
+    workload.args(["workload", "--config", source.to_str().unwrap()]);
+    workload.args(["--seed", "42", "--writes", "6000", "--pattern", "mixed", "--cp-every", "1500", "--json"]);
+    let output = run_to_end(workload);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "workload failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("\"cp_reference_count\""), "no counters printed: {stdout}");
+    assert!(!stdout.contains("\"cp_reference_count\":0,"), "a mixed workload must produce references: {stdout}");
+    assert_images_equal(&scratch);
+}
+
+#[test]
+fn source_killed_with_sigkill_replays_its_ring_and_resyncs() {
+    let scratch = Scratch::new("sigkill");
+    let port = free_port();
+    // A long CP interval and no CP requests: the acknowledged writes live only in the ring.
+    let destination = write_config(&scratch, "destination", "kill", port, "mirror.img", 600_000);
+    let source = write_config(&scratch, "source", "kill", port, "primary.img", 600_000);
+    let _destination = start_destination(&destination);
+    let ack_log = scratch.path("acked.log");
+    let mut victim = Process(
+        Command::new(BIN)
+            .args(["workload", "--config", source.to_str().unwrap(), "--seed", "9", "--writes", "1000000"])
+            .args(["--pattern", "disjoint", "--cp-every", "0", "--queue-depth", "8"])
+            .args(["--ack-log", ack_log.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    loop {
+        let acked = std::fs::read_to_string(&ack_log).unwrap_or_default().lines().count();
+        if acked >= 300 {
+            break;
+        }
+        assert!(victim.0.try_wait().unwrap().is_none(), "workload exited before it was killed");
+        assert!(started.elapsed() < TEST_TIMEOUT, "only {acked} writes acknowledged in time");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SIGKILL: no destructor, no flush, nothing but what the ring already holds.
+    victim.0.kill().unwrap();
+    victim.0.wait().unwrap();
+
+    let acked: Vec<_> = std::fs::read_to_string(&ack_log)
+        .unwrap()
+        .lines()
+        .filter_map(parse_ack_line)
+        .collect();
+    assert!(acked.len() >= 300);
+
+    let mut sync = Command::new(BIN);
+    sync.args(["sync", "--config", source.to_str().unwrap()]);
+    let output = run_to_end(sync);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "sync after the crash failed:\n{stderr}");
+    assert!(stderr.contains("replay"), "the restart must report its ring replay:\n{stderr}");
+
+    let images = [read_image(&scratch.path("primary.img")), read_image(&scratch.path("primary.img.2"))];
+    for write in &acked {
+        let image = &images[write.nsid as usize - 1];
+        let offset = (write.lba * 512) as usize;
+        let mut expected = vec![0u8; write.length_bytes as usize];
+        fill_payload(9, write.index, &mut expected);
+        assert!(
+            image[offset..offset + expected.len()] == expected[..],
+            "acknowledged write {write:?} is not on the primary after the restart"
+        );
+    }
+    assert_images_equal(&scratch);
+}
+
+#[test]
+fn a_destination_of_another_volume_is_refused_with_a_clear_error() {
+    let scratch = Scratch::new("mismatch");
+    let port = free_port();
+    let destination = write_config(&scratch, "destination", "alpha", port, "mirror.img", 10_000);
+    let source = write_config(&scratch, "source", "beta", port, "primary.img", 10_000);
+    let _destination = start_destination(&destination);
+    let mut workload = Command::new(BIN);
+    workload.args(["workload", "--config", source.to_str().unwrap(), "--writes", "10"]);
+    let output = run_to_end(workload);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "a mismatched pair must not replicate");
+    assert!(stderr.contains("refused") && stderr.contains("volume"), "unclear error:\n{stderr}");
+}
+
+#[test]
+fn a_bad_config_names_the_key() {
+    let scratch = Scratch::new("badconfig");
+    let path = scratch.path("bad.toml");
+    std::fs::write(
+        &path,
+        "role = \"source\"\npeer = \"127.0.0.1:1\"\nring_size_mib = 3\n[[namespace]]\nkind = \"malloc\"\nsize_mib = 8\n",
+    )
+    .unwrap();
+    let output = Command::new(BIN).args(["--config", path.to_str().unwrap()]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("ring_size_mib"), "{stderr}");
+}
