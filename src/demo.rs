@@ -63,9 +63,19 @@ impl<F: FrontEnd + Send + 'static> EmbeddedPair<F> {
     }
 }
 
-/// Runs until SIGINT/SIGTERM, printing counters on SIGUSR1.
-pub fn serve_until_stopped(controls: &[&NodeControl], stop: &AtomicBool, report: &AtomicBool, json: bool) {
+/// Runs until SIGINT/SIGTERM, printing counters on SIGUSR1. A source whose destination refuses
+/// the link for good (another volume, version or geometry; a stale epoch) stops with that reason.
+pub fn serve_until_stopped(
+    controls: &[&NodeControl],
+    source: Option<&NodeControl>,
+    stop: &AtomicBool,
+    report: &AtomicBool,
+    json: bool,
+) -> Result<(), String> {
     while !stop.load(Ordering::Acquire) {
+        if let Some(reason) = source.and_then(|control| control.rejected.lock().unwrap().clone()) {
+            return Err(format!("replication stopped: {reason}"));
+        }
         if report.swap(false, Ordering::AcqRel) {
             for control in controls {
                 control.counters_requested.store(true, Ordering::Release);
@@ -79,6 +89,7 @@ pub fn serve_until_stopped(controls: &[&NodeControl], stop: &AtomicBool, report:
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    Ok(())
 }
 
 pub fn print_counters(side: &str, counters: &Counters, json: bool) {

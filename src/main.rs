@@ -106,8 +106,9 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
         Role::Destination => {
             let (running, address) = setup::spawn_destination(config.clone())?;
             println!("nvmirror destination: volume '{}' accepting the source on {address}", config.volume);
-            demo::serve_until_stopped(&[&running.control], &stop, &report, json);
+            let served = demo::serve_until_stopped(&[&running.control], None, &stop, &report, json);
             let node = running.stop()?;
+            served?;
             demo::print_counters("destination", node.destination.counters(), json);
         }
         Role::Source => {
@@ -118,9 +119,11 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
                 config.peer.expect("validated")
             );
             print_connect_lines(config);
-            demo::serve_until_stopped(&[&running.control], &stop, &report, json);
+            let served =
+                demo::serve_until_stopped(&[&running.control], Some(&running.control), &stop, &report, json);
             let node = running.stop()?;
             demo::print_counters("source", node.volume.source.counters(), json);
+            served?;
         }
     }
     Ok(())
@@ -136,11 +139,17 @@ fn run_embedded_default(json: bool) -> Result<(), String> {
         pair.replication_address
     );
     print_connect_lines(&source_config);
-    demo::serve_until_stopped(&[&pair.source.control, &pair.destination.control], &stop, &report, json);
+    let served = demo::serve_until_stopped(
+        &[&pair.source.control, &pair.destination.control],
+        Some(&pair.source.control),
+        &stop,
+        &report,
+        json,
+    );
     let (source, destination) = pair.stop()?;
     demo::print_counters("source", source.volume.source.counters(), json);
     demo::print_counters("destination", destination.destination.counters(), json);
-    Ok(())
+    served
 }
 
 /// What a user types to reach the target: `nvme connect` and SPDK's perf.

@@ -17,6 +17,8 @@ use std::time::Duration;
 
 mod handshake;
 mod receive;
+#[cfg(test)]
+mod tests;
 
 use handshake::{exchange_icreq, set_socket_buffers};
 
@@ -29,6 +31,8 @@ use nvmirror_nvmf::pdu::{
 const PREFIX_BYTES_MAX: usize = 128;
 /// One PDU record in a slot's PDU area: a prefix and a data digest.
 const PDU_STRIDE_BYTES: usize = PREFIX_BYTES_MAX + 8;
+/// Byte ranges one data-carrying PDU queues: header, data, data digest.
+const SEGMENTS_PER_PDU: usize = 3;
 /// Most byte ranges handed to one `writev` (as SPDK's posix sock module).
 const IOVEC_MAX: usize = 64;
 /// The per-socket receive buffer, refilled by one read per poll.
@@ -241,7 +245,11 @@ impl QueuePair {
             slots,
             free: (0..slot_count).rev().collect(),
             done: Vec::with_capacity(slot_count as usize),
-            send: VecDeque::with_capacity(slot_count as usize * (3 + 2 * h2c_records)),
+            // A slot queues either its capsule (header, data, digest) or, once that left, the
+            // H2CData PDUs of one R2T (header, data, digest each): never both.
+            send: VecDeque::with_capacity(
+                slot_count as usize * SEGMENTS_PER_PDU * h2c_records.max(1),
+            ),
             receive_buffer: vec![0; RECEIVE_BUFFER_BYTES],
             receive_start: 0,
             receive_end: 0,

@@ -107,8 +107,12 @@ impl EmbeddedTarget {
     }
 
     fn perf(&self, extra: &[&str]) -> Output {
+        finish(self.spawn_perf(extra))
+    }
+
+    fn spawn_perf(&self, extra: &[&str]) -> std::process::Child {
         let address = self.address.to_string();
-        let mut child = Command::new(PERF)
+        Command::new(PERF)
             .args([
                 "--target",
                 &address,
@@ -124,20 +128,24 @@ impl EmbeddedTarget {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
-            .unwrap();
-        let deadline = Instant::now() + PERF_TIMEOUT;
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                child.kill().unwrap();
-                panic!(
-                    "nvmirror-perf {extra:?} did not finish: {:?}",
-                    child.wait_with_output()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child.wait_with_output().unwrap()
+            .unwrap()
     }
+}
+
+/// Waits for the perf process, killing it (and failing) after [`PERF_TIMEOUT`].
+fn finish(mut child: std::process::Child) -> Output {
+    let deadline = Instant::now() + PERF_TIMEOUT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!(
+                "nvmirror-perf did not finish: {:?}",
+                child.wait_with_output()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
 }
 
 impl Drop for EmbeddedTarget {
@@ -252,6 +260,26 @@ fn unknown_subsystem_is_rejected_with_the_status_decoded() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains("Fabrics Connect rejected: Command Specific / Connect Invalid Parameters"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn target_going_away_mid_run_is_a_prompt_clear_failure() {
+    let target = EmbeddedTarget::start(None);
+    let child = target.spawn_perf(&["--time-s", "20", "--pattern", "randrw"]);
+    std::thread::sleep(Duration::from_millis(700));
+    let stopped_at = Instant::now();
+    drop(target);
+    let output = finish(child);
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(5),
+        "perf noticed the closed connections late"
+    );
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("the target closed the connection") || stderr.contains("reset"),
         "{stderr}"
     );
 }

@@ -5,6 +5,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -178,7 +179,19 @@ impl SpdkTarget {
         let socket = directory.join("rpc.sock");
         let shm_id = (100 + std::process::id() % 800).to_string();
         let log = std::fs::File::create(directory.join("nvmf_tgt.log")).unwrap();
-        let child = Command::new(root.join("build/bin/nvmf_tgt"))
+        let mut command = Command::new(root.join("build/bin/nvmf_tgt"));
+        // SAFETY: the closure runs in the forked child before exec and only makes one async-signal-safe
+        // syscall: if this test process dies without running Drop, the kernel kills nvmf_tgt with it.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let child = command
             .args([
                 "-m",
                 "0x1",

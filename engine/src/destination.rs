@@ -428,7 +428,7 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>, D: BlockDevice> Destination<M, D> {
         }
     }
 
-    pub fn tx_iovecs<'a>(&'a self, out: &mut Vec<IoSlice<'a>>, max: usize) -> usize {
+    pub fn tx_iovecs<'a>(&'a self, out: &mut impl Extend<IoSlice<'a>>, max: usize) -> usize {
         self.out.tx_iovecs(&[], out, max)
     }
 

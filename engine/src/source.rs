@@ -618,7 +618,7 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>, D: BlockDevice> Source<M, D> {
     }
 
     /// Gathers up to `max` slices of queued bytes (headers inline, entry data from ring memory).
-    pub fn tx_iovecs<'a>(&'a self, out: &mut Vec<IoSlice<'a>>, max: usize) -> usize {
+    pub fn tx_iovecs<'a>(&'a self, out: &mut impl Extend<IoSlice<'a>>, max: usize) -> usize {
         self.out.tx_iovecs(
             self.ring.bytes(0, self.ring.geometry().ring_bytes as usize),
             out,

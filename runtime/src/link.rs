@@ -25,6 +25,9 @@ pub const SOCKET_BUFFER_BYTES: usize = 2 << 20;
 pub const DIAL_TIMEOUT_MS: u64 = 200;
 /// Wait between failed dials.
 pub const REDIAL_BACKOFF_US: u64 = 250_000;
+/// A partial message that gets no further bytes for this long means a corrupted length or a
+/// hung peer: the connection is closed and the source resends after the next handshake.
+pub const RECV_STALL_TIMEOUT_US: u64 = 5_000_000;
 /// Messages handled per poll, so a flood of acknowledgements cannot starve the rest of the reactor.
 pub const RECV_BUDGET_MESSAGES: usize = 256;
 
@@ -35,12 +38,43 @@ pub trait LinkEndpoint {
     fn handle_disconnected(&mut self, now_us: u64);
     fn handle_message(&mut self, now_us: u64, message: &[u8]) -> Result<(), Self::Error>;
     /// Fills `out` with up to `max` slices from the head of the send queue; returns their total bytes.
-    fn tx_iovecs<'a>(&'a self, out: &mut Vec<IoSlice<'a>>, max: usize) -> usize;
+    fn tx_iovecs<'a>(&'a self, out: &mut IoVecs<'a>, max: usize) -> usize;
     fn tx_advance(&mut self, bytes: usize);
     /// The whole-message length once the message header is in `buf`, `None` if more bytes are needed.
     fn frame_length(buf: &[u8]) -> Result<Option<usize>, Self::Error>;
     /// The largest message the peer may send (sizes the receive buffer).
     fn message_bytes_max() -> usize;
+}
+
+/// The slices of one `writev`, on the stack: no allocation per flush.
+pub struct IoVecs<'a> {
+    slices: [IoSlice<'a>; SEND_IOVECS_MAX],
+    len: usize,
+}
+
+impl<'a> IoVecs<'a> {
+    pub fn new() -> Self {
+        IoVecs { slices: [IoSlice::new(&[]); SEND_IOVECS_MAX], len: 0 }
+    }
+    pub fn as_slice(&self) -> &[IoSlice<'a>] {
+        &self.slices[..self.len]
+    }
+}
+
+impl Default for IoVecs<'_> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<'a> Extend<IoSlice<'a>> for IoVecs<'a> {
+    fn extend<I: IntoIterator<Item = IoSlice<'a>>>(&mut self, slices: I) {
+        for slice in slices {
+            assert!(self.len < SEND_IOVECS_MAX, "more than {SEND_IOVECS_MAX} slices for one writev");
+            self.slices[self.len] = slice;
+            self.len += 1;
+        }
+    }
 }
 
 /// Which side opens the connection.
@@ -63,6 +97,8 @@ pub struct Link {
     stream: Option<TcpStream>,
     recv_buffer: Vec<u8>,
     recv_filled: usize,
+    /// When the receive buffer last gained bytes.
+    recv_progress_us: u64,
     last_error: Option<String>,
     pub counters: LinkCounters,
 }
@@ -89,6 +125,7 @@ impl Link {
             // Twice the largest message: a whole one plus the start of the next always fit.
             recv_buffer: vec![0; 2 * message_bytes_max],
             recv_filled: 0,
+            recv_progress_us: 0,
             last_error: None,
             counters: LinkCounters::default(),
         }
@@ -115,10 +152,11 @@ impl Link {
         }
     }
 
-    /// When a dialing link wants to be polled again without I/O.
+    /// When the link wants to be polled again without I/O: the next dial, or the stall check.
     pub fn next_deadline_us(&self) -> Option<u64> {
         match (&self.role, &self.stream) {
             (LinkRole::Dial { next_dial_us, .. }, None) => Some(*next_dial_us),
+            (_, Some(_)) if self.recv_filled > 0 => Some(self.recv_progress_us + RECV_STALL_TIMEOUT_US + 1),
             _ => None,
         }
     }
@@ -132,6 +170,8 @@ impl Link {
         match self.poll_receive(now_us, endpoint) {
             Ok(n) => work += n,
             Err(reason) => {
+                // The core may have queued its reason for the peer (a Reject): send what fits first.
+                let _ = self.flush(endpoint);
                 self.close(now_us, endpoint, reason);
                 return work + 1;
             }
@@ -194,6 +234,7 @@ impl Link {
         self.last_error = None;
         self.stream = Some(stream);
         self.recv_filled = 0;
+        self.recv_progress_us = now_us;
         self.counters.connects += 1;
         endpoint.handle_connected(now_us);
     }
@@ -216,6 +257,7 @@ impl Link {
             Ok(0) => return Err("peer closed the connection".into()),
             Ok(n) => {
                 self.recv_filled += n;
+                self.recv_progress_us = now_us;
                 self.counters.bytes_received += n as u64;
                 work += 1;
             }
@@ -241,6 +283,13 @@ impl Link {
             self.recv_buffer.copy_within(consumed..self.recv_filled, 0);
             self.recv_filled -= consumed;
         }
+        if self.recv_filled > 0 && now_us.saturating_sub(self.recv_progress_us) > RECV_STALL_TIMEOUT_US {
+            return Err(format!(
+                "a partial message of {} bytes got no more bytes for {} ms",
+                self.recv_filled,
+                RECV_STALL_TIMEOUT_US / 1000
+            ));
+        }
         Ok(work)
     }
 
@@ -248,12 +297,12 @@ impl Link {
         let stream = self.stream.as_mut().expect("flush without a connection");
         let mut work = 0;
         loop {
-            let mut slices = Vec::with_capacity(SEND_IOVECS_MAX);
+            let mut slices = IoVecs::new();
             let described = endpoint.tx_iovecs(&mut slices, SEND_IOVECS_MAX);
             if described == 0 {
                 return Ok(work);
             }
-            match stream.write_vectored(&slices) {
+            match stream.write_vectored(slices.as_slice()) {
                 Ok(0) => return Err("socket accepted no bytes".into()),
                 Ok(n) => {
                     drop(slices);

@@ -4,7 +4,6 @@
 //! Everything a node owns lives on its reactor's thread; other threads reach it only through
 //! [`NodeControl`] (atomics polled once per loop), so the I/O path takes no lock.
 
-use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,7 +15,7 @@ use nvmirror_engine::device::BlockDevice;
 use nvmirror_engine::source::{Source, SourceEvent, WriteId};
 use nvmirror_engine::wire;
 
-use crate::link::{Link, LinkEndpoint};
+use crate::link::{IoVecs, Link, LinkEndpoint};
 use crate::reactor::Poller;
 use crate::ring_memory::RingMemory;
 
@@ -139,7 +138,7 @@ impl LinkEndpoint for SourceEngine {
     fn handle_message(&mut self, now_us: u64, message: &[u8]) -> Result<(), Self::Error> {
         Source::handle_message(self, now_us, message)
     }
-    fn tx_iovecs<'a>(&'a self, out: &mut Vec<IoSlice<'a>>, max: usize) -> usize {
+    fn tx_iovecs<'a>(&'a self, out: &mut IoVecs<'a>, max: usize) -> usize {
         Source::tx_iovecs(self, out, max)
     }
     fn tx_advance(&mut self, bytes: usize) {
@@ -164,7 +163,7 @@ impl LinkEndpoint for DestinationEngine {
     fn handle_message(&mut self, now_us: u64, message: &[u8]) -> Result<(), Self::Error> {
         Destination::handle_message(self, now_us, message)
     }
-    fn tx_iovecs<'a>(&'a self, out: &mut Vec<IoSlice<'a>>, max: usize) -> usize {
+    fn tx_iovecs<'a>(&'a self, out: &mut IoVecs<'a>, max: usize) -> usize {
         Destination::tx_iovecs(self, out, max)
     }
     fn tx_advance(&mut self, bytes: usize) {
@@ -331,6 +330,9 @@ impl Poller for DestinationNode {
     }
 
     fn next_deadline_us(&self) -> Option<u64> {
-        (self.destination.tx_pending_bytes() > 0).then_some(0)
+        if self.destination.tx_pending_bytes() > 0 {
+            return Some(0);
+        }
+        self.link.next_deadline_us()
     }
 }

@@ -163,7 +163,7 @@ impl OutQueue {
     pub fn tx_iovecs<'a>(
         &'a self,
         ring: &'a [u8],
-        out: &mut Vec<IoSlice<'a>>,
+        out: &mut impl Extend<IoSlice<'a>>,
         max: usize,
     ) -> usize {
         let mut bytes = 0;
@@ -177,7 +177,7 @@ impl OutQueue {
                     &ring[offset as usize..offset as usize + len as usize]
                 }
             };
-            out.push(IoSlice::new(&slice[skip..]));
+            out.extend(std::iter::once(IoSlice::new(&slice[skip..])));
             bytes += slice.len() - skip;
         }
         bytes
