@@ -1,12 +1,12 @@
 //! The embedded pair, the seeded demo, the workload runner used by the process tests, and promotion.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use nvmirror_engine::counters::Counters;
 use nvmirror_engine::device::BlockDevice;
 use nvmirror_engine::geometry::BLOCK_SIZE;
-use nvmirror_runtime::node::{DestinationNode, FrontEnd, NodeControl, SourceEngine, SourceNode};
+use nvmirror_runtime::node::{Command, DestinationNode, FrontEnd, NodeControl, SourceEngine, SourceNode};
 use nvmirror_runtime::workload::{Pattern, Planner, Workload};
 
 use crate::config::{Config, CpModeConfig, Role};
@@ -68,17 +68,24 @@ impl<F: FrontEnd + Send + 'static> EmbeddedPair<F> {
 pub fn serve_until_stopped(
     controls: &[&NodeControl],
     source: Option<&NodeControl>,
-    stop: &AtomicBool,
-    report: &AtomicBool,
+    signals: &crate::Signals,
     json: bool,
 ) -> Result<(), String> {
-    while !stop.load(Ordering::Acquire) {
+    while !signals.stop.load(Ordering::Acquire) {
+        if signals.cp.swap(false, Ordering::AcqRel) {
+            match source {
+                Some(control) => control.send(Command::RequestCp)?,
+                None => log::warn!("SIGUSR2: only a source starts consistency points"),
+            }
+        }
         if let Some(reason) = source.and_then(|control| control.rejected.lock().unwrap().clone()) {
             return Err(format!("replication stopped: {reason}"));
         }
-        if report.swap(false, Ordering::AcqRel) {
+        if signals.report.swap(false, Ordering::AcqRel) {
             for control in controls {
-                control.counters_requested.store(true, Ordering::Release);
+                if let Err(e) = control.send(Command::PublishCounters) {
+                    log::warn!("{e}");
+                }
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
             for (index, control) in controls.iter().enumerate() {
@@ -135,7 +142,7 @@ impl DemoOptions {
 
 /// `nvmirror demo`: the seeded workload through the embedded pair, then counters and a byte-for-byte check.
 pub fn run_demo(options: DemoOptions) -> Result<(), String> {
-    let (stop, _report) = crate::signals()?;
+    let stop = crate::signals()?.stop;
     let (source_config, destination_config) = embedded_configs(options.mode);
     let sizes = vec![EMBEDDED_NAMESPACE_MIB << 20; source_config.namespaces.len()];
     let (seed, writes, queue_depth, cp_every, pattern) =
@@ -221,7 +228,7 @@ pub fn run_workload(options: &mut Options, sync_only: bool) -> Result<(), String
     if config.role != Role::Source {
         return Err(format!("{}: role must be source for this command", path.display()));
     }
-    let (stop, _report) = crate::signals()?;
+    let stop = crate::signals()?.stop;
     let running = setup::spawn_source(config, move |source: &SourceEngine| {
         let mut workload =
             Workload::new(Planner::new(pattern, seed, source.namespace_sizes_bytes().to_vec()), seed, queue_depth, writes, cp_every);

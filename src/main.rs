@@ -18,6 +18,7 @@ use config::{Config, Role};
 const USAGE: &str = "\
 usage:
   nvmirror                          run the embedded default (source + destination on loopback, malloc namespaces)
+  nvmirror --no-replication         the embedded default's NVMe/TCP target over malloc, without replication
   nvmirror --config FILE [--json]   run one side (role = source | destination) as FILE says
   nvmirror demo [OPTIONS]           drive a seeded workload through the embedded pair and print the counters
       --seed N --writes N --pattern aligned|mixed --mode references|naive --queue-depth N
@@ -28,7 +29,7 @@ usage:
   nvmirror sync --config FILE       start a source, replay its ring, resend, take a CP, exit when in sync
   nvmirror promote --config FILE    failover: replay a destination's log onto its mirror, bump the epoch
   nvmirror version
-Signals: SIGINT/SIGTERM stop (counters are printed), SIGUSR1 prints the counters.
+Signals: SIGINT/SIGTERM stop (a source first takes a last CP; counters are printed),\nSIGUSR1 prints the counters, SIGUSR2 starts a consistency point.
 Logging: RUST_LOG=debug|info|warn (default info).";
 
 fn main() -> ExitCode {
@@ -56,8 +57,13 @@ fn run(args: &[String]) -> Result<(), String> {
                     run_configured(&Config::load(std::path::Path::new(&path)).map_err(|e| e.to_string())?, json)
                 }
                 None => {
+                    let unreplicated = options.flag("--no-replication");
                     options.finish()?;
-                    run_embedded_default(json)
+                    if unreplicated {
+                        run_unreplicated_target()
+                    } else {
+                        run_embedded_default(json)
+                    }
                 }
             }
         }
@@ -88,25 +94,39 @@ fn run(args: &[String]) -> Result<(), String> {
     }
 }
 
-/// Installs SIGINT/SIGTERM (stop) and SIGUSR1 (print counters) handlers.
-pub fn signals() -> Result<(Arc<AtomicBool>, Arc<AtomicBool>), String> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let report = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, stop.clone()).map_err(|e| format!("signal handler: {e}"))?;
-    }
-    signal_hook::flag::register(signal_hook::consts::SIGUSR1, report.clone())
-        .map_err(|e| format!("signal handler: {e}"))?;
-    Ok((stop, report))
+/// Flags set by signals: SIGINT/SIGTERM stop, SIGUSR1 prints the counters, SIGUSR2 starts a CP.
+pub struct Signals {
+    pub stop: Arc<AtomicBool>,
+    pub report: Arc<AtomicBool>,
+    pub cp: Arc<AtomicBool>,
 }
 
+pub fn signals() -> Result<Signals, String> {
+    let flags = Signals {
+        stop: Arc::new(AtomicBool::new(false)),
+        report: Arc::new(AtomicBool::new(false)),
+        cp: Arc::new(AtomicBool::new(false)),
+    };
+    let register = |signal, flag: &Arc<AtomicBool>| {
+        signal_hook::flag::register(signal, flag.clone()).map_err(|e| format!("signal handler: {e}"))
+    };
+    register(signal_hook::consts::SIGINT, &flags.stop)?;
+    register(signal_hook::consts::SIGTERM, &flags.stop)?;
+    register(signal_hook::consts::SIGUSR1, &flags.report)?;
+    register(signal_hook::consts::SIGUSR2, &flags.cp)?;
+    Ok(flags)
+}
+
+/// How long a stopping source waits for its last CP.
+const FINAL_CP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 fn run_configured(config: &Config, json: bool) -> Result<(), String> {
-    let (stop, report) = signals()?;
+    let signals = signals()?;
     match config.role {
         Role::Destination => {
             let (running, address) = setup::spawn_destination(config.clone())?;
             println!("nvmirror destination: volume '{}' accepting the source on {address}", config.volume);
-            let served = demo::serve_until_stopped(&[&running.control], None, &stop, &report, json);
+            let served = demo::serve_until_stopped(&[&running.control], None, &signals, json);
             let node = running.stop()?;
             served?;
             demo::print_counters("destination", node.destination.counters(), json);
@@ -119,8 +139,12 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
                 config.peer.expect("validated")
             );
             print_connect_lines(config);
-            let served =
-                demo::serve_until_stopped(&[&running.control], Some(&running.control), &stop, &report, json);
+            let served = demo::serve_until_stopped(&[&running.control], Some(&running.control), &signals, json);
+            if served.is_ok() {
+                if let Err(e) = running.finish(FINAL_CP_TIMEOUT) {
+                    log::warn!("source: {e}");
+                }
+            }
             let node = running.stop()?;
             demo::print_counters("source", node.volume.source.counters(), json);
             served?;
@@ -130,7 +154,7 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
 }
 
 fn run_embedded_default(json: bool) -> Result<(), String> {
-    let (stop, report) = signals()?;
+    let signals = signals()?;
     let configs = demo::embedded_configs(config::CpModeConfig::References);
     let source_config = configs.0.clone();
     let pair = demo::EmbeddedPair::start(configs, setup::target_front_end(&source_config))?;
@@ -142,14 +166,30 @@ fn run_embedded_default(json: bool) -> Result<(), String> {
     let served = demo::serve_until_stopped(
         &[&pair.source.control, &pair.destination.control],
         Some(&pair.source.control),
-        &stop,
-        &report,
+        &signals,
         json,
     );
+    if served.is_ok() {
+        if let Err(e) = pair.source.finish(FINAL_CP_TIMEOUT) {
+            log::warn!("source: {e}");
+        }
+    }
     let (source, destination) = pair.stop()?;
     demo::print_counters("source", source.volume.source.counters(), json);
     demo::print_counters("destination", destination.destination.counters(), json);
     served
+}
+
+/// The embedded default's target without replication (a baseline for benchmarks).
+fn run_unreplicated_target() -> Result<(), String> {
+    let signals = signals()?;
+    let (config, _) = demo::embedded_configs(config::CpModeConfig::References);
+    let running = setup::spawn_plain_target(config.clone())?;
+    println!("nvmirror: NVMe/TCP target WITHOUT replication running (malloc namespace). Ctrl-C stops.");
+    print_connect_lines(&config);
+    demo::serve_until_stopped(&[], None, &signals, false)?;
+    running.stop()?;
+    Ok(())
 }
 
 /// What a user types to reach the target: `nvme connect` and SPDK's perf.

@@ -12,8 +12,8 @@ use nvmirror_engine::destination::{Destination, DestinationConfig};
 use nvmirror_engine::source::{CpMode, Source, SourceConfig};
 use nvmirror_runtime::bdev::{FileDevice, MallocDevice};
 use nvmirror_nvmf::Target;
-use nvmirror_runtime::node::{Device, DestinationNode, FrontEnd, NodeControl, SourceEngine, SourceNode};
-use nvmirror_runtime::target::TargetFrontEnd;
+use nvmirror_runtime::node::{Command, Device, DestinationNode, FrontEnd, Node, NodeControl, SourceEngine, SourceNode};
+use nvmirror_runtime::target::{PlainTarget, TargetFrontEnd};
 use nvmirror_runtime::reactor::{self, IdlePolicy, Poller, Reactor, ReactorConfig};
 use nvmirror_runtime::ring_memory::RingMemory;
 
@@ -122,6 +122,24 @@ pub struct Running<N> {
 }
 
 impl<N> Running<N> {
+    /// Asks a source to finish with a last CP and waits for it, at most `timeout`. Without a
+    /// destination that CP cannot complete: the writes stay in the ring and are replayed and
+    /// resent at the next start, so nothing acknowledged is lost; the caller is told.
+    pub fn finish(&self, timeout: std::time::Duration) -> Result<(), String> {
+        self.control.send(Command::Finish)?;
+        let started = std::time::Instant::now();
+        while !self.control.synced.load(Ordering::Acquire) {
+            if started.elapsed() > timeout {
+                return Err(format!(
+                    "no final CP within {} s (destination unreachable?): unsynced writes stay in the NVRAM ring and are resent at the next start",
+                    timeout.as_secs()
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
     pub fn stop(self) -> Result<N, String> {
         self.control.request_stop();
         self.thread.join().map_err(|_| "reactor thread panicked".to_string())?
@@ -134,7 +152,7 @@ where
     F: FrontEnd + Send + 'static,
     M: FnOnce(&SourceEngine) -> Result<F, String> + Send + 'static,
 {
-    let control = Arc::new(NodeControl::default());
+    let control = NodeControl::new().map_err(|e| format!("node mailbox: {e}"))?;
     let node_control = control.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
@@ -155,7 +173,7 @@ where
                     return Err(e);
                 }
             };
-            let node = run_node(reactor_config(&config, "source"), &node_control.stop, node)?;
+            let node = run_node(reactor_config(&config, "source"), &node_control, node)?;
             node.publish_counters();
             Ok(node)
         })
@@ -166,7 +184,7 @@ where
 
 /// Starts a destination node on its own reactor thread; returns once it listens.
 pub fn spawn_destination(config: Config) -> Result<(Running<DestinationNode>, SocketAddr), String> {
-    let control = Arc::new(NodeControl::default());
+    let control = NodeControl::new().map_err(|e| format!("node mailbox: {e}"))?;
     let node_control = control.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
@@ -186,7 +204,7 @@ pub fn spawn_destination(config: Config) -> Result<(Running<DestinationNode>, So
                     return Err(e);
                 }
             };
-            let node = run_node(reactor_config(&config, "destination"), &node_control.stop, node)?;
+            let node = run_node(reactor_config(&config, "destination"), &node_control, node)?;
             node.publish_counters();
             Ok(node)
         })
@@ -196,7 +214,7 @@ pub fn spawn_destination(config: Config) -> Result<(Running<DestinationNode>, So
 }
 
 /// Polls `node` on a reactor on this thread until `stop`; gives the node back afterwards.
-fn run_node<N: Poller + 'static>(config: ReactorConfig, stop: &AtomicBool, node: N) -> Result<N, String> {
+fn run_node<N: Node + 'static>(config: ReactorConfig, control: &NodeControl, node: N) -> Result<N, String> {
     /// The reactor owns its pollers; sharing the node lets this thread take it back when it returns.
     struct Shared<N>(Rc<RefCell<N>>);
     impl<N: Poller> Poller for Shared<N> {
@@ -212,9 +230,11 @@ fn run_node<N: Poller + 'static>(config: ReactorConfig, stop: &AtomicBool, node:
     }
     let node = Rc::new(RefCell::new(node));
     let name = config.name.clone();
-    let mut reactor = Reactor::<()>::new(config, 1).map_err(|e| format!("{name} reactor: {e}"))?;
+    let mut reactor = Reactor::with_mailbox(config, control.mailbox());
     reactor.add_poller(Box::new(Shared(node.clone())));
-    let stats = reactor.run(stop, |_, _, _| {});
+    let commanded = node.clone();
+    let stats = reactor.run(&control.stop, |command, now_us, _| commanded.borrow_mut().handle_command(now_us, command));
+    drop(commanded);
     log::debug!("{name} reactor: {stats:?}");
     Ok(Rc::try_unwrap(node).ok().expect("the reactor dropped its pollers").into_inner())
 }
@@ -233,4 +253,36 @@ pub fn wait_until(control: &NodeControl, stop: &AtomicBool, done: impl Fn() -> b
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+}
+
+/// Starts the NVMe/TCP target without replication over malloc namespaces: the baseline the
+/// benchmarks compare the replicated volume with.
+pub fn spawn_plain_target(config: Config) -> Result<Running<PlainTarget<Device>>, String> {
+    let control = NodeControl::new().map_err(|e| format!("node mailbox: {e}"))?;
+    let node_control = control.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("target".into())
+        .spawn(move || {
+            let built = (|| {
+                let section = config.target.clone().ok_or("no [target] section")?;
+                let target_config = section.to_target_config(config.namespaces.len()).map_err(|e| e.to_string())?;
+                let target = Target::new(target_config).map_err(|e| format!("NVMe/TCP target: {e}"))?;
+                PlainTarget::new(target, open_namespaces(&config)?).map_err(|e| format!("NVMe/TCP target: {e}"))
+            })();
+            let node = match built {
+                Ok(node) => {
+                    let _ = ready_tx.send(Ok(()));
+                    node
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.clone()));
+                    return Err(e);
+                }
+            };
+            run_node(reactor_config(&config, "target"), &node_control, node)
+        })
+        .map_err(|e| format!("cannot start the target reactor: {e}"))?;
+    ready_rx.recv().map_err(|_| "target reactor died at start".to_string())??;
+    Ok(Running { control, thread })
 }

@@ -221,3 +221,62 @@ fn a_bad_config_names_the_key() {
     assert!(!output.status.success());
     assert!(stderr.contains("ring_size_mib"), "{stderr}");
 }
+
+/// The perf tool of this workspace (built beside `nvmirror` by `cargo test --workspace`).
+fn perf_binary() -> PathBuf {
+    let path = Path::new(BIN).with_file_name("nvmirror-perf");
+    assert!(path.exists(), "{} is missing: run the tests with `cargo test --workspace`", path.display());
+    path
+}
+
+#[test]
+fn verified_nvme_tcp_writes_reach_the_mirror_after_a_cp() {
+    let scratch = Scratch::new("nvmf");
+    let port = free_port();
+    let target_port = free_port();
+    let nqn = "nqn.2026-11.io.nvmirror:test";
+    let destination = write_config(&scratch, "destination", "nvmf", port, "mirror.img", 600_000);
+    let source = write_config(&scratch, "source", "nvmf", port, "primary.img", 600_000);
+    let mut text = std::fs::read_to_string(&source).unwrap();
+    text.push_str(&format!(
+        "[target]\nlisten = [\"127.0.0.1:{target_port}\"]\ndiscovery_listen = []\n\
+         [[target.subsystem]]\nnqn = \"{nqn}\"\nallow_any_host = true\nnamespaces = [1, 2]\n"
+    ));
+    std::fs::write(&source, text).unwrap();
+    let _destination = start_destination(&destination);
+    let mut source_process = Process(
+        Command::new(BIN)
+            .args(["--config", source.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = source_process.0.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("replicating to"), "source said: {first}");
+
+    for (nsid, pattern) in [("1", "randwrite"), ("2", "write")] {
+        let mut perf = Command::new(perf_binary());
+        perf.args(["--target", &format!("127.0.0.1:{target_port}"), "--nqn", nqn, "--nsid", nsid]);
+        perf.args(["--pattern", pattern, "--verify", "--time-s", "2", "--warmup-s", "0", "--queue-depth", "16"]);
+        perf.args(["--io-size", "4096", "--json"]);
+        let output = run_to_end(perf);
+        assert!(
+            output.status.success(),
+            "verified {pattern} on namespace {nsid} failed:\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    // SIGTERM: the source takes a last CP before it exits, so the mirror is current.
+    let pid = source_process.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = source_process.0.wait().unwrap();
+    assert!(status.success(), "source exited with {status}");
+    let counters: Vec<String> = lines.map_while(Result::ok).collect();
+    let cps = counters.iter().find(|l| l.starts_with("cp_count ")).expect("counters printed at shutdown");
+    assert_ne!(cps.as_str(), "cp_count 0");
+    assert_images_equal(&scratch);
+}

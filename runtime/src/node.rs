@@ -1,13 +1,14 @@
 //! Source and destination nodes: an engine state machine, its replication link and its front end,
 //! polled together on one reactor.
 //!
-//! Everything a node owns lives on its reactor's thread; other threads reach it only through
-//! [`NodeControl`] (atomics polled once per loop), so the I/O path takes no lock.
+//! Everything a node owns lives on its reactor's thread. Other threads send it [`Command`]s through
+//! the reactor's mailbox (a bounded lock-free queue) and read what it publishes in
+//! [`NodeControl`], so the I/O path takes no lock.
 
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use nvmirror_engine::counters::Counters;
 use nvmirror_engine::destination::{Destination, DestinationEvent};
@@ -16,7 +17,7 @@ use nvmirror_engine::source::{Source, SourceEvent, WriteId};
 use nvmirror_engine::wire;
 
 use crate::link::{IoVecs, Link, LinkEndpoint};
-use crate::reactor::Poller;
+use crate::reactor::{Mailbox, Poller};
 use crate::ring_memory::RingMemory;
 
 /// A namespace device as the nodes hold it.
@@ -24,15 +25,29 @@ pub type Device = Box<dyn BlockDevice + Send>;
 pub type SourceEngine = Source<RingMemory, Device>;
 pub type DestinationEngine = Destination<RingMemory, Device>;
 
-/// How other threads steer a node: requests are flags the node polls; results are published here.
-#[derive(Default)]
+/// What another thread can ask of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Start a consistency point now (source).
+    RequestCp,
+    /// Publish the counters in [`NodeControl::counters`].
+    PublishCounters,
+    /// Finish: take a last CP so the mirror is current, then report `synced` (source).
+    Finish,
+}
+
+/// Commands queued for a node at most; a full mailbox refuses more.
+pub const COMMANDS_MAX: usize = 64;
+
+/// How other threads steer a node: commands go through its mailbox; results are published here.
 pub struct NodeControl {
+    mailbox: Arc<Mailbox<Command>>,
+    /// Ends the node's reactor loop (checked once per loop; the mailbox wakes a sleeping reactor).
     pub stop: AtomicBool,
-    pub cp_requested: AtomicBool,
-    pub counters_requested: AtomicBool,
     /// Consistency points completed (source) or applied (destination).
     pub cp_completed: AtomicU64,
-    /// Set by a source once its front end finished and the last CP made everything durable on both sides.
+    /// Set by a source once its front end finished (or [`Command::Finish`] came) and the last CP
+    /// made everything durable on both sides.
     pub synced: AtomicBool,
     /// Set when the peer refused the link for good (version, geometry, volume or epoch mismatch).
     pub rejected: Mutex<Option<String>>,
@@ -41,9 +56,35 @@ pub struct NodeControl {
 }
 
 impl NodeControl {
+    pub fn new() -> std::io::Result<Arc<NodeControl>> {
+        Ok(Arc::new(NodeControl {
+            mailbox: Mailbox::new(COMMANDS_MAX)?,
+            stop: AtomicBool::new(false),
+            cp_completed: AtomicU64::new(0),
+            synced: AtomicBool::new(false),
+            rejected: Mutex::new(None),
+            counters: Mutex::new(None),
+        }))
+    }
+
+    pub fn mailbox(&self) -> Arc<Mailbox<Command>> {
+        self.mailbox.clone()
+    }
+
+    /// Queues a command for the node; fails only when the node has not drained its mailbox.
+    pub fn send(&self, command: Command) -> Result<(), String> {
+        self.mailbox.send(command).map_err(|command| format!("node mailbox full; {command:?} not sent"))
+    }
+
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::Release);
+        self.mailbox.wake();
     }
+}
+
+/// A node as its reactor drives it: polled work plus the commands of other threads.
+pub trait Node: Poller {
+    fn handle_command(&mut self, now_us: u64, command: Command);
 }
 
 /// Write completions a source front end has not collected yet: more than the ring can hold in flight.
@@ -182,15 +223,17 @@ pub struct SourceNode<F: FrontEnd> {
     pub volume: Volume,
     pub link: Link,
     pub front_end: F,
-    control: std::sync::Arc<NodeControl>,
-    /// When the front end finished: the CP asked for to make everything durable on both sides.
+    control: Arc<NodeControl>,
+    /// The front end finished or a [`Command::Finish`] came: wind down with a last CP.
+    finishing: bool,
+    /// The last CP was asked for.
     final_cp_requested: bool,
 }
 
 impl<F: FrontEnd> SourceNode<F> {
-    pub fn new(source: SourceEngine, peer: SocketAddr, front_end: F, control: std::sync::Arc<NodeControl>) -> Self {
+    pub fn new(source: SourceEngine, peer: SocketAddr, front_end: F, control: Arc<NodeControl>) -> Self {
         let link = Link::dial(peer, wire::MESSAGE_BYTES_MAX);
-        SourceNode { volume: Volume::new(source), link, front_end, control, final_cp_requested: false }
+        SourceNode { volume: Volume::new(source), link, front_end, control, finishing: false, final_cp_requested: false }
     }
 
     pub fn publish_counters(&self) {
@@ -234,6 +277,16 @@ impl<F: FrontEnd> Poller for SourceNode<F> {
     }
 }
 
+impl<F: FrontEnd> Node for SourceNode<F> {
+    fn handle_command(&mut self, now_us: u64, command: Command) {
+        match command {
+            Command::RequestCp => self.volume.source.request_cp(now_us),
+            Command::PublishCounters => self.publish_counters(),
+            Command::Finish => self.finishing = true,
+        }
+    }
+}
+
 impl<F: FrontEnd> SourceNode<F> {
     fn handle_event(&mut self, event: SourceEvent) {
         match event {
@@ -255,13 +308,7 @@ impl<F: FrontEnd> SourceNode<F> {
     }
 
     fn poll_control(&mut self, now_us: u64) {
-        if self.control.cp_requested.swap(false, Ordering::AcqRel) {
-            self.volume.source.request_cp(now_us);
-        }
-        if self.control.counters_requested.swap(false, Ordering::AcqRel) {
-            self.publish_counters();
-        }
-        if self.front_end.is_finished() && !self.control.synced.load(Ordering::Acquire) {
+        if (self.finishing || self.front_end.is_finished()) && !self.control.synced.load(Ordering::Acquire) {
             if !self.final_cp_requested {
                 self.volume.source.request_cp(now_us);
                 self.final_cp_requested = true;
@@ -278,14 +325,14 @@ impl<F: FrontEnd> SourceNode<F> {
 pub struct DestinationNode {
     pub destination: DestinationEngine,
     pub link: Link,
-    control: std::sync::Arc<NodeControl>,
+    control: Arc<NodeControl>,
 }
 
 impl DestinationNode {
     pub fn new(
         destination: DestinationEngine,
         listen: SocketAddr,
-        control: std::sync::Arc<NodeControl>,
+        control: Arc<NodeControl>,
     ) -> std::io::Result<Self> {
         let link = Link::accept(listen, wire::MESSAGE_BYTES_MAX)?;
         Ok(DestinationNode { destination, link, control })
@@ -297,6 +344,16 @@ impl DestinationNode {
 
     pub fn publish_counters(&self) {
         *self.control.counters.lock().unwrap() = Some(self.destination.counters().clone());
+    }
+}
+
+impl Node for DestinationNode {
+    fn handle_command(&mut self, _now_us: u64, command: Command) {
+        match command {
+            Command::PublishCounters => self.publish_counters(),
+            // A destination takes CPs when its source sends them, and has nothing to finish.
+            Command::RequestCp | Command::Finish => {}
+        }
     }
 }
 
@@ -318,9 +375,6 @@ impl Poller for DestinationNode {
         }
         if self.link.is_connected() {
             work += self.link.poll(now_us, &mut self.destination);
-        }
-        if self.control.counters_requested.swap(false, Ordering::AcqRel) {
-            self.publish_counters();
         }
         work
     }

@@ -13,7 +13,7 @@ use nvmirror_engine::device::BlockDevice;
 use nvmirror_engine::source::{ReadError, WriteRefused, WriteSlot};
 use nvmirror_nvmf::{Backend, BackendError, DeviceBackend, IoToken, Listener, NamespaceInfo, PollGroup, Target};
 
-use crate::node::{FrontEnd, Volume};
+use crate::node::{Command, FrontEnd, Node, Volume};
 use crate::reactor::Poller;
 
 /// Tokens of operations that complete at once (flush) live above every write id.
@@ -174,5 +174,12 @@ impl<D: BlockDevice> Poller for PlainTarget<D> {
     fn wait_fds(&self, out: &mut Vec<RawFd>) {
         out.extend(self.listeners.iter().map(Listener::raw_fd));
         self.group.raw_fds(out);
+    }
+}
+
+impl<D: BlockDevice> Node for PlainTarget<D> {
+    /// No replication, no CPs: only the counters request means anything, and they have none.
+    fn handle_command(&mut self, _now_us: u64, command: Command) {
+        log::debug!("unreplicated target: {command:?} ignored");
     }
 }
