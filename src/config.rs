@@ -47,7 +47,10 @@ pub enum NamespaceConfig {
     /// Memory (hugepage-backed where possible); contents vanish with the process.
     Malloc { size_mib: u64 },
     /// A file or block device; created with `size_mib` when missing.
-    File { path: PathBuf, size_mib: Option<u64> },
+    File {
+        path: PathBuf,
+        size_mib: Option<u64>,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -172,9 +175,16 @@ impl TargetSection {
     }
 
     /// The target's own configuration, checked by the target crate (its error names the field).
-    pub fn to_target_config(&self, namespace_count: usize) -> Result<nvmirror_nvmf::TargetConfig, ConfigError> {
+    pub fn to_target_config(
+        &self,
+        namespace_count: usize,
+    ) -> Result<nvmirror_nvmf::TargetConfig, ConfigError> {
         for (index, subsystem) in self.subsystems.iter().enumerate() {
-            if let Some(nsid) = subsystem.namespaces.iter().find(|n| **n == 0 || **n as usize > namespace_count) {
+            if let Some(nsid) = subsystem
+                .namespaces
+                .iter()
+                .find(|n| **n == 0 || **n as usize > namespace_count)
+            {
                 return Err(bad(
                     format!("target.subsystem[{index}].namespaces"),
                     format!("namespace {nsid} does not exist (there are {namespace_count})"),
@@ -251,7 +261,10 @@ impl std::fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 fn bad(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError { key: key.into(), reason: reason.into() }
+    ConfigError {
+        key: key.into(),
+        reason: reason.into(),
+    }
 }
 
 impl Config {
@@ -280,25 +293,38 @@ impl Config {
         }
         match self.role {
             Role::Source if self.peer.is_none() => {
-                return Err(bad("peer", "a source needs the destination's address (e.g. \"127.0.0.1:4800\")"))
+                return Err(bad(
+                    "peer",
+                    "a source needs the destination's address (e.g. \"127.0.0.1:4800\")",
+                ))
             }
             Role::Destination if self.listen.is_none() => {
-                return Err(bad("listen", "a destination needs an address to accept the source on"))
+                return Err(bad(
+                    "listen",
+                    "a destination needs an address to accept the source on",
+                ))
             }
             _ => {}
         }
-        if !(RING_MIB_MIN..=RING_MIB_MAX).contains(&self.ring_size_mib) || self.ring_size_mib % 2 != 0 {
+        if !(RING_MIB_MIN..=RING_MIB_MAX).contains(&self.ring_size_mib)
+            || !self.ring_size_mib.is_multiple_of(2)
+        {
             return Err(bad(
                 "ring_size_mib",
                 format!("must be an even number of MiB from {RING_MIB_MIN} to {RING_MIB_MAX} (2 MiB hugepages), got {}", self.ring_size_mib),
             ));
         }
-        let cores = core_affinity::get_core_ids().map(|ids| ids.len()).unwrap_or(1);
+        let cores = core_affinity::get_core_ids()
+            .map(|ids| ids.len())
+            .unwrap_or(1);
         if self.cores.is_empty() {
             return Err(bad("cores", "needs at least one core"));
         }
         if let Some(core) = self.cores.iter().find(|core| **core >= cores) {
-            return Err(bad("cores", format!("core {core} does not exist (this machine has {cores})")));
+            return Err(bad(
+                "cores",
+                format!("core {core} does not exist (this machine has {cores})"),
+            ));
         }
         if self.cp_interval_ms == 0 || self.cp_interval_ms > 3_600_000 {
             return Err(bad("cp_interval_ms", "must be from 1 ms to one hour"));
@@ -413,7 +439,10 @@ size_mib = 16
         let config = Config::parse(SOURCE).unwrap();
         assert_eq!(config.role, Role::Source);
         assert_eq!(config.ring_size_mib, 8);
-        assert_eq!(config.namespaces, vec![NamespaceConfig::Malloc { size_mib: 16 }]);
+        assert_eq!(
+            config.namespaces,
+            vec![NamespaceConfig::Malloc { size_mib: 16 }]
+        );
         assert_eq!(config.cp_interval_ms, CP_INTERVAL_MS_DEFAULT);
     }
 
@@ -431,7 +460,10 @@ size_mib = 16
         let error = Config::parse(&unknown).unwrap_err();
         assert!(error.reason.contains("surprise"), "{error}");
         let zero = SOURCE.replace("size_mib = 16", "size_mib = 0");
-        assert_eq!(Config::parse(&zero).unwrap_err().key, "namespace[0].size_mib");
+        assert_eq!(
+            Config::parse(&zero).unwrap_err().key,
+            "namespace[0].size_mib"
+        );
         let core = SOURCE.replace("ring_size_mib = 8", "ring_size_mib = 8\ncores = [999]");
         assert_eq!(Config::parse(&core).unwrap_err().key, "cores");
     }
@@ -445,9 +477,16 @@ size_mib = 16
         let target = config.target.as_ref().unwrap().to_target_config(1).unwrap();
         assert_eq!(target.subsystems[0].namespaces, vec![1]);
         let missing_namespace = with_target.replace("namespaces = [1]", "namespaces = [2]");
-        assert_eq!(Config::parse(&missing_namespace).unwrap_err().key, "target.subsystem[0].namespaces");
-        let bad_capsule = with_target.replace("[target]\n", "[target]\nin_capsule_data_bytes = 7\n");
-        assert_eq!(Config::parse(&bad_capsule).unwrap_err().key, "target.in_capsule_data_bytes");
+        assert_eq!(
+            Config::parse(&missing_namespace).unwrap_err().key,
+            "target.subsystem[0].namespaces"
+        );
+        let bad_capsule =
+            with_target.replace("[target]\n", "[target]\nin_capsule_data_bytes = 7\n");
+        assert_eq!(
+            Config::parse(&bad_capsule).unwrap_err().key,
+            "target.in_capsule_data_bytes"
+        );
     }
 
     #[test]

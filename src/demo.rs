@@ -6,7 +6,9 @@ use std::sync::atomic::Ordering;
 use nvmirror_engine::counters::Counters;
 use nvmirror_engine::device::BlockDevice;
 use nvmirror_engine::geometry::BLOCK_SIZE;
-use nvmirror_runtime::node::{Command, DestinationNode, FrontEnd, NodeControl, SourceEngine, SourceNode};
+use nvmirror_runtime::node::{
+    Command, DestinationNode, FrontEnd, NodeControl, SourceEngine, SourceNode,
+};
 use nvmirror_runtime::workload::{Pattern, Planner, Workload};
 
 use crate::config::{Config, CpModeConfig, Role};
@@ -19,7 +21,9 @@ pub const EMBEDDED_NAMESPACE_MIB: u64 = 256;
 /// The source and destination configs of the embedded default (malloc namespaces, loopback).
 pub fn embedded_configs(mode: CpModeConfig) -> (Config, Config) {
     let any_port: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
-    let cores = core_affinity::get_core_ids().map(|ids| ids.len()).unwrap_or(1);
+    let cores = core_affinity::get_core_ids()
+        .map(|ids| ids.len())
+        .unwrap_or(1);
     let mut source = Config::embedded_default(Role::Source, any_port, 0);
     let mut destination = Config::embedded_default(Role::Destination, any_port, 1 % cores);
     source.cp_mode = mode;
@@ -35,7 +39,10 @@ pub struct EmbeddedPair<F: FrontEnd + Send + 'static> {
 }
 
 impl<F: FrontEnd + Send + 'static> EmbeddedPair<F> {
-    pub fn start<M>((mut source, destination): (Config, Config), make_front_end: M) -> Result<Self, String>
+    pub fn start<M>(
+        (mut source, destination): (Config, Config),
+        make_front_end: M,
+    ) -> Result<Self, String>
     where
         M: FnOnce(&SourceEngine) -> Result<F, String> + Send + 'static,
     {
@@ -45,15 +52,23 @@ impl<F: FrontEnd + Send + 'static> EmbeddedPair<F> {
             for dir in [&config.hugepage_dir, &config.fallback_dir] {
                 let stale = dir.join(config.ring_file_name());
                 if stale.exists() {
-                    std::fs::remove_file(&stale).map_err(|e| format!("{}: {e}", stale.display()))?;
-                    log::info!("embedded: removed the ring of an earlier run at {}", stale.display());
+                    std::fs::remove_file(&stale)
+                        .map_err(|e| format!("{}: {e}", stale.display()))?;
+                    log::info!(
+                        "embedded: removed the ring of an earlier run at {}",
+                        stale.display()
+                    );
                 }
             }
         }
         let (destination, replication_address) = setup::spawn_destination(destination)?;
         source.peer = Some(replication_address);
         let source = setup::spawn_source(source, make_front_end)?;
-        Ok(EmbeddedPair { source, destination, replication_address })
+        Ok(EmbeddedPair {
+            source,
+            destination,
+            replication_address,
+        })
     }
 
     pub fn stop(self) -> Result<(SourceNode<F>, DestinationNode), String> {
@@ -90,7 +105,11 @@ pub fn serve_until_stopped(
             std::thread::sleep(std::time::Duration::from_millis(50));
             for (index, control) in controls.iter().enumerate() {
                 if let Some(counters) = control.counters.lock().unwrap().as_ref() {
-                    print_counters(if index == 0 { "source" } else { "destination" }, counters, json);
+                    print_counters(
+                        if index == 0 { "source" } else { "destination" },
+                        counters,
+                        json,
+                    );
                 }
             }
         }
@@ -101,7 +120,10 @@ pub fn serve_until_stopped(
 
 pub fn print_counters(side: &str, counters: &Counters, json: bool) {
     if json {
-        println!("{{\"side\":\"{side}\",\"counters\":{}}}", counters.to_json());
+        println!(
+            "{{\"side\":\"{side}\",\"counters\":{}}}",
+            counters.to_json()
+        );
     } else {
         println!("--- {side} counters ---\n{}", counters.to_text().trim_end());
     }
@@ -122,7 +144,11 @@ impl DemoOptions {
         let demo = DemoOptions {
             seed: options.number("--seed", 1)?,
             writes: options.number("--writes", 20_000)?,
-            pattern: options.value("--pattern")?.as_deref().unwrap_or("mixed").parse()?,
+            pattern: options
+                .value("--pattern")?
+                .as_deref()
+                .unwrap_or("mixed")
+                .parse()?,
             mode: match options.value("--mode")?.as_deref().unwrap_or("references") {
                 "references" => CpModeConfig::References,
                 "naive" => CpModeConfig::Naive,
@@ -134,7 +160,10 @@ impl DemoOptions {
         };
         options.finish()?;
         if demo.queue_depth == 0 || demo.queue_depth > nvmirror_runtime::workload::QUEUE_DEPTH_MAX {
-            return Err(format!("--queue-depth must be 1..={}", nvmirror_runtime::workload::QUEUE_DEPTH_MAX));
+            return Err(format!(
+                "--queue-depth must be 1..={}",
+                nvmirror_runtime::workload::QUEUE_DEPTH_MAX
+            ));
         }
         Ok(demo)
     }
@@ -145,18 +174,29 @@ pub fn run_demo(options: DemoOptions) -> Result<(), String> {
     let stop = crate::signals()?.stop;
     let (source_config, destination_config) = embedded_configs(options.mode);
     let sizes = vec![EMBEDDED_NAMESPACE_MIB << 20; source_config.namespaces.len()];
-    let (seed, writes, queue_depth, cp_every, pattern) =
-        (options.seed, options.writes, options.queue_depth, options.cp_every_writes, options.pattern);
+    let (seed, writes, queue_depth, cp_every, pattern) = (
+        options.seed,
+        options.writes,
+        options.queue_depth,
+        options.cp_every_writes,
+        options.pattern,
+    );
     let started = std::time::Instant::now();
     let pair = EmbeddedPair::start((source_config, destination_config), move |_| {
-        Ok(Workload::new(Planner::new(pattern, seed, sizes), seed, queue_depth, writes, cp_every))
+        Ok(Workload::new(
+            Planner::new(pattern, seed, sizes),
+            seed,
+            queue_depth,
+            writes,
+            cp_every,
+        ))
     })?;
     let control = pair.source.control.clone();
     setup::wait_until(&control, &stop, || control.synced.load(Ordering::Acquire))?;
     let elapsed = started.elapsed();
     let (source, destination) = pair.stop()?;
-    let counters = source.volume.source.counters().clone();
-    let destination_counters = destination.destination.counters().clone();
+    let counters = *source.volume.source.counters();
+    let destination_counters = *destination.destination.counters();
     let wire_bytes = source.link.counters.bytes_sent + source.link.counters.bytes_received;
     let equal = compare_images(source, destination)?;
     let host_bytes = counters.host_bytes_written.max(1);
@@ -170,16 +210,30 @@ pub fn run_demo(options: DemoOptions) -> Result<(), String> {
     } else {
         println!(
             "nvmirror demo: {} {:?} writes (seed {}), CP mode {:?}, queue depth {}, {:.2} s",
-            options.writes, options.pattern, options.seed, options.mode, options.queue_depth, elapsed.as_secs_f64()
+            options.writes,
+            options.pattern,
+            options.seed,
+            options.mode,
+            options.queue_depth,
+            elapsed.as_secs_f64()
         );
         print_counters("source", &counters, false);
         print_counters("destination", &destination_counters, false);
         println!("--- summary ---");
-        println!("host bytes written          {}", counters.host_bytes_written);
+        println!(
+            "host bytes written          {}",
+            counters.host_bytes_written
+        );
         println!("replication wire bytes      {wire_bytes} (both directions, all messages)");
         println!("wire bytes per host byte    {ratio:.4}");
-        println!("bytes saved by references   {}", counters.bytes_saved_by_references);
-        println!("mirror equals primary       {}", if equal { "yes" } else { "NO" });
+        println!(
+            "bytes saved by references   {}",
+            counters.bytes_saved_by_references
+        );
+        println!(
+            "mirror equals primary       {}",
+            if equal { "yes" } else { "NO" }
+        );
     }
     if !equal {
         return Err("the destination mirror differs from the source primary".into());
@@ -188,22 +242,35 @@ pub fn run_demo(options: DemoOptions) -> Result<(), String> {
 }
 
 /// Compares every namespace of the source's primary with the destination's mirror.
-fn compare_images(source: SourceNode<impl FrontEnd>, destination: DestinationNode) -> Result<bool, String> {
+fn compare_images(
+    source: SourceNode<impl FrontEnd>,
+    destination: DestinationNode,
+) -> Result<bool, String> {
     const CHUNK_BYTES: usize = 256 * BLOCK_SIZE;
     let (_, mut primaries) = source.volume.source.into_parts();
     let (_, mut mirrors) = destination.destination.into_parts();
     let mut primary = vec![0u8; CHUNK_BYTES];
     let mut mirror = vec![0u8; CHUNK_BYTES];
-    for (index, (primary_device, mirror_device)) in primaries.iter_mut().zip(mirrors.iter_mut()).enumerate() {
+    for (index, (primary_device, mirror_device)) in
+        primaries.iter_mut().zip(mirrors.iter_mut()).enumerate()
+    {
         let size_bytes = primary_device.size_bytes();
         let mut offset = 0u64;
         while offset < size_bytes {
             let length = CHUNK_BYTES.min((size_bytes - offset) as usize);
-            primary_device.read_at(offset, &mut primary[..length]).map_err(|e| format!("primary read: {e}"))?;
-            mirror_device.read_at(offset, &mut mirror[..length]).map_err(|e| format!("mirror read: {e}"))?;
+            primary_device
+                .read_at(offset, &mut primary[..length])
+                .map_err(|e| format!("primary read: {e}"))?;
+            mirror_device
+                .read_at(offset, &mut mirror[..length])
+                .map_err(|e| format!("mirror read: {e}"))?;
             if primary[..length] != mirror[..length] {
                 let first = (0..length).find(|i| primary[*i] != mirror[*i]).unwrap_or(0);
-                log::error!("namespace {}: mirror differs from primary at byte {}", index + 1, offset + first as u64);
+                log::error!(
+                    "namespace {}: mirror differs from primary at byte {}",
+                    index + 1,
+                    offset + first as u64
+                );
                 return Ok(false);
             }
             offset += length as u64;
@@ -217,8 +284,16 @@ fn compare_images(source: SourceNode<impl FrontEnd>, destination: DestinationNod
 pub fn run_workload(options: &mut Options, sync_only: bool) -> Result<(), String> {
     let path = options.required("--config")?;
     let seed = options.number("--seed", 1)?;
-    let writes = if sync_only { 0 } else { options.number("--writes", 10_000)? };
-    let pattern: Pattern = options.value("--pattern")?.as_deref().unwrap_or("mixed").parse()?;
+    let writes = if sync_only {
+        0
+    } else {
+        options.number("--writes", 10_000)?
+    };
+    let pattern: Pattern = options
+        .value("--pattern")?
+        .as_deref()
+        .unwrap_or("mixed")
+        .parse()?;
     let queue_depth = options.number("--queue-depth", 16)? as usize;
     let cp_every = options.number("--cp-every", 2000)?;
     let ack_log = options.value("--ack-log")?;
@@ -226,12 +301,20 @@ pub fn run_workload(options: &mut Options, sync_only: bool) -> Result<(), String
     options.finish()?;
     let config = Config::load(&path).map_err(|e| e.to_string())?;
     if config.role != Role::Source {
-        return Err(format!("{}: role must be source for this command", path.display()));
+        return Err(format!(
+            "{}: role must be source for this command",
+            path.display()
+        ));
     }
     let stop = crate::signals()?.stop;
     let running = setup::spawn_source(config, move |source: &SourceEngine| {
-        let mut workload =
-            Workload::new(Planner::new(pattern, seed, source.namespace_sizes_bytes().to_vec()), seed, queue_depth, writes, cp_every);
+        let mut workload = Workload::new(
+            Planner::new(pattern, seed, source.namespace_sizes_bytes().to_vec()),
+            seed,
+            queue_depth,
+            writes,
+            cp_every,
+        );
         if let Some(path) = ack_log {
             let file = std::fs::OpenOptions::new()
                 .create(true)

@@ -54,7 +54,10 @@ fn run(args: &[String]) -> Result<(), String> {
             match options.value("--config")? {
                 Some(path) => {
                     options.finish()?;
-                    run_configured(&Config::load(std::path::Path::new(&path)).map_err(|e| e.to_string())?, json)
+                    run_configured(
+                        &Config::load(std::path::Path::new(&path)).map_err(|e| e.to_string())?,
+                        json,
+                    )
                 }
                 None => {
                     let unreplicated = options.flag("--no-replication");
@@ -108,7 +111,8 @@ pub fn signals() -> Result<Signals, String> {
         cp: Arc::new(AtomicBool::new(false)),
     };
     let register = |signal, flag: &Arc<AtomicBool>| {
-        signal_hook::flag::register(signal, flag.clone()).map_err(|e| format!("signal handler: {e}"))
+        signal_hook::flag::register(signal, flag.clone())
+            .map_err(|e| format!("signal handler: {e}"))
     };
     register(signal_hook::consts::SIGINT, &flags.stop)?;
     register(signal_hook::consts::SIGTERM, &flags.stop)?;
@@ -125,7 +129,10 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
     match config.role {
         Role::Destination => {
             let (running, address) = setup::spawn_destination(config.clone())?;
-            println!("nvmirror destination: volume '{}' accepting the source on {address}", config.volume);
+            println!(
+                "nvmirror destination: volume '{}' accepting the source on {address}",
+                config.volume
+            );
             let served = demo::serve_until_stopped(&[&running.control], None, &signals, json);
             let node = running.stop()?;
             served?;
@@ -139,7 +146,12 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
                 config.peer.expect("validated")
             );
             print_connect_lines(config);
-            let served = demo::serve_until_stopped(&[&running.control], Some(&running.control), &signals, json);
+            let served = demo::serve_until_stopped(
+                &[&running.control],
+                Some(&running.control),
+                &signals,
+                json,
+            );
             if served.is_ok() {
                 if let Err(e) = running.finish(FINAL_CP_TIMEOUT) {
                     log::warn!("source: {e}");
@@ -185,7 +197,9 @@ fn run_unreplicated_target() -> Result<(), String> {
     let signals = signals()?;
     let (config, _) = demo::embedded_configs(config::CpModeConfig::References);
     let running = setup::spawn_plain_target(config.clone())?;
-    println!("nvmirror: NVMe/TCP target WITHOUT replication running (malloc namespace). Ctrl-C stops.");
+    println!(
+        "nvmirror: NVMe/TCP target WITHOUT replication running (malloc namespace). Ctrl-C stops."
+    );
     print_connect_lines(&config);
     demo::serve_until_stopped(&[], None, &signals, false)?;
     running.stop()?;
@@ -214,7 +228,11 @@ fn print_connect_lines(config: &Config) {
         }
     }
     for discovery in &target.discovery_listen {
-        println!("  discovery:      nvme discover -t tcp -a {} -s {}", discovery.ip(), discovery.port());
+        println!(
+            "  discovery:      nvme discover -t tcp -a {} -s {}",
+            discovery.ip(),
+            discovery.port()
+        );
     }
 }
 
@@ -228,7 +246,9 @@ impl Options {
     fn parse(args: &[String]) -> Result<Options, String> {
         let (command, rest) = match args.first() {
             Some(first) if !first.starts_with('-') => (Some(first.clone()), args[1..].to_vec()),
-            Some(first) if first == "--help" || first == "-h" => (Some("help".into()), args[1..].to_vec()),
+            Some(first) if first == "--help" || first == "-h" => {
+                (Some("help".into()), args[1..].to_vec())
+            }
             _ => (None, args.to_vec()),
         };
         Ok(Options { command, rest })
@@ -257,12 +277,16 @@ impl Options {
     }
 
     pub fn required(&mut self, name: &str) -> Result<PathBuf, String> {
-        self.value(name)?.map(PathBuf::from).ok_or_else(|| format!("{name} FILE is required"))
+        self.value(name)?
+            .map(PathBuf::from)
+            .ok_or_else(|| format!("{name} FILE is required"))
     }
 
     pub fn number(&mut self, name: &str, default: u64) -> Result<u64, String> {
         match self.value(name)? {
-            Some(text) => text.parse().map_err(|_| format!("{name}: '{text}' is not a number")),
+            Some(text) => text
+                .parse()
+                .map_err(|_| format!("{name}: '{text}' is not a number")),
             None => Ok(default),
         }
     }

@@ -1,8 +1,8 @@
 //! Turns a checked [`Config`] into running nodes: ring memory, namespace devices, engine state
 //! machines, and the reactor threads that poll them.
 
-use std::net::SocketAddr;
 use std::cell::RefCell;
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,12 +10,14 @@ use std::thread::JoinHandle;
 
 use nvmirror_engine::destination::{Destination, DestinationConfig};
 use nvmirror_engine::source::{CpMode, Source, SourceConfig};
-use nvmirror_runtime::bdev::{FileDevice, MallocDevice};
 use nvmirror_nvmf::Target;
-use nvmirror_runtime::node::{Command, Device, DestinationNode, FrontEnd, Node, NodeControl, SourceEngine, SourceNode};
-use nvmirror_runtime::target::{PlainTarget, TargetFrontEnd};
+use nvmirror_runtime::bdev::{FileDevice, MallocDevice};
+use nvmirror_runtime::node::{
+    Command, DestinationNode, Device, FrontEnd, Node, NodeControl, SourceEngine, SourceNode,
+};
 use nvmirror_runtime::reactor::{self, IdlePolicy, Poller, Reactor, ReactorConfig};
 use nvmirror_runtime::ring_memory::RingMemory;
+use nvmirror_runtime::target::{PlainTarget, TargetFrontEnd};
 
 use crate::config::{Config, CpModeConfig, IdleConfig, NamespaceConfig};
 
@@ -26,10 +28,11 @@ pub fn open_namespaces(config: &Config) -> Result<Vec<Device>, String> {
     let mut devices: Vec<Device> = Vec::with_capacity(config.namespaces.len());
     for (index, namespace) in config.namespaces.iter().enumerate() {
         let device: Device = match namespace {
-            NamespaceConfig::Malloc { size_mib } => Box::new(
-                MallocDevice::new(size_mib * MIB)
-                    .map_err(|e| format!("namespace[{index}]: cannot allocate {size_mib} MiB: {e}"))?,
-            ),
+            NamespaceConfig::Malloc { size_mib } => {
+                Box::new(MallocDevice::new(size_mib * MIB).map_err(|e| {
+                    format!("namespace[{index}]: cannot allocate {size_mib} MiB: {e}")
+                })?)
+            }
             NamespaceConfig::File { path, size_mib } => Box::new(
                 FileDevice::open(path, size_mib.map(|mib| mib * MIB), size_mib.is_some())
                     .map_err(|e| format!("namespace[{index}]: {}: {e}", path.display()))?,
@@ -51,16 +54,27 @@ pub fn open_ring(config: &Config) -> Result<RingMemory, String> {
         config.ring_size_mib * MIB,
     )
     .map_err(|e| format!("NVRAM ring: {e}"))?;
-    log::info!("{:?} ring: {} MiB, {backing:?}", config.role, config.ring_size_mib);
+    log::info!(
+        "{:?} ring: {} MiB, {backing:?}",
+        config.role,
+        config.ring_size_mib
+    );
     Ok(memory)
 }
 
 pub fn reactor_config(config: &Config, name: &str) -> ReactorConfig {
     let idle = match config.idle {
         IdleConfig::Busy => IdlePolicy::BusyPoll,
-        IdleConfig::Adaptive => IdlePolicy::Adaptive { spin_us: 200, max_sleep_us: 10_000 },
+        IdleConfig::Adaptive => IdlePolicy::Adaptive {
+            spin_us: 200,
+            max_sleep_us: 10_000,
+        },
     };
-    ReactorConfig { name: name.into(), core: config.cores.first().copied(), idle }
+    ReactorConfig {
+        name: name.into(),
+        core: config.cores.first().copied(),
+        idle,
+    }
 }
 
 pub fn open_source(config: &Config) -> Result<SourceEngine, String> {
@@ -77,7 +91,10 @@ pub fn open_source(config: &Config) -> Result<SourceEngine, String> {
     let (source, recovery) = Source::open(source_config, ring, primaries, reactor::monotonic_us())
         .map_err(|e| format!("source: {e}"))?;
     if recovery.formatted {
-        log::info!("source: new NVRAM ring formatted (epoch {})", recovery.epoch);
+        log::info!(
+            "source: new NVRAM ring formatted (epoch {})",
+            recovery.epoch
+        );
     } else {
         log::info!(
             "source: ring replay: {} entries ({} bytes) newer than CP {} replayed onto the primary (epoch {})",
@@ -90,11 +107,19 @@ pub fn open_source(config: &Config) -> Result<SourceEngine, String> {
     Ok(source)
 }
 
-pub fn open_destination(config: &Config) -> Result<nvmirror_runtime::node::DestinationEngine, String> {
+pub fn open_destination(
+    config: &Config,
+) -> Result<nvmirror_runtime::node::DestinationEngine, String> {
     let ring = open_ring(config)?;
     let mirrors = open_namespaces(config)?;
-    Destination::open(DestinationConfig { volume_id: config.volume_id() }, ring, mirrors)
-        .map_err(|e| format!("destination: {e}"))
+    Destination::open(
+        DestinationConfig {
+            volume_id: config.volume_id(),
+        },
+        ring,
+        mirrors,
+    )
+    .map_err(|e| format!("destination: {e}"))
 }
 
 /// The front end of a configured source: the NVMe/TCP target when `[target]` is set, else none.
@@ -107,7 +132,9 @@ pub fn target_front_end(
         let Some(section) = target else {
             return Ok(None);
         };
-        let target_config = section.to_target_config(namespace_count).map_err(|e| e.to_string())?;
+        let target_config = section
+            .to_target_config(namespace_count)
+            .map_err(|e| e.to_string())?;
         let target = Target::new(target_config).map_err(|e| format!("NVMe/TCP target: {e}"))?;
         let front_end = TargetFrontEnd::new(target).map_err(|e| format!("NVMe/TCP target: {e}"))?;
         log::info!("NVMe/TCP target listening on {:?}", front_end.local_addrs());
@@ -142,12 +169,17 @@ impl<N> Running<N> {
 
     pub fn stop(self) -> Result<N, String> {
         self.control.request_stop();
-        self.thread.join().map_err(|_| "reactor thread panicked".to_string())?
+        self.thread
+            .join()
+            .map_err(|_| "reactor thread panicked".to_string())?
     }
 }
 
 /// Starts a source node on its own reactor thread. `make_front_end` runs on that thread.
-pub fn spawn_source<F, M>(config: Config, make_front_end: M) -> Result<Running<SourceNode<F>>, String>
+pub fn spawn_source<F, M>(
+    config: Config,
+    make_front_end: M,
+) -> Result<Running<SourceNode<F>>, String>
 where
     F: FrontEnd + Send + 'static,
     M: FnOnce(&SourceEngine) -> Result<F, String> + Send + 'static,
@@ -161,7 +193,12 @@ where
             let built = open_source(&config).and_then(|source| {
                 let front_end = make_front_end(&source)?;
                 let peer = config.peer.expect("validated: a source has a peer");
-                Ok(SourceNode::new(source, peer, front_end, node_control.clone()))
+                Ok(SourceNode::new(
+                    source,
+                    peer,
+                    front_end,
+                    node_control.clone(),
+                ))
             });
             let node = match built {
                 Ok(node) => {
@@ -178,7 +215,9 @@ where
             Ok(node)
         })
         .map_err(|e| format!("cannot start the source reactor: {e}"))?;
-    ready_rx.recv().map_err(|_| "source reactor died at start".to_string())??;
+    ready_rx
+        .recv()
+        .map_err(|_| "source reactor died at start".to_string())??;
     Ok(Running { control, thread })
 }
 
@@ -192,7 +231,8 @@ pub fn spawn_destination(config: Config) -> Result<(Running<DestinationNode>, So
         .spawn(move || {
             let listen = config.listen.expect("validated: a destination listens");
             let built = open_destination(&config).and_then(|destination| {
-                DestinationNode::new(destination, listen, node_control.clone()).map_err(|e| e.to_string())
+                DestinationNode::new(destination, listen, node_control.clone())
+                    .map_err(|e| e.to_string())
             });
             let node = match built {
                 Ok(node) => {
@@ -209,12 +249,18 @@ pub fn spawn_destination(config: Config) -> Result<(Running<DestinationNode>, So
             Ok(node)
         })
         .map_err(|e| format!("cannot start the destination reactor: {e}"))?;
-    let address = ready_rx.recv().map_err(|_| "destination reactor died at start".to_string())??;
+    let address = ready_rx
+        .recv()
+        .map_err(|_| "destination reactor died at start".to_string())??;
     Ok((Running { control, thread }, address))
 }
 
 /// Polls `node` on a reactor on this thread until `stop`; gives the node back afterwards.
-fn run_node<N: Node + 'static>(config: ReactorConfig, control: &NodeControl, node: N) -> Result<N, String> {
+fn run_node<N: Node + 'static>(
+    config: ReactorConfig,
+    control: &NodeControl,
+    node: N,
+) -> Result<N, String> {
     /// The reactor owns its pollers; sharing the node lets this thread take it back when it returns.
     struct Shared<N>(Rc<RefCell<N>>);
     impl<N: Poller> Poller for Shared<N> {
@@ -233,14 +279,23 @@ fn run_node<N: Node + 'static>(config: ReactorConfig, control: &NodeControl, nod
     let mut reactor = Reactor::with_mailbox(config, control.mailbox());
     reactor.add_poller(Box::new(Shared(node.clone())));
     let commanded = node.clone();
-    let stats = reactor.run(&control.stop, |command, now_us, _| commanded.borrow_mut().handle_command(now_us, command));
+    let stats = reactor.run(&control.stop, |command, now_us, _| {
+        commanded.borrow_mut().handle_command(now_us, command)
+    });
     drop(commanded);
     log::debug!("{name} reactor: {stats:?}");
-    Ok(Rc::try_unwrap(node).ok().expect("the reactor dropped its pollers").into_inner())
+    Ok(Rc::try_unwrap(node)
+        .ok()
+        .expect("the reactor dropped its pollers")
+        .into_inner())
 }
 
 /// Waits until `done` holds, a stop is requested (signal), or the peer refused the link.
-pub fn wait_until(control: &NodeControl, stop: &AtomicBool, done: impl Fn() -> bool) -> Result<(), String> {
+pub fn wait_until(
+    control: &NodeControl,
+    stop: &AtomicBool,
+    done: impl Fn() -> bool,
+) -> Result<(), String> {
     loop {
         if done() {
             return Ok(());
@@ -266,9 +321,13 @@ pub fn spawn_plain_target(config: Config) -> Result<Running<PlainTarget<Device>>
         .spawn(move || {
             let built = (|| {
                 let section = config.target.clone().ok_or("no [target] section")?;
-                let target_config = section.to_target_config(config.namespaces.len()).map_err(|e| e.to_string())?;
-                let target = Target::new(target_config).map_err(|e| format!("NVMe/TCP target: {e}"))?;
-                PlainTarget::new(target, open_namespaces(&config)?).map_err(|e| format!("NVMe/TCP target: {e}"))
+                let target_config = section
+                    .to_target_config(config.namespaces.len())
+                    .map_err(|e| e.to_string())?;
+                let target =
+                    Target::new(target_config).map_err(|e| format!("NVMe/TCP target: {e}"))?;
+                PlainTarget::new(target, open_namespaces(&config)?)
+                    .map_err(|e| format!("NVMe/TCP target: {e}"))
             })();
             let node = match built {
                 Ok(node) => {
@@ -283,6 +342,8 @@ pub fn spawn_plain_target(config: Config) -> Result<Running<PlainTarget<Device>>
             run_node(reactor_config(&config, "target"), &node_control, node)
         })
         .map_err(|e| format!("cannot start the target reactor: {e}"))?;
-    ready_rx.recv().map_err(|_| "target reactor died at start".to_string())??;
+    ready_rx
+        .recv()
+        .map_err(|_| "target reactor died at start".to_string())??;
     Ok(Running { control, thread })
 }

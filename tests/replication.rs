@@ -46,10 +46,21 @@ impl Drop for Process {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
-fn write_config(scratch: &Scratch, role: &str, volume: &str, port: u16, image: &str, cp_interval_ms: u64) -> PathBuf {
+fn write_config(
+    scratch: &Scratch,
+    role: &str,
+    volume: &str,
+    port: u16,
+    image: &str,
+    cp_interval_ms: u64,
+) -> PathBuf {
     let address = if role == "source" { "peer" } else { "listen" };
     let text = format!(
         "role = \"{role}\"\nvolume = \"{volume}\"\n{address} = \"127.0.0.1:{port}\"\n\
@@ -75,12 +86,19 @@ fn start_destination(config: &Path) -> Process {
     let stdout = child.stdout.take().unwrap();
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).unwrap();
-    assert!(line.contains("accepting the source"), "destination said: {line}");
+    assert!(
+        line.contains("accepting the source"),
+        "destination said: {line}"
+    );
     Process(child)
 }
 
 fn run_to_end(mut command: Command) -> Output {
-    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let started = Instant::now();
     loop {
         if child.try_wait().unwrap().is_some() {
@@ -89,7 +107,10 @@ fn run_to_end(mut command: Command) -> Output {
         if started.elapsed() > TEST_TIMEOUT {
             let _ = child.kill();
             let output = child.wait_with_output().unwrap();
-            panic!("command timed out; stderr:\n{}", String::from_utf8_lossy(&output.stderr));
+            panic!(
+                "command timed out; stderr:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -97,7 +118,10 @@ fn run_to_end(mut command: Command) -> Output {
 
 fn read_image(path: &Path) -> Vec<u8> {
     let mut bytes = Vec::new();
-    std::fs::File::open(path).unwrap().read_to_end(&mut bytes).unwrap();
+    std::fs::File::open(path)
+        .unwrap()
+        .read_to_end(&mut bytes)
+        .unwrap();
     bytes
 }
 
@@ -109,7 +133,10 @@ fn assert_images_equal(scratch: &Scratch) {
         if let Some(first) = (0..primary.len()).find(|i| primary[*i] != mirror[*i]) {
             panic!("namespace{suffix}: mirror differs from primary first at byte {first}");
         }
-        assert!(primary.iter().any(|b| *b != 0), "the workload wrote nothing to primary.img{suffix}");
+        assert!(
+            primary.iter().any(|b| *b != 0),
+            "the workload wrote nothing to primary.img{suffix}"
+        );
     }
 }
 
@@ -122,12 +149,32 @@ fn two_processes_mirror_equals_primary_after_mixed_workload() {
     let _destination = start_destination(&destination);
     let mut workload = Command::new(BIN);
     workload.args(["workload", "--config", source.to_str().unwrap()]);
-    workload.args(["--seed", "42", "--writes", "6000", "--pattern", "mixed", "--cp-every", "1500", "--json"]);
+    workload.args([
+        "--seed",
+        "42",
+        "--writes",
+        "6000",
+        "--pattern",
+        "mixed",
+        "--cp-every",
+        "1500",
+        "--json",
+    ]);
     let output = run_to_end(workload);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "workload failed:\n{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("\"cp_reference_count\""), "no counters printed: {stdout}");
-    assert!(!stdout.contains("\"cp_reference_count\":0,"), "a mixed workload must produce references: {stdout}");
+    assert!(
+        output.status.success(),
+        "workload failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("\"cp_reference_count\""),
+        "no counters printed: {stdout}"
+    );
+    assert!(
+        !stdout.contains("\"cp_reference_count\":0,"),
+        "a mixed workload must produce references: {stdout}"
+    );
     assert_images_equal(&scratch);
 }
 
@@ -142,8 +189,23 @@ fn source_killed_with_sigkill_replays_its_ring_and_resyncs() {
     let ack_log = scratch.path("acked.log");
     let mut victim = Process(
         Command::new(BIN)
-            .args(["workload", "--config", source.to_str().unwrap(), "--seed", "9", "--writes", "1000000"])
-            .args(["--pattern", "disjoint", "--cp-every", "0", "--queue-depth", "8"])
+            .args([
+                "workload",
+                "--config",
+                source.to_str().unwrap(),
+                "--seed",
+                "9",
+                "--writes",
+                "1000000",
+            ])
+            .args([
+                "--pattern",
+                "disjoint",
+                "--cp-every",
+                "0",
+                "--queue-depth",
+                "8",
+            ])
             .args(["--ack-log", ack_log.to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -152,12 +214,21 @@ fn source_killed_with_sigkill_replays_its_ring_and_resyncs() {
     );
     let started = Instant::now();
     loop {
-        let acked = std::fs::read_to_string(&ack_log).unwrap_or_default().lines().count();
+        let acked = std::fs::read_to_string(&ack_log)
+            .unwrap_or_default()
+            .lines()
+            .count();
         if acked >= 300 {
             break;
         }
-        assert!(victim.0.try_wait().unwrap().is_none(), "workload exited before it was killed");
-        assert!(started.elapsed() < TEST_TIMEOUT, "only {acked} writes acknowledged in time");
+        assert!(
+            victim.0.try_wait().unwrap().is_none(),
+            "workload exited before it was killed"
+        );
+        assert!(
+            started.elapsed() < TEST_TIMEOUT,
+            "only {acked} writes acknowledged in time"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     // SIGKILL: no destructor, no flush, nothing but what the ring already holds.
@@ -175,10 +246,19 @@ fn source_killed_with_sigkill_replays_its_ring_and_resyncs() {
     sync.args(["sync", "--config", source.to_str().unwrap()]);
     let output = run_to_end(sync);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "sync after the crash failed:\n{stderr}");
-    assert!(stderr.contains("replay"), "the restart must report its ring replay:\n{stderr}");
+    assert!(
+        output.status.success(),
+        "sync after the crash failed:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("replay"),
+        "the restart must report its ring replay:\n{stderr}"
+    );
 
-    let images = [read_image(&scratch.path("primary.img")), read_image(&scratch.path("primary.img.2"))];
+    let images = [
+        read_image(&scratch.path("primary.img")),
+        read_image(&scratch.path("primary.img.2")),
+    ];
     for write in &acked {
         let image = &images[write.nsid as usize - 1];
         let offset = (write.lba * 512) as usize;
@@ -200,11 +280,23 @@ fn a_destination_of_another_volume_is_refused_with_a_clear_error() {
     let source = write_config(&scratch, "source", "beta", port, "primary.img", 10_000);
     let _destination = start_destination(&destination);
     let mut workload = Command::new(BIN);
-    workload.args(["workload", "--config", source.to_str().unwrap(), "--writes", "10"]);
+    workload.args([
+        "workload",
+        "--config",
+        source.to_str().unwrap(),
+        "--writes",
+        "10",
+    ]);
     let output = run_to_end(workload);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "a mismatched pair must not replicate");
-    assert!(stderr.contains("refused") && stderr.contains("volume"), "unclear error:\n{stderr}");
+    assert!(
+        !output.status.success(),
+        "a mismatched pair must not replicate"
+    );
+    assert!(
+        stderr.contains("refused") && stderr.contains("volume"),
+        "unclear error:\n{stderr}"
+    );
 }
 
 #[test]
@@ -216,7 +308,10 @@ fn a_bad_config_names_the_key() {
         "role = \"source\"\npeer = \"127.0.0.1:1\"\nring_size_mib = 3\n[[namespace]]\nkind = \"malloc\"\nsize_mib = 8\n",
     )
     .unwrap();
-    let output = Command::new(BIN).args(["--config", path.to_str().unwrap()]).output().unwrap();
+    let output = Command::new(BIN)
+        .args(["--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(stderr.contains("ring_size_mib"), "{stderr}");
@@ -225,7 +320,11 @@ fn a_bad_config_names_the_key() {
 /// The perf tool of this workspace (built beside `nvmirror` by `cargo test --workspace`).
 fn perf_binary() -> PathBuf {
     let path = Path::new(BIN).with_file_name("nvmirror-perf");
-    assert!(path.exists(), "{} is missing: run the tests with `cargo test --workspace`", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`",
+        path.display()
+    );
     path
 }
 
@@ -259,8 +358,25 @@ fn verified_nvme_tcp_writes_reach_the_mirror_after_a_cp() {
 
     for (nsid, pattern) in [("1", "randwrite"), ("2", "write")] {
         let mut perf = Command::new(perf_binary());
-        perf.args(["--target", &format!("127.0.0.1:{target_port}"), "--nqn", nqn, "--nsid", nsid]);
-        perf.args(["--pattern", pattern, "--verify", "--time-s", "2", "--warmup-s", "0", "--queue-depth", "16"]);
+        perf.args([
+            "--target",
+            &format!("127.0.0.1:{target_port}"),
+            "--nqn",
+            nqn,
+            "--nsid",
+            nsid,
+        ]);
+        perf.args([
+            "--pattern",
+            pattern,
+            "--verify",
+            "--time-s",
+            "2",
+            "--warmup-s",
+            "0",
+            "--queue-depth",
+            "16",
+        ]);
         perf.args(["--io-size", "4096", "--json"]);
         let output = run_to_end(perf);
         assert!(
@@ -272,11 +388,18 @@ fn verified_nvme_tcp_writes_reach_the_mirror_after_a_cp() {
     }
     // SIGTERM: the source takes a last CP before it exits, so the mirror is current.
     let pid = source_process.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let status = source_process.0.wait().unwrap();
     assert!(status.success(), "source exited with {status}");
     let counters: Vec<String> = lines.map_while(Result::ok).collect();
-    let cps = counters.iter().find(|l| l.starts_with("cp_count ")).expect("counters printed at shutdown");
+    let cps = counters
+        .iter()
+        .find(|l| l.starts_with("cp_count "))
+        .expect("counters printed at shutdown");
     assert_ne!(cps.as_str(), "cp_count 0");
     assert_images_equal(&scratch);
 }

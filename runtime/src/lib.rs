@@ -1,9 +1,9 @@
 //! nvmirror's embedded runtime: what drives the engine core on real threads, memory and sockets.
 pub mod bdev;
 pub mod hugepages;
-pub mod reactor;
-pub mod ring_memory;
 pub mod link;
 pub mod node;
-pub mod workload;
+pub mod reactor;
+pub mod ring_memory;
 pub mod target;
+pub mod workload;

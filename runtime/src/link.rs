@@ -54,7 +54,10 @@ pub struct IoVecs<'a> {
 
 impl<'a> IoVecs<'a> {
     pub fn new() -> Self {
-        IoVecs { slices: [IoSlice::new(&[]); SEND_IOVECS_MAX], len: 0 }
+        IoVecs {
+            slices: [IoSlice::new(&[]); SEND_IOVECS_MAX],
+            len: 0,
+        }
     }
     pub fn as_slice(&self) -> &[IoSlice<'a>] {
         &self.slices[..self.len]
@@ -70,7 +73,10 @@ impl Default for IoVecs<'_> {
 impl<'a> Extend<IoSlice<'a>> for IoVecs<'a> {
     fn extend<I: IntoIterator<Item = IoSlice<'a>>>(&mut self, slices: I) {
         for slice in slices {
-            assert!(self.len < SEND_IOVECS_MAX, "more than {SEND_IOVECS_MAX} slices for one writev");
+            assert!(
+                self.len < SEND_IOVECS_MAX,
+                "more than {SEND_IOVECS_MAX} slices for one writev"
+            );
             self.slices[self.len] = slice;
             self.len += 1;
         }
@@ -106,13 +112,22 @@ pub struct Link {
 impl Link {
     /// A source's link: dials `peer` now and again after every failure.
     pub fn dial(peer: SocketAddr, message_bytes_max: usize) -> Self {
-        Self::new(LinkRole::Dial { peer, next_dial_us: 0 }, message_bytes_max)
+        Self::new(
+            LinkRole::Dial {
+                peer,
+                next_dial_us: 0,
+            },
+            message_bytes_max,
+        )
     }
 
     /// A destination's link: accepts on `listen`.
     pub fn accept(listen: SocketAddr, message_bytes_max: usize) -> io::Result<Self> {
         let listener = TcpListener::bind(listen).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot listen for the source on {listen}: {e}"))
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen for the source on {listen}: {e}"),
+            )
         })?;
         listener.set_nonblocking(true)?;
         Ok(Self::new(LinkRole::Accept { listener }, message_bytes_max))
@@ -156,7 +171,9 @@ impl Link {
     pub fn next_deadline_us(&self) -> Option<u64> {
         match (&self.role, &self.stream) {
             (LinkRole::Dial { next_dial_us, .. }, None) => Some(*next_dial_us),
-            (_, Some(_)) if self.recv_filled > 0 => Some(self.recv_progress_us + RECV_STALL_TIMEOUT_US + 1),
+            (_, Some(_)) if self.recv_filled > 0 => {
+                Some(self.recv_progress_us + RECV_STALL_TIMEOUT_US + 1)
+            }
             _ => None,
         }
     }
@@ -216,7 +233,10 @@ impl Link {
                     Err(e) => {
                         let message = format!("cannot reach destination {peer}: {e}");
                         if self.last_error.as_deref() != Some(message.as_str()) {
-                            log::warn!("link: {message}; retrying every {} ms", REDIAL_BACKOFF_US / 1000);
+                            log::warn!(
+                                "link: {message}; retrying every {} ms",
+                                REDIAL_BACKOFF_US / 1000
+                            );
                             self.last_error = Some(message);
                         }
                         1
@@ -226,7 +246,13 @@ impl Link {
         }
     }
 
-    fn attach<E: LinkEndpoint>(&mut self, now_us: u64, stream: TcpStream, peer: SocketAddr, endpoint: &mut E) {
+    fn attach<E: LinkEndpoint>(
+        &mut self,
+        now_us: u64,
+        stream: TcpStream,
+        peer: SocketAddr,
+        endpoint: &mut E,
+    ) {
         if let Err(e) = configure_socket(&stream) {
             log::warn!("link: cannot configure socket to {peer}: {e}");
         }
@@ -242,7 +268,10 @@ impl Link {
     /// Closes the connection after an error, says why once, and lets the core forget its in-flight state.
     pub fn close<E: LinkEndpoint>(&mut self, now_us: u64, endpoint: &mut E, reason: String) {
         if let Some(stream) = self.stream.take() {
-            log::warn!("link: closing connection to {:?}: {reason}", stream.peer_addr().ok());
+            log::warn!(
+                "link: closing connection to {:?}: {reason}",
+                stream.peer_addr().ok()
+            );
             let _ = stream.shutdown(std::net::Shutdown::Both);
             self.counters.disconnects += 1;
             self.recv_filled = 0;
@@ -250,7 +279,11 @@ impl Link {
         }
     }
 
-    fn poll_receive<E: LinkEndpoint>(&mut self, now_us: u64, endpoint: &mut E) -> Result<usize, String> {
+    fn poll_receive<E: LinkEndpoint>(
+        &mut self,
+        now_us: u64,
+        endpoint: &mut E,
+    ) -> Result<usize, String> {
         let stream = self.stream.as_mut().expect("receive without a connection");
         let mut work = 0;
         match stream.read(&mut self.recv_buffer[self.recv_filled..]) {
@@ -283,7 +316,9 @@ impl Link {
             self.recv_buffer.copy_within(consumed..self.recv_filled, 0);
             self.recv_filled -= consumed;
         }
-        if self.recv_filled > 0 && now_us.saturating_sub(self.recv_progress_us) > RECV_STALL_TIMEOUT_US {
+        if self.recv_filled > 0
+            && now_us.saturating_sub(self.recv_progress_us) > RECV_STALL_TIMEOUT_US
+        {
             return Err(format!(
                 "a partial message of {} bytes got no more bytes for {} ms",
                 self.recv_filled,
@@ -305,7 +340,6 @@ impl Link {
             match stream.write_vectored(slices.as_slice()) {
                 Ok(0) => return Err("socket accepted no bytes".into()),
                 Ok(n) => {
-                    drop(slices);
                     endpoint.tx_advance(n);
                     self.counters.bytes_sent += n as u64;
                     work += 1;

@@ -73,7 +73,9 @@ impl NodeControl {
 
     /// Queues a command for the node; fails only when the node has not drained its mailbox.
     pub fn send(&self, command: Command) -> Result<(), String> {
-        self.mailbox.send(command).map_err(|command| format!("node mailbox full; {command:?} not sent"))
+        self.mailbox
+            .send(command)
+            .map_err(|command| format!("node mailbox full; {command:?} not sent"))
     }
 
     pub fn request_stop(&self) {
@@ -101,7 +103,11 @@ pub struct Volume {
 
 impl Volume {
     pub fn new(source: SourceEngine) -> Self {
-        Volume { source, completed: std::collections::VecDeque::with_capacity(COMPLETIONS_MAX), immediate_count: 0 }
+        Volume {
+            source,
+            completed: std::collections::VecDeque::with_capacity(COMPLETIONS_MAX),
+            immediate_count: 0,
+        }
     }
 
     /// The oldest write that completed and was not collected yet.
@@ -123,7 +129,10 @@ impl Volume {
     }
 
     fn push_completed(&mut self, id: WriteId) {
-        assert!(self.completed.len() < COMPLETIONS_MAX, "front end stopped collecting completions");
+        assert!(
+            self.completed.len() < COMPLETIONS_MAX,
+            "front end stopped collecting completions"
+        );
         self.completed.push_back(id.0);
     }
 }
@@ -163,7 +172,10 @@ pub struct NoFrontEnd;
 
 impl FrontEnd for NoFrontEnd {
     fn poll(&mut self, _now_us: u64, volume: &mut Volume) -> usize {
-        assert!(volume.pop_completed().is_none(), "a write completed on a source without a front end");
+        assert!(
+            volume.pop_completed().is_none(),
+            "a write completed on a source without a front end"
+        );
         0
     }
 }
@@ -231,13 +243,25 @@ pub struct SourceNode<F: FrontEnd> {
 }
 
 impl<F: FrontEnd> SourceNode<F> {
-    pub fn new(source: SourceEngine, peer: SocketAddr, front_end: F, control: Arc<NodeControl>) -> Self {
+    pub fn new(
+        source: SourceEngine,
+        peer: SocketAddr,
+        front_end: F,
+        control: Arc<NodeControl>,
+    ) -> Self {
         let link = Link::dial(peer, wire::MESSAGE_BYTES_MAX);
-        SourceNode { volume: Volume::new(source), link, front_end, control, finishing: false, final_cp_requested: false }
+        SourceNode {
+            volume: Volume::new(source),
+            link,
+            front_end,
+            control,
+            finishing: false,
+            final_cp_requested: false,
+        }
     }
 
     pub fn publish_counters(&self) {
-        *self.control.counters.lock().unwrap() = Some(self.volume.source.counters().clone());
+        *self.control.counters.lock().unwrap() = Some(*self.volume.source.counters());
     }
 }
 
@@ -297,7 +321,9 @@ impl<F: FrontEnd> SourceNode<F> {
             }
             SourceEvent::LinkReady => log::info!("source: replication link ready"),
             SourceEvent::DeviceFailed(reason) => {
-                log::error!("source: primary namespace failed: {reason}; consistency points are stopped");
+                log::error!(
+                    "source: primary namespace failed: {reason}; consistency points are stopped"
+                );
                 *self.control.rejected.lock().unwrap() = Some(format!("primary failed: {reason}"));
             }
             SourceEvent::LinkRejected(reason) => {
@@ -308,7 +334,9 @@ impl<F: FrontEnd> SourceNode<F> {
     }
 
     fn poll_control(&mut self, now_us: u64) {
-        if (self.finishing || self.front_end.is_finished()) && !self.control.synced.load(Ordering::Acquire) {
+        if (self.finishing || self.front_end.is_finished())
+            && !self.control.synced.load(Ordering::Acquire)
+        {
             if !self.final_cp_requested {
                 self.volume.source.request_cp(now_us);
                 self.final_cp_requested = true;
@@ -318,7 +346,6 @@ impl<F: FrontEnd> SourceNode<F> {
             }
         }
     }
-
 }
 
 /// The destination side: transfers into its local log, CPs into the mirror namespaces.
@@ -335,7 +362,11 @@ impl DestinationNode {
         control: Arc<NodeControl>,
     ) -> std::io::Result<Self> {
         let link = Link::accept(listen, wire::MESSAGE_BYTES_MAX)?;
-        Ok(DestinationNode { destination, link, control })
+        Ok(DestinationNode {
+            destination,
+            link,
+            control,
+        })
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -343,7 +374,7 @@ impl DestinationNode {
     }
 
     pub fn publish_counters(&self) {
-        *self.control.counters.lock().unwrap() = Some(self.destination.counters().clone());
+        *self.control.counters.lock().unwrap() = Some(*self.destination.counters());
     }
 }
 

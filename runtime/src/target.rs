@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use nvmirror_engine::device::BlockDevice;
 use nvmirror_engine::source::{ReadError, WriteRefused, WriteSlot};
-use nvmirror_nvmf::{Backend, BackendError, DeviceBackend, IoToken, Listener, NamespaceInfo, PollGroup, Target};
+use nvmirror_nvmf::{
+    Backend, BackendError, DeviceBackend, IoToken, Listener, NamespaceInfo, PollGroup, Target,
+};
 
 use crate::node::{Command, FrontEnd, Node, Volume};
 use crate::reactor::Poller;
@@ -56,11 +58,22 @@ impl Backend for Volume {
     fn namespace(&self, nsid: u32) -> Option<NamespaceInfo> {
         let sizes = self.source.namespace_sizes_bytes();
         let size_bytes = *sizes.get((nsid as usize).checked_sub(1)?)?;
-        Some(NamespaceInfo { size_bytes, uuid: namespace_uuid(self.source.volume_id(), nsid) })
+        Some(NamespaceInfo {
+            size_bytes,
+            uuid: namespace_uuid(self.source.volume_id(), nsid),
+        })
     }
 
-    fn reserve_write(&mut self, now_us: u64, nsid: u32, lba: u64, length_bytes: u32) -> Result<WriteSlot, BackendError> {
-        self.source.reserve_write(now_us, nsid, lba, length_bytes).map_err(backend_error)
+    fn reserve_write(
+        &mut self,
+        now_us: u64,
+        nsid: u32,
+        lba: u64,
+        length_bytes: u32,
+    ) -> Result<WriteSlot, BackendError> {
+        self.source
+            .reserve_write(now_us, nsid, lba, length_bytes)
+            .map_err(backend_error)
     }
 
     fn write_buffer(&mut self, slot: &WriteSlot) -> &mut [u8] {
@@ -79,8 +92,17 @@ impl Backend for Volume {
         IoToken(id.0)
     }
 
-    fn write_zeroes(&mut self, now_us: u64, nsid: u32, lba: u64, length_bytes: u64) -> Result<IoToken, BackendError> {
-        let id = self.source.write_zeroes(now_us, nsid, lba, length_bytes).map_err(backend_error)?;
+    fn write_zeroes(
+        &mut self,
+        now_us: u64,
+        nsid: u32,
+        lba: u64,
+        length_bytes: u64,
+    ) -> Result<IoToken, BackendError> {
+        let id = self
+            .source
+            .write_zeroes(now_us, nsid, lba, length_bytes)
+            .map_err(backend_error)?;
         Ok(IoToken(id.0))
     }
 
@@ -114,7 +136,10 @@ impl TargetFrontEnd {
     /// Binds every listener of `target` (I/O and discovery).
     pub fn new(target: Arc<Target>) -> std::io::Result<Self> {
         let listeners = target.bind_listeners()?;
-        Ok(TargetFrontEnd { listeners, group: PollGroup::new(target) })
+        Ok(TargetFrontEnd {
+            listeners,
+            group: PollGroup::new(target),
+        })
     }
 
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
@@ -151,7 +176,11 @@ pub struct PlainTarget<D: BlockDevice> {
 impl<D: BlockDevice> PlainTarget<D> {
     pub fn new(target: Arc<Target>, devices: Vec<D>) -> std::io::Result<Self> {
         let listeners = target.bind_listeners()?;
-        Ok(PlainTarget { listeners, group: PollGroup::new(target), backend: DeviceBackend::new(devices) })
+        Ok(PlainTarget {
+            listeners,
+            group: PollGroup::new(target),
+            backend: DeviceBackend::new(devices),
+        })
     }
 
     pub fn local_addrs(&self) -> Vec<SocketAddr> {

@@ -33,7 +33,9 @@ impl std::str::FromStr for Pattern {
             "aligned" => Ok(Pattern::Aligned),
             "mixed" => Ok(Pattern::Mixed),
             "disjoint" => Ok(Pattern::Disjoint),
-            other => Err(format!("unknown pattern '{other}' (aligned, mixed, disjoint)")),
+            other => Err(format!(
+                "unknown pattern '{other}' (aligned, mixed, disjoint)"
+            )),
         }
     }
 }
@@ -93,10 +95,18 @@ impl Planner {
     pub fn new(pattern: Pattern, seed: u64, namespace_sizes_bytes: Vec<u64>) -> Self {
         assert!(!namespace_sizes_bytes.is_empty());
         for size in &namespace_sizes_bytes {
-            assert!(*size >= MIXED_WRITE_BYTES_MAX as u64 && size % BLOCK_SIZE as u64 == 0);
+            assert!(
+                *size >= MIXED_WRITE_BYTES_MAX as u64 && size.is_multiple_of(BLOCK_SIZE as u64)
+            );
         }
         let cursors = vec![0; namespace_sizes_bytes.len()];
-        Planner { pattern, rng: Rng::new(seed), namespace_sizes_bytes, next_index: 0, disjoint_cursor_bytes: cursors }
+        Planner {
+            pattern,
+            rng: Rng::new(seed),
+            namespace_sizes_bytes,
+            next_index: 0,
+            disjoint_cursor_bytes: cursors,
+        }
     }
 
     /// The next write, or `None` when a disjoint workload has filled every namespace.
@@ -108,12 +118,18 @@ impl Planner {
         let (offset_bytes, length_bytes, zeroes) = match self.pattern {
             Pattern::Aligned => {
                 let blocks = size_bytes / BLOCK_SIZE as u64;
-                (self.rng.below(blocks) * BLOCK_SIZE as u64, BLOCK_SIZE as u64, false)
+                (
+                    self.rng.below(blocks) * BLOCK_SIZE as u64,
+                    BLOCK_SIZE as u64,
+                    false,
+                )
             }
             Pattern::Mixed => {
                 let length = self.mixed_length();
                 let offset = if self.rng.below(2) == 0 {
-                    self.rng.below((size_bytes - length) / BLOCK_SIZE as u64 + 1) * BLOCK_SIZE as u64
+                    self.rng
+                        .below((size_bytes - length) / BLOCK_SIZE as u64 + 1)
+                        * BLOCK_SIZE as u64
                 } else {
                     self.rng.below((size_bytes - length) / sector + 1) * sector
                 };
@@ -207,8 +223,14 @@ pub struct Workload {
 }
 
 impl Workload {
-    pub fn new(planner: Planner, seed: u64, queue_depth: usize, write_count: u64, cp_every_writes: u64) -> Self {
-        assert!(queue_depth >= 1 && queue_depth <= QUEUE_DEPTH_MAX);
+    pub fn new(
+        planner: Planner,
+        seed: u64,
+        queue_depth: usize,
+        write_count: u64,
+        cp_every_writes: u64,
+    ) -> Self {
+        assert!((1..=QUEUE_DEPTH_MAX).contains(&queue_depth));
         Workload {
             planner,
             seed,
@@ -234,7 +256,12 @@ impl Workload {
         self.completed
     }
 
-    fn issue(&mut self, now_us: u64, source: &mut SourceEngine, write: PlannedWrite) -> Result<WriteId, WriteRefused> {
+    fn issue(
+        &mut self,
+        now_us: u64,
+        source: &mut SourceEngine,
+        write: PlannedWrite,
+    ) -> Result<WriteId, WriteRefused> {
         if write.zeroes {
             return source.write_zeroes(now_us, write.nsid, write.lba, write.length_bytes as u64);
         }
@@ -271,7 +298,8 @@ impl FrontEnd for Workload {
                     self.outstanding.push((id, write));
                     self.issued += 1;
                     work += 1;
-                    if self.cp_every_writes > 0 && self.issued % self.cp_every_writes == 0 {
+                    if self.cp_every_writes > 0 && self.issued.is_multiple_of(self.cp_every_writes)
+                    {
                         source.request_cp(now_us);
                     }
                 }
@@ -342,11 +370,14 @@ mod tests {
             let end = write.lba * 512 + write.length_bytes as u64;
             assert!(end <= sizes[write.nsid as usize - 1]);
             assert_eq!(write.length_bytes % 512, 0);
-            if (write.lba * 512) % 4096 != 0 || write.length_bytes % 4096 != 0 {
+            if !(write.lba * 512).is_multiple_of(4096) || !write.length_bytes.is_multiple_of(4096) {
                 unaligned += 1;
             }
         }
-        assert!(unaligned > 1000, "mixed pattern must include unaligned writes");
+        assert!(
+            unaligned > 1000,
+            "mixed pattern must include unaligned writes"
+        );
     }
 
     #[test]
