@@ -17,6 +17,7 @@ const NQN: &str = "nqn.2016-06.io.spdk:cnode1";
 /// Longest any single perf invocation may take before the test kills it and fails.
 const PERF_TIMEOUT: Duration = Duration::from_secs(30);
 const TARGET_START_TIMEOUT: Duration = Duration::from_secs(15);
+const TARGET_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn ephemeral_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -164,7 +165,15 @@ struct SpdkTarget {
 }
 
 impl Drop for SpdkTarget {
+    /// SIGTERM first so nvmf_tgt removes its shared-memory trace file; SIGKILL if it lingers.
     fn drop(&mut self) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: kill(2) on the pid of our own still-unreaped child; no memory is involved.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + TARGET_STOP_TIMEOUT;
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.directory);

@@ -191,7 +191,7 @@ fn connect_rejections_carry_iattr_and_ipo() {
         (unknown.status.sct, unknown.status.sc),
         (StatusCodeType::CommandSpecific, 0x82)
     );
-    assert_eq!((unknown.dw0 & 1, unknown.dw0 >> 16), (1, 256));
+    assert_eq!(((unknown.dw0 >> 16) & 0xff, unknown.dw0 & 0xffff), (1, 256));
     let denied = host.connect(
         0,
         NQN,
@@ -207,8 +207,8 @@ fn connect_rejections_carry_iattr_and_ipo() {
     assert_eq!(
         (
             bad_cntlid.status.sc,
-            bad_cntlid.dw0 & 1,
-            bad_cntlid.dw0 >> 16
+            (bad_cntlid.dw0 >> 16) & 0xff,
+            bad_cntlid.dw0 & 0xffff
         ),
         (0x82, 1, 16)
     );
@@ -216,8 +216,8 @@ fn connect_rejections_carry_iattr_and_ipo() {
     assert_eq!(
         (
             duplicate_qid.status.sc,
-            duplicate_qid.dw0 & 1,
-            duplicate_qid.dw0 >> 16
+            (duplicate_qid.dw0 >> 16) & 0xff,
+            duplicate_qid.dw0 & 0xffff
         ),
         (0x82, 0, 42)
     );

@@ -576,11 +576,13 @@ impl Completion {
         bytes[14..16].copy_from_slice(&(self.status.to_field() | self.phase as u16).to_le_bytes());
     }
 
-    /// The Connect response's error locator: IATTR (0 = command, 1 = data) and IPO byte offset.
+    /// The Connect response's error locator (NVMe-oF, Connect response dword 0): IPO, the byte
+    /// offset of the invalid parameter, in bits 15:0; IATTR in bits 23:16 (0 = in the command,
+    /// 1 = in the Connect data), as Linux nvmet and SPDK lay it out.
     pub fn connect_invalid_parameter(cid: u16, in_data: bool, offset: u16) -> Completion {
         let mut completion =
             Completion::new(cid, CommandSpecificStatus::ConnectInvalidParameters.into());
-        completion.dw0 = (in_data as u32) | ((offset as u32) << 16);
+        completion.dw0 = ((in_data as u32) << 16) | offset as u32;
         completion
     }
 }

@@ -262,7 +262,11 @@ fn status_and_completion_bits() {
     let transient = Status::generic(GenericStatus::TransientTransportError);
     assert!(!transient.dnr);
     let completion = Completion::connect_invalid_parameter(1, true, connect_data_offset::SUBNQN);
-    assert_eq!(completion.dw0, 1 | (256 << 16));
+    assert_eq!(
+        completion.dw0,
+        (1 << 16) | 256,
+        "IPO in bits 15:0, IATTR in bits 23:16"
+    );
     let mut bytes = [0u8; CQE_BYTES];
     completion.write_to(&mut bytes);
     assert_eq!(Completion::from_bytes(&bytes), completion);
