@@ -2,12 +2,13 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use nvmirror_engine::counters::Counters;
 use nvmirror_engine::device::BlockDevice;
 use nvmirror_engine::geometry::BLOCK_SIZE;
 use nvmirror_runtime::node::{
-    Command, DestinationNode, FrontEnd, NodeControl, SourceEngine, SourceNode,
+    Command, DestinationNode, FrontEnd, NodeControl, PairNode, SourceEngine, SourceNode,
 };
 use nvmirror_runtime::workload::{Pattern, Planner, Workload};
 
@@ -19,23 +20,37 @@ use crate::Options;
 pub const EMBEDDED_NAMESPACE_MIB: u64 = 256;
 
 /// The source and destination configs of the embedded default (malloc namespaces, loopback).
-pub fn embedded_configs(mode: CpModeConfig) -> (Config, Config) {
+/// With one core both nodes share one reactor on it; with two or more, the source takes the
+/// first and the destination the second.
+pub fn embedded_configs(mode: CpModeConfig, cores: &[usize]) -> (Config, Config) {
+    assert!(!cores.is_empty());
     let any_port: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
-    let cores = core_affinity::get_core_ids()
-        .map(|ids| ids.len())
-        .unwrap_or(1);
-    let mut source = Config::embedded_default(Role::Source, any_port, 0);
-    let mut destination = Config::embedded_default(Role::Destination, any_port, 1 % cores);
+    let mut source = Config::embedded_default(Role::Source, any_port, cores[0]);
+    let mut destination = Config::embedded_default(
+        Role::Destination,
+        any_port,
+        *cores.get(1).unwrap_or(&cores[0]),
+    );
     source.cp_mode = mode;
     destination.cp_mode = mode;
     (source, destination)
 }
 
-/// A source and a destination in this process, each on its own reactor.
+/// Where the embedded pair's nodes run.
+enum Layout<F: FrontEnd + Send + 'static> {
+    TwoReactors {
+        source: Running<SourceNode<F>>,
+        destination: Running<DestinationNode>,
+    },
+    OneReactor(Running<PairNode<F>>),
+}
+
+/// A source and a destination in this process, on one reactor each or sharing one.
 pub struct EmbeddedPair<F: FrontEnd + Send + 'static> {
-    pub source: Running<SourceNode<F>>,
-    pub destination: Running<DestinationNode>,
+    pub source_control: Arc<NodeControl>,
+    pub destination_control: Arc<NodeControl>,
     pub replication_address: SocketAddr,
+    layout: Layout<F>,
 }
 
 impl<F: FrontEnd + Send + 'static> EmbeddedPair<F> {
@@ -61,20 +76,41 @@ impl<F: FrontEnd + Send + 'static> EmbeddedPair<F> {
                 }
             }
         }
+        if source.cores == destination.cores {
+            let (pair, destination_control, replication_address) =
+                setup::spawn_pair_on_one_reactor(source, destination, make_front_end)?;
+            return Ok(EmbeddedPair {
+                source_control: pair.control.clone(),
+                destination_control,
+                replication_address,
+                layout: Layout::OneReactor(pair),
+            });
+        }
         let (destination, replication_address) = setup::spawn_destination(destination)?;
         source.peer = Some(replication_address);
         let source = setup::spawn_source(source, make_front_end)?;
         Ok(EmbeddedPair {
-            source,
-            destination,
+            source_control: source.control.clone(),
+            destination_control: destination.control.clone(),
             replication_address,
+            layout: Layout::TwoReactors {
+                source,
+                destination,
+            },
         })
     }
 
     pub fn stop(self) -> Result<(SourceNode<F>, DestinationNode), String> {
-        let source = self.source.stop()?;
-        let destination = self.destination.stop()?;
-        Ok((source, destination))
+        match self.layout {
+            Layout::TwoReactors {
+                source,
+                destination,
+            } => Ok((source.stop()?, destination.stop()?)),
+            Layout::OneReactor(pair) => {
+                let pair = pair.stop()?;
+                Ok((pair.source, pair.destination))
+            }
+        }
     }
 }
 
@@ -136,6 +172,7 @@ pub struct DemoOptions {
     mode: CpModeConfig,
     queue_depth: usize,
     cp_every_writes: u64,
+    cores: Vec<usize>,
     json: bool,
 }
 
@@ -156,6 +193,7 @@ impl DemoOptions {
             },
             queue_depth: options.number("--queue-depth", 32)? as usize,
             cp_every_writes: options.number("--cp-every", 4000)?,
+            cores: options.cores()?,
             json: options.flag("--json"),
         };
         options.finish()?;
@@ -172,7 +210,7 @@ impl DemoOptions {
 /// `nvmirror demo`: the seeded workload through the embedded pair, then counters and a byte-for-byte check.
 pub fn run_demo(options: DemoOptions) -> Result<(), String> {
     let stop = crate::signals()?.stop;
-    let (source_config, destination_config) = embedded_configs(options.mode);
+    let (source_config, destination_config) = embedded_configs(options.mode, &options.cores);
     let sizes = vec![EMBEDDED_NAMESPACE_MIB << 20; source_config.namespaces.len()];
     let (seed, writes, queue_depth, cp_every, pattern) = (
         options.seed,
@@ -191,7 +229,7 @@ pub fn run_demo(options: DemoOptions) -> Result<(), String> {
             cp_every,
         ))
     })?;
-    let control = pair.source.control.clone();
+    let control = pair.source_control.clone();
     setup::wait_until(&control, &stop, || control.synced.load(Ordering::Acquire))?;
     let elapsed = started.elapsed();
     let (source, destination) = pair.stop()?;

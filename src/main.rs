@@ -17,12 +17,13 @@ use config::{Config, Role};
 
 const USAGE: &str = "\
 usage:
-  nvmirror                          run the embedded default (source + destination on loopback, malloc namespaces)
-  nvmirror --no-replication         the embedded default's NVMe/TCP target over malloc, without replication
+  nvmirror [--cores 0,1]            run the embedded default (source + destination on loopback, malloc namespaces,
+                                    NVMe/TCP target on 127.0.0.1:4420); --cores 0 puts both on one reactor
+  nvmirror --no-replication [--cores N]   the same NVMe/TCP target over malloc, without replication
   nvmirror --config FILE [--json]   run one side (role = source | destination) as FILE says
   nvmirror demo [OPTIONS]           drive a seeded workload through the embedded pair and print the counters
       --seed N --writes N --pattern aligned|mixed --mode references|naive --queue-depth N
-      --cp-every N (writes per CP) --json
+      --cp-every N (writes per CP) --cores 0,1 --json
   nvmirror workload --config FILE [--seed N --writes N --pattern aligned|mixed|disjoint
       --queue-depth N --cp-every N --ack-log FILE]
                                     run a source with the seeded workload, exit once it is durable on both sides
@@ -61,11 +62,12 @@ fn run(args: &[String]) -> Result<(), String> {
                 }
                 None => {
                     let unreplicated = options.flag("--no-replication");
+                    let cores = options.cores()?;
                     options.finish()?;
                     if unreplicated {
-                        run_unreplicated_target()
+                        run_unreplicated_target(&cores)
                     } else {
-                        run_embedded_default(json)
+                        run_embedded_default(&cores, json)
                     }
                 }
             }
@@ -153,7 +155,7 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
                 json,
             );
             if served.is_ok() {
-                if let Err(e) = running.finish(FINAL_CP_TIMEOUT) {
+                if let Err(e) = setup::finish(&running.control, FINAL_CP_TIMEOUT) {
                     log::warn!("source: {e}");
                 }
             }
@@ -165,9 +167,9 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn run_embedded_default(json: bool) -> Result<(), String> {
+fn run_embedded_default(cores: &[usize], json: bool) -> Result<(), String> {
     let signals = signals()?;
-    let configs = demo::embedded_configs(config::CpModeConfig::References);
+    let configs = demo::embedded_configs(config::CpModeConfig::References, cores);
     let source_config = configs.0.clone();
     let pair = demo::EmbeddedPair::start(configs, setup::target_front_end(&source_config))?;
     println!(
@@ -176,13 +178,13 @@ fn run_embedded_default(json: bool) -> Result<(), String> {
     );
     print_connect_lines(&source_config);
     let served = demo::serve_until_stopped(
-        &[&pair.source.control, &pair.destination.control],
-        Some(&pair.source.control),
+        &[&pair.source_control, &pair.destination_control],
+        Some(&pair.source_control),
         &signals,
         json,
     );
     if served.is_ok() {
-        if let Err(e) = pair.source.finish(FINAL_CP_TIMEOUT) {
+        if let Err(e) = setup::finish(&pair.source_control, FINAL_CP_TIMEOUT) {
             log::warn!("source: {e}");
         }
     }
@@ -193,9 +195,9 @@ fn run_embedded_default(json: bool) -> Result<(), String> {
 }
 
 /// The embedded default's target without replication (a baseline for benchmarks).
-fn run_unreplicated_target() -> Result<(), String> {
+fn run_unreplicated_target(cores: &[usize]) -> Result<(), String> {
     let signals = signals()?;
-    let (config, _) = demo::embedded_configs(config::CpModeConfig::References);
+    let (config, _) = demo::embedded_configs(config::CpModeConfig::References, cores);
     let running = setup::spawn_plain_target(config.clone())?;
     println!(
         "nvmirror: NVMe/TCP target WITHOUT replication running (malloc namespace). Ctrl-C stops."
@@ -289,6 +291,33 @@ impl Options {
                 .map_err(|_| format!("{name}: '{text}' is not a number")),
             None => Ok(default),
         }
+    }
+
+    /// `--cores 0,1`: the embedded pair's reactor cores (one core: both nodes share a reactor).
+    pub fn cores(&mut self) -> Result<Vec<usize>, String> {
+        let available = core_affinity::get_core_ids()
+            .map(|ids| ids.len())
+            .unwrap_or(1);
+        let Some(text) = self.value("--cores")? else {
+            return Ok(if available > 1 { vec![0, 1] } else { vec![0] });
+        };
+        let cores: Vec<usize> = text
+            .split(',')
+            .map(|core| {
+                core.trim()
+                    .parse()
+                    .map_err(|_| format!("--cores: '{core}' is not a core number"))
+            })
+            .collect::<Result<_, _>>()?;
+        if cores.is_empty() || cores.len() > 2 {
+            return Err("--cores takes one or two core numbers (source, destination)".into());
+        }
+        if let Some(core) = cores.iter().find(|core| **core >= available) {
+            return Err(format!(
+                "--cores: core {core} does not exist (this machine has {available})"
+            ));
+        }
+        Ok(cores)
     }
 
     /// Rejects anything not consumed, so a typo never passes silently.

@@ -13,7 +13,8 @@ use nvmirror_engine::source::{CpMode, Source, SourceConfig};
 use nvmirror_nvmf::Target;
 use nvmirror_runtime::bdev::{FileDevice, MallocDevice};
 use nvmirror_runtime::node::{
-    Command, DestinationNode, Device, FrontEnd, Node, NodeControl, SourceEngine, SourceNode,
+    Command, DestinationNode, Device, FrontEnd, Node, NodeControl, PairNode, SourceEngine,
+    SourceNode,
 };
 use nvmirror_runtime::reactor::{self, IdlePolicy, Poller, Reactor, ReactorConfig};
 use nvmirror_runtime::ring_memory::RingMemory;
@@ -149,30 +150,92 @@ pub struct Running<N> {
 }
 
 impl<N> Running<N> {
-    /// Asks a source to finish with a last CP and waits for it, at most `timeout`. Without a
-    /// destination that CP cannot complete: the writes stay in the ring and are replayed and
-    /// resent at the next start, so nothing acknowledged is lost; the caller is told.
-    pub fn finish(&self, timeout: std::time::Duration) -> Result<(), String> {
-        self.control.send(Command::Finish)?;
-        let started = std::time::Instant::now();
-        while !self.control.synced.load(Ordering::Acquire) {
-            if started.elapsed() > timeout {
-                return Err(format!(
-                    "no final CP within {} s (destination unreachable?): unsynced writes stay in the NVRAM ring and are resent at the next start",
-                    timeout.as_secs()
-                ));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        Ok(())
-    }
-
     pub fn stop(self) -> Result<N, String> {
         self.control.request_stop();
         self.thread
             .join()
             .map_err(|_| "reactor thread panicked".to_string())?
     }
+}
+
+/// Asks a source to finish with a last CP and waits for it, at most `timeout`. Without a
+/// destination that CP cannot complete: the writes stay in the ring and are replayed and resent
+/// at the next start, so nothing acknowledged is lost; the caller is told.
+pub fn finish(source: &NodeControl, timeout: std::time::Duration) -> Result<(), String> {
+    source.send(Command::Finish)?;
+    let started = std::time::Instant::now();
+    while !source.synced.load(Ordering::Acquire) {
+        if started.elapsed() > timeout {
+            return Err(format!(
+                "no final CP within {} s (destination unreachable?): unsynced writes stay in the NVRAM ring and are resent at the next start",
+                timeout.as_secs()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// Starts a reactor thread for the node `build` makes on that thread (rings, devices and sockets
+/// are opened where they are used); returns once it is built, with what `build` reports.
+fn spawn_node<N, R, B>(
+    name: &str,
+    reactor: ReactorConfig,
+    build: B,
+) -> Result<(Running<N>, R), String>
+where
+    N: Node + 'static,
+    R: Send + 'static,
+    B: FnOnce(&Arc<NodeControl>) -> Result<(N, R), String> + Send + 'static,
+    N: Send,
+{
+    let control = NodeControl::new().map_err(|e| format!("node mailbox: {e}"))?;
+    let node_control = control.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let node = match build(&node_control) {
+                Ok((node, report)) => {
+                    let _ = ready_tx.send(Ok(report));
+                    node
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.clone()));
+                    return Err(e);
+                }
+            };
+            let mut node = run_node(reactor, &node_control, node)?;
+            node.handle_command(reactor::monotonic_us(), Command::PublishCounters);
+            Ok(node)
+        })
+        .map_err(|e| format!("cannot start the {name} reactor: {e}"))?;
+    let report = ready_rx
+        .recv()
+        .map_err(|_| format!("{name} reactor died at start"))??;
+    Ok((Running { control, thread }, report))
+}
+
+fn build_source<F: FrontEnd>(
+    config: &Config,
+    peer: SocketAddr,
+    make_front_end: impl FnOnce(&SourceEngine) -> Result<F, String>,
+    control: &Arc<NodeControl>,
+) -> Result<SourceNode<F>, String> {
+    let source = open_source(config)?;
+    let front_end = make_front_end(&source)?;
+    Ok(SourceNode::new(source, peer, front_end, control.clone()))
+}
+
+fn build_destination(
+    config: &Config,
+    control: &Arc<NodeControl>,
+) -> Result<(DestinationNode, SocketAddr), String> {
+    let listen = config.listen.expect("validated: a destination listens");
+    let node = DestinationNode::new(open_destination(config)?, listen, control.clone())
+        .map_err(|e| e.to_string())?;
+    let address = node.local_addr().expect("a destination listens");
+    Ok((node, address))
 }
 
 /// Starts a source node on its own reactor thread. `make_front_end` runs on that thread.
@@ -184,75 +247,66 @@ where
     F: FrontEnd + Send + 'static,
     M: FnOnce(&SourceEngine) -> Result<F, String> + Send + 'static,
 {
-    let control = NodeControl::new().map_err(|e| format!("node mailbox: {e}"))?;
-    let node_control = control.clone();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let thread = std::thread::Builder::new()
-        .name("source".into())
-        .spawn(move || {
-            let built = open_source(&config).and_then(|source| {
-                let front_end = make_front_end(&source)?;
-                let peer = config.peer.expect("validated: a source has a peer");
-                Ok(SourceNode::new(
-                    source,
-                    peer,
-                    front_end,
-                    node_control.clone(),
-                ))
-            });
-            let node = match built {
-                Ok(node) => {
-                    let _ = ready_tx.send(Ok(()));
-                    node
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.clone()));
-                    return Err(e);
-                }
-            };
-            let node = run_node(reactor_config(&config, "source"), &node_control, node)?;
-            node.publish_counters();
-            Ok(node)
-        })
-        .map_err(|e| format!("cannot start the source reactor: {e}"))?;
-    ready_rx
-        .recv()
-        .map_err(|_| "source reactor died at start".to_string())??;
-    Ok(Running { control, thread })
+    let reactor = reactor_config(&config, "source");
+    let peer = config.peer.expect("validated: a source has a peer");
+    let (running, ()) = spawn_node("source", reactor, move |control| {
+        Ok((build_source(&config, peer, make_front_end, control)?, ()))
+    })?;
+    Ok(running)
 }
 
 /// Starts a destination node on its own reactor thread; returns once it listens.
 pub fn spawn_destination(config: Config) -> Result<(Running<DestinationNode>, SocketAddr), String> {
-    let control = NodeControl::new().map_err(|e| format!("node mailbox: {e}"))?;
-    let node_control = control.clone();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let thread = std::thread::Builder::new()
-        .name("destination".into())
-        .spawn(move || {
-            let listen = config.listen.expect("validated: a destination listens");
-            let built = open_destination(&config).and_then(|destination| {
-                DestinationNode::new(destination, listen, node_control.clone())
-                    .map_err(|e| e.to_string())
-            });
-            let node = match built {
-                Ok(node) => {
-                    let _ = ready_tx.send(Ok(node.local_addr().expect("a destination listens")));
-                    node
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.clone()));
-                    return Err(e);
-                }
-            };
-            let node = run_node(reactor_config(&config, "destination"), &node_control, node)?;
-            node.publish_counters();
-            Ok(node)
-        })
-        .map_err(|e| format!("cannot start the destination reactor: {e}"))?;
-    let address = ready_rx
-        .recv()
-        .map_err(|_| "destination reactor died at start".to_string())??;
-    Ok((Running { control, thread }, address))
+    let reactor = reactor_config(&config, "destination");
+    spawn_node("destination", reactor, move |control| {
+        build_destination(&config, control)
+    })
+}
+
+/// Starts a source and its destination on ONE reactor (the source's core): on a machine with
+/// few cores this leaves the others to hosts. Returns the pair's control (the source's), the
+/// destination's, and the replication address.
+pub fn spawn_pair_on_one_reactor<F, M>(
+    source: Config,
+    destination: Config,
+    make_front_end: M,
+) -> Result<(Running<PairNode<F>>, Arc<NodeControl>, SocketAddr), String>
+where
+    F: FrontEnd + Send + 'static,
+    M: FnOnce(&SourceEngine) -> Result<F, String> + Send + 'static,
+{
+    let destination_control = NodeControl::new().map_err(|e| format!("node mailbox: {e}"))?;
+    let node_destination_control = destination_control.clone();
+    let reactor = reactor_config(&source, "pair");
+    let (running, address) = spawn_node("pair", reactor, move |control| {
+        let (destination, address) = build_destination(&destination, &node_destination_control)?;
+        let source = build_source(&source, address, make_front_end, control)?;
+        Ok((
+            PairNode {
+                source,
+                destination,
+            },
+            address,
+        ))
+    })?;
+    Ok((running, destination_control, address))
+}
+
+/// Starts the NVMe/TCP target without replication over malloc namespaces: the baseline the
+/// benchmarks compare the replicated volume with.
+pub fn spawn_plain_target(config: Config) -> Result<Running<PlainTarget<Device>>, String> {
+    let reactor = reactor_config(&config, "target");
+    let (running, ()) = spawn_node("target", reactor, move |_control| {
+        let section = config.target.clone().ok_or("no [target] section")?;
+        let target_config = section
+            .to_target_config(config.namespaces.len())
+            .map_err(|e| e.to_string())?;
+        let target = Target::new(target_config).map_err(|e| format!("NVMe/TCP target: {e}"))?;
+        let node = PlainTarget::new(target, open_namespaces(&config)?)
+            .map_err(|e| format!("NVMe/TCP target: {e}"))?;
+        Ok((node, ()))
+    })?;
+    Ok(running)
 }
 
 /// Polls `node` on a reactor on this thread until `stop`; gives the node back afterwards.
@@ -308,42 +362,4 @@ pub fn wait_until(
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-}
-
-/// Starts the NVMe/TCP target without replication over malloc namespaces: the baseline the
-/// benchmarks compare the replicated volume with.
-pub fn spawn_plain_target(config: Config) -> Result<Running<PlainTarget<Device>>, String> {
-    let control = NodeControl::new().map_err(|e| format!("node mailbox: {e}"))?;
-    let node_control = control.clone();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let thread = std::thread::Builder::new()
-        .name("target".into())
-        .spawn(move || {
-            let built = (|| {
-                let section = config.target.clone().ok_or("no [target] section")?;
-                let target_config = section
-                    .to_target_config(config.namespaces.len())
-                    .map_err(|e| e.to_string())?;
-                let target =
-                    Target::new(target_config).map_err(|e| format!("NVMe/TCP target: {e}"))?;
-                PlainTarget::new(target, open_namespaces(&config)?)
-                    .map_err(|e| format!("NVMe/TCP target: {e}"))
-            })();
-            let node = match built {
-                Ok(node) => {
-                    let _ = ready_tx.send(Ok(()));
-                    node
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.clone()));
-                    return Err(e);
-                }
-            };
-            run_node(reactor_config(&config, "target"), &node_control, node)
-        })
-        .map_err(|e| format!("cannot start the target reactor: {e}"))?;
-    ready_rx
-        .recv()
-        .map_err(|_| "target reactor died at start".to_string())??;
-    Ok(Running { control, thread })
 }

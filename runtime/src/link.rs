@@ -28,6 +28,8 @@ pub const REDIAL_BACKOFF_US: u64 = 250_000;
 /// A partial message that gets no further bytes for this long means a corrupted length or a
 /// hung peer: the connection is closed and the source resends after the next handshake.
 pub const RECV_STALL_TIMEOUT_US: u64 = 5_000_000;
+/// How often the destination asks its listener for a (new) source connection.
+pub const ACCEPT_POLL_PERIOD_US: u64 = 100;
 /// Messages handled per poll, so a flood of acknowledgements cannot starve the rest of the reactor.
 pub const RECV_BUDGET_MESSAGES: usize = 256;
 
@@ -85,8 +87,14 @@ impl<'a> Extend<IoSlice<'a>> for IoVecs<'a> {
 
 /// Which side opens the connection.
 pub enum LinkRole {
-    Dial { peer: SocketAddr, next_dial_us: u64 },
-    Accept { listener: TcpListener },
+    Dial {
+        peer: SocketAddr,
+        next_dial_us: u64,
+    },
+    Accept {
+        listener: TcpListener,
+        next_accept_us: u64,
+    },
 }
 
 /// Counters of the link itself (the core counts protocol bytes).
@@ -103,6 +111,8 @@ pub struct Link {
     stream: Option<TcpStream>,
     recv_buffer: Vec<u8>,
     recv_filled: usize,
+    /// Where the first unhandled byte of the receive buffer is.
+    recv_start: usize,
     /// When the receive buffer last gained bytes.
     recv_progress_us: u64,
     last_error: Option<String>,
@@ -130,7 +140,13 @@ impl Link {
             )
         })?;
         listener.set_nonblocking(true)?;
-        Ok(Self::new(LinkRole::Accept { listener }, message_bytes_max))
+        Ok(Self::new(
+            LinkRole::Accept {
+                listener,
+                next_accept_us: 0,
+            },
+            message_bytes_max,
+        ))
     }
 
     fn new(role: LinkRole, message_bytes_max: usize) -> Self {
@@ -140,6 +156,7 @@ impl Link {
             // Twice the largest message: a whole one plus the start of the next always fit.
             recv_buffer: vec![0; 2 * message_bytes_max],
             recv_filled: 0,
+            recv_start: 0,
             recv_progress_us: 0,
             last_error: None,
             counters: LinkCounters::default(),
@@ -153,7 +170,7 @@ impl Link {
     /// The address the destination listens on (useful with port 0).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         match &self.role {
-            LinkRole::Accept { listener } => listener.local_addr().ok(),
+            LinkRole::Accept { listener, .. } => listener.local_addr().ok(),
             LinkRole::Dial { .. } => None,
         }
     }
@@ -162,7 +179,7 @@ impl Link {
         if let Some(stream) = &self.stream {
             out.push(stream.as_raw_fd());
         }
-        if let LinkRole::Accept { listener } = &self.role {
+        if let LinkRole::Accept { listener, .. } = &self.role {
             out.push(listener.as_raw_fd());
         }
     }
@@ -171,7 +188,7 @@ impl Link {
     pub fn next_deadline_us(&self) -> Option<u64> {
         match (&self.role, &self.stream) {
             (LinkRole::Dial { next_dial_us, .. }, None) => Some(*next_dial_us),
-            (_, Some(_)) if self.recv_filled > 0 => {
+            (_, Some(_)) if self.recv_filled > self.recv_start => {
                 Some(self.recv_progress_us + RECV_STALL_TIMEOUT_US + 1)
             }
             _ => None,
@@ -204,21 +221,31 @@ impl Link {
 
     fn poll_connect<E: LinkEndpoint>(&mut self, now_us: u64, endpoint: &mut E) -> usize {
         match &mut self.role {
-            LinkRole::Accept { listener } => match listener.accept() {
-                Ok((stream, from)) => {
-                    if self.stream.is_some() {
-                        log::warn!("link: new connection from {from} replaces the current one");
-                        self.close(now_us, endpoint, "replaced by a new connection".into());
+            LinkRole::Accept {
+                listener,
+                next_accept_us,
+            } => {
+                // An accept attempt per loop would be a wasted syscall per loop.
+                if now_us < *next_accept_us {
+                    return 0;
+                }
+                *next_accept_us = now_us + ACCEPT_POLL_PERIOD_US;
+                match listener.accept() {
+                    Ok((stream, from)) => {
+                        if self.stream.is_some() {
+                            log::warn!("link: new connection from {from} replaces the current one");
+                            self.close(now_us, endpoint, "replaced by a new connection".into());
+                        }
+                        self.attach(now_us, stream, from, endpoint);
+                        1
                     }
-                    self.attach(now_us, stream, from, endpoint);
-                    1
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(e) => {
+                        log::warn!("link: accept failed: {e}");
+                        0
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => {
-                    log::warn!("link: accept failed: {e}");
-                    0
-                }
-            },
+            }
             LinkRole::Dial { peer, next_dial_us } => {
                 if self.stream.is_some() || now_us < *next_dial_us {
                     return 0;
@@ -260,6 +287,7 @@ impl Link {
         self.last_error = None;
         self.stream = Some(stream);
         self.recv_filled = 0;
+        self.recv_start = 0;
         self.recv_progress_us = now_us;
         self.counters.connects += 1;
         endpoint.handle_connected(now_us);
@@ -275,6 +303,7 @@ impl Link {
             let _ = stream.shutdown(std::net::Shutdown::Both);
             self.counters.disconnects += 1;
             self.recv_filled = 0;
+            self.recv_start = 0;
             endpoint.handle_disconnected(now_us);
         }
     }
@@ -286,7 +315,13 @@ impl Link {
     ) -> Result<usize, String> {
         let stream = self.stream.as_mut().expect("receive without a connection");
         let mut work = 0;
-        match stream.read(&mut self.recv_buffer[self.recv_filled..]) {
+        // A full buffer holds only whole messages left over by the budget: handle them first.
+        let room = &mut self.recv_buffer[self.recv_filled..];
+        match if room.is_empty() {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            stream.read(room)
+        } {
             Ok(0) => return Err("peer closed the connection".into()),
             Ok(n) => {
                 self.recv_filled += n;
@@ -298,9 +333,8 @@ impl Link {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(format!("receive failed: {e}")),
         }
-        let mut consumed = 0;
         for _ in 0..RECV_BUDGET_MESSAGES {
-            let pending = &self.recv_buffer[consumed..self.recv_filled];
+            let pending = &self.recv_buffer[self.recv_start..self.recv_filled];
             let length = match E::frame_length(pending) {
                 Ok(Some(length)) if length <= pending.len() => length,
                 Ok(_) => break,
@@ -309,19 +343,27 @@ impl Link {
             endpoint
                 .handle_message(now_us, &pending[..length])
                 .map_err(|e| format!("protocol error: {e}"))?;
-            consumed += length;
+            self.recv_start += length;
             work += 1;
         }
-        if consumed > 0 {
-            self.recv_buffer.copy_within(consumed..self.recv_filled, 0);
-            self.recv_filled -= consumed;
+        // Move a partial message to the front only once it starts in the second half: the
+        // buffer holds two largest messages, so the rest of this one always fits behind it, and
+        // a large transfer arriving over many reads is not copied again at every read.
+        if self.recv_start == self.recv_filled {
+            self.recv_start = 0;
+            self.recv_filled = 0;
+        } else if self.recv_start >= self.recv_buffer.len() / 2 {
+            self.recv_buffer
+                .copy_within(self.recv_start..self.recv_filled, 0);
+            self.recv_filled -= self.recv_start;
+            self.recv_start = 0;
         }
-        if self.recv_filled > 0
+        if self.recv_filled > self.recv_start
             && now_us.saturating_sub(self.recv_progress_us) > RECV_STALL_TIMEOUT_US
         {
             return Err(format!(
                 "a partial message of {} bytes got no more bytes for {} ms",
-                self.recv_filled,
+                self.recv_filled - self.recv_start,
                 RECV_STALL_TIMEOUT_US / 1000
             ));
         }

@@ -18,6 +18,32 @@ use nvmirror_nvmf::{
 use crate::node::{Command, FrontEnd, Node, Volume};
 use crate::reactor::Poller;
 
+/// How often listeners are asked for new connections (SPDK polls its acceptor on a timer too):
+/// an accept attempt per loop would be a wasted syscall per listener per loop. Shorter than the
+/// reactor's spin, so a reactor woken by a listener accepts at once.
+pub const ACCEPT_POLL_PERIOD_US: u64 = 100;
+
+/// Accepts what the listeners have, at most once per [`ACCEPT_POLL_PERIOD_US`].
+fn poll_listeners<B: Backend>(
+    now_us: u64,
+    next_accept_us: &mut u64,
+    listeners: &mut [Listener],
+    group: &mut PollGroup<B>,
+) -> usize {
+    if now_us < *next_accept_us {
+        return 0;
+    }
+    *next_accept_us = now_us + ACCEPT_POLL_PERIOD_US;
+    let mut accepted = 0;
+    for listener in listeners {
+        while let Some(stream) = listener.poll_accept() {
+            group.add_connection(stream, now_us);
+            accepted += 1;
+        }
+    }
+    accepted
+}
+
 /// Tokens of operations that complete at once (flush) live above every write id.
 const IMMEDIATE_TOKEN_BASE: u64 = 1 << 63;
 
@@ -129,6 +155,7 @@ impl Backend for Volume {
 /// The NVMe/TCP target as the replicated volume's front end: listeners plus one poll group.
 pub struct TargetFrontEnd {
     listeners: Vec<Listener>,
+    next_accept_us: u64,
     group: PollGroup<Volume>,
 }
 
@@ -138,6 +165,7 @@ impl TargetFrontEnd {
         let listeners = target.bind_listeners()?;
         Ok(TargetFrontEnd {
             listeners,
+            next_accept_us: 0,
             group: PollGroup::new(target),
         })
     }
@@ -149,14 +177,13 @@ impl TargetFrontEnd {
 
 impl FrontEnd for TargetFrontEnd {
     fn poll(&mut self, now_us: u64, volume: &mut Volume) -> usize {
-        let mut work = 0;
-        for listener in &mut self.listeners {
-            while let Some(stream) = listener.poll_accept() {
-                self.group.add_connection(stream, now_us);
-                work += 1;
-            }
-        }
-        work + self.group.poll(now_us, volume)
+        let accepted = poll_listeners(
+            now_us,
+            &mut self.next_accept_us,
+            &mut self.listeners,
+            &mut self.group,
+        );
+        accepted + self.group.poll(now_us, volume)
     }
 
     fn wait_fds(&self, out: &mut Vec<RawFd>) {
@@ -169,6 +196,7 @@ impl FrontEnd for TargetFrontEnd {
 /// "without replication" side of the benchmarks.
 pub struct PlainTarget<D: BlockDevice> {
     listeners: Vec<Listener>,
+    next_accept_us: u64,
     group: PollGroup<DeviceBackend<D>>,
     backend: DeviceBackend<D>,
 }
@@ -178,6 +206,7 @@ impl<D: BlockDevice> PlainTarget<D> {
         let listeners = target.bind_listeners()?;
         Ok(PlainTarget {
             listeners,
+            next_accept_us: 0,
             group: PollGroup::new(target),
             backend: DeviceBackend::new(devices),
         })
@@ -190,14 +219,13 @@ impl<D: BlockDevice> PlainTarget<D> {
 
 impl<D: BlockDevice> Poller for PlainTarget<D> {
     fn poll(&mut self, now_us: u64) -> usize {
-        let mut work = 0;
-        for listener in &mut self.listeners {
-            while let Some(stream) = listener.poll_accept() {
-                self.group.add_connection(stream, now_us);
-                work += 1;
-            }
-        }
-        work + self.group.poll(now_us, &mut self.backend)
+        let accepted = poll_listeners(
+            now_us,
+            &mut self.next_accept_us,
+            &mut self.listeners,
+            &mut self.group,
+        );
+        accepted + self.group.poll(now_us, &mut self.backend)
     }
 
     fn wait_fds(&self, out: &mut Vec<RawFd>) {
