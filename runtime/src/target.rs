@@ -19,9 +19,9 @@ use crate::node::{Command, FrontEnd, Node, Volume};
 use crate::reactor::Poller;
 
 /// How often listeners are asked for new connections (SPDK polls its acceptor on a timer too):
-/// an accept attempt per loop would be a wasted syscall per listener per loop. Shorter than the
-/// reactor's spin, so a reactor woken by a listener accepts at once.
-pub const ACCEPT_POLL_PERIOD_US: u64 = 100;
+/// an accept attempt per loop would be a wasted syscall per listener per loop. A new connection
+/// waits at most this long.
+pub const ACCEPT_POLL_PERIOD_US: u64 = 1000;
 
 /// Accepts what the listeners have, at most once per [`ACCEPT_POLL_PERIOD_US`].
 fn poll_listeners<B: Backend>(
