@@ -76,10 +76,15 @@ fn write_config(
 }
 
 fn start_destination(config: &Path) -> Process {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(config.with_file_name("destination.log"))
+        .unwrap();
     let mut child = Command::new(BIN)
         .args(["--config", config.to_str().unwrap()])
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(log)
         .spawn()
         .expect("start destination");
     // Wait for its "accepting" line so the source's first dial finds it.
@@ -401,5 +406,142 @@ fn verified_nvme_tcp_writes_reach_the_mirror_after_a_cp() {
         .find(|l| l.starts_with("cp_count "))
         .expect("counters printed at shutdown");
     assert_ne!(cps.as_str(), "cp_count 0");
+    assert_images_equal(&scratch);
+}
+
+#[test]
+fn a_peer_speaking_another_protocol_version_is_told_and_disconnected() {
+    use std::io::Write;
+    let scratch = Scratch::new("version");
+    let port = free_port();
+    let destination = write_config(
+        &scratch,
+        "destination",
+        "version",
+        port,
+        "mirror.img",
+        10_000,
+    );
+    let _destination = start_destination(&destination);
+    let mut peer = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // A message header of a future version 99: magic, version, kind Hello, flags, length, crc.
+    let mut header = Vec::new();
+    header.extend_from_slice(b"NVMW");
+    header.extend_from_slice(&[99, 1, 0, 0]);
+    header.extend_from_slice(&16u32.to_le_bytes());
+    header.extend_from_slice(&0u32.to_le_bytes());
+    peer.write_all(&header).unwrap();
+    let mut reply = Vec::new();
+    peer.read_to_end(&mut reply)
+        .expect("the destination closes the connection");
+    assert!(
+        reply.len() > 16,
+        "a Reject comes before the close, got {} bytes",
+        reply.len()
+    );
+    assert_eq!(&reply[..4], b"NVMW");
+    let text = String::from_utf8_lossy(&reply);
+    assert!(
+        text.contains("protocol version 99"),
+        "the Reject names the version: {text}"
+    );
+    let log = std::fs::read_to_string(scratch.path("destination.log")).unwrap();
+    assert!(
+        log.contains("protocol version 99"),
+        "the destination log names the version:\n{log}"
+    );
+}
+
+#[test]
+fn a_lost_destination_delays_writes_and_loses_none() {
+    let scratch = Scratch::new("lostpeer");
+    let port = free_port();
+    let destination = write_config(&scratch, "destination", "lost", port, "mirror.img", 600_000);
+    let source = write_config(&scratch, "source", "lost", port, "primary.img", 600_000);
+    let mut first = start_destination(&destination);
+    let ack_log = scratch.path("acked.log");
+    let source_log = std::fs::File::create(scratch.path("source.log")).unwrap();
+    let mut workload = Process(
+        Command::new(BIN)
+            .args([
+                "workload",
+                "--config",
+                source.to_str().unwrap(),
+                "--seed",
+                "5",
+                "--writes",
+                "3000",
+            ])
+            .args([
+                "--pattern",
+                "disjoint",
+                "--cp-every",
+                "700",
+                "--queue-depth",
+                "8",
+            ])
+            .args(["--ack-log", ack_log.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(source_log)
+            .spawn()
+            .unwrap(),
+    );
+    let acked_count = || {
+        std::fs::read_to_string(&ack_log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let started = Instant::now();
+    while acked_count() < 200 {
+        assert!(
+            started.elapsed() < TEST_TIMEOUT,
+            "no progress before the destination was killed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    // Without its destination the source acknowledges nothing more (synchronous mode).
+    std::thread::sleep(Duration::from_millis(300));
+    let stalled = acked_count();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        acked_count() <= stalled + 8,
+        "writes were acknowledged without a destination"
+    );
+    let source_text = std::fs::read_to_string(scratch.path("source.log")).unwrap();
+    assert!(
+        source_text.contains("cannot reach destination"),
+        "no clear error:\n{source_text}"
+    );
+
+    let _second = start_destination(&destination);
+    let status = loop {
+        if let Some(status) = workload.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < TEST_TIMEOUT,
+            "the workload did not finish after the destination came back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        status.success(),
+        "workload failed after the destination came back"
+    );
+    let acked: Vec<_> = std::fs::read_to_string(&ack_log)
+        .unwrap()
+        .lines()
+        .filter_map(parse_ack_line)
+        .collect();
+    assert_eq!(
+        acked.len(),
+        3000,
+        "every write completes once the destination is back"
+    );
     assert_images_equal(&scratch);
 }

@@ -27,6 +27,7 @@ use crate::source::recovery::{check_namespaces, open_or_format, replay};
 use crate::transfer::TransferId;
 use crate::wire::{
     self, Control, DescriptorTableMessage, Hello, Message, OutQueue, RejectReason, TransferMessage,
+    WireError,
 };
 
 /// The destination's configuration.
@@ -146,18 +147,42 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>, D: BlockDevice> Destination<M, D> {
         result
     }
 
+    /// The peer's bytes cannot be framed in this protocol version (another version, or not
+    /// nvmirror at all): queue a Reject it can recognise, so both sides say why the link closed.
+    /// The caller closes the connection after flushing.
+    pub fn refuse_unframed(&mut self, error: &WireError) -> LinkError {
+        let (reason, text) = match error {
+            WireError::BadVersion(version) => (
+                RejectReason::Version,
+                format!(
+                    "source speaks protocol version {version}, this destination speaks {}",
+                    wire::PROTOCOL_VERSION
+                ),
+            ),
+            other => (
+                RejectReason::Version,
+                format!("unreadable message from the source: {other}"),
+            ),
+        };
+        self.reject(reason, text)
+    }
+
+    fn reject(&mut self, reason: RejectReason, text: String) -> LinkError {
+        log::error!("destination: rejecting source: {text}");
+        let reject = Control::Reject {
+            reason,
+            text: &text,
+        };
+        let length = reject.encoded_bytes();
+        let _ = self.out.push_inline(length, |bytes| reject.encode(bytes));
+        self.events
+            .push_back(DestinationEvent::PeerRejected(text.clone()));
+        LinkError::RejectedPeer { reason, text }
+    }
+
     fn on_hello(&mut self, hello: &Hello) -> Result<(), LinkError> {
         if let Err((reason, text)) = self.check_hello(hello) {
-            log::error!("destination: rejecting source: {text}");
-            let reject = Control::Reject {
-                reason,
-                text: &text,
-            };
-            let length = reject.encoded_bytes();
-            let _ = self.out.push_inline(length, |bytes| reject.encode(bytes));
-            self.events
-                .push_back(DestinationEvent::PeerRejected(text.clone()));
-            return Err(LinkError::RejectedPeer { reason, text });
+            return Err(self.reject(reason, text));
         }
         if hello.epoch > self.ring.superblock().epoch {
             self.ring.set_epoch(hello.epoch);

@@ -46,6 +46,11 @@ pub trait LinkEndpoint {
     fn frame_length(buf: &[u8]) -> Result<Option<usize>, Self::Error>;
     /// The largest message the peer may send (sizes the receive buffer).
     fn message_bytes_max() -> usize;
+    /// The peer's bytes could not be framed: queue whatever tells the peer why (sent before the
+    /// connection closes). Returns the reason to log.
+    fn refuse_unframed(&mut self, error: Self::Error) -> Self::Error {
+        error
+    }
 }
 
 /// The slices of one `writev`, on the stack: no allocation per flush.
@@ -338,7 +343,10 @@ impl Link {
             let length = match E::frame_length(pending) {
                 Ok(Some(length)) if length <= pending.len() => length,
                 Ok(_) => break,
-                Err(e) => return Err(format!("bad message framing: {e}")),
+                Err(e) => {
+                    let reason = endpoint.refuse_unframed(e);
+                    return Err(format!("bad message framing: {reason}"));
+                }
             };
             endpoint
                 .handle_message(now_us, &pending[..length])

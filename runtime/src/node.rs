@@ -228,6 +228,12 @@ impl LinkEndpoint for DestinationEngine {
     fn message_bytes_max() -> usize {
         wire::MESSAGE_BYTES_MAX
     }
+    fn refuse_unframed(&mut self, error: Self::Error) -> Self::Error {
+        match error {
+            nvmirror_engine::LinkError::Wire(wire_error) => self.refuse_unframed(&wire_error),
+            other => other,
+        }
+    }
 }
 
 /// The source side: host writes in, transfers and CPs out.
