@@ -472,7 +472,7 @@ fn a_lost_destination_delays_writes_and_loses_none() {
                 "--seed",
                 "5",
                 "--writes",
-                "3000",
+                "2000",
             ])
             .args([
                 "--pattern",
@@ -540,7 +540,7 @@ fn a_lost_destination_delays_writes_and_loses_none() {
         .collect();
     assert_eq!(
         acked.len(),
-        3000,
+        2000,
         "every write completes once the destination is back"
     );
     assert_images_equal(&scratch);
