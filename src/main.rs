@@ -3,6 +3,7 @@
 //! With no arguments it runs the embedded default, a source and a destination on loopback with
 //! malloc namespaces; `--config FILE` runs one side as the file says; `demo` drives a seeded
 //! workload through the embedded pair and prints what references saved on the wire.
+#![forbid(unsafe_code)]
 
 mod config;
 mod demo;

@@ -15,7 +15,6 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 
-use crate::checksum::crc32c;
 use crate::counters::Counters;
 use crate::cp::Descriptor;
 use crate::device::BlockDevice;
@@ -297,22 +296,18 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>, D: BlockDevice> Destination<M, D> {
                 self.ring.next_seq()
             )));
         }
-        // Verify everything before storing anything: a mismatch is never applied (invariant 5).
-        for (index, (entry, data)) in transfer.entries().enumerate() {
+        for (entry, _) in transfer.entries() {
             self.check_extent(
                 entry.nsid,
                 entry.lba * SECTOR_SIZE as u64,
                 u64::from(entry.length_bytes),
             )?;
-            if crc32c(data) != entry.data_crc {
-                return Err(LinkError::DataCrc {
-                    transfer_id: header.transfer_id.0,
-                    entry_index: index as u32,
-                });
-            }
         }
+        // Each entry's CRC is checked once, over the bytes as stored in the log. A mismatch
+        // leaves that entry uncommitted, the transfer unacknowledged and the link closed: the
+        // source resends it; nothing unverified is ever applied (invariant 5).
         let mut base = None;
-        for (entry, data) in transfer.entries() {
+        for (index, (entry, data)) in transfer.entries().enumerate() {
             let request = EntryRequest {
                 cp_number: header.cp_number,
                 transfer_id: header.transfer_id.0,
@@ -333,7 +328,12 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>, D: BlockDevice> Destination<M, D> {
                 )));
             }
             self.ring.data_mut(&slot).copy_from_slice(data);
-            self.ring.commit(&slot);
+            if self.ring.commit_expecting(&slot, entry.data_crc).is_err() {
+                return Err(LinkError::DataCrc {
+                    transfer_id: header.transfer_id.0,
+                    entry_index: index as u32,
+                });
+            }
             base.get_or_insert(round_down(u64::from(entry.data_offset), BLOCK_SIZE as u64) as u32);
         }
         self.transfers[half].push((header.transfer_id, base.expect("transfers have entries")));

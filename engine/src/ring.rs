@@ -622,6 +622,28 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> NvramRing<M> {
     /// Seals a reserved entry: data CRC, then the header. Returns the half's committed prefix
     /// (in slots) after the commit.
     pub fn commit(&mut self, slot: &EntrySlot) -> u32 {
+        let data_crc = crc32c(self.slot_data(slot));
+        self.commit_with_crc(slot, data_crc)
+    }
+
+    /// Commits a slot whose data must have `expected_crc` (the destination storing a source's
+    /// entry): the CRC is computed once, over the bytes as stored, and a mismatch leaves the slot
+    /// uncommitted and returns the CRC found (the caller drops the link; nothing is applied).
+    pub fn commit_expecting(&mut self, slot: &EntrySlot, expected_crc: u32) -> Result<u32, u32> {
+        let data_crc = crc32c(self.slot_data(slot));
+        if data_crc != expected_crc {
+            return Err(data_crc);
+        }
+        Ok(self.commit_with_crc(slot, data_crc))
+    }
+
+    fn slot_data(&self, slot: &EntrySlot) -> &[u8] {
+        let data_start = (self.geometry.data_area_offset(slot.half)
+            + u64::from(slot.header.data_offset)) as usize;
+        &self.memory.as_ref()[data_start..data_start + slot.header.data_bytes() as usize]
+    }
+
+    fn commit_with_crc(&mut self, slot: &EntrySlot, data_crc: u32) -> u32 {
         let state = &self.halves[slot.half];
         assert_eq!(
             state.cp_number, slot.header.cp_number,
@@ -633,10 +655,7 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> NvramRing<M> {
             "entry committed twice"
         );
         let mut header = slot.header;
-        let data_start =
-            (self.geometry.data_area_offset(slot.half) + u64::from(header.data_offset)) as usize;
-        header.data_crc =
-            crc32c(&self.memory.as_ref()[data_start..data_start + header.data_bytes() as usize]);
+        header.data_crc = data_crc;
         let mut bytes = [0; ENTRY_HEADER_BYTES];
         header.encode(&mut bytes);
         let header_start = self.geometry.header_offset(slot.half, slot.slot) as usize;
@@ -652,7 +671,6 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> NvramRing<M> {
         state.committed_prefix
     }
 
-    /// Slots of `half` whose entries, and all before them, are committed.
     pub fn committed_slots(&self, half: usize) -> u32 {
         self.halves[half].committed_prefix
     }

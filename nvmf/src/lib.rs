@@ -4,6 +4,7 @@
 //! Call order: [`target::Target::new`] with a validated [`config::TargetConfig`], then
 //! [`target::Target::bind_listeners`]; each reactor owns a [`poll_group::PollGroup`], hands it accepted
 //! streams round robin with `add_connection`, and calls `poll(now_us, &mut backend)` in its loop.
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod backend;
