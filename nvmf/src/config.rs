@@ -19,7 +19,7 @@ pub const ADMIN_QUEUE_DEPTH: u16 = 32;
 /// Largest configurable I/O queue depth.
 pub const QUEUE_DEPTH_MAX: u16 = 1024;
 /// Default per-connection, per-poll PDU budget (like Linux nvmet's NVMET_TCP_RECV_BUDGET).
-pub const RECV_BUDGET_PDUS_DEFAULT: usize = 16;
+pub const RECV_BUDGET_PDUS_DEFAULT: usize = 64;
 /// Most outstanding Asynchronous Event Requests per controller (AERL + 1).
 pub const AER_OUTSTANDING_MAX: usize = 4;
 /// Most NQN bytes (Base 2.0: 223 bytes).
