@@ -51,6 +51,8 @@ pub struct EmbeddedPair<F: FrontEnd + Send + 'static> {
     pub destination_control: Arc<NodeControl>,
     pub replication_address: SocketAddr,
     layout: Layout<F>,
+    /// Where the pair's rings may live; they hold nothing of value once the malloc namespaces are gone.
+    ring_files: Vec<std::path::PathBuf>,
 }
 
 impl<F: FrontEnd + Send + 'static> EmbeddedPair<F> {
@@ -63,9 +65,15 @@ impl<F: FrontEnd + Send + 'static> EmbeddedPair<F> {
     {
         // Malloc namespaces start empty, so rings left by an earlier embedded run describe data
         // that no longer exists: start both rings afresh.
-        for config in [&source, &destination] {
-            for dir in [&config.hugepage_dir, &config.fallback_dir] {
-                let stale = dir.join(config.ring_file_name());
+        let ring_files: Vec<_> = [&source, &destination]
+            .iter()
+            .flat_map(|config| {
+                [&config.hugepage_dir, &config.fallback_dir]
+                    .map(|dir| dir.join(config.ring_file_name()))
+            })
+            .collect();
+        {
+            for stale in &ring_files {
                 if stale.exists() {
                     std::fs::remove_file(&stale)
                         .map_err(|e| format!("{}: {e}", stale.display()))?;
@@ -84,6 +92,7 @@ impl<F: FrontEnd + Send + 'static> EmbeddedPair<F> {
                 destination_control,
                 replication_address,
                 layout: Layout::OneReactor(pair),
+                ring_files,
             });
         }
         let (destination, replication_address) = setup::spawn_destination(destination)?;
@@ -97,10 +106,20 @@ impl<F: FrontEnd + Send + 'static> EmbeddedPair<F> {
                 source,
                 destination,
             },
+            ring_files,
         })
     }
 
+    /// Stops both nodes and removes their ring files (the mappings stay valid until the nodes are
+    /// dropped; the hugepages return to the pool then).
     pub fn stop(self) -> Result<(SourceNode<F>, DestinationNode), String> {
+        for ring in &self.ring_files {
+            if ring.exists() {
+                if let Err(e) = std::fs::remove_file(ring) {
+                    log::warn!("embedded: cannot remove {}: {e}", ring.display());
+                }
+            }
+        }
         match self.layout {
             Layout::TwoReactors {
                 source,
