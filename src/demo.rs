@@ -72,21 +72,21 @@ impl<F: FrontEnd + Send + 'static> EmbeddedPair<F> {
                     .map(|dir| dir.join(config.ring_file_name()))
             })
             .collect();
-        {
-            for stale in &ring_files {
-                if stale.exists() {
-                    std::fs::remove_file(&stale)
-                        .map_err(|e| format!("{}: {e}", stale.display()))?;
-                    log::info!(
-                        "embedded: removed the ring of an earlier run at {}",
-                        stale.display()
-                    );
-                }
+        for stale in &ring_files {
+            if stale.exists() {
+                std::fs::remove_file(stale).map_err(|e| format!("{}: {e}", stale.display()))?;
+                log::info!(
+                    "embedded: removed the ring of an earlier run at {}",
+                    stale.display()
+                );
             }
         }
         if source.cores == destination.cores {
-            let (pair, destination_control, replication_address) =
-                setup::spawn_pair_on_one_reactor(source, destination, make_front_end)?;
+            let setup::RunningPair {
+                pair,
+                destination_control,
+                replication_address,
+            } = setup::spawn_pair_on_one_reactor(source, destination, make_front_end)?;
             return Ok(EmbeddedPair {
                 source_control: pair.control.clone(),
                 destination_control,

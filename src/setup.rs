@@ -263,6 +263,13 @@ pub fn spawn_destination(config: Config) -> Result<(Running<DestinationNode>, So
     })
 }
 
+/// A source and its destination running on one reactor.
+pub struct RunningPair<F: FrontEnd> {
+    pub pair: Running<PairNode<F>>,
+    pub destination_control: Arc<NodeControl>,
+    pub replication_address: SocketAddr,
+}
+
 /// Starts a source and its destination on ONE reactor (the source's core): on a machine with
 /// few cores this leaves the others to hosts. Returns the pair's control (the source's), the
 /// destination's, and the replication address.
@@ -270,7 +277,7 @@ pub fn spawn_pair_on_one_reactor<F, M>(
     source: Config,
     destination: Config,
     make_front_end: M,
-) -> Result<(Running<PairNode<F>>, Arc<NodeControl>, SocketAddr), String>
+) -> Result<RunningPair<F>, String>
 where
     F: FrontEnd + Send + 'static,
     M: FnOnce(&SourceEngine) -> Result<F, String> + Send + 'static,
@@ -289,7 +296,11 @@ where
             address,
         ))
     })?;
-    Ok((running, destination_control, address))
+    Ok(RunningPair {
+        pair: running,
+        destination_control,
+        replication_address: address,
+    })
 }
 
 /// Starts the NVMe/TCP target without replication over malloc namespaces: the baseline the
