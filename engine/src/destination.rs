@@ -20,7 +20,7 @@ use crate::cp::Descriptor;
 use crate::device::BlockDevice;
 use crate::error::{EngineError, LinkError};
 use crate::geometry::{half_of_cp, round_down, BLOCK_SIZE, OUT_INLINE_BYTES, SECTOR_SIZE};
-use crate::ring::{EntryRequest, NvramRing};
+use crate::ring::{EntryRequest, NvramRing, RingStore};
 use crate::source::message_name;
 use crate::source::recovery::{check_namespaces, open_or_format, replay};
 use crate::transfer::TransferId;
@@ -71,7 +71,7 @@ pub struct Destination<M, D: BlockDevice> {
     zero_block: Vec<u8>,
 }
 
-impl<M: AsRef<[u8]> + AsMut<[u8]>, D: BlockDevice> Destination<M, D> {
+impl<M: RingStore, D: BlockDevice> Destination<M, D> {
     /// Opens (or formats) the ring; the log waits for the source's Hello (or a promotion).
     pub fn open(config: DestinationConfig, ring: M, mirrors: Vec<D>) -> Result<Self, EngineError> {
         check_namespaces(&mirrors)?;
@@ -327,7 +327,7 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>, D: BlockDevice> Destination<M, D> {
                     entry.data_offset
                 )));
             }
-            self.ring.data_mut(&slot).copy_from_slice(data);
+            self.ring.store_data(&slot, 0, data);
             if self.ring.commit_expecting(&slot, entry.data_crc).is_err() {
                 return Err(LinkError::DataCrc {
                     transfer_id: header.transfer_id.0,
@@ -518,7 +518,7 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>, D: BlockDevice> Destination<M, D> {
 }
 
 /// The 4 KiB of block `block_number` of `transfer_id` in our own log (claim 15).
-fn resolve<'a, M: AsRef<[u8]> + AsMut<[u8]>>(
+fn resolve<'a, M: RingStore>(
     ring: &'a NvramRing<M>,
     transfers: &[(TransferId, u32)],
     half: usize,

@@ -357,6 +357,18 @@ impl HalfState {
     }
 }
 
+/// Memory an NVRAM ring can live in: bytes, plus a way to copy entry data in.
+pub trait RingStore: AsRef<[u8]> + AsMut<[u8]> {
+    /// Copies `data` into the memory at `offset`. Ring data is written once and read back only at
+    /// the next CP, long after it left the cache, so the runtime's mapping overrides this with
+    /// stores that bypass the cache; the default is a plain copy.
+    fn store(&mut self, offset: usize, data: &[u8]) {
+        self.as_mut()[offset..offset + data.len()].copy_from_slice(data);
+    }
+}
+
+impl RingStore for Vec<u8> {}
+
 /// The NVRAM ring over memory `M` (the runtime's mapping, or a `Vec<u8>` in tests).
 pub struct NvramRing<M> {
     memory: M,
@@ -366,7 +378,7 @@ pub struct NvramRing<M> {
     next_seq: u64,
 }
 
-impl<M: AsRef<[u8]> + AsMut<[u8]>> NvramRing<M> {
+impl<M: RingStore> NvramRing<M> {
     /// Writes a fresh superblock and empty header areas.
     pub fn format(mut memory: M, geometry: RingGeometry, volume_id: [u8; 16], epoch: u64) -> Self {
         geometry.validate().expect("format needs a valid geometry");
@@ -613,6 +625,17 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> NvramRing<M> {
     }
 
     /// The data space of a reserved entry (empty for ZEROES).
+    /// Copies `data` into a reserved entry's data at `offset` (see [`RingStore::store`]).
+    pub fn store_data(&mut self, slot: &EntrySlot, offset: usize, data: &[u8]) {
+        assert!(
+            offset + data.len() <= slot.header.data_bytes() as usize,
+            "store past the entry"
+        );
+        let start = (self.geometry.data_area_offset(slot.half) + u64::from(slot.header.data_offset))
+            as usize;
+        self.memory.store(start + offset, data);
+    }
+
     pub fn data_mut(&mut self, slot: &EntrySlot) -> &mut [u8] {
         let start = (self.geometry.data_area_offset(slot.half) + u64::from(slot.header.data_offset))
             as usize;

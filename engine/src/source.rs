@@ -28,7 +28,7 @@ use crate::geometry::{
     half_of_cp, round_down, BLOCK_SIZE, DESCRIPTORS_PER_TABLE, OUT_INLINE_BYTES, SECTOR_SIZE,
     TRANSFER_DATA_BYTES_MAX, TRANSFER_ENTRIES_MAX, WRITE_BYTES_MAX, WRITE_ZEROES_BYTES_MAX,
 };
-use crate::ring::{EntryHeader, EntryRequest, EntrySlot, NvramRing};
+use crate::ring::{EntryHeader, EntryRequest, EntrySlot, NvramRing, RingStore};
 use crate::transfer::{LoggedWrite, TransferId, TransferRecord};
 use crate::wire::{self, Control, Hello, Message, OutQueue, Segment, TransferHeader, WireEntry};
 use cp_state::{CpPhase, CpState};
@@ -127,7 +127,7 @@ pub struct Source<M, D: BlockDevice> {
     aborted: Vec<EntrySlot>,
 }
 
-impl<M: AsRef<[u8]> + AsMut<[u8]>, D: BlockDevice> Source<M, D> {
+impl<M: RingStore, D: BlockDevice> Source<M, D> {
     fn build(config: SourceConfig, ring: NvramRing<M>, primaries: Vec<D>) -> Self {
         let geometry = ring.geometry();
         let slots = geometry.half_header_slots as usize;
@@ -179,6 +179,11 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>, D: BlockDevice> Source<M, D> {
         self.check_range(nsid, lba, u64::from(length_bytes))?;
         self.reserve_entry(now_us, nsid, lba, length_bytes, false)
             .map(|entry| WriteSlot { entry })
+    }
+
+    /// Copies host data into a reserved write at `offset` (the target's in-capsule data).
+    pub fn fill_write(&mut self, slot: &WriteSlot, offset: usize, data: &[u8]) {
+        self.ring.store_data(&slot.entry, offset, data);
     }
 
     /// Where the host's data goes (ring memory).
@@ -938,7 +943,7 @@ fn logged_write(header: &EntryHeader, table_index: u32, base_offset: u32) -> Log
 }
 
 /// Writes one entry to its namespace (data from the ring, or zeroes).
-pub(crate) fn apply_entry<M: AsRef<[u8]> + AsMut<[u8]>, D: BlockDevice>(
+pub(crate) fn apply_entry<M: RingStore, D: BlockDevice>(
     ring: &NvramRing<M>,
     devices: &mut [D],
     zero_block: &[u8],

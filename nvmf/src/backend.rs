@@ -50,6 +50,11 @@ pub trait Backend {
     ) -> Result<Self::WriteSlot, BackendError>;
     /// Exactly `length_bytes` long.
     fn write_buffer(&mut self, slot: &Self::WriteSlot) -> &mut [u8];
+    /// Copies data that arrived with the command (in-capsule) into the slot at `offset`; a
+    /// backend may copy past the cache (the NVRAM ring is read back only at its next CP).
+    fn fill_write(&mut self, slot: &Self::WriteSlot, offset: usize, data: &[u8]) {
+        self.write_buffer(slot)[offset..offset + data.len()].copy_from_slice(data);
+    }
     /// Completes later via `poll_completion`.
     fn commit_write(&mut self, now_us: u64, slot: Self::WriteSlot) -> IoToken;
     /// The connection died before the data arrived: the backend turns the slot into a no-op write (never garbage).

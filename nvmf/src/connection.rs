@@ -288,13 +288,16 @@ impl<B: Backend> Connection<B> {
                 if count > 0 {
                     let source = &self.recv[self.recv_start..self.recv_start + count];
                     let request = &mut self.requests[index as usize];
-                    let destination = match target {
-                        DataTarget::WriteSlot => context
-                            .backend
-                            .write_buffer(request.write_slot.as_ref().expect("write slot")),
-                        DataTarget::RequestBuffer => &mut request.data[..],
-                    };
-                    destination[offset as usize..offset as usize + count].copy_from_slice(source);
+                    match target {
+                        DataTarget::WriteSlot => context.backend.fill_write(
+                            request.write_slot.as_ref().expect("write slot"),
+                            offset as usize,
+                            source,
+                        ),
+                        DataTarget::RequestBuffer => request.data
+                            [offset as usize..offset as usize + count]
+                            .copy_from_slice(source),
+                    }
                     self.recv_start += count;
                 }
                 let offset = offset + count as u32;

@@ -5,5 +5,6 @@ pub mod link;
 pub mod node;
 pub mod reactor;
 pub mod ring_memory;
+pub mod stream;
 pub mod target;
 pub mod workload;

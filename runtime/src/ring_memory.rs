@@ -411,3 +411,9 @@ mod tests {
         assert!(!mount.join(&name).exists());
     }
 }
+
+impl nvmirror_engine::ring::RingStore for RingMemory {
+    fn store(&mut self, offset: usize, data: &[u8]) {
+        crate::stream::stream_copy(&mut self.as_mut()[offset..offset + data.len()], data);
+    }
+}

@@ -106,6 +106,10 @@ impl Backend for Volume {
         self.source.write_buffer(slot)
     }
 
+    fn fill_write(&mut self, slot: &WriteSlot, offset: usize, data: &[u8]) {
+        self.source.fill_write(slot, offset, data);
+    }
+
     fn commit_write(&mut self, now_us: u64, slot: WriteSlot) -> IoToken {
         let id = slot.id();
         self.source.commit_write(now_us, slot);

@@ -7,7 +7,7 @@ use super::{apply_entry, logged_write, CpPhase, Source, SourceConfig};
 use crate::device::BlockDevice;
 use crate::error::EngineError;
 use crate::geometry::{half_of_cp, round_down, RingGeometry, BLOCK_SIZE, NAMESPACES_MAX};
-use crate::ring::{EntryHeader, NvramRing, RingError};
+use crate::ring::{EntryHeader, NvramRing, RingError, RingStore};
 use crate::transfer::{TransferId, TransferRecord};
 
 /// What `Source::open` found and did.
@@ -39,7 +39,7 @@ pub(crate) fn check_namespaces<D: BlockDevice>(devices: &[D]) -> Result<(), Engi
 }
 
 /// Opens the ring in `memory`, formatting it (epoch 1) when it has no valid superblock.
-pub(crate) fn open_or_format<M: AsRef<[u8]> + AsMut<[u8]>>(
+pub(crate) fn open_or_format<M: RingStore>(
     memory: M,
     volume_id: [u8; 16],
 ) -> Result<(NvramRing<M>, Vec<EntryHeader>, bool), EngineError> {
@@ -70,7 +70,7 @@ pub(crate) fn open_or_format<M: AsRef<[u8]> + AsMut<[u8]>>(
 }
 
 /// Writes `entries` to `devices` in seq order and flushes; returns the bytes replayed.
-pub(crate) fn replay<M: AsRef<[u8]> + AsMut<[u8]>, D: BlockDevice>(
+pub(crate) fn replay<M: RingStore, D: BlockDevice>(
     ring: &NvramRing<M>,
     devices: &mut [D],
     entries: &[EntryHeader],
@@ -96,7 +96,7 @@ pub(crate) fn replay<M: AsRef<[u8]> + AsMut<[u8]>, D: BlockDevice>(
     Ok(bytes)
 }
 
-impl<M: AsRef<[u8]> + AsMut<[u8]>, D: BlockDevice> Source<M, D> {
+impl<M: RingStore, D: BlockDevice> Source<M, D> {
     /// Opens (or formats) the ring; replays entries newer than the last completed CP onto the
     /// primaries in seq order, rebuilds dirty maps / transfer tables from them (so they are
     /// resent and then CP'd with references), flushes.
