@@ -75,6 +75,28 @@ fn write_config(
     path
 }
 
+/// The two configs of a pair in `scratch` (file namespaces, one port): (destination, source).
+fn write_pair(scratch: &Scratch, volumes: (&str, &str), cp_interval_ms: u64) -> (PathBuf, PathBuf) {
+    let port = free_port();
+    let destination = write_config(
+        scratch,
+        "destination",
+        volumes.0,
+        port,
+        "mirror.img",
+        cp_interval_ms,
+    );
+    let source = write_config(
+        scratch,
+        "source",
+        volumes.1,
+        port,
+        "primary.img",
+        cp_interval_ms,
+    );
+    (destination, source)
+}
+
 fn start_destination(config: &Path) -> Process {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -148,9 +170,7 @@ fn assert_images_equal(scratch: &Scratch) {
 #[test]
 fn two_processes_mirror_equals_primary_after_mixed_workload() {
     let scratch = Scratch::new("mixed");
-    let port = free_port();
-    let destination = write_config(&scratch, "destination", "mixed", port, "mirror.img", 10_000);
-    let source = write_config(&scratch, "source", "mixed", port, "primary.img", 10_000);
+    let (destination, source) = write_pair(&scratch, ("mixed", "mixed"), 10_000);
     let _destination = start_destination(&destination);
     let mut workload = Command::new(BIN);
     workload.args(["workload", "--config", source.to_str().unwrap()]);
@@ -186,10 +206,8 @@ fn two_processes_mirror_equals_primary_after_mixed_workload() {
 #[test]
 fn source_killed_with_sigkill_replays_its_ring_and_resyncs() {
     let scratch = Scratch::new("sigkill");
-    let port = free_port();
     // A long CP interval and no CP requests: the acknowledged writes live only in the ring.
-    let destination = write_config(&scratch, "destination", "kill", port, "mirror.img", 600_000);
-    let source = write_config(&scratch, "source", "kill", port, "primary.img", 600_000);
+    let (destination, source) = write_pair(&scratch, ("kill", "kill"), 600_000);
     let _destination = start_destination(&destination);
     let ack_log = scratch.path("acked.log");
     let mut victim = Process(
@@ -280,9 +298,7 @@ fn source_killed_with_sigkill_replays_its_ring_and_resyncs() {
 #[test]
 fn a_destination_of_another_volume_is_refused_with_a_clear_error() {
     let scratch = Scratch::new("mismatch");
-    let port = free_port();
-    let destination = write_config(&scratch, "destination", "alpha", port, "mirror.img", 10_000);
-    let source = write_config(&scratch, "source", "beta", port, "primary.img", 10_000);
+    let (destination, source) = write_pair(&scratch, ("alpha", "beta"), 10_000);
     let _destination = start_destination(&destination);
     let mut workload = Command::new(BIN);
     workload.args([
@@ -457,9 +473,7 @@ fn a_peer_speaking_another_protocol_version_is_told_and_disconnected() {
 #[test]
 fn a_lost_destination_delays_writes_and_loses_none() {
     let scratch = Scratch::new("lostpeer");
-    let port = free_port();
-    let destination = write_config(&scratch, "destination", "lost", port, "mirror.img", 600_000);
-    let source = write_config(&scratch, "source", "lost", port, "primary.img", 600_000);
+    let (destination, source) = write_pair(&scratch, ("lost", "lost"), 600_000);
     let mut first = start_destination(&destination);
     let ack_log = scratch.path("acked.log");
     let source_log = std::fs::File::create(scratch.path("source.log")).unwrap();
