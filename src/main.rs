@@ -19,7 +19,8 @@ use config::{Config, Role};
 const USAGE: &str = "\
 usage:
   nvmirror [--cores 0,1]            run the embedded default (source + destination on loopback, malloc namespaces,
-                                    NVMe/TCP target on 127.0.0.1:4420); --cores 0 puts both on one reactor
+                                    NVMe/TCP target on 127.0.0.1:4420); one reactor on core 0 unless
+                                    --cores 0,1 gives each node its own
   nvmirror --no-replication [--cores N]   the same NVMe/TCP target over malloc, without replication
   nvmirror --config FILE [--json]   run one side (role = source | destination) as FILE says
   nvmirror demo [OPTIONS]           drive a seeded workload through the embedded pair and print the counters
@@ -300,7 +301,9 @@ impl Options {
             .map(|ids| ids.len())
             .unwrap_or(1);
         let Some(text) = self.value("--cores")? else {
-            return Ok(if available > 1 { vec![0, 1] } else { vec![0] });
+            // One reactor for the pair by default: on a small machine the other cores stay free
+            // for hosts (a polled host sharing a core with a polled node starves both).
+            return Ok(vec![0]);
         };
         let cores: Vec<usize> = text
             .split(',')
