@@ -1,0 +1,187 @@
+//! The source's link session and data transfers (claims 8-10; engine spec "Source", link): the
+//! Hello / HelloAck handshake (including a CP the destination completed whose CpAck was lost),
+//! sending closed, fully committed transfers in order with entry data straight from ring memory,
+//! and completing host writes when their transfer is acknowledged (invariant 1).
+
+use super::{CpPhase, LinkState, Source, SourceEvent, WriteId};
+use crate::device::BlockDevice;
+use crate::error::LinkError;
+use crate::geometry::{half_of_cp, BLOCK_SIZE, SECTOR_SIZE};
+use crate::ring::RingStore;
+use crate::transfer::{TransferId, TransferRecord};
+use crate::wire::{self, Hello, Segment, TransferHeader, WireEntry};
+
+impl<M: RingStore, D: BlockDevice> Source<M, D> {
+    pub(super) fn reset_session(&mut self) {
+        for state in &mut self.cps {
+            state.reset_session();
+        }
+    }
+
+    pub(super) fn hello(&self) -> Hello {
+        let mut namespace_sizes_bytes = [0; crate::geometry::NAMESPACES_MAX];
+        for (size, primary) in namespace_sizes_bytes.iter_mut().zip(&self.primaries) {
+            *size = primary.size_bytes();
+        }
+        Hello {
+            protocol_version: u32::from(wire::PROTOCOL_VERSION),
+            block_size: BLOCK_SIZE as u32,
+            sector_size: SECTOR_SIZE as u32,
+            mode: self.config.mode,
+            volume_id: self.config.volume_id,
+            epoch: self.ring.superblock().epoch,
+            cp_completed: self.ring.superblock().cp_completed,
+            geometry: self.ring.geometry(),
+            namespace_count: self.primaries.len() as u8,
+            namespace_sizes_bytes,
+        }
+    }
+
+    pub(super) fn on_hello_ack(
+        &mut self,
+        now_us: u64,
+        destination_cp: u64,
+        epoch: u64,
+    ) -> Result<(), LinkError> {
+        let superblock = *self.ring.superblock();
+        if epoch != superblock.epoch {
+            return Err(LinkError::Protocol(format!(
+                "HelloAck epoch {epoch} != ours {}",
+                superblock.epoch
+            )));
+        }
+        if destination_cp == superblock.cp_completed + 1 {
+            // The destination applied and recorded CP c+1 but its CpAck was lost: it is durable on
+            // both sides (our primary was flushed before the CP was sent, or at recovery).
+            let half = half_of_cp(destination_cp);
+            let state = &self.cps[half];
+            if state.cp_number != destination_cp
+                || matches!(state.phase, CpPhase::Free | CpPhase::Active)
+            {
+                return Err(LinkError::Protocol(format!(
+                    "destination completed cp {destination_cp} we never committed"
+                )));
+            }
+            self.complete_cp(now_us, destination_cp);
+        } else if destination_cp != superblock.cp_completed {
+            return Err(LinkError::Protocol(format!(
+                "destination cp {destination_cp} vs ours {}",
+                superblock.cp_completed
+            )));
+        }
+        self.link = LinkState::Ready;
+        self.events.push_back(SourceEvent::LinkReady);
+        self.send_transfers();
+        Ok(())
+    }
+
+    pub(super) fn on_transfer_ack(&mut self, transfer_id: TransferId) -> Result<(), LinkError> {
+        let mut matched = false;
+        for half in self.halves_in_order() {
+            while let Some(record) = self.cps[half].next_unacked_sent() {
+                if record.id > transfer_id {
+                    break;
+                }
+                self.cps[half].acked_count += 1;
+                matched |= record.id == transfer_id;
+                self.complete_writes(half, &record);
+            }
+        }
+        if matched {
+            Ok(())
+        } else {
+            Err(LinkError::Protocol(format!(
+                "ack of transfer {} that is not awaiting an ack",
+                transfer_id.0
+            )))
+        }
+    }
+
+    /// Emits WriteCompleted for the writes of an acknowledged transfer (invariant 1).
+    fn complete_writes(&mut self, half: usize, record: &TransferRecord) {
+        let last_seq = record.first_seq + u64::from(record.entry_count) - 1;
+        assert!(
+            record.first_slot + record.entry_count <= self.ring.committed_slots(half),
+            "acked entries are in the ring"
+        );
+        let first = record
+            .first_seq
+            .max(self.completed_through_seq + 1)
+            .max(self.recovered_seq_end);
+        for seq in first..=last_seq {
+            self.events
+                .push_back(SourceEvent::WriteCompleted(WriteId(seq)));
+        }
+        self.completed_through_seq = self.completed_through_seq.max(last_seq);
+    }
+
+    /// Queues closed, fully committed transfers in order (the CP in flight first).
+    pub(super) fn send_transfers(&mut self) {
+        if self.link != LinkState::Ready {
+            return;
+        }
+        for half in self.halves_in_order() {
+            while let Some(index) = self.cps[half].next_unsent_closed() {
+                let record = *self.cps[half].transfers.get(index);
+                if record.first_slot + record.entry_count > self.ring.committed_slots(half) {
+                    return;
+                }
+                let prefix = wire::transfer_prefix_bytes(record.entry_count as usize);
+                if !self.out.can_push(prefix, 1 + record.entry_count as usize) {
+                    return;
+                }
+                self.queue_transfer(half, &record);
+                self.cps[half].sent_count += 1;
+            }
+            if self.cps[half].has_unsent() {
+                return;
+            }
+        }
+    }
+
+    fn queue_transfer(&mut self, half: usize, record: &TransferRecord) {
+        self.wire_entries.clear();
+        for slot in record.first_slot..record.first_slot + record.entry_count {
+            let header = self.ring.entry_header(half, slot);
+            assert_eq!(header.transfer_id, record.id.0);
+            self.wire_entries.push(WireEntry {
+                nsid: header.nsid,
+                flags: header.flags,
+                length_bytes: header.length_bytes,
+                lba: header.lba,
+                data_offset: header.data_offset,
+                data_crc: header.data_crc,
+            });
+        }
+        let header = TransferHeader {
+            transfer_id: record.id,
+            cp_number: self.cps[half].cp_number,
+            first_seq: record.first_seq,
+            entry_count: record.entry_count,
+        };
+        let prefix = wire::transfer_prefix_bytes(self.wire_entries.len());
+        let (start, _) = self
+            .out
+            .alloc_inline(prefix)
+            .expect("checked with can_push");
+        wire::encode_transfer_prefix(
+            self.out.inline_mut(start, prefix),
+            &header,
+            &self.wire_entries,
+            record.data_bytes as usize,
+        );
+        self.out.push(Segment::Inline {
+            start: start as u32,
+            len: prefix as u32,
+        });
+        let data_area = self.ring.geometry().data_area_offset(half);
+        for entry in self.wire_entries.iter().filter(|e| !e.is_zeroes()) {
+            self.out.push(Segment::Ring {
+                offset: data_area + u64::from(entry.data_offset),
+                len: entry.length_bytes,
+            });
+        }
+        self.counters.transfer_count += 1;
+        self.counters.transfer_bytes += (prefix + record.data_bytes as usize) as u64;
+    }
+}
