@@ -2,6 +2,7 @@
 //! a thread of this test on an ephemeral 127.0.0.1 port over an in-memory namespace. One namespace
 //! device can corrupt a chosen sector on read, to prove verify mode reports it.
 
+mod common;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,6 +10,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::{finish, json_number};
 use nvmirror_engine::device::BlockDevice;
 use nvmirror_nvmf::{DeviceBackend, PollGroup, SubsystemConfig, Target, TargetConfig};
 
@@ -17,7 +19,6 @@ const NQN: &str = "nqn.2024-01.io.nvmirror:perf-test";
 const DEVICE_BYTES: usize = 8 * 1024 * 1024;
 /// The target thread stops by itself after this long, whatever the test does.
 const TARGET_LIFETIME_MAX: Duration = Duration::from_secs(60);
-const PERF_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An in-memory namespace; reads covering `corrupt_offset_bytes` return that byte flipped.
 struct MemoryDevice {
@@ -132,22 +133,6 @@ impl EmbeddedTarget {
     }
 }
 
-/// Waits for the perf process, killing it (and failing) after [`PERF_TIMEOUT`].
-fn finish(mut child: std::process::Child) -> Output {
-    let deadline = Instant::now() + PERF_TIMEOUT;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!(
-                "nvmirror-perf did not finish: {:?}",
-                child.wait_with_output()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
 impl Drop for EmbeddedTarget {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -155,16 +140,6 @@ impl Drop for EmbeddedTarget {
             let _ = thread.join();
         }
     }
-}
-
-fn json_number(json: &str, key: &str) -> f64 {
-    let pattern = format!("\"{key}\":");
-    let start = json
-        .find(&pattern)
-        .unwrap_or_else(|| panic!("{key} missing in {json}"))
-        + pattern.len();
-    let end = json[start..].find([',', '}']).unwrap() + start;
-    json[start..end].parse().unwrap()
 }
 
 fn assert_clean(output: &Output, what: &str) {

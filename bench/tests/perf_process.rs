@@ -3,6 +3,7 @@
 //! /work/spdk-peer) and skip with a message when it is absent. The target runs without hugepages
 //! (`--no-huge`) on an ephemeral 127.0.0.1 port and is killed when the test ends, pass or fail.
 
+mod common;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -10,12 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{finish, json_number};
 use nvmirror_nvmf::pdu::{Fes, PduType, TermReq};
 
 const PERF: &str = env!("CARGO_BIN_EXE_nvmirror-perf");
 const NQN: &str = "nqn.2016-06.io.spdk:cnode1";
 /// Longest any single perf invocation may take before the test kills it and fails.
-const PERF_TIMEOUT: Duration = Duration::from_secs(30);
 const TARGET_START_TIMEOUT: Duration = Duration::from_secs(15);
 const TARGET_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -37,38 +38,12 @@ fn spawn_perf(args: &[&str]) -> Child {
         .unwrap()
 }
 
-fn finish(mut child: Child) -> Output {
-    let deadline = Instant::now() + PERF_TIMEOUT;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!(
-                "nvmirror-perf did not finish within {PERF_TIMEOUT:?}: {:?}",
-                child.wait_with_output()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
 fn perf(args: &[&str]) -> Output {
     finish(spawn_perf(args))
 }
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// The value of `"key":number` in the JSON line.
-fn json_number(json: &str, key: &str) -> f64 {
-    let pattern = format!("\"{key}\":");
-    let start = json
-        .find(&pattern)
-        .unwrap_or_else(|| panic!("{key} missing in {json}"))
-        + pattern.len();
-    let end = json[start..].find([',', '}']).unwrap() + start;
-    json[start..end].parse().unwrap()
 }
 
 #[test]

@@ -97,6 +97,16 @@ impl fmt::Display for HeaderFault {
     }
 }
 
+/// Bytes of data an entry with these flags and length carries (none for write-zeroes), in the
+/// ring and on the wire alike.
+pub(crate) fn entry_data_bytes(flags: u16, length_bytes: u32) -> u32 {
+    if flags & ENTRY_FLAG_ZEROES != 0 {
+        0
+    } else {
+        length_bytes
+    }
+}
+
 impl EntryHeader {
     /// True if the entry means "these sectors are zero" and has no data.
     pub fn is_zeroes(&self) -> bool {
@@ -105,11 +115,7 @@ impl EntryHeader {
 
     /// Bytes the entry occupies in the data area.
     pub fn data_bytes(&self) -> u32 {
-        if self.is_zeroes() {
-            0
-        } else {
-            self.length_bytes
-        }
+        entry_data_bytes(self.flags, self.length_bytes)
     }
 
     /// Byte offset of the entry in its namespace.

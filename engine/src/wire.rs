@@ -34,7 +34,7 @@ use crate::cp::{CpMode, Descriptor, DescriptorEntry};
 use crate::geometry::{
     RingGeometry, BLOCK_SIZE, DESCRIPTORS_PER_TABLE, NAMESPACES_MAX, TRANSFER_ENTRIES_MAX,
 };
-use crate::ring::{entry_length_valid, ENTRY_FLAG_ZEROES};
+use crate::ring::{entry_data_bytes, entry_length_valid, ENTRY_FLAG_ZEROES};
 use crate::transfer::TransferId;
 
 /// "NVMW" in little endian.
@@ -200,11 +200,7 @@ impl WireEntry {
         self.flags & ENTRY_FLAG_ZEROES != 0
     }
     pub fn data_bytes(&self) -> u32 {
-        if self.is_zeroes() {
-            0
-        } else {
-            self.length_bytes
-        }
+        entry_data_bytes(self.flags, self.length_bytes)
     }
     fn encode(&self, out: &mut [u8]) {
         out[0..4].copy_from_slice(&self.nsid.to_le_bytes());
