@@ -173,15 +173,24 @@ pub fn serve_until_stopped(
     Ok(())
 }
 
+/// Prints a side's counters. A closed standard output (the reader went away) must not turn a
+/// clean shutdown into a panic, so write errors are ignored here.
 pub fn print_counters(side: &str, counters: &Counters, json: bool) {
-    if json {
-        println!(
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = if json {
+        writeln!(
+            out,
             "{{\"side\":\"{side}\",\"counters\":{}}}",
             counters.to_json()
-        );
+        )
     } else {
-        println!("--- {side} counters ---\n{}", counters.to_text().trim_end());
-    }
+        writeln!(
+            out,
+            "--- {side} counters ---\n{}",
+            counters.to_text().trim_end()
+        )
+    };
 }
 
 pub struct DemoOptions {

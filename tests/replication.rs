@@ -112,7 +112,10 @@ fn start_destination(config: &Path) -> Process {
     // Wait for its "accepting" line so the source's first dial finds it.
     let stdout = child.stdout.take().unwrap();
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let mut reader = BufReader::new(stdout);
+    reader.read_line(&mut line).unwrap();
+    // Keep reading, so the counters it prints when it stops do not hit a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
     assert!(
         line.contains("accepting the source"),
         "destination said: {line}"
@@ -558,4 +561,91 @@ fn a_lost_destination_delays_writes_and_loses_none() {
         "every write completes once the destination is back"
     );
     assert_images_equal(&scratch);
+}
+
+#[test]
+fn promoting_the_destination_after_a_source_crash_keeps_every_acknowledged_write() {
+    let scratch = Scratch::new("promote");
+    // No CP during the run: the acknowledged writes exist on the destination only in its log.
+    let (destination, source) = write_pair(&scratch, ("promote", "promote"), 600_000);
+    let mut destination_process = start_destination(&destination);
+    let ack_log = scratch.path("acked.log");
+    let mut victim = Process(
+        Command::new(BIN)
+            .args([
+                "workload",
+                "--config",
+                source.to_str().unwrap(),
+                "--seed",
+                "13",
+                "--writes",
+                "1000000",
+            ])
+            .args([
+                "--pattern",
+                "disjoint",
+                "--cp-every",
+                "0",
+                "--queue-depth",
+                "8",
+            ])
+            .args(["--ack-log", ack_log.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    while std::fs::read_to_string(&ack_log)
+        .unwrap_or_default()
+        .lines()
+        .count()
+        < 300
+    {
+        assert!(
+            started.elapsed() < TEST_TIMEOUT,
+            "no progress before the source was killed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    victim.0.kill().unwrap();
+    victim.0.wait().unwrap();
+    let pid = destination_process.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    assert!(destination_process.0.wait().unwrap().success());
+
+    let mut promote = Command::new(BIN);
+    promote.args(["promote", "--config", destination.to_str().unwrap()]);
+    let output = run_to_end(promote);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "promote failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("replayed onto the mirror"), "{stdout}");
+
+    let acked: Vec<_> = std::fs::read_to_string(&ack_log)
+        .unwrap()
+        .lines()
+        .filter_map(parse_ack_line)
+        .collect();
+    let images = [
+        read_image(&scratch.path("mirror.img")),
+        read_image(&scratch.path("mirror.img.2")),
+    ];
+    for write in &acked {
+        let image = &images[write.nsid as usize - 1];
+        let offset = (write.lba * 512) as usize;
+        let mut expected = vec![0u8; write.length_bytes as usize];
+        fill_payload(13, write.index, &mut expected);
+        assert!(
+            image[offset..offset + expected.len()] == expected[..],
+            "acknowledged write {write:?} is not on the promoted mirror"
+        );
+    }
 }
