@@ -1,6 +1,6 @@
 //! Process tests of the `nvmirror-perf` binary: usage and connection errors always run; the runs
-//! against SPDK's nvmf_tgt (the reference NVMe/TCP target) need SPDK built at `$SPDK_PEER` (default
-//! /work/spdk-peer) and skip with a message when it is absent. The target runs without hugepages
+//! against SPDK's nvmf_tgt (the reference NVMe/TCP target) need an SPDK tree built at `$SPDK_PEER`
+//! and skip with a message when it is not set or not built. The target runs without hugepages
 //! (`--no-huge`) on an ephemeral 127.0.0.1 port and is killed when the test ends, pass or fail.
 
 mod common;
@@ -239,8 +239,7 @@ impl SpdkTarget {
 }
 
 fn spdk_root() -> Option<PathBuf> {
-    let root =
-        PathBuf::from(std::env::var("SPDK_PEER").unwrap_or_else(|_| "/work/spdk-peer".to_string()));
+    let root = PathBuf::from(std::env::var_os("SPDK_PEER")?);
     let usable = root.join("build/bin/nvmf_tgt").exists() && root.join("scripts/rpc.py").exists();
     usable.then_some(root)
 }
