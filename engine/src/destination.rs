@@ -146,24 +146,21 @@ impl<M: RingStore, D: BlockDevice> Destination<M, D> {
         result
     }
 
-    /// The peer's bytes cannot be framed in this protocol version (another version, or not
-    /// nvmirror at all): queue a Reject it can recognise, so both sides say why the link closed.
-    /// The caller closes the connection after flushing.
-    pub fn refuse_unframed(&mut self, error: &WireError) -> LinkError {
-        let (reason, text) = match error {
-            WireError::BadVersion(version) => (
+    /// The peer's bytes cannot be framed. Another protocol version is refused for good: a Reject
+    /// naming both versions is queued (flushed before the caller closes), so both sides say why.
+    /// Any other unreadable byte (a corrupted header) only closes the link; the source reconnects
+    /// and resends.
+    pub fn refuse_unframed(&mut self, error: WireError) -> LinkError {
+        match error {
+            WireError::BadVersion(version) => self.reject(
                 RejectReason::Version,
                 format!(
                     "source speaks protocol version {version}, this destination speaks {}",
                     wire::PROTOCOL_VERSION
                 ),
             ),
-            other => (
-                RejectReason::Version,
-                format!("unreadable message from the source: {other}"),
-            ),
-        };
-        self.reject(reason, text)
+            other => LinkError::Wire(other),
+        }
     }
 
     fn reject(&mut self, reason: RejectReason, text: String) -> LinkError {

@@ -228,12 +228,10 @@ impl LinkEndpoint for DestinationEngine {
     fn message_bytes_max() -> usize {
         wire::MESSAGE_BYTES_MAX
     }
-    /// Only another protocol version is refused for good; any other unreadable byte (a corrupted
-    /// header) just closes the link, and the source reconnects and resends.
     fn refuse_unframed(&mut self, error: Self::Error) -> Self::Error {
         match error {
-            nvmirror_engine::LinkError::Wire(wire_error @ wire::WireError::BadVersion(_)) => {
-                self.refuse_unframed(&wire_error)
+            nvmirror_engine::LinkError::Wire(wire_error) => {
+                Destination::refuse_unframed(self, wire_error)
             }
             other => other,
         }
