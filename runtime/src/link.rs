@@ -17,6 +17,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
+use crate::reactor::{Period, ACCEPT_POLL_PERIOD_US};
+
 /// Slices handed to one `writev`.
 pub const SEND_IOVECS_MAX: usize = 64;
 /// Socket buffer size asked of the kernel, as SPDK's posix sock module does.
@@ -28,8 +30,6 @@ pub const REDIAL_BACKOFF_US: u64 = 250_000;
 /// A partial message that gets no further bytes for this long means a corrupted length or a
 /// hung peer: the connection is closed and the source resends after the next handshake.
 pub const RECV_STALL_TIMEOUT_US: u64 = 5_000_000;
-/// How often the destination asks its listener for a (new) source connection.
-pub const ACCEPT_POLL_PERIOD_US: u64 = 100;
 /// Messages handled per poll, so a flood of acknowledgements cannot starve the rest of the reactor.
 pub const RECV_BUDGET_MESSAGES: usize = 256;
 
@@ -98,7 +98,7 @@ pub enum LinkRole {
     },
     Accept {
         listener: TcpListener,
-        next_accept_us: u64,
+        accept: Period,
     },
 }
 
@@ -148,7 +148,7 @@ impl Link {
         Ok(Self::new(
             LinkRole::Accept {
                 listener,
-                next_accept_us: 0,
+                accept: Period::new(ACCEPT_POLL_PERIOD_US),
             },
             message_bytes_max,
         ))
@@ -215,26 +215,31 @@ impl Link {
                 return work + 1;
             }
         }
+        work + self.send(now_us, endpoint)
+    }
+
+    /// Sends what the core queued since the last poll, without reading: for a core that queued
+    /// transfers after its receive pass (one receive syscall per loop is enough).
+    pub fn send<E: LinkEndpoint>(&mut self, now_us: u64, endpoint: &mut E) -> usize {
+        if self.stream.is_none() {
+            return 0;
+        }
         match self.flush(endpoint) {
-            Ok(n) => work + n,
+            Ok(n) => n,
             Err(reason) => {
                 self.close(now_us, endpoint, reason);
-                work + 1
+                1
             }
         }
     }
 
     fn poll_connect<E: LinkEndpoint>(&mut self, now_us: u64, endpoint: &mut E) -> usize {
         match &mut self.role {
-            LinkRole::Accept {
-                listener,
-                next_accept_us,
-            } => {
+            LinkRole::Accept { listener, accept } => {
                 // An accept attempt per loop would be a wasted syscall per loop.
-                if now_us < *next_accept_us {
+                if !accept.due(now_us) {
                     return 0;
                 }
-                *next_accept_us = now_us + ACCEPT_POLL_PERIOD_US;
                 match listener.accept() {
                     Ok((stream, from)) => {
                         if self.stream.is_some() {

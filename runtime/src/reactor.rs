@@ -29,6 +29,36 @@ pub fn monotonic_us() -> u64 {
     start.elapsed().as_micros() as u64
 }
 
+/// How often listeners are asked for new connections (SPDK polls its acceptor on a timer too):
+/// an accept attempt per loop would be a wasted syscall per listener per loop. A new connection
+/// waits at most this long.
+pub const ACCEPT_POLL_PERIOD_US: u64 = 1000;
+
+/// Work a poller does at most once per period (accepting connections), not on every loop.
+#[derive(Debug, Clone, Copy)]
+pub struct Period {
+    period_us: u64,
+    next_us: u64,
+}
+
+impl Period {
+    pub const fn new(period_us: u64) -> Self {
+        Period {
+            period_us,
+            next_us: 0,
+        }
+    }
+
+    /// True at most once per period; the first call is always due.
+    pub fn due(&mut self, now_us: u64) -> bool {
+        if now_us < self.next_us {
+            return false;
+        }
+        self.next_us = now_us + self.period_us;
+        true
+    }
+}
+
 /// One unit of polled work on a reactor (a listener, a connection, a timer wheel).
 pub trait Poller {
     /// One bounded pass; returns the work done (0 = idle).
@@ -313,6 +343,17 @@ impl<T: Send> Reactor<T> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_period_is_due_once_per_period() {
+        let mut period = Period::new(1000);
+        assert!(period.due(5));
+        assert!(!period.due(5));
+        assert!(!period.due(1004));
+        assert!(period.due(1005));
+        assert!(!period.due(1006));
+    }
+
     use super::*;
     use std::cell::Cell;
     use std::os::unix::net::UnixStream;

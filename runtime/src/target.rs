@@ -16,24 +16,18 @@ use nvmirror_nvmf::{
 };
 
 use crate::node::{Command, FrontEnd, Node, Volume};
-use crate::reactor::Poller;
-
-/// How often listeners are asked for new connections (SPDK polls its acceptor on a timer too):
-/// an accept attempt per loop would be a wasted syscall per listener per loop. A new connection
-/// waits at most this long.
-pub const ACCEPT_POLL_PERIOD_US: u64 = 1000;
+use crate::reactor::{Period, Poller, ACCEPT_POLL_PERIOD_US};
 
 /// Accepts what the listeners have, at most once per [`ACCEPT_POLL_PERIOD_US`].
 fn poll_listeners<B: Backend>(
     now_us: u64,
-    next_accept_us: &mut u64,
+    accept: &mut Period,
     listeners: &mut [Listener],
     group: &mut PollGroup<B>,
 ) -> usize {
-    if now_us < *next_accept_us {
+    if !accept.due(now_us) {
         return 0;
     }
-    *next_accept_us = now_us + ACCEPT_POLL_PERIOD_US;
     let mut accepted = 0;
     for listener in listeners {
         while let Some(stream) = listener.poll_accept() {
@@ -159,7 +153,7 @@ impl Backend for Volume {
 /// The NVMe/TCP target as the replicated volume's front end: listeners plus one poll group.
 pub struct TargetFrontEnd {
     listeners: Vec<Listener>,
-    next_accept_us: u64,
+    accept: Period,
     group: PollGroup<Volume>,
 }
 
@@ -169,7 +163,7 @@ impl TargetFrontEnd {
         let listeners = target.bind_listeners()?;
         Ok(TargetFrontEnd {
             listeners,
-            next_accept_us: 0,
+            accept: Period::new(ACCEPT_POLL_PERIOD_US),
             group: PollGroup::new(target),
         })
     }
@@ -183,7 +177,7 @@ impl FrontEnd for TargetFrontEnd {
     fn poll(&mut self, now_us: u64, volume: &mut Volume) -> usize {
         let accepted = poll_listeners(
             now_us,
-            &mut self.next_accept_us,
+            &mut self.accept,
             &mut self.listeners,
             &mut self.group,
         );
@@ -200,7 +194,7 @@ impl FrontEnd for TargetFrontEnd {
 /// "without replication" side of the benchmarks.
 pub struct PlainTarget<D: BlockDevice> {
     listeners: Vec<Listener>,
-    next_accept_us: u64,
+    accept: Period,
     group: PollGroup<DeviceBackend<D>>,
     backend: DeviceBackend<D>,
 }
@@ -210,7 +204,7 @@ impl<D: BlockDevice> PlainTarget<D> {
         let listeners = target.bind_listeners()?;
         Ok(PlainTarget {
             listeners,
-            next_accept_us: 0,
+            accept: Period::new(ACCEPT_POLL_PERIOD_US),
             group: PollGroup::new(target),
             backend: DeviceBackend::new(devices),
         })
@@ -225,7 +219,7 @@ impl<D: BlockDevice> Poller for PlainTarget<D> {
     fn poll(&mut self, now_us: u64) -> usize {
         let accepted = poll_listeners(
             now_us,
-            &mut self.next_accept_us,
+            &mut self.accept,
             &mut self.listeners,
             &mut self.group,
         );
