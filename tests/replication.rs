@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use nvmirror_runtime::workload::{fill_payload, parse_ack_line};
+use nvmirror_runtime::workload::{fill_payload, parse_ack_line, PlannedWrite};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nvmirror");
 const NAMESPACE_MIB: u64 = 16;
@@ -155,6 +155,94 @@ fn read_image(path: &Path) -> Vec<u8> {
     bytes
 }
 
+/// A source process running the disjoint workload (writes never overlap, so each acknowledged
+/// one must be found intact), logging every acknowledged write to `ack_log`.
+fn spawn_disjoint_workload(
+    source: &Path,
+    seed: u64,
+    writes: u64,
+    cp_every: u64,
+    ack_log: &Path,
+    stderr: Stdio,
+) -> Process {
+    let numbers = [seed.to_string(), writes.to_string(), cp_every.to_string()];
+    Process(
+        Command::new(BIN)
+            .args([
+                "workload",
+                "--config",
+                source.to_str().unwrap(),
+                "--pattern",
+                "disjoint",
+                "--queue-depth",
+                "8",
+            ])
+            .args([
+                "--seed",
+                &numbers[0],
+                "--writes",
+                &numbers[1],
+                "--cp-every",
+                &numbers[2],
+            ])
+            .args(["--ack-log", ack_log.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn acked_count(ack_log: &Path) -> usize {
+    std::fs::read_to_string(ack_log)
+        .unwrap_or_default()
+        .lines()
+        .count()
+}
+
+/// Waits until `count` writes are acknowledged; the workload must still be running.
+fn wait_for_acks(ack_log: &Path, count: usize, workload: &mut Process) {
+    let started = Instant::now();
+    while acked_count(ack_log) < count {
+        assert!(
+            workload.0.try_wait().unwrap().is_none(),
+            "workload exited early"
+        );
+        assert!(
+            started.elapsed() < TEST_TIMEOUT,
+            "only {} writes acknowledged in time",
+            acked_count(ack_log)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn acked_writes(ack_log: &Path) -> Vec<PlannedWrite> {
+    std::fs::read_to_string(ack_log)
+        .unwrap()
+        .lines()
+        .filter_map(parse_ack_line)
+        .collect()
+}
+
+/// Every acknowledged write's payload is on the two namespace images named `image` and `image.2`.
+fn assert_acked_writes_on(scratch: &Scratch, image: &str, seed: u64, acked: &[PlannedWrite]) {
+    let images = [
+        read_image(&scratch.path(image)),
+        read_image(&scratch.path(&format!("{image}.2"))),
+    ];
+    for write in acked {
+        let bytes = &images[write.nsid as usize - 1];
+        let offset = (write.lba * 512) as usize;
+        let mut expected = vec![0u8; write.length_bytes as usize];
+        fill_payload(seed, write.index, &mut expected);
+        assert!(
+            bytes[offset..offset + expected.len()] == expected[..],
+            "acknowledged write {write:?} is not on {image}"
+        );
+    }
+}
+
 fn assert_images_equal(scratch: &Scratch) {
     for suffix in ["", ".2"] {
         let primary = read_image(&scratch.path(&format!("primary.img{suffix}")));
@@ -213,59 +301,12 @@ fn source_killed_with_sigkill_replays_its_ring_and_resyncs() {
     let (destination, source) = write_pair(&scratch, ("kill", "kill"), 600_000);
     let _destination = start_destination(&destination);
     let ack_log = scratch.path("acked.log");
-    let mut victim = Process(
-        Command::new(BIN)
-            .args([
-                "workload",
-                "--config",
-                source.to_str().unwrap(),
-                "--seed",
-                "9",
-                "--writes",
-                "1000000",
-            ])
-            .args([
-                "--pattern",
-                "disjoint",
-                "--cp-every",
-                "0",
-                "--queue-depth",
-                "8",
-            ])
-            .args(["--ack-log", ack_log.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let started = Instant::now();
-    loop {
-        let acked = std::fs::read_to_string(&ack_log)
-            .unwrap_or_default()
-            .lines()
-            .count();
-        if acked >= 300 {
-            break;
-        }
-        assert!(
-            victim.0.try_wait().unwrap().is_none(),
-            "workload exited before it was killed"
-        );
-        assert!(
-            started.elapsed() < TEST_TIMEOUT,
-            "only {acked} writes acknowledged in time"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut victim = spawn_disjoint_workload(&source, 9, 1_000_000, 0, &ack_log, Stdio::null());
+    wait_for_acks(&ack_log, 300, &mut victim);
     // SIGKILL: no destructor, no flush, nothing but what the ring already holds.
     victim.0.kill().unwrap();
     victim.0.wait().unwrap();
-
-    let acked: Vec<_> = std::fs::read_to_string(&ack_log)
-        .unwrap()
-        .lines()
-        .filter_map(parse_ack_line)
-        .collect();
+    let acked = acked_writes(&ack_log);
     assert!(acked.len() >= 300);
 
     let mut sync = Command::new(BIN);
@@ -281,20 +322,7 @@ fn source_killed_with_sigkill_replays_its_ring_and_resyncs() {
         "the restart must report its ring replay:\n{stderr}"
     );
 
-    let images = [
-        read_image(&scratch.path("primary.img")),
-        read_image(&scratch.path("primary.img.2")),
-    ];
-    for write in &acked {
-        let image = &images[write.nsid as usize - 1];
-        let offset = (write.lba * 512) as usize;
-        let mut expected = vec![0u8; write.length_bytes as usize];
-        fill_payload(9, write.index, &mut expected);
-        assert!(
-            image[offset..offset + expected.len()] == expected[..],
-            "acknowledged write {write:?} is not on the primary after the restart"
-        );
-    }
+    assert_acked_writes_on(&scratch, "primary.img", 9, &acked);
     assert_images_equal(&scratch);
 }
 
@@ -480,53 +508,17 @@ fn a_lost_destination_delays_writes_and_loses_none() {
     let mut first = start_destination(&destination);
     let ack_log = scratch.path("acked.log");
     let source_log = std::fs::File::create(scratch.path("source.log")).unwrap();
-    let mut workload = Process(
-        Command::new(BIN)
-            .args([
-                "workload",
-                "--config",
-                source.to_str().unwrap(),
-                "--seed",
-                "5",
-                "--writes",
-                "2000",
-            ])
-            .args([
-                "--pattern",
-                "disjoint",
-                "--cp-every",
-                "700",
-                "--queue-depth",
-                "8",
-            ])
-            .args(["--ack-log", ack_log.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(source_log)
-            .spawn()
-            .unwrap(),
-    );
-    let acked_count = || {
-        std::fs::read_to_string(&ack_log)
-            .unwrap_or_default()
-            .lines()
-            .count()
-    };
+    let mut workload = spawn_disjoint_workload(&source, 5, 2000, 700, &ack_log, source_log.into());
+    wait_for_acks(&ack_log, 200, &mut workload);
     let started = Instant::now();
-    while acked_count() < 200 {
-        assert!(
-            started.elapsed() < TEST_TIMEOUT,
-            "no progress before the destination was killed"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
     first.0.kill().unwrap();
     first.0.wait().unwrap();
     // Without its destination the source acknowledges nothing more (synchronous mode).
     std::thread::sleep(Duration::from_millis(300));
-    let stalled = acked_count();
+    let stalled = acked_count(&ack_log);
     std::thread::sleep(Duration::from_millis(700));
     assert!(
-        acked_count() <= stalled + 8,
+        acked_count(&ack_log) <= stalled + 8,
         "writes were acknowledged without a destination"
     );
     let source_text = std::fs::read_to_string(scratch.path("source.log")).unwrap();
@@ -550,11 +542,7 @@ fn a_lost_destination_delays_writes_and_loses_none() {
         status.success(),
         "workload failed after the destination came back"
     );
-    let acked: Vec<_> = std::fs::read_to_string(&ack_log)
-        .unwrap()
-        .lines()
-        .filter_map(parse_ack_line)
-        .collect();
+    let acked = acked_writes(&ack_log);
     assert_eq!(
         acked.len(),
         2000,
@@ -570,44 +558,8 @@ fn promoting_the_destination_after_a_source_crash_keeps_every_acknowledged_write
     let (destination, source) = write_pair(&scratch, ("promote", "promote"), 600_000);
     let mut destination_process = start_destination(&destination);
     let ack_log = scratch.path("acked.log");
-    let mut victim = Process(
-        Command::new(BIN)
-            .args([
-                "workload",
-                "--config",
-                source.to_str().unwrap(),
-                "--seed",
-                "13",
-                "--writes",
-                "1000000",
-            ])
-            .args([
-                "--pattern",
-                "disjoint",
-                "--cp-every",
-                "0",
-                "--queue-depth",
-                "8",
-            ])
-            .args(["--ack-log", ack_log.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let started = Instant::now();
-    while std::fs::read_to_string(&ack_log)
-        .unwrap_or_default()
-        .lines()
-        .count()
-        < 300
-    {
-        assert!(
-            started.elapsed() < TEST_TIMEOUT,
-            "no progress before the source was killed"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut victim = spawn_disjoint_workload(&source, 13, 1_000_000, 0, &ack_log, Stdio::null());
+    wait_for_acks(&ack_log, 300, &mut victim);
     victim.0.kill().unwrap();
     victim.0.wait().unwrap();
     let pid = destination_process.0.id().to_string();
@@ -629,23 +581,5 @@ fn promoting_the_destination_after_a_source_crash_keeps_every_acknowledged_write
     );
     assert!(stdout.contains("replayed onto the mirror"), "{stdout}");
 
-    let acked: Vec<_> = std::fs::read_to_string(&ack_log)
-        .unwrap()
-        .lines()
-        .filter_map(parse_ack_line)
-        .collect();
-    let images = [
-        read_image(&scratch.path("mirror.img")),
-        read_image(&scratch.path("mirror.img.2")),
-    ];
-    for write in &acked {
-        let image = &images[write.nsid as usize - 1];
-        let offset = (write.lba * 512) as usize;
-        let mut expected = vec![0u8; write.length_bytes as usize];
-        fill_payload(13, write.index, &mut expected);
-        assert!(
-            image[offset..offset + expected.len()] == expected[..],
-            "acknowledged write {write:?} is not on the promoted mirror"
-        );
-    }
+    assert_acked_writes_on(&scratch, "mirror.img", 13, &acked_writes(&ack_log));
 }
