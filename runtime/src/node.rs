@@ -89,6 +89,9 @@ pub trait Node: Poller {
     fn handle_command(&mut self, now_us: u64, command: Command);
 }
 
+/// Tokens of operations that complete at once (flush) live above every write id.
+const IMMEDIATE_TOKEN_BASE: u64 = 1 << 63;
+
 /// Write completions a source front end has not collected yet: more than the ring can hold in flight.
 pub const COMPLETIONS_MAX: usize = 1 << 16;
 
@@ -119,21 +122,30 @@ impl Volume {
         self.completed.pop_front()
     }
 
-    pub(crate) fn immediate_next(&mut self) -> u64 {
+    /// Completes an operation that needs no replication (a flush: every completed write is
+    /// already non-volatile on both sides) and returns its token, from a range write ids never
+    /// reach.
+    pub(crate) fn complete_now(&mut self) -> u64 {
         self.immediate_count += 1;
-        self.immediate_count
-    }
-
-    pub(crate) fn push_immediate(&mut self, token: u64) {
-        self.push_completed(WriteId(token));
+        let token = IMMEDIATE_TOKEN_BASE | self.immediate_count;
+        self.push_token(token);
+        token
     }
 
     fn push_completed(&mut self, id: WriteId) {
         assert!(
+            id.0 < IMMEDIATE_TOKEN_BASE,
+            "write ids stay below the immediate tokens"
+        );
+        self.push_token(id.0);
+    }
+
+    fn push_token(&mut self, token: u64) {
+        assert!(
             self.completed.len() < COMPLETIONS_MAX,
             "front end stopped collecting completions"
         );
-        self.completed.push_back(id.0);
+        self.completed.push_back(token);
     }
 }
 

@@ -38,9 +38,6 @@ fn poll_listeners<B: Backend>(
     accepted
 }
 
-/// Tokens of operations that complete at once (flush) live above every write id.
-const IMMEDIATE_TOKEN_BASE: u64 = 1 << 63;
-
 fn backend_error(refused: WriteRefused) -> BackendError {
     match refused {
         WriteRefused::Backpressure => BackendError::Busy,
@@ -140,9 +137,7 @@ impl Backend for Volume {
         if self.namespace(nsid).is_none() && nsid != u32::MAX {
             return Err(BackendError::InvalidNamespace);
         }
-        let token = IoToken(IMMEDIATE_TOKEN_BASE | self.immediate_next());
-        self.push_immediate(token.0);
-        Ok(token)
+        Ok(IoToken(self.complete_now()))
     }
 
     fn poll_completion(&mut self) -> Option<IoToken> {
