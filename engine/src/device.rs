@@ -33,3 +33,34 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
         (**self).flush()
     }
 }
+
+/// A namespace in plain process memory: for tests, the simulation's peers and examples (the
+/// runtime's `MallocDevice` is the hugepage-backed one a node uses). Out-of-range access panics:
+/// callers are the engine and tests, which check ranges first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryDevice(pub Vec<u8>);
+
+impl MemoryDevice {
+    pub fn new(size_bytes: usize) -> Self {
+        MemoryDevice(vec![0; size_bytes])
+    }
+}
+
+impl BlockDevice for MemoryDevice {
+    fn size_bytes(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> io::Result<()> {
+        let start = offset_bytes as usize;
+        buf.copy_from_slice(&self.0[start..start + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> io::Result<()> {
+        let start = offset_bytes as usize;
+        self.0[start..start + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -2,34 +2,14 @@
 //! validation with real hosts (SPDK's spdk_nvme_identify / spdk_nvme_perf / spdk_nvme_discover).
 //! Usage: `serve [PORT] [DISCOVERY_PORT]` (defaults 4420 and 8009). The subsystem NQN is printed.
 
-use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
-use nvmirror_engine::device::BlockDevice;
+use nvmirror_engine::device::MemoryDevice;
 use nvmirror_nvmf::{DeviceBackend, PollGroup, SubsystemConfig, Target, TargetConfig};
 
 const DEVICE_BYTES: usize = 64 * 1024 * 1024;
 const NQN: &str = "nqn.2024-01.io.nvmirror:serve";
-
-struct MemoryDevice(Vec<u8>);
-
-impl BlockDevice for MemoryDevice {
-    fn size_bytes(&self) -> u64 {
-        self.0.len() as u64
-    }
-    fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> io::Result<()> {
-        buf.copy_from_slice(&self.0[offset_bytes as usize..offset_bytes as usize + buf.len()]);
-        Ok(())
-    }
-    fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> io::Result<()> {
-        self.0[offset_bytes as usize..offset_bytes as usize + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();

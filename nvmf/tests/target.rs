@@ -383,7 +383,7 @@ fn keep_alive_expiry_closes_the_controller() {
 #[test]
 fn busy_backend_commands_wait_then_complete() {
     let backend = BusyBackend {
-        inner: DeviceBackend::new(vec![MemDevice(vec![0; DEVICE_BYTES])]),
+        inner: DeviceBackend::new(vec![MemoryDevice(vec![0; DEVICE_BYTES])]),
         busy_reservations: 50,
     };
     let server = serve(config(true), backend);

@@ -4,29 +4,11 @@
 
 use super::*;
 use crate::destination::{Destination, DestinationConfig};
+use crate::device::MemoryDevice;
 use crate::geometry::RING_BYTES_MIN;
 
 const VOLUME: [u8; 16] = [3; 16];
 const NAMESPACE_BYTES: usize = 1 << 20;
-
-struct MemoryDevice(Vec<u8>);
-
-impl BlockDevice for MemoryDevice {
-    fn size_bytes(&self) -> u64 {
-        self.0.len() as u64
-    }
-    fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        buf.copy_from_slice(&self.0[offset_bytes as usize..offset_bytes as usize + buf.len()]);
-        Ok(())
-    }
-    fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> std::io::Result<()> {
-        self.0[offset_bytes as usize..offset_bytes as usize + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 type Pair = (
     Source<Vec<u8>, MemoryDevice>,

@@ -2,14 +2,14 @@
 //! DeviceBackend over memory in a background thread (127.0.0.1, ephemeral port, bounded in time).
 #![allow(dead_code)]
 
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nvmirror_engine::device::BlockDevice;
+pub use nvmirror_engine::device::MemoryDevice;
 use nvmirror_nvmf::backend::{Backend, BackendError, IoToken, NamespaceInfo};
 use nvmirror_nvmf::pdu::*;
 use nvmirror_nvmf::{DeviceBackend, PollGroup, SubsystemConfig, Target, TargetConfig};
@@ -18,33 +18,14 @@ pub const NQN: &str = "nqn.2024-01.io.nvmirror:test";
 pub const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:host-a";
 pub const DEVICE_BYTES: usize = 4 * 1024 * 1024;
 
-pub struct MemDevice(pub Vec<u8>);
-
-impl BlockDevice for MemDevice {
-    fn size_bytes(&self) -> u64 {
-        self.0.len() as u64
-    }
-    fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> io::Result<()> {
-        buf.copy_from_slice(&self.0[offset_bytes as usize..offset_bytes as usize + buf.len()]);
-        Ok(())
-    }
-    fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> io::Result<()> {
-        self.0[offset_bytes as usize..offset_bytes as usize + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Wraps a DeviceBackend and answers Busy to the first `busy_reservations` write reservations.
 pub struct BusyBackend {
-    pub inner: DeviceBackend<MemDevice>,
+    pub inner: DeviceBackend<MemoryDevice>,
     pub busy_reservations: usize,
 }
 
 impl Backend for BusyBackend {
-    type WriteSlot = <DeviceBackend<MemDevice> as Backend>::WriteSlot;
+    type WriteSlot = <DeviceBackend<MemoryDevice> as Backend>::WriteSlot;
     fn namespace(&self, nsid: u32) -> Option<NamespaceInfo> {
         self.inner.namespace(nsid)
     }
@@ -150,7 +131,7 @@ pub fn serve<B: Backend + Send + 'static>(config: TargetConfig, mut backend: B) 
 pub fn serve_memory(config: TargetConfig) -> Server {
     serve(
         config,
-        DeviceBackend::new(vec![MemDevice(vec![0; DEVICE_BYTES])]),
+        DeviceBackend::new(vec![MemoryDevice(vec![0; DEVICE_BYTES])]),
     )
 }
 
