@@ -56,17 +56,28 @@ pub fn execute<B: Backend>(
     }
 }
 
-fn property_get<B: Backend>(connection: &Connection<B>, command: &Command) -> Outcome {
+/// The controller and the property a Property Get/Set names: offset (dword 11) and whether it is
+/// eight bytes wide (attribute bit 0, byte 40).
+fn property_access<'a, B: Backend>(
+    connection: &'a Connection<B>,
+    command: &Command,
+) -> (&'a Controller, u32, bool) {
     let controller = connection
         .queue
         .controller
         .as_ref()
         .expect("checked by the caller");
-    let eight_bytes = command.byte_at(40) & 1 != 0;
-    let offset = command.dword_at(44);
-    let status_or_value = controller.property_get(offset, eight_bytes);
+    (
+        controller,
+        command.dword_at(44),
+        command.byte_at(40) & 1 != 0,
+    )
+}
+
+fn property_get<B: Backend>(connection: &Connection<B>, command: &Command) -> Outcome {
+    let (controller, offset, eight_bytes) = property_access(connection, command);
     let mut completion = connection.queue.completion(command.cid(), Status::SUCCESS);
-    match status_or_value {
+    match controller.property_get(offset, eight_bytes) {
         Some(value) => {
             completion.dw0 = value as u32;
             completion.dw1 = (value >> 32) as u32;
@@ -77,13 +88,7 @@ fn property_get<B: Backend>(connection: &Connection<B>, command: &Command) -> Ou
 }
 
 fn property_set<B: Backend>(connection: &Connection<B>, command: &Command) -> Outcome {
-    let controller = connection
-        .queue
-        .controller
-        .as_ref()
-        .expect("checked by the caller");
-    let eight_bytes = command.byte_at(40) & 1 != 0;
-    let offset = command.dword_at(44);
+    let (controller, offset, eight_bytes) = property_access(connection, command);
     let status = if offset == property::CC && !eight_bytes {
         controller.set_cc(command.dword_at(48));
         Status::SUCCESS
