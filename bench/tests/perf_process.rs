@@ -95,6 +95,16 @@ fn fake_target(reply: Vec<u8>) -> (String, std::thread::JoinHandle<()>) {
     (address, thread)
 }
 
+/// Runs the perf tool against a fake target that answers the ICReq with `reply`; the run must
+/// fail with exit 3 (connection or protocol failure). Returns what it printed on stderr.
+fn perf_against_fake_target(reply: Vec<u8>) -> String {
+    let (address, thread) = fake_target(reply);
+    let output = perf(&["--target", &address, "--nqn", NQN, "--time-s", "1"]);
+    thread.join().unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    text(&output.stderr)
+}
+
 #[test]
 fn target_term_req_is_reported_with_its_fes() {
     let mut reply = vec![0u8; 64];
@@ -104,11 +114,7 @@ fn target_term_req_is_reported_with_its_fes() {
     };
     let length = term.encode_into(&mut reply, PduType::C2HTermReq, &[]);
     reply.truncate(length);
-    let (address, thread) = fake_target(reply);
-    let output = perf(&["--target", &address, "--nqn", NQN, "--time-s", "1"]);
-    thread.join().unwrap();
-    assert_eq!(output.status.code(), Some(3));
-    let stderr = text(&output.stderr);
+    let stderr = perf_against_fake_target(reply);
     assert!(
         stderr.contains("C2HTermReq: FES 0x6 (UnsupportedParameter), FEI 0xa"),
         "{stderr}"
@@ -121,11 +127,7 @@ fn malformed_icresp_is_a_clear_protocol_error() {
     reply[0] = 0x7e;
     reply[2] = 128;
     reply[4] = 128;
-    let (address, thread) = fake_target(reply);
-    let output = perf(&["--target", &address, "--nqn", NQN, "--time-s", "1"]);
-    thread.join().unwrap();
-    assert_eq!(output.status.code(), Some(3));
-    let stderr = text(&output.stderr);
+    let stderr = perf_against_fake_target(reply);
     assert!(
         stderr.contains("malformed PDU from the target: unknown PDU type"),
         "{stderr}"
