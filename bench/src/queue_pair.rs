@@ -91,6 +91,11 @@ pub enum QueueError {
 impl std::fmt::Display for QueueError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            // The peer going away shows up as a reset or a broken pipe when we were the
+            // ones writing at that moment: name it the same as an orderly close.
+            QueueError::Io(error) if closed_by_peer(error) => {
+                write!(f, "the target closed the connection ({error})")
+            }
             QueueError::Io(error) => write!(f, "socket error: {error}"),
             QueueError::Closed => write!(f, "the target closed the connection"),
             QueueError::Pdu(error) => write!(f, "malformed PDU from the target: {error}"),
@@ -433,6 +438,17 @@ impl QueuePair {
     pub fn close(self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
+}
+
+/// Socket errors that mean the other end closed or reset the connection.
+fn closed_by_peer(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::UnexpectedEof
+    )
 }
 
 pub(super) fn would_block(error: &std::io::Error) -> bool {

@@ -11,7 +11,7 @@ use nvmirror_nvmf::pdu::{
     GenericStatus, ICResp, Pdu, PduType, SglDescriptor, Status, R2T,
 };
 
-use super::{DataDirection, Done, QueuePair};
+use super::{DataDirection, Done, QueueError, QueuePair};
 
 const MAXH2CDATA: u32 = 4096;
 const IO_BYTES: u32 = 16384;
@@ -272,4 +272,22 @@ fn host_side_of_every_data_transfer_form() {
     );
     queue.release(corrupted.slot);
     controller.join().unwrap();
+}
+
+#[test]
+fn a_reset_or_broken_pipe_reads_as_the_target_closing() {
+    for kind in [
+        std::io::ErrorKind::BrokenPipe,
+        std::io::ErrorKind::ConnectionReset,
+    ] {
+        let error = QueueError::Io(std::io::Error::from(kind));
+        assert!(
+            error
+                .to_string()
+                .starts_with("the target closed the connection"),
+            "{error}"
+        );
+    }
+    let other = QueueError::Io(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+    assert!(other.to_string().starts_with("socket error"), "{other}");
 }
