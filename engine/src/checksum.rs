@@ -3,9 +3,11 @@
 //! A structure's own checksum field is computed as if it were zero, so the same function both
 //! seals and verifies it.
 
-/// CRC32C of `data`.
+/// CRC32C of `data`. `crc-fast` folds with (V)PCLMULQDQ where the CPU has it: about twice the
+/// speed of the `crc32` instruction loop on a 4 KiB block, and every replicated block is
+/// checksummed once on each side.
 pub fn crc32c(data: &[u8]) -> u32 {
-    crc32c::crc32c(data)
+    crc_fast::crc32_iscsi(data)
 }
 
 /// Continues a CRC32C over more bytes (`crc32c_append(crc32c(a), b) == crc32c(a ++ b)`).
