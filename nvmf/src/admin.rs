@@ -1,15 +1,18 @@
 //! Admin commands (NVMe Base 2.0 section 5) of I/O and discovery controllers: Identify, Get Log Page,
 //! Get/Set Features, Keep Alive, Asynchronous Event Request and Abort. Dispatch is an exhaustive match;
-//! an opcode the controller does not implement gets Invalid Opcode.
+//! an opcode the controller does not implement gets Invalid Opcode. Asynchronous Event Requests are held
+//! on the admin queue and completed by [`crate::async_event`] events on a later poll, or aborted by a
+//! controller reset.
 
 use std::sync::atomic::Ordering;
 
 use crate::backend::Backend;
 use crate::config::AER_OUTSTANDING_MAX;
+use crate::connection::Connection;
 use crate::controller::ControllerKind;
 use crate::pdu::{admin_opcode, CommandSpecificStatus, Completion, GenericStatus, Status};
 use crate::poll_group::Context;
-use crate::request::{Outcome, QueueState, Request};
+use crate::request::{Outcome, QueueState, Request, RequestState};
 
 /// Feature identifiers (Base 2.0 figure 271) the controller answers.
 pub mod feature {
@@ -166,5 +169,48 @@ fn set_features<S>(queue: &QueueState, request: &Request<S>) -> Result<Outcome, 
         | feature::INTERRUPT_COALESCING
         | feature::WRITE_ATOMICITY => Err(CommandSpecificStatus::FeatureNotChangeable.into()),
         _ => Err(GenericStatus::InvalidField.into()),
+    }
+}
+
+impl<B: Backend> Connection<B> {
+    /// Completes outstanding Asynchronous Event Requests, oldest first, with the controller's queued
+    /// events (Base 2.0 section 5.2). Returns how many completed.
+    pub(crate) fn poll_async_events(&mut self) -> usize {
+        let mut completed = 0;
+        while !self.queue.async_event_requests.is_empty() {
+            let Some(controller) = self.queue.controller.as_ref() else {
+                break;
+            };
+            let Some(event) = controller.take_async_event() else {
+                break;
+            };
+            log::info!(
+                "nvmf: {}: controller {}: asynchronous event {event:?}",
+                self.peer,
+                controller.cntlid
+            );
+            let index = self.queue.async_event_requests.remove(0);
+            let request = &self.requests[index as usize];
+            assert_eq!(request.state, RequestState::Held);
+            let mut completion = self
+                .queue
+                .completion(request.command.cid(), Status::SUCCESS);
+            completion.dw0 = event.completion_dword0();
+            self.queue_response(index, &completion);
+            completed += 1;
+        }
+        completed
+    }
+
+    /// A controller reset deletes the queues the requests wait on: each outstanding Asynchronous Event
+    /// Request completes with Command Aborted due to SQ Deletion.
+    pub(crate) fn abort_async_event_requests(&mut self) {
+        let status = Status::from(GenericStatus::AbortedSqDeletion);
+        while let Some(index) = self.queue.async_event_requests.pop() {
+            let request = &self.requests[index as usize];
+            assert_eq!(request.state, RequestState::Held);
+            let completion = self.queue.completion(request.command.cid(), status);
+            self.queue_response(index, &completion);
+        }
     }
 }

@@ -13,6 +13,12 @@ pub const LBA_BYTES: u32 = SECTOR_SIZE as u32;
 pub const DEVICE_BACKEND_WRITE_BYTES_MAX: usize = 128 * 1024;
 /// Write slots the [`DeviceBackend`] preallocates; more outstanding writes report `Busy`.
 pub const DEVICE_BACKEND_SLOT_COUNT: usize = 256;
+/// Most blocks one [`Backend::write_zeroes`] call covers: a Write Zeroes command's largest NLB (16 bits,
+/// 0's based); a Dataset Management deallocate is split into calls of at most this many.
+pub const WRITE_ZEROES_BLOCKS_MAX: u64 = 1 << 16;
+const _: () = assert!(
+    WRITE_ZEROES_BLOCKS_MAX * LBA_BYTES as u64 <= nvmirror_engine::geometry::WRITE_ZEROES_BYTES_MAX
+);
 
 /// What the target exports for one namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +65,8 @@ pub trait Backend {
     fn commit_write(&mut self, now_us: u64, slot: Self::WriteSlot) -> IoToken;
     /// The connection died before the data arrived: the backend turns the slot into a no-op write (never garbage).
     fn abort_write(&mut self, now_us: u64, slot: Self::WriteSlot) -> IoToken;
+    /// At most [`WRITE_ZEROES_BLOCKS_MAX`] blocks; serves Write Zeroes and Dataset Management
+    /// deallocate, so zeroed blocks must read back as zeroes once the token completes.
     fn write_zeroes(
         &mut self,
         now_us: u64,

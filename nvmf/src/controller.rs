@@ -1,12 +1,18 @@
 //! A controller's shared state (NVMe-oF dynamic controller model, Fabrics section 3.3): the registers
-//! reached by Property Get/Set (CAP, VS, CC, CSTS; Base 2.0 section 3.1.4), keep-alive and queue bookkeeping.
-//! The admin queue creates it at Connect; I/O queues on any poll group find it through the
-//! [`crate::target::Target`] registry. Only atomics and one admin-path mutex live here: the I/O path reads
-//! `closed` and stores the keep-alive time, nothing else.
+//! reached by Property Get/Set (CAP, VS, CC, CSTS; Base 2.0 section 3.1.4), keep-alive and queue bookkeeping,
+//! and its asynchronous events. The admin queue creates it at Connect; I/O queues on any poll group find it
+//! through the [`crate::target::Target`] registry. Only atomics and two admin-path mutexes live here: the
+//! I/O path reads `closed` and the reset epoch and stores the keep-alive time, nothing else.
+//!
+//! Clearing CC.EN resets the controller (Base 2.0 section 3.7.2; on NVMe/TCP deleting an I/O queue means
+//! closing its connection): the reset epoch advances, every I/O queue connected before sees it on its
+//! next poll and closes, the admin queue aborts its Asynchronous Event Requests, and CSTS.RDY clears once
+//! the last of those I/O queues is released, so a host that waits for RDY = 0 can connect them again.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use crate::async_event::{AsyncEvent, AsyncEvents};
 use crate::config::TRANSFER_BYTES_MAX;
 
 /// Property offsets (Base 2.0 figure 33).
@@ -40,6 +46,27 @@ pub enum ControllerKind {
     Discovery,
 }
 
+/// What a CC write did to the controller's enable state.
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CcEffect {
+    /// EN 0 -> 1: the controller is ready at once.
+    Enabled,
+    /// EN 1 -> 0: a controller reset began; the admin queue aborts its Asynchronous Event Requests.
+    Reset,
+    /// EN unchanged.
+    Unchanged,
+}
+
+/// Why an I/O queue Connect could not claim its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimRefused {
+    /// CC.EN or CSTS.RDY is 0 (disabled, or a reset in progress).
+    NotReady,
+    /// QID 0, beyond the granted queues, or already connected.
+    InvalidQueue,
+}
+
 pub struct Controller {
     pub cntlid: u16,
     pub kind: ControllerKind,
@@ -56,7 +83,13 @@ pub struct Controller {
     pub async_event_config: AtomicU32,
     /// Set when the admin queue went away or keep-alive expired: every queue of the controller closes.
     pub closed: AtomicBool,
+    /// Controller resets so far: an I/O queue connected under an older epoch closes.
+    reset_epoch: AtomicU32,
+    /// Also serializes CC writes with I/O queue claims and releases, so CSTS.RDY and the queue set agree.
     io_queues: Mutex<Vec<bool>>,
+    async_events: Mutex<AsyncEvents>,
+    /// Mirrors `async_events.has_pending()` so the admin queue polls without the lock.
+    async_event_pending: AtomicBool,
     pub io_queues_max: u16,
     pub io_queue_depth_max: u16,
 }
@@ -85,7 +118,10 @@ impl Controller {
             queue_count_granted: AtomicU32::new(queues | (queues << 16)),
             async_event_config: AtomicU32::new(0),
             closed: AtomicBool::new(false),
+            reset_epoch: AtomicU32::new(0),
             io_queues: Mutex::new(vec![false; io_queues_max as usize + 1]),
+            async_events: Mutex::new(AsyncEvents::new()),
+            async_event_pending: AtomicBool::new(false),
             io_queues_max,
             io_queue_depth_max,
         }
@@ -97,8 +133,15 @@ impl Controller {
         mqes | (1 << 16) | (CAP_TIMEOUT_500MS << 24) | (1 << 37)
     }
 
+    /// Enabled and ready: commands other than Fabrics ones execute, I/O queues may connect.
     pub fn is_ready(&self) -> bool {
-        self.csts.load(Ordering::Acquire) & CSTS_RDY != 0
+        self.cc.load(Ordering::Acquire) & CC_EN != 0
+            && self.csts.load(Ordering::Acquire) & CSTS_RDY != 0
+    }
+
+    /// Controller resets so far (see the module doc).
+    pub fn reset_epoch(&self) -> u32 {
+        self.reset_epoch.load(Ordering::Acquire)
     }
 
     /// Property Get; `None` for an offset the controller does not have (or a wrong size).
@@ -113,14 +156,27 @@ impl Controller {
     }
 
     /// Property Set of CC: enabling makes the controller ready at once; a shutdown notification
-    /// completes at once (no volatile state here: writes complete only when durable); clearing EN resets.
-    pub fn set_cc(&self, value: u32) {
+    /// completes at once (no volatile state here: writes complete only when durable); clearing EN resets
+    /// (module doc), and CSTS.RDY stays 1 until the I/O queues connected before are released.
+    pub fn set_cc(&self, value: u32) -> CcEffect {
+        let queues = self.io_queues.lock().expect("queue table lock");
         let previous = self.cc.swap(value, Ordering::AcqRel);
+        let effect = match (previous & CC_EN != 0, value & CC_EN != 0) {
+            (false, true) => CcEffect::Enabled,
+            (true, false) => CcEffect::Reset,
+            _ => CcEffect::Unchanged,
+        };
         let mut csts = self.csts.load(Ordering::Acquire);
-        if value & CC_EN != 0 {
-            csts |= CSTS_RDY;
-        } else {
-            csts &= !CSTS_RDY;
+        match effect {
+            CcEffect::Enabled => csts |= CSTS_RDY,
+            CcEffect::Reset => {
+                self.reset_epoch.fetch_add(1, Ordering::AcqRel);
+                if !queues.contains(&true) {
+                    csts &= !CSTS_RDY;
+                }
+                self.with_async_events(AsyncEvents::reset);
+            }
+            CcEffect::Unchanged => {}
         }
         if (value >> CC_SHN_SHIFT) & 0b11 != 0 {
             csts |= CSTS_SHST_COMPLETE;
@@ -128,6 +184,7 @@ impl Controller {
             csts &= !CSTS_SHST_COMPLETE;
         }
         self.csts.store(csts, Ordering::Release);
+        effect
     }
 
     /// Records traffic from the host (keep-alive restart).
@@ -141,17 +198,21 @@ impl Controller {
         kato_ms != 0 && now_us.saturating_sub(last_us) > u64::from(kato_ms) * 1000
     }
 
-    /// Claims I/O queue `qid` for a Connect; false if out of range or already connected.
-    pub fn claim_io_queue(&self, qid: u16) -> bool {
+    /// Claims I/O queue `qid` for a Connect and returns the reset epoch the queue lives in.
+    pub fn claim_io_queue(&self, qid: u16) -> Result<u32, ClaimRefused> {
         let granted = (self.queue_count_granted.load(Ordering::Relaxed) & 0xffff) as u16 + 1;
         let mut queues = self.io_queues.lock().expect("queue table lock");
+        if !self.is_ready() {
+            return Err(ClaimRefused::NotReady);
+        }
         if qid == 0 || qid > granted || qid > self.io_queues_max || queues[qid as usize] {
-            return false;
+            return Err(ClaimRefused::InvalidQueue);
         }
         queues[qid as usize] = true;
-        true
+        Ok(self.reset_epoch())
     }
 
+    /// The connection of I/O queue `qid` is gone; the last one to go completes a reset (CSTS.RDY = 0).
     pub fn release_io_queue(&self, qid: u16) {
         let mut queues = self.io_queues.lock().expect("queue table lock");
         assert!(
@@ -159,6 +220,9 @@ impl Controller {
             "released an I/O queue that was not connected"
         );
         queues[qid as usize] = false;
+        if self.cc.load(Ordering::Acquire) & CC_EN == 0 && !queues.contains(&true) {
+            self.csts.fetch_and(!CSTS_RDY, Ordering::AcqRel);
+        }
     }
 
     pub fn io_queues_connected(&self) -> usize {
@@ -168,5 +232,34 @@ impl Controller {
             .iter()
             .filter(|&&used| used)
             .count()
+    }
+
+    /// Runs `change` on the asynchronous event state (admin path), keeping the flag the admin queue
+    /// polls in step.
+    pub fn with_async_events<R>(&self, change: impl FnOnce(&mut AsyncEvents) -> R) -> R {
+        let mut events = self.async_events.lock().expect("async event lock");
+        let result = change(&mut events);
+        self.async_event_pending
+            .store(events.has_pending(), Ordering::Release);
+        result
+    }
+
+    /// Namespace `nsid` changed: listed in the Changed Namespace List, notice raised if enabled.
+    pub fn namespace_changed(&self, nsid: u32) {
+        let config = self.async_event_config.load(Ordering::Relaxed);
+        let raised = self.with_async_events(|events| events.namespace_changed(nsid, config));
+        log::info!(
+            "nvmf: controller {}: namespace {nsid} changed{}",
+            self.cntlid,
+            if raised { ", notice raised" } else { "" }
+        );
+    }
+
+    /// The oldest queued event, for an outstanding Asynchronous Event Request.
+    pub fn take_async_event(&self) -> Option<AsyncEvent> {
+        if !self.async_event_pending.load(Ordering::Acquire) {
+            return None;
+        }
+        self.with_async_events(AsyncEvents::next_event)
     }
 }

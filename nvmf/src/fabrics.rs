@@ -9,7 +9,7 @@ use crate::config::{
     ADMIN_IN_CAPSULE_DATA_BYTES, ADMIN_QUEUE_DEPTH, DISCOVERY_NQN, TRANSFER_BYTES_MAX,
 };
 use crate::connection::Connection;
-use crate::controller::{property, Controller, ControllerKind};
+use crate::controller::{property, CcEffect, ClaimRefused, Controller, ControllerKind};
 use crate::pdu::{
     connect_data_offset, sqe_offset, Command, CommandSpecificStatus, Completion, ConnectData,
     FabricsType, GenericStatus, Status, CONNECT_CATTR_DISABLE_SQ_FLOW_CONTROL, CONNECT_DATA_BYTES,
@@ -87,15 +87,23 @@ fn property_get<B: Backend>(connection: &Connection<B>, command: &Command) -> Ou
     Outcome::Respond(completion)
 }
 
-fn property_set<B: Backend>(connection: &Connection<B>, command: &Command) -> Outcome {
+/// Property Set: only CC is writable. Clearing CC.EN resets the controller: its I/O queues close on
+/// their own polls (reset epoch) and this admin queue aborts its Asynchronous Event Requests.
+fn property_set<B: Backend>(connection: &mut Connection<B>, command: &Command) -> Outcome {
     let (controller, offset, eight_bytes) = property_access(connection, command);
-    let status = if offset == property::CC && !eight_bytes {
-        controller.set_cc(command.dword_at(48));
-        Status::SUCCESS
-    } else {
-        GenericStatus::InvalidField.into()
-    };
-    Outcome::Respond(connection.queue.completion(command.cid(), status))
+    if offset != property::CC || eight_bytes {
+        let status = GenericStatus::InvalidField.into();
+        return Outcome::Respond(connection.queue.completion(command.cid(), status));
+    }
+    let cntlid = controller.cntlid;
+    if controller.set_cc(command.dword_at(48)) == CcEffect::Reset {
+        log::info!(
+            "nvmf: {}: controller {cntlid} reset by the host (CC.EN cleared): I/O queues close",
+            connection.peer
+        );
+        connection.abort_async_event_requests();
+    }
+    Outcome::Respond(connection.queue.completion(command.cid(), Status::SUCCESS))
 }
 
 fn invalid(
@@ -266,16 +274,20 @@ fn connect_io<B: Backend>(
     if controller.kind == ControllerKind::Discovery {
         return invalid(queue, cid, false, sqe_offset::CONNECT_QID);
     }
-    if !controller.is_ready() {
-        return Outcome::Respond(queue.completion(cid, GenericStatus::CommandSequenceError.into()));
-    }
     let sqsize = command.u16_at(sqe_offset::CONNECT_SQSIZE as usize);
     if sqsize == 0 || sqsize >= controller.io_queue_depth_max {
         return invalid(queue, cid, false, sqe_offset::CONNECT_SQSIZE);
     }
-    if !controller.claim_io_queue(qid) {
-        return invalid(queue, cid, false, sqe_offset::CONNECT_QID);
-    }
+    let reset_epoch = match controller.claim_io_queue(qid) {
+        Ok(reset_epoch) => reset_epoch,
+        Err(ClaimRefused::NotReady) => {
+            let status = GenericStatus::CommandSequenceError.into();
+            return Outcome::Respond(queue.completion(cid, status));
+        }
+        Err(ClaimRefused::InvalidQueue) => {
+            return invalid(queue, cid, false, sqe_offset::CONNECT_QID)
+        }
+    };
     let entries = sqsize + 1;
     connection.provision(entries, TRANSFER_BYTES_MAX as usize);
     let in_capsule_data_bytes = context.target.config.in_capsule_data_bytes;
@@ -284,6 +296,7 @@ fn connect_io<B: Backend>(
     queue.sq_entries = entries;
     queue.sq_head = 1;
     queue.in_capsule_data_bytes = in_capsule_data_bytes;
+    queue.reset_epoch = reset_epoch;
     let mut completion = queue.completion(cid, Status::SUCCESS);
     completion.dw0 = u32::from(controller.cntlid);
     log::info!(

@@ -18,6 +18,9 @@ pub const CNS_ACTIVE_NAMESPACES: u8 = 0x02;
 pub const CNS_NAMESPACE_DESCRIPTORS: u8 = 0x03;
 /// Firmware revision reported in Identify Controller.
 pub const FIRMWARE_REVISION: &[u8] = b"0.1";
+/// DLFEAT: deallocated blocks read as 00h (bits 2:0 = 001b), and Write Zeroes honours its Deallocate
+/// bit (bit 3): both deallocate by zeroing through the backend ([`crate::io`]).
+pub const DLFEAT: u8 = 0b1001;
 /// MDTS in units of the minimum page size, as a power of two.
 pub const MDTS: u8 = (TRANSFER_BYTES_MAX / PAGE_BYTES).trailing_zeros() as u8;
 const _: () = assert!(1 << MDTS == TRANSFER_BYTES_MAX / PAGE_BYTES);
@@ -164,6 +167,7 @@ fn identify_namespace<B: Backend>(
     data[16..24].copy_from_slice(&blocks.to_le_bytes()); // NUSE
     data[25] = 0; // NLBAF: one format
     data[26] = 0; // FLBAS: format 0
+    data[33] = DLFEAT;
     data[104..120].copy_from_slice(&info.uuid); // NGUID
     data[130] = LBA_BYTES.trailing_zeros() as u8; // LBAF0.LBADS
     Ok(())

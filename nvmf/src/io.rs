@@ -1,9 +1,10 @@
 //! NVM command set I/O commands (NVM Command Set 1.0 section 3): Read, Write, Flush, Write Zeroes and
 //! Dataset Management. Writes reserve a backend slot before their data arrives and complete when the
-//! backend reports them durable; reads are synchronous into the request's buffer. Backend errors become
+//! backend reports them durable; reads are synchronous into the request's buffer; Write Zeroes and a
+//! deallocate zero through the backend, so deallocated blocks read as zeroes. Backend errors become
 //! NVMe status in one place, [`status_from`].
 
-use crate::backend::{Backend, BackendError, LBA_BYTES};
+use crate::backend::{Backend, BackendError, LBA_BYTES, WRITE_ZEROES_BLOCKS_MAX};
 use crate::config::TRANSFER_BYTES_MAX;
 use crate::controller::ControllerKind;
 use crate::pdu::{io_opcode, Command, GenericStatus, Status};
@@ -14,6 +15,8 @@ use crate::request::{Outcome, QueueState, Request};
 pub const DSM_RANGES_MAX: usize = 256;
 /// Size of one Dataset Management range.
 pub const DSM_RANGE_BYTES: usize = 16;
+/// Dataset Management attribute AD (dword 11 bit 2): deallocate the ranges.
+pub const DSM_ATTRIBUTE_DEALLOCATE: u32 = 1 << 2;
 /// Broadcast NSID (all namespaces).
 pub const NSID_ALL: u32 = 0xffff_ffff;
 
@@ -106,7 +109,7 @@ pub fn execute<B: Backend>(
         io_opcode::WRITE => Err(GenericStatus::DataSglLengthInvalid.into()),
         io_opcode::FLUSH => flush(queue, request, index, context),
         io_opcode::WRITE_ZEROES => write_zeroes(queue, request, index, context),
-        io_opcode::DATASET_MANAGEMENT => dataset_management(queue, request, context),
+        io_opcode::DATASET_MANAGEMENT => dataset_management(queue, request, index, context),
         opcode => {
             log::info!("nvmf: I/O queue {}: invalid opcode {opcode:#x}", queue.qid);
             Err(GenericStatus::InvalidOpcode.into())
@@ -185,6 +188,8 @@ fn flush<B: Backend>(
     pending(result, request, index, context)
 }
 
+/// Write Zeroes: one backend call (NLB is at most [`WRITE_ZEROES_BLOCKS_MAX`]). Zeroing is how this
+/// target deallocates, so the Deallocate bit (dword 12 bit 25) needs nothing more (DLFEAT bit 3).
 fn write_zeroes<B: Backend>(
     queue: &QueueState,
     request: &mut Request<B::WriteSlot>,
@@ -216,11 +221,16 @@ fn write_zeroes<B: Backend>(
     pending(result, request, index, context)
 }
 
-/// Deallocate is advisory (Identify Namespace DLFEAT = 0: deallocated blocks read back unspecified
-/// content), so the ranges are validated and the command completes; other attributes are hints too.
+/// Dataset Management (NVM Command Set 1.0 section 3.2.3). Every range is checked before anything
+/// changes. With the Deallocate attribute the ranges are zeroed through the backend's `write_zeroes`
+/// (replicated on the volume), so deallocated blocks read back as zeroes (Identify Namespace DLFEAT);
+/// the command completes when the last call has. One call of at most [`WRITE_ZEROES_BLOCKS_MAX`] blocks
+/// is outstanding at a time: a request owns one token-table entry, and `resume` brings the command back
+/// through the retry list for the next one. The other attributes are hints.
 fn dataset_management<B: Backend>(
     queue: &QueueState,
     request: &mut Request<B::WriteSlot>,
+    index: u16,
     context: &mut Context<'_, B>,
 ) -> Result<Outcome, Status> {
     let command = request.command;
@@ -236,16 +246,104 @@ fn dataset_management<B: Backend>(
         .namespace(command.nsid())
         .ok_or(Status::from(GenericStatus::InvalidNamespaceOrFormat))?;
     let lba_count = info.size_bytes / u64::from(LBA_BYTES);
-    for range in request.data[..ranges * DSM_RANGE_BYTES].chunks_exact(DSM_RANGE_BYTES) {
-        let blocks = u64::from(u32::from_le_bytes(range[4..8].try_into().expect("4 bytes")));
-        let start = u64::from_le_bytes(range[8..16].try_into().expect("8 bytes"));
+    let ranges = &request.data[..ranges * DSM_RANGE_BYTES];
+    for range in ranges.chunks_exact(DSM_RANGE_BYTES) {
+        let (start, blocks) = dsm_range(range);
         if start.checked_add(blocks).is_none_or(|end| end > lba_count) {
             return Err(GenericStatus::LbaOutOfRange.into());
         }
     }
-    Ok(Outcome::Respond(
-        queue.completion(command.cid(), Status::SUCCESS),
-    ))
+    if command.cdw(11) & DSM_ATTRIBUTE_DEALLOCATE == 0 {
+        return Ok(Outcome::Respond(
+            queue.completion(command.cid(), Status::SUCCESS),
+        ));
+    }
+    let Some((lba, blocks)) = deallocate_chunk(ranges, request.progress_blocks) else {
+        assert_eq!(request.tokens_pending, 0);
+        return Ok(Outcome::Respond(
+            queue.completion(command.cid(), Status::SUCCESS),
+        ));
+    };
+    let more = deallocate_chunk(ranges, request.progress_blocks + blocks).is_some();
+    let result = context.backend.write_zeroes(
+        context.now_us,
+        command.nsid(),
+        lba,
+        blocks * u64::from(LBA_BYTES),
+    );
+    if result.is_ok() {
+        request.progress_blocks += blocks;
+        request.resume = more;
+    }
+    pending(result, request, index, context)
+}
+
+/// A Dataset Management range (NVM Command Set 1.0 figure 39): starting LBA and length in blocks.
+fn dsm_range(range: &[u8]) -> (u64, u64) {
+    let blocks = u64::from(u32::from_le_bytes(range[4..8].try_into().expect("4 bytes")));
+    let start = u64::from_le_bytes(range[8..16].try_into().expect("8 bytes"));
+    (start, blocks)
+}
+
+/// The next `write_zeroes` of a deallocate after `progress_blocks` of its ranges, in order:
+/// (LBA, blocks), at most [`WRITE_ZEROES_BLOCKS_MAX`] blocks; `None` when every range is done.
+pub fn deallocate_chunk(ranges: &[u8], progress_blocks: u64) -> Option<(u64, u64)> {
+    assert!(ranges.len().is_multiple_of(DSM_RANGE_BYTES));
+    let mut skip = progress_blocks;
+    for range in ranges.chunks_exact(DSM_RANGE_BYTES) {
+        let (start, blocks) = dsm_range(range);
+        if skip >= blocks {
+            skip -= blocks;
+            continue;
+        }
+        return Some((start + skip, (blocks - skip).min(WRITE_ZEROES_BLOCKS_MAX)));
+    }
+    None
 }
 
 const _: () = assert!(DSM_RANGES_MAX * DSM_RANGE_BYTES <= TRANSFER_BYTES_MAX as usize);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ranges(list: &[(u64, u32)]) -> Vec<u8> {
+        let mut bytes = vec![0u8; list.len() * DSM_RANGE_BYTES];
+        for (range, &(start, blocks)) in bytes.chunks_exact_mut(DSM_RANGE_BYTES).zip(list) {
+            range[4..8].copy_from_slice(&blocks.to_le_bytes());
+            range[8..16].copy_from_slice(&start.to_le_bytes());
+        }
+        bytes
+    }
+
+    fn all_chunks(bytes: &[u8]) -> Vec<(u64, u64)> {
+        let mut progress = 0;
+        let mut chunks = Vec::new();
+        while let Some((lba, blocks)) = deallocate_chunk(bytes, progress) {
+            assert!(blocks > 0 && blocks <= WRITE_ZEROES_BLOCKS_MAX);
+            chunks.push((lba, blocks));
+            progress += blocks;
+        }
+        chunks
+    }
+
+    #[test]
+    fn deallocate_walks_ranges_in_order_and_splits_large_ones() {
+        let bytes = ranges(&[(1000, 100_000), (0, 0), (200, 8), (5, u32::MAX)]);
+        let chunks = all_chunks(&bytes);
+        assert_eq!(
+            &chunks[..4],
+            &[(1000, 65536), (66536, 34464), (200, 8), (5, 65536)]
+        );
+        let last = *chunks.last().unwrap();
+        assert_eq!(last.0 + last.1, 5 + u64::from(u32::MAX));
+        let total: u64 = chunks.iter().map(|&(_, blocks)| blocks).sum();
+        assert_eq!(total, 100_000 + 8 + u64::from(u32::MAX));
+    }
+
+    #[test]
+    fn deallocate_of_empty_ranges_has_nothing_to_do() {
+        assert_eq!(deallocate_chunk(&ranges(&[(7, 0), (9, 0)]), 0), None);
+        assert_eq!(deallocate_chunk(&ranges(&[(7, 4)]), 4), None);
+    }
+}

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod async_event;
 pub mod backend;
 pub mod config;
 mod connection;

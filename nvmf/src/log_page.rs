@@ -1,7 +1,10 @@
 //! Get Log Page (NVMe Base 2.0 section 5.16): Error Information, SMART / Health Information, Firmware
 //! Slot Information and Changed Namespace List for I/O controllers; the Discovery log page (Fabrics
 //! section 5.3, built in [`crate::discovery`]) for discovery controllers. Offsets and lengths follow
-//! NUMDL/NUMDU and LPOL/LPOU; data beyond a page's end is returned as zeroes.
+//! NUMDL/NUMDU and LPOL/LPOU; data beyond a page's end is returned as zeroes. A read with RAE (Retain
+//! Asynchronous Event, dword 10 bit 15) cleared clears the events the page reports
+//! ([`crate::async_event`]); for the Changed Namespace List that empties the list, in the same lock
+//! as the copy so no change is lost between them.
 
 use crate::backend::Backend;
 use crate::controller::ControllerKind;
@@ -14,6 +17,8 @@ pub const LID_SMART_HEALTH: u8 = 0x02;
 pub const LID_FIRMWARE_SLOT: u8 = 0x03;
 pub const LID_CHANGED_NAMESPACES: u8 = 0x04;
 pub const LID_DISCOVERY: u8 = 0x70;
+/// Retain Asynchronous Event (Get Log Page dword 10).
+pub const RAE: u32 = 1 << 15;
 /// Page sizes (bytes).
 pub const ERROR_ENTRY_BYTES: usize = 64;
 pub const SMART_HEALTH_BYTES: usize = 512;
@@ -29,6 +34,7 @@ pub fn get_log_page<B: Backend>(
 ) -> Result<Outcome, Status> {
     let command = request.command;
     let lid = (command.cdw(10) & 0xff) as u8;
+    let retain = command.cdw(10) & RAE != 0;
     let dwords = u64::from(command.cdw(10) >> 16) | (u64::from(command.cdw(11) & 0xffff) << 16);
     let length = ((dwords + 1) * 4) as usize;
     let offset = u64::from(command.cdw(12)) | (u64::from(command.cdw(13)) << 32);
@@ -64,8 +70,19 @@ pub fn get_log_page<B: Backend>(
         }
         LID_SMART_HEALTH => write_window(&smart_health(), offset, &mut data[..visible]),
         LID_FIRMWARE_SLOT => write_window(&firmware_slot(), offset, &mut data[..visible]),
-        // No errors are logged and the namespace set never changes while the target runs: all zeroes.
+        LID_CHANGED_NAMESPACES => {
+            let mut page = [0u8; CHANGED_NAMESPACES_BYTES];
+            controller.with_async_events(|events| {
+                events.write_changed_namespaces(&mut page);
+                events.log_page_read(lid, retain);
+            });
+            write_window(&page, offset, &mut data[..visible]);
+        }
+        // No errors are logged: all zeroes.
         _ => {}
+    }
+    if lid != LID_CHANGED_NAMESPACES {
+        controller.with_async_events(|events| events.log_page_read(lid, retain));
     }
     Ok(Outcome::RespondWithData(
         queue.completion(command.cid(), Status::SUCCESS),

@@ -135,6 +135,7 @@ impl<B: Backend> PollGroup<B> {
             };
             work += connection.poll_retry(&mut context);
             work += connection.poll_receive(&mut context);
+            work += connection.poll_async_events();
         }
         work += self.dispatch_completions(backend);
         for slot_index in 0..self.slots.len() {
@@ -201,7 +202,8 @@ impl<B: Backend> PollGroup<B> {
     }
 }
 
-/// ICReq timeout, keep-alive expiry and a controller that went away close the connection.
+/// ICReq timeout, keep-alive expiry, a controller that went away and, for an I/O queue, a controller
+/// reset since it connected close the connection.
 fn check_timers<B: Backend>(connection: &mut Connection<B>, now_us: u64) {
     match connection.phase {
         Phase::AwaitICReq { deadline_us } if now_us >= deadline_us => {
@@ -217,6 +219,12 @@ fn check_timers<B: Backend>(connection: &mut Connection<B>, now_us: u64) {
     };
     if controller.closed.load(Ordering::Acquire) {
         connection.close("controller destroyed");
+    } else if connection.queue.qid != 0 && controller.reset_epoch() != connection.queue.reset_epoch
+    {
+        connection.close(&format!(
+            "controller {} reset (CC.EN cleared): I/O queue {} deleted",
+            controller.cntlid, connection.queue.qid
+        ));
     } else if controller.keep_alive_expired(now_us) {
         log::warn!(
             "nvmf: {}: keep-alive timeout expired for controller {}",

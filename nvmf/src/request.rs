@@ -57,6 +57,11 @@ pub struct Request<S> {
     /// A status decided before the in-capsule data arrived (the data is drained, then this is sent).
     pub early_status: Option<Status>,
     pub tokens_pending: u16,
+    /// When the outstanding backend operations finish, execute the command again instead of
+    /// completing it: a deallocate with ranges left ([`crate::io`]).
+    pub resume: bool,
+    /// Blocks of a deallocate's ranges (in order) already handed to the backend.
+    pub progress_blocks: u64,
     pub status: Status,
     pub header: [u8; REQUEST_HEADER_BYTES],
     pub header_bytes: usize,
@@ -77,6 +82,8 @@ impl<S> Request<S> {
             received_bytes: 0,
             early_status: None,
             tokens_pending: 0,
+            resume: false,
+            progress_blocks: 0,
             status: Status::SUCCESS,
             header: [0; REQUEST_HEADER_BYTES],
             header_bytes: 0,
@@ -95,6 +102,8 @@ impl<S> Request<S> {
         self.received_bytes = 0;
         self.early_status = None;
         self.tokens_pending = 0;
+        self.resume = false;
+        self.progress_blocks = 0;
         self.status = Status::SUCCESS;
         self.data_bytes = 0;
     }
@@ -110,8 +119,10 @@ pub struct QueueState {
     /// SQ head, advanced for every command received; reported as SQHD.
     pub sq_head: u16,
     pub sq_flow_control_disabled: bool,
-    /// Request indices of outstanding Asynchronous Event Requests (admin queue).
+    /// Request indices of outstanding Asynchronous Event Requests (admin queue), oldest first.
     pub async_event_requests: Vec<u16>,
+    /// The controller's reset epoch when this I/O queue connected; a later reset closes it.
+    pub reset_epoch: u32,
     pub in_capsule_data_bytes: u32,
 }
 
@@ -124,6 +135,7 @@ impl QueueState {
             sq_head: 0,
             sq_flow_control_disabled: false,
             async_event_requests: Vec::with_capacity(crate::config::AER_OUTSTANDING_MAX),
+            reset_epoch: 0,
             in_capsule_data_bytes: crate::config::ADMIN_IN_CAPSULE_DATA_BYTES,
         }
     }

@@ -90,16 +90,27 @@ impl<B: Backend> Connection<B> {
         self.send.push_back(SendItem::R2T(index));
     }
 
-    /// A backend operation of request `index` finished; the last one sends the completion.
+    /// A backend operation of request `index` finished; the last one sends the completion, or
+    /// queues the command to execute again when it has more to do (`resume`).
     pub(crate) fn on_token_complete(&mut self, index: u16) {
         let request = &mut self.requests[index as usize];
         assert_eq!(request.state, RequestState::Executing);
         assert!(request.tokens_pending > 0);
         request.tokens_pending -= 1;
-        if request.tokens_pending == 0 {
-            let completion = self.queue.completion(request.command.cid(), request.status);
-            self.queue_response(index, &completion);
+        if request.tokens_pending > 0 {
+            return;
         }
+        if request.resume {
+            request.resume = false;
+            assert!(
+                self.retry.len() < self.retry.capacity(),
+                "retry list sized for every request"
+            );
+            self.retry.push(index);
+            return;
+        }
+        let completion = self.queue.completion(request.command.cid(), request.status);
+        self.queue_response(index, &completion);
     }
 
     fn item_parts(&self, item: SendItem) -> [&[u8]; 3] {

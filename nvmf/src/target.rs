@@ -1,6 +1,7 @@
 //! The target: immutable-after-start configuration, the controller-ID allocator and the registry that
 //! lets an I/O queue's Connect (which names its CNTLID and may land on any poll group) find its
-//! controller; plus the listening sockets. Admin path only: the I/O path never takes the registry lock.
+//! controller; plus the listening sockets, and [`Target::namespace_changed`] for the runtime to report a
+//! namespace whose size changed. Admin path only: the I/O path never takes the registry lock.
 
 use std::collections::HashMap;
 use std::io;
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::config::TargetConfig;
-use crate::controller::Controller;
+use crate::controller::{Controller, ControllerKind};
 
 /// Highest dynamic controller ID (0xFFF0..=0xFFFF are reserved by the Fabrics spec).
 pub const CNTLID_MAX: u16 = 0xffef;
@@ -85,6 +86,28 @@ impl Target {
         if let Some(controller) = removed {
             controller.closed.store(true, Ordering::Release);
         }
+    }
+
+    /// Namespace `nsid`'s attributes changed (the backend reports a new size): every controller of a
+    /// subsystem that exports it lists it in its Changed Namespace List and raises the Namespace
+    /// Attribute Changed notice if its host enabled it (Base 2.0 section 5.2). Any thread may call
+    /// this; returns how many controllers were told.
+    pub fn namespace_changed(&self, nsid: u32) -> usize {
+        let controllers = self.controllers.lock().expect("controller registry lock");
+        let mut told = 0;
+        for controller in controllers.values() {
+            let ControllerKind::Nvm { subsystem_index } = controller.kind else {
+                continue;
+            };
+            if self.config.subsystems[subsystem_index]
+                .namespaces
+                .contains(&nsid)
+            {
+                controller.namespace_changed(nsid);
+                told += 1;
+            }
+        }
+        told
     }
 
     pub fn controller_count(&self) -> usize {

@@ -413,3 +413,250 @@ fn config_validation_names_the_field() {
     bad.subsystems[0].nqn = "nqn.2014-08.org.nvmexpress.discovery".into();
     assert!(bad.validate().unwrap_err().contains("reserved"));
 }
+
+/// Two Keep Alives answered in order: had the target completed a held request, that completion would
+/// have come before the second Keep Alive's (`execute` checks each completion's CID).
+fn assert_nothing_completes(admin: &mut Host) {
+    for _ in 0..2 {
+        assert!(admin
+            .admin_command(admin_opcode::KEEP_ALIVE, 0, 0, 0, 0)
+            .0
+            .status
+            .is_success());
+    }
+}
+
+/// The NSIDs listed in a Changed Namespace List page (zero terminated).
+fn changed_namespaces(page: &[u8]) -> Vec<u32> {
+    assert_eq!(page.len(), 4096);
+    let listed: Vec<u32> = page
+        .chunks_exact(4)
+        .map(|entry| u32::from_le_bytes(entry.try_into().unwrap()))
+        .take_while(|&nsid| nsid != 0)
+        .collect();
+    assert!(
+        page[listed.len() * 4..].iter().all(|&byte| byte == 0),
+        "zero filled after the list"
+    );
+    listed
+}
+
+/// AER completion dword 0: type 2 (notice), information 00h (namespace attribute changed), log page 04h.
+const NAMESPACE_ATTRIBUTE_CHANGED: u32 = 0x0004_0002;
+
+#[test]
+fn async_event_request_completes_when_a_namespace_changes() {
+    let server = serve_memory(config(true));
+    let mut admin = Host::admin(server.address, false);
+    // Notices disabled (the default): the change is listed, the request stays held.
+    let first = admin.send_async_event_request();
+    assert_eq!(server.target.namespace_changed(1), 1);
+    assert_nothing_completes(&mut admin);
+    let (completion, page) = admin.get_log_page(0x04, 4096, false);
+    assert!(completion.status.is_success());
+    assert_eq!(changed_namespaces(&page), [1]);
+    assert_eq!(
+        changed_namespaces(&admin.get_log_page(0x04, 4096, false).1),
+        []
+    );
+    // Enabled: the outstanding request completes with type notice, info 00h, log page 04h.
+    assert!(admin
+        .admin_command(admin_opcode::SET_FEATURES, 0, 0x0b, 1 << 8, 0)
+        .0
+        .status
+        .is_success());
+    assert_eq!(server.target.namespace_changed(1), 1);
+    let event = admin.receive_completion();
+    assert_eq!(event.cid, first);
+    assert!(event.status.is_success());
+    assert_eq!(event.dw0, NAMESPACE_ATTRIBUTE_CHANGED);
+    let (completion, page) = admin.get_log_page(0x04, 4096, false);
+    assert!(completion.status.is_success());
+    assert_eq!(changed_namespaces(&page), [1]);
+    assert_eq!(
+        changed_namespaces(&admin.get_log_page(0x04, 4096, false).1),
+        [],
+        "cleared by the read"
+    );
+    // An event raised with no request outstanding completes the next one at once.
+    assert_eq!(server.target.namespace_changed(1), 1);
+    assert_nothing_completes(&mut admin);
+    let second = admin.send_async_event_request();
+    let event = admin.receive_completion();
+    assert_eq!(
+        (event.cid, event.dw0),
+        (second, NAMESPACE_ATTRIBUTE_CHANGED)
+    );
+    // Masked until the log page is read with RAE cleared; RAE set keeps list and mask.
+    let third = admin.send_async_event_request();
+    assert_eq!(server.target.namespace_changed(1), 1);
+    assert_nothing_completes(&mut admin);
+    assert_eq!(
+        changed_namespaces(&admin.get_log_page(0x04, 4096, true).1),
+        [1]
+    );
+    assert_eq!(server.target.namespace_changed(1), 1);
+    assert_nothing_completes(&mut admin);
+    assert_eq!(
+        changed_namespaces(&admin.get_log_page(0x04, 4096, false).1),
+        [1]
+    );
+    assert_eq!(server.target.namespace_changed(1), 1);
+    let event = admin.receive_completion();
+    assert_eq!((event.cid, event.dw0), (third, NAMESPACE_ATTRIBUTE_CHANGED));
+    // A namespace no subsystem exports concerns no controller.
+    assert_eq!(server.target.namespace_changed(2), 0);
+}
+
+/// Dataset Management with `ranges` (LBA, blocks) and dword 11 `attributes`, ranges in-capsule.
+fn dataset_management(io: &mut Host, ranges: &[(u64, u32)], attributes: u32) -> Completion {
+    let mut data = vec![0u8; ranges.len() * 16];
+    for (range, &(lba, blocks)) in data.chunks_exact_mut(16).zip(ranges) {
+        range[4..8].copy_from_slice(&blocks.to_le_bytes());
+        range[8..16].copy_from_slice(&lba.to_le_bytes());
+    }
+    let cid = io.cid();
+    let mut command = Command::zeroed();
+    command
+        .set_opcode(io_opcode::DATASET_MANAGEMENT)
+        .set_cid(cid)
+        .set_nsid(1)
+        .set_cdw(10, ranges.len() as u32 - 1)
+        .set_cdw(11, attributes);
+    command.set_sgl(SglDescriptor::InCapsule {
+        offset: 0,
+        length: data.len() as u32,
+    });
+    io.execute(&command, &data, &[]).0
+}
+
+#[test]
+fn dataset_management_deallocate_zeroes_the_ranges() {
+    const BLOCKS: u64 = 131_072;
+    const DEALLOCATE: u32 = 1 << 2;
+    let mut image: Vec<u8> = (0..BLOCKS as usize * 512)
+        .map(|i| ((i / 512 * 31 + i) % 251 + 1) as u8)
+        .collect();
+    let backend = DeferredZeroesBackend::new(MemoryDevice(image.clone()));
+    let calls = std::sync::Arc::clone(&backend.zeroes_calls);
+    let server = serve(config(true), backend);
+    let mut admin = Host::admin(server.address, false);
+    let (_, namespace) = admin.admin_command(admin_opcode::IDENTIFY, 1, 0, 0, 4096);
+    assert_eq!(
+        namespace[33], 0b1001,
+        "DLFEAT: reads zeroes, Write Zeroes DEAC"
+    );
+    let mut io = Host::io(server.address, admin.cntlid, 1, false);
+    let check = |io: &mut Host, image: &[u8], lba: u64, blocks: u32| {
+        let (completion, data) = io.read(lba, blocks);
+        assert!(completion.status.is_success());
+        let start = lba as usize * 512;
+        assert!(
+            data == image[start..start + blocks as usize * 512],
+            "blocks {lba}..{}",
+            lba + u64::from(blocks)
+        );
+    };
+    // A range past the end fails the command before anything changes.
+    let status = dataset_management(&mut io, &[(40, 8), (BLOCKS - 4, 8)], DEALLOCATE).status;
+    assert_eq!((status.sc, status.dnr), (0x80, true));
+    assert!(calls.lock().unwrap().is_empty());
+    check(&mut io, &image, 32, 24);
+    // Two ranges, one longer than a Write Zeroes: zeroes there, the pattern elsewhere, as soon as
+    // the command completes (the backend applies a write_zeroes only when its token completes).
+    let completion = dataset_management(&mut io, &[(1000, 100_000), (200, 8)], DEALLOCATE);
+    assert!(completion.status.is_success());
+    image[1000 * 512..101_000 * 512].fill(0);
+    image[200 * 512..208 * 512].fill(0);
+    for (lba, blocks) in [(192, 24), (992, 16), (66_530, 12), (100_992, 16), (0, 256)] {
+        check(&mut io, &image, lba, blocks);
+    }
+    assert_eq!(
+        *calls.lock().unwrap(),
+        [(1000, 65_536), (66_536, 34_464), (200, 8)]
+    );
+    // Without the Deallocate attribute the ranges are only hints.
+    let completion = dataset_management(&mut io, &[(300, 8)], 0b11);
+    assert!(completion.status.is_success());
+    check(&mut io, &image, 296, 16);
+    assert_eq!(calls.lock().unwrap().len(), 3);
+    io.verified_io(400, 6);
+}
+
+#[test]
+fn clearing_cc_en_deletes_io_queues_and_aborts_async_event_requests() {
+    const CC_ENABLED: u64 = 1 | (6 << 16) | (4 << 20);
+    let server = serve_memory(config(true));
+    let mut admin = Host::admin(server.address, false);
+    let mut io = Host::io(server.address, admin.cntlid, 1, false);
+    let other_admin = Host::admin(server.address, false);
+    let mut other_io = Host::io(server.address, other_admin.cntlid, 1, false);
+    io.verified_io(0, 1);
+    // A delivered event stays masked (its log page unread) until the reset.
+    assert!(admin
+        .admin_command(admin_opcode::SET_FEATURES, 0, 0x0b, 1 << 8, 0)
+        .0
+        .status
+        .is_success());
+    let delivered = admin.send_async_event_request();
+    assert_eq!(server.target.namespace_changed(1), 2);
+    assert_eq!(admin.receive_completion().cid, delivered);
+    let held = admin.send_async_event_request();
+    assert_nothing_completes(&mut admin);
+    // CC.EN = 0: the held request is aborted (SQ deletion), the Property Set succeeds.
+    let cid = admin.cid();
+    admin.send_capsule(
+        &Command::property_set(cid, 0x14, false, CC_ENABLED & !1),
+        &[],
+    );
+    let completions = [admin.receive_completion(), admin.receive_completion()];
+    let aborted = completions.iter().find(|c| c.cid == held).expect("AER");
+    assert_eq!(
+        (aborted.status.sct, aborted.status.sc),
+        (StatusCodeType::Generic, 0x08)
+    );
+    let set = completions
+        .iter()
+        .find(|c| c.cid == cid)
+        .expect("Property Set");
+    assert!(set.status.is_success());
+    // The target closes the I/O queue's connection; CSTS.RDY clears; the admin queue stays.
+    io.stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        matches!(std::io::Read::read(&mut io.stream, &mut byte), Ok(0)),
+        "I/O queue closed by the target"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while admin.property_get(0x1c, false).dw0 & 1 != 0 {
+        assert!(std::time::Instant::now() < deadline, "CSTS.RDY cleared");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // Disabled: admin commands and I/O queue Connects are refused; the other controller is untouched.
+    let (identify, _) = admin.admin_command(admin_opcode::IDENTIFY, 0, 1, 0, 4096);
+    assert_eq!(identify.status.sc, 0x0c);
+    let mut refused = Host::open(server.address, false, false);
+    let connect = refused.connect(1, NQN, HOSTNQN, admin.cntlid, 0);
+    assert_eq!(
+        (connect.status.sct, connect.status.sc),
+        (StatusCodeType::Generic, 0x0c)
+    );
+    other_io.verified_io(64, 2);
+    // Re-enabled: a new I/O queue with the same QID works and finds the data written before.
+    assert!(admin.property_set(0x14, CC_ENABLED).status.is_success());
+    assert_eq!(admin.property_get(0x1c, false).dw0 & 1, 1);
+    let mut io = Host::io(server.address, admin.cntlid, 1, false);
+    let before: Vec<u8> = (0..8192)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(1))
+        .collect();
+    assert_eq!(io.read(0, 16).1, before);
+    io.verified_io(16, 3);
+    // The reset cleared the mask: the next change completes a new request.
+    let after = admin.send_async_event_request();
+    assert_nothing_completes(&mut admin);
+    assert_eq!(server.target.namespace_changed(1), 2);
+    let event = admin.receive_completion();
+    assert_eq!((event.cid, event.dw0), (after, NAMESPACE_ATTRIBUTE_CHANGED));
+}

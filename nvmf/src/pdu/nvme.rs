@@ -424,6 +424,8 @@ pub enum GenericStatus {
     DataTransferError = 0x04,
     InternalError = 0x06,
     AbortRequested = 0x07,
+    /// The command's submission queue was deleted (a controller reset deletes them all).
+    AbortedSqDeletion = 0x08,
     InvalidNamespaceOrFormat = 0x0b,
     CommandSequenceError = 0x0c,
     DataSglLengthInvalid = 0x0f,
@@ -473,9 +475,12 @@ impl Status {
     };
 
     pub fn generic(code: GenericStatus) -> Status {
+        // A command aborted with its queue may succeed when submitted again on a new one.
         let dnr = !matches!(
             code,
-            GenericStatus::Success | GenericStatus::TransientTransportError
+            GenericStatus::Success
+                | GenericStatus::TransientTransportError
+                | GenericStatus::AbortedSqDeletion
         );
         Status {
             sct: StatusCodeType::Generic,

@@ -261,6 +261,8 @@ fn status_and_completion_bits() {
     assert_eq!(Status::from_field(status.to_field()), status);
     let transient = Status::generic(GenericStatus::TransientTransportError);
     assert!(!transient.dnr);
+    let deleted = Status::generic(GenericStatus::AbortedSqDeletion);
+    assert_eq!((deleted.sc, deleted.dnr), (0x08, false));
     let completion = Completion::connect_invalid_parameter(1, true, connect_data_offset::SUBNQN);
     assert_eq!(
         completion.dw0,

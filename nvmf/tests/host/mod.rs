@@ -2,10 +2,11 @@
 //! DeviceBackend over memory in a background thread (127.0.0.1, ephemeral port, bounded in time).
 #![allow(dead_code)]
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -71,6 +72,127 @@ impl Backend for BusyBackend {
     }
 }
 
+/// Wraps a DeviceBackend whose write_zeroes takes effect only when its token completes, a few polls
+/// later (as on the replicated volume, completion is asynchronous), and answers Busy to every other
+/// write_zeroes call. Records each accepted call as (LBA, blocks).
+pub struct DeferredZeroesBackend {
+    pub inner: DeviceBackend<MemoryDevice>,
+    pub zeroes_calls: Arc<Mutex<Vec<(u64, u64)>>>,
+    deferred: VecDeque<DeferredZeroes>,
+    busy_next: bool,
+    next_token: u64,
+}
+
+struct DeferredZeroes {
+    token: IoToken,
+    nsid: u32,
+    lba: u64,
+    length_bytes: u64,
+    polls_left: u32,
+}
+
+/// Polls a deferred write_zeroes waits before it completes.
+pub const DEFERRED_ZEROES_POLLS: u32 = 5;
+
+impl DeferredZeroesBackend {
+    pub fn new(device: MemoryDevice) -> DeferredZeroesBackend {
+        DeferredZeroesBackend {
+            inner: DeviceBackend::new(vec![device]),
+            zeroes_calls: Arc::new(Mutex::new(Vec::new())),
+            deferred: VecDeque::new(),
+            busy_next: true,
+            next_token: 1 << 48,
+        }
+    }
+}
+
+impl Backend for DeferredZeroesBackend {
+    type WriteSlot = <DeviceBackend<MemoryDevice> as Backend>::WriteSlot;
+    fn namespace(&self, nsid: u32) -> Option<NamespaceInfo> {
+        self.inner.namespace(nsid)
+    }
+    fn reserve_write(
+        &mut self,
+        now_us: u64,
+        nsid: u32,
+        lba: u64,
+        length_bytes: u32,
+    ) -> Result<Self::WriteSlot, BackendError> {
+        self.inner.reserve_write(now_us, nsid, lba, length_bytes)
+    }
+    fn write_buffer(&mut self, slot: &Self::WriteSlot) -> &mut [u8] {
+        self.inner.write_buffer(slot)
+    }
+    fn commit_write(&mut self, now_us: u64, slot: Self::WriteSlot) -> IoToken {
+        self.inner.commit_write(now_us, slot)
+    }
+    fn abort_write(&mut self, now_us: u64, slot: Self::WriteSlot) -> IoToken {
+        self.inner.abort_write(now_us, slot)
+    }
+    fn write_zeroes(
+        &mut self,
+        _now_us: u64,
+        nsid: u32,
+        lba: u64,
+        length_bytes: u64,
+    ) -> Result<IoToken, BackendError> {
+        let size_bytes = self
+            .inner
+            .namespace(nsid)
+            .ok_or(BackendError::InvalidNamespace)?
+            .size_bytes;
+        assert!(
+            lba * 512 + length_bytes <= size_bytes,
+            "the target checks ranges first"
+        );
+        assert!(
+            length_bytes <= 65536 * 512,
+            "at most one Write Zeroes' worth"
+        );
+        self.busy_next = !self.busy_next;
+        if !self.busy_next {
+            return Err(BackendError::Busy);
+        }
+        self.zeroes_calls
+            .lock()
+            .unwrap()
+            .push((lba, length_bytes / 512));
+        let token = IoToken(self.next_token);
+        self.next_token += 1;
+        self.deferred.push_back(DeferredZeroes {
+            token,
+            nsid,
+            lba,
+            length_bytes,
+            polls_left: DEFERRED_ZEROES_POLLS,
+        });
+        Ok(token)
+    }
+    fn read(&mut self, nsid: u32, lba: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.inner.read(nsid, lba, buf)
+    }
+    fn flush(&mut self, now_us: u64, nsid: u32) -> Result<IoToken, BackendError> {
+        self.inner.flush(now_us, nsid)
+    }
+    fn poll_completion(&mut self) -> Option<IoToken> {
+        if let Some(token) = self.inner.poll_completion() {
+            return Some(token);
+        }
+        let front = self.deferred.front_mut()?;
+        if front.polls_left > 0 {
+            front.polls_left -= 1;
+            return None;
+        }
+        let done = self.deferred.pop_front().unwrap();
+        // Its own completion token is unknown to the target, which skips it.
+        let _applied = self
+            .inner
+            .write_zeroes(0, done.nsid, done.lba, done.length_bytes)
+            .expect("checked when accepted");
+        Some(done.token)
+    }
+}
+
 pub fn config(allow_any_host: bool) -> TargetConfig {
     let subsystem = SubsystemConfig {
         nqn: NQN.into(),
@@ -89,6 +211,7 @@ pub fn config(allow_any_host: bool) -> TargetConfig {
 
 pub struct Server {
     pub address: SocketAddr,
+    pub target: Arc<Target>,
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
 }
@@ -108,6 +231,7 @@ pub fn serve<B: Backend + Send + 'static>(config: TargetConfig, mut backend: B) 
     let address = listeners[0].local_addr();
     let stop = Arc::new(AtomicBool::new(false));
     let stop_thread = Arc::clone(&stop);
+    let target_shared = Arc::clone(&target);
     let handle = std::thread::spawn(move || {
         let mut group = PollGroup::new(target);
         let start = Instant::now();
@@ -123,6 +247,7 @@ pub fn serve<B: Backend + Send + 'static>(config: TargetConfig, mut backend: B) 
     });
     Server {
         address,
+        target: target_shared,
         stop,
         handle: Some(handle),
     }
@@ -405,6 +530,35 @@ impl Host {
         };
         let command = Command::read_write(io_opcode::READ, cid, 1, lba, blocks, sgl);
         self.execute(&command, &[], &[])
+    }
+
+    /// Sends an Asynchronous Event Request without waiting; returns its CID.
+    pub fn send_async_event_request(&mut self) -> u16 {
+        let cid = self.cid();
+        let mut command = Command::zeroed();
+        command
+            .set_opcode(admin_opcode::ASYNC_EVENT_REQUEST)
+            .set_cid(cid);
+        self.send_capsule(&command, &[]);
+        cid
+    }
+
+    /// Receives the next PDU and expects a CapsuleResp.
+    pub fn receive_completion(&mut self) -> Completion {
+        match self.receive() {
+            Some(Received {
+                pdu: Pdu::CapsuleResp(completion),
+                ..
+            }) => completion,
+            Some(Received { pdu, .. }) => panic!("expected a CapsuleResp, got {pdu:?}"),
+            None => panic!("expected a CapsuleResp, the connection closed"),
+        }
+    }
+
+    /// Get Log Page of `lid`, `bytes` long, with RAE (dword 10 bit 15) as given.
+    pub fn get_log_page(&mut self, lid: u8, bytes: u32, retain: bool) -> (Completion, Vec<u8>) {
+        let cdw10 = u32::from(lid) | ((bytes / 4 - 1) << 16) | (u32::from(retain) << 15);
+        self.admin_command(admin_opcode::GET_LOG_PAGE, 0xffff_ffff, cdw10, 0, bytes)
     }
 
     /// Writes a pattern and reads it back: the healthy connection's proof of life.
