@@ -100,8 +100,13 @@ impl<B: Backend> PollGroup<B> {
                 return;
             }
         };
-        self.tokens.reserve(TOKENS_PER_CONNECTION);
         self.connection_count += 1;
+        // `reserve` counts from the current length, not the capacity: ask for every live
+        // connection's share, so `register` never grows the table.
+        let tokens_max = self.connection_count * TOKENS_PER_CONNECTION;
+        self.tokens
+            .reserve(tokens_max.saturating_sub(self.tokens.len()));
+        assert!(self.tokens.capacity() >= tokens_max);
         if let Some(slot) = self.slots.iter_mut().find(|slot| slot.connection.is_none()) {
             slot.generation = slot.generation.wrapping_add(1);
             slot.connection = Some(connection);
