@@ -26,6 +26,9 @@ pub const RECV_BUFFER_BYTES: usize = 64 * 1024;
 pub const CLOSE_LINGER_US: u64 = 1_000_000;
 /// How long a new connection may take to send its ICReq.
 pub const ICREQ_TIMEOUT_US: u64 = 10_000_000;
+/// An idle, connected admin queue is read at most this often: it carries no I/O, and a receive
+/// syscall per reactor pass on it would sit in front of every I/O completion.
+pub const ADMIN_RECEIVE_PERIOD_US: u64 = 200;
 const _: () = assert!(
     RECV_BUFFER_BYTES >= crate::pdu::HEADER_BYTES_MAX + ADMIN_IN_CAPSULE_DATA_BYTES as usize
 );
@@ -102,6 +105,8 @@ pub struct Connection<B: Backend> {
     pub(crate) control: [u8; 192],
     pub(crate) control_bytes: usize,
     recv_budget_pdus: usize,
+    /// Not read before this time (see [`ADMIN_RECEIVE_PERIOD_US`]).
+    receive_due_us: u64,
 }
 
 impl<B: Backend> Connection<B> {
@@ -135,6 +140,7 @@ impl<B: Backend> Connection<B> {
             control: [0; 192],
             control_bytes: 0,
             recv_budget_pdus,
+            receive_due_us: 0,
         })
     }
 
@@ -182,6 +188,20 @@ impl<B: Backend> Connection<B> {
     }
 
     /// Receives and handles up to the recv budget of PDUs with at most one read. Returns PDUs handled.
+    /// [`Connection::poll_receive`], except that an idle admin queue is read only every
+    /// [`ADMIN_RECEIVE_PERIOD_US`].
+    pub fn poll_receive_paced(&mut self, context: &mut Context<'_, B>) -> usize {
+        if context.now_us < self.receive_due_us {
+            return 0;
+        }
+        let handled = self.poll_receive(context);
+        let admin = self.queue.qid == 0 && self.queue.controller.is_some();
+        if handled == 0 && admin && self.phase == Phase::Ready {
+            self.receive_due_us = context.now_us + ADMIN_RECEIVE_PERIOD_US;
+        }
+        handled
+    }
+
     pub fn poll_receive(&mut self, context: &mut Context<'_, B>) -> usize {
         let mut handled = 0;
         let mut read_done = false;

@@ -121,7 +121,14 @@ impl<B: Backend> PollGroup<B> {
     /// One pass: read/parse/execute every connection (bounded), dispatch backend completions, flush
     /// sockets, enforce keep-alive. Returns the amount of work done (0 = idle).
     pub fn poll(&mut self, now_us: u64, backend: &mut B) -> usize {
-        let mut work = 0;
+        // Completions the backend finished since the last pass go out before any socket is read:
+        // a response waits for no receive syscall.
+        let mut work = self.dispatch_completions(backend);
+        if work > 0 {
+            for connection in self.slots.iter_mut().filter_map(|s| s.connection.as_mut()) {
+                connection.flush(now_us);
+            }
+        }
         for slot_index in 0..self.slots.len() {
             let slot = &mut self.slots[slot_index];
             let Some(connection) = slot.connection.as_mut() else {
@@ -139,7 +146,7 @@ impl<B: Backend> PollGroup<B> {
                 key,
             };
             work += connection.poll_retry(&mut context);
-            work += connection.poll_receive(&mut context);
+            work += connection.poll_receive_paced(&mut context);
             work += connection.poll_async_events();
         }
         work += self.dispatch_completions(backend);
