@@ -8,8 +8,9 @@ use nvmirror_engine::counters::Counters;
 use nvmirror_engine::device::BlockDevice;
 use nvmirror_engine::geometry::BLOCK_SIZE;
 use nvmirror_runtime::node::{
-    Command, DestinationNode, FrontEnd, NodeControl, PairNode, SourceEngine, SourceNode,
+    Command, DestinationNode, FrontEnd, Hosted, NodeControl, PairNode, SourceEngine, SourceNode,
 };
+use nvmirror_runtime::remote::QueuePairHosts;
 use nvmirror_runtime::workload::{Pattern, Planner, Workload};
 
 use crate::config::{Config, CpModeConfig, Role};
@@ -40,7 +41,8 @@ pub fn embedded_configs(mode: CpModeConfig, cores: &[usize]) -> (Config, Config)
 enum Layout<F: FrontEnd + Send + 'static> {
     TwoReactors {
         source: Running<SourceNode<F>>,
-        destination: Running<DestinationNode>,
+        /// The destination's reactor also polls the target's queue pairs of its turn.
+        destination: Running<Hosted<DestinationNode>>,
     },
     OneReactor(Running<PairNode<F>>),
 }
@@ -56,8 +58,11 @@ pub struct EmbeddedPair<F: FrontEnd + Send + 'static> {
 }
 
 impl<F: FrontEnd + Send + 'static> EmbeddedPair<F> {
+    /// Starts the pair; with two cores the destination's reactor registers in `hosts` to take
+    /// its turn of the target's queue pairs (`make_front_end` runs after that).
     pub fn start<M>(
         (mut source, destination): (Config, Config),
+        hosts: &QueuePairHosts,
         make_front_end: M,
     ) -> Result<Self, String>
     where
@@ -95,7 +100,8 @@ impl<F: FrontEnd + Send + 'static> EmbeddedPair<F> {
                 ring_files,
             });
         }
-        let (destination, replication_address) = setup::spawn_destination(destination)?;
+        let (destination, replication_address) =
+            setup::spawn_destination_hosting(destination, hosts)?;
         source.peer = Some(replication_address);
         let source = setup::spawn_source(source, make_front_end)?;
         Ok(EmbeddedPair {
@@ -124,7 +130,7 @@ impl<F: FrontEnd + Send + 'static> EmbeddedPair<F> {
             Layout::TwoReactors {
                 source,
                 destination,
-            } => Ok((source.stop()?, destination.stop()?)),
+            } => Ok((source.stop()?, destination.stop()?.node)),
             Layout::OneReactor(pair) => {
                 let pair = pair.stop()?;
                 Ok((pair.source, pair.destination))
@@ -248,7 +254,8 @@ pub fn run_demo(options: DemoOptions) -> Result<(), String> {
         options.pattern,
     );
     let started = std::time::Instant::now();
-    let pair = EmbeddedPair::start((source_config, destination_config), move |_| {
+    let hosts = QueuePairHosts::default();
+    let pair = EmbeddedPair::start((source_config, destination_config), &hosts, move |_| {
         Ok(Workload::new(
             Planner::new(pattern, seed, sizes),
             seed,

@@ -15,6 +15,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use config::{Config, Role};
+use nvmirror_runtime::remote::QueuePairHosts;
 
 const USAGE: &str = "\
 usage:
@@ -143,7 +144,18 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
             demo::print_counters("destination", node.destination.counters(), json);
         }
         Role::Source => {
-            let running = setup::spawn_source(config.clone(), setup::target_front_end(config))?;
+            // Queue pairs go round robin over every configured core: the source's reactor
+            // on the first, a queue-pair reactor on each other one.
+            let hosts = QueuePairHosts::default();
+            let mut queue_pair_reactors = Vec::new();
+            if config.target.is_some() {
+                for &core in config.cores.iter().skip(1) {
+                    queue_pair_reactors
+                        .push(setup::spawn_queue_pair_reactor(config, core, &hosts)?);
+                }
+            }
+            let running =
+                setup::spawn_source(config.clone(), setup::target_front_end(config, hosts))?;
             println!(
                 "nvmirror source: volume '{}' replicating to {}",
                 config.volume,
@@ -162,6 +174,9 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
                 }
             }
             let node = running.stop()?;
+            for reactor in queue_pair_reactors {
+                reactor.stop()?;
+            }
             demo::print_counters("source", node.volume.source.counters(), json);
             served?;
         }
@@ -173,7 +188,9 @@ fn run_embedded_default(cores: &[usize], json: bool) -> Result<(), String> {
     let signals = signals()?;
     let configs = demo::embedded_configs(config::CpModeConfig::References, cores);
     let source_config = configs.0.clone();
-    let pair = demo::EmbeddedPair::start(configs, setup::target_front_end(&source_config))?;
+    let hosts = QueuePairHosts::default();
+    let front_end = setup::target_front_end(&source_config, hosts.clone());
+    let pair = demo::EmbeddedPair::start(configs, &hosts, front_end)?;
     println!(
         "nvmirror: embedded default running: source -> destination on {} (malloc namespaces). Ctrl-C stops.",
         pair.replication_address

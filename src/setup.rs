@@ -13,12 +13,13 @@ use nvmirror_engine::source::{CpMode, Source, SourceConfig};
 use nvmirror_nvmf::Target;
 use nvmirror_runtime::bdev::{FileDevice, MallocDevice};
 use nvmirror_runtime::node::{
-    Command, DestinationNode, Device, FrontEnd, Node, NodeControl, PairNode, SourceEngine,
+    Command, DestinationNode, Device, FrontEnd, Hosted, Node, NodeControl, PairNode, SourceEngine,
     SourceNode,
 };
 use nvmirror_runtime::reactor::{self, IdlePolicy, Poller, Reactor, ReactorConfig};
+use nvmirror_runtime::remote::{QueuePairHost, QueuePairHosts};
 use nvmirror_runtime::ring_memory::RingMemory;
-use nvmirror_runtime::target::{PlainTarget, TargetFrontEnd};
+use nvmirror_runtime::target::{build_target_front_end, PlainTarget, TargetFrontEnd};
 
 use crate::config::{Config, CpModeConfig, IdleConfig, NamespaceConfig};
 
@@ -124,12 +125,15 @@ pub fn open_destination(
 }
 
 /// The front end of a configured source: the NVMe/TCP target when `[target]` is set, else none.
+/// Its queue pairs go round robin to the source's reactor and the queue-pair reactors in
+/// `hosts` (registered before the source starts).
 pub fn target_front_end(
     config: &Config,
+    hosts: QueuePairHosts,
 ) -> impl FnOnce(&SourceEngine) -> Result<Option<TargetFrontEnd>, String> + Send + 'static {
     let target = config.target.clone();
     let namespace_count = config.namespaces.len();
-    move |_source: &SourceEngine| {
+    move |source: &SourceEngine| {
         let Some(section) = target else {
             return Ok(None);
         };
@@ -137,8 +141,13 @@ pub fn target_front_end(
             .to_target_config(namespace_count)
             .map_err(|e| e.to_string())?;
         let target = Target::new(target_config).map_err(|e| format!("NVMe/TCP target: {e}"))?;
-        let front_end = TargetFrontEnd::new(target).map_err(|e| format!("NVMe/TCP target: {e}"))?;
-        log::info!("NVMe/TCP target listening on {:?}", front_end.local_addrs());
+        let front_end = build_target_front_end(target, source, &hosts)
+            .map_err(|e| format!("NVMe/TCP target: {e}"))?;
+        log::info!(
+            "NVMe/TCP target listening on {:?}; queue pairs round robin over {} reactor(s)",
+            front_end.local_addrs(),
+            hosts.inboxes().len() + 1
+        );
         Ok(Some(front_end))
     }
 }
@@ -261,6 +270,41 @@ pub fn spawn_destination(config: Config) -> Result<(Running<DestinationNode>, So
     spawn_node("destination", reactor, move |control| {
         build_destination(&config, control)
     })
+}
+
+/// A destination whose reactor also takes a share of a source's queue pairs (registered in
+/// `hosts`): the embedded pair on two cores, one reactor per core.
+pub fn spawn_destination_hosting(
+    config: Config,
+    hosts: &QueuePairHosts,
+) -> Result<(Running<Hosted<DestinationNode>>, SocketAddr), String> {
+    let reactor = reactor_config(&config, "destination");
+    let (running, (address, inbox)) = spawn_node("destination", reactor, move |control| {
+        let (node, address) = build_destination(&config, control)?;
+        let queue_pairs = QueuePairHost::new().map_err(|e| format!("queue-pair mailbox: {e}"))?;
+        let inbox = queue_pairs.inbox();
+        Ok((Hosted { node, queue_pairs }, (address, inbox)))
+    })?;
+    hosts.add(inbox);
+    Ok((running, address))
+}
+
+/// Starts a reactor on `core` that only polls queue pairs of a source's target (registered in
+/// `hosts`; it serves once the source's front end exists).
+pub fn spawn_queue_pair_reactor(
+    config: &Config,
+    core: usize,
+    hosts: &QueuePairHosts,
+) -> Result<Running<QueuePairHost>, String> {
+    let mut reactor = reactor_config(config, "queue-pairs");
+    reactor.core = Some(core);
+    let (running, inbox) = spawn_node("queue-pairs", reactor, move |_control| {
+        let host = QueuePairHost::new().map_err(|e| format!("queue-pair mailbox: {e}"))?;
+        let inbox = host.inbox();
+        Ok((host, inbox))
+    })?;
+    hosts.add(inbox);
+    Ok(running)
 }
 
 /// A source and its destination running on one reactor.

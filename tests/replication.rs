@@ -380,6 +380,8 @@ fn perf_binary() -> PathBuf {
     path
 }
 
+/// The source's target spreads its queue pairs round robin over its two cores (the source's
+/// reactor and a queue-pair reactor); verified I/O on both reaches the mirror.
 #[test]
 fn verified_nvme_tcp_writes_reach_the_mirror_after_a_cp() {
     let scratch = Scratch::new("nvmf");
@@ -389,17 +391,20 @@ fn verified_nvme_tcp_writes_reach_the_mirror_after_a_cp() {
     let destination = write_config(&scratch, "destination", "nvmf", port, "mirror.img", 600_000);
     let source = write_config(&scratch, "source", "nvmf", port, "primary.img", 600_000);
     let mut text = std::fs::read_to_string(&source).unwrap();
+    text = text.replace("ring_size_mib = 8\n", "ring_size_mib = 8\ncores = [0, 1]\n");
     text.push_str(&format!(
         "[target]\nlisten = [\"127.0.0.1:{target_port}\"]\ndiscovery_listen = []\n\
          [[target.subsystem]]\nnqn = \"{nqn}\"\nallow_any_host = true\nnamespaces = [1, 2]\n"
     ));
     std::fs::write(&source, text).unwrap();
     let _destination = start_destination(&destination);
+    let source_log = scratch.path("source.log");
     let mut source_process = Process(
         Command::new(BIN)
             .args(["--config", source.to_str().unwrap()])
+            .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(std::fs::File::create(&source_log).unwrap())
             .spawn()
             .unwrap(),
     );
@@ -428,6 +433,8 @@ fn verified_nvme_tcp_writes_reach_the_mirror_after_a_cp() {
             "0",
             "--queue-depth",
             "16",
+            "--connections",
+            "3",
         ]);
         perf.args(["--io-size", "4096", "--json"]);
         let output = run_to_end(perf);
@@ -454,6 +461,13 @@ fn verified_nvme_tcp_writes_reach_the_mirror_after_a_cp() {
         .expect("counters printed at shutdown");
     assert_ne!(cps.as_str(), "cp_count 0");
     assert_images_equal(&scratch);
+    // Each run: admin queue here, I/O queue 1 there, 2 here, 3 there.
+    let log = std::fs::read_to_string(&source_log).unwrap();
+    let handed = log.matches("goes to queue-pair reactor 1").count();
+    assert_eq!(
+        handed, 4,
+        "two connections per perf run polled remotely:\n{log}"
+    );
 }
 
 #[test]

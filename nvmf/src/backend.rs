@@ -76,6 +76,25 @@ pub trait Backend {
     ) -> Result<IoToken, BackendError>;
     /// Synchronous.
     fn read(&mut self, nsid: u32, lba: u64, buf: &mut [u8]) -> Result<(), BackendError>;
+    /// Starts a read the backend finishes later (a volume served by another reactor): the token
+    /// completes through `poll_completion`, then [`Backend::finish_read`] hands over the data.
+    /// `Ok(None)`: this backend reads synchronously, call [`Backend::read`]. Busy: retry later.
+    fn start_read(
+        &mut self,
+        _now_us: u64,
+        _nsid: u32,
+        _lba: u64,
+        _length_bytes: u32,
+    ) -> Result<Option<IoToken>, BackendError> {
+        Ok(None)
+    }
+    /// Copies the data of a completed [`Backend::start_read`] into `buf` (once per token).
+    fn finish_read(&mut self, _token: IoToken, _buf: &mut [u8]) -> Result<(), BackendError> {
+        unreachable!("finish_read without start_read")
+    }
+    /// A completed token nobody waits for any more (its connection closed): the backend frees
+    /// what it kept for it (a finished read's data).
+    fn abandon(&mut self, _token: IoToken) {}
     fn flush(&mut self, now_us: u64, nsid: u32) -> Result<IoToken, BackendError>;
     fn poll_completion(&mut self) -> Option<IoToken>;
 }

@@ -105,7 +105,7 @@ pub fn execute<B: Backend>(
 ) -> Outcome {
     let command = request.command;
     let result = match command.opcode() {
-        io_opcode::READ => return read(queue, request, context),
+        io_opcode::READ => return read(queue, request, index, context),
         io_opcode::WRITE => Err(GenericStatus::DataSglLengthInvalid.into()),
         io_opcode::FLUSH => flush(queue, request, index, context),
         io_opcode::WRITE_ZEROES => write_zeroes(queue, request, index, context),
@@ -124,17 +124,38 @@ pub fn execute<B: Backend>(
 fn read<B: Backend>(
     queue: &QueueState,
     request: &mut Request<B::WriteSlot>,
+    index: u16,
     context: &mut Context<'_, B>,
 ) -> Outcome {
     let command = request.command;
-    let result = extent(queue, &command, context).and_then(|(lba, length_bytes)| {
+    let (lba, length_bytes) = match extent(queue, &command, context) {
+        Ok(extent) => extent,
+        Err(status) => return Outcome::Respond(queue.completion(command.cid(), status)),
+    };
+    match context
+        .backend
+        .start_read(context.now_us, command.nsid(), lba, length_bytes)
+    {
+        Ok(None) => {}
+        Ok(Some(token)) => {
+            request.tokens_pending += 1;
+            request.read_pending = Some((token, length_bytes));
+            context.register(token, index);
+            return Outcome::Pending;
+        }
+        Err(BackendError::Busy) => return Outcome::Retry,
+        Err(error) => {
+            return Outcome::Respond(queue.completion(command.cid(), status_from(error)));
+        }
+    }
+    let result = {
         let buffer = &mut request.data[..length_bytes as usize];
         context
             .backend
             .read(command.nsid(), lba, buffer)
             .map_err(status_from)
             .map(|()| length_bytes)
-    });
+    };
     match result {
         Ok(length_bytes) => Outcome::RespondWithData(
             queue.completion(command.cid(), Status::SUCCESS),

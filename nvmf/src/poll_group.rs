@@ -187,14 +187,15 @@ impl<B: Backend> PollGroup<B> {
             };
             count += 1;
             let Some((key, index)) = self.tokens.remove(&token) else {
+                backend.abandon(token);
                 continue;
             };
             let slot = &mut self.slots[key.slot as usize];
-            if slot.generation != key.generation {
-                continue;
-            }
-            if let Some(connection) = slot.connection.as_mut() {
-                connection.on_token_complete(index);
+            match slot.connection.as_mut() {
+                Some(connection) if slot.generation == key.generation => {
+                    connection.on_token_complete(index, token, backend)
+                }
+                _ => backend.abandon(token),
             }
         }
         count

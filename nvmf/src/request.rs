@@ -62,6 +62,8 @@ pub struct Request<S> {
     pub resume: bool,
     /// Blocks of a deallocate's ranges (in order) already handed to the backend.
     pub progress_blocks: u64,
+    /// A read the backend finishes asynchronously: its token and length.
+    pub read_pending: Option<(crate::backend::IoToken, u32)>,
     pub status: Status,
     pub header: [u8; REQUEST_HEADER_BYTES],
     pub header_bytes: usize,
@@ -84,6 +86,7 @@ impl<S> Request<S> {
             tokens_pending: 0,
             resume: false,
             progress_blocks: 0,
+            read_pending: None,
             status: Status::SUCCESS,
             header: [0; REQUEST_HEADER_BYTES],
             header_bytes: 0,
@@ -104,6 +107,7 @@ impl<S> Request<S> {
         self.tokens_pending = 0;
         self.resume = false;
         self.progress_blocks = 0;
+        self.read_pending = None;
         self.status = Status::SUCCESS;
         self.data_bytes = 0;
     }

@@ -5,9 +5,9 @@
 
 use std::io::{self, IoSlice, Write};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, IoToken};
 use crate::connection::{Connection, Phase};
-use crate::pdu::{encode_capsule_resp, Completion, DataHeader, PduType, R2T};
+use crate::pdu::{encode_capsule_resp, Completion, DataHeader, PduType, Status, R2T};
 use crate::poll_group::Context;
 use crate::request::{Outcome, RequestState};
 
@@ -92,11 +92,30 @@ impl<B: Backend> Connection<B> {
 
     /// A backend operation of request `index` finished; the last one sends the completion, or
     /// queues the command to execute again when it has more to do (`resume`).
-    pub(crate) fn on_token_complete(&mut self, index: u16) {
+    pub(crate) fn on_token_complete(&mut self, index: u16, token: IoToken, backend: &mut B) {
         let request = &mut self.requests[index as usize];
         assert_eq!(request.state, RequestState::Executing);
         assert!(request.tokens_pending > 0);
         request.tokens_pending -= 1;
+        if let Some((read_token, length_bytes)) = request.read_pending {
+            assert_eq!(read_token, token, "a read waits for its own token only");
+            request.read_pending = None;
+            let data = &mut request.data[..length_bytes as usize];
+            let completion = match backend.finish_read(token, data) {
+                Ok(()) => {
+                    let completion = self
+                        .queue
+                        .completion(request.command.cid(), Status::SUCCESS);
+                    self.queue_c2h_data(index, completion, length_bytes);
+                    return;
+                }
+                Err(error) => self
+                    .queue
+                    .completion(request.command.cid(), crate::io::status_from(error)),
+            };
+            self.queue_response(index, &completion);
+            return;
+        }
         if request.tokens_pending > 0 {
             return;
         }

@@ -4,6 +4,7 @@ pub mod hugepages;
 pub mod link;
 pub mod node;
 pub mod reactor;
+pub mod remote;
 pub mod ring_memory;
 pub mod stream;
 pub mod target;

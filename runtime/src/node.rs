@@ -18,6 +18,7 @@ use nvmirror_engine::wire;
 
 use crate::link::{IoVecs, Link, LinkEndpoint};
 use crate::reactor::{Mailbox, Poller};
+use crate::remote::{QueuePairHost, RemoteWaiter};
 use crate::ring_memory::RingMemory;
 
 /// A namespace device as the nodes hold it.
@@ -102,6 +103,10 @@ pub struct Volume {
     /// Completed write ids and tokens of operations that completed at once (flush), in order.
     completed: std::collections::VecDeque<u64>,
     immediate_count: u64,
+    /// Writes of queue pairs on other reactors, by write id ([`crate::remote`]).
+    remote_waiting: std::collections::HashMap<u64, RemoteWaiter>,
+    /// Their completions, for the [`crate::remote::VolumeService`] to answer.
+    remote_done: std::collections::VecDeque<RemoteWaiter>,
 }
 
 impl Volume {
@@ -110,7 +115,20 @@ impl Volume {
             source,
             completed: std::collections::VecDeque::with_capacity(COMPLETIONS_MAX),
             immediate_count: 0,
+            remote_waiting: std::collections::HashMap::new(),
+            remote_done: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Routes write `id`'s completion to a queue pair on another reactor instead of the
+    /// front end's own completions.
+    pub(crate) fn wait_remote(&mut self, id: WriteId, waiter: RemoteWaiter) {
+        let previous = self.remote_waiting.insert(id.0, waiter);
+        assert!(previous.is_none(), "a write id is routed once");
+    }
+
+    pub(crate) fn pop_remote_done(&mut self) -> Option<RemoteWaiter> {
+        self.remote_done.pop_front()
     }
 
     /// The oldest write that completed and was not collected yet.
@@ -137,6 +155,10 @@ impl Volume {
             id.0 < IMMEDIATE_TOKEN_BASE,
             "write ids stay below the immediate tokens"
         );
+        if let Some(waiter) = self.remote_waiting.remove(&id.0) {
+            self.remote_done.push_back(waiter);
+            return;
+        }
         self.push_token(id.0);
     }
 
@@ -155,6 +177,10 @@ pub trait FrontEnd {
     /// completions with [`Volume::pop_completed`]. Returns work done.
     fn poll(&mut self, now_us: u64, volume: &mut Volume) -> usize;
     fn wait_fds(&self, _out: &mut Vec<RawFd>) {}
+    /// When the front end needs a poll that no readable fd announces (`Some(0)`: now).
+    fn next_deadline_us(&self) -> Option<u64> {
+        None
+    }
     /// True once a finite front end (the workload) has issued everything and seen it complete.
     fn is_finished(&self) -> bool {
         false
@@ -173,6 +199,9 @@ impl<F: FrontEnd> FrontEnd for Option<F> {
         if let Some(front_end) = self {
             front_end.wait_fds(out);
         }
+    }
+    fn next_deadline_us(&self) -> Option<u64> {
+        self.as_ref().and_then(FrontEnd::next_deadline_us)
     }
     fn is_finished(&self) -> bool {
         self.as_ref().is_some_and(FrontEnd::is_finished)
@@ -304,15 +333,20 @@ impl<F: FrontEnd> Poller for SourceNode<F> {
     }
 
     fn next_deadline_us(&self) -> Option<u64> {
-        // Unsent bytes (a full socket) and the CP timer need polls that no readable fd announces.
+        // Unsent bytes (a full socket) and the CP timer need polls that no readable fd announces;
+        // the front end arms its mailboxes here, so it is asked first.
+        let front_end = self.front_end.next_deadline_us();
         if self.volume.source.tx_pending_bytes() > 0 {
             return Some(0);
         }
-        let timer = self.volume.source.next_deadline_us();
-        match (timer, self.link.next_deadline_us()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            front_end,
+            self.volume.source.next_deadline_us(),
+            self.link.next_deadline_us(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 }
 
@@ -476,5 +510,43 @@ impl<F: FrontEnd> Node for PairNode<F> {
     fn handle_command(&mut self, now_us: u64, command: Command) {
         self.source.handle_command(now_us, command);
         self.destination.handle_command(now_us, command);
+    }
+}
+
+/// A queue-pair reactor of its own: no node, only a share of the target's queue pairs.
+impl Node for QueuePairHost {
+    fn handle_command(&mut self, _now_us: u64, command: Command) {
+        log::debug!("queue-pair reactor: {command:?} ignored");
+    }
+}
+
+/// A node and a share of a target's queue pairs on one reactor (one reactor per core).
+pub struct Hosted<N> {
+    pub node: N,
+    pub queue_pairs: QueuePairHost,
+}
+
+impl<N: Poller> Poller for Hosted<N> {
+    fn poll(&mut self, now_us: u64) -> usize {
+        self.node.poll(now_us) + self.queue_pairs.poll(now_us)
+    }
+
+    fn wait_fds(&self, out: &mut Vec<RawFd>) {
+        self.node.wait_fds(out);
+        self.queue_pairs.wait_fds(out);
+    }
+
+    fn next_deadline_us(&self) -> Option<u64> {
+        let queue_pairs = self.queue_pairs.next_deadline_us();
+        match (self.node.next_deadline_us(), queue_pairs) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+impl<N: Node> Node for Hosted<N> {
+    fn handle_command(&mut self, now_us: u64, command: Command) {
+        self.node.handle_command(now_us, command);
     }
 }

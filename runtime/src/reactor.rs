@@ -142,6 +142,35 @@ impl<T> Mailbox<T> {
         let _ = (&self.eventfd).write(&1u64.to_ne_bytes());
     }
 
+    /// Takes the oldest message: for a poller that drains a mailbox of its own (not its
+    /// reactor's), together with [`Mailbox::arm`], [`Mailbox::raw_fd`] and [`Mailbox::disarm`].
+    pub fn pop(&self) -> Option<T> {
+        self.queue.pop()
+    }
+
+    /// For a poller that drains this mailbox, before its reactor may sleep (from
+    /// `Poller::next_deadline_us`): from now on a sender writes the eventfd ([`Mailbox::raw_fd`],
+    /// which the poller lists in `wait_fds`). Returns whether messages already wait (then the
+    /// reactor must not sleep).
+    pub fn arm(&self) -> bool {
+        self.sleeping.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        !self.queue.is_empty()
+    }
+
+    /// After a sleep (or a skipped one) that [`Mailbox::arm`] prepared: senders stop writing the
+    /// eventfd and any wake-up it holds is drained (one non-blocking read).
+    pub fn disarm(&self) {
+        self.sleeping.store(false, Ordering::SeqCst);
+        let mut count = [0u8; 8];
+        let _ = (&self.eventfd).read(&mut count);
+    }
+
+    /// The eventfd a sender writes to wake an armed consumer.
+    pub fn raw_fd(&self) -> RawFd {
+        self.eventfd.as_raw_fd()
+    }
+
     /// Messages waiting.
     pub fn len(&self) -> usize {
         self.queue.len()

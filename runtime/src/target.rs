@@ -15,8 +15,9 @@ use nvmirror_nvmf::{
     Backend, BackendError, DeviceBackend, IoToken, Listener, NamespaceInfo, PollGroup, Target,
 };
 
-use crate::node::{Command, FrontEnd, Node, Volume};
+use crate::node::{Command, FrontEnd, Node, SourceEngine, Volume};
 use crate::reactor::{Period, Poller, ACCEPT_POLL_PERIOD_US};
+use crate::remote::{remote_links, QueuePairHosts, RemoteInit, RemoteLink, VolumeService};
 
 /// Accepts what the listeners have, at most once per [`ACCEPT_POLL_PERIOD_US`].
 fn poll_listeners<B: Backend>(
@@ -145,44 +146,104 @@ impl Backend for Volume {
     }
 }
 
-/// The NVMe/TCP target as the replicated volume's front end: listeners plus one poll group.
+/// The NVMe/TCP target as the replicated volume's front end: the listeners and this reactor's
+/// poll group; accepted queue pairs go round robin to this reactor and to the remote reactors
+/// of `remote` ([`crate::remote`]), whose requests it serves.
 pub struct TargetFrontEnd {
     listeners: Vec<Listener>,
     accept: Period,
     group: PollGroup<Volume>,
+    service: VolumeService,
 }
 
 impl TargetFrontEnd {
-    /// Binds every listener of `target` (I/O and discovery).
-    pub fn new(target: Arc<Target>) -> std::io::Result<Self> {
+    /// Binds every listener of `target` (I/O and discovery); `remote` links the queue-pair
+    /// reactors on the other configured cores (none: every queue pair is polled here).
+    pub fn new(target: Arc<Target>, remote: Vec<RemoteLink>) -> std::io::Result<Self> {
         let listeners = target.bind_listeners()?;
         Ok(TargetFrontEnd {
             listeners,
             accept: Period::new(ACCEPT_POLL_PERIOD_US),
             group: PollGroup::new(target),
+            service: VolumeService::new(remote),
         })
     }
 
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners.iter().map(Listener::local_addr).collect()
     }
+
+    fn poll_listeners(&mut self, now_us: u64) -> usize {
+        if !self.accept.due(now_us) {
+            return 0;
+        }
+        let mut accepted = 0;
+        for listener in &mut self.listeners {
+            while let Some(stream) = listener.poll_accept() {
+                if let Some(stream) = self.service.hand_off(stream) {
+                    self.group.add_connection(stream, now_us);
+                }
+                accepted += 1;
+            }
+        }
+        accepted
+    }
 }
 
 impl FrontEnd for TargetFrontEnd {
     fn poll(&mut self, now_us: u64, volume: &mut Volume) -> usize {
-        let accepted = poll_listeners(
-            now_us,
-            &mut self.accept,
-            &mut self.listeners,
-            &mut self.group,
-        );
-        accepted + self.group.poll(now_us, volume)
+        let accepted = self.poll_listeners(now_us);
+        let served = self.service.poll(now_us, volume);
+        accepted + served + self.group.poll(now_us, volume)
     }
 
     fn wait_fds(&self, out: &mut Vec<RawFd>) {
         out.extend(self.listeners.iter().map(Listener::raw_fd));
         self.group.raw_fds(out);
+        self.service.wait_fds(out);
     }
+
+    fn next_deadline_us(&self) -> Option<u64> {
+        self.service.next_deadline_us()
+    }
+}
+
+/// The namespaces of a volume as the target reports them (nsid = index + 1).
+pub fn volume_namespaces(source: &SourceEngine) -> Vec<NamespaceInfo> {
+    source
+        .namespace_sizes_bytes()
+        .iter()
+        .zip(1..)
+        .map(|(&size_bytes, nsid)| NamespaceInfo {
+            size_bytes,
+            uuid: namespace_uuid(source.volume_id(), nsid),
+        })
+        .collect()
+}
+
+/// Builds the target's front end on the source's reactor and sends every queue-pair reactor
+/// in `hosts` its share (round robin: this reactor first, then each host in turn).
+pub fn build_target_front_end(
+    target: Arc<Target>,
+    source: &SourceEngine,
+    hosts: &QueuePairHosts,
+) -> std::io::Result<TargetFrontEnd> {
+    let inboxes = hosts.inboxes();
+    let links = remote_links(inboxes.len())?;
+    let front_end = TargetFrontEnd::new(target.clone(), links.clone())?;
+    for (inbox, link) in inboxes.iter().zip(links) {
+        let init = RemoteInit {
+            target: target.clone(),
+            link,
+            namespaces: volume_namespaces(source),
+        };
+        if inbox.send(init).is_err() {
+            return Err(std::io::Error::other(
+                "a queue-pair reactor was set up twice",
+            ));
+        }
+    }
+    Ok(front_end)
 }
 
 /// The unreplicated target: the same NVMe/TCP front end over plain block devices, for the
