@@ -23,6 +23,7 @@ pub mod poll_group;
 pub mod request;
 mod send;
 pub mod target;
+pub mod token_table;
 
 pub use backend::{Backend, BackendError, DeviceBackend, IoToken, NamespaceInfo};
 pub use config::{SubsystemConfig, TargetConfig};

@@ -3,8 +3,6 @@
 //! a preallocated token table, flushes every socket once and enforces keep-alive. Lock-free on the I/O
 //! path; the backend is lent for the pass, not owned.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
@@ -19,27 +17,7 @@ pub const TOKENS_PER_CONNECTION: usize = crate::config::QUEUE_DEPTH_MAX as usize
 /// Backend completions dispatched per pass at most.
 pub const COMPLETIONS_PER_POLL_MAX: usize = 1024;
 
-/// Tokens are backend sequence numbers: a multiply-shift of the one `u64` spreads them well and
-/// costs a fraction of the default SipHash on every command's completion.
-#[derive(Default)]
-pub struct TokenHasher(u64);
-
-impl Hasher for TokenHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for byte in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u64(&mut self, value: u64) {
-        self.0 = value.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-/// The token table: which request of which connection a backend completion belongs to.
-pub type TokenTable = HashMap<IoToken, (ConnectionKey, u16), BuildHasherDefault<TokenHasher>>;
+pub use crate::token_table::TokenTable;
 
 /// Identifies a connection slot and its incarnation (a reused slot gets a new generation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,8 +82,7 @@ impl<B: Backend> PollGroup<B> {
         // `reserve` counts from the current length, not the capacity: ask for every live
         // connection's share, so `register` never grows the table.
         let tokens_max = self.connection_count * TOKENS_PER_CONNECTION;
-        self.tokens
-            .reserve(tokens_max.saturating_sub(self.tokens.len()));
+        self.tokens.reserve_total(tokens_max);
         assert!(self.tokens.capacity() >= tokens_max);
         if let Some(slot) = self.slots.iter_mut().find(|slot| slot.connection.is_none()) {
             slot.generation = slot.generation.wrapping_add(1);

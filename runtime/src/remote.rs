@@ -234,15 +234,7 @@ impl VolumeService {
                 Err(other) => {
                     // The remote backend checks ranges against the same namespace sizes.
                     log::error!("remote write refused by the volume: {other:?}");
-                    self.answer(
-                        remote,
-                        Done {
-                            slot,
-                            buffer: Some(buffer),
-                            result: Err(refused(other)),
-                        },
-                    );
-                    Ok(())
+                    self.reply(remote, slot, Some(buffer), Err(refused(other)))
                 }
             },
             OpKind::Zeroes {
@@ -270,17 +262,7 @@ impl VolumeService {
                 }),
                 Err(other) => {
                     log::error!("remote write zeroes refused by the volume: {other:?}");
-                    let result = Err(refused(other));
-                    let buffer = None;
-                    self.answer(
-                        remote,
-                        Done {
-                            slot,
-                            buffer,
-                            result,
-                        },
-                    );
-                    Ok(())
+                    self.reply(remote, slot, None, Err(refused(other)))
                 }
             },
             OpKind::Read {
@@ -296,18 +278,28 @@ impl VolumeService {
                         log::error!("read for a remote queue pair failed: {error:?}");
                         BackendError::Io
                     });
-                let buffer = Some(buffer);
-                self.answer(
-                    remote,
-                    Done {
-                        slot,
-                        buffer,
-                        result,
-                    },
-                );
-                Ok(())
+                self.reply(remote, slot, Some(buffer), result)
             }
         }
+    }
+
+    /// Answers an operation at once (a read, or a refusal).
+    fn reply(
+        &self,
+        remote: u16,
+        slot: u16,
+        buffer: Option<Box<[u8]>>,
+        result: Result<(), BackendError>,
+    ) -> Result<(), Op> {
+        self.answer(
+            remote,
+            Done {
+                slot,
+                buffer,
+                result,
+            },
+        );
+        Ok(())
     }
 
     fn answer(&self, remote: u16, done: Done) {
