@@ -95,6 +95,9 @@ const IMMEDIATE_TOKEN_BASE: u64 = 1 << 63;
 
 /// Write completions a source front end has not collected yet: more than the ring can hold in flight.
 pub const COMPLETIONS_MAX: usize = 1 << 16;
+/// Remote writes in flight the volume has room for from the start (four queue-pair reactors'
+/// pools), so routing them allocates nothing on the I/O path.
+pub const REMOTE_WAITING_RESERVED: usize = 4 * crate::remote::REMOTE_SLOTS;
 
 /// The replicated volume as front ends see it: the engine's volume API plus the writes that
 /// became durable on both sides since the front end last looked.
@@ -115,8 +118,8 @@ impl Volume {
             source,
             completed: std::collections::VecDeque::with_capacity(COMPLETIONS_MAX),
             immediate_count: 0,
-            remote_waiting: std::collections::HashMap::new(),
-            remote_done: std::collections::VecDeque::new(),
+            remote_waiting: std::collections::HashMap::with_capacity(REMOTE_WAITING_RESERVED),
+            remote_done: std::collections::VecDeque::with_capacity(REMOTE_WAITING_RESERVED),
         }
     }
 
