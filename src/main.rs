@@ -19,10 +19,13 @@ use nvmirror_runtime::remote::QueuePairHosts;
 
 const USAGE: &str = "\
 usage:
-  nvmirror [--cores 0,1]            run the embedded default (source + destination on loopback, malloc namespaces,
-                                    NVMe/TCP target on 127.0.0.1:4420); one reactor on core 0 unless
-                                    --cores 0,1 gives each node its own
-  nvmirror --no-replication [--cores N]   the same NVMe/TCP target over malloc, without replication
+  nvmirror [--cores 0,1] [--listen ADDR] [--discovery-listen ADDR]
+                                    run the embedded default (source + destination on loopback, malloc namespaces,
+                                    NVMe/TCP target on 127.0.0.1:4420, discovery on 8009); one reactor on core 0
+                                    unless --cores 0,1 gives each node its own; target queue pairs go round robin
+                                    over the given cores
+  nvmirror --no-replication [--cores 0[,1]] [--listen ADDR] [--discovery-listen ADDR]
+                                    the same NVMe/TCP target over malloc, without replication
   nvmirror --config FILE [--json]   run one side (role = source | destination) as FILE says
   nvmirror demo [OPTIONS]           drive a seeded workload through the embedded pair and print the counters
       --seed N --writes N --pattern aligned|mixed --mode references|naive --queue-depth N
@@ -66,11 +69,18 @@ fn run(args: &[String]) -> Result<(), String> {
                 None => {
                     let unreplicated = options.flag("--no-replication");
                     let cores = options.cores()?;
+                    let listen = options.address("--listen")?;
+                    let discovery = options.address("--discovery-listen")?;
                     options.finish()?;
+                    let embedded = Embedded {
+                        cores,
+                        listen,
+                        discovery,
+                    };
                     if unreplicated {
-                        run_unreplicated_target(&cores)
+                        run_unreplicated_target(&embedded)
                     } else {
-                        run_embedded_default(&cores, json)
+                        run_embedded_default(&embedded, json)
                     }
                 }
             }
@@ -184,9 +194,35 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn run_embedded_default(cores: &[usize], json: bool) -> Result<(), String> {
+/// What the command line says of the embedded default: cores and the target's addresses.
+struct Embedded {
+    cores: Vec<usize>,
+    listen: Option<std::net::SocketAddr>,
+    discovery: Option<std::net::SocketAddr>,
+}
+
+impl Embedded {
+    /// The embedded pair's configs with the addresses asked for.
+    fn configs(&self) -> (Config, Config) {
+        let (mut source, destination) =
+            demo::embedded_configs(config::CpModeConfig::References, &self.cores);
+        let target = source
+            .target
+            .as_mut()
+            .expect("the embedded source has a target");
+        if let Some(listen) = self.listen {
+            target.listen = vec![listen];
+        }
+        if let Some(discovery) = self.discovery {
+            target.discovery_listen = vec![discovery];
+        }
+        (source, destination)
+    }
+}
+
+fn run_embedded_default(embedded: &Embedded, json: bool) -> Result<(), String> {
     let signals = signals()?;
-    let configs = demo::embedded_configs(config::CpModeConfig::References, cores);
+    let configs = embedded.configs();
     let source_config = configs.0.clone();
     let hosts = QueuePairHosts::default();
     let front_end = setup::target_front_end(&source_config, hosts.clone());
@@ -214,17 +250,28 @@ fn run_embedded_default(cores: &[usize], json: bool) -> Result<(), String> {
 }
 
 /// The embedded default's target without replication (a baseline for benchmarks).
-fn run_unreplicated_target(cores: &[usize]) -> Result<(), String> {
+fn run_unreplicated_target(embedded: &Embedded) -> Result<(), String> {
     let signals = signals()?;
-    let (config, _) = demo::embedded_configs(config::CpModeConfig::References, cores);
-    let running = setup::spawn_plain_target(config.clone())?;
+    let (config, _) = embedded.configs();
+    let cores = &embedded.cores;
+    // Queue pairs round robin over the given cores, as with replication.
+    let hosts = QueuePairHosts::default();
+    let queue_pair_reactors = cores
+        .iter()
+        .skip(1)
+        .map(|&core| setup::spawn_queue_pair_reactor(&config, core, &hosts))
+        .collect::<Result<Vec<_>, String>>()?;
+    let running = setup::spawn_plain_target(config.clone(), hosts)?;
     println!(
         "nvmirror: NVMe/TCP target WITHOUT replication running (malloc namespace). Ctrl-C stops."
     );
     print_connect_lines(&config);
-    demo::serve_until_stopped(&[], None, &signals, false)?;
+    let served = demo::serve_until_stopped(&[], None, &signals, false);
     running.stop()?;
-    Ok(())
+    for reactor in queue_pair_reactors {
+        reactor.stop()?;
+    }
+    served
 }
 
 /// What a user types to reach the target: `nvme connect` and SPDK's perf.
@@ -301,6 +348,15 @@ impl Options {
         self.value(name)?
             .map(PathBuf::from)
             .ok_or_else(|| format!("{name} FILE is required"))
+    }
+
+    pub fn address(&mut self, name: &str) -> Result<Option<std::net::SocketAddr>, String> {
+        self.value(name)?
+            .map(|text| {
+                text.parse()
+                    .map_err(|_| format!("{name}: '{text}' is not an address like 127.0.0.1:4420"))
+            })
+            .transpose()
     }
 
     pub fn number(&mut self, name: &str, default: u64) -> Result<u64, String> {

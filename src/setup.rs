@@ -349,7 +349,10 @@ where
 
 /// Starts the NVMe/TCP target without replication over malloc namespaces: the baseline the
 /// benchmarks compare the replicated volume with.
-pub fn spawn_plain_target(config: Config) -> Result<Running<PlainTarget<Device>>, String> {
+pub fn spawn_plain_target(
+    config: Config,
+    hosts: QueuePairHosts,
+) -> Result<Running<PlainTarget<Device>>, String> {
     let reactor = reactor_config(&config, "target");
     let (running, ()) = spawn_node("target", reactor, move |_control| {
         let section = config.target.clone().ok_or("no [target] section")?;
@@ -357,7 +360,7 @@ pub fn spawn_plain_target(config: Config) -> Result<Running<PlainTarget<Device>>
             .to_target_config(config.namespaces.len())
             .map_err(|e| e.to_string())?;
         let target = Target::new(target_config).map_err(|e| format!("NVMe/TCP target: {e}"))?;
-        let node = PlainTarget::new(target, open_namespaces(&config)?)
+        let node = PlainTarget::new(target, open_namespaces(&config)?, &hosts)
             .map_err(|e| format!("NVMe/TCP target: {e}"))?;
         Ok((node, ()))
     })?;

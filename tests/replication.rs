@@ -597,3 +597,65 @@ fn promoting_the_destination_after_a_source_crash_keeps_every_acknowledged_write
 
     assert_acked_writes_on(&scratch, "mirror.img", 13, &acked_writes(&ack_log));
 }
+
+/// The unreplicated target (the benchmarks' baseline) spreads its queue pairs over two cores
+/// too; verified reads and writes pass on both reactors.
+#[test]
+fn unreplicated_target_spreads_queue_pairs_over_its_cores() {
+    let scratch = Scratch::new("plain");
+    let (port, discovery_port) = (free_port(), free_port());
+    let log = scratch.path("target.log");
+    let _target = Process(
+        Command::new(BIN)
+            .args(["--no-replication", "--cores", "0,1"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--discovery-listen", &format!("127.0.0.1:{discovery_port}")])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut perf = Command::new(perf_binary());
+    perf.args(["--target", &format!("127.0.0.1:{port}")]);
+    perf.args([
+        "--nqn",
+        "nqn.2026-11.io.nvmirror:vol0",
+        "--connections",
+        "3",
+    ]);
+    perf.args([
+        "--pattern",
+        "randrw",
+        "--verify",
+        "--time-s",
+        "2",
+        "--warmup-s",
+        "0",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let output = loop {
+        let mut attempt = Command::new(perf.get_program());
+        attempt.args(perf.get_args());
+        let output = run_to_end(attempt);
+        let refused = String::from_utf8_lossy(&output.stderr).contains("refused");
+        if !refused || Instant::now() > deadline {
+            break output;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("verify: 0 mismatches"), "{stdout}");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        log.matches("goes to queue-pair reactor 1").count(),
+        2,
+        "I/O queues 1 and 3 polled by the second reactor:\n{log}"
+    );
+}

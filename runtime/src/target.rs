@@ -17,27 +17,9 @@ use nvmirror_nvmf::{
 
 use crate::node::{Command, FrontEnd, Node, SourceEngine, Volume};
 use crate::reactor::{Period, Poller, ACCEPT_POLL_PERIOD_US};
-use crate::remote::{remote_links, QueuePairHosts, RemoteInit, RemoteLink, VolumeService};
-
-/// Accepts what the listeners have, at most once per [`ACCEPT_POLL_PERIOD_US`].
-fn poll_listeners<B: Backend>(
-    now_us: u64,
-    accept: &mut Period,
-    listeners: &mut [Listener],
-    group: &mut PollGroup<B>,
-) -> usize {
-    if !accept.due(now_us) {
-        return 0;
-    }
-    let mut accepted = 0;
-    for listener in listeners {
-        while let Some(stream) = listener.poll_accept() {
-            group.add_connection(stream, now_us);
-            accepted += 1;
-        }
-    }
-    accepted
-}
+use crate::remote::{
+    backend_namespaces, remote_links, QueuePairHosts, RemoteInit, RemoteLink, Routed, VolumeService,
+};
 
 fn backend_error(refused: WriteRefused) -> BackendError {
     match refused {
@@ -146,34 +128,26 @@ impl Backend for Volume {
     }
 }
 
-/// The NVMe/TCP target as the replicated volume's front end: the listeners and this reactor's
-/// poll group; accepted queue pairs go round robin to this reactor and to the remote reactors
-/// of `remote` ([`crate::remote`]), whose requests it serves.
-pub struct TargetFrontEnd {
+/// The listeners of a target and the round-robin hand-off of what they accept: queue pairs go
+/// to this reactor's poll group and, in turn, to the queue-pair reactors of `remote`
+/// ([`crate::remote`]), whose requests the [`VolumeService`] serves here.
+struct Acceptor {
     listeners: Vec<Listener>,
     accept: Period,
-    group: PollGroup<Volume>,
     service: VolumeService,
 }
 
-impl TargetFrontEnd {
-    /// Binds every listener of `target` (I/O and discovery); `remote` links the queue-pair
-    /// reactors on the other configured cores (none: every queue pair is polled here).
-    pub fn new(target: Arc<Target>, remote: Vec<RemoteLink>) -> std::io::Result<Self> {
-        let listeners = target.bind_listeners()?;
-        Ok(TargetFrontEnd {
-            listeners,
+impl Acceptor {
+    fn new(target: &Target, remote: Vec<RemoteLink>) -> std::io::Result<Self> {
+        Ok(Acceptor {
+            listeners: target.bind_listeners()?,
             accept: Period::new(ACCEPT_POLL_PERIOD_US),
-            group: PollGroup::new(target),
             service: VolumeService::new(remote),
         })
     }
 
-    pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().map(Listener::local_addr).collect()
-    }
-
-    fn poll_listeners(&mut self, now_us: u64) -> usize {
+    /// Accepts what the listeners have, at most once per [`ACCEPT_POLL_PERIOD_US`].
+    fn poll<B: Backend>(&mut self, now_us: u64, group: &mut PollGroup<B>) -> usize {
         if !self.accept.due(now_us) {
             return 0;
         }
@@ -181,30 +155,84 @@ impl TargetFrontEnd {
         for listener in &mut self.listeners {
             while let Some(stream) = listener.poll_accept() {
                 if let Some(stream) = self.service.hand_off(stream) {
-                    self.group.add_connection(stream, now_us);
+                    group.add_connection(stream, now_us);
                 }
                 accepted += 1;
             }
         }
         accepted
     }
-}
 
-impl FrontEnd for TargetFrontEnd {
-    fn poll(&mut self, now_us: u64, volume: &mut Volume) -> usize {
-        let accepted = self.poll_listeners(now_us);
-        let served = self.service.poll(now_us, volume);
-        accepted + served + self.group.poll(now_us, volume)
+    fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(Listener::local_addr).collect()
     }
 
     fn wait_fds(&self, out: &mut Vec<RawFd>) {
         out.extend(self.listeners.iter().map(Listener::raw_fd));
-        self.group.raw_fds(out);
         self.service.wait_fds(out);
+    }
+}
+
+/// Links a target's queue-pair reactors (`hosts`) and sends each its share; returns the links
+/// for this reactor's [`VolumeService`].
+fn link_hosts(
+    target: &Arc<Target>,
+    namespaces: Vec<NamespaceInfo>,
+    hosts: &QueuePairHosts,
+) -> std::io::Result<Vec<RemoteLink>> {
+    let inboxes = hosts.inboxes();
+    let links = remote_links(inboxes.len())?;
+    for (inbox, link) in inboxes.iter().zip(&links) {
+        let init = RemoteInit {
+            target: target.clone(),
+            link: link.clone(),
+            namespaces: namespaces.clone(),
+        };
+        if inbox.send(init).is_err() {
+            return Err(std::io::Error::other(
+                "a queue-pair reactor was set up twice",
+            ));
+        }
+    }
+    Ok(links)
+}
+
+/// The NVMe/TCP target as the replicated volume's front end: the listeners and this reactor's
+/// poll group; accepted queue pairs go round robin to this reactor and the queue-pair reactors.
+pub struct TargetFrontEnd {
+    acceptor: Acceptor,
+    group: PollGroup<Volume>,
+}
+
+impl TargetFrontEnd {
+    /// Binds every listener of `target` (I/O and discovery); `remote` links the queue-pair
+    /// reactors on the other configured cores (none: every queue pair is polled here).
+    pub fn new(target: Arc<Target>, remote: Vec<RemoteLink>) -> std::io::Result<Self> {
+        Ok(TargetFrontEnd {
+            acceptor: Acceptor::new(&target, remote)?,
+            group: PollGroup::new(target),
+        })
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.acceptor.local_addrs()
+    }
+}
+
+impl FrontEnd for TargetFrontEnd {
+    fn poll(&mut self, now_us: u64, volume: &mut Volume) -> usize {
+        let accepted = self.acceptor.poll(now_us, &mut self.group);
+        let served = self.acceptor.service.poll(now_us, volume);
+        accepted + served + self.group.poll(now_us, volume)
+    }
+
+    fn wait_fds(&self, out: &mut Vec<RawFd>) {
+        self.acceptor.wait_fds(out);
+        self.group.raw_fds(out);
     }
 
     fn next_deadline_us(&self) -> Option<u64> {
-        self.service.next_deadline_us()
+        self.acceptor.service.next_deadline_us()
     }
 }
 
@@ -228,63 +256,53 @@ pub fn build_target_front_end(
     source: &SourceEngine,
     hosts: &QueuePairHosts,
 ) -> std::io::Result<TargetFrontEnd> {
-    let inboxes = hosts.inboxes();
-    let links = remote_links(inboxes.len())?;
-    let front_end = TargetFrontEnd::new(target.clone(), links.clone())?;
-    for (inbox, link) in inboxes.iter().zip(links) {
-        let init = RemoteInit {
-            target: target.clone(),
-            link,
-            namespaces: volume_namespaces(source),
-        };
-        if inbox.send(init).is_err() {
-            return Err(std::io::Error::other(
-                "a queue-pair reactor was set up twice",
-            ));
-        }
-    }
-    Ok(front_end)
+    let links = link_hosts(&target, volume_namespaces(source), hosts)?;
+    TargetFrontEnd::new(target, links)
 }
 
 /// The unreplicated target: the same NVMe/TCP front end over plain block devices, for the
-/// "without replication" side of the benchmarks.
+/// "without replication" side of the benchmarks; its queue pairs go round robin too.
 pub struct PlainTarget<D: BlockDevice> {
-    listeners: Vec<Listener>,
-    accept: Period,
-    group: PollGroup<DeviceBackend<D>>,
-    backend: DeviceBackend<D>,
+    acceptor: Acceptor,
+    group: PollGroup<Routed<DeviceBackend<D>>>,
+    backend: Routed<DeviceBackend<D>>,
 }
 
 impl<D: BlockDevice> PlainTarget<D> {
-    pub fn new(target: Arc<Target>, devices: Vec<D>) -> std::io::Result<Self> {
-        let listeners = target.bind_listeners()?;
+    /// Binds the listeners and sends every queue-pair reactor in `hosts` its share.
+    pub fn new(
+        target: Arc<Target>,
+        devices: Vec<D>,
+        hosts: &QueuePairHosts,
+    ) -> std::io::Result<Self> {
+        let backend = Routed::new(DeviceBackend::new(devices));
+        let links = link_hosts(&target, backend_namespaces(&backend), hosts)?;
         Ok(PlainTarget {
-            listeners,
-            accept: Period::new(ACCEPT_POLL_PERIOD_US),
+            acceptor: Acceptor::new(&target, links)?,
             group: PollGroup::new(target),
-            backend: DeviceBackend::new(devices),
+            backend,
         })
     }
 
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().map(Listener::local_addr).collect()
+        self.acceptor.local_addrs()
     }
 }
 
 impl<D: BlockDevice> Poller for PlainTarget<D> {
     fn poll(&mut self, now_us: u64) -> usize {
-        let accepted = poll_listeners(
-            now_us,
-            &mut self.accept,
-            &mut self.listeners,
-            &mut self.group,
-        );
-        accepted + self.group.poll(now_us, &mut self.backend)
+        let accepted = self.acceptor.poll(now_us, &mut self.group);
+        let served = self.acceptor.service.poll(now_us, &mut self.backend);
+        accepted + served + self.group.poll(now_us, &mut self.backend)
     }
 
     fn wait_fds(&self, out: &mut Vec<RawFd>) {
-        out.extend(self.listeners.iter().map(Listener::raw_fd));
+        self.acceptor.wait_fds(out);
         self.group.raw_fds(out);
+    }
+
+    fn next_deadline_us(&self) -> Option<u64> {
+        self.acceptor.service.next_deadline_us()
     }
 }
 

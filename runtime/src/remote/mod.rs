@@ -1,0 +1,113 @@
+//! Queue pairs on reactors other than the volume's: the NVMe/TCP target hands accepted
+//! connections round robin over the configured cores.
+//!
+//! The engine (ring, transfers, replication link) is single-threaded on its reactor. A queue
+//! pair on another reactor reaches it through lock-free mailboxes (crossbeam `ArrayQueue` plus
+//! an eventfd for a sleeping reactor): [`RemoteBackend`] on the queue pair's reactor, the
+//! [`VolumeService`] on the engine's. The remote backend owns a fixed pool of buffers, allocated
+//! once: a write's data is received into a pool buffer, the buffer itself (not a copy) moves to
+//! the engine's reactor, which copies it into the write's NVRAM ring slot and commits it, and
+//! the buffer comes back with the completion once the write is durable on both sides. That is
+//! one copy more than on the engine's own reactor, where the data lands straight in the ring;
+//! what the other reactor takes over is the host connection's socket work and PDU handling.
+//! Reads go the same way (the engine fills the buffer from the primary).
+
+mod backend;
+mod host;
+mod service;
+#[cfg(test)]
+mod tests;
+
+pub use backend::{RemoteBackend, RemoteWriteSlot};
+pub use host::{QueuePairHost, QueuePairHosts, RemoteFrontEnd, RemoteInit};
+pub use service::{backend_namespaces, RemoteRouting, Routed, VolumeService};
+
+use std::net::TcpStream;
+use std::sync::Arc;
+
+use nvmirror_nvmf::BackendError;
+
+use crate::reactor::Mailbox;
+
+/// Operations a remote reactor may have outstanding at the engine (its buffer pool).
+pub const REMOTE_SLOTS: usize = 256;
+/// One pool buffer: the largest transfer of one command (MDTS).
+pub const REMOTE_BUFFER_BYTES: usize = nvmirror_nvmf::config::TRANSFER_BYTES_MAX as usize;
+/// Accepted connections waiting for a remote reactor to take them.
+pub const REMOTE_STREAMS_MAX: usize = 64;
+/// Tokens of operations a remote backend completes by itself (flush, an aborted write) carry
+/// this bit; pool tokens never do.
+const LOCAL_TOKEN_BIT: u64 = 1 << 63;
+
+/// What a remote queue pair asks of the volume.
+#[derive(Debug)]
+pub enum OpKind {
+    Write {
+        nsid: u32,
+        lba: u64,
+        length: u32,
+        buffer: Box<[u8]>,
+    },
+    Zeroes {
+        nsid: u32,
+        lba: u64,
+        length_bytes: u64,
+    },
+    Read {
+        nsid: u32,
+        lba: u64,
+        length: u32,
+        buffer: Box<[u8]>,
+    },
+}
+
+/// An operation from remote reactor `remote`, pool slot `slot`.
+#[derive(Debug)]
+pub struct Op {
+    pub remote: u16,
+    pub slot: u16,
+    pub kind: OpKind,
+}
+
+/// Who waits for a remote operation, and the buffer that goes back with its completion.
+#[derive(Debug)]
+pub struct RemoteWaiter {
+    pub remote: u16,
+    pub slot: u16,
+    pub buffer: Option<Box<[u8]>>,
+}
+
+/// An operation finished: the slot, its buffer, and (for a read) whether the data is good.
+#[derive(Debug)]
+pub struct Done {
+    pub slot: u16,
+    pub buffer: Option<Box<[u8]>>,
+    pub result: Result<(), BackendError>,
+}
+
+/// The mailboxes between the engine's reactor and one remote reactor.
+#[derive(Clone)]
+pub struct RemoteLink {
+    /// Remote reactors -> engine (shared by all remote reactors of a volume).
+    pub ops: Arc<Mailbox<Op>>,
+    /// Engine -> this remote reactor.
+    pub done: Arc<Mailbox<Done>>,
+    /// Accepted connections for this remote reactor.
+    pub streams: Arc<Mailbox<TcpStream>>,
+    pub index: u16,
+}
+
+/// Creates the mailboxes for `count` remote reactors of one volume.
+pub fn remote_links(count: usize) -> std::io::Result<Vec<RemoteLink>> {
+    let ops = Mailbox::new((REMOTE_SLOTS * count).max(1))?;
+    (0..count)
+        .map(|index| {
+            Ok(RemoteLink {
+                ops: ops.clone(),
+                done: Mailbox::new(REMOTE_SLOTS)?,
+                streams: Mailbox::new(REMOTE_STREAMS_MAX)?,
+                index: index as u16,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,341 @@
+//! The engine's side of remote queue pairs: the round-robin hand-off and the service that
+//! executes their operations against the backend, plus [`Routed`] for a backend that is not
+//! the volume.
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::net::TcpStream;
+use std::os::fd::RawFd;
+
+use nvmirror_nvmf::{Backend, BackendError, IoToken, NamespaceInfo};
+
+use super::{Done, Op, OpKind, RemoteLink, RemoteWaiter, REMOTE_SLOTS};
+use crate::node::Volume;
+
+/// A backend whose write completions can be routed to queue pairs on other reactors: the
+/// replicated [`Volume`] and, for the unreplicated target, [`Routed`].
+pub trait RemoteRouting: Backend {
+    /// Token `token`'s completion goes to `waiter` instead of [`Backend::poll_completion`].
+    fn wait_remote(&mut self, token: IoToken, waiter: RemoteWaiter);
+    /// The next routed completion.
+    fn pop_remote_done(&mut self) -> Option<RemoteWaiter>;
+}
+
+impl RemoteRouting for Volume {
+    fn wait_remote(&mut self, token: IoToken, waiter: RemoteWaiter) {
+        Volume::wait_remote(self, nvmirror_engine::source::WriteId(token.0), waiter)
+    }
+    fn pop_remote_done(&mut self) -> Option<RemoteWaiter> {
+        Volume::pop_remote_done(self)
+    }
+}
+
+/// The engine's side: hands accepted connections round robin (this reactor first), executes
+/// what remote queue pairs ask against the backend, and answers when writes are durable.
+pub struct VolumeService {
+    links: Vec<RemoteLink>,
+    next_hand_off: usize,
+    /// Operations the backend refused with back-pressure, retried first and in order.
+    pending: VecDeque<Op>,
+    armed: Cell<bool>,
+}
+
+impl VolumeService {
+    pub fn new(links: Vec<RemoteLink>) -> Self {
+        VolumeService {
+            pending: VecDeque::with_capacity(REMOTE_SLOTS * links.len()),
+            links,
+            next_hand_off: 0,
+            armed: Cell::new(false),
+        }
+    }
+
+    /// Reactors taking queue pairs, this one included.
+    pub fn reactor_count(&self) -> usize {
+        self.links.len() + 1
+    }
+
+    /// Round robin: `Some(stream)` back means "yours" (this reactor's turn, or the remote
+    /// reactor's queue is full).
+    pub fn hand_off(&mut self, stream: TcpStream) -> Option<TcpStream> {
+        let turn = self.next_hand_off % self.reactor_count();
+        self.next_hand_off = self.next_hand_off.wrapping_add(1);
+        if turn == 0 {
+            return Some(stream);
+        }
+        let link = &self.links[turn - 1];
+        let peer = stream.peer_addr().ok();
+        match link.streams.send(stream) {
+            Ok(()) => {
+                log::info!("nvmf: connection from {peer:?} goes to queue-pair reactor {turn}");
+                None
+            }
+            Err(stream) => Some(stream),
+        }
+    }
+
+    /// Delivers completions and executes queued operations. Returns work done.
+    pub fn poll<B: RemoteRouting>(&mut self, now_us: u64, backend: &mut B) -> usize {
+        if self.links.is_empty() {
+            return 0;
+        }
+        if self.armed.replace(false) {
+            self.links[0].ops.disarm();
+        }
+        let mut work = 0;
+        while let Some(waiter) = backend.pop_remote_done() {
+            self.answer(
+                waiter.remote,
+                Done {
+                    slot: waiter.slot,
+                    buffer: waiter.buffer,
+                    result: Ok(()),
+                },
+            );
+            work += 1;
+        }
+        while let Some(op) = self.pending.pop_front() {
+            if let Err(op) = self.execute(now_us, backend, op) {
+                self.pending.push_front(op);
+                return work;
+            }
+            work += 1;
+        }
+        while let Some(op) = self.links[0].ops.pop() {
+            work += 1;
+            if let Err(op) = self.execute(now_us, backend, op) {
+                self.pending.push_back(op);
+                break;
+            }
+        }
+        work
+    }
+
+    /// Runs one operation; back-pressure (Busy) gives it back.
+    fn execute<B: RemoteRouting>(
+        &mut self,
+        now_us: u64,
+        backend: &mut B,
+        op: Op,
+    ) -> Result<(), Op> {
+        let Op { remote, slot, kind } = op;
+        match kind {
+            OpKind::Write {
+                nsid,
+                lba,
+                length,
+                buffer,
+            } => match backend.reserve_write(now_us, nsid, lba, length) {
+                Ok(write) => {
+                    backend.fill_write(&write, 0, &buffer[..length as usize]);
+                    let token = backend.commit_write(now_us, write);
+                    let waiter = RemoteWaiter {
+                        remote,
+                        slot,
+                        buffer: Some(buffer),
+                    };
+                    backend.wait_remote(token, waiter);
+                    Ok(())
+                }
+                Err(BackendError::Busy) => Err(Op {
+                    remote,
+                    slot,
+                    kind: OpKind::Write {
+                        nsid,
+                        lba,
+                        length,
+                        buffer,
+                    },
+                }),
+                Err(error) => {
+                    // The remote backend checks ranges against the same namespace sizes.
+                    log::error!("remote write refused by the backend: {error:?}");
+                    self.reply(remote, slot, Some(buffer), Err(error))
+                }
+            },
+            OpKind::Zeroes {
+                nsid,
+                lba,
+                length_bytes,
+            } => match backend.write_zeroes(now_us, nsid, lba, length_bytes) {
+                Ok(token) => {
+                    let waiter = RemoteWaiter {
+                        remote,
+                        slot,
+                        buffer: None,
+                    };
+                    backend.wait_remote(token, waiter);
+                    Ok(())
+                }
+                Err(BackendError::Busy) => Err(Op {
+                    remote,
+                    slot,
+                    kind: OpKind::Zeroes {
+                        nsid,
+                        lba,
+                        length_bytes,
+                    },
+                }),
+                Err(error) => {
+                    log::error!("remote write zeroes refused by the backend: {error:?}");
+                    self.reply(remote, slot, None, Err(error))
+                }
+            },
+            OpKind::Read {
+                nsid,
+                lba,
+                length,
+                mut buffer,
+            } => {
+                let result = backend.read(nsid, lba, &mut buffer[..length as usize]);
+                if let Err(error) = result {
+                    log::error!("read for a remote queue pair failed: {error:?}");
+                }
+                self.reply(remote, slot, Some(buffer), result)
+            }
+        }
+    }
+
+    /// Answers an operation at once (a read, or a refusal).
+    fn reply(
+        &self,
+        remote: u16,
+        slot: u16,
+        buffer: Option<Box<[u8]>>,
+        result: Result<(), BackendError>,
+    ) -> Result<(), Op> {
+        self.answer(
+            remote,
+            Done {
+                slot,
+                buffer,
+                result,
+            },
+        );
+        Ok(())
+    }
+
+    fn answer(&self, remote: u16, done: Done) {
+        // The done mailbox holds a whole pool: every operation has its slot, so it never fills.
+        self.links[remote as usize]
+            .done
+            .send(done)
+            .expect("a remote reactor's done mailbox holds its whole pool");
+    }
+
+    pub fn wait_fds(&self, out: &mut Vec<RawFd>) {
+        if let Some(link) = self.links.first() {
+            out.push(link.ops.raw_fd());
+        }
+    }
+
+    /// Arms the operations mailbox before the reactor sleeps; `Some(0)` if work already waits.
+    pub fn next_deadline_us(&self) -> Option<u64> {
+        let link = self.links.first()?;
+        self.armed.set(true);
+        (link.ops.arm() || !self.pending.is_empty()).then_some(0)
+    }
+}
+
+/// A backend made routable: its completions for remote queue pairs are set aside for the
+/// [`VolumeService`], the rest go to this reactor's poll group as before (the unreplicated
+/// target's backend).
+pub struct Routed<B> {
+    inner: B,
+    waiting: std::collections::HashMap<u64, RemoteWaiter>,
+    done: VecDeque<RemoteWaiter>,
+    local: VecDeque<IoToken>,
+}
+
+impl<B: Backend> Routed<B> {
+    pub fn new(inner: B) -> Self {
+        Routed {
+            inner,
+            waiting: std::collections::HashMap::with_capacity(4 * REMOTE_SLOTS),
+            done: VecDeque::with_capacity(4 * REMOTE_SLOTS),
+            local: VecDeque::with_capacity(4 * REMOTE_SLOTS),
+        }
+    }
+
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
+
+    /// Sorts what the backend completed: routed completions aside, the rest kept in order.
+    fn pump(&mut self) {
+        while let Some(token) = self.inner.poll_completion() {
+            if self.waiting.is_empty() {
+                self.local.push_back(token);
+                continue;
+            }
+            match self.waiting.remove(&token.0) {
+                Some(waiter) => self.done.push_back(waiter),
+                None => self.local.push_back(token),
+            }
+        }
+    }
+}
+
+impl<B: Backend> RemoteRouting for Routed<B> {
+    fn wait_remote(&mut self, token: IoToken, waiter: RemoteWaiter) {
+        let previous = self.waiting.insert(token.0, waiter);
+        assert!(previous.is_none(), "a token is routed once");
+    }
+    fn pop_remote_done(&mut self) -> Option<RemoteWaiter> {
+        self.pump();
+        self.done.pop_front()
+    }
+}
+
+impl<B: Backend> Backend for Routed<B> {
+    type WriteSlot = B::WriteSlot;
+
+    fn namespace(&self, nsid: u32) -> Option<NamespaceInfo> {
+        self.inner.namespace(nsid)
+    }
+    fn reserve_write(
+        &mut self,
+        now_us: u64,
+        nsid: u32,
+        lba: u64,
+        length_bytes: u32,
+    ) -> Result<B::WriteSlot, BackendError> {
+        self.inner.reserve_write(now_us, nsid, lba, length_bytes)
+    }
+    fn write_buffer(&mut self, slot: &B::WriteSlot) -> &mut [u8] {
+        self.inner.write_buffer(slot)
+    }
+    fn fill_write(&mut self, slot: &B::WriteSlot, offset: usize, data: &[u8]) {
+        self.inner.fill_write(slot, offset, data)
+    }
+    fn commit_write(&mut self, now_us: u64, slot: B::WriteSlot) -> IoToken {
+        self.inner.commit_write(now_us, slot)
+    }
+    fn abort_write(&mut self, now_us: u64, slot: B::WriteSlot) -> IoToken {
+        self.inner.abort_write(now_us, slot)
+    }
+    fn write_zeroes(
+        &mut self,
+        now_us: u64,
+        nsid: u32,
+        lba: u64,
+        length_bytes: u64,
+    ) -> Result<IoToken, BackendError> {
+        self.inner.write_zeroes(now_us, nsid, lba, length_bytes)
+    }
+    fn read(&mut self, nsid: u32, lba: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.inner.read(nsid, lba, buf)
+    }
+    fn flush(&mut self, now_us: u64, nsid: u32) -> Result<IoToken, BackendError> {
+        self.inner.flush(now_us, nsid)
+    }
+    fn poll_completion(&mut self) -> Option<IoToken> {
+        self.pump();
+        self.local.pop_front()
+    }
+}
+
+/// The namespaces a backend exports, as remote queue pairs report them (nsid = index + 1).
+pub fn backend_namespaces(backend: &impl Backend) -> Vec<NamespaceInfo> {
+    (1..).map_while(|nsid| backend.namespace(nsid)).collect()
+}
