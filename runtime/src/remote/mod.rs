@@ -61,6 +61,16 @@ pub enum OpKind {
     },
 }
 
+impl OpKind {
+    /// The pool buffer the operation carries (none for write zeroes).
+    pub fn into_buffer(self) -> Option<Box<[u8]>> {
+        match self {
+            OpKind::Write { buffer, .. } | OpKind::Read { buffer, .. } => Some(buffer),
+            OpKind::Zeroes { .. } => None,
+        }
+    }
+}
+
 /// An operation from remote reactor `remote`, pool slot `slot`.
 #[derive(Debug)]
 pub struct Op {

@@ -118,80 +118,64 @@ impl VolumeService {
         backend: &mut B,
         op: Op,
     ) -> Result<(), Op> {
-        let Op { remote, slot, kind } = op;
-        match kind {
+        // A write or write-zeroes starts at the backend and completes later (its token);
+        // a read is served at once.
+        let started = match &op.kind {
             OpKind::Write {
                 nsid,
                 lba,
                 length,
                 buffer,
-            } => match backend.reserve_write(now_us, nsid, lba, length) {
-                Ok(write) => {
-                    backend.fill_write(&write, 0, &buffer[..length as usize]);
-                    let token = backend.commit_write(now_us, write);
-                    let waiter = RemoteWaiter {
-                        remote,
-                        slot,
-                        buffer: Some(buffer),
-                    };
-                    backend.wait_remote(token, waiter);
-                    Ok(())
-                }
-                Err(BackendError::Busy) => Err(Op {
-                    remote,
-                    slot,
-                    kind: OpKind::Write {
-                        nsid,
-                        lba,
-                        length,
-                        buffer,
-                    },
+            } => backend
+                .reserve_write(now_us, *nsid, *lba, *length)
+                .map(|write| {
+                    backend.fill_write(&write, 0, &buffer[..*length as usize]);
+                    Some(backend.commit_write(now_us, write))
                 }),
-                Err(error) => {
-                    // The remote backend checks ranges against the same namespace sizes.
-                    log::error!("remote write refused by the backend: {error:?}");
-                    self.reply(remote, slot, Some(buffer), Err(error))
-                }
-            },
             OpKind::Zeroes {
                 nsid,
                 lba,
                 length_bytes,
-            } => match backend.write_zeroes(now_us, nsid, lba, length_bytes) {
-                Ok(token) => {
-                    let waiter = RemoteWaiter {
+            } => backend
+                .write_zeroes(now_us, *nsid, *lba, *length_bytes)
+                .map(Some),
+            OpKind::Read { .. } => Ok(None),
+        };
+        let (remote, slot) = (op.remote, op.slot);
+        match started {
+            Err(BackendError::Busy) => Err(op),
+            Ok(Some(token)) => {
+                let buffer = op.kind.into_buffer();
+                backend.wait_remote(
+                    token,
+                    RemoteWaiter {
                         remote,
                         slot,
-                        buffer: None,
-                    };
-                    backend.wait_remote(token, waiter);
-                    Ok(())
-                }
-                Err(BackendError::Busy) => Err(Op {
-                    remote,
-                    slot,
-                    kind: OpKind::Zeroes {
-                        nsid,
-                        lba,
-                        length_bytes,
+                        buffer,
                     },
-                }),
-                Err(error) => {
-                    log::error!("remote write zeroes refused by the backend: {error:?}");
-                    self.reply(remote, slot, None, Err(error))
-                }
-            },
-            OpKind::Read {
-                nsid,
-                lba,
-                length,
-                mut buffer,
-            } => {
+                );
+                Ok(())
+            }
+            Ok(None) => {
+                let OpKind::Read {
+                    nsid,
+                    lba,
+                    length,
+                    mut buffer,
+                } = op.kind
+                else {
+                    unreachable!("only reads are served at once")
+                };
                 let result = backend.read(nsid, lba, &mut buffer[..length as usize]);
                 if let Err(error) = result {
                     log::error!("read for a remote queue pair failed: {error:?}");
                 }
                 self.reply(remote, slot, Some(buffer), result)
+            }
+            Err(error) => {
+                // The remote backend checks ranges against the same namespace sizes first.
+                log::error!("remote operation refused by the backend: {error:?}");
+                self.reply(remote, slot, op.kind.into_buffer(), Err(error))
             }
         }
     }
