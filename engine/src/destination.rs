@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 
+use crate::checksum::crc32c;
 use crate::counters::Counters;
 use crate::cp::Descriptor;
 use crate::device::BlockDevice;
@@ -293,18 +294,26 @@ impl<M: RingStore, D: BlockDevice> Destination<M, D> {
                 self.ring.next_seq()
             )));
         }
-        for (entry, _) in transfer.entries() {
+        // Every entry is checked (extent, data CRC) before any byte is stored: after a
+        // reconnect the halves are rewound, not erased, so a resent entry lands on the bytes of
+        // the entry acknowledged at that place before, and a promotion must still find those
+        // intact. A mismatch leaves the log untouched, the transfer unacknowledged and the link
+        // closed; the source resends it; nothing unverified is stored or applied (invariants 4, 5).
+        for (index, (entry, data)) in transfer.entries().enumerate() {
             self.check_extent(
                 entry.nsid,
                 entry.lba * SECTOR_SIZE as u64,
                 u64::from(entry.length_bytes),
             )?;
+            if crc32c(data) != entry.data_crc {
+                return Err(LinkError::DataCrc {
+                    transfer_id: header.transfer_id.0,
+                    entry_index: index as u32,
+                });
+            }
         }
-        // Each entry's CRC is checked once, over the bytes as stored in the log. A mismatch
-        // leaves that entry uncommitted, the transfer unacknowledged and the link closed: the
-        // source resends it; nothing unverified is ever applied (invariant 5).
         let mut base = None;
-        for (index, (entry, data)) in transfer.entries().enumerate() {
+        for (entry, data) in transfer.entries() {
             let request = EntryRequest {
                 cp_number: header.cp_number,
                 transfer_id: header.transfer_id.0,
@@ -325,12 +334,7 @@ impl<M: RingStore, D: BlockDevice> Destination<M, D> {
                 )));
             }
             self.ring.store_data(&slot, 0, data);
-            if self.ring.commit_expecting(&slot, entry.data_crc).is_err() {
-                return Err(LinkError::DataCrc {
-                    transfer_id: header.transfer_id.0,
-                    entry_index: index as u32,
-                });
-            }
+            self.ring.commit_with_crc(&slot, entry.data_crc);
             base.get_or_insert(round_down(u64::from(entry.data_offset), BLOCK_SIZE as u64) as u32);
         }
         self.transfers[half].push((header.transfer_id, base.expect("transfers have entries")));

@@ -656,24 +656,15 @@ impl<M: RingStore> NvramRing<M> {
         self.commit_with_crc(slot, data_crc)
     }
 
-    /// Commits a slot whose data must have `expected_crc` (the destination storing a source's
-    /// entry): the CRC is computed once, over the bytes as stored, and a mismatch leaves the slot
-    /// uncommitted and returns the CRC found (the caller drops the link; nothing is applied).
-    pub fn commit_expecting(&mut self, slot: &EntrySlot, expected_crc: u32) -> Result<u32, u32> {
-        let data_crc = crc32c(self.slot_data(slot));
-        if data_crc != expected_crc {
-            return Err(data_crc);
-        }
-        Ok(self.commit_with_crc(slot, data_crc))
-    }
-
     fn slot_data(&self, slot: &EntrySlot) -> &[u8] {
         let data_start = (self.geometry.data_area_offset(slot.half)
             + u64::from(slot.header.data_offset)) as usize;
         &self.memory.as_ref()[data_start..data_start + slot.header.data_bytes() as usize]
     }
 
-    fn commit_with_crc(&mut self, slot: &EntrySlot, data_crc: u32) -> u32 {
+    /// Seals a reserved entry whose data CRC the caller already verified (the destination
+    /// checks a transfer's data as received, before storing any of it).
+    pub fn commit_with_crc(&mut self, slot: &EntrySlot, data_crc: u32) -> u32 {
         let state = &self.halves[slot.half];
         assert_eq!(
             state.cp_number, slot.header.cp_number,

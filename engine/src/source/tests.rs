@@ -286,3 +286,49 @@ fn an_aborted_write_changes_nothing_and_unblocks_later_ones() {
     assert_eq!(&primaries[0].0[..4096], &[1; 4096][..]);
     assert_eq!(mirrors[0].0, primaries[0].0);
 }
+
+#[test]
+fn a_corrupted_resend_never_overwrites_acknowledged_log_entries() {
+    let (mut source, mut destination) = pair(CpMode::References);
+    connect(&mut source, &mut destination);
+    let first = source.write(1, 1, 0, &[1; 4096]).unwrap();
+    let second = source.write(1, 1, 8, &[2; 4096]).unwrap();
+    let events = exchange(&mut source, &mut destination);
+    assert!(events.contains(&SourceEvent::WriteCompleted(first)));
+    assert!(events.contains(&SourceEvent::WriteCompleted(second)));
+
+    // Reconnect: the destination rewinds its halves without erasing them, the source resends
+    // both entries, and the resend arrives with its last data byte flipped.
+    destination.handle_disconnected(0);
+    source.handle_disconnected(0);
+    destination.handle_connected(0);
+    source.handle_connected(0);
+    let hello = source
+        .out
+        .drain_to_vec(source.ring.bytes(0, RING_BYTES_MIN as usize));
+    for message in split(&hello) {
+        destination.handle_message(1, message).unwrap();
+    }
+    for message in split(&drain_destination(&mut destination)) {
+        source.handle_message(1, message).unwrap();
+    }
+    source.handle_tick(1);
+    let mut resent = source
+        .out
+        .drain_to_vec(source.ring.bytes(0, RING_BYTES_MIN as usize));
+    *resent.last_mut().unwrap() ^= 1;
+    let error = split(&resent)
+        .into_iter()
+        .find_map(|message| destination.handle_message(1, message).err());
+    assert!(
+        matches!(error, Some(LinkError::DataCrc { .. })),
+        "{error:?}"
+    );
+
+    // Promotion still finds both acknowledged writes in the log (invariant 4).
+    let (ring, mirrors) = destination.into_parts();
+    let promoted =
+        Destination::open(DestinationConfig { volume_id: VOLUME }, ring, mirrors).unwrap();
+    let report = promoted.promote().unwrap();
+    assert_eq!(report.entries_replayed, 2);
+}
