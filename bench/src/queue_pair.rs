@@ -8,7 +8,9 @@
 //! [`QueuePair::take_done`] and [`QueuePair::release`] their slots. The slot index is the command's CID.
 //! Write data goes in the capsule when it fits the target's in-capsule size, otherwise it waits for
 //! R2T and leaves in H2CData PDUs of at most MAXH2CDATA bytes. C2HData with the SUCCESS flag completes
-//! a read without a CapsuleResp. No allocation after `connect`.
+//! a read without a CapsuleResp. Read data lands in the slot's buffer unless the owner turned that
+//! off with [`QueuePair::set_keep_read_data`] (its digest is still checked). No allocation after
+//! `connect`.
 
 use std::collections::VecDeque;
 use std::io::{IoSlice, Write};
@@ -200,6 +202,8 @@ pub struct QueuePair {
     receive_start: usize,
     receive_end: usize,
     receive: Receive,
+    /// Copy C2HData into the slot's buffer (off: the bytes are only digested and skipped).
+    keep_read_data: bool,
 }
 
 impl QueuePair {
@@ -259,6 +263,7 @@ impl QueuePair {
             receive_start: 0,
             receive_end: 0,
             receive: Receive::Header,
+            keep_read_data: true,
         })
     }
 
@@ -270,6 +275,13 @@ impl QueuePair {
     /// always does, see [`QueuePair::submit`]).
     pub fn set_in_capsule_bytes_max(&mut self, bytes: u32) {
         self.in_capsule_bytes_max = bytes;
+    }
+
+    /// Whether read data is copied into the slot's buffer (on by default: admin commands need their
+    /// data). Off, [`QueuePair::data`] of a finished read holds whatever was there before; data
+    /// digests are still computed over the received bytes.
+    pub fn set_keep_read_data(&mut self, keep: bool) {
+        self.keep_read_data = keep;
     }
 
     pub fn slot_count(&self) -> usize {

@@ -117,6 +117,9 @@ impl Runner {
             .enumerate()
             .map(|(index, mut queue)| {
                 assert!(queue.slot_count() >= config.queue_depth as usize);
+                // Only verify mode looks at read data: otherwise copying it out of the receive
+                // buffer is a second pass over every byte read for nothing.
+                queue.set_keep_read_data(config.verify);
                 for slot in 0..queue.slot_count() as u16 {
                     fill_pattern(queue.data_mut(slot), slot);
                 }

@@ -1,7 +1,7 @@
 //! The receive half of a [`QueuePair`]: one read per poll into the socket buffer, then PDUs parsed
 //! in place (NVMe/TCP 1.0 section 3.6): CapsuleResp completes a command, C2HData is copied into the
-//! command's buffer (and may complete it with the SUCCESS flag), R2T queues H2CData PDUs, C2HTermReq
-//! ends the connection with its FES.
+//! command's buffer when the queue keeps read data (and may complete it with the SUCCESS flag), R2T
+//! queues H2CData PDUs, C2HTermReq ends the connection with its FES.
 
 use std::io::Read;
 
@@ -78,9 +78,11 @@ impl QueuePair {
                     }
                     let source = &self.receive_buffer
                         [self.receive_start..self.receive_start + length as usize];
-                    let destination = &mut self.slots[slot as usize].data
-                        [offset as usize..(offset + length) as usize];
-                    destination.copy_from_slice(source);
+                    if self.keep_read_data {
+                        let destination = &mut self.slots[slot as usize].data
+                            [offset as usize..(offset + length) as usize];
+                        destination.copy_from_slice(source);
+                    }
                     let crc = if digest {
                         pdu::crc32c_append(crc, source)
                     } else {

@@ -1,6 +1,7 @@
 //! A scripted fake controller on 127.0.0.1 drives one [`QueuePair`] through the transfers a real
 //! target may choose: R2Ts split into MAXH2CDATA-sized H2CData PDUs (with digests), a read in two
-//! C2HData PDUs completed by the SUCCESS flag, an error status, and a corrupted data digest.
+//! C2HData PDUs completed by the SUCCESS flag, an error status, and a corrupted data digest, then
+//! reads again with the host not keeping read data.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -187,6 +188,17 @@ fn fake_controller(listener: TcpListener) {
     };
     send_data_pdu(&mut stream, whole, &received, true);
     send_completion(&mut stream, corrupted.cid(), Status::SUCCESS);
+
+    // The host stops keeping read data: the same two reads again, good and corrupted.
+    for corrupt_digest in [false, true] {
+        let read = read_command(&mut stream);
+        let whole = DataHeader {
+            cccid: read.cid(),
+            ..whole
+        };
+        send_data_pdu(&mut stream, whole, &received, corrupt_digest);
+        send_completion(&mut stream, read.cid(), Status::SUCCESS);
+    }
 }
 
 fn run_one(queue: &mut QueuePair, opcode: u8, direction: DataDirection) -> Done {
@@ -271,6 +283,30 @@ fn host_side_of_every_data_transfer_form() {
         Status::generic(GenericStatus::DataTransferError)
     );
     queue.release(corrupted.slot);
+
+    queue.set_keep_read_data(false);
+    let skipped = run_one(
+        &mut queue,
+        io_opcode::READ,
+        DataDirection::FromController(IO_BYTES),
+    );
+    assert!(skipped.completion.status.is_success());
+    assert!(
+        queue.data(skipped.slot).iter().all(|&byte| byte == 0),
+        "read data is not copied into the slot"
+    );
+    queue.release(skipped.slot);
+    let skipped_corrupted = run_one(
+        &mut queue,
+        io_opcode::READ,
+        DataDirection::FromController(IO_BYTES),
+    );
+    assert_eq!(
+        skipped_corrupted.completion.status,
+        Status::generic(GenericStatus::DataTransferError),
+        "the data digest is still checked when the data is not kept"
+    );
+    queue.release(skipped_corrupted.slot);
     controller.join().unwrap();
 }
 
