@@ -6,6 +6,8 @@
 
 use std::net::SocketAddr;
 
+use nvmirror_nvmf::config::NQN_BYTES_MAX;
+
 /// Largest I/O the tool issues (the target's MDTS may lower it further at connect time).
 pub const IO_SIZE_BYTES_MAX: u32 = 1 << 20;
 /// The LBA size the tool works in (the namespace's format must match).
@@ -227,11 +229,13 @@ fn validate(args: &Args) -> Result<(), String> {
         return Err(format!("--nsid {}: not a valid namespace ID", args.nsid));
     }
     if args.subnqn.is_empty()
-        || args.subnqn.len() > 223
+        || args.subnqn.len() > NQN_BYTES_MAX
         || args.hostnqn.is_empty()
-        || args.hostnqn.len() > 223
+        || args.hostnqn.len() > NQN_BYTES_MAX
     {
-        return Err("--nqn/--hostnqn: must be 1..=223 bytes".to_string());
+        return Err(format!(
+            "--nqn/--hostnqn: must be 1..={NQN_BYTES_MAX} bytes"
+        ));
     }
     if let Some(range) = args.lba_range_bytes {
         if range < u64::from(io_size) {

@@ -11,6 +11,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use nvmirror_nvmf::admin::feature;
+use nvmirror_nvmf::controller::property;
+use nvmirror_nvmf::identify::{CNS_CONTROLLER, CNS_NAMESPACE, IDENTIFY_BYTES};
 use nvmirror_nvmf::pdu::{
     admin_opcode, Command, Completion, ConnectData, Status, CONNECT_DATA_BYTES,
 };
@@ -23,7 +26,7 @@ const ADMIN_QUEUE_ENTRIES: u16 = 32;
 /// Admin commands in flight at once: one command plus a keep-alive.
 const ADMIN_SLOTS: u16 = 2;
 /// Identify data and Connect data both fit.
-const ADMIN_DATA_BYTES: u32 = 4096;
+const ADMIN_DATA_BYTES: u32 = IDENTIFY_BYTES as u32;
 /// Keep-alive timeout we ask for; Keep Alive goes out every half of it.
 pub const KATO_MS: u32 = 10_000;
 /// Deadline of one admin command (and of connecting a socket).
@@ -31,10 +34,6 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline for CSTS.SHST to report shutdown complete.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
-const PROPERTY_CAP: u32 = 0x00;
-const PROPERTY_VS: u32 = 0x08;
-const PROPERTY_CC: u32 = 0x14;
-const PROPERTY_CSTS: u32 = 0x1c;
 const CC_ENABLE: u64 = 1;
 /// CC.IOSQES = 6 (64-byte SQE), CC.IOCQES = 4 (16-byte CQE).
 const CC_QUEUE_ENTRY_SIZES: u64 = (6 << 16) | (4 << 20);
@@ -43,9 +42,6 @@ const CSTS_READY: u64 = 1;
 const CSTS_FATAL: u64 = 1 << 1;
 const CSTS_SHUTDOWN_COMPLETE: u64 = 2 << 2;
 const CSTS_SHUTDOWN_MASK: u64 = 3 << 2;
-const FEATURE_NUMBER_OF_QUEUES: u32 = 0x07;
-const IDENTIFY_NAMESPACE: u32 = 0x00;
-const IDENTIFY_CONTROLLER: u32 = 0x01;
 /// Connect CNTLID asking for a dynamic controller.
 const CNTLID_DYNAMIC: u16 = 0xffff;
 
@@ -172,23 +168,15 @@ impl Controller {
 
     /// CAP, VS, CC.EN = 1, wait for CSTS.RDY, Identify Controller.
     fn enable(&mut self, cntlid: u16) -> Result<ControllerInfo, SetupError> {
-        let cap = self.property_get(PROPERTY_CAP, true)?;
-        let version = self.property_get(PROPERTY_VS, false)? as u32;
+        let cap = self.property_get(property::CAP, true)?;
+        let version = self.property_get(property::VS, false)? as u32;
         let ready_timeout = Duration::from_millis(500 * ((cap >> 24) & 0xff).max(1));
-        let cc = self.property_get(PROPERTY_CC, false)?;
+        let cc = self.property_get(property::CC, false)?;
         if cc & CC_ENABLE == 0 {
-            self.property_set(PROPERTY_CC, cc | CC_ENABLE | CC_QUEUE_ENTRY_SIZES)?;
+            self.property_set(property::CC, cc | CC_ENABLE | CC_QUEUE_ENTRY_SIZES)?;
         }
         self.wait_csts(CSTS_READY, CSTS_READY, ready_timeout, "CSTS.RDY")?;
-        let mut identify = Command::zeroed();
-        identify
-            .set_opcode(admin_opcode::IDENTIFY)
-            .set_cdw(10, IDENTIFY_CONTROLLER);
-        let (_, data) = self.execute(
-            "Identify Controller",
-            identify,
-            DataDirection::FromController(ADMIN_DATA_BYTES),
-        )?;
+        let data = self.identify(CNS_CONTROLLER, 0)?;
         let page_bytes_min = 1u64 << (12 + ((cap >> 48) & 0xf));
         let mdts = data[77];
         let ioccsz_bytes = u32::from_le_bytes(data[1792..1796].try_into().expect("4 bytes")) * 16;
@@ -210,16 +198,7 @@ impl Controller {
     }
 
     pub fn identify_namespace(&mut self, nsid: u32) -> Result<NamespaceGeometry, SetupError> {
-        let mut identify = Command::zeroed();
-        identify
-            .set_opcode(admin_opcode::IDENTIFY)
-            .set_nsid(nsid)
-            .set_cdw(10, IDENTIFY_NAMESPACE);
-        let (_, data) = self.execute(
-            "Identify Namespace",
-            identify,
-            DataDirection::FromController(ADMIN_DATA_BYTES),
-        )?;
+        let data = self.identify(CNS_NAMESPACE, nsid)?;
         let size_lbas = u64::from_le_bytes(data[0..8].try_into().expect("8 bytes"));
         if size_lbas == 0 {
             return Err(SetupError::Unsupported(format!(
@@ -239,6 +218,27 @@ impl Controller {
         })
     }
 
+    /// Identify with `cns` (controller or namespace) for `nsid`; returns the Identify data.
+    fn identify(&mut self, cns: u8, nsid: u32) -> Result<&[u8], SetupError> {
+        let name = match cns {
+            CNS_CONTROLLER => "Identify Controller",
+            CNS_NAMESPACE => "Identify Namespace",
+            other => panic!("Identify CNS {other:#04x} is not one the host sends"),
+        };
+        let mut identify = Command::zeroed();
+        identify
+            .set_opcode(admin_opcode::IDENTIFY)
+            .set_nsid(nsid)
+            .set_cdw(10, u32::from(cns));
+        let (_, data) = self.execute(
+            name,
+            identify,
+            DataDirection::FromController(ADMIN_DATA_BYTES),
+        )?;
+        assert_eq!(data.len(), IDENTIFY_BYTES);
+        Ok(data)
+    }
+
     /// Set Features Number of Queues; returns how many I/O queue pairs the controller granted.
     pub fn set_queue_count(&mut self, count: u16) -> Result<u16, SetupError> {
         assert!(count > 0);
@@ -246,7 +246,7 @@ impl Controller {
         let count_0based = u32::from(count - 1);
         set_features
             .set_opcode(admin_opcode::SET_FEATURES)
-            .set_cdw(10, FEATURE_NUMBER_OF_QUEUES);
+            .set_cdw(10, u32::from(feature::NUMBER_OF_QUEUES));
         set_features.set_cdw(11, count_0based | (count_0based << 16));
         let (completion, _) = self.execute(
             "Set Features (Number of Queues)",
@@ -334,8 +334,8 @@ impl Controller {
                 return Err(SetupError::Timeout("Keep Alive completion"));
             }
         }
-        let cc = self.property_get(PROPERTY_CC, false)?;
-        self.property_set(PROPERTY_CC, (cc & !(3 << 14)) | CC_SHUTDOWN_NORMAL)?;
+        let cc = self.property_get(property::CC, false)?;
+        self.property_set(property::CC, (cc & !(3 << 14)) | CC_SHUTDOWN_NORMAL)?;
         self.wait_csts(
             CSTS_SHUTDOWN_MASK,
             CSTS_SHUTDOWN_COMPLETE,
@@ -355,7 +355,7 @@ impl Controller {
     ) -> Result<(), SetupError> {
         let deadline = Instant::now() + timeout;
         loop {
-            let csts = self.property_get(PROPERTY_CSTS, false)?;
+            let csts = self.property_get(property::CSTS, false)?;
             if csts & CSTS_FATAL != 0 {
                 return Err(SetupError::Unsupported(format!(
                     "controller fatal status (CSTS {csts:#x})"
