@@ -133,6 +133,13 @@ impl CpState {
         !self.open_transfer && self.acked_count == self.transfers.len()
     }
 
+    /// `transfer_id` is one of this CP's transfers sent on this session and not acknowledged yet.
+    pub fn awaiting_ack(&self, transfer_id: TransferId) -> bool {
+        self.transfers
+            .index_of(transfer_id)
+            .is_some_and(|index| (self.acked_count..self.sent_count).contains(&index))
+    }
+
     /// `transfer_id` is one of this CP's transfers acknowledged on this session.
     pub fn transfer_acked(&self, transfer_id: TransferId) -> bool {
         self.transfers

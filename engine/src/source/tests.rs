@@ -332,3 +332,47 @@ fn a_corrupted_resend_never_overwrites_acknowledged_log_entries() {
     let report = promoted.promote().unwrap();
     assert_eq!(report.entries_replayed, 2);
 }
+
+fn control_message(control: wire::Control<'_>) -> Vec<u8> {
+    let mut bytes = vec![0; control.encoded_bytes()];
+    control.encode(&mut bytes);
+    bytes
+}
+
+#[test]
+fn an_ack_of_a_transfer_never_sent_completes_nothing() {
+    let (mut source, mut destination) = pair(CpMode::References);
+    connect(&mut source, &mut destination);
+    source.write(1, 1, 0, &[1; 4096]).unwrap();
+    source.handle_tick(1);
+    let bogus = control_message(wire::Control::TransferAck {
+        transfer_id: crate::transfer::TransferId(99),
+    });
+    assert!(matches!(
+        source.handle_message(1, &bogus),
+        Err(LinkError::Protocol(_))
+    ));
+    assert_eq!(
+        source.poll_event(),
+        None,
+        "no write completes on a refused ack"
+    );
+}
+
+#[test]
+fn a_hello_ack_claiming_an_unflushed_cp_is_a_protocol_error() {
+    let (mut source, _destination) = pair(CpMode::References);
+    source.write(1, 1, 0, &[1; 4096]).unwrap();
+    source.request_cp(1);
+    source.handle_tick(1);
+    source.handle_connected(2);
+    let epoch = source.ring.superblock().epoch;
+    let claim = control_message(wire::Control::HelloAck {
+        cp_completed: source.ring.superblock().cp_completed + 1,
+        epoch,
+    });
+    assert!(matches!(
+        source.handle_message(2, &claim),
+        Err(LinkError::Protocol(_))
+    ));
+}

@@ -55,8 +55,11 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
             // both sides (our primary was flushed before the CP was sent, or at recovery).
             let half = half_of_cp(destination_cp);
             let state = &self.cps[half];
+            // Only a CP that was flushed can have been committed and so applied over there;
+            // anything else is the peer's error, never a reason to trip complete_cp's asserts.
             if state.cp_number != destination_cp
                 || matches!(state.phase, CpPhase::Free | CpPhase::Active)
+                || !state.flushed
             {
                 return Err(LinkError::Protocol(format!(
                     "destination completed cp {destination_cp} we never committed"
@@ -75,26 +78,29 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
         Ok(())
     }
 
+    /// A cumulative TransferAck: checked first (the transfer was sent and awaits its ack),
+    /// only then are the writes of it and every earlier transfer completed (invariant 1).
     pub(super) fn on_transfer_ack(&mut self, transfer_id: TransferId) -> Result<(), LinkError> {
-        let mut matched = false;
-        for half in self.halves_in_order() {
+        let halves = self.halves_in_order();
+        if !halves
+            .into_iter()
+            .any(|half| self.cps[half].awaiting_ack(transfer_id))
+        {
+            return Err(LinkError::Protocol(format!(
+                "ack of transfer {} that is not awaiting an ack",
+                transfer_id.0
+            )));
+        }
+        for half in halves {
             while let Some(record) = self.cps[half].next_unacked_sent() {
                 if record.id > transfer_id {
                     break;
                 }
                 self.cps[half].acked_count += 1;
-                matched |= record.id == transfer_id;
                 self.complete_writes(half, &record);
             }
         }
-        if matched {
-            Ok(())
-        } else {
-            Err(LinkError::Protocol(format!(
-                "ack of transfer {} that is not awaiting an ack",
-                transfer_id.0
-            )))
-        }
+        Ok(())
     }
 
     /// Emits WriteCompleted for the writes of an acknowledged transfer (invariant 1).
