@@ -31,6 +31,16 @@ pub const CAP_TIMEOUT_500MS: u64 = 20;
 pub const PAGE_BYTES: u32 = 4096;
 const _: () = assert!(TRANSFER_BYTES_MAX.is_multiple_of(PAGE_BYTES));
 
+/// Keep Alive Support granularity (Identify Controller KAS, in 100 ms units): 1 s.
+pub const KEEP_ALIVE_SUPPORT_100MS: u16 = 10;
+/// The keep-alive time is stored at most this often. Every PDU of every queue of a host touches it, and
+/// those queues run on several reactors: storing on each PDU would bounce the cache line at I/O rate.
+/// The stored time may therefore lag the host's last PDU by up to this much, so expiry allows that
+/// much on top of KATO: a host that talks within KATO is never timed out, a silent one is found at
+/// most this much later.
+pub const KEEP_ALIVE_TOUCH_GRANULARITY_US: u64 = 100_000;
+const _: () = assert!(KEEP_ALIVE_TOUCH_GRANULARITY_US < KEEP_ALIVE_SUPPORT_100MS as u64 * 100_000);
+
 const CC_EN: u32 = 1 << 0;
 const CC_SHN_SHIFT: u32 = 14;
 const CSTS_RDY: u32 = 1 << 0;
@@ -187,15 +197,22 @@ impl Controller {
         effect
     }
 
-    /// Records traffic from the host (keep-alive restart).
+    /// Records traffic from the host (keep-alive restart). Stores only when the stored time is older
+    /// than [`KEEP_ALIVE_TOUCH_GRANULARITY_US`], so the I/O path mostly just reads a shared line.
     pub fn touch(&self, now_us: u64) {
-        self.keep_alive_last_us.store(now_us, Ordering::Relaxed);
+        let last_us = self.keep_alive_last_us.load(Ordering::Relaxed);
+        if now_us.saturating_sub(last_us) >= KEEP_ALIVE_TOUCH_GRANULARITY_US {
+            self.keep_alive_last_us.store(now_us, Ordering::Relaxed);
+        }
     }
 
+    /// KATO passed without traffic, allowing for the lag of [`Controller::touch`].
     pub fn keep_alive_expired(&self, now_us: u64) -> bool {
         let kato_ms = self.kato_ms.load(Ordering::Relaxed);
         let last_us = self.keep_alive_last_us.load(Ordering::Relaxed);
-        kato_ms != 0 && now_us.saturating_sub(last_us) > u64::from(kato_ms) * 1000
+        kato_ms != 0
+            && now_us.saturating_sub(last_us)
+                > u64::from(kato_ms) * 1000 + KEEP_ALIVE_TOUCH_GRANULARITY_US
     }
 
     /// Claims I/O queue `qid` for a Connect and returns the reset epoch the queue lives in.
@@ -261,5 +278,45 @@ impl Controller {
             return None;
         }
         self.with_async_events(AsyncEvents::next_event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_alive_touch_stores_only_when_stale_and_expiry_allows_for_it() {
+        let controller = Controller::new(
+            1,
+            ControllerKind::Discovery,
+            String::new(),
+            String::new(),
+            [0; 16],
+            2,
+            128,
+        );
+        controller.kato_ms.store(300, Ordering::Relaxed);
+        controller.touch(1_000_000);
+        assert_eq!(
+            controller.keep_alive_last_us.load(Ordering::Relaxed),
+            1_000_000
+        );
+        controller.touch(1_000_000 + KEEP_ALIVE_TOUCH_GRANULARITY_US - 1);
+        assert_eq!(
+            controller.keep_alive_last_us.load(Ordering::Relaxed),
+            1_000_000
+        );
+        // The host's last PDU came just under one granularity after the stored time: not expired
+        // until KATO after that PDU.
+        let last_pdu_us = 1_000_000 + KEEP_ALIVE_TOUCH_GRANULARITY_US - 1;
+        assert!(!controller.keep_alive_expired(last_pdu_us + 300_000));
+        assert!(controller
+            .keep_alive_expired(1_000_000 + 300_000 + KEEP_ALIVE_TOUCH_GRANULARITY_US + 1));
+        controller.touch(1_000_000 + KEEP_ALIVE_TOUCH_GRANULARITY_US);
+        assert_eq!(
+            controller.keep_alive_last_us.load(Ordering::Relaxed),
+            1_000_000 + KEEP_ALIVE_TOUCH_GRANULARITY_US
+        );
     }
 }

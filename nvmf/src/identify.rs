@@ -4,7 +4,7 @@
 
 use crate::backend::{Backend, LBA_BYTES};
 use crate::config::{ADMIN_QUEUE_DEPTH, AER_OUTSTANDING_MAX, DISCOVERY_NQN, TRANSFER_BYTES_MAX};
-use crate::controller::{ControllerKind, PAGE_BYTES, VERSION};
+use crate::controller::{ControllerKind, KEEP_ALIVE_SUPPORT_100MS, PAGE_BYTES, VERSION};
 use crate::pdu::{GenericStatus, Status, CQE_BYTES, SQE_BYTES};
 use crate::poll_group::Context;
 use crate::request::{Outcome, QueueState, Request};
@@ -117,7 +117,7 @@ fn identify_controller<B: Backend>(queue: &QueueState, data: &mut [u8], context:
     data[260] = 1 << 1 | 1; // FRMW: slot 1 read-only, one slot
     data[261] = 1 << 2; // LPA: extended data for Get Log Page
     data[263] = 0; // NPSS: one power state
-    data[320..322].copy_from_slice(&10u16.to_le_bytes()); // KAS: 100 ms granularity units
+    data[320..322].copy_from_slice(&KEEP_ALIVE_SUPPORT_100MS.to_le_bytes()); // KAS
     data[512] = 0x66; // SQES: 64-byte entries
     data[513] = 0x44; // CQES: 16-byte entries
     let maxcmd = if controller.kind == ControllerKind::Discovery {

@@ -193,7 +193,8 @@ impl<B: Backend> PollGroup<B> {
 }
 
 /// ICReq timeout, keep-alive expiry, a controller that went away and, for an I/O queue, a controller
-/// reset since it connected close the connection.
+/// reset since it connected close the connection. Keep-alive is the controller's: its admin queue
+/// checks it and marks the controller closed, and the I/O queues follow through `closed`.
 fn check_timers<B: Backend>(connection: &mut Connection<B>, now_us: u64) {
     match connection.phase {
         Phase::AwaitICReq { deadline_us } if now_us >= deadline_us => {
@@ -215,7 +216,7 @@ fn check_timers<B: Backend>(connection: &mut Connection<B>, now_us: u64) {
             "controller {} reset (CC.EN cleared): I/O queue {} deleted",
             controller.cntlid, connection.queue.qid
         ));
-    } else if controller.keep_alive_expired(now_us) {
+    } else if connection.queue.qid == 0 && controller.keep_alive_expired(now_us) {
         log::warn!(
             "nvmf: {}: keep-alive timeout expired for controller {}",
             connection.peer,
