@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{finish, json_number};
-use nvmirror_engine::device::BlockDevice;
+use nvmirror_engine::device::{BlockDevice, MemoryDevice};
 use nvmirror_nvmf::{DeviceBackend, PollGroup, SubsystemConfig, Target, TargetConfig};
 
 const PERF: &str = env!("CARGO_BIN_EXE_nvmirror-perf");
@@ -20,19 +20,19 @@ const DEVICE_BYTES: usize = 8 * 1024 * 1024;
 /// The target thread stops by itself after this long, whatever the test does.
 const TARGET_LIFETIME_MAX: Duration = Duration::from_secs(60);
 
-/// An in-memory namespace; reads covering `corrupt_offset_bytes` return that byte flipped.
-struct MemoryDevice {
-    bytes: Vec<u8>,
+/// An in-memory namespace whose reads covering `corrupt_offset_bytes` return that byte flipped
+/// (what is stored stays intact).
+struct CorruptOnRead {
+    inner: MemoryDevice,
     corrupt_offset_bytes: Option<u64>,
 }
 
-impl BlockDevice for MemoryDevice {
+impl BlockDevice for CorruptOnRead {
     fn size_bytes(&self) -> u64 {
-        self.bytes.len() as u64
+        self.inner.size_bytes()
     }
     fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let start = offset_bytes as usize;
-        buf.copy_from_slice(&self.bytes[start..start + buf.len()]);
+        self.inner.read_at(offset_bytes, buf)?;
         if let Some(corrupt) = self.corrupt_offset_bytes {
             if (offset_bytes..offset_bytes + buf.len() as u64).contains(&corrupt) {
                 buf[(corrupt - offset_bytes) as usize] ^= 0x01;
@@ -41,12 +41,10 @@ impl BlockDevice for MemoryDevice {
         Ok(())
     }
     fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> std::io::Result<()> {
-        let start = offset_bytes as usize;
-        self.bytes[start..start + data.len()].copy_from_slice(data);
-        Ok(())
+        self.inner.write_at(offset_bytes, data)
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        self.inner.flush()
     }
 }
 
@@ -78,8 +76,8 @@ impl EmbeddedTarget {
             let target = Target::new(config).expect("valid configuration");
             let mut listeners = target.bind_listeners().expect("bind 127.0.0.1:0");
             address_sender.send(listeners[0].local_addr()).unwrap();
-            let device = MemoryDevice {
-                bytes: vec![0; DEVICE_BYTES],
+            let device = CorruptOnRead {
+                inner: MemoryDevice::new(DEVICE_BYTES),
                 corrupt_offset_bytes,
             };
             let mut backend = DeviceBackend::new(vec![device]);
