@@ -722,6 +722,11 @@ impl<M: RingStore> NvramRing<M> {
     /// Frees `half` after its CP is durable on both sides (record the CP first: a crash between
     /// the two then leaves the entries in place, which a replay applies again harmlessly).
     pub fn release_half(&mut self, half: usize) {
+        assert!(
+            self.halves[half].cp_number <= self.superblock.cp_completed,
+            "half of cp {} released before it was recorded complete (invariant 3)",
+            self.halves[half].cp_number
+        );
         self.halves[half].reset();
         let start = self.geometry.header_offset(half, 0) as usize;
         self.memory.as_mut()[start..start + ENTRY_HEADER_BYTES].fill(0);
@@ -757,6 +762,10 @@ impl<M: RingStore> NvramRing<M> {
 
     /// Sets the epoch (promotion, or adopting a newer source's epoch).
     pub fn set_epoch(&mut self, epoch: u64) {
+        assert!(
+            epoch >= self.superblock.epoch,
+            "the epoch never goes back (invariant 6)"
+        );
         self.superblock.epoch = epoch;
         self.write_superblock();
     }
