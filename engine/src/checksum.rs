@@ -23,6 +23,19 @@ pub fn crc32c_with_zero_field(bytes: &[u8], field_offset: usize) -> u32 {
     crc32c_append(crc, &bytes[field_offset + 4..])
 }
 
+/// Little-endian fields of the on-ring and on-wire formats.
+pub(crate) fn le_u16(bytes: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes(bytes[at..at + 2].try_into().expect("2 bytes"))
+}
+
+pub(crate) fn le_u32(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+}
+
+pub(crate) fn le_u64(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

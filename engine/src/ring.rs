@@ -34,7 +34,7 @@
 
 use std::fmt;
 
-use crate::checksum::crc32c;
+use crate::checksum::{crc32c, le_u16, le_u32, le_u64};
 use crate::geometry::{
     half_of_cp, RingGeometry, BLOCK_SIZE, ENTRY_HEADER_BYTES, SECTOR_SIZE, SUPERBLOCK_AREA_BYTES,
     SUPERBLOCK_BYTES, WRITE_BYTES_MAX, WRITE_ZEROES_BYTES_MAX,
@@ -815,18 +815,6 @@ impl<M: RingStore> NvramRing<M> {
 fn warn_torn(half: usize, slot: u32, seq: Option<u64>, reason: &str) {
     let seq = seq.map_or_else(|| "?".to_string(), |s| s.to_string());
     log::warn!("ring: scan of half {half} stops at slot {slot} (seq {seq}): torn entry: {reason}");
-}
-
-fn le_u16(bytes: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes(bytes[at..at + 2].try_into().expect("2 bytes"))
-}
-
-fn le_u32(bytes: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn le_u64(bytes: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
 }
 
 #[cfg(test)]

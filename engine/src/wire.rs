@@ -29,7 +29,7 @@ pub use out_queue::{OutQueue, QueueFull, Segment};
 
 use std::fmt;
 
-use crate::checksum::{crc32c, crc32c_append};
+use crate::checksum::{crc32c_with_zero_field, le_u16, le_u32, le_u64};
 use crate::cp::{CpMode, Descriptor, DescriptorEntry};
 use crate::geometry::{
     RingGeometry, BLOCK_SIZE, DESCRIPTORS_PER_TABLE, NAMESPACES_MAX, TRANSFER_ENTRIES_MAX,
@@ -49,6 +49,8 @@ pub const TABLE_HEADER_BYTES: usize = 12;
 pub const DESCRIPTOR_BYTES: usize = 13;
 pub const REFERENCE_DESCRIPTOR_BYTES: usize = 25;
 const CRC_OFFSET: usize = 12;
+// The crc field is the header's last: `message_crc` covers the header with it as zero, then the body.
+const _: () = assert!(CRC_OFFSET + 4 == MESSAGE_HEADER_BYTES);
 
 const _: () = assert!(REFERENCE_DESCRIPTOR_BYTES <= 32);
 const _: () = assert!(
@@ -369,9 +371,7 @@ fn transfer_covered_bytes(body: &[u8]) -> usize {
 
 /// CRC of a message prefix whose header's crc field is taken as zero.
 fn message_crc(covered: &[u8]) -> u32 {
-    let crc = crc32c(&covered[..CRC_OFFSET]);
-    let crc = crc32c_append(crc, &[0; 4]);
-    crc32c_append(crc, &covered[MESSAGE_HEADER_BYTES..])
+    crc32c_with_zero_field(covered, CRC_OFFSET)
 }
 
 fn bad(kind: MessageKind, reason: &'static str) -> WireError {
@@ -789,18 +789,6 @@ pub fn encode_table_prefix(out: &mut [u8], cp_number: u64, entries: &[Descriptor
 pub fn seal_message(message: &mut [u8]) {
     assert_eq!(le_u32(message, 8) as usize, message.len());
     seal(message);
-}
-
-pub(crate) fn le_u16(bytes: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes(bytes[at..at + 2].try_into().expect("2 bytes"))
-}
-
-pub(crate) fn le_u32(bytes: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
-}
-
-pub(crate) fn le_u64(bytes: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! byte and truncation are rejected; the aligned-write overhead budget holds.
 
 use super::*;
+use crate::checksum::crc32c;
 use crate::geometry::{RING_BYTES_MIN, SECTOR_SIZE};
 
 fn hello() -> Hello {
