@@ -178,6 +178,7 @@ fn verified_workloads_run_clean() {
     ];
     assert_clean(&target.perf(&digests), "randrw 4 KiB with digests");
     // 16 KiB is above the target's 8 KiB in-capsule size: R2T and H2CData.
+    const _: () = assert!(16384 > nvmirror_nvmf::config::IN_CAPSULE_DATA_BYTES_DEFAULT);
     let r2t = [
         "--verify",
         "--pattern",
@@ -232,7 +233,8 @@ fn unknown_subsystem_is_rejected_with_the_status_decoded() {
     assert_eq!(output.status.code(), Some(3));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("Fabrics Connect rejected: Command Specific / Connect Invalid Parameters"),
+        stderr.contains("Fabrics Connect rejected: Command Specific / Connect Invalid Parameters")
+            && stderr.contains("(SUBNQN)"),
         "{stderr}"
     );
 }

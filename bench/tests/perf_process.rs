@@ -1,6 +1,7 @@
 //! Process tests of the `nvmirror-perf` binary: usage and connection errors always run; the runs
-//! against SPDK's nvmf_tgt (the reference NVMe/TCP target) need an SPDK tree built at `$SPDK_PEER`
-//! and skip with a message when it is not set or not built. The target runs without hugepages
+//! against SPDK's nvmf_tgt (the reference NVMe/TCP target) need an SPDK tree built at `$SPDK_PEER`:
+//! they skip with a message (shown with `--nocapture`) when it is not set, and fail when it is set
+//! but not built. The target runs without hugepages
 //! (`--no-huge`) on an ephemeral 127.0.0.1 port and is killed when the test ends, pass or fail.
 
 mod common;
@@ -240,10 +241,18 @@ impl SpdkTarget {
     }
 }
 
+/// The SPDK tree `$SPDK_PEER` names, or `None` when it is unset. Set but unbuilt is a failure, not a
+/// skip: whoever set it meant the SPDK runs to happen.
 fn spdk_root() -> Option<PathBuf> {
     let root = PathBuf::from(std::env::var_os("SPDK_PEER")?);
-    let usable = root.join("build/bin/nvmf_tgt").exists() && root.join("scripts/rpc.py").exists();
-    usable.then_some(root)
+    for needed in ["build/bin/nvmf_tgt", "scripts/rpc.py"] {
+        assert!(
+            root.join(needed).exists(),
+            "SPDK_PEER={} has no {needed}: build SPDK there, or unset SPDK_PEER to skip this test",
+            root.display()
+        );
+    }
+    Some(root)
 }
 
 fn assert_clean_run(output: &Output, what: &str) -> String {
@@ -272,8 +281,8 @@ fn assert_clean_run(output: &Output, what: &str) -> String {
 #[test]
 fn against_spdk_nvmf_tgt() {
     let Some(root) = spdk_root() else {
-        eprintln!(
-            "SKIPPED: SPDK not found (set SPDK_PEER to an SPDK tree with build/bin/nvmf_tgt)"
+        println!(
+            "SKIPPED: SPDK_PEER is not set (set it to an SPDK tree with build/bin/nvmf_tgt to run)"
         );
         return;
     };
