@@ -72,6 +72,18 @@ impl<B: Backend> Connection<B> {
         self.queue.advance_sq_head();
         let data_bytes_max = self.requests[index as usize].data.len();
         self.requests[index as usize].start(command);
+        // Only Fabrics commands run before the controller is enabled and ready (Fabrics section 3.5;
+        // after a reset, until its I/O queues close). Checked here, on every command's way in: a write
+        // commits from `on_data_complete` and never reaches `dispatch`.
+        let ready = self
+            .queue
+            .controller
+            .as_ref()
+            .is_some_and(|controller| controller.is_ready());
+        if command.opcode() != admin_opcode::FABRICS && !ready {
+            self.reject(index, GenericStatus::CommandSequenceError.into(), location);
+            return Ok(());
+        }
         let length = match data_plan(&command, location.length, data_bytes_max) {
             Ok(length) => length,
             Err(status) => {
@@ -266,15 +278,6 @@ impl<B: Backend> Connection<B> {
         let command = self.requests[index as usize].command;
         if command.opcode() == admin_opcode::FABRICS {
             return crate::fabrics::execute(self, index, context);
-        }
-        let ready = self
-            .queue
-            .controller
-            .as_ref()
-            .is_some_and(|controller| controller.is_ready());
-        if !ready {
-            let status = GenericStatus::CommandSequenceError.into();
-            return Outcome::Respond(self.queue.completion(command.cid(), status));
         }
         let request = &mut self.requests[index as usize];
         if self.queue.qid == 0 {

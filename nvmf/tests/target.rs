@@ -660,3 +660,46 @@ fn clearing_cc_en_deletes_io_queues_and_aborts_async_event_requests() {
     let event = admin.receive_completion();
     assert_eq!((event.cid, event.dw0), (after, NAMESPACE_ATTRIBUTE_CHANGED));
 }
+
+#[test]
+fn write_after_cc_en_cleared_on_a_still_open_io_queue_is_refused() {
+    const CC_ENABLED: u64 = 1 | (6 << 16) | (4 << 20);
+    let server = serve_memory(config(true));
+    let mut admin = Host::admin(server.address, false);
+    let mut io = Host::io(server.address, admin.cntlid, 1, false);
+    let data = vec![0xa5u8; 4096];
+    // Both PDUs arrive in one pass: the admin queue (first slot) resets the controller, then the I/O
+    // queue reads the in-capsule write before the pass closes it.
+    let pass = server.pass.lock().unwrap();
+    let reset_cid = admin.cid();
+    admin.send_capsule(
+        &Command::property_set(reset_cid, 0x14, false, CC_ENABLED & !1),
+        &[],
+    );
+    let write_cid = io.cid();
+    let sgl = SglDescriptor::InCapsule {
+        offset: 0,
+        length: data.len() as u32,
+    };
+    io.send_capsule(
+        &Command::read_write(io_opcode::WRITE, write_cid, 1, 0, 8, sgl),
+        &data,
+    );
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    drop(pass);
+    assert!(admin.receive_completion().status.is_success());
+    let write = io.receive_completion();
+    assert_eq!(write.cid, write_cid);
+    assert_eq!(
+        (write.status.sct, write.status.sc),
+        (StatusCodeType::Generic, 0x0c)
+    );
+    assert!(io.receive().is_none(), "I/O queue closed by the reset");
+    assert!(admin.property_set(0x14, CC_ENABLED).status.is_success());
+    let mut io = Host::io(server.address, admin.cntlid, 1, false);
+    assert_ne!(
+        io.read(0, 8).1,
+        data,
+        "the refused write never reached the medium"
+    );
+}

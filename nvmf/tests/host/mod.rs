@@ -212,6 +212,9 @@ pub fn config(allow_any_host: bool) -> TargetConfig {
 pub struct Server {
     pub address: SocketAddr,
     pub target: Arc<Target>,
+    /// Held by the target thread for each poll pass: a test holding it makes PDUs sent meanwhile
+    /// arrive together in the next pass.
+    pub pass: Arc<Mutex<()>>,
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
 }
@@ -232,15 +235,20 @@ pub fn serve<B: Backend + Send + 'static>(config: TargetConfig, mut backend: B) 
     let stop = Arc::new(AtomicBool::new(false));
     let stop_thread = Arc::clone(&stop);
     let target_shared = Arc::clone(&target);
+    let pass = Arc::new(Mutex::new(()));
+    let pass_thread = Arc::clone(&pass);
     let handle = std::thread::spawn(move || {
         let mut group = PollGroup::new(target);
         let start = Instant::now();
         while !stop_thread.load(Ordering::Acquire) && start.elapsed() < Duration::from_secs(50) {
+            let pass = pass_thread.lock().expect("pass lock");
             let now_us = start.elapsed().as_micros() as u64;
             while let Some(stream) = listeners[0].poll_accept() {
                 group.add_connection(stream, now_us);
             }
-            if group.poll(now_us, &mut backend) == 0 {
+            let work = group.poll(now_us, &mut backend);
+            drop(pass);
+            if work == 0 {
                 std::thread::sleep(Duration::from_micros(200));
             }
         }
@@ -248,6 +256,7 @@ pub fn serve<B: Backend + Send + 'static>(config: TargetConfig, mut backend: B) 
     Server {
         address,
         target: target_shared,
+        pass,
         stop,
         handle: Some(handle),
     }
