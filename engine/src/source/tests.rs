@@ -376,3 +376,58 @@ fn a_hello_ack_claiming_an_unflushed_cp_is_a_protocol_error() {
         Err(LinkError::Protocol(_))
     ));
 }
+
+/// A namespace whose reads fail once `failing` is set.
+struct FailingReads {
+    inner: MemoryDevice,
+    failing: bool,
+}
+
+impl BlockDevice for FailingReads {
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+    fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if self.failing {
+            return Err(std::io::Error::other("injected read failure"));
+        }
+        self.inner.read_at(offset_bytes, buf)
+    }
+    fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> std::io::Result<()> {
+        self.inner.write_at(offset_bytes, data)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[test]
+fn an_aborted_write_whose_old_content_cannot_be_read_is_never_committed() {
+    let config = SourceConfig {
+        volume_id: VOLUME,
+        cp_interval_us: u64::MAX,
+        mode: CpMode::References,
+    };
+    let primary = FailingReads {
+        inner: MemoryDevice(vec![0; NAMESPACE_BYTES]),
+        failing: false,
+    };
+    let (mut source, _) =
+        Source::open(config, vec![0; RING_BYTES_MIN as usize], vec![primary], 0).unwrap();
+    source.write(1, 1, 0, &[1; 4096]).unwrap();
+    let half = half_of_cp(source.active_cp);
+    let committed = source.ring.committed_slots(half);
+    let aborted = source.reserve_write(1, 1, 8, 4096).unwrap();
+    source.write_buffer(&aborted).fill(0xEE);
+    source.primaries[0].failing = true;
+    source.abort_write(1, aborted);
+    assert_eq!(
+        source.ring.committed_slots(half),
+        committed,
+        "a slot of unknown bytes stays uncommitted"
+    );
+    assert!(matches!(
+        source.poll_event(),
+        Some(SourceEvent::DeviceFailed(text)) if text.contains("read for an aborted write")
+    ));
+}

@@ -151,7 +151,10 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
                 .iter()
                 .position(|e| e.half() == half && e.slot() == next)
             {
-                self.commit_aborted(index);
+                if !self.commit_aborted(index) {
+                    // The entry's bytes are unknown: nothing after it is applied or sent.
+                    return;
+                }
                 return self.apply_committed();
             }
             if self.cps[half].applied_slots < self.ring.reserved_slots(half) {
@@ -160,23 +163,33 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
         }
     }
 
-    /// Commits aborted entry `index` with the primary's current content of its range.
-    fn commit_aborted(&mut self, index: usize) {
-        let entry = self.aborted.swap_remove(index);
-        let header = *entry.header();
+    /// Commits aborted entry `index` with the primary's current content of its range. If that
+    /// content cannot be read the entry stays aborted and uncommitted (its slot holds a host's
+    /// partial data or old ring bytes, which must never be applied, sent or replayed) and
+    /// applying stops there; returns whether it was committed.
+    fn commit_aborted(&mut self, index: usize) -> bool {
+        let header = *self.aborted[index].header();
         let primary = &mut self.primaries[header.nsid as usize - 1];
-        if let Err(error) = primary.read_at(header.offset_bytes(), self.ring.data_mut(&entry)) {
+        let data = self.ring.data_mut(&self.aborted[index]);
+        if let Err(error) = primary.read_at(header.offset_bytes(), data) {
             self.fail_device(format!(
                 "primary namespace {}: read for an aborted write: {error}",
                 header.nsid
             ));
+            return false;
         }
+        let entry = self.aborted.swap_remove(index);
         self.ring.commit(&entry);
+        true
     }
 
     pub(super) fn fail_device(&mut self, text: String) {
+        if self.device_failed {
+            log::debug!("source: {text}");
+            return;
+        }
         log::error!("source: {text}; consistency points stop");
-        if !self.device_failed {
+        {
             self.device_failed = true;
             self.events.push_back(SourceEvent::DeviceFailed(text));
         }
