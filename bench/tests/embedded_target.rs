@@ -4,17 +4,16 @@
 
 mod common;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{finish, json_number};
+use common::{assert_clean_run, finish, json_number, perf, spawn_perf};
 use nvmirror_engine::device::{BlockDevice, MemoryDevice};
 use nvmirror_nvmf::{DeviceBackend, PollGroup, SubsystemConfig, Target, TargetConfig};
 
-const PERF: &str = env!("CARGO_BIN_EXE_nvmirror-perf");
 const NQN: &str = "nqn.2024-01.io.nvmirror:perf-test";
 const DEVICE_BYTES: usize = 8 * 1024 * 1024;
 /// The target thread stops by itself after this long, whatever the test does.
@@ -109,25 +108,21 @@ impl EmbeddedTarget {
         finish(self.spawn_perf(extra))
     }
 
+    /// Starts a one-second `--json` run against this target with `extra` options.
     fn spawn_perf(&self, extra: &[&str]) -> std::process::Child {
         let address = self.address.to_string();
-        Command::new(PERF)
-            .args([
-                "--target",
-                &address,
-                "--nqn",
-                NQN,
-                "--time-s",
-                "1",
-                "--warmup-s",
-                "0",
-                "--json",
-            ])
-            .args(extra)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
+        let base = [
+            "--target",
+            &address,
+            "--nqn",
+            NQN,
+            "--time-s",
+            "1",
+            "--warmup-s",
+            "0",
+            "--json",
+        ];
+        spawn_perf(&[&base[..], extra].concat())
     }
 }
 
@@ -138,19 +133,6 @@ impl Drop for EmbeddedTarget {
             let _ = thread.join();
         }
     }
-}
-
-fn assert_clean(output: &Output, what: &str) {
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{what}: {stdout}\n{stderr}");
-    let json = stdout.lines().last().unwrap();
-    assert!(json_number(json, "ios") > 0.0, "{what}: {json}");
-    assert_eq!(
-        json_number(json, "errors") + json_number(json, "verify_mismatches"),
-        0.0,
-        "{what}: {json}"
-    );
 }
 
 #[test]
@@ -165,7 +147,7 @@ fn verified_workloads_run_clean() {
         "--queue-depth",
         "16",
     ];
-    assert_clean(
+    assert_clean_run(
         &target.perf(&in_capsule),
         "randrw 4 KiB in-capsule, two queues",
     );
@@ -176,7 +158,7 @@ fn verified_workloads_run_clean() {
         "--header-digest",
         "--data-digest",
     ];
-    assert_clean(&target.perf(&digests), "randrw 4 KiB with digests");
+    assert_clean_run(&target.perf(&digests), "randrw 4 KiB with digests");
     // 16 KiB is above the target's 8 KiB in-capsule size: R2T and H2CData.
     const _: () = assert!(16384 > nvmirror_nvmf::config::IN_CAPSULE_DATA_BYTES_DEFAULT);
     let r2t = [
@@ -188,7 +170,7 @@ fn verified_workloads_run_clean() {
         "--data-digest",
         "--disable-sq-flow-control",
     ];
-    assert_clean(&target.perf(&r2t), "rw 16 KiB through R2T");
+    assert_clean_run(&target.perf(&r2t), "rw 16 KiB through R2T");
 }
 
 #[test]
@@ -219,17 +201,14 @@ fn verify_reports_a_corrupted_sector_and_fails() {
 fn unknown_subsystem_is_rejected_with_the_status_decoded() {
     let target = EmbeddedTarget::start(None);
     let address = target.address.to_string();
-    let output = Command::new(PERF)
-        .args([
-            "--target",
-            &address,
-            "--nqn",
-            "nqn.2024-01.io.nvmirror:nobody",
-            "--time-s",
-            "1",
-        ])
-        .output()
-        .unwrap();
+    let output = perf(&[
+        "--target",
+        &address,
+        "--nqn",
+        "nqn.2024-01.io.nvmirror:nobody",
+        "--time-s",
+        "1",
+    ]);
     assert_eq!(output.status.code(), Some(3));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(

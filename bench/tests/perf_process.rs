@@ -9,13 +9,12 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{finish, json_number};
+use common::{assert_clean_run, finish, json_number, perf, spawn_perf, text};
 use nvmirror_nvmf::pdu::{Fes, PduType, TermReq};
 
-const PERF: &str = env!("CARGO_BIN_EXE_nvmirror-perf");
 const NQN: &str = "nqn.2016-06.io.spdk:cnode1";
 /// Longest any single perf invocation may take before the test kills it and fails.
 const TARGET_START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -27,24 +26,6 @@ fn ephemeral_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// Runs the perf binary, killing it after [`PERF_TIMEOUT`].
-fn spawn_perf(args: &[&str]) -> Child {
-    Command::new(PERF)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn perf(args: &[&str]) -> Output {
-    finish(spawn_perf(args))
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 #[test]
@@ -253,29 +234,6 @@ fn spdk_root() -> Option<PathBuf> {
         );
     }
     Some(root)
-}
-
-fn assert_clean_run(output: &Output, what: &str) -> String {
-    let stdout = text(&output.stdout);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{what}: {stdout}\n{}",
-        text(&output.stderr)
-    );
-    let json = stdout.lines().last().unwrap().to_string();
-    assert!(json_number(&json, "iops") > 0.0, "{what}: {json}");
-    assert_eq!(json_number(&json, "errors"), 0.0, "{what}: {json}");
-    assert_eq!(
-        json_number(&json, "verify_mismatches"),
-        0.0,
-        "{what}: {json}"
-    );
-    assert!(
-        json_number(&json, "lat_us_p50") <= json_number(&json, "lat_us_p999"),
-        "{what}: {json}"
-    );
-    json
 }
 
 #[test]
