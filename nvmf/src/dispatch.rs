@@ -212,6 +212,10 @@ impl<B: Backend> Connection<B> {
         }
         if let Some(slot) = request.write_slot.take() {
             let token = context.backend.commit_write(context.now_us, slot);
+            assert_eq!(
+                request.tokens_pending, 0,
+                "one backend operation per request"
+            );
             request.tokens_pending = 1;
             context.register(token, index);
             self.finish(index, Outcome::Pending);

@@ -138,6 +138,10 @@ fn read<B: Backend>(
     {
         Ok(None) => {}
         Ok(Some(token)) => {
+            assert_eq!(
+                request.tokens_pending, 0,
+                "one backend operation per request"
+            );
             request.tokens_pending += 1;
             request.read_pending = Some((token, length_bytes));
             context.register(token, index);
@@ -173,6 +177,10 @@ fn pending<B: Backend>(
 ) -> Result<Outcome, Status> {
     match result {
         Ok(token) => {
+            assert_eq!(
+                request.tokens_pending, 0,
+                "one backend operation per request"
+            );
             request.tokens_pending += 1;
             context.register(token, index);
             Ok(Outcome::Pending)

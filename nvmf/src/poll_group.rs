@@ -9,11 +9,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::backend::{Backend, IoToken};
+use crate::config::{ADMIN_QUEUE_DEPTH, QUEUE_DEPTH_MAX};
 use crate::connection::{Connection, Phase};
 use crate::target::Target;
 
-/// Token-table entries reserved per connection (the largest queue depth is the bound per queue).
-pub const TOKENS_PER_CONNECTION: usize = crate::config::QUEUE_DEPTH_MAX as usize;
+const _: () = assert!(ADMIN_QUEUE_DEPTH <= QUEUE_DEPTH_MAX);
 /// Backend completions dispatched per pass at most.
 pub const COMPLETIONS_PER_POLL_MAX: usize = 1024;
 
@@ -38,10 +38,6 @@ pub struct Context<'a, B: Backend> {
 impl<B: Backend> Context<'_, B> {
     /// Routes `token`'s completion back to request `index` of this connection.
     pub fn register(&mut self, token: IoToken, index: u16) {
-        assert!(
-            self.tokens.len() < self.tokens.capacity(),
-            "token table sized at connection setup"
-        );
         let previous = self.tokens.insert(token, (self.key, index));
         assert!(previous.is_none(), "backend reused an outstanding token");
     }
@@ -79,9 +75,8 @@ impl<B: Backend> PollGroup<B> {
             }
         };
         self.connection_count += 1;
-        // `reserve` counts from the current length, not the capacity: ask for every live
-        // connection's share, so `register` never grows the table.
-        let tokens_max = self.connection_count * TOKENS_PER_CONNECTION;
+        // Ask for every live connection's share, so `register` never grows the table.
+        let tokens_max = self.connection_count * self.tokens_per_connection();
         self.tokens.reserve_total(tokens_max);
         assert!(self.tokens.capacity() >= tokens_max);
         if let Some(slot) = self.slots.iter_mut().find(|slot| slot.connection.is_none()) {
@@ -93,6 +88,14 @@ impl<B: Backend> PollGroup<B> {
                 connection: Some(connection),
             });
         }
+    }
+
+    /// Token-table entries one connection may need: a request has at most one backend operation
+    /// outstanding, and a queue at most its depth of requests (admin, or the configured I/O maximum).
+    fn tokens_per_connection(&self) -> usize {
+        let depth = self.target.config.queue_depth_max.max(ADMIN_QUEUE_DEPTH);
+        assert!(depth <= QUEUE_DEPTH_MAX, "queue_depth_max checked at start");
+        usize::from(depth)
     }
 
     /// One pass: read/parse/execute every connection (bounded), dispatch backend completions, flush
@@ -164,16 +167,20 @@ impl<B: Backend> PollGroup<B> {
             };
             count += 1;
             let Some((key, index)) = self.tokens.remove(&token) else {
+                // An operation of a torn-down connection: its tokens left the table with it.
                 backend.abandon(token);
                 continue;
             };
             let slot = &mut self.slots[key.slot as usize];
-            match slot.connection.as_mut() {
-                Some(connection) if slot.generation == key.generation => {
-                    connection.on_token_complete(index, token, backend)
-                }
-                _ => backend.abandon(token),
-            }
+            assert_eq!(
+                slot.generation, key.generation,
+                "a connection's tokens leave the table at its teardown"
+            );
+            let connection = slot
+                .connection
+                .as_mut()
+                .expect("a live connection owns the token");
+            connection.on_token_complete(index, token, backend);
         }
         count
     }
