@@ -18,7 +18,7 @@ use nvmirror_engine::wire;
 
 use crate::link::{IoVecs, Link, LinkEndpoint};
 use crate::reactor::{Mailbox, Poller};
-use crate::remote::{QueuePairHost, RemoteWaiter};
+use crate::remote::{QueuePairHost, RemoteRoutes, RemoteWaiter};
 use crate::ring_memory::RingMemory;
 
 /// A namespace device as the nodes hold it.
@@ -95,9 +95,6 @@ const IMMEDIATE_TOKEN_BASE: u64 = 1 << 63;
 
 /// Write completions a source front end has not collected yet: more than the ring can hold in flight.
 pub const COMPLETIONS_MAX: usize = 1 << 16;
-/// Remote writes in flight the volume has room for from the start (four queue-pair reactors'
-/// pools), so routing them allocates nothing on the I/O path.
-pub const REMOTE_WAITING_RESERVED: usize = 4 * crate::remote::REMOTE_SLOTS;
 
 /// The replicated volume as front ends see it: the engine's volume API plus the writes that
 /// became durable on both sides since the front end last looked.
@@ -107,9 +104,10 @@ pub struct Volume {
     completed: std::collections::VecDeque<u64>,
     immediate_count: u64,
     /// Writes of queue pairs on other reactors, by write id ([`crate::remote`]).
-    remote_waiting: std::collections::HashMap<u64, RemoteWaiter>,
-    /// Their completions, for the [`crate::remote::VolumeService`] to answer.
-    remote_done: std::collections::VecDeque<RemoteWaiter>,
+    remote: RemoteRoutes,
+    /// The last write id completed: ids complete once each, in ascending order (invariant 1
+    /// is the engine's; this is its edge).
+    completed_through: u64,
 }
 
 impl Volume {
@@ -118,20 +116,20 @@ impl Volume {
             source,
             completed: std::collections::VecDeque::with_capacity(COMPLETIONS_MAX),
             immediate_count: 0,
-            remote_waiting: std::collections::HashMap::with_capacity(REMOTE_WAITING_RESERVED),
-            remote_done: std::collections::VecDeque::with_capacity(REMOTE_WAITING_RESERVED),
+            remote: RemoteRoutes::default(),
+            completed_through: 0,
         }
     }
 
     /// Routes write `id`'s completion to a queue pair on another reactor instead of the
     /// front end's own completions.
     pub(crate) fn wait_remote(&mut self, id: WriteId, waiter: RemoteWaiter) {
-        let previous = self.remote_waiting.insert(id.0, waiter);
-        assert!(previous.is_none(), "a write id is routed once");
+        assert!(id.0 > self.completed_through, "routed before it completes");
+        self.remote.wait(id.0, waiter);
     }
 
     pub(crate) fn pop_remote_done(&mut self) -> Option<RemoteWaiter> {
-        self.remote_done.pop_front()
+        self.remote.pop_done()
     }
 
     /// The oldest write that completed and was not collected yet.
@@ -158,11 +156,16 @@ impl Volume {
             id.0 < IMMEDIATE_TOKEN_BASE,
             "write ids stay below the immediate tokens"
         );
-        if let Some(waiter) = self.remote_waiting.remove(&id.0) {
-            self.remote_done.push_back(waiter);
-            return;
+        assert!(
+            id.0 > self.completed_through,
+            "write {} completed twice or out of order (after {})",
+            id.0,
+            self.completed_through
+        );
+        self.completed_through = id.0;
+        if !self.remote.complete(id.0) {
+            self.push_token(id.0);
         }
-        self.push_token(id.0);
     }
 
     fn push_token(&mut self, token: u64) {

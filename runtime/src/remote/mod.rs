@@ -107,6 +107,54 @@ pub struct RemoteLink {
     pub index: u16,
 }
 
+/// Completions in flight for remote queue pairs, room reserved up front: four queue-pair
+/// reactors' pools (more reactors make the table grow once, at their first load).
+pub const REMOTE_ROUTES_RESERVED: usize = 4 * REMOTE_SLOTS;
+
+/// Which backend completions belong to queue pairs on other reactors: the one routing table of
+/// the volume and of [`Routed`].
+#[derive(Debug)]
+pub struct RemoteRoutes {
+    waiting: std::collections::HashMap<u64, RemoteWaiter>,
+    done: std::collections::VecDeque<RemoteWaiter>,
+}
+
+impl Default for RemoteRoutes {
+    fn default() -> Self {
+        RemoteRoutes {
+            waiting: std::collections::HashMap::with_capacity(REMOTE_ROUTES_RESERVED),
+            done: std::collections::VecDeque::with_capacity(REMOTE_ROUTES_RESERVED),
+        }
+    }
+}
+
+impl RemoteRoutes {
+    /// Token `token`'s completion goes to `waiter`.
+    pub fn wait(&mut self, token: u64, waiter: RemoteWaiter) {
+        let previous = self.waiting.insert(token, waiter);
+        assert!(previous.is_none(), "a token is routed once");
+    }
+
+    /// A completion: `true` if a remote queue pair waits for it (it is set aside for
+    /// [`RemoteRoutes::pop_done`]), `false` if it is this reactor's.
+    pub fn complete(&mut self, token: u64) -> bool {
+        if self.waiting.is_empty() {
+            return false;
+        }
+        match self.waiting.remove(&token) {
+            Some(waiter) => {
+                self.done.push_back(waiter);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn pop_done(&mut self) -> Option<RemoteWaiter> {
+        self.done.pop_front()
+    }
+}
+
 /// Creates the mailboxes for `count` remote reactors of one volume.
 pub fn remote_links(count: usize) -> std::io::Result<Vec<RemoteLink>> {
     let ops = Mailbox::new((REMOTE_SLOTS * count).max(1))?;

@@ -9,7 +9,9 @@ use std::os::fd::RawFd;
 
 use nvmirror_nvmf::{Backend, BackendError, IoToken, NamespaceInfo};
 
-use super::{Done, Op, OpKind, RemoteLink, RemoteWaiter, REMOTE_SLOTS};
+use super::{
+    Done, Op, OpKind, RemoteLink, RemoteRoutes, RemoteWaiter, REMOTE_ROUTES_RESERVED, REMOTE_SLOTS,
+};
 use crate::node::Volume;
 
 /// A backend whose write completions can be routed to queue pairs on other reactors: the
@@ -226,8 +228,7 @@ impl VolumeService {
 /// target's backend).
 pub struct Routed<B> {
     inner: B,
-    waiting: std::collections::HashMap<u64, RemoteWaiter>,
-    done: VecDeque<RemoteWaiter>,
+    routes: RemoteRoutes,
     local: VecDeque<IoToken>,
 }
 
@@ -235,26 +236,16 @@ impl<B: Backend> Routed<B> {
     pub fn new(inner: B) -> Self {
         Routed {
             inner,
-            waiting: std::collections::HashMap::with_capacity(4 * REMOTE_SLOTS),
-            done: VecDeque::with_capacity(4 * REMOTE_SLOTS),
-            local: VecDeque::with_capacity(4 * REMOTE_SLOTS),
+            routes: RemoteRoutes::default(),
+            local: VecDeque::with_capacity(REMOTE_ROUTES_RESERVED),
         }
-    }
-
-    pub fn inner(&self) -> &B {
-        &self.inner
     }
 
     /// Sorts what the backend completed: routed completions aside, the rest kept in order.
     fn pump(&mut self) {
         while let Some(token) = self.inner.poll_completion() {
-            if self.waiting.is_empty() {
+            if !self.routes.complete(token.0) {
                 self.local.push_back(token);
-                continue;
-            }
-            match self.waiting.remove(&token.0) {
-                Some(waiter) => self.done.push_back(waiter),
-                None => self.local.push_back(token),
             }
         }
     }
@@ -262,12 +253,11 @@ impl<B: Backend> Routed<B> {
 
 impl<B: Backend> RemoteRouting for Routed<B> {
     fn wait_remote(&mut self, token: IoToken, waiter: RemoteWaiter) {
-        let previous = self.waiting.insert(token.0, waiter);
-        assert!(previous.is_none(), "a token is routed once");
+        self.routes.wait(token.0, waiter);
     }
     fn pop_remote_done(&mut self) -> Option<RemoteWaiter> {
         self.pump();
-        self.done.pop_front()
+        self.routes.pop_done()
     }
 }
 
@@ -309,6 +299,21 @@ impl<B: Backend> Backend for Routed<B> {
     }
     fn read(&mut self, nsid: u32, lba: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         self.inner.read(nsid, lba, buf)
+    }
+    fn start_read(
+        &mut self,
+        now_us: u64,
+        nsid: u32,
+        lba: u64,
+        length_bytes: u32,
+    ) -> Result<Option<IoToken>, BackendError> {
+        self.inner.start_read(now_us, nsid, lba, length_bytes)
+    }
+    fn finish_read(&mut self, token: IoToken, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.inner.finish_read(token, buf)
+    }
+    fn abandon(&mut self, token: IoToken) {
+        self.inner.abandon(token)
     }
     fn flush(&mut self, now_us: u64, nsid: u32) -> Result<IoToken, BackendError> {
         self.inner.flush(now_us, nsid)
