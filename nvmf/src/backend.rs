@@ -141,10 +141,6 @@ impl<D: BlockDevice> DeviceBackend<D> {
         }
     }
 
-    pub fn device(&self, nsid: u32) -> &D {
-        &self.devices[nsid as usize - 1]
-    }
-
     fn check(&self, nsid: u32, lba: u64, length_bytes: u64) -> Result<usize, BackendError> {
         let index = (nsid as usize)
             .checked_sub(1)

@@ -466,9 +466,6 @@ impl<B: Backend> Connection<B> {
                     term.fes,
                     term.fei
                 );
-                self.phase = Phase::Closing {
-                    deadline_us: context.now_us,
-                };
                 self.close("H2CTermReq");
                 Ok(())
             }

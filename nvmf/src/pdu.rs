@@ -211,14 +211,6 @@ impl Framing {
         }
     }
 
-    pub const fn data_digest_bytes(&self) -> usize {
-        if self.data_digest {
-            DIGEST_BYTES
-        } else {
-            0
-        }
-    }
-
     /// The PDO of a data-carrying PDU with header length `hlen`: after the header digest, aligned.
     pub const fn data_offset(&self, hlen: usize) -> usize {
         let alignment_bytes = (self.pda as usize + 1) * 4;

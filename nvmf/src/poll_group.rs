@@ -201,16 +201,13 @@ impl<B: Backend> PollGroup<B> {
 
 /// ICReq timeout, keep-alive expiry, a controller that went away and, for an I/O queue, a controller
 /// reset since it connected close the connection. Keep-alive is the controller's: its admin queue
-/// checks it and marks the controller closed, and the I/O queues follow through `closed`.
+/// checks it and marks the controller closed, and the I/O queues follow through `closed`. (A closing
+/// connection's linger deadline is enforced by the `flush` that runs just before.)
 fn check_timers<B: Backend>(connection: &mut Connection<B>, now_us: u64) {
-    match connection.phase {
-        Phase::AwaitICReq { deadline_us } if now_us >= deadline_us => {
-            connection.close("no ICReq in time")
+    if let Phase::AwaitICReq { deadline_us } = connection.phase {
+        if now_us >= deadline_us {
+            connection.close("no ICReq in time");
         }
-        Phase::Closing { deadline_us } if now_us >= deadline_us => {
-            connection.close("TermReq not flushed in time")
-        }
-        _ => {}
     }
     let Some(controller) = connection.queue.controller.as_ref() else {
         return;

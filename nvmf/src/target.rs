@@ -109,13 +109,6 @@ impl Target {
         }
         told
     }
-
-    pub fn controller_count(&self) -> usize {
-        self.controllers
-            .lock()
-            .expect("controller registry lock")
-            .len()
-    }
 }
 
 /// A nonblocking listening socket.

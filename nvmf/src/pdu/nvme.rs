@@ -14,11 +14,7 @@ pub const NQN_FIELD_BYTES: usize = 256;
 
 /// Admin command opcodes (Base 2.0, figure 141) that this codec names.
 pub mod admin_opcode {
-    pub const DELETE_IO_SQ: u8 = 0x00;
-    pub const CREATE_IO_SQ: u8 = 0x01;
     pub const GET_LOG_PAGE: u8 = 0x02;
-    pub const DELETE_IO_CQ: u8 = 0x04;
-    pub const CREATE_IO_CQ: u8 = 0x05;
     pub const IDENTIFY: u8 = 0x06;
     pub const ABORT: u8 = 0x08;
     pub const SET_FEATURES: u8 = 0x09;
@@ -71,13 +67,6 @@ pub const PSDT_SGL: u8 = 0b01;
 
 /// Byte offsets inside the SQE, used as the IPO/FEI "offending field" of errors.
 pub mod sqe_offset {
-    pub const OPCODE: u16 = 0;
-    pub const FLAGS: u16 = 1;
-    pub const NSID: u16 = 4;
-    pub const DPTR: u16 = 24;
-    pub const CDW10: u16 = 40;
-    pub const CDW11: u16 = 44;
-    pub const CDW12: u16 = 48;
     pub const CONNECT_QID: u16 = 42;
     pub const CONNECT_SQSIZE: u16 = 44;
     pub const CONNECT_KATO: u16 = 48;
@@ -123,10 +112,6 @@ impl Command {
     pub fn opcode(&self) -> u8 {
         self.0[0]
     }
-    /// FUSE (bits 1:0) and PSDT (bits 7:6).
-    pub fn flags(&self) -> u8 {
-        self.0[1]
-    }
     pub fn psdt(&self) -> u8 {
         self.0[1] >> 6
     }
@@ -163,10 +148,6 @@ impl Command {
 
     pub fn set_opcode(&mut self, opcode: u8) -> &mut Self {
         self.0[0] = opcode;
-        self
-    }
-    pub fn set_flags(&mut self, flags: u8) -> &mut Self {
-        self.0[1] = flags;
         self
     }
     pub fn set_cid(&mut self, cid: u16) -> &mut Self {
