@@ -290,8 +290,14 @@ impl Link {
         peer: SocketAddr,
         endpoint: &mut E,
     ) {
-        if let Err(e) = configure_socket(&stream) {
-            log::warn!("link: cannot configure socket to {peer}: {e}");
+        // A blocking socket would stall the whole reactor: without non-blocking mode the
+        // connection is dropped (the source redials after its back-off).
+        if let Err(e) = stream.set_nonblocking(true) {
+            log::warn!("link: dropping the connection to {peer}: cannot make it non-blocking: {e}");
+            return;
+        }
+        if let Err(e) = tune_socket(&stream) {
+            log::warn!("link: cannot tune the socket to {peer}: {e}");
         }
         log::info!("link: connected to {peer}");
         self.last_error = None;
@@ -410,9 +416,9 @@ impl Link {
     }
 }
 
-fn configure_socket(stream: &TcpStream) -> io::Result<()> {
+/// Best effort: no Nagle delay, SPDK-sized socket buffers.
+fn tune_socket(stream: &TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    stream.set_nonblocking(true)?;
     let socket = socket2::SockRef::from(stream);
     socket.set_send_buffer_size(SOCKET_BUFFER_BYTES)?;
     socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES)?;

@@ -117,7 +117,8 @@ impl Backend for Volume {
     /// Every completed write is already in the NVRAM ring and the destination's log, both
     /// non-volatile: there is no volatile cache to flush, so a flush completes at once.
     fn flush(&mut self, _now_us: u64, nsid: u32) -> Result<IoToken, BackendError> {
-        if self.namespace(nsid).is_none() && nsid != u32::MAX {
+        // nvmf resolves the broadcast nsid to an attached namespace before calling.
+        if self.namespace(nsid).is_none() {
             return Err(BackendError::InvalidNamespace);
         }
         Ok(IoToken(self.complete_now()))

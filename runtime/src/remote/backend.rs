@@ -267,7 +267,8 @@ impl Backend for RemoteBackend {
 
     /// Like the volume: every completed write is non-volatile on both sides already.
     fn flush(&mut self, _now_us: u64, nsid: u32) -> Result<IoToken, BackendError> {
-        if self.namespace(nsid).is_none() && nsid != u32::MAX {
+        // nvmf resolves the broadcast nsid to an attached namespace before calling.
+        if self.namespace(nsid).is_none() {
             return Err(BackendError::InvalidNamespace);
         }
         Ok(self.complete_here())
@@ -289,10 +290,7 @@ impl Backend for RemoteBackend {
                 pool.result = done.result;
             }
             SlotState::InFlight { read: false } => {
-                if let Err(error) = done.result {
-                    // Ranges are checked here first with the volume's sizes: not expected.
-                    log::error!("remote write failed at the volume: {error:?}");
-                }
+                assert!(done.result.is_ok(), "writes are answered once durable");
                 self.release(done.slot);
             }
             state => panic!("completion for a pool slot in state {state:?}"),

@@ -33,6 +33,11 @@ use crate::reactor::Mailbox;
 pub const REMOTE_SLOTS: usize = 256;
 /// One pool buffer: the largest transfer of one command (MDTS).
 pub const REMOTE_BUFFER_BYTES: usize = nvmirror_nvmf::config::TRANSFER_BYTES_MAX as usize;
+// A pool buffer holds any write the volume and the unreplicated backend accept whole.
+const _: () = assert!(REMOTE_BUFFER_BYTES <= nvmirror_engine::geometry::WRITE_BYTES_MAX);
+const _: () =
+    assert!(REMOTE_BUFFER_BYTES <= nvmirror_nvmf::backend::DEVICE_BACKEND_WRITE_BYTES_MAX);
+
 /// Accepted connections waiting for a remote reactor to take them.
 pub const REMOTE_STREAMS_MAX: usize = 64;
 /// Tokens of operations a remote backend completes by itself (flush, an aborted write) carry

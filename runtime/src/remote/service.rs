@@ -174,10 +174,11 @@ impl VolumeService {
                 }
                 self.reply(remote, slot, Some(buffer), result)
             }
+            // The remote backend checked namespace, range and length against the same sizes
+            // before sending, and a committed write has no way to fail back to its host: a
+            // refusal here is a programmer error, not an I/O error to log and swallow.
             Err(error) => {
-                // The remote backend checks ranges against the same namespace sizes first.
-                log::error!("remote operation refused by the backend: {error:?}");
-                self.reply(remote, slot, op.kind.into_buffer(), Err(error))
+                panic!("a remote write the remote backend admitted was refused: {error:?}")
             }
         }
     }
