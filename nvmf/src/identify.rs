@@ -36,13 +36,10 @@ pub fn identify<B: Backend>(
         .controller
         .as_ref()
         .expect("admin commands run after Connect");
-    let namespaces: &[u32] = match controller.kind {
-        ControllerKind::Nvm { subsystem_index } => {
-            &context.target.config.subsystems[subsystem_index].namespaces
-        }
-        ControllerKind::Discovery if cns == CNS_CONTROLLER => &[],
-        ControllerKind::Discovery => return Err(GenericStatus::InvalidField.into()),
-    };
+    if controller.kind == ControllerKind::Discovery && cns != CNS_CONTROLLER {
+        return Err(GenericStatus::InvalidField.into());
+    }
+    let namespaces = context.target.namespaces(controller.kind);
     assert!(request.data.len() >= IDENTIFY_BYTES);
     let data = &mut request.data[..IDENTIFY_BYTES];
     data.fill(0);

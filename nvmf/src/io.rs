@@ -4,9 +4,8 @@
 //! deallocate zero through the backend, so deallocated blocks read as zeroes. Backend errors become
 //! NVMe status in one place, [`status_from`].
 
-use crate::backend::{Backend, BackendError, LBA_BYTES, WRITE_ZEROES_BLOCKS_MAX};
+use crate::backend::{Backend, BackendError, NamespaceInfo, LBA_BYTES, WRITE_ZEROES_BLOCKS_MAX};
 use crate::config::TRANSFER_BYTES_MAX;
-use crate::controller::ControllerKind;
 use crate::pdu::{io_opcode, Command, GenericStatus, Status};
 use crate::poll_group::Context;
 use crate::request::{Outcome, QueueState, Request};
@@ -30,19 +29,40 @@ pub fn status_from(error: BackendError) -> Status {
     }
 }
 
-/// Is `nsid` exported by this queue's subsystem?
-fn namespace_attached(queue: &QueueState, nsid: u32, context: &Context<'_, impl Backend>) -> bool {
+/// The NSIDs this queue's controller exports.
+fn exported_namespaces<'a>(
+    queue: &QueueState,
+    context: &'a Context<'_, impl Backend>,
+) -> &'a [u32] {
     let controller = queue
         .controller
         .as_ref()
         .expect("I/O queues have a controller");
-    match controller.kind {
-        ControllerKind::Nvm { subsystem_index } => context.target.config.subsystems
-            [subsystem_index]
-            .namespaces
-            .contains(&nsid),
-        ControllerKind::Discovery => false,
+    context.target.namespaces(controller.kind)
+}
+
+/// Namespace `nsid`, if this queue's subsystem exports it and the backend has it.
+fn attached_namespace(
+    queue: &QueueState,
+    nsid: u32,
+    context: &Context<'_, impl Backend>,
+) -> Result<NamespaceInfo, Status> {
+    if !exported_namespaces(queue, context).contains(&nsid) {
+        return Err(GenericStatus::InvalidNamespaceOrFormat.into());
     }
+    context
+        .backend
+        .namespace(nsid)
+        .ok_or(GenericStatus::InvalidNamespaceOrFormat.into())
+}
+
+/// `blocks` from `lba` lie inside the namespace.
+fn check_range(info: &NamespaceInfo, lba: u64, blocks: u64) -> Result<(), Status> {
+    let lba_count = info.size_bytes / u64::from(LBA_BYTES);
+    if lba.checked_add(blocks).is_none_or(|end| end > lba_count) {
+        return Err(GenericStatus::LbaOutOfRange.into());
+    }
+    Ok(())
 }
 
 /// LBA, transfer length in bytes and checks shared by Read and Write.
@@ -51,9 +71,7 @@ fn extent(
     command: &Command,
     context: &Context<'_, impl Backend>,
 ) -> Result<(u64, u32), Status> {
-    if !namespace_attached(queue, command.nsid(), context) {
-        return Err(GenericStatus::InvalidNamespaceOrFormat.into());
-    }
+    let info = attached_namespace(queue, command.nsid(), context)?;
     let lba = command.u64_at(40);
     let blocks = (command.cdw(12) & 0xffff) + 1;
     let length_bytes = blocks * LBA_BYTES;
@@ -63,16 +81,7 @@ fn extent(
     if command.sgl().length() < length_bytes {
         return Err(GenericStatus::DataSglLengthInvalid.into());
     }
-    let info = context
-        .backend
-        .namespace(command.nsid())
-        .ok_or(Status::from(GenericStatus::InvalidNamespaceOrFormat))?;
-    let end = lba
-        .checked_add(u64::from(blocks))
-        .ok_or(Status::from(GenericStatus::LbaOutOfRange))?;
-    if end > info.size_bytes / u64::from(LBA_BYTES) {
-        return Err(GenericStatus::LbaOutOfRange.into());
-    }
+    check_range(&info, lba, u64::from(blocks))?;
     Ok((lba, length_bytes))
 }
 
@@ -199,18 +208,13 @@ fn flush<B: Backend>(
     let nsid = request.command.nsid();
     if nsid == NSID_ALL {
         // Flushing one namespace flushes the backend's shared durability point: use the first.
-        let controller = queue
-            .controller
-            .as_ref()
-            .expect("I/O queues have a controller");
-        let ControllerKind::Nvm { subsystem_index } = controller.kind else {
+        let Some(&first) = exported_namespaces(queue, context).first() else {
             return Err(GenericStatus::InvalidNamespaceOrFormat.into());
         };
-        let first = context.target.config.subsystems[subsystem_index].namespaces[0];
         let result = context.backend.flush(context.now_us, first);
         return pending(result, request, index, context);
     }
-    if !namespace_attached(queue, nsid, context) {
+    if !exported_namespaces(queue, context).contains(&nsid) {
         return Err(GenericStatus::InvalidNamespaceOrFormat.into());
     }
     let result = context.backend.flush(context.now_us, nsid);
@@ -226,21 +230,10 @@ fn write_zeroes<B: Backend>(
     context: &mut Context<'_, B>,
 ) -> Result<Outcome, Status> {
     let command = request.command;
-    if !namespace_attached(queue, command.nsid(), context) {
-        return Err(GenericStatus::InvalidNamespaceOrFormat.into());
-    }
+    let info = attached_namespace(queue, command.nsid(), context)?;
     let lba = command.u64_at(40);
     let blocks = u64::from(command.cdw(12) & 0xffff) + 1;
-    let info = context
-        .backend
-        .namespace(command.nsid())
-        .ok_or(Status::from(GenericStatus::InvalidNamespaceOrFormat))?;
-    if lba
-        .checked_add(blocks)
-        .is_none_or(|end| end > info.size_bytes / u64::from(LBA_BYTES))
-    {
-        return Err(GenericStatus::LbaOutOfRange.into());
-    }
+    check_range(&info, lba, blocks)?;
     let result = context.backend.write_zeroes(
         context.now_us,
         command.nsid(),
@@ -263,24 +256,15 @@ fn dataset_management<B: Backend>(
     context: &mut Context<'_, B>,
 ) -> Result<Outcome, Status> {
     let command = request.command;
-    if !namespace_attached(queue, command.nsid(), context) {
-        return Err(GenericStatus::InvalidNamespaceOrFormat.into());
-    }
+    let info = attached_namespace(queue, command.nsid(), context)?;
     let ranges = (command.cdw(10) & 0xff) as usize + 1;
     if request.transfer_bytes < (ranges * DSM_RANGE_BYTES) as u32 {
         return Err(GenericStatus::DataSglLengthInvalid.into());
     }
-    let info = context
-        .backend
-        .namespace(command.nsid())
-        .ok_or(Status::from(GenericStatus::InvalidNamespaceOrFormat))?;
-    let lba_count = info.size_bytes / u64::from(LBA_BYTES);
     let ranges = &request.data[..ranges * DSM_RANGE_BYTES];
     for range in ranges.chunks_exact(DSM_RANGE_BYTES) {
         let (start, blocks) = dsm_range(range);
-        if start.checked_add(blocks).is_none_or(|end| end > lba_count) {
-            return Err(GenericStatus::LbaOutOfRange.into());
-        }
+        check_range(&info, start, blocks)?;
     }
     if command.cdw(11) & DSM_ATTRIBUTE_DEALLOCATE == 0 {
         return Ok(Outcome::Respond(

@@ -88,6 +88,16 @@ impl Target {
         }
     }
 
+    /// The NSIDs a controller of `kind` exports: its subsystem's; a discovery controller exports none.
+    pub fn namespaces(&self, kind: ControllerKind) -> &[u32] {
+        match kind {
+            ControllerKind::Nvm { subsystem_index } => {
+                &self.config.subsystems[subsystem_index].namespaces
+            }
+            ControllerKind::Discovery => &[],
+        }
+    }
+
     /// Namespace `nsid`'s attributes changed (the backend reports a new size): every controller of a
     /// subsystem that exports it lists it in its Changed Namespace List and raises the Namespace
     /// Attribute Changed notice if its host enabled it (Base 2.0 section 5.2). Any thread may call
@@ -96,13 +106,7 @@ impl Target {
         let controllers = self.controllers.lock().expect("controller registry lock");
         let mut told = 0;
         for controller in controllers.values() {
-            let ControllerKind::Nvm { subsystem_index } = controller.kind else {
-                continue;
-            };
-            if self.config.subsystems[subsystem_index]
-                .namespaces
-                .contains(&nsid)
-            {
+            if self.namespaces(controller.kind).contains(&nsid) {
                 controller.namespace_changed(nsid);
                 told += 1;
             }
