@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 
+use crate::identify::put_ascii;
 use crate::target::Target;
 
 pub const HEADER_BYTES: usize = 1024;
@@ -62,13 +63,8 @@ fn write_entry(entry: &mut [u8], nqn: &str, port_id: u16, address: SocketAddr) {
     entry[4..6].copy_from_slice(&port_id.to_le_bytes());
     entry[6..8].copy_from_slice(&0xffffu16.to_le_bytes()); // CNTLID: dynamic
     entry[8..10].copy_from_slice(&crate::config::ADMIN_QUEUE_DEPTH.to_le_bytes()); // ASQSZ
-    put_padded(&mut entry[32..64], &address.port().to_string());
+    put_ascii(&mut entry[32..64], &address.port().to_string());
     entry[256..256 + nqn.len()].copy_from_slice(nqn.as_bytes());
-    put_padded(&mut entry[512..768], &address.ip().to_string());
+    put_ascii(&mut entry[512..768], &address.ip().to_string());
     entry[768] = 0; // TSAS for TCP: SECTYPE none
-}
-
-fn put_padded(field: &mut [u8], text: &str) {
-    field.fill(b' ');
-    field[..text.len()].copy_from_slice(text.as_bytes());
 }

@@ -16,8 +16,11 @@ pub const CNS_NAMESPACE: u8 = 0x00;
 pub const CNS_CONTROLLER: u8 = 0x01;
 pub const CNS_ACTIVE_NAMESPACES: u8 = 0x02;
 pub const CNS_NAMESPACE_DESCRIPTORS: u8 = 0x03;
-/// Firmware revision reported in Identify Controller.
-pub const FIRMWARE_REVISION: &[u8] = b"0.1";
+/// Firmware revision reported in Identify Controller and the Firmware Slot Information log page.
+pub const FIRMWARE_REVISION: &str = "0.1";
+/// Size of the FR field (and of a firmware slot's revision).
+pub const FIRMWARE_REVISION_BYTES: usize = 8;
+const _: () = assert!(FIRMWARE_REVISION.len() <= FIRMWARE_REVISION_BYTES);
 /// DLFEAT: deallocated blocks read as 00h (bits 2:0 = 001b), and Write Zeroes honours its Deallocate
 /// bit (bit 3): both deallocate by zeroing through the backend ([`crate::io`]).
 pub const DLFEAT: u8 = 0b1001;
@@ -72,7 +75,9 @@ pub fn identify<B: Backend>(
     ))
 }
 
-fn put_ascii(field: &mut [u8], text: &str) {
+/// Writes an ASCII string field: left-justified, padded with spaces (Base 2.0 section 1.5), and cut
+/// to the field's size (the configured strings are checked against their fields at start).
+pub(crate) fn put_ascii(field: &mut [u8], text: &str) {
     field.fill(b' ');
     let bytes = text.as_bytes();
     let length = bytes.len().min(field.len());
@@ -101,8 +106,8 @@ fn identify_controller<B: Backend>(queue: &QueueState, data: &mut [u8], context:
     put_ascii(&mut data[4..24], serial);
     put_ascii(&mut data[24..64], model);
     put_ascii(
-        &mut data[64..72],
-        std::str::from_utf8(FIRMWARE_REVISION).expect("ASCII"),
+        &mut data[64..64 + FIRMWARE_REVISION_BYTES],
+        FIRMWARE_REVISION,
     );
     data[77] = MDTS;
     data[78..80].copy_from_slice(&controller.cntlid.to_le_bytes());
@@ -190,4 +195,18 @@ fn namespace_descriptors<B: Backend>(
     data[41] = 1;
     data[44] = 0;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ascii_fields_are_space_padded_and_cut_to_size() {
+        let mut field = [0u8; 8];
+        put_ascii(&mut field, FIRMWARE_REVISION);
+        assert_eq!(&field, b"0.1     ");
+        put_ascii(&mut field[..4], "nvmirror");
+        assert_eq!(&field, b"nvmi    ");
+    }
 }

@@ -8,6 +8,7 @@
 
 use crate::backend::Backend;
 use crate::controller::ControllerKind;
+use crate::identify::{put_ascii, FIRMWARE_REVISION, FIRMWARE_REVISION_BYTES};
 use crate::pdu::{CommandSpecificStatus, GenericStatus, Status};
 use crate::poll_group::Context;
 use crate::request::{Outcome, QueueState, Request};
@@ -105,8 +106,6 @@ fn smart_health() -> [u8; SMART_HEALTH_BYTES] {
 fn firmware_slot() -> [u8; FIRMWARE_SLOT_BYTES] {
     let mut page = [0u8; FIRMWARE_SLOT_BYTES];
     page[0] = 1; // AFI: slot 1 active
-    page[8..16].fill(b' ');
-    page[8..8 + crate::identify::FIRMWARE_REVISION.len()]
-        .copy_from_slice(crate::identify::FIRMWARE_REVISION);
+    put_ascii(&mut page[8..8 + FIRMWARE_REVISION_BYTES], FIRMWARE_REVISION);
     page
 }
