@@ -18,7 +18,8 @@ use nvmirror_nvmf::{
 use crate::node::{Command, FrontEnd, Node, SourceEngine, Volume};
 use crate::reactor::{Period, Poller, ACCEPT_POLL_PERIOD_US};
 use crate::remote::{
-    backend_namespaces, remote_links, QueuePairHosts, RemoteInit, RemoteLink, Routed, VolumeService,
+    backend_namespaces, remote_links, QueuePairHosts, RemoteInit, RemoteLink, RemoteRouting,
+    Routed, VolumeService,
 };
 
 fn backend_error(refused: WriteRefused) -> BackendError {
@@ -129,48 +130,58 @@ impl Backend for Volume {
     }
 }
 
-/// The listeners of a target and the round-robin hand-off of what they accept: queue pairs go
-/// to this reactor's poll group and, in turn, to the queue-pair reactors of `remote`
-/// ([`crate::remote`]), whose requests the [`VolumeService`] serves here.
-struct Acceptor {
+/// One target on its reactor, whatever the backend: the listeners, the round-robin hand-off
+/// of what they accept (to this reactor's poll group and, in turn, to the queue-pair reactors
+/// of `remote`, [`crate::remote`]), the [`VolumeService`] answering those, and the poll group.
+pub struct TargetServer<B: Backend> {
     listeners: Vec<Listener>,
     accept: Period,
     service: VolumeService,
+    group: PollGroup<B>,
 }
 
-impl Acceptor {
-    fn new(target: &Target, remote: Vec<RemoteLink>) -> std::io::Result<Self> {
-        Ok(Acceptor {
+impl<B: RemoteRouting> TargetServer<B> {
+    /// Binds every listener of `target` (I/O and discovery); `remote` links the queue-pair
+    /// reactors on the other configured cores (none: every queue pair is polled here).
+    pub fn new(target: Arc<Target>, remote: Vec<RemoteLink>) -> std::io::Result<Self> {
+        Ok(TargetServer {
             listeners: target.bind_listeners()?,
             accept: Period::new(ACCEPT_POLL_PERIOD_US),
             service: VolumeService::new(remote),
+            group: PollGroup::new(target),
         })
     }
 
-    /// Accepts what the listeners have, at most once per [`ACCEPT_POLL_PERIOD_US`].
-    fn poll<B: Backend>(&mut self, now_us: u64, group: &mut PollGroup<B>) -> usize {
-        if !self.accept.due(now_us) {
-            return 0;
-        }
-        let mut accepted = 0;
-        for listener in &mut self.listeners {
-            while let Some(stream) = listener.poll_accept() {
-                if let Some(stream) = self.service.hand_off(stream) {
-                    group.add_connection(stream, now_us);
-                }
-                accepted += 1;
-            }
-        }
-        accepted
-    }
-
-    fn local_addrs(&self) -> Vec<SocketAddr> {
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners.iter().map(Listener::local_addr).collect()
     }
 
-    fn wait_fds(&self, out: &mut Vec<RawFd>) {
+    /// One pass: accept (at most once per [`ACCEPT_POLL_PERIOD_US`]), serve the remote queue
+    /// pairs, poll this reactor's own.
+    pub fn poll(&mut self, now_us: u64, backend: &mut B) -> usize {
+        let mut work = 0;
+        if self.accept.due(now_us) {
+            for listener in &mut self.listeners {
+                while let Some(stream) = listener.poll_accept() {
+                    if let Some(stream) = self.service.hand_off(stream) {
+                        self.group.add_connection(stream, now_us);
+                    }
+                    work += 1;
+                }
+            }
+        }
+        work += self.service.poll(now_us, backend);
+        work + self.group.poll(now_us, backend)
+    }
+
+    pub fn wait_fds(&self, out: &mut Vec<RawFd>) {
         out.extend(self.listeners.iter().map(Listener::raw_fd));
         self.service.wait_fds(out);
+        self.group.raw_fds(out);
+    }
+
+    pub fn next_deadline_us(&self) -> Option<u64> {
+        self.service.next_deadline_us()
     }
 }
 
@@ -198,42 +209,20 @@ fn link_hosts(
     Ok(links)
 }
 
-/// The NVMe/TCP target as the replicated volume's front end: the listeners and this reactor's
-/// poll group; accepted queue pairs go round robin to this reactor and the queue-pair reactors.
-pub struct TargetFrontEnd {
-    acceptor: Acceptor,
-    group: PollGroup<Volume>,
-}
-
-impl TargetFrontEnd {
-    /// Binds every listener of `target` (I/O and discovery); `remote` links the queue-pair
-    /// reactors on the other configured cores (none: every queue pair is polled here).
-    pub fn new(target: Arc<Target>, remote: Vec<RemoteLink>) -> std::io::Result<Self> {
-        Ok(TargetFrontEnd {
-            acceptor: Acceptor::new(&target, remote)?,
-            group: PollGroup::new(target),
-        })
-    }
-
-    pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.acceptor.local_addrs()
-    }
-}
+/// The NVMe/TCP target as the replicated volume's front end (the volume is the source node's).
+pub type TargetFrontEnd = TargetServer<Volume>;
 
 impl FrontEnd for TargetFrontEnd {
     fn poll(&mut self, now_us: u64, volume: &mut Volume) -> usize {
-        let accepted = self.acceptor.poll(now_us, &mut self.group);
-        let served = self.acceptor.service.poll(now_us, volume);
-        accepted + served + self.group.poll(now_us, volume)
+        TargetServer::poll(self, now_us, volume)
     }
 
     fn wait_fds(&self, out: &mut Vec<RawFd>) {
-        self.acceptor.wait_fds(out);
-        self.group.raw_fds(out);
+        TargetServer::wait_fds(self, out)
     }
 
     fn next_deadline_us(&self) -> Option<u64> {
-        self.acceptor.service.next_deadline_us()
+        TargetServer::next_deadline_us(self)
     }
 }
 
@@ -264,8 +253,7 @@ pub fn build_target_front_end(
 /// The unreplicated target: the same NVMe/TCP front end over plain block devices, for the
 /// "without replication" side of the benchmarks; its queue pairs go round robin too.
 pub struct PlainTarget<D: BlockDevice> {
-    acceptor: Acceptor,
-    group: PollGroup<Routed<DeviceBackend<D>>>,
+    server: TargetServer<Routed<DeviceBackend<D>>>,
     backend: Routed<DeviceBackend<D>>,
 }
 
@@ -279,31 +267,27 @@ impl<D: BlockDevice> PlainTarget<D> {
         let backend = Routed::new(DeviceBackend::new(devices));
         let links = link_hosts(&target, backend_namespaces(&backend), hosts)?;
         Ok(PlainTarget {
-            acceptor: Acceptor::new(&target, links)?,
-            group: PollGroup::new(target),
+            server: TargetServer::new(target, links)?,
             backend,
         })
     }
 
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.acceptor.local_addrs()
+        self.server.local_addrs()
     }
 }
 
 impl<D: BlockDevice> Poller for PlainTarget<D> {
     fn poll(&mut self, now_us: u64) -> usize {
-        let accepted = self.acceptor.poll(now_us, &mut self.group);
-        let served = self.acceptor.service.poll(now_us, &mut self.backend);
-        accepted + served + self.group.poll(now_us, &mut self.backend)
+        self.server.poll(now_us, &mut self.backend)
     }
 
     fn wait_fds(&self, out: &mut Vec<RawFd>) {
-        self.acceptor.wait_fds(out);
-        self.group.raw_fds(out);
+        self.server.wait_fds(out);
     }
 
     fn next_deadline_us(&self) -> Option<u64> {
-        self.acceptor.service.next_deadline_us()
+        self.server.next_deadline_us()
     }
 }
 
