@@ -52,40 +52,126 @@ impl Summary {
     }
 
     pub fn json(&self) -> String {
-        format!(
-            "{{\"ios\":{},\"reads\":{},\"writes\":{},\"iops\":{:.1},\"mib_s\":{:.2},\"lat_us_min\":{:.2},\"lat_us_avg\":{:.2},\"lat_us_p50\":{:.2},\"lat_us_p99\":{:.2},\
-             \"lat_us_p999\":{:.2},\"lat_us_max\":{:.2},\"errors\":{},\"verify_mismatches\":{}}}",
-            self.ios,
-            self.reads,
-            self.writes,
-            self.iops,
-            self.mib_s,
-            self.lat_us_min,
-            self.lat_us_avg,
-            self.lat_us_p50,
-            self.lat_us_p99,
-            self.lat_us_p999,
-            self.lat_us_max,
-            self.errors,
-            self.mismatches
-        )
+        let mut json = String::from("{");
+        for field in &FIELDS {
+            if let Some(key) = field.key {
+                if json.len() > 1 {
+                    json.push(',');
+                }
+                json.push_str(&format!("\"{key}\":{}", (field.value)(self)));
+            }
+        }
+        json.push('}');
+        json
     }
 
     fn row(&self, name: &str) -> String {
-        format!(
-            "{name:<12} {:>12.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>10.2} {:>7}",
-            self.iops,
-            self.mib_s,
-            self.lat_us_min,
-            self.lat_us_avg,
-            self.lat_us_p50,
-            self.lat_us_p99,
-            self.lat_us_p999,
-            self.lat_us_max,
-            self.errors + self.mismatches
-        )
+        let mut row = format!("{name:<NAME_WIDTH$}");
+        for field in &FIELDS {
+            if let Some((_, width)) = field.column {
+                row.push_str(&format!(" {:>width$}", (field.value)(self).to_string()));
+            }
+        }
+        row
     }
 }
+
+/// A printed figure: a count, or a measurement with its digits after the point.
+enum Figure {
+    Count(u64),
+    Decimal(f64, usize),
+}
+
+impl std::fmt::Display for Figure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Figure::Count(count) => write!(f, "{count}"),
+            Figure::Decimal(value, decimals) => write!(f, "{value:.decimals$}"),
+        }
+    }
+}
+
+/// One figure of a [`Summary`] and where it is printed.
+struct Field {
+    /// Key in the `--json` line (`None`: table only).
+    key: Option<&'static str>,
+    /// Heading and width of its table column (`None`: JSON only).
+    column: Option<(&'static str, usize)>,
+    value: fn(&Summary) -> Figure,
+}
+
+impl Field {
+    const fn json(key: &'static str, value: fn(&Summary) -> Figure) -> Field {
+        Field {
+            key: Some(key),
+            column: None,
+            value,
+        }
+    }
+
+    const fn column(heading: &'static str, width: usize, value: fn(&Summary) -> Figure) -> Field {
+        Field {
+            key: None,
+            column: Some((heading, width)),
+            value,
+        }
+    }
+
+    const fn both(
+        key: &'static str,
+        heading: &'static str,
+        width: usize,
+        value: fn(&Summary) -> Figure,
+    ) -> Field {
+        Field {
+            key: Some(key),
+            column: Some((heading, width)),
+            value,
+        }
+    }
+}
+
+/// Width of the table's first column (the connection's name).
+const NAME_WIDTH: usize = 12;
+
+/// Every figure, in printing order: the JSON line and the table both come from this list. The table
+/// folds errors and verify mismatches into one column; the JSON line keeps them apart.
+const FIELDS: [Field; 14] = [
+    Field::json("ios", |summary| Figure::Count(summary.ios)),
+    Field::json("reads", |summary| Figure::Count(summary.reads)),
+    Field::json("writes", |summary| Figure::Count(summary.writes)),
+    Field::both("iops", "IOPS", 12, |summary| {
+        Figure::Decimal(summary.iops, 1)
+    }),
+    Field::both("mib_s", "MiB/s", 9, |summary| {
+        Figure::Decimal(summary.mib_s, 2)
+    }),
+    Field::both("lat_us_min", "min µs", 9, |summary| {
+        Figure::Decimal(summary.lat_us_min, 2)
+    }),
+    Field::both("lat_us_avg", "avg µs", 9, |summary| {
+        Figure::Decimal(summary.lat_us_avg, 2)
+    }),
+    Field::both("lat_us_p50", "p50 µs", 9, |summary| {
+        Figure::Decimal(summary.lat_us_p50, 2)
+    }),
+    Field::both("lat_us_p99", "p99 µs", 9, |summary| {
+        Figure::Decimal(summary.lat_us_p99, 2)
+    }),
+    Field::both("lat_us_p999", "p99.9 µs", 9, |summary| {
+        Figure::Decimal(summary.lat_us_p999, 2)
+    }),
+    Field::both("lat_us_max", "max µs", 10, |summary| {
+        Figure::Decimal(summary.lat_us_max, 2)
+    }),
+    Field::json("errors", |summary| Figure::Count(summary.errors)),
+    Field::json("verify_mismatches", |summary| {
+        Figure::Count(summary.mismatches)
+    }),
+    Field::column("errors", 7, |summary| {
+        Figure::Count(summary.errors + summary.mismatches)
+    }),
+];
 
 /// Sums the connections (histograms merged) into the total.
 pub fn total(stats: &[ConnectionStats]) -> ConnectionStats {
@@ -105,10 +191,13 @@ pub fn total(stats: &[ConnectionStats]) -> ConnectionStats {
 
 /// The human-readable table: one row per connection (by qid) and the total.
 pub fn table(stats: &[ConnectionStats], measured: Duration, io_size_bytes: u32) -> String {
-    let mut text = format!(
-        "{:<12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>7}\n",
-        "", "IOPS", "MiB/s", "min µs", "avg µs", "p50 µs", "p99 µs", "p99.9 µs", "max µs", "errors"
-    );
+    let mut text = format!("{:<NAME_WIDTH$}", "");
+    for field in &FIELDS {
+        if let Some((heading, width)) = field.column {
+            text.push_str(&format!(" {heading:>width$}"));
+        }
+    }
+    text.push('\n');
     for (index, connection) in stats.iter().enumerate() {
         let summary = Summary::new(connection, measured, io_size_bytes);
         text.push_str(&summary.row(&format!("qid {}", index + 1)));
@@ -136,10 +225,17 @@ mod tests {
         second.latency.record(30_000);
         second.reads = 1;
         second.errors = 2;
+        second.mismatches = 3;
         let sum = total(&[first.clone(), second.clone()]);
         assert_eq!(
-            (sum.reads, sum.writes, sum.errors, sum.latency.count()),
-            (1, 1000, 2, 1001)
+            (
+                sum.reads,
+                sum.writes,
+                sum.errors,
+                sum.mismatches,
+                sum.latency.count()
+            ),
+            (1, 1000, 2, 3, 1001)
         );
         let summary = Summary::new(&sum, Duration::from_secs(2), 4096);
         assert!((summary.iops - 500.5).abs() < 1e-9);
@@ -148,25 +244,61 @@ mod tests {
             (summary.lat_us_p50 - 10.0).abs() < 0.1 && (summary.lat_us_max - 30.0).abs() < 1e-9
         );
         let json = summary.json();
-        for key in [
+        let keys = [
             "ios",
-            "lat_us_min",
+            "reads",
+            "writes",
             "iops",
             "mib_s",
+            "lat_us_min",
             "lat_us_avg",
             "lat_us_p50",
             "lat_us_p99",
             "lat_us_p999",
             "lat_us_max",
             "errors",
-        ] {
+            "verify_mismatches",
+        ];
+        for key in keys {
             assert!(
                 json.contains(&format!("\"{key}\":")),
                 "{key} missing in {json}"
             );
         }
+        assert_eq!(json.matches(':').count(), keys.len(), "{json}");
+        for (key, value) in [
+            ("ios", "1001"),
+            ("reads", "1"),
+            ("writes", "1000"),
+            ("iops", "500.5"),
+            ("lat_us_max", "30.00"),
+            ("errors", "2"),
+            ("verify_mismatches", "3"),
+        ] {
+            assert!(
+                json.contains(&format!("\"{key}\":{value},"))
+                    || json.ends_with(&format!("\"{key}\":{value}}}")),
+                "{key} is not {value} in {json}"
+            );
+        }
         let text = table(&[first, second], Duration::from_secs(2), 4096);
         assert_eq!(text.lines().count(), 4);
-        assert!(text.lines().last().unwrap().starts_with("total"));
+        let header: Vec<&str> = text.lines().next().unwrap().split_whitespace().collect();
+        assert_eq!(
+            header,
+            [
+                "IOPS", "MiB/s", "min", "µs", "avg", "µs", "p50", "µs", "p99", "µs", "p99.9", "µs",
+                "max", "µs", "errors"
+            ]
+        );
+        let total_row: Vec<&str> = text.lines().last().unwrap().split_whitespace().collect();
+        assert_eq!(total_row.len(), 10, "name, eight figures, errors: {text}");
+        assert_eq!(total_row[0], "total");
+        assert_eq!(total_row[1], "500.5", "IOPS: {text}");
+        assert_eq!(total_row[8], "30.00", "max: {text}");
+        assert_eq!(
+            total_row[9], "5",
+            "errors and verify mismatches together: {text}"
+        );
     }
 }
