@@ -385,6 +385,9 @@ fn run_node<N: Node + 'static>(
         fn next_deadline_us(&self) -> Option<u64> {
             self.0.borrow().next_deadline_us()
         }
+        fn doorbells(&self, out: &mut Vec<Arc<dyn reactor::Doorbell>>) {
+            self.0.borrow().doorbells(out)
+        }
     }
     let node = Rc::new(RefCell::new(node));
     let name = config.name.clone();

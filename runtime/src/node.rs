@@ -17,7 +17,7 @@ use nvmirror_engine::source::{Source, SourceEvent, WriteId};
 use nvmirror_engine::wire;
 
 use crate::link::{IoVecs, Link, LinkEndpoint};
-use crate::reactor::{Mailbox, Poller};
+use crate::reactor::{Doorbell, Mailbox, Poller};
 use crate::remote::{QueuePairHost, RemoteRoutes, RemoteWaiter};
 use crate::ring_memory::RingMemory;
 
@@ -183,6 +183,8 @@ pub trait FrontEnd {
     /// completions with [`Volume::pop_completed`]. Returns work done.
     fn poll(&mut self, now_us: u64, volume: &mut Volume) -> usize;
     fn wait_fds(&self, _out: &mut Vec<RawFd>) {}
+    /// Mailboxes the front end drains (see [`Poller::doorbells`]).
+    fn doorbells(&self, _out: &mut Vec<Arc<dyn Doorbell>>) {}
     /// When the front end needs a poll that no readable fd announces (`Some(0)`: now).
     fn next_deadline_us(&self) -> Option<u64> {
         None
@@ -208,6 +210,11 @@ impl<F: FrontEnd> FrontEnd for Option<F> {
     }
     fn next_deadline_us(&self) -> Option<u64> {
         self.as_ref().and_then(FrontEnd::next_deadline_us)
+    }
+    fn doorbells(&self, out: &mut Vec<Arc<dyn Doorbell>>) {
+        if let Some(front_end) = self {
+            front_end.doorbells(out);
+        }
     }
     fn is_finished(&self) -> bool {
         self.as_ref().is_some_and(FrontEnd::is_finished)
@@ -338,15 +345,17 @@ impl<F: FrontEnd> Poller for SourceNode<F> {
         self.front_end.wait_fds(out);
     }
 
+    fn doorbells(&self, out: &mut Vec<Arc<dyn Doorbell>>) {
+        self.front_end.doorbells(out);
+    }
+
     fn next_deadline_us(&self) -> Option<u64> {
-        // Unsent bytes (a full socket) and the CP timer need polls that no readable fd announces;
-        // the front end arms its mailboxes here, so it is asked first.
-        let front_end = self.front_end.next_deadline_us();
+        // Unsent bytes (a full socket) and the CP timer need polls that no readable fd announces.
         if self.volume.source.tx_pending_bytes() > 0 {
             return Some(0);
         }
         [
-            front_end,
+            self.front_end.next_deadline_us(),
             self.volume.source.next_deadline_us(),
             self.link.next_deadline_us(),
         ]
@@ -501,6 +510,10 @@ impl<F: FrontEnd> Poller for PairNode<F> {
         self.destination.wait_fds(out);
     }
 
+    fn doorbells(&self, out: &mut Vec<Arc<dyn Doorbell>>) {
+        self.source.doorbells(out);
+    }
+
     fn next_deadline_us(&self) -> Option<u64> {
         match (
             self.source.next_deadline_us(),
@@ -540,6 +553,11 @@ impl<N: Poller> Poller for Hosted<N> {
     fn wait_fds(&self, out: &mut Vec<RawFd>) {
         self.node.wait_fds(out);
         self.queue_pairs.wait_fds(out);
+    }
+
+    fn doorbells(&self, out: &mut Vec<Arc<dyn Doorbell>>) {
+        self.node.doorbells(out);
+        self.queue_pairs.doorbells(out);
     }
 
     fn next_deadline_us(&self) -> Option<u64> {

@@ -59,6 +59,17 @@ impl Period {
     }
 }
 
+/// A mailbox the reactor arms before it sleeps, so that a sender wakes it: its own, and those
+/// its pollers drain ([`Poller::doorbells`]).
+pub trait Doorbell {
+    /// From now on a sender writes the eventfd; returns whether messages already wait (then
+    /// the reactor must not sleep).
+    fn arm(&self) -> bool;
+    /// Senders stop writing the eventfd; `rung`: it was readable, drain it.
+    fn disarm(&self, rung: bool);
+    fn raw_fd(&self) -> RawFd;
+}
+
 /// One unit of polled work on a reactor (a listener, a connection, a timer wheel).
 pub trait Poller {
     /// One bounded pass; returns the work done (0 = idle).
@@ -70,6 +81,9 @@ pub trait Poller {
     fn next_deadline_us(&self) -> Option<u64> {
         None
     }
+    /// Appends the mailboxes this poller drains: the reactor arms them before it sleeps and
+    /// waits on their eventfds too.
+    fn doorbells(&self, _out: &mut Vec<Arc<dyn Doorbell>>) {}
 }
 
 /// What a reactor does when a loop found no work.
@@ -143,32 +157,9 @@ impl<T> Mailbox<T> {
     }
 
     /// Takes the oldest message: for a poller that drains a mailbox of its own (not its
-    /// reactor's), together with [`Mailbox::arm`], [`Mailbox::raw_fd`] and [`Mailbox::disarm`].
+    /// reactor's; it lists the mailbox in [`Poller::doorbells`]).
     pub fn pop(&self) -> Option<T> {
         self.queue.pop()
-    }
-
-    /// For a poller that drains this mailbox, before its reactor may sleep (from
-    /// `Poller::next_deadline_us`): from now on a sender writes the eventfd ([`Mailbox::raw_fd`],
-    /// which the poller lists in `wait_fds`). Returns whether messages already wait (then the
-    /// reactor must not sleep).
-    pub fn arm(&self) -> bool {
-        self.sleeping.store(true, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-        !self.queue.is_empty()
-    }
-
-    /// After a sleep (or a skipped one) that [`Mailbox::arm`] prepared: senders stop writing the
-    /// eventfd and any wake-up it holds is drained (one non-blocking read).
-    pub fn disarm(&self) {
-        self.sleeping.store(false, Ordering::SeqCst);
-        let mut count = [0u8; 8];
-        let _ = (&self.eventfd).read(&mut count);
-    }
-
-    /// The eventfd a sender writes to wake an armed consumer.
-    pub fn raw_fd(&self) -> RawFd {
-        self.eventfd.as_raw_fd()
     }
 
     /// Messages waiting.
@@ -184,6 +175,29 @@ impl<T> Mailbox<T> {
     /// The most messages the mailbox holds.
     pub fn capacity(&self) -> usize {
         self.queue.capacity()
+    }
+}
+
+impl<T> Doorbell for Mailbox<T> {
+    fn arm(&self) -> bool {
+        self.sleeping.store(true, Ordering::SeqCst);
+        // Pairs with the fence in `Mailbox::send`: either the sender sees `sleeping` and writes
+        // the eventfd, or this check sees its message.
+        fence(Ordering::SeqCst);
+        !self.queue.is_empty()
+    }
+
+    fn disarm(&self, rung: bool) {
+        self.sleeping.store(false, Ordering::SeqCst);
+        if rung {
+            let mut count = [0u8; 8];
+            // Non-blocking: resets the wake-up counter; a racing wake-up only costs one more loop.
+            let _ = (&self.eventfd).read(&mut count);
+        }
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        self.eventfd.as_raw_fd()
     }
 }
 
@@ -216,10 +230,11 @@ pub struct Reactor<T> {
     pollers: Vec<Box<dyn Poller>>,
     /// Scratch for `sleep`, reused so sleeping allocates only while the fd count grows.
     wait_fds: Vec<RawFd>,
+    doorbells: Vec<Arc<dyn Doorbell>>,
     pollfds: Vec<libc::pollfd>,
 }
 
-impl<T: Send> Reactor<T> {
+impl<T: Send + 'static> Reactor<T> {
     /// A reactor with a new mailbox of `mailbox_capacity` messages.
     pub fn new(config: ReactorConfig, mailbox_capacity: usize) -> io::Result<Reactor<T>> {
         Ok(Self::with_mailbox(config, Mailbox::new(mailbox_capacity)?))
@@ -239,6 +254,7 @@ impl<T: Send> Reactor<T> {
             mailbox,
             pollers: Vec::new(),
             wait_fds: Vec::new(),
+            doorbells: Vec::new(),
             pollfds: Vec::new(),
         }
     }
@@ -326,8 +342,11 @@ impl<T: Send> Reactor<T> {
             return false;
         }
         self.wait_fds.clear();
+        self.doorbells.clear();
+        self.doorbells.push(self.mailbox.clone());
         for poller in &self.pollers {
             poller.wait_fds(&mut self.wait_fds);
+            poller.doorbells(&mut self.doorbells);
         }
         let readable = |fd: RawFd| libc::pollfd {
             fd,
@@ -335,15 +354,23 @@ impl<T: Send> Reactor<T> {
             revents: 0,
         };
         self.pollfds.clear();
-        self.pollfds
-            .push(readable(self.mailbox.eventfd.as_raw_fd()));
+        self.pollfds.extend(
+            self.doorbells
+                .iter()
+                .map(|doorbell| readable(doorbell.raw_fd())),
+        );
         self.pollfds
             .extend(self.wait_fds.iter().map(|fd| readable(*fd)));
 
-        self.mailbox.sleeping.store(true, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-        if !self.mailbox.queue.is_empty() || stop.load(Ordering::Acquire) {
-            self.mailbox.sleeping.store(false, Ordering::SeqCst);
+        // Every doorbell is armed, then checked: a message that arrived first keeps us awake.
+        let mut waiting = false;
+        for doorbell in &self.doorbells {
+            waiting |= doorbell.arm();
+        }
+        if waiting || stop.load(Ordering::Acquire) {
+            for doorbell in &self.doorbells {
+                doorbell.disarm(false);
+            }
             return false;
         }
         let timeout = libc::timespec {
@@ -360,11 +387,8 @@ impl<T: Send> Reactor<T> {
                 std::ptr::null(),
             )
         };
-        self.mailbox.sleeping.store(false, Ordering::SeqCst);
-        if ready > 0 && self.pollfds[0].revents & libc::POLLIN != 0 {
-            let mut count = [0u8; 8];
-            // Non-blocking: resets the wake-up counter; a racing wake-up only costs one more loop.
-            let _ = (&self.mailbox.eventfd).read(&mut count);
+        for (doorbell, pollfd) in self.doorbells.iter().zip(&self.pollfds) {
+            doorbell.disarm(ready > 0 && pollfd.revents & libc::POLLIN != 0);
         }
         true
     }
@@ -566,6 +590,61 @@ mod tests {
         let stats = join_within(handle);
         assert_eq!(received.load(Ordering::SeqCst), 7);
         assert!(stats.sleeps >= 1);
+    }
+
+    /// Drains a mailbox of its own (not the reactor's), listed as a doorbell.
+    struct Drainer {
+        mailbox: Arc<Mailbox<u64>>,
+        received: Arc<AtomicU64>,
+        stop: Arc<AtomicBool>,
+    }
+
+    impl Poller for Drainer {
+        fn poll(&mut self, _now_us: u64) -> usize {
+            let Some(message) = self.mailbox.pop() else {
+                return 0;
+            };
+            self.received.store(message, Ordering::SeqCst);
+            self.stop.store(true, Ordering::Release);
+            1
+        }
+        fn wait_fds(&self, _out: &mut Vec<RawFd>) {}
+        fn doorbells(&self, out: &mut Vec<Arc<dyn Doorbell>>) {
+            out.push(self.mailbox.clone());
+        }
+    }
+
+    #[test]
+    fn a_pollers_mailbox_wakes_a_sleeping_reactor_and_is_disarmed_after() {
+        let own = Mailbox::<()>::new(1).unwrap();
+        let drained = Mailbox::<u64>::new(8).unwrap();
+        let received = Arc::new(AtomicU64::new(0));
+        let (thread_own, thread_drained, thread_received) = (
+            Arc::clone(&own),
+            Arc::clone(&drained),
+            Arc::clone(&received),
+        );
+        let handle = thread::spawn(move || {
+            let stop = Arc::new(AtomicBool::new(false));
+            let mut reactor = Reactor::with_mailbox(sleepy(), thread_own);
+            reactor.add_poller(Box::new(Drainer {
+                mailbox: thread_drained,
+                received: thread_received,
+                stop: Arc::clone(&stop),
+            }));
+            reactor.run(&stop, |_, _, _| {})
+        });
+        wait_until("the poller's mailbox is armed", || {
+            drained.sleeping.load(Ordering::SeqCst)
+        });
+        drained.send(9).unwrap();
+        let stats = join_within(handle);
+        assert_eq!(received.load(Ordering::SeqCst), 9);
+        assert!(stats.sleeps >= 1);
+        assert!(
+            !drained.sleeping.load(Ordering::SeqCst) && !own.sleeping.load(Ordering::SeqCst),
+            "disarmed after the sleep"
+        );
     }
 
     struct Timer {

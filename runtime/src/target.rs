@@ -16,7 +16,7 @@ use nvmirror_nvmf::{
 };
 
 use crate::node::{Command, FrontEnd, Node, SourceEngine, Volume};
-use crate::reactor::{Period, Poller, ACCEPT_POLL_PERIOD_US};
+use crate::reactor::{Doorbell, Period, Poller, ACCEPT_POLL_PERIOD_US};
 use crate::remote::{
     backend_namespaces, remote_links, QueuePairHosts, RemoteInit, RemoteLink, RemoteRouting,
     Routed, VolumeService,
@@ -176,8 +176,11 @@ impl<B: RemoteRouting> TargetServer<B> {
 
     pub fn wait_fds(&self, out: &mut Vec<RawFd>) {
         out.extend(self.listeners.iter().map(Listener::raw_fd));
-        self.service.wait_fds(out);
         self.group.raw_fds(out);
+    }
+
+    pub fn doorbells(&self, out: &mut Vec<Arc<dyn Doorbell>>) {
+        self.service.doorbells(out);
     }
 
     pub fn next_deadline_us(&self) -> Option<u64> {
@@ -219,6 +222,10 @@ impl FrontEnd for TargetFrontEnd {
 
     fn wait_fds(&self, out: &mut Vec<RawFd>) {
         TargetServer::wait_fds(self, out)
+    }
+
+    fn doorbells(&self, out: &mut Vec<Arc<dyn Doorbell>>) {
+        TargetServer::doorbells(self, out)
     }
 
     fn next_deadline_us(&self) -> Option<u64> {
@@ -284,6 +291,10 @@ impl<D: BlockDevice> Poller for PlainTarget<D> {
 
     fn wait_fds(&self, out: &mut Vec<RawFd>) {
         self.server.wait_fds(out);
+    }
+
+    fn doorbells(&self, out: &mut Vec<Arc<dyn Doorbell>>) {
+        self.server.doorbells(out);
     }
 
     fn next_deadline_us(&self) -> Option<u64> {

@@ -1,20 +1,18 @@
 //! A remote reactor's share of a target: its poll group over a [`RemoteBackend`], started once
 //! the target exists.
 
-use std::cell::Cell;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use nvmirror_nvmf::{NamespaceInfo, PollGroup, Target};
 
 use super::{RemoteBackend, RemoteLink};
-use crate::reactor::{Mailbox, Poller};
+use crate::reactor::{Doorbell, Mailbox, Poller};
 
 /// A remote reactor's share of the target: the queue pairs handed to it and their backend.
 pub struct RemoteFrontEnd {
     group: PollGroup<RemoteBackend>,
     backend: RemoteBackend,
-    armed: Cell<bool>,
 }
 
 impl RemoteFrontEnd {
@@ -22,7 +20,6 @@ impl RemoteFrontEnd {
         RemoteFrontEnd {
             group: PollGroup::new(target),
             backend: RemoteBackend::new(link, namespaces),
-            armed: Cell::new(false),
         }
     }
 
@@ -34,10 +31,6 @@ impl RemoteFrontEnd {
 impl Poller for RemoteFrontEnd {
     fn poll(&mut self, now_us: u64) -> usize {
         let link = &self.backend.link;
-        if self.armed.replace(false) {
-            link.done.disarm();
-            link.streams.disarm();
-        }
         let mut work = 0;
         while let Some(stream) = link.streams.pop() {
             self.group.add_connection(stream, now_us);
@@ -47,17 +40,12 @@ impl Poller for RemoteFrontEnd {
     }
 
     fn wait_fds(&self, out: &mut Vec<RawFd>) {
-        out.push(self.backend.link.done.raw_fd());
-        out.push(self.backend.link.streams.raw_fd());
         self.group.raw_fds(out);
     }
 
-    fn next_deadline_us(&self) -> Option<u64> {
-        self.armed.set(true);
-        let link = &self.backend.link;
-        let done = link.done.arm();
-        let streams = link.streams.arm();
-        (done || streams).then_some(0)
+    fn doorbells(&self, out: &mut Vec<Arc<dyn Doorbell>>) {
+        out.push(self.backend.link.done.clone());
+        out.push(self.backend.link.streams.clone());
     }
 }
 
@@ -88,7 +76,6 @@ impl QueuePairHosts {
 pub struct QueuePairHost {
     inbox: Arc<Mailbox<RemoteInit>>,
     front_end: Option<RemoteFrontEnd>,
-    armed: Cell<bool>,
 }
 
 impl QueuePairHost {
@@ -96,7 +83,6 @@ impl QueuePairHost {
         Ok(QueuePairHost {
             inbox: Mailbox::new(1)?,
             front_end: None,
-            armed: Cell::new(false),
         })
     }
 
@@ -114,9 +100,6 @@ impl QueuePairHost {
 
 impl Poller for QueuePairHost {
     fn poll(&mut self, now_us: u64) -> usize {
-        if self.armed.replace(false) {
-            self.inbox.disarm();
-        }
         if let Some(init) = self.inbox.pop() {
             log::info!(
                 "queue-pair reactor {} ready for the target's connections",
@@ -130,19 +113,15 @@ impl Poller for QueuePairHost {
     }
 
     fn wait_fds(&self, out: &mut Vec<RawFd>) {
-        out.push(self.inbox.raw_fd());
         if let Some(front_end) = &self.front_end {
             front_end.wait_fds(out);
         }
     }
 
-    fn next_deadline_us(&self) -> Option<u64> {
-        self.armed.set(true);
-        if self.inbox.arm() {
-            return Some(0);
+    fn doorbells(&self, out: &mut Vec<Arc<dyn Doorbell>>) {
+        out.push(self.inbox.clone());
+        if let Some(front_end) = &self.front_end {
+            front_end.doorbells(out);
         }
-        self.front_end
-            .as_ref()
-            .and_then(RemoteFrontEnd::next_deadline_us)
     }
 }

@@ -2,10 +2,9 @@
 //! executes their operations against the backend, plus [`Routed`] for a backend that is not
 //! the volume.
 
-use std::cell::Cell;
 use std::collections::VecDeque;
 use std::net::TcpStream;
-use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use nvmirror_nvmf::{Backend, BackendError, IoToken, NamespaceInfo};
 
@@ -13,6 +12,7 @@ use super::{
     Done, Op, OpKind, RemoteLink, RemoteRoutes, RemoteWaiter, REMOTE_ROUTES_RESERVED, REMOTE_SLOTS,
 };
 use crate::node::Volume;
+use crate::reactor::Doorbell;
 
 /// A backend whose write completions can be routed to queue pairs on other reactors: the
 /// replicated [`Volume`] and, for the unreplicated target, [`Routed`].
@@ -39,7 +39,6 @@ pub struct VolumeService {
     next_hand_off: usize,
     /// Operations the backend refused with back-pressure, retried first and in order.
     pending: VecDeque<Op>,
-    armed: Cell<bool>,
 }
 
 impl VolumeService {
@@ -48,7 +47,6 @@ impl VolumeService {
             pending: VecDeque::with_capacity(REMOTE_SLOTS * links.len()),
             links,
             next_hand_off: 0,
-            armed: Cell::new(false),
         }
     }
 
@@ -80,9 +78,6 @@ impl VolumeService {
     pub fn poll<B: RemoteRouting>(&mut self, now_us: u64, backend: &mut B) -> usize {
         if self.links.is_empty() {
             return 0;
-        }
-        if self.armed.replace(false) {
-            self.links[0].ops.disarm();
         }
         let mut work = 0;
         while let Some(waiter) = backend.pop_remote_done() {
@@ -210,17 +205,16 @@ impl VolumeService {
             .expect("a remote reactor's done mailbox holds its whole pool");
     }
 
-    pub fn wait_fds(&self, out: &mut Vec<RawFd>) {
+    /// The operations mailbox, for the reactor to arm before it sleeps.
+    pub fn doorbells(&self, out: &mut Vec<Arc<dyn Doorbell>>) {
         if let Some(link) = self.links.first() {
-            out.push(link.ops.raw_fd());
+            out.push(link.ops.clone());
         }
     }
 
-    /// Arms the operations mailbox before the reactor sleeps; `Some(0)` if work already waits.
+    /// Operations refused with back-pressure are retried without waiting for a wake-up.
     pub fn next_deadline_us(&self) -> Option<u64> {
-        let link = self.links.first()?;
-        self.armed.set(true);
-        (link.ops.arm() || !self.pending.is_empty()).then_some(0)
+        (!self.pending.is_empty()).then_some(0)
     }
 }
 
