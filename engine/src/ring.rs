@@ -363,18 +363,10 @@ impl HalfState {
     }
 }
 
-/// Memory an NVRAM ring can live in: bytes, plus a way to copy entry data in.
-pub trait RingStore: AsRef<[u8]> + AsMut<[u8]> {
-    /// Copies `data` into the memory at `offset`. The default is a plain copy, and it is the right
-    /// one for ring data: an entry is read back at once (its CRC, the primary write, the send to
-    /// the destination), so it must stay in the cache. Streaming stores here cost more than they
-    /// saved: measured, they tripled the CRC's share of the replicated write path.
-    fn store(&mut self, offset: usize, data: &[u8]) {
-        self.as_mut()[offset..offset + data.len()].copy_from_slice(data);
-    }
-}
+/// Memory an NVRAM ring can live in (the runtime's mapping, a `Vec<u8>` in tests).
+pub trait RingStore: AsRef<[u8]> + AsMut<[u8]> {}
 
-impl RingStore for Vec<u8> {}
+impl<T: AsRef<[u8]> + AsMut<[u8]>> RingStore for T {}
 
 /// The NVRAM ring over memory `M` (the runtime's mapping, or a `Vec<u8>` in tests).
 pub struct NvramRing<M> {
@@ -631,16 +623,15 @@ impl<M: RingStore> NvramRing<M> {
         Ok(EntrySlot { half, slot, header })
     }
 
-    /// The data space of a reserved entry (empty for ZEROES).
-    /// Copies `data` into a reserved entry's data at `offset` (see [`RingStore::store`]).
+    /// Copies `data` into a reserved entry's data at `offset`. A plain copy, on purpose: the
+    /// entry is read back at once (its CRC, the primary write, the send to the destination), so it
+    /// must stay in the cache; streaming stores here tripled the CRC's share of the write path.
     pub fn store_data(&mut self, slot: &EntrySlot, offset: usize, data: &[u8]) {
         assert!(
             offset + data.len() <= slot.header.data_bytes() as usize,
             "store past the entry"
         );
-        let start = (self.geometry.data_area_offset(slot.half) + u64::from(slot.header.data_offset))
-            as usize;
-        self.memory.store(start + offset, data);
+        self.data_mut(slot)[offset..offset + data.len()].copy_from_slice(data);
     }
 
     pub fn data_mut(&mut self, slot: &EntrySlot) -> &mut [u8] {

@@ -76,10 +76,6 @@ impl TransferTable {
         self.records.is_empty()
     }
 
-    pub fn is_full(&self) -> bool {
-        self.records.len() == self.records.capacity()
-    }
-
     pub fn clear(&mut self) {
         self.records.clear();
     }

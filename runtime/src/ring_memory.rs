@@ -411,5 +411,3 @@ mod tests {
         assert!(!mount.join(&name).exists());
     }
 }
-
-impl nvmirror_engine::ring::RingStore for RingMemory {}
