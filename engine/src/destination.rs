@@ -18,7 +18,7 @@ use std::io::IoSlice;
 use crate::checksum::crc32c;
 use crate::counters::Counters;
 use crate::cp::Descriptor;
-use crate::device::BlockDevice;
+use crate::device::{check_extent, BlockDevice, ExtentError};
 use crate::error::{EngineError, LinkError};
 use crate::geometry::{half_of_cp, round_down, BLOCK_SIZE, OUT_INLINE_BYTES, SECTOR_SIZE};
 use crate::ring::{EntryRequest, NvramRing, RingStore};
@@ -349,16 +349,14 @@ impl<M: RingStore, D: BlockDevice> Destination<M, D> {
         offset_bytes: u64,
         length_bytes: u64,
     ) -> Result<(), LinkError> {
-        let size = match self.mirrors.get((nsid as usize).wrapping_sub(1)) {
-            Some(mirror) => mirror.size_bytes(),
-            None => return Err(protocol(format!("namespace {nsid} does not exist"))),
-        };
-        match offset_bytes.checked_add(length_bytes) {
-            Some(end) if end <= size => Ok(()),
-            _ => Err(protocol(format!(
-                "namespace {nsid}: {length_bytes} bytes at {offset_bytes} beyond {size}"
-            ))),
-        }
+        check_extent(&self.mirrors, nsid, offset_bytes, length_bytes).map_err(|error| {
+            protocol(match error {
+                ExtentError::NoNamespace => format!("namespace {nsid} does not exist"),
+                ExtentError::OutOfRange => format!(
+                    "namespace {nsid}: {length_bytes} bytes at {offset_bytes} beyond its end"
+                ),
+            })
+        })
     }
 
     fn on_table(&mut self, table: &DescriptorTableMessage<'_>) -> Result<(), LinkError> {

@@ -34,6 +34,32 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
     }
 }
 
+/// Why an extent does not fit a set of namespaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentError {
+    NoNamespace,
+    OutOfRange,
+}
+
+/// The one range check of the engine: `length_bytes` at `offset_bytes` of namespace `nsid`
+/// (1-based) lies inside `devices[nsid - 1]`. The source checks host writes with it, the
+/// destination a source's entries, and a replay checks again what was checked on append.
+pub fn check_extent<D: BlockDevice>(
+    devices: &[D],
+    nsid: u32,
+    offset_bytes: u64,
+    length_bytes: u64,
+) -> Result<(), ExtentError> {
+    let device = (nsid as usize)
+        .checked_sub(1)
+        .and_then(|index| devices.get(index))
+        .ok_or(ExtentError::NoNamespace)?;
+    match offset_bytes.checked_add(length_bytes) {
+        Some(end) if end <= device.size_bytes() => Ok(()),
+        _ => Err(ExtentError::OutOfRange),
+    }
+}
+
 /// A namespace in plain process memory: for tests, the simulation's peers and examples (the
 /// runtime's `MallocDevice` is the hugepage-backed one a node uses). Out-of-range access panics:
 /// callers are the engine and tests, which check ranges first.

@@ -24,6 +24,12 @@ pub enum EngineError {
         nsid: u32,
         size_bytes: u64,
     },
+    /// A logged entry lies outside the namespaces it is replayed onto.
+    EntryOutOfRange {
+        nsid: u32,
+        offset_bytes: u64,
+        length_bytes: u32,
+    },
     /// A block device failed during replay.
     Device {
         nsid: u32,
@@ -44,6 +50,14 @@ impl fmt::Display for EngineError {
                     "namespace {nsid}: size {size_bytes} is not a positive multiple of 4096"
                 )
             }
+            Self::EntryOutOfRange {
+                nsid,
+                offset_bytes,
+                length_bytes,
+            } => write!(
+                f,
+                "a logged entry of {length_bytes} bytes at {offset_bytes} in namespace {nsid} lies outside the namespaces to replay it onto"
+            ),
             Self::Device { nsid, error } => write!(f, "namespace {nsid}: device error: {error}"),
         }
     }

@@ -4,7 +4,7 @@
 //! and then mirrored with references exactly as if the process had never stopped.
 
 use super::{apply_entry, logged_write, CpPhase, Source, SourceConfig};
-use crate::device::BlockDevice;
+use crate::device::{check_extent, BlockDevice};
 use crate::error::EngineError;
 use crate::geometry::{half_of_cp, round_down, RingGeometry, BLOCK_SIZE, NAMESPACES_MAX};
 use crate::ring::{EntryHeader, NvramRing, RingError, RingStore};
@@ -78,9 +78,19 @@ pub(crate) fn replay<M: RingStore, D: BlockDevice>(
     let zero_block = vec![0; 64 * 1024];
     let mut bytes = 0;
     for header in entries {
-        if header.nsid == 0 || header.nsid as usize > devices.len() {
-            return Err(EngineError::NamespaceCount(devices.len()));
-        }
+        // Checked again on replay what was checked on append: a namespace that shrank, or
+        // went, since the entry was logged is a reported fault, never a write out of range.
+        check_extent(
+            devices,
+            header.nsid,
+            header.offset_bytes(),
+            u64::from(header.length_bytes),
+        )
+        .map_err(|_| EngineError::EntryOutOfRange {
+            nsid: header.nsid,
+            offset_bytes: header.offset_bytes(),
+            length_bytes: header.length_bytes,
+        })?;
         apply_entry(ring, devices, &zero_block, header).map_err(|error| EngineError::Device {
             nsid: header.nsid,
             error,

@@ -431,3 +431,24 @@ fn an_aborted_write_whose_old_content_cannot_be_read_is_never_committed() {
         Some(SourceEvent::DeviceFailed(text)) if text.contains("read for an aborted write")
     ));
 }
+
+#[test]
+fn replay_onto_a_namespace_that_shrank_is_a_reported_fault() {
+    let (mut source, _destination) = pair(CpMode::References);
+    let last_lba = (NAMESPACE_BYTES / 512 - 8) as u64;
+    source.write(1, 1, last_lba, &[7; 4096]).unwrap();
+    let (ring, _) = source.into_parts();
+    let config = SourceConfig {
+        volume_id: VOLUME,
+        cp_interval_us: u64::MAX,
+        mode: CpMode::References,
+    };
+    let smaller = vec![MemoryDevice(vec![0; NAMESPACE_BYTES / 2])];
+    let error = Source::open(config, ring, smaller, 0)
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(error, crate::EngineError::EntryOutOfRange { nsid: 1, .. }),
+        "{error}"
+    );
+}

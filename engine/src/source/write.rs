@@ -4,7 +4,7 @@
 //! a rewrite of the primary's current content). A failing primary stops CPs, never writes.
 
 use super::{apply_entry, logged_write, CpPhase, Source, SourceEvent, WriteRefused};
-use crate::device::BlockDevice;
+use crate::device::{check_extent, BlockDevice};
 use crate::geometry::{
     half_of_cp, round_down, BLOCK_SIZE, SECTOR_SIZE, TRANSFER_DATA_BYTES_MAX, TRANSFER_ENTRIES_MAX,
 };
@@ -24,14 +24,11 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
         if length_bytes == 0 || !length_bytes.is_multiple_of(SECTOR_SIZE as u64) {
             return Err(WriteRefused::InvalidLength);
         }
-        let size = self.primaries[nsid as usize - 1].size_bytes();
-        let end = lba
+        let offset_bytes = lba
             .checked_mul(SECTOR_SIZE as u64)
-            .and_then(|start| start.checked_add(length_bytes));
-        match end {
-            Some(end) if end <= size => Ok(()),
-            _ => Err(WriteRefused::OutOfRange),
-        }
+            .ok_or(WriteRefused::OutOfRange)?;
+        check_extent(&self.primaries, nsid, offset_bytes, length_bytes)
+            .map_err(|_| WriteRefused::OutOfRange)
     }
 
     pub(super) fn reserve_entry(
