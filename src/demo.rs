@@ -142,7 +142,7 @@ impl<F: FrontEnd + Send + 'static> EmbeddedPair<F> {
 /// Runs until SIGINT/SIGTERM, printing counters on SIGUSR1. A source whose destination refuses
 /// the link for good (another volume, version or geometry; a stale epoch) stops with that reason.
 pub fn serve_until_stopped(
-    controls: &[&NodeControl],
+    controls: &[(&str, &NodeControl)],
     source: Option<&NodeControl>,
     signals: &crate::Signals,
     json: bool,
@@ -158,19 +158,15 @@ pub fn serve_until_stopped(
             return Err(format!("replication stopped: {reason}"));
         }
         if signals.report.swap(false, Ordering::AcqRel) {
-            for control in controls {
+            for (_, control) in controls {
                 if let Err(e) = control.send(Command::PublishCounters) {
                     log::warn!("{e}");
                 }
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
-            for (index, control) in controls.iter().enumerate() {
+            for (side, control) in controls {
                 if let Some(counters) = control.counters.lock().unwrap().as_ref() {
-                    print_counters(
-                        if index == 0 { "source" } else { "destination" },
-                        counters,
-                        json,
-                    );
+                    print_counters(side, counters, json);
                 }
             }
         }

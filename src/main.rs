@@ -148,7 +148,12 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
                 "nvmirror destination: volume '{}' accepting the source on {address}",
                 config.volume
             );
-            let served = demo::serve_until_stopped(&[&running.control], None, &signals, json);
+            let served = demo::serve_until_stopped(
+                &[("destination", &running.control)],
+                None,
+                &signals,
+                json,
+            );
             let node = running.stop()?;
             served?;
             demo::print_counters("destination", node.destination.counters(), json);
@@ -173,7 +178,7 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
             );
             print_connect_lines(config);
             let served = demo::serve_until_stopped(
-                &[&running.control],
+                &[("source", &running.control)],
                 Some(&running.control),
                 &signals,
                 json,
@@ -233,7 +238,10 @@ fn run_embedded_default(embedded: &Embedded, json: bool) -> Result<(), String> {
     );
     print_connect_lines(&source_config);
     let served = demo::serve_until_stopped(
-        &[&pair.source_control, &pair.destination_control],
+        &[
+            ("source", &pair.source_control),
+            ("destination", &pair.destination_control),
+        ],
         Some(&pair.source_control),
         &signals,
         json,

@@ -44,8 +44,6 @@ pub trait LinkEndpoint {
     fn tx_advance(&mut self, bytes: usize);
     /// The whole-message length once the message header is in `buf`, `None` if more bytes are needed.
     fn frame_length(buf: &[u8]) -> Result<Option<usize>, Self::Error>;
-    /// The largest message the peer may send (sizes the receive buffer).
-    fn message_bytes_max() -> usize;
     /// The peer's bytes could not be framed: queue whatever tells the peer why (sent before the
     /// connection closes). Returns the reason to log.
     fn refuse_unframed(&mut self, error: Self::Error) -> Self::Error {

@@ -254,9 +254,6 @@ impl LinkEndpoint for SourceEngine {
     fn frame_length(buf: &[u8]) -> Result<Option<usize>, Self::Error> {
         wire::frame_length(buf).map_err(Into::into)
     }
-    fn message_bytes_max() -> usize {
-        wire::MESSAGE_BYTES_MAX
-    }
 }
 
 impl LinkEndpoint for DestinationEngine {
@@ -278,9 +275,6 @@ impl LinkEndpoint for DestinationEngine {
     }
     fn frame_length(buf: &[u8]) -> Result<Option<usize>, Self::Error> {
         wire::frame_length(buf).map_err(Into::into)
-    }
-    fn message_bytes_max() -> usize {
-        wire::MESSAGE_BYTES_MAX
     }
     fn refuse_unframed(&mut self, error: Self::Error) -> Self::Error {
         match error {
