@@ -102,8 +102,8 @@ impl std::fmt::Display for QueueError {
             QueueError::Closed => write!(f, "the target closed the connection"),
             QueueError::Pdu(error) => write!(f, "malformed PDU from the target: {error}"),
             QueueError::TermReq { fes, fei } => {
-                let name =
-                    Fes::from_u16(*fes).map_or("unknown FES".to_string(), |fes| format!("{fes:?}"));
+                let name = Fes::from_repr(*fes)
+                    .map_or("unknown FES".to_string(), |fes| format!("{fes:?}"));
                 write!(
                     f,
                     "the target sent C2HTermReq: FES {fes:#x} ({name}), FEI {fei:#x}"

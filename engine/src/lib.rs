@@ -16,6 +16,7 @@ pub mod ring;
 pub mod source;
 pub mod transfer;
 pub mod wire;
+pub mod wire_enum;
 
 pub use counters::Counters;
 pub use destination::{Destination, DestinationConfig, DestinationEvent, PromoteReport};

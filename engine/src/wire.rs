@@ -61,57 +61,29 @@ const _: () = assert!(
         <= MESSAGE_BYTES_MAX
 );
 
-/// Message kinds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MessageKind {
-    Hello = 1,
-    HelloAck = 2,
-    Reject = 3,
-    Transfer = 4,
-    TransferAck = 5,
-    DescriptorTable = 6,
-    CpCommit = 7,
-    CpAck = 8,
-}
-
-impl MessageKind {
-    fn from_u8(value: u8) -> Option<Self> {
-        Some(match value {
-            1 => Self::Hello,
-            2 => Self::HelloAck,
-            3 => Self::Reject,
-            4 => Self::Transfer,
-            5 => Self::TransferAck,
-            6 => Self::DescriptorTable,
-            7 => Self::CpCommit,
-            8 => Self::CpAck,
-            _ => return None,
-        })
+crate::wire_enum! {
+    /// Message kinds.
+    pub enum MessageKind: u8 {
+        Hello = 1,
+        HelloAck = 2,
+        Reject = 3,
+        Transfer = 4,
+        TransferAck = 5,
+        DescriptorTable = 6,
+        CpCommit = 7,
+        CpAck = 8,
     }
 }
 
-/// Why a Hello was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RejectReason {
-    Version = 1,
-    Geometry = 2,
-    Volume = 3,
-    StaleEpoch = 4,
-    CpMismatch = 5,
-    Namespaces = 6,
-}
-
-impl RejectReason {
-    fn from_u32(value: u32) -> Option<Self> {
-        Some(match value {
-            1 => Self::Version,
-            2 => Self::Geometry,
-            3 => Self::Volume,
-            4 => Self::StaleEpoch,
-            5 => Self::CpMismatch,
-            6 => Self::Namespaces,
-            _ => return None,
-        })
+crate::wire_enum! {
+    /// Why a Hello was refused.
+    pub enum RejectReason: u32 {
+        Version = 1,
+        Geometry = 2,
+        Volume = 3,
+        StaleEpoch = 4,
+        CpMismatch = 5,
+        Namespaces = 6,
     }
 }
 
@@ -315,7 +287,7 @@ fn check_header(buffer: &[u8]) -> Result<(MessageKind, usize), WireError> {
     if buffer[4] != PROTOCOL_VERSION {
         return Err(WireError::BadVersion(buffer[4]));
     }
-    let kind = MessageKind::from_u8(buffer[5]).ok_or(WireError::UnknownKind(buffer[5]))?;
+    let kind = MessageKind::from_repr(buffer[5]).ok_or(WireError::UnknownKind(buffer[5]))?;
     let flags = le_u16(buffer, 6);
     if flags != 0 {
         return Err(WireError::BadFlags(flags));
@@ -401,7 +373,7 @@ fn decode_body(kind: MessageKind, body: &[u8]) -> Result<Message<'_>, WireError>
                 return Err(bad(kind, "wrong body length"));
             }
             let reason =
-                RejectReason::from_u32(le_u32(body, 0)).ok_or(bad(kind, "unknown reason"))?;
+                RejectReason::from_repr(le_u32(body, 0)).ok_or(bad(kind, "unknown reason"))?;
             let text =
                 std::str::from_utf8(&body[4..]).map_err(|_| bad(kind, "text is not UTF-8"))?;
             Ok(Message::Reject { reason, text })

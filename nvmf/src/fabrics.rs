@@ -30,7 +30,7 @@ pub fn execute<B: Backend>(
     let respond = |queue: &crate::request::QueueState, status: Status| {
         Outcome::Respond(queue.completion(cid, status))
     };
-    match FabricsType::from_u8(command.fctype()) {
+    match FabricsType::from_repr(command.fctype()) {
         Some(FabricsType::Connect) => connect(connection, index, context),
         Some(FabricsType::PropertyGet) | Some(FabricsType::PropertySet)
             if connection.queue.controller.is_none() || connection.queue.qid != 0 =>

@@ -39,19 +39,19 @@ pub const DGST_HEADER: u8 = 1 << 0;
 /// ICReq/ICResp DGST field bit: data digest enabled.
 pub const DGST_DATA: u8 = 1 << 1;
 
-/// PDU type field values (NVMe/TCP 1.0, figure 21).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum PduType {
-    ICReq = 0x00,
-    ICResp = 0x01,
-    H2CTermReq = 0x02,
-    C2HTermReq = 0x03,
-    CapsuleCmd = 0x04,
-    CapsuleResp = 0x05,
-    H2CData = 0x06,
-    C2HData = 0x07,
-    R2T = 0x09,
+nvmirror_engine::wire_enum! {
+    /// PDU type field values (NVMe/TCP 1.0, figure 21).
+    pub enum PduType: u8 {
+        ICReq = 0x00,
+        ICResp = 0x01,
+        H2CTermReq = 0x02,
+        C2HTermReq = 0x03,
+        CapsuleCmd = 0x04,
+        CapsuleResp = 0x05,
+        H2CData = 0x06,
+        C2HData = 0x07,
+        R2T = 0x09,
+    }
 }
 
 /// Which way a PDU travels: only host-to-controller PDUs are valid at a target and vice versa.
@@ -73,21 +73,6 @@ pub struct PduShape {
 }
 
 impl PduType {
-    pub fn from_u8(value: u8) -> Option<PduType> {
-        Some(match value {
-            0x00 => PduType::ICReq,
-            0x01 => PduType::ICResp,
-            0x02 => PduType::H2CTermReq,
-            0x03 => PduType::C2HTermReq,
-            0x04 => PduType::CapsuleCmd,
-            0x05 => PduType::CapsuleResp,
-            0x06 => PduType::H2CData,
-            0x07 => PduType::C2HData,
-            0x09 => PduType::R2T,
-            _ => return None,
-        })
-    }
-
     /// The const PDU-shape table (header lengths from the spec's PDU figures).
     pub const fn shape(self) -> PduShape {
         use Direction::{ControllerToHost as C2H, HostToController as H2C};
@@ -116,29 +101,15 @@ const _: () =
     assert!(PduType::CapsuleResp.shape().hlen as usize == COMMON_HEADER_BYTES + CQE_BYTES);
 const _: () = assert!(PduType::ICReq.shape().hlen as usize + DIGEST_BYTES == HEADER_BYTES_MAX);
 
-/// Fatal error status of a TermReq (NVMe/TCP 1.0, figure 27).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u16)]
-pub enum Fes {
-    InvalidHeaderField = 0x01,
-    PduSequenceError = 0x02,
-    HeaderDigestError = 0x03,
-    DataTransferOutOfRange = 0x04,
-    DataTransferLimitExceeded = 0x05,
-    UnsupportedParameter = 0x06,
-}
-
-impl Fes {
-    pub fn from_u16(value: u16) -> Option<Fes> {
-        Some(match value {
-            0x01 => Fes::InvalidHeaderField,
-            0x02 => Fes::PduSequenceError,
-            0x03 => Fes::HeaderDigestError,
-            0x04 => Fes::DataTransferOutOfRange,
-            0x05 => Fes::DataTransferLimitExceeded,
-            0x06 => Fes::UnsupportedParameter,
-            _ => return None,
-        })
+nvmirror_engine::wire_enum! {
+    /// Fatal error status of a TermReq (NVMe/TCP 1.0, figure 27).
+    pub enum Fes: u16 {
+        InvalidHeaderField = 0x01,
+        PduSequenceError = 0x02,
+        HeaderDigestError = 0x03,
+        DataTransferOutOfRange = 0x04,
+        DataTransferLimitExceeded = 0x05,
+        UnsupportedParameter = 0x06,
     }
 }
 
@@ -280,7 +251,7 @@ impl CommonHeader {
         framing: &Framing,
     ) -> Result<(PduType, DataLocation), PduError> {
         let pdu_type =
-            PduType::from_u8(self.pdu_type).ok_or(PduError::field(0, "unknown PDU type"))?;
+            PduType::from_repr(self.pdu_type).ok_or(PduError::field(0, "unknown PDU type"))?;
         let shape = pdu_type.shape();
         if shape.direction != from {
             return Err(PduError::field(0, "PDU type invalid in this direction"));

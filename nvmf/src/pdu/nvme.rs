@@ -34,29 +34,15 @@ pub mod io_opcode {
     pub const FABRICS: u8 = 0x7f;
 }
 
-/// Fabrics command types (FCTYPE, Fabrics 1.1 figure 8).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum FabricsType {
-    PropertySet = 0x00,
-    Connect = 0x01,
-    PropertyGet = 0x04,
-    AuthenticationSend = 0x05,
-    AuthenticationReceive = 0x06,
-    Disconnect = 0x08,
-}
-
-impl FabricsType {
-    pub fn from_u8(value: u8) -> Option<FabricsType> {
-        Some(match value {
-            0x00 => FabricsType::PropertySet,
-            0x01 => FabricsType::Connect,
-            0x04 => FabricsType::PropertyGet,
-            0x05 => FabricsType::AuthenticationSend,
-            0x06 => FabricsType::AuthenticationReceive,
-            0x08 => FabricsType::Disconnect,
-            _ => return None,
-        })
+nvmirror_engine::wire_enum! {
+    /// Fabrics command types (FCTYPE, Fabrics 1.1 figure 8).
+    pub enum FabricsType: u8 {
+        PropertySet = 0x00,
+        Connect = 0x01,
+        PropertyGet = 0x04,
+        AuthenticationSend = 0x05,
+        AuthenticationReceive = 0x06,
+        Disconnect = 0x08,
     }
 }
 
