@@ -121,8 +121,6 @@ pub struct Source<M, D: BlockDevice> {
     out: OutQueue,
     /// Completions were emitted for every seq up to this one.
     completed_through_seq: u64,
-    /// Seqs below this were written by an earlier process: no completion events.
-    recovered_seq_end: u64,
     events: VecDeque<SourceEvent>,
     counters: Counters,
     device_failed: bool,
@@ -156,7 +154,6 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
             link: LinkState::Down,
             out: OutQueue::new(OUT_INLINE_BYTES, 2 * slots + 1024),
             completed_through_seq: ring.next_seq() - 1,
-            recovered_seq_end: ring.next_seq(),
             events: VecDeque::with_capacity(2 * slots),
             counters,
             device_failed: false,

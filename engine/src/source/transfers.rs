@@ -110,10 +110,9 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
             record.first_slot + record.entry_count <= self.ring.committed_slots(half),
             "acked entries are in the ring"
         );
-        let first = record
-            .first_seq
-            .max(self.completed_through_seq + 1)
-            .max(self.recovered_seq_end);
+        // Entries at or below completed_through_seq completed before (an earlier session, or
+        // before a restart: it starts at the recovered ring's end).
+        let first = record.first_seq.max(self.completed_through_seq + 1);
         for seq in first..=last_seq {
             self.events
                 .push_back(SourceEvent::WriteCompleted(WriteId(seq)));

@@ -100,9 +100,9 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
     fn note_reserved(&mut self, half: usize, entry: &EntrySlot) {
         let header = *entry.header();
         let state = &mut self.cps[half];
-        if state.phase == CpPhase::Free {
-            state.activate(header.cp_number);
-        }
+        // Recovery and freezing always leave the half that takes new entries active.
+        assert_eq!(state.phase, CpPhase::Active, "entries go to the active CP");
+        assert_eq!(state.cp_number, header.cp_number);
         if !state.open_transfer {
             assert_eq!(header.transfer_id, self.next_transfer_id);
             self.next_transfer_id += 1;
