@@ -216,7 +216,8 @@ pub struct Workload {
     completed: u64,
     /// A write refused for back-pressure, retried first on the next poll.
     pending: Option<PlannedWrite>,
-    outstanding: Vec<(WriteId, PlannedWrite)>,
+    /// In issue order; the volume completes writes in that order (ascending ids).
+    outstanding: std::collections::VecDeque<(WriteId, PlannedWrite)>,
     ack_log: Option<Box<dyn AckLog + Send>>,
     ack_log_dirty: bool,
     exhausted: bool,
@@ -240,7 +241,7 @@ impl Workload {
             issued: 0,
             completed: 0,
             pending: None,
-            outstanding: Vec::with_capacity(queue_depth),
+            outstanding: std::collections::VecDeque::with_capacity(queue_depth),
             ack_log: None,
             ack_log_dirty: false,
             exhausted: false,
@@ -295,7 +296,7 @@ impl FrontEnd for Workload {
             };
             match self.issue(now_us, source, write) {
                 Ok(id) => {
-                    self.outstanding.push((id, write));
+                    self.outstanding.push_back((id, write));
                     self.issued += 1;
                     work += 1;
                     if self.cp_every_writes > 0 && self.issued.is_multiple_of(self.cp_every_writes)
@@ -327,12 +328,11 @@ impl FrontEnd for Workload {
 
 impl Workload {
     fn write_completed(&mut self, id: WriteId) {
-        let position = self
+        let (oldest, write) = self
             .outstanding
-            .iter()
-            .position(|(outstanding, _)| *outstanding == id)
+            .pop_front()
             .unwrap_or_else(|| panic!("completion of unknown write {id:?}"));
-        let (_, write) = self.outstanding.swap_remove(position);
+        assert_eq!(oldest, id, "writes complete in the order they were issued");
         self.completed += 1;
         if let Some(log) = self.ack_log.as_mut() {
             log.record(&write);
