@@ -437,6 +437,11 @@ fn verified_nvme_tcp_writes_reach_the_mirror_after_a_cp() {
             "3",
         ]);
         perf.args(["--io-size", "4096", "--json"]);
+        if nsid == "2" {
+            // Digests on: the data digest checked over the ring slot is the entry's CRC (the
+            // destination verifies it again, so a wrong one would stall the run).
+            perf.args(["--header-digest", "--data-digest"]);
+        }
         let output = run_to_end(perf);
         assert!(
             output.status.success(),

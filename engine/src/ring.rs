@@ -643,8 +643,12 @@ impl<M: RingStore> NvramRing<M> {
     /// Seals a reserved entry: data CRC, then the header. Returns the half's committed prefix
     /// (in slots) after the commit.
     pub fn commit(&mut self, slot: &EntrySlot) -> u32 {
-        let data_crc = crc32c(self.slot_data(slot));
-        self.commit_with_crc(slot, data_crc)
+        self.commit_with_crc(slot, self.data_crc(slot))
+    }
+
+    /// CRC32C of a reserved entry's data as it is now.
+    pub fn data_crc(&self, slot: &EntrySlot) -> u32 {
+        crc32c(self.slot_data(slot))
     }
 
     fn slot_data(&self, slot: &EntrySlot) -> &[u8] {

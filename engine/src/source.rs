@@ -196,8 +196,16 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
     }
 
     /// Seals the entry; the committed prefix goes to the primary and becomes sendable.
-    pub fn commit_write(&mut self, _now_us: u64, slot: WriteSlot) {
-        self.ring.commit(&slot.entry);
+    pub fn commit_write(&mut self, now_us: u64, slot: WriteSlot) {
+        let data_crc = self.ring.data_crc(&slot.entry);
+        self.commit_write_verified(now_us, slot, data_crc);
+    }
+
+    /// [`Source::commit_write`] for data whose CRC32C the caller has already computed over the
+    /// entry's bytes as they are now (an NVMe/TCP data digest checked over the ring slot), so the
+    /// entry's data is not read once more to checksum it.
+    pub fn commit_write_verified(&mut self, _now_us: u64, slot: WriteSlot, data_crc: u32) {
+        self.ring.commit_with_crc(&slot.entry, data_crc);
         self.counters.host_write_count += 1;
         self.counters.host_bytes_written += u64::from(slot.entry.header().length_bytes);
         self.apply_committed();

@@ -63,6 +63,17 @@ pub trait Backend {
     }
     /// Completes later via `poll_completion`.
     fn commit_write(&mut self, now_us: u64, slot: Self::WriteSlot) -> IoToken;
+    /// [`Backend::commit_write`] when the host's data digest was checked over the whole slot as
+    /// it is now: `data_crc` is that CRC32C, for a backend that checksums its data (the NVRAM
+    /// ring) to take instead of reading the data again.
+    fn commit_write_verified(
+        &mut self,
+        now_us: u64,
+        slot: Self::WriteSlot,
+        _data_crc: u32,
+    ) -> IoToken {
+        self.commit_write(now_us, slot)
+    }
     /// The connection died before the data arrived: the backend turns the slot into a no-op write (never garbage).
     fn abort_write(&mut self, now_us: u64, slot: Self::WriteSlot) -> IoToken;
     /// At most [`WRITE_ZEROES_BLOCKS_MAX`] blocks; serves Write Zeroes and Dataset Management

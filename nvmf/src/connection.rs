@@ -365,6 +365,12 @@ impl<B: Backend> Connection<B> {
                     DataTarget::RequestBuffer => &request.data[..],
                 };
                 let intact = crate::pdu::crc32c(&data[start as usize..end as usize]) == received;
+                // One digest over a write's whole slot is that data's CRC: the backend takes it.
+                let whole_slot =
+                    target == DataTarget::WriteSlot && start == 0 && end as usize == data.len();
+                if intact && whole_slot {
+                    request.data_crc = Some(received);
+                }
                 if !intact {
                     log::warn!(
                         "nvmf: {}: data digest error on cid {}",

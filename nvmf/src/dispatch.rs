@@ -211,7 +211,14 @@ impl<B: Backend> Connection<B> {
             return;
         }
         if let Some(slot) = request.write_slot.take() {
-            let token = context.backend.commit_write(context.now_us, slot);
+            let token = match request.data_crc.take() {
+                Some(data_crc) => {
+                    context
+                        .backend
+                        .commit_write_verified(context.now_us, slot, data_crc)
+                }
+                None => context.backend.commit_write(context.now_us, slot),
+            };
             assert_eq!(
                 request.tokens_pending, 0,
                 "one backend operation per request"

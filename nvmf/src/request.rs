@@ -64,6 +64,9 @@ pub struct Request<S> {
     pub progress_blocks: u64,
     /// A read the backend finishes asynchronously: its token and length.
     pub read_pending: Option<(crate::backend::IoToken, u32)>,
+    /// CRC32C of a write's whole data, when one data digest covered all of it (checked over
+    /// the slot): handed to the backend so it need not checksum the data again.
+    pub data_crc: Option<u32>,
     pub status: Status,
     pub header: [u8; REQUEST_HEADER_BYTES],
     pub header_bytes: usize,
@@ -87,6 +90,7 @@ impl<S> Request<S> {
             resume: false,
             progress_blocks: 0,
             read_pending: None,
+            data_crc: None,
             status: Status::SUCCESS,
             header: [0; REQUEST_HEADER_BYTES],
             header_bytes: 0,
@@ -108,6 +112,7 @@ impl<S> Request<S> {
         self.resume = false;
         self.progress_blocks = 0;
         self.read_pending = None;
+        self.data_crc = None;
         self.status = Status::SUCCESS;
         self.data_bytes = 0;
     }

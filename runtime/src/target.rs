@@ -91,6 +91,12 @@ impl Backend for Volume {
         IoToken(id.0)
     }
 
+    fn commit_write_verified(&mut self, now_us: u64, slot: WriteSlot, data_crc: u32) -> IoToken {
+        let id = slot.id();
+        self.source.commit_write_verified(now_us, slot, data_crc);
+        IoToken(id.0)
+    }
+
     fn abort_write(&mut self, now_us: u64, slot: WriteSlot) -> IoToken {
         let id = slot.id();
         self.source.abort_write(now_us, slot);

@@ -280,6 +280,9 @@ impl<B: Backend> Backend for Routed<B> {
     fn commit_write(&mut self, now_us: u64, slot: B::WriteSlot) -> IoToken {
         self.inner.commit_write(now_us, slot)
     }
+    fn commit_write_verified(&mut self, now_us: u64, slot: B::WriteSlot, data_crc: u32) -> IoToken {
+        self.inner.commit_write_verified(now_us, slot, data_crc)
+    }
     fn abort_write(&mut self, now_us: u64, slot: B::WriteSlot) -> IoToken {
         self.inner.abort_write(now_us, slot)
     }
