@@ -14,19 +14,7 @@ use crate::pdu::{admin_opcode, CommandSpecificStatus, Completion, GenericStatus,
 use crate::poll_group::Context;
 use crate::request::{Outcome, QueueState, Request, RequestState};
 
-/// Feature identifiers (Base 2.0 figure 271) the controller answers.
-pub mod feature {
-    pub const ARBITRATION: u8 = 0x01;
-    pub const POWER_MANAGEMENT: u8 = 0x02;
-    pub const TEMPERATURE_THRESHOLD: u8 = 0x04;
-    pub const ERROR_RECOVERY: u8 = 0x05;
-    pub const VOLATILE_WRITE_CACHE: u8 = 0x06;
-    pub const NUMBER_OF_QUEUES: u8 = 0x07;
-    pub const INTERRUPT_COALESCING: u8 = 0x08;
-    pub const WRITE_ATOMICITY: u8 = 0x0a;
-    pub const ASYNC_EVENT_CONFIG: u8 = 0x0b;
-    pub const KEEP_ALIVE_TIMER: u8 = 0x0f;
-}
+pub use crate::spec::feature;
 
 /// Temperature threshold default (343 K, over-temperature), reported by Get Features.
 pub const TEMPERATURE_THRESHOLD_KELVIN: u32 = 343;

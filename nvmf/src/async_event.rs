@@ -12,16 +12,15 @@
 
 use std::collections::VecDeque;
 
-use crate::log_page::{CHANGED_NAMESPACES_BYTES, LID_CHANGED_NAMESPACES};
+use crate::spec::{
+    CHANGED_NAMESPACES_BYTES, CONFIG_NAMESPACE_ATTRIBUTE_NOTICES,
+    EVENT_INFO_NAMESPACE_ATTRIBUTE_CHANGED, EVENT_TYPE_NOTICE, LID_CHANGED_NAMESPACES,
+};
 
 /// Entries of the Changed Namespace List log page.
 pub const CHANGED_NAMESPACES_MAX: usize = 1024;
 /// The list's first entry once more namespaces changed than it holds.
 pub const CHANGED_NAMESPACES_OVERFLOW: u32 = 0xffff_ffff;
-/// Event type "Notice" (completion dword 0 bits 2:0).
-pub const EVENT_TYPE_NOTICE: u8 = 0b010;
-/// Asynchronous Event Configuration bit enabling Namespace Attribute Notices.
-pub const CONFIG_NAMESPACE_ATTRIBUTE_NOTICES: u32 = 1 << 8;
 const _: () = assert!(CHANGED_NAMESPACES_MAX * 4 == CHANGED_NAMESPACES_BYTES);
 
 /// An event this target raises. Each variant is one (type, information, log page) triple.
@@ -42,7 +41,7 @@ impl AsyncEvent {
 
     pub fn information(self) -> u8 {
         match self {
-            AsyncEvent::NamespaceAttributeChanged => 0x00,
+            AsyncEvent::NamespaceAttributeChanged => EVENT_INFO_NAMESPACE_ATTRIBUTE_CHANGED,
         }
     }
 

@@ -22,6 +22,7 @@ pub mod pdu;
 pub mod poll_group;
 pub mod request;
 mod send;
+pub mod spec;
 pub mod target;
 pub mod token_table;
 

@@ -12,19 +12,12 @@ use crate::identify::{put_ascii, FIRMWARE_REVISION, FIRMWARE_REVISION_BYTES};
 use crate::pdu::{CommandSpecificStatus, GenericStatus, Status};
 use crate::poll_group::Context;
 use crate::request::{Outcome, QueueState, Request};
+use crate::spec::{
+    CHANGED_NAMESPACES_BYTES, ERROR_ENTRY_BYTES, FIRMWARE_SLOT_BYTES, LID_CHANGED_NAMESPACES,
+    LID_DISCOVERY, LID_ERROR_INFORMATION, LID_FIRMWARE_SLOT, LID_SMART_HEALTH, RAE,
+    SMART_HEALTH_BYTES,
+};
 
-pub const LID_ERROR_INFORMATION: u8 = 0x01;
-pub const LID_SMART_HEALTH: u8 = 0x02;
-pub const LID_FIRMWARE_SLOT: u8 = 0x03;
-pub const LID_CHANGED_NAMESPACES: u8 = 0x04;
-pub const LID_DISCOVERY: u8 = 0x70;
-/// Retain Asynchronous Event (Get Log Page dword 10).
-pub const RAE: u32 = 1 << 15;
-/// Page sizes (bytes).
-pub const ERROR_ENTRY_BYTES: usize = 64;
-pub const SMART_HEALTH_BYTES: usize = 512;
-pub const FIRMWARE_SLOT_BYTES: usize = 512;
-pub const CHANGED_NAMESPACES_BYTES: usize = 4096;
 /// Composite temperature reported in SMART / Health (Kelvin).
 pub const COMPOSITE_TEMPERATURE_KELVIN: u16 = 300;
 
