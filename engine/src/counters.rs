@@ -30,10 +30,14 @@ pub struct Counters {
     /// Bytes sent plus bytes received.
     pub wire_bytes_total: u64,
     pub backpressure_count: u64,
+    /// Device ops that failed (each is retried; nothing acknowledged depends on one).
+    pub device_error_count: u64,
+    /// CPs the destination failed (mirror write errors) and the source sent again.
+    pub cp_failure_count: u64,
 }
 
 impl Counters {
-    fn fields(&self) -> [(&'static str, u64); 19] {
+    fn fields(&self) -> [(&'static str, u64); 21] {
         [
             ("host_write_count", self.host_write_count),
             ("host_bytes_written", self.host_bytes_written),
@@ -54,6 +58,8 @@ impl Counters {
             ("ring_size_bytes", self.ring_size_bytes),
             ("wire_bytes_total", self.wire_bytes_total),
             ("backpressure_count", self.backpressure_count),
+            ("device_error_count", self.device_error_count),
+            ("cp_failure_count", self.cp_failure_count),
         ]
     }
 
@@ -100,12 +106,14 @@ mod tests {
         counters.record_cp_duration(50);
         counters.record_cp_duration(20);
         let text = counters.to_text();
-        assert_eq!(text.lines().count(), 19);
+        assert_eq!(text.lines().count(), 21);
         assert!(text.starts_with("host_write_count 3\n"));
         assert!(text.contains("cp_duration_us_max 50\ncp_duration_us_last 20\n"));
         let json = counters.to_json();
         assert!(json.starts_with("{\"host_write_count\":3,"));
-        assert!(json.ends_with("\"backpressure_count\":1}"));
+        assert!(json.ends_with(
+            "\"backpressure_count\":1,\"device_error_count\":0,\"cp_failure_count\":0}"
+        ));
         assert!(json.contains("\"cp_count\":2,"));
     }
 }

@@ -17,6 +17,16 @@ pub enum CpMode {
     Naive,
 }
 
+impl CpMode {
+    /// A dirty block with this descriptor travels as Data, read from the primary at CP time.
+    pub fn reads_primary(self, buffer: BufferDescriptor) -> bool {
+        match self {
+            CpMode::Naive => true,
+            CpMode::References => buffer == BufferDescriptor::Partial,
+        }
+    }
+}
+
 /// How one dirty block reaches the mirror.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Descriptor {

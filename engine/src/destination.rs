@@ -5,12 +5,18 @@
 //!
 //! Call order: `open`; `handle_connected`; `handle_message` per whole framed message (an `Err`
 //! is connection-fatal: flush the send queue best-effort, e.g. a queued Reject, then close);
-//! `tx_iovecs` + `tx_advance`; drain `poll_event`; `handle_disconnected` when the link drops.
+//! submit every `poll_device_op` to its mirror namespace and hand each completion to
+//! `handle_device_completion`; `tx_iovecs` + `tx_advance`; drain `poll_event`;
+//! `handle_disconnected` when the link drops. Mirror writes and flushes are device ops
+//! (`mirror`): a slow mirror never delays a TransferAck, and a failing one fails the CP
+//! (CpFailed; the source sends it again), never the link.
 //!
 //! A new session (accepted Hello) rewinds both halves without erasing them: the source resends
 //! every entry of its unreleased CPs from the halves' start with the same seq and placement, so
 //! the bytes are overwritten identically, and a promotion meanwhile still finds every entry
 //! this side acknowledged (invariant 4).
+
+mod mirror;
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -18,22 +24,29 @@ use std::io::IoSlice;
 use crate::checksum::crc32c;
 use crate::counters::Counters;
 use crate::cp::Descriptor;
-use crate::device::{check_extent, BlockDevice, ExtentError};
+use crate::device::{check_extent, ExtentError, InflightOps};
 use crate::error::{EngineError, LinkError};
-use crate::geometry::{half_of_cp, round_down, BLOCK_SIZE, OUT_INLINE_BYTES, SECTOR_SIZE};
+use crate::geometry::{
+    half_of_cp, round_down, BLOCK_SIZE, DESCRIPTORS_PER_TABLE, OUT_INLINE_BYTES, SECTOR_SIZE,
+    TABLE_DATA_BLOCKS_MAX,
+};
+use crate::promotion::Promotion;
 use crate::ring::{EntryRequest, NvramRing, RingStore};
-use crate::source::message_name;
-use crate::source::recovery::{check_namespaces, open_or_format, replay};
+use crate::source::recovery::{check_namespaces, open_or_format};
+use crate::source::{message_name, TABLE_WINDOW};
 use crate::transfer::TransferId;
 use crate::wire::{
     self, Control, DescriptorTableMessage, Hello, Message, OutQueue, RejectReason, TransferMessage,
     WireError,
 };
+use mirror::{DestinationOp, MirrorSource, MirrorWrite};
 
 /// The destination's configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DestinationConfig {
     pub volume_id: [u8; 16],
+    /// Device ops in flight per mirror namespace at most.
+    pub device_queue_depth: u32,
 }
 
 /// What the destination tells the runtime.
@@ -43,21 +56,15 @@ pub enum DestinationEvent {
     CpApplied { cp_number: u64 },
     /// We refused the source's Hello (the reason text).
     PeerRejected(String),
+    /// A mirror op failed (the CP it belongs to fails and is sent again).
+    DeviceFault(crate::source::DeviceFault),
 }
 
-/// What a promotion replayed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PromoteReport {
-    pub entries_replayed: u64,
-    pub bytes_replayed: u64,
-    pub cp_completed: u64,
-    pub epoch: u64,
-}
-
-/// The destination state machine over ring memory `M` and mirror namespaces `D`.
-pub struct Destination<M, D: BlockDevice> {
+/// The destination state machine over ring memory `M`; its mirror namespaces are the
+/// runtime's, reached through device ops.
+pub struct Destination<M> {
     ring: NvramRing<M>,
-    mirrors: Vec<D>,
+    namespace_sizes_bytes: Vec<u64>,
     volume_id: [u8; 16],
     /// A Hello was accepted on the current link.
     in_session: bool,
@@ -69,13 +76,52 @@ pub struct Destination<M, D: BlockDevice> {
     out: OutQueue,
     events: VecDeque<DestinationEvent>,
     counters: Counters,
-    zero_block: Vec<u8>,
+    /// Device ops in flight and what each is for.
+    ops: InflightOps<DestinationOp>,
+    /// Mirror writes of received tables not yet submitted, in descriptor order.
+    pending: VecDeque<MirrorWrite>,
+    /// Data blocks of received tables until their mirror write completes, and the free ones.
+    staging: Vec<u8>,
+    staging_free: Vec<u16>,
+    /// Per table of the CP being applied (in order): its table number and mirror writes still
+    /// to complete; TableAcks go out cumulatively as the front ones finish.
+    tables: VecDeque<(u64, u32)>,
+    tables_received: u64,
+    tables_done: u64,
+    /// A mirror op of the CP being applied failed: it answers CpFailed at its CpCommit.
+    cp_failed: bool,
+    /// CpCommit came for this CP: flush once every mirror write completed.
+    commit_pending: Option<u64>,
+    /// Mirror flushes of the committing CP still out, and whether one failed.
+    flushes_remaining: u32,
+    flushes_issued: u32,
+    flush_failed: bool,
+    /// Bumped at every session: ops of an earlier one are told apart.
+    session: u32,
+    /// A Hello was accepted while mirror writes of the last session were in flight: its
+    /// HelloAck goes out once they are done.
+    hello_ack_pending: bool,
+    /// Per namespace: a failure was logged and no op has succeeded since.
+    failing: Vec<bool>,
 }
 
-impl<M: RingStore, D: BlockDevice> Destination<M, D> {
-    /// Opens (or formats) the ring; the log waits for the source's Hello (or a promotion).
-    pub fn open(config: DestinationConfig, ring: M, mirrors: Vec<D>) -> Result<Self, EngineError> {
-        check_namespaces(&mirrors)?;
+/// Data blocks the destination stages: a full window of tables.
+const STAGING_BLOCKS: usize = TABLE_WINDOW as usize * TABLE_DATA_BLOCKS_MAX;
+const _: () = assert!(STAGING_BLOCKS <= u16::MAX as usize);
+
+impl<M: RingStore> Destination<M> {
+    /// Opens (or formats) the ring for mirrors of `namespace_sizes_bytes`; the log waits for
+    /// the source's Hello (or a promotion).
+    pub fn open(
+        config: DestinationConfig,
+        ring: M,
+        namespace_sizes_bytes: &[u64],
+    ) -> Result<Self, EngineError> {
+        check_namespaces(namespace_sizes_bytes)?;
+        assert!(
+            (1..=crate::source::DEVICE_QUEUE_DEPTH_MAX).contains(&config.device_queue_depth),
+            "device queue depth checked with the config"
+        );
         let (ring, entries, formatted) = open_or_format(ring, config.volume_id)?;
         let slots = ring.geometry().half_header_slots as usize;
         log::info!(
@@ -89,9 +135,10 @@ impl<M: RingStore, D: BlockDevice> Destination<M, D> {
             ring_size_bytes: ring.geometry().ring_bytes,
             ..Counters::default()
         };
+        let namespaces = namespace_sizes_bytes.len();
         Ok(Self {
             ring,
-            mirrors,
+            namespace_sizes_bytes: namespace_sizes_bytes.to_vec(),
             volume_id: config.volume_id,
             in_session: false,
             transfers: [Vec::with_capacity(slots), Vec::with_capacity(slots)],
@@ -101,7 +148,21 @@ impl<M: RingStore, D: BlockDevice> Destination<M, D> {
             out: OutQueue::new(OUT_INLINE_BYTES, 4096),
             events: VecDeque::with_capacity(64),
             counters,
-            zero_block: vec![0; BLOCK_SIZE],
+            ops: InflightOps::new(namespaces, config.device_queue_depth),
+            pending: VecDeque::with_capacity(TABLE_WINDOW as usize * DESCRIPTORS_PER_TABLE),
+            staging: vec![0; STAGING_BLOCKS * BLOCK_SIZE],
+            staging_free: (0..STAGING_BLOCKS as u16).rev().collect(),
+            tables: VecDeque::with_capacity(TABLE_WINDOW as usize),
+            tables_received: 0,
+            tables_done: 0,
+            cp_failed: false,
+            commit_pending: None,
+            flushes_remaining: 0,
+            flushes_issued: 0,
+            flush_failed: false,
+            session: 0,
+            hello_ack_pending: false,
+            failing: vec![false; namespaces],
         })
     }
 
@@ -109,10 +170,12 @@ impl<M: RingStore, D: BlockDevice> Destination<M, D> {
         self.out.clear();
         self.in_session = false;
         self.pending_ack = None;
+        self.hello_ack_pending = false;
+        self.restart_cp();
     }
 
-    pub fn handle_disconnected(&mut self, _now_us: u64) {
-        self.handle_connected(_now_us);
+    pub fn handle_disconnected(&mut self, now_us: u64) {
+        self.handle_connected(now_us);
     }
 
     /// Handles one whole framed message from the source.
@@ -188,15 +251,25 @@ impl<M: RingStore, D: BlockDevice> Destination<M, D> {
             self.ring.rewind_half(half);
             self.transfers[half].clear();
         }
-        self.descriptors_applied = 0;
+        self.restart_cp();
         self.logged_seq_max = None;
         self.in_session = true;
+        if self.mirror_writes_inflight() {
+            // Mirror writes of the last session still hold staging blocks: the new session
+            // starts (and may send tables) once they are done, so staging stays one window.
+            self.hello_ack_pending = true;
+        } else {
+            self.push_hello_ack();
+        }
+        Ok(())
+    }
+
+    fn push_hello_ack(&mut self) {
         let superblock = *self.ring.superblock();
         self.push_control(Control::HelloAck {
             cp_completed: superblock.cp_completed,
             epoch: superblock.epoch,
         });
-        Ok(())
     }
 
     fn check_hello(&self, hello: &Hello) -> Result<(), (RejectReason, String)> {
@@ -229,14 +302,13 @@ impl<M: RingStore, D: BlockDevice> Destination<M, D> {
                 ),
             ));
         }
-        let sizes: Vec<u64> = self.mirrors.iter().map(|m| m.size_bytes()).collect();
-        if hello.namespace_sizes() != sizes.as_slice() {
+        if hello.namespace_sizes() != self.namespace_sizes_bytes.as_slice() {
             return Err((
                 RejectReason::Namespaces,
                 format!(
                     "namespace sizes {:?} != mirrors {:?}",
                     hello.namespace_sizes(),
-                    sizes
+                    self.namespace_sizes_bytes
                 ),
             ));
         }
@@ -349,7 +421,13 @@ impl<M: RingStore, D: BlockDevice> Destination<M, D> {
         offset_bytes: u64,
         length_bytes: u64,
     ) -> Result<(), LinkError> {
-        check_extent(&self.mirrors, nsid, offset_bytes, length_bytes).map_err(|error| {
+        check_extent(
+            &self.namespace_sizes_bytes,
+            nsid,
+            offset_bytes,
+            length_bytes,
+        )
+        .map_err(|error| {
             protocol(match error {
                 ExtentError::NoNamespace => format!("namespace {nsid} does not exist"),
                 ExtentError::OutOfRange => format!(
@@ -359,78 +437,142 @@ impl<M: RingStore, D: BlockDevice> Destination<M, D> {
         })
     }
 
+    /// A DescriptorTable: every descriptor is checked (extent; a reference resolved to its log
+    /// bytes) before any is queued, then its mirror writes are queued as device ops and its Data
+    /// blocks staged until they are written. A source keeps at most [`TABLE_WINDOW`] tables
+    /// unacknowledged, so staging never runs out for a source that follows the protocol.
     fn on_table(&mut self, table: &DescriptorTableMessage<'_>) -> Result<(), LinkError> {
         let cp_number = self.ring.superblock().cp_completed + 1;
-        if table.cp_number != cp_number {
+        if table.cp_number != cp_number || self.commit_pending.is_some() {
             return Err(protocol(format!(
                 "descriptors for cp {} while committing cp {cp_number}",
                 table.cp_number
             )));
         }
+        if self.tables.len() >= TABLE_WINDOW as usize {
+            return Err(protocol(format!(
+                "more than {TABLE_WINDOW} DescriptorTables unacknowledged"
+            )));
+        }
         let half = half_of_cp(cp_number);
+        let table_number = self.tables_received;
+        let queued_before = self.pending.len();
+        let mut writes = 0;
         for (entry, data) in table.descriptors() {
-            let offset = entry
+            let offset_bytes = entry
                 .block_index
                 .checked_mul(BLOCK_SIZE as u64)
                 .ok_or_else(|| protocol("block index overflow".into()))?;
-            self.check_extent(entry.nsid, offset, BLOCK_SIZE as u64)?;
-            let block = match entry.descriptor {
+            if let Err(error) = self.check_extent(entry.nsid, offset_bytes, BLOCK_SIZE as u64) {
+                self.unqueue_from(queued_before);
+                return Err(error);
+            }
+            let from = match entry.descriptor {
                 Descriptor::Reference {
                     transfer_id,
                     block_number,
                 } => {
                     self.counters.cp_reference_count += 1;
-                    resolve(
+                    match resolve(
                         &self.ring,
                         &self.transfers[half],
                         half,
                         transfer_id,
                         block_number,
-                    )?
+                    ) {
+                        Ok(ring_offset) => MirrorSource::Log { ring_offset },
+                        Err(error) => {
+                            self.unqueue_from(queued_before);
+                            return Err(error);
+                        }
+                    }
+                }
+                Descriptor::Data if self.cp_failed => {
+                    // Not staged: the failed CP's writes are dropped below.
+                    self.counters.cp_data_blocks += 1;
+                    MirrorSource::Zeroes
                 }
                 Descriptor::Data => {
                     self.counters.cp_data_blocks += 1;
-                    data.expect("Data descriptors carry a block")
+                    let block = self
+                        .staging_free
+                        .pop()
+                        .expect("a window of tables fits the staging blocks");
+                    let at = usize::from(block) * BLOCK_SIZE;
+                    self.staging[at..at + BLOCK_SIZE]
+                        .copy_from_slice(data.expect("Data descriptors carry a block"));
+                    MirrorSource::Staged { block }
                 }
                 Descriptor::Zeroes => {
                     self.counters.cp_zeroes_count += 1;
-                    &self.zero_block[..]
+                    MirrorSource::Zeroes
                 }
             };
-            self.mirrors[entry.nsid as usize - 1]
-                .write_at(offset, block)
-                .map_err(|error| {
-                    LinkError::Device(format!("mirror namespace {}: {error}", entry.nsid))
-                })?;
+            writes += 1;
+            self.pending.push_back(MirrorWrite {
+                nsid: entry.nsid,
+                offset_bytes,
+                from,
+                table: table_number,
+            });
         }
+        if self.cp_failed {
+            // The CP fails at its CpCommit anyway: nothing more of it is written.
+            self.unqueue_from(queued_before);
+            writes = 0;
+        }
+        self.tables_received += 1;
+        self.tables.push_back((table_number, writes));
         self.descriptors_applied += u64::from(table.count);
+        self.ack_done_tables();
         Ok(())
     }
 
+    /// Drops the queued mirror writes from position `from` on, freeing their staging blocks.
+    fn unqueue_from(&mut self, from: usize) {
+        while self.pending.len() > from {
+            let write = self.pending.pop_back().expect("longer than from");
+            if let MirrorSource::Staged { block } = write.from {
+                self.staging_free.push(block);
+            }
+        }
+    }
+
+    /// CpCommit: once every mirror write of the CP completed, the mirrors are flushed (device
+    /// ops) and the CP recorded and acknowledged, or failed (CpFailed) if a mirror op failed.
     fn on_commit(&mut self, cp_number: u64, descriptor_count: u64) -> Result<(), LinkError> {
         let expected_cp = self.ring.superblock().cp_completed + 1;
-        if cp_number != expected_cp || descriptor_count != self.descriptors_applied {
+        if cp_number != expected_cp
+            || descriptor_count != self.descriptors_applied
+            || self.commit_pending.is_some()
+        {
             return Err(protocol(format!(
                 "CpCommit cp {cp_number} with {descriptor_count} descriptors; expected cp {expected_cp} with {}",
                 self.descriptors_applied
             )));
         }
-        for (index, mirror) in self.mirrors.iter_mut().enumerate() {
-            mirror.flush().map_err(|error| {
-                LinkError::Device(format!("mirror namespace {}: flush: {error}", index + 1))
-            })?;
-        }
-        let half = half_of_cp(cp_number);
-        let transfer_floor = self.transfers[half].last().map_or(0, |&(id, _)| id.0 + 1);
-        self.ring.record_cp_completed(cp_number, transfer_floor);
-        self.ring.release_half(half);
-        self.transfers[half].clear();
-        self.descriptors_applied = 0;
-        self.counters.cp_count += 1;
-        self.push_control(Control::CpAck { cp_number });
-        self.events
-            .push_back(DestinationEvent::CpApplied { cp_number });
+        self.commit_pending = Some(cp_number);
+        self.advance_commit();
         Ok(())
+    }
+
+    /// Forgets the CP being applied (a new session, or it failed): its tables come again.
+    /// Ops in flight finish in the background; the next flush waits for them.
+    fn restart_cp(&mut self) {
+        self.unqueue_from(0);
+        self.tables.clear();
+        self.tables_received = 0;
+        self.tables_done = 0;
+        self.descriptors_applied = 0;
+        self.cp_failed = false;
+        self.commit_pending = None;
+        self.session = self.session.wrapping_add(1);
+        if self.flushes_remaining > 0 {
+            // Flushes of the abandoned commit still complete; they are not this CP's.
+            self.flushes_remaining = 0;
+        }
+        self.flushes_issued = 0;
+        self.flush_failed = false;
     }
 
     fn push_control(&mut self, control: Control<'_>) {
@@ -484,46 +626,32 @@ impl<M: RingStore, D: BlockDevice> Destination<M, D> {
         self.logged_seq_max
     }
 
-    /// Gives back the ring memory and mirrors (a crash, or an orderly stop).
-    pub fn into_parts(self) -> (M, Vec<D>) {
-        (self.ring.into_memory(), self.mirrors)
+    /// Gives back the ring memory (a crash, or an orderly stop). Ops still in flight are the
+    /// runtime's to finish or abandon.
+    pub fn into_memory(self) -> M {
+        self.ring.into_memory()
     }
 
-    /// Failover: replays the log's entries newer than the last completed CP onto the mirrors
-    /// (seq order), flushes, records them as completed, bumps the epoch (invariant 6).
-    pub fn promote(self) -> Result<PromoteReport, EngineError> {
-        let (memory, mut mirrors) = self.into_parts();
-        let (mut ring, entries) = NvramRing::open(memory).map_err(EngineError::Ring)?;
-        let bytes_replayed = replay(&ring, &mut mirrors, &entries)?;
-        if let Some(last) = entries.last() {
-            let transfer_floor = entries.iter().map(|e| e.transfer_id + 1).max().unwrap_or(0);
-            ring.record_cp_completed(last.cp_number, transfer_floor);
-            ring.release_half(0);
-            ring.release_half(1);
-        }
-        let epoch = ring.superblock().epoch + 1;
-        ring.set_epoch(epoch);
-        log::info!(
-            "destination: promoted at epoch {epoch}, replayed {} entries",
-            entries.len()
-        );
-        Ok(PromoteReport {
-            entries_replayed: entries.len() as u64,
-            bytes_replayed,
-            cp_completed: ring.superblock().cp_completed,
-            epoch,
-        })
+    /// Failover: a [`Promotion`] that replays the log's entries newer than the last completed
+    /// CP onto the mirrors (device ops, seq order), flushes, records them as completed and
+    /// bumps the epoch (invariant 6). Wait for this side's ops in flight first.
+    pub fn promote(self) -> Result<Promotion<M>, EngineError> {
+        assert!(self.ops.is_empty(), "promote once the mirror ops finished");
+        let sizes = self.namespace_sizes_bytes.clone();
+        let depth = self.ops_depth();
+        Promotion::new(self.ring.into_memory(), &sizes, depth)
     }
 }
 
-/// The 4 KiB of block `block_number` of `transfer_id` in our own log (claim 15).
-fn resolve<'a, M: RingStore>(
-    ring: &'a NvramRing<M>,
+/// The ring offset of the 4 KiB of block `block_number` of `transfer_id` in our own log
+/// (claim 15).
+fn resolve<M: RingStore>(
+    ring: &NvramRing<M>,
     transfers: &[(TransferId, u32)],
     half: usize,
     transfer_id: TransferId,
     block_number: u32,
-) -> Result<&'a [u8], LinkError> {
+) -> Result<u64, LinkError> {
     let index = transfers
         .binary_search_by_key(&transfer_id, |&(id, _)| id)
         .map_err(|_| protocol(format!("reference to unknown transfer {}", transfer_id.0)))?;
@@ -534,10 +662,7 @@ fn resolve<'a, M: RingStore>(
             transfer_id.0
         )));
     }
-    Ok(ring.bytes(
-        ring.geometry().data_area_offset(half) + position,
-        BLOCK_SIZE,
-    ))
+    Ok(ring.geometry().data_area_offset(half) + position)
 }
 
 fn protocol(text: String) -> LinkError {

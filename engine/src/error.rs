@@ -4,7 +4,6 @@
 //! [`crate::source::WriteRefused`] / [`crate::source::ReadError`].
 
 use std::fmt;
-use std::io;
 
 use crate::geometry::GeometryError;
 use crate::ring::RingError;
@@ -30,10 +29,10 @@ pub enum EngineError {
         offset_bytes: u64,
         length_bytes: u32,
     },
-    /// A block device failed during replay.
+    /// A block device failed during a promotion's replay.
     Device {
         nsid: u32,
-        error: io::Error,
+        error: crate::device::DeviceError,
     },
 }
 
@@ -84,8 +83,6 @@ pub enum LinkError {
     RejectedByPeer { reason: RejectReason, text: String },
     /// We refused the peer's Hello (a Reject is queued).
     RejectedPeer { reason: RejectReason, text: String },
-    /// A local block device failed while applying the peer's data.
-    Device(String),
 }
 
 impl fmt::Display for LinkError {
@@ -107,7 +104,6 @@ impl fmt::Display for LinkError {
                 write!(f, "rejected by peer ({reason:?}): {text}")
             }
             Self::RejectedPeer { reason, text } => write!(f, "rejected peer ({reason:?}): {text}"),
-            Self::Device(text) => write!(f, "device: {text}"),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! nvmirror's engine core: the replication method of the patent claims, sans IO.
 //!
 //! Events go in (`handle_*` with the time as `now_us`), actions come out (`poll_*`, the send queue);
-//! block devices are reached through [`device::BlockDevice`]. No sockets, threads or clocks live here,
+//! block devices are reached through device ops and their completions ([`device`]). No sockets, threads or clocks live here,
 //! so the same core is driven by the embedded runtime, an SPDK runtime and the seeded simulation.
 #![forbid(unsafe_code)]
 
@@ -12,6 +12,7 @@ pub mod destination;
 pub mod device;
 pub mod error;
 pub mod geometry;
+pub mod promotion;
 pub mod ring;
 pub mod source;
 pub mod transfer;
@@ -19,10 +20,11 @@ pub mod wire;
 pub mod wire_enum;
 
 pub use counters::Counters;
-pub use destination::{Destination, DestinationConfig, DestinationEvent, PromoteReport};
-pub use device::BlockDevice;
+pub use destination::{Destination, DestinationConfig, DestinationEvent};
+pub use device::{BlockDevice, DeviceCompletion, DeviceError, DeviceOp, DeviceOpId, DeviceRequest};
 pub use error::{EngineError, LinkError};
+pub use promotion::{PromoteReport, Promotion};
 pub use source::{
-    CpMode, ReadError, RecoveryReport, Source, SourceConfig, SourceEvent, WriteId, WriteRefused,
-    WriteSlot,
+    CpMode, DeviceFault, ReadError, RecoveryReport, Source, SourceConfig, SourceEvent, WriteId,
+    WriteRefused, WriteSlot,
 };

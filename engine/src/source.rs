@@ -5,16 +5,22 @@
 //! Call order (the runtime's reactor loop): `open` once; per host write `reserve_write`, fill
 //! `write_buffer`, `commit_write` (or `write` / `write_zeroes`); on link events
 //! `handle_connected` / `handle_message` (one whole framed message) / `handle_disconnected`;
-//! every loop `handle_tick`, then `tx_iovecs` + `tx_advance`, then drain `poll_event`.
+//! every loop `handle_tick`, then submit every `poll_device_op` to its namespace and hand each
+//! device completion to `handle_device_completion`, then `tx_iovecs` + `tx_advance`, then
+//! drain `poll_event`. The source never touches a device itself (invariant 8).
 //!
-//! Write-through: a committed entry (in seq order) is written to the primary namespace at once,
-//! so reads are served from the primary; the CP makes the primary durable with `flush` before it
-//! tells the destination anything about the CP, and a crash replays the ring onto the primary.
+//! Write-through: a committed entry is written to its primary namespace as a device op, in seq
+//! order (an entry waits while an earlier one overlapping it is in flight), so reads are served
+//! from the primary once the writes they must see have landed ([`Source::read_gate`]); the CP
+//! flushes the primary before it tells the destination anything about the CP, and a crash
+//! re-applies the ring's entries newer than the last completed CP.
 //!
 //! This file holds the public types and the `Source` API; the work behind it is split by concern:
-//! `write` (host write path), `transfers` (link session, transfers and their acks), `cp`
-//! (consistency-point driving), `cp_state` (per-half CP state) and `recovery` (open and replay).
+//! `write` (host write path), `apply` (device ops: primary writes, the point-in-time hold, CP
+//! flush and data reads, retries), `transfers` (link session, transfers and their acks), `cp`
+//! (consistency-point driving), `cp_state` (per-half CP state) and `recovery` (open).
 
+mod apply;
 mod cp;
 mod cp_state;
 pub(crate) mod recovery;
@@ -22,6 +28,7 @@ mod transfers;
 mod write;
 
 pub use crate::cp::CpMode;
+pub use cp_state::TABLE_WINDOW;
 pub use recovery::RecoveryReport;
 
 use std::collections::VecDeque;
@@ -29,7 +36,7 @@ use std::io::IoSlice;
 
 use crate::counters::Counters;
 use crate::cp::DescriptorEntry;
-use crate::device::BlockDevice;
+use crate::device::{DeviceError, DeviceOpKind, InflightOps};
 use crate::error::LinkError;
 use crate::geometry::{
     half_of_cp, BLOCK_SIZE, DESCRIPTORS_PER_TABLE, OUT_INLINE_BYTES, SECTOR_SIZE,
@@ -38,6 +45,7 @@ use crate::geometry::{
 use crate::ring::{EntryHeader, EntrySlot, NvramRing, RingStore};
 use crate::transfer::LoggedWrite;
 use crate::wire::{self, Control, Message, OutQueue, WireEntry};
+use apply::{SourceOp, StagedTable};
 use cp_state::{CpPhase, CpState};
 
 /// The source's configuration.
@@ -46,7 +54,14 @@ pub struct SourceConfig {
     pub volume_id: [u8; 16],
     pub cp_interval_us: u64,
     pub mode: CpMode,
+    /// Device ops in flight per primary namespace at most.
+    pub device_queue_depth: u32,
 }
+
+/// The default [`SourceConfig::device_queue_depth`] (and the destination's).
+pub const DEVICE_QUEUE_DEPTH_DEFAULT: u32 = 32;
+/// The largest configurable device queue depth.
+pub const DEVICE_QUEUE_DEPTH_MAX: u32 = 1024;
 
 /// A host write's identity: the seq of its ring entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -80,7 +95,37 @@ pub enum ReadError {
     InvalidNamespace,
     OutOfRange,
     InvalidLength,
-    Device(std::io::ErrorKind),
+    Device(DeviceError),
+}
+
+/// A device operation that failed, as the source reports it (once per failing streak of a
+/// namespace in the log; every one in the counters). Nothing acknowledged is lost by it: the
+/// entry stays in the ring and the op is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceFault {
+    pub nsid: u32,
+    pub kind: DeviceOpKind,
+    /// Where on the namespace (0 for a flush).
+    pub offset_bytes: u64,
+    pub length_bytes: u64,
+    pub error: DeviceError,
+    /// What the op was for ("primary write", "CP flush", ...).
+    pub purpose: &'static str,
+}
+
+impl std::fmt::Display for DeviceFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "namespace {}: {} ({}) of {} bytes at LBA {} failed: {}",
+            self.nsid,
+            self.kind,
+            self.purpose,
+            self.length_bytes,
+            self.offset_bytes / SECTOR_SIZE as u64,
+            self.error
+        )
+    }
 }
 
 /// What the source tells the runtime.
@@ -96,8 +141,12 @@ pub enum SourceEvent {
     LinkReady,
     /// The destination refused our Hello (the reason text); do not reconnect blindly.
     LinkRejected(String),
-    /// A primary namespace failed; CPs stop (the ring keeps every write), writes still complete.
-    DeviceFailed(String),
+    /// A primary op failed; it is retried (the ring keeps every write, writes still complete).
+    DeviceFault(DeviceFault),
+    /// The destination could not write CP `cp_number` to its mirror; the CP is retried.
+    MirrorFailed {
+        cp_number: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,11 +157,11 @@ enum LinkState {
     Rejected,
 }
 
-/// The source state machine over ring memory `M` and primary namespaces `D`.
-pub struct Source<M, D: BlockDevice> {
+/// The source state machine over ring memory `M`; its primary namespaces are the runtime's,
+/// reached through device ops.
+pub struct Source<M> {
     config: SourceConfig,
     ring: NvramRing<M>,
-    primaries: Vec<D>,
     cps: [CpState; 2],
     active_cp: u64,
     cp_requested: bool,
@@ -123,17 +172,27 @@ pub struct Source<M, D: BlockDevice> {
     completed_through_seq: u64,
     events: VecDeque<SourceEvent>,
     counters: Counters,
-    device_failed: bool,
     wire_entries: Vec<WireEntry>,
     table_entries: Vec<DescriptorEntry>,
-    zero_block: Vec<u8>,
     namespace_sizes_bytes: Vec<u64>,
     /// Reserved writes whose data never came: committed as no-ops when their turn comes.
     aborted: Vec<EntrySlot>,
+    /// Device ops in flight and what each is for.
+    ops: InflightOps<SourceOp>,
+    /// The descriptor table whose Data blocks are being read from the primary.
+    staged: StagedTable,
+    /// Primary writes wait until then after a failure (retry back-off).
+    apply_retry_at_us: u64,
+    /// CP flushes and data reads wait until then after a failure.
+    cp_retry_at_us: u64,
+    /// Per namespace: a failure was logged and no op has succeeded since.
+    failing: Vec<bool>,
+    /// Namespaces whose CP flush is still to be issued (last = next).
+    pending_flushes: Vec<u32>,
 }
 
-impl<M: RingStore, D: BlockDevice> Source<M, D> {
-    fn build(config: SourceConfig, ring: NvramRing<M>, primaries: Vec<D>) -> Self {
+impl<M: RingStore> Source<M> {
+    fn build(config: SourceConfig, ring: NvramRing<M>, namespace_sizes_bytes: &[u64]) -> Self {
         let geometry = ring.geometry();
         let slots = geometry.half_header_slots as usize;
         let dirty_blocks_max = geometry.half_data_bytes as usize / BLOCK_SIZE + 2 * slots;
@@ -156,14 +215,17 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
             completed_through_seq: ring.next_seq() - 1,
             events: VecDeque::with_capacity(2 * slots),
             counters,
-            device_failed: false,
             wire_entries: Vec::with_capacity(TRANSFER_ENTRIES_MAX),
             table_entries: Vec::with_capacity(DESCRIPTORS_PER_TABLE),
-            zero_block: vec![0; 64 * 1024],
-            namespace_sizes_bytes: primaries.iter().map(|p| p.size_bytes()).collect(),
+            namespace_sizes_bytes: namespace_sizes_bytes.to_vec(),
             aborted: Vec::with_capacity(TRANSFER_ENTRIES_MAX),
+            ops: InflightOps::new(namespace_sizes_bytes.len(), config.device_queue_depth),
+            staged: StagedTable::new(),
+            apply_retry_at_us: 0,
+            cp_retry_at_us: 0,
+            failing: vec![false; namespace_sizes_bytes.len()],
+            pending_flushes: Vec::with_capacity(crate::geometry::NAMESPACES_MAX),
             ring,
-            primaries,
         }
     }
 
@@ -208,16 +270,15 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
         self.ring.commit_with_crc(&slot.entry, data_crc);
         self.counters.host_write_count += 1;
         self.counters.host_bytes_written += u64::from(slot.entry.header().length_bytes);
-        self.apply_committed();
     }
 
     /// Gives up a reserved write whose data never arrived (the host connection died). The
     /// slot cannot be skipped (only the committed prefix counts), so once every earlier entry
-    /// is on the primary, its range is read back from the primary into the entry and committed:
-    /// a write of the current content, which changes nothing. Its WriteId still completes.
+    /// overlapping it is on the primary, its range is read back from the primary into the entry
+    /// (a device op) and committed: a write of the current content, which changes nothing. Its
+    /// WriteId still completes.
     pub fn abort_write(&mut self, _now_us: u64, slot: WriteSlot) {
         self.aborted.push(slot.entry);
-        self.apply_committed();
     }
 
     /// Reserve, copy and commit in one call.
@@ -255,17 +316,18 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
         Ok(id)
     }
 
-    /// Reads from the primary namespace (which holds every committed write).
-    pub fn read(&mut self, nsid: u32, lba: u64, buf: &mut [u8]) -> Result<(), ReadError> {
-        self.check_range(nsid, lba, buf.len() as u64)
+    /// Checks a host read of `length_bytes` at `lba` and returns the seq it must wait for:
+    /// the read may go to the primary once [`Source::landed_through_seq`] reaches it, so it sees
+    /// every write completed to a host before it arrived (those may still be on their way to
+    /// the primary: a write completes when it is logged on both sides, not when it landed).
+    pub fn read_gate(&self, nsid: u32, lba: u64, length_bytes: u64) -> Result<u64, ReadError> {
+        self.check_range(nsid, lba, length_bytes)
             .map_err(|refused| match refused {
                 WriteRefused::InvalidNamespace => ReadError::InvalidNamespace,
                 WriteRefused::OutOfRange => ReadError::OutOfRange,
                 _ => ReadError::InvalidLength,
             })?;
-        self.primaries[nsid as usize - 1]
-            .read_at(lba * SECTOR_SIZE as u64, buf)
-            .map_err(|error| ReadError::Device(error.kind()))
+        Ok(self.completed_through_seq)
     }
 
     // ---- link -------------------------------------------------------------------------
@@ -319,6 +381,12 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
                 self.on_transfer_ack(transfer_id)
             }
             (LinkState::Ready, Message::CpAck { cp_number }) => self.on_cp_ack(now_us, cp_number),
+            (LinkState::Ready, Message::TableAck { cp_number, tables }) => {
+                self.on_table_ack(cp_number, tables)
+            }
+            (LinkState::Ready, Message::CpFailed { cp_number }) => {
+                self.on_cp_failed(now_us, cp_number)
+            }
             (state, message) => Err(LinkError::Unexpected {
                 message: message_name(&message),
                 state: link_state_name(state),
@@ -370,6 +438,14 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
         self.counters.ring_used_bytes = self.ring.used_bytes();
     }
 
+    /// When a retry back-off ends, if one is running (a device failed).
+    fn retry_deadline_us(&self) -> Option<u64> {
+        [self.apply_retry_at_us, self.cp_retry_at_us]
+            .into_iter()
+            .filter(|&at| at > 0)
+            .min()
+    }
+
     /// Asks for a CP as soon as possible (no-op when nothing was written).
     pub fn request_cp(&mut self, _now_us: u64) {
         self.cp_requested = true;
@@ -385,21 +461,26 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
         &self.counters
     }
 
-    /// Nothing pending: no unreleased entries, nothing queued to send.
+    /// Nothing pending: no unreleased entries, nothing queued to send, no device op in flight.
     pub fn is_idle(&self) -> bool {
         self.ring.reserved_slots(0) == 0
             && self.ring.reserved_slots(1) == 0
             && self.out.pending_bytes() == 0
+            && self.ops.is_empty()
     }
 
-    /// When `handle_tick` next has timed work (the CP timer), if any.
+    /// When `handle_tick` next has timed work (the CP timer, a retry), if any.
     pub fn next_deadline_us(&self) -> Option<u64> {
         let active = half_of_cp(self.active_cp);
-        (self.ring.reserved_slots(active) > 0).then(|| {
+        let cp_timer = (self.ring.reserved_slots(active) > 0).then(|| {
             self.cps[active]
                 .started_us
                 .saturating_add(self.config.cp_interval_us)
-        })
+        });
+        [cp_timer, self.retry_deadline_us()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// The size of each namespace (index nsid - 1).
@@ -416,9 +497,10 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
         self.ring.superblock().cp_completed
     }
 
-    /// Gives back the ring memory and primaries (a crash, or an orderly stop).
-    pub fn into_parts(self) -> (M, Vec<D>) {
-        (self.ring.into_memory(), self.primaries)
+    /// Gives back the ring memory (a crash, or an orderly stop). Ops still in flight are the
+    /// runtime's to finish or abandon; a reopened source re-applies what they carried.
+    pub fn into_memory(self) -> M {
+        self.ring.into_memory()
     }
 }
 
@@ -434,27 +516,6 @@ fn logged_write(header: &EntryHeader, table_index: u32, base_offset: u32) -> Log
     }
 }
 
-/// Writes one entry to its namespace (data from the ring, or zeroes).
-pub(crate) fn apply_entry<M: RingStore, D: BlockDevice>(
-    ring: &NvramRing<M>,
-    devices: &mut [D],
-    zero_block: &[u8],
-    header: &EntryHeader,
-) -> std::io::Result<()> {
-    let device = &mut devices[header.nsid as usize - 1];
-    if !header.is_zeroes() {
-        return device.write_at(header.offset_bytes(), ring.data(header));
-    }
-    let mut offset = header.offset_bytes();
-    let end = offset + u64::from(header.length_bytes);
-    while offset < end {
-        let chunk = (end - offset).min(zero_block.len() as u64) as usize;
-        device.write_at(offset, &zero_block[..chunk])?;
-        offset += chunk as u64;
-    }
-    Ok(())
-}
-
 pub(crate) fn message_name(message: &Message<'_>) -> &'static str {
     match message {
         Message::Hello(_) => "Hello",
@@ -465,6 +526,8 @@ pub(crate) fn message_name(message: &Message<'_>) -> &'static str {
         Message::DescriptorTable(_) => "DescriptorTable",
         Message::CpCommit { .. } => "CpCommit",
         Message::CpAck { .. } => "CpAck",
+        Message::TableAck { .. } => "TableAck",
+        Message::CpFailed { .. } => "CpFailed",
     }
 }
 

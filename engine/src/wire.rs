@@ -40,7 +40,7 @@ use crate::transfer::TransferId;
 /// "NVMW" in little endian.
 pub const WIRE_MAGIC: u32 = u32::from_le_bytes(*b"NVMW");
 /// The protocol version this code speaks.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 pub const MESSAGE_HEADER_BYTES: usize = 16;
 pub const HELLO_FIXED_BYTES: usize = 64;
 pub const TRANSFER_HEADER_BYTES: usize = 28;
@@ -72,6 +72,8 @@ crate::wire_enum! {
         DescriptorTable = 6,
         CpCommit = 7,
         CpAck = 8,
+        TableAck = 9,
+        CpFailed = 10,
     }
 }
 
@@ -270,6 +272,16 @@ pub enum Message<'a> {
     CpAck {
         cp_number: u64,
     },
+    /// The destination wrote the mirror blocks of the first `tables` DescriptorTables of CP
+    /// `cp_number` (the source keeps at most a window of tables unacknowledged).
+    TableAck {
+        cp_number: u64,
+        tables: u64,
+    },
+    /// The destination could not write CP `cp_number` to its mirror; the source sends it again.
+    CpFailed {
+        cp_number: u64,
+    },
 }
 
 /// For the runtime's receive loop: the full message length once the 16-byte header is there.
@@ -396,6 +408,19 @@ fn decode_body(kind: MessageKind, body: &[u8]) -> Result<Message<'_>, WireError>
         MessageKind::CpAck => {
             fixed(kind, body, 8)?;
             Ok(Message::CpAck {
+                cp_number: le_u64(body, 0),
+            })
+        }
+        MessageKind::TableAck => {
+            fixed(kind, body, 16)?;
+            Ok(Message::TableAck {
+                cp_number: le_u64(body, 0),
+                tables: le_u64(body, 8),
+            })
+        }
+        MessageKind::CpFailed => {
+            fixed(kind, body, 8)?;
+            Ok(Message::CpFailed {
                 cp_number: le_u64(body, 0),
             })
         }
@@ -642,6 +667,13 @@ pub enum Control<'a> {
     CpAck {
         cp_number: u64,
     },
+    TableAck {
+        cp_number: u64,
+        tables: u64,
+    },
+    CpFailed {
+        cp_number: u64,
+    },
 }
 
 impl Control<'_> {
@@ -650,9 +682,9 @@ impl Control<'_> {
         MESSAGE_HEADER_BYTES
             + match self {
                 Self::Hello(hello) => hello_body_bytes(usize::from(hello.namespace_count)),
-                Self::HelloAck { .. } | Self::CpCommit { .. } => 16,
+                Self::HelloAck { .. } | Self::CpCommit { .. } | Self::TableAck { .. } => 16,
                 Self::Reject { text, .. } => 4 + text.len(),
-                Self::TransferAck { .. } | Self::CpAck { .. } => 8,
+                Self::TransferAck { .. } | Self::CpAck { .. } | Self::CpFailed { .. } => 8,
             }
     }
 
@@ -666,6 +698,8 @@ impl Control<'_> {
             Self::TransferAck { .. } => MessageKind::TransferAck,
             Self::CpCommit { .. } => MessageKind::CpCommit,
             Self::CpAck { .. } => MessageKind::CpAck,
+            Self::TableAck { .. } => MessageKind::TableAck,
+            Self::CpFailed { .. } => MessageKind::CpFailed,
         };
         encode_header(out, kind, out.len());
         let body = &mut out[MESSAGE_HEADER_BYTES..];
@@ -690,7 +724,13 @@ impl Control<'_> {
                 body[0..8].copy_from_slice(&cp_number.to_le_bytes());
                 body[8..16].copy_from_slice(&descriptor_count.to_le_bytes());
             }
-            Self::CpAck { cp_number } => body.copy_from_slice(&cp_number.to_le_bytes()),
+            Self::CpAck { cp_number } | Self::CpFailed { cp_number } => {
+                body.copy_from_slice(&cp_number.to_le_bytes())
+            }
+            Self::TableAck { cp_number, tables } => {
+                body[0..8].copy_from_slice(&cp_number.to_le_bytes());
+                body[8..16].copy_from_slice(&tables.to_le_bytes());
+            }
         }
         seal(out);
     }

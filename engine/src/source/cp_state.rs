@@ -2,8 +2,24 @@
 //! transfers stand on the link, and where the CP itself stands. One per ring half, allocated at
 //! start and reused.
 
-use crate::cp::ConsistencyPoint;
+use crate::cp::{ConsistencyPoint, CpMode};
 use crate::transfer::{DirtyMap, TransferId, TransferRecord, TransferTable};
+
+/// DescriptorTables a source sends ahead of the destination's TableAcks: the destination then
+/// stages at most this many tables' Data blocks while its mirror writes are in flight, and never
+/// has to stop reading the link (which carries the next CP's transfers) for a slow mirror.
+pub const TABLE_WINDOW: u64 = 2;
+
+/// Where the flush of a CP's primary writes stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FlushState {
+    NotStarted,
+    /// Flush ops in flight (one per namespace).
+    InFlight {
+        remaining: u32,
+    },
+    Done,
+}
 
 /// Where a CP stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,7 +30,8 @@ pub(super) enum CpPhase {
     Active,
     /// No more writes; waiting for every transfer to be acknowledged.
     Frozen,
-    /// Primary flushed; descriptor tables are being queued.
+    /// Primary flushed; descriptor tables are being queued (at most [`TABLE_WINDOW`] ahead of
+    /// the destination's TableAcks).
     Committing,
     /// CpCommit queued; waiting for CpAck.
     AwaitingCpAck,
@@ -38,9 +55,19 @@ pub(super) struct CpState {
     pub frozen_us: u64,
     /// The half or the dirty map ran out of room: freeze as soon as possible.
     pub full: bool,
-    /// The primaries were flushed after every entry of this CP was applied.
-    pub flushed: bool,
+    /// The primaries were flushed after every entry of this CP landed.
+    pub flush: FlushState,
+    /// A flush of the attempt in flight failed: the CP flushes again after the back-off.
+    pub flush_failed: bool,
     pub planner: Option<ConsistencyPoint>,
+    /// Some dirty block of this CP travels as Data, read from the primary: until the CP is
+    /// complete, a later CP's write must not reach those blocks (invariant 7).
+    pub reads_primary: bool,
+    /// DescriptorTables queued on this session, and acknowledged by the destination.
+    pub tables_sent: u64,
+    pub tables_acked: u64,
+    /// The seq of the half's first entry (slot 0); seqs are consecutive along the half.
+    pub first_seq: u64,
 }
 
 impl CpState {
@@ -57,8 +84,13 @@ impl CpState {
             started_us: 0,
             frozen_us: 0,
             full: false,
-            flushed: false,
+            flush: FlushState::NotStarted,
+            flush_failed: false,
             planner: None,
+            reads_primary: false,
+            tables_sent: 0,
+            tables_acked: 0,
+            first_seq: 0,
         }
     }
 
@@ -73,12 +105,25 @@ impl CpState {
         self.open_transfer = false;
     }
 
-    pub fn freeze(&mut self, now_us: u64) {
+    pub fn freeze(&mut self, now_us: u64, mode: CpMode) {
         assert_eq!(self.phase, CpPhase::Active);
         self.close_open_transfer();
         self.phase = CpPhase::Frozen;
         self.frozen_us = now_us;
         self.full = false;
+        self.reads_primary =
+            (0..self.dirty.len()).any(|index| mode.reads_primary(self.dirty.get(index).2));
+    }
+
+    /// A later CP's write to `block_index` of `nsid` must wait: this CP still has to read the
+    /// block from the primary as Data.
+    pub fn holds_block(&self, mode: CpMode, nsid: u32, block_index: u64) -> bool {
+        self.reads_primary
+            && self.phase != CpPhase::Active
+            && self
+                .dirty
+                .lookup(nsid, block_index)
+                .is_some_and(|buffer| mode.reads_primary(buffer))
     }
 
     /// Forgets the CP (it is durable on both sides).
@@ -94,8 +139,13 @@ impl CpState {
         self.started_us = 0;
         self.frozen_us = 0;
         self.full = false;
-        self.flushed = false;
+        self.flush = FlushState::NotStarted;
+        self.flush_failed = false;
         self.planner = None;
+        self.reads_primary = false;
+        self.first_seq = 0;
+        self.tables_sent = 0;
+        self.tables_acked = 0;
     }
 
     /// A new link session: the destination starts over, so everything is resent and the CP's
@@ -103,10 +153,18 @@ impl CpState {
     pub fn reset_session(&mut self) {
         self.sent_count = 0;
         self.acked_count = 0;
+        self.restart_tables();
+    }
+
+    /// The CP's descriptors are planned and sent again from the first (a new session, or the
+    /// destination failed the CP).
+    pub fn restart_tables(&mut self) {
         if matches!(self.phase, CpPhase::Committing | CpPhase::AwaitingCpAck) {
             self.phase = CpPhase::Frozen;
             self.planner = None;
         }
+        self.tables_sent = 0;
+        self.tables_acked = 0;
     }
 
     fn closed_count(&self) -> u32 {

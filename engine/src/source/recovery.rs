@@ -1,10 +1,11 @@
-//! Source start and crash recovery (engine spec "Source::open"): open or format the ring, replay
-//! the entries newer than the last completed CP onto the primaries in seq order, flush, and
-//! rebuild the transfer tables and dirty maps from the entry headers so the entries are resent
-//! and then mirrored with references exactly as if the process had never stopped.
+//! Source start and crash recovery (engine spec "Source::open"): open or format the ring, check
+//! the entries newer than the last completed CP against the namespaces, and rebuild the transfer
+//! tables and dirty maps from the entry headers so the entries are applied to the primaries
+//! again (as device ops, in seq order, before their CP flushes), resent, and then mirrored with
+//! references exactly as if the process had never stopped.
 
-use super::{apply_entry, logged_write, CpPhase, Source, SourceConfig};
-use crate::device::{check_extent, BlockDevice};
+use super::{logged_write, CpPhase, Source, SourceConfig};
+use crate::device::check_extent;
 use crate::error::EngineError;
 use crate::geometry::{half_of_cp, round_down, RingGeometry, BLOCK_SIZE, NAMESPACES_MAX};
 use crate::ring::{EntryHeader, NvramRing, RingError, RingStore};
@@ -15,6 +16,7 @@ use crate::transfer::{TransferId, TransferRecord};
 pub struct RecoveryReport {
     /// The ring had no valid superblock and was formatted.
     pub formatted: bool,
+    /// Entries newer than the last completed CP, applied to the primaries again after open.
     pub entries_replayed: u64,
     pub bytes_replayed: u64,
     pub cp_completed: u64,
@@ -22,12 +24,11 @@ pub struct RecoveryReport {
 }
 
 /// Checks the namespace list a side is started with.
-pub(crate) fn check_namespaces<D: BlockDevice>(devices: &[D]) -> Result<(), EngineError> {
-    if devices.is_empty() || devices.len() > NAMESPACES_MAX {
-        return Err(EngineError::NamespaceCount(devices.len()));
+pub(crate) fn check_namespaces(sizes_bytes: &[u64]) -> Result<(), EngineError> {
+    if sizes_bytes.is_empty() || sizes_bytes.len() > NAMESPACES_MAX {
+        return Err(EngineError::NamespaceCount(sizes_bytes.len()));
     }
-    for (index, device) in devices.iter().enumerate() {
-        let size_bytes = device.size_bytes();
+    for (index, &size_bytes) in sizes_bytes.iter().enumerate() {
         if size_bytes == 0 || size_bytes % BLOCK_SIZE as u64 != 0 {
             return Err(EngineError::NamespaceSize {
                 nsid: index as u32 + 1,
@@ -69,19 +70,17 @@ pub(crate) fn open_or_format<M: RingStore>(
     Ok((ring, entries, formatted))
 }
 
-/// Writes `entries` to `devices` in seq order and flushes; returns the bytes replayed.
-pub(crate) fn replay<M: RingStore, D: BlockDevice>(
-    ring: &NvramRing<M>,
-    devices: &mut [D],
+/// Checks every entry to replay against the namespaces (what was checked on append is checked
+/// again: a namespace that shrank, or went, since the entry was logged is a reported fault,
+/// never a write out of range); returns the bytes the entries cover.
+pub(crate) fn check_replay(
+    sizes_bytes: &[u64],
     entries: &[EntryHeader],
 ) -> Result<u64, EngineError> {
-    let zero_block = vec![0; 64 * 1024];
     let mut bytes = 0;
     for header in entries {
-        // Checked again on replay what was checked on append: a namespace that shrank, or
-        // went, since the entry was logged is a reported fault, never a write out of range.
         check_extent(
-            devices,
+            sizes_bytes,
             header.nsid,
             header.offset_bytes(),
             u64::from(header.length_bytes),
@@ -91,34 +90,29 @@ pub(crate) fn replay<M: RingStore, D: BlockDevice>(
             offset_bytes: header.offset_bytes(),
             length_bytes: header.length_bytes,
         })?;
-        apply_entry(ring, devices, &zero_block, header).map_err(|error| EngineError::Device {
-            nsid: header.nsid,
-            error,
-        })?;
         bytes += u64::from(header.length_bytes);
-    }
-    for (index, device) in devices.iter_mut().enumerate() {
-        device.flush().map_err(|error| EngineError::Device {
-            nsid: index as u32 + 1,
-            error,
-        })?;
     }
     Ok(bytes)
 }
 
-impl<M: RingStore, D: BlockDevice> Source<M, D> {
-    /// Opens (or formats) the ring; replays entries newer than the last completed CP onto the
-    /// primaries in seq order, rebuilds dirty maps / transfer tables from them (so they are
-    /// resent and then CP'd with references), flushes.
+impl<M: RingStore> Source<M> {
+    /// Opens (or formats) the ring for primaries of `namespace_sizes_bytes`; rebuilds dirty maps
+    /// / transfer tables from the entries newer than the last completed CP, so they are applied
+    /// to the primaries again (device ops from `poll_device_op`, in seq order), resent and then
+    /// CP'd with references.
     pub fn open(
         config: SourceConfig,
         ring: M,
-        mut primaries: Vec<D>,
+        namespace_sizes_bytes: &[u64],
         now_us: u64,
     ) -> Result<(Self, RecoveryReport), EngineError> {
-        check_namespaces(&primaries)?;
+        check_namespaces(namespace_sizes_bytes)?;
+        assert!(
+            (1..=super::DEVICE_QUEUE_DEPTH_MAX).contains(&config.device_queue_depth),
+            "device queue depth checked with the config"
+        );
         let (ring, entries, formatted) = open_or_format(ring, config.volume_id)?;
-        let bytes_replayed = replay(&ring, &mut primaries, &entries)?;
+        let bytes_replayed = check_replay(namespace_sizes_bytes, &entries)?;
         let report = RecoveryReport {
             formatted,
             entries_replayed: entries.len() as u64,
@@ -126,10 +120,10 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
             cp_completed: ring.superblock().cp_completed,
             epoch: ring.superblock().epoch,
         };
-        let mut source = Self::build(config, ring, primaries);
+        let mut source = Self::build(config, ring, namespace_sizes_bytes);
         source.rebuild(&entries, now_us);
         log::info!(
-            "source: opened at cp {} epoch {}, replayed {} entries ({} bytes)",
+            "source: opened at cp {} epoch {}, {} entries ({} bytes) to apply again",
             report.cp_completed,
             report.epoch,
             report.entries_replayed,
@@ -138,8 +132,9 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
         Ok((source, report))
     }
 
-    /// Recreates the CP states of the replayed entries: CP c+1 frozen (its primary data is
-    /// flushed), CP c+2 (if it has entries) active, else a fresh active CP.
+    /// Recreates the CP states of the recovered entries: CP c+1 frozen (flushed once its entries
+    /// landed again), CP c+2 (if it has entries) active, else a fresh active CP. No entry is
+    /// applied yet: the apply cursor of both halves starts at their first slot.
     fn rebuild(&mut self, entries: &[EntryHeader], now_us: u64) {
         let completed = self.ring.superblock().cp_completed;
         let first = completed + 1;
@@ -154,6 +149,7 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
             let state = &mut self.cps[half_of_cp(cp_number)];
             state.activate(cp_number);
             state.started_us = now_us;
+            state.first_seq = cp_entries[0].seq;
             for (slot, header) in cp_entries.iter().enumerate() {
                 let starts_transfer = state.transfers.is_empty()
                     || state.transfers.get(state.transfers.len() - 1).id
@@ -180,12 +176,11 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
                     .expect("recovered entries fit the dirty map they came from");
                 self.next_transfer_id = self.next_transfer_id.max(header.transfer_id + 1);
             }
-            state.applied_slots = cp_entries.len() as u32;
+            assert_eq!(state.applied_slots, 0);
         }
         let first_state = &mut self.cps[half_of_cp(first)];
         if first_state.phase == CpPhase::Active {
-            first_state.freeze(now_us);
-            first_state.flushed = true;
+            first_state.freeze(now_us, self.config.mode);
             self.active_cp = first + 1;
         } else {
             self.active_cp = first;

@@ -1,74 +1,208 @@
-//! Source + destination over a direct in-memory link: how blocks are mirrored at a CP
-//! (references for wholly overwritten blocks, data for partial ones), reference resolution
-//! to the right bytes at the destination, the ack rule, and the stale-source refusal.
+//! Source + destination over a direct in-memory link and memory devices driven through device
+//! ops: how blocks are mirrored at a CP (references for wholly overwritten blocks, data for
+//! partial ones), reference resolution to the right bytes at the destination, the ack rule,
+//! the stale-source refusal, the point-in-time mirror, and device failures as events.
+
+use std::collections::HashMap;
 
 use super::*;
 use crate::destination::{Destination, DestinationConfig};
-use crate::device::MemoryDevice;
+use crate::device::{BlockDevice, DeviceCompletion, DeviceOp, DeviceOpId, MemoryDevice};
 use crate::geometry::RING_BYTES_MIN;
 
 const VOLUME: [u8; 16] = [3; 16];
 const NAMESPACE_BYTES: usize = 1 << 20;
+const DEPTH: u32 = 8;
 
-type Pair = (
-    Source<Vec<u8>, MemoryDevice>,
-    Destination<Vec<u8>, MemoryDevice>,
-);
+/// A memory namespace whose ops can be made to fail or to stall (completions held back).
+#[derive(Default)]
+struct TestDevice {
+    inner: Option<MemoryDevice>,
+    kinds: HashMap<DeviceOpId, DeviceOpKind>,
+    fail_reads: bool,
+    fail_writes: bool,
+    stalled: bool,
+}
 
-fn pair(mode: CpMode) -> Pair {
-    let config = SourceConfig {
+impl TestDevice {
+    fn new() -> Self {
+        TestDevice {
+            inner: Some(MemoryDevice::new(NAMESPACE_BYTES)),
+            ..TestDevice::default()
+        }
+    }
+    fn bytes(&self) -> &[u8] {
+        &self.inner.as_ref().unwrap().bytes
+    }
+}
+
+impl BlockDevice for TestDevice {
+    fn size_bytes(&self) -> u64 {
+        NAMESPACE_BYTES as u64
+    }
+    fn submit(&mut self, op: DeviceOp<'_>) {
+        self.kinds.insert(op.id, op.request.kind());
+        self.inner.as_mut().unwrap().submit(op);
+    }
+    fn poll_completions(&mut self, complete: &mut dyn FnMut(DeviceCompletion<'_>)) -> usize {
+        if self.stalled {
+            return 0;
+        }
+        let (kinds, fail_reads, fail_writes) = (&mut self.kinds, self.fail_reads, self.fail_writes);
+        self.inner
+            .as_mut()
+            .unwrap()
+            .poll_completions(&mut |completion| {
+                let kind = kinds.remove(&completion.id).unwrap();
+                let fail = (kind == DeviceOpKind::Read && fail_reads)
+                    || (kind != DeviceOpKind::Read && fail_writes);
+                let injected = DeviceError {
+                    kind: std::io::ErrorKind::Other,
+                    errno: Some(5),
+                };
+                complete(DeviceCompletion {
+                    id: completion.id,
+                    result: if fail {
+                        Err(injected)
+                    } else {
+                        completion.result
+                    },
+                });
+            })
+    }
+    fn inflight_count(&self) -> usize {
+        self.inner.as_ref().unwrap().inflight_count()
+    }
+}
+
+struct Pair {
+    source: Source<Vec<u8>>,
+    destination: Destination<Vec<u8>>,
+    primaries: Vec<TestDevice>,
+    mirrors: Vec<TestDevice>,
+    now_us: u64,
+}
+
+fn config(mode: CpMode) -> SourceConfig {
+    SourceConfig {
         volume_id: VOLUME,
         cp_interval_us: u64::MAX,
         mode,
-    };
-    let (source, _) = Source::open(
-        config,
-        vec![0; RING_BYTES_MIN as usize],
-        vec![MemoryDevice(vec![0; NAMESPACE_BYTES])],
-        0,
-    )
-    .unwrap();
-    let destination = Destination::open(
-        DestinationConfig { volume_id: VOLUME },
-        vec![0; RING_BYTES_MIN as usize],
-        vec![MemoryDevice(vec![0; NAMESPACE_BYTES])],
-    )
-    .unwrap();
-    (source, destination)
+        device_queue_depth: DEPTH,
+    }
 }
 
-/// Moves every queued byte both ways until nothing moves; returns the source's events.
-fn exchange(
-    source: &mut Source<Vec<u8>, MemoryDevice>,
-    destination: &mut Destination<Vec<u8>, MemoryDevice>,
-) -> Vec<SourceEvent> {
-    let mut events = Vec::new();
-    for _ in 0..100 {
-        source.handle_tick(1);
-        let bytes = source
-            .out
-            .drain_to_vec(source.ring.bytes(0, RING_BYTES_MIN as usize));
-        let from_destination = drain_destination(destination);
-        if bytes.is_empty() && from_destination.is_empty() {
-            break;
+fn destination_config() -> DestinationConfig {
+    DestinationConfig {
+        volume_id: VOLUME,
+        device_queue_depth: DEPTH,
+    }
+}
+
+fn pair(mode: CpMode) -> Pair {
+    let sizes = [NAMESPACE_BYTES as u64];
+    let (source, _) =
+        Source::open(config(mode), vec![0; RING_BYTES_MIN as usize], &sizes, 0).unwrap();
+    let destination = Destination::open(
+        destination_config(),
+        vec![0; RING_BYTES_MIN as usize],
+        &sizes,
+    )
+    .unwrap();
+    Pair {
+        source,
+        destination,
+        primaries: vec![TestDevice::new()],
+        mirrors: vec![TestDevice::new()],
+        now_us: 1,
+    }
+}
+
+impl Pair {
+    /// Submits every op both sides emit and hands back every completion, until quiet; returns
+    /// whether anything happened.
+    fn devices(&mut self) -> bool {
+        for pass in 0..1000 {
+            let now = self.now_us;
+            let mut work = 0;
+            while let Some(op) = self.source.poll_device_op(now) {
+                self.primaries[op.nsid as usize - 1].submit(op);
+                work += 1;
+            }
+            while let Some(op) = self.destination.poll_device_op(now) {
+                self.mirrors[op.nsid as usize - 1].submit(op);
+                work += 1;
+            }
+            let (source, destination) = (&mut self.source, &mut self.destination);
+            for device in &mut self.primaries {
+                work += device.poll_completions(&mut |c| source.handle_device_completion(now, c));
+            }
+            for device in &mut self.mirrors {
+                work +=
+                    device.poll_completions(&mut |c| destination.handle_device_completion(now, c));
+            }
+            if work == 0 {
+                return pass > 0;
+            }
         }
-        for message in split(&bytes) {
-            destination.handle_message(1, message).unwrap();
-        }
-        for message in split(&from_destination) {
-            source.handle_message(1, message).unwrap();
-            while let Some(event) = source.poll_event() {
+        panic!("devices never quiet");
+    }
+
+    /// Moves every queued byte both ways until nothing moves; returns the source's events.
+    fn exchange(&mut self) -> Vec<SourceEvent> {
+        let mut events = Vec::new();
+        for _ in 0..200 {
+            self.source.handle_tick(self.now_us);
+            let mut busy = self.devices();
+            self.source.handle_tick(self.now_us);
+            busy |= self.devices();
+            let bytes = self
+                .source
+                .out
+                .drain_to_vec(self.source.ring.bytes(0, RING_BYTES_MIN as usize));
+            let from_destination = drain_destination(&mut self.destination);
+            let moved = !bytes.is_empty() || !from_destination.is_empty();
+            for message in split(&bytes) {
+                self.destination
+                    .handle_message(self.now_us, message)
+                    .unwrap();
+            }
+            for message in split(&from_destination) {
+                self.source.handle_message(self.now_us, message).unwrap();
+            }
+            while let Some(event) = self.source.poll_event() {
                 if let SourceEvent::WriteCompleted(id) = event {
-                    assert!(destination.logged_seq_max().unwrap() >= id.0, "ack rule");
+                    assert!(
+                        self.destination.logged_seq_max().unwrap() >= id.0,
+                        "ack rule"
+                    );
                 }
                 events.push(event);
             }
+            if !moved && !busy {
+                break;
+            }
         }
+        events
     }
-    events
+
+    fn connect(&mut self) {
+        self.destination.handle_connected(0);
+        self.source.handle_connected(0);
+        assert!(self.exchange().contains(&SourceEvent::LinkReady));
+    }
+
+    fn cp(&mut self) -> Vec<SourceEvent> {
+        self.source.request_cp(self.now_us);
+        self.exchange()
+    }
+
+    fn write(&mut self, lba: u64, data: &[u8]) -> WriteId {
+        self.source.write(self.now_us, 1, lba, data).unwrap()
+    }
 }
 
-fn drain_destination(destination: &mut Destination<Vec<u8>, MemoryDevice>) -> Vec<u8> {
+fn drain_destination(destination: &mut Destination<Vec<u8>>) -> Vec<u8> {
     let mut slices = Vec::new();
     destination.tx_iovecs(&mut slices, usize::MAX);
     let bytes: Vec<u8> = slices
@@ -89,31 +223,31 @@ fn split(mut bytes: &[u8]) -> Vec<&[u8]> {
     messages
 }
 
-fn connect(
-    source: &mut Source<Vec<u8>, MemoryDevice>,
-    destination: &mut Destination<Vec<u8>, MemoryDevice>,
-) {
-    destination.handle_connected(0);
-    source.handle_connected(0);
-    assert!(exchange(source, destination).contains(&SourceEvent::LinkReady));
-}
-
-fn cp(
-    source: &mut Source<Vec<u8>, MemoryDevice>,
-    destination: &mut Destination<Vec<u8>, MemoryDevice>,
-) -> Vec<SourceEvent> {
-    source.request_cp(1);
-    exchange(source, destination)
+/// Promotes `destination`, driving its replay against `mirrors`.
+fn promote(destination: Destination<Vec<u8>>, mirrors: &mut [TestDevice]) -> crate::PromoteReport {
+    let mut promotion = destination.promote().unwrap();
+    for _ in 0..1000 {
+        while let Some(op) = promotion.poll_device_op() {
+            mirrors[op.nsid as usize - 1].submit(op);
+        }
+        for device in mirrors.iter_mut() {
+            device.poll_completions(&mut |c| promotion.handle_device_completion(c));
+        }
+        if promotion.is_done() {
+            return promotion.finish().unwrap().0;
+        }
+    }
+    panic!("promotion never finished");
 }
 
 #[test]
 fn partial_then_whole_is_a_reference_and_resolves_to_the_right_bytes() {
-    let (mut source, mut destination) = pair(CpMode::References);
-    connect(&mut source, &mut destination);
-    source.write(1, 1, 10, &[1; 1024]).unwrap(); // block 1, partial
-    source.write(1, 1, 8, &[2; 4096]).unwrap(); // block 1, whole
-    source.write(1, 1, 3, &[9; 512]).unwrap(); // block 0, partial
-    let first_events = exchange(&mut source, &mut destination);
+    let mut p = pair(CpMode::References);
+    p.connect();
+    p.source.write(1, 1, 10, &[1; 1024]).unwrap(); // block 1, partial
+    p.source.write(1, 1, 8, &[2; 4096]).unwrap(); // block 1, whole
+    p.source.write(1, 1, 3, &[9; 512]).unwrap(); // block 0, partial
+    let first_events = p.exchange();
     assert_eq!(
         first_events
             .iter()
@@ -121,30 +255,30 @@ fn partial_then_whole_is_a_reference_and_resolves_to_the_right_bytes() {
             .count(),
         3
     );
-    let events = cp(&mut source, &mut destination);
+    let events = p.cp();
     assert!(events
         .iter()
         .any(|e| matches!(e, SourceEvent::CpCompleted { cp_number: 1, .. })));
-    assert_eq!(source.counters().cp_reference_count, 1);
-    assert_eq!(source.counters().cp_data_blocks, 1);
-    let (_, mirrors) = destination.into_parts();
-    assert_eq!(&mirrors[0].0[4096..8192], &[2; 4096][..]);
-    assert_eq!(&mirrors[0].0[1536..2048], &[9; 512][..]);
-    assert!(mirrors[0].0[..1536].iter().all(|&b| b == 0));
+    assert_eq!(p.source.counters().cp_reference_count, 1);
+    assert_eq!(p.source.counters().cp_data_blocks, 1);
+    let mirrors = &p.mirrors;
+    assert_eq!(&mirrors[0].bytes()[4096..8192], &[2; 4096][..]);
+    assert_eq!(&mirrors[0].bytes()[1536..2048], &[9; 512][..]);
+    assert!(mirrors[0].bytes()[..1536].iter().all(|&b| b == 0));
 }
 
 #[test]
 fn whole_then_partial_is_data_and_several_writes_keep_the_last() {
-    let (mut source, mut destination) = pair(CpMode::References);
-    connect(&mut source, &mut destination);
-    source.write(1, 1, 16, &[5; 8192]).unwrap(); // blocks 2, 3 whole
-    source.write(1, 1, 17, &[6; 512]).unwrap(); // block 2 partial now
-    source.write(1, 1, 24, &[7; 4096]).unwrap(); // block 3 whole again
-    source.write(1, 1, 24, &[8; 4096]).unwrap(); // block 3 whole, latest
-    source.write_zeroes(1, 1, 32, 4096).unwrap(); // block 4 zeroes
-    exchange(&mut source, &mut destination);
-    cp(&mut source, &mut destination);
-    let counters = *source.counters();
+    let mut p = pair(CpMode::References);
+    p.connect();
+    p.source.write(1, 1, 16, &[5; 8192]).unwrap(); // blocks 2, 3 whole
+    p.source.write(1, 1, 17, &[6; 512]).unwrap(); // block 2 partial now
+    p.source.write(1, 1, 24, &[7; 4096]).unwrap(); // block 3 whole again
+    p.source.write(1, 1, 24, &[8; 4096]).unwrap(); // block 3 whole, latest
+    p.source.write_zeroes(1, 1, 32, 4096).unwrap(); // block 4 zeroes
+    p.exchange();
+    p.cp();
+    let counters = *p.source.counters();
     assert_eq!(
         (
             counters.cp_reference_count,
@@ -157,27 +291,26 @@ fn whole_then_partial_is_data_and_several_writes_keep_the_last() {
         counters.bytes_saved_by_references,
         4096 - wire::REFERENCE_DESCRIPTOR_BYTES as u64
     );
-    let (_, primaries) = source.into_parts();
-    let (_, mirrors) = destination.into_parts();
-    assert_eq!(mirrors[0].0, primaries[0].0);
-    assert_eq!(&mirrors[0].0[3 * 4096..4 * 4096], &[8; 4096][..]);
+    let (primaries, mirrors) = (&p.primaries, &p.mirrors);
+    assert_eq!(mirrors[0].bytes(), primaries[0].bytes());
+    assert_eq!(&mirrors[0].bytes()[3 * 4096..4 * 4096], &[8; 4096][..]);
     assert_eq!(
-        &mirrors[0].0[2 * 4096 + 512..2 * 4096 + 1024],
+        &mirrors[0].bytes()[2 * 4096 + 512..2 * 4096 + 1024],
         &[6; 512][..]
     );
 }
 
 #[test]
 fn naive_mode_sends_every_block_as_data() {
-    let (mut source, mut destination) = pair(CpMode::Naive);
-    connect(&mut source, &mut destination);
-    source.write(1, 1, 0, &[4; 16384]).unwrap();
-    exchange(&mut source, &mut destination);
-    cp(&mut source, &mut destination);
+    let mut p = pair(CpMode::Naive);
+    p.connect();
+    p.source.write(1, 1, 0, &[4; 16384]).unwrap();
+    p.exchange();
+    p.cp();
     assert_eq!(
         (
-            source.counters().cp_reference_count,
-            source.counters().cp_data_blocks
+            p.source.counters().cp_reference_count,
+            p.source.counters().cp_data_blocks
         ),
         (0, 4)
     );
@@ -185,60 +318,69 @@ fn naive_mode_sends_every_block_as_data() {
 
 #[test]
 fn writes_complete_only_after_the_transfer_ack() {
-    let (mut source, mut destination) = pair(CpMode::References);
-    let id = source.write(1, 1, 0, &[1; 4096]).unwrap();
-    source.handle_tick(1);
-    assert_eq!(source.poll_event(), None, "no link, no completion");
-    destination.handle_connected(0);
-    source.handle_connected(0);
-    let events = exchange(&mut source, &mut destination);
+    let mut p = pair(CpMode::References);
+    let id = p.source.write(1, 1, 0, &[1; 4096]).unwrap();
+    p.source.handle_tick(1);
+    assert_eq!(p.source.poll_event(), None, "no link, no completion");
+    p.destination.handle_connected(0);
+    p.source.handle_connected(0);
+    let events = p.exchange();
     assert_eq!(
         events,
         vec![SourceEvent::LinkReady, SourceEvent::WriteCompleted(id)]
     );
-    assert_eq!(source.read(1, 0, &mut [0; 512]), Ok(()));
+    assert_eq!(p.source.read_gate(1, 0, 512), Ok(id.0));
+    assert!(
+        p.source.landed_through_seq() >= id.0,
+        "the write landed on the primary"
+    );
     assert_eq!(
-        source.write(1, 2, 0, &[0; 512]),
+        p.source.write(1, 2, 0, &[0; 512]),
         Err(WriteRefused::InvalidNamespace)
     );
     assert_eq!(
-        source.write(1, 1, 2048, &[0; 512]),
+        p.source.write(1, 1, 2048, &[0; 512]),
         Err(WriteRefused::OutOfRange)
     );
     assert_eq!(
-        source.write(1, 1, 0, &[0; 100]),
+        p.source.write(1, 1, 0, &[0; 100]),
         Err(WriteRefused::InvalidLength)
     );
 }
 
 #[test]
 fn a_promoted_destination_refuses_the_stale_source() {
-    let (mut source, mut destination) = pair(CpMode::References);
-    connect(&mut source, &mut destination);
-    source.write(1, 1, 0, &[1; 4096]).unwrap();
-    exchange(&mut source, &mut destination);
-    let (ring, mirrors) = destination.into_parts();
+    let mut p = pair(CpMode::References);
+    p.connect();
+    p.source.write(1, 1, 0, &[1; 4096]).unwrap();
+    p.exchange();
+    let ring = p.destination.into_memory();
     let promoted =
-        Destination::open(DestinationConfig { volume_id: VOLUME }, ring, mirrors).unwrap();
-    let report = promoted.promote().unwrap();
+        Destination::open(destination_config(), ring, &[NAMESPACE_BYTES as u64]).unwrap();
+    let report = promote(promoted, &mut p.mirrors);
     assert_eq!((report.entries_replayed, report.epoch), (1, 2));
-    // A destination whose ring says epoch 2 (as the promoted one's does) meets the old source.
+    assert_eq!(
+        &p.mirrors[0].bytes()[..4096],
+        &[1; 4096][..],
+        "replayed onto the mirror"
+    );
+    // A destination whose ring says epoch 2 (as the promoted one's does) meets the old p.source.
     let geometry = crate::geometry::RingGeometry::for_ring_size(RING_BYTES_MIN).unwrap();
     let promoted_ring =
         NvramRing::format(vec![0; RING_BYTES_MIN as usize], geometry, VOLUME, 2).into_memory();
-    let mirrors = vec![MemoryDevice(vec![0; NAMESPACE_BYTES])];
     let mut stale_peer = Destination::open(
-        DestinationConfig { volume_id: VOLUME },
+        destination_config(),
         promoted_ring,
-        mirrors,
+        &[NAMESPACE_BYTES as u64],
     )
     .unwrap();
     stale_peer.handle_connected(0);
-    source.handle_disconnected(0);
-    source.handle_connected(0);
-    let hello = source
+    p.source.handle_disconnected(0);
+    p.source.handle_connected(0);
+    let hello = p
+        .source
         .out
-        .drain_to_vec(source.ring.bytes(0, RING_BYTES_MIN as usize));
+        .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
     let error = stale_peer.handle_message(0, &hello).unwrap_err();
     assert!(
         matches!(
@@ -252,84 +394,85 @@ fn a_promoted_destination_refuses_the_stale_source() {
     );
     let reject = drain_destination(&mut stale_peer);
     assert!(matches!(
-        source.handle_message(0, &reject),
+        p.source.handle_message(0, &reject),
         Err(LinkError::RejectedByPeer { .. })
     ));
     assert!(
-        matches!(source.poll_event(), Some(SourceEvent::LinkRejected(text)) if text.contains("stale source: epoch 1 < 2"))
+        matches!(p.source.poll_event(), Some(SourceEvent::LinkRejected(text)) if text.contains("stale source: epoch 1 < 2"))
     );
 }
 
 #[test]
 fn an_aborted_write_changes_nothing_and_unblocks_later_ones() {
-    let (mut source, mut destination) = pair(CpMode::References);
-    connect(&mut source, &mut destination);
-    source.write(1, 1, 0, &[1; 4096]).unwrap();
-    let aborted = source.reserve_write(1, 1, 0, 4096).unwrap();
-    source.write_buffer(&aborted)[..100].fill(0xEE);
-    let later = source.write(1, 1, 8, &[2; 4096]).unwrap();
-    let events = exchange(&mut source, &mut destination);
+    let mut p = pair(CpMode::References);
+    p.connect();
+    p.source.write(1, 1, 0, &[1; 4096]).unwrap();
+    let aborted = p.source.reserve_write(1, 1, 0, 4096).unwrap();
+    p.source.write_buffer(&aborted)[..100].fill(0xEE);
+    let later = p.source.write(1, 1, 8, &[2; 4096]).unwrap();
+    let events = p.exchange();
     assert!(
         !events.contains(&SourceEvent::WriteCompleted(later)),
         "blocked behind the reserved slot"
     );
     let aborted_id = aborted.id();
-    source.abort_write(1, aborted);
-    let events = exchange(&mut source, &mut destination);
+    p.source.abort_write(1, aborted);
+    let events = p.exchange();
     assert!(
         events.contains(&SourceEvent::WriteCompleted(aborted_id))
             && events.contains(&SourceEvent::WriteCompleted(later))
     );
-    cp(&mut source, &mut destination);
-    let (_, primaries) = source.into_parts();
-    let (_, mirrors) = destination.into_parts();
-    assert_eq!(&primaries[0].0[..4096], &[1; 4096][..]);
-    assert_eq!(mirrors[0].0, primaries[0].0);
+    p.cp();
+    let (primaries, mirrors) = (&p.primaries, &p.mirrors);
+    assert_eq!(&primaries[0].bytes()[..4096], &[1; 4096][..]);
+    assert_eq!(mirrors[0].bytes(), primaries[0].bytes());
 }
 
 #[test]
 fn a_corrupted_resend_never_overwrites_acknowledged_log_entries() {
-    let (mut source, mut destination) = pair(CpMode::References);
-    connect(&mut source, &mut destination);
-    let first = source.write(1, 1, 0, &[1; 4096]).unwrap();
-    let second = source.write(1, 1, 8, &[2; 4096]).unwrap();
-    let events = exchange(&mut source, &mut destination);
+    let mut p = pair(CpMode::References);
+    p.connect();
+    let first = p.source.write(1, 1, 0, &[1; 4096]).unwrap();
+    let second = p.source.write(1, 1, 8, &[2; 4096]).unwrap();
+    let events = p.exchange();
     assert!(events.contains(&SourceEvent::WriteCompleted(first)));
     assert!(events.contains(&SourceEvent::WriteCompleted(second)));
 
     // Reconnect: the destination rewinds its halves without erasing them, the source resends
     // both entries, and the resend arrives with its last data byte flipped.
-    destination.handle_disconnected(0);
-    source.handle_disconnected(0);
-    destination.handle_connected(0);
-    source.handle_connected(0);
-    let hello = source
+    p.destination.handle_disconnected(0);
+    p.source.handle_disconnected(0);
+    p.destination.handle_connected(0);
+    p.source.handle_connected(0);
+    let hello = p
+        .source
         .out
-        .drain_to_vec(source.ring.bytes(0, RING_BYTES_MIN as usize));
+        .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
     for message in split(&hello) {
-        destination.handle_message(1, message).unwrap();
+        p.destination.handle_message(1, message).unwrap();
     }
-    for message in split(&drain_destination(&mut destination)) {
-        source.handle_message(1, message).unwrap();
+    for message in split(&drain_destination(&mut p.destination)) {
+        p.source.handle_message(1, message).unwrap();
     }
-    source.handle_tick(1);
-    let mut resent = source
+    p.source.handle_tick(1);
+    let mut resent = p
+        .source
         .out
-        .drain_to_vec(source.ring.bytes(0, RING_BYTES_MIN as usize));
+        .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
     *resent.last_mut().unwrap() ^= 1;
     let error = split(&resent)
         .into_iter()
-        .find_map(|message| destination.handle_message(1, message).err());
+        .find_map(|message| p.destination.handle_message(1, message).err());
     assert!(
         matches!(error, Some(LinkError::DataCrc { .. })),
         "{error:?}"
     );
 
     // Promotion still finds both acknowledged writes in the log (invariant 4).
-    let (ring, mirrors) = destination.into_parts();
+    let ring = p.destination.into_memory();
     let promoted =
-        Destination::open(DestinationConfig { volume_id: VOLUME }, ring, mirrors).unwrap();
-    let report = promoted.promote().unwrap();
+        Destination::open(destination_config(), ring, &[NAMESPACE_BYTES as u64]).unwrap();
+    let report = promote(promoted, &mut p.mirrors);
     assert_eq!(report.entries_replayed, 2);
 }
 
@@ -341,19 +484,19 @@ fn control_message(control: wire::Control<'_>) -> Vec<u8> {
 
 #[test]
 fn an_ack_of_a_transfer_never_sent_completes_nothing() {
-    let (mut source, mut destination) = pair(CpMode::References);
-    connect(&mut source, &mut destination);
-    source.write(1, 1, 0, &[1; 4096]).unwrap();
-    source.handle_tick(1);
+    let mut p = pair(CpMode::References);
+    p.connect();
+    p.source.write(1, 1, 0, &[1; 4096]).unwrap();
+    p.source.handle_tick(1);
     let bogus = control_message(wire::Control::TransferAck {
         transfer_id: crate::transfer::TransferId(99),
     });
     assert!(matches!(
-        source.handle_message(1, &bogus),
+        p.source.handle_message(1, &bogus),
         Err(LinkError::Protocol(_))
     ));
     assert_eq!(
-        source.poll_event(),
+        p.source.poll_event(),
         None,
         "no write completes on a refused ack"
     );
@@ -361,94 +504,188 @@ fn an_ack_of_a_transfer_never_sent_completes_nothing() {
 
 #[test]
 fn a_hello_ack_claiming_an_unflushed_cp_is_a_protocol_error() {
-    let (mut source, _destination) = pair(CpMode::References);
-    source.write(1, 1, 0, &[1; 4096]).unwrap();
-    source.request_cp(1);
-    source.handle_tick(1);
-    source.handle_connected(2);
-    let epoch = source.ring.superblock().epoch;
+    let mut p = pair(CpMode::References);
+    p.source.write(1, 1, 0, &[1; 4096]).unwrap();
+    p.source.request_cp(1);
+    p.source.handle_tick(1);
+    p.source.handle_connected(2);
+    let epoch = p.source.ring.superblock().epoch;
     let claim = control_message(wire::Control::HelloAck {
-        cp_completed: source.ring.superblock().cp_completed + 1,
+        cp_completed: p.source.ring.superblock().cp_completed + 1,
         epoch,
     });
     assert!(matches!(
-        source.handle_message(2, &claim),
+        p.source.handle_message(2, &claim),
         Err(LinkError::Protocol(_))
     ));
 }
 
-/// A namespace whose reads fail once `failing` is set.
-struct FailingReads {
-    inner: MemoryDevice,
-    failing: bool,
-}
-
-impl BlockDevice for FailingReads {
-    fn size_bytes(&self) -> u64 {
-        self.inner.size_bytes()
-    }
-    fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        if self.failing {
-            return Err(std::io::Error::other("injected read failure"));
-        }
-        self.inner.read_at(offset_bytes, buf)
-    }
-    fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> std::io::Result<()> {
-        self.inner.write_at(offset_bytes, data)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 #[test]
 fn an_aborted_write_whose_old_content_cannot_be_read_is_never_committed() {
-    let config = SourceConfig {
-        volume_id: VOLUME,
-        cp_interval_us: u64::MAX,
-        mode: CpMode::References,
-    };
-    let primary = FailingReads {
-        inner: MemoryDevice(vec![0; NAMESPACE_BYTES]),
-        failing: false,
-    };
-    let (mut source, _) =
-        Source::open(config, vec![0; RING_BYTES_MIN as usize], vec![primary], 0).unwrap();
-    source.write(1, 1, 0, &[1; 4096]).unwrap();
-    let half = half_of_cp(source.active_cp);
-    let committed = source.ring.committed_slots(half);
-    let aborted = source.reserve_write(1, 1, 8, 4096).unwrap();
-    source.write_buffer(&aborted).fill(0xEE);
-    source.primaries[0].failing = true;
-    source.abort_write(1, aborted);
+    let mut p = pair(CpMode::References);
+    p.write(0, &[1; 4096]);
+    assert!(p.devices());
+    let half = half_of_cp(p.source.active_cp);
+    let committed = p.source.ring.committed_slots(half);
+    let aborted = p.source.reserve_write(1, 1, 8, 4096).unwrap();
+    p.source.write_buffer(&aborted).fill(0xEE);
+    p.primaries[0].fail_reads = true;
+    p.source.abort_write(1, aborted);
+    assert!(p.devices());
     assert_eq!(
-        source.ring.committed_slots(half),
+        p.source.ring.committed_slots(half),
         committed,
         "a slot of unknown bytes stays uncommitted"
     );
     assert!(matches!(
-        source.poll_event(),
-        Some(SourceEvent::DeviceFailed(text)) if text.contains("read for an aborted write")
+        p.source.poll_event(),
+        Some(SourceEvent::DeviceFault(fault)) if fault.purpose == "read for an aborted write" && fault.offset_bytes == 8 * 512
     ));
+    // Once the primary reads again, the retry commits it with the primary's content.
+    p.primaries[0].fail_reads = false;
+    p.now_us += apply::DEVICE_RETRY_BACKOFF_US;
+    assert!(p.devices());
+    assert_eq!(p.source.ring.committed_slots(half), committed + 1);
+    assert_eq!(p.source.counters().device_error_count, 1);
 }
 
 #[test]
 fn replay_onto_a_namespace_that_shrank_is_a_reported_fault() {
-    let (mut source, _destination) = pair(CpMode::References);
+    let mut p = pair(CpMode::References);
     let last_lba = (NAMESPACE_BYTES / 512 - 8) as u64;
-    source.write(1, 1, last_lba, &[7; 4096]).unwrap();
-    let (ring, _) = source.into_parts();
-    let config = SourceConfig {
-        volume_id: VOLUME,
-        cp_interval_us: u64::MAX,
-        mode: CpMode::References,
-    };
-    let smaller = vec![MemoryDevice(vec![0; NAMESPACE_BYTES / 2])];
-    let error = Source::open(config, ring, smaller, 0)
+    p.source.write(1, 1, last_lba, &[7; 4096]).unwrap();
+    let ring = p.source.into_memory();
+    let smaller = [NAMESPACE_BYTES as u64 / 2];
+    let error = Source::open(config(CpMode::References), ring, &smaller, 0)
         .err()
         .expect("refused");
     assert!(
         matches!(error, crate::EngineError::EntryOutOfRange { nsid: 1, .. }),
         "{error}"
     );
+}
+
+#[test]
+fn the_mirror_is_the_primary_as_of_the_end_of_its_cp_although_writes_go_on() {
+    let mut p = pair(CpMode::References);
+    p.connect();
+    p.write(1, &[1; 512]); // block 0, partial: CP 1 reads it from the primary as Data
+    p.write(8, &[2; 4096]); // block 1, whole: a reference
+    p.exchange();
+    p.source.request_cp(p.now_us);
+    p.source.handle_tick(p.now_us); // CP 1 frozen; CP 2 takes the next writes
+    let later = p.write(0, &[3; 4096]); // block 0 again, in CP 2, before CP 1 read it
+    let also_later = p.write(16, &[4; 4096]); // block 2: not held
+    let events = p.exchange();
+    assert!(events.contains(&SourceEvent::WriteCompleted(later)));
+    assert!(events.contains(&SourceEvent::WriteCompleted(also_later)));
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, SourceEvent::CpCompleted { cp_number: 1, .. })));
+    let mirror = p.mirrors[0].bytes();
+    assert_eq!(
+        &mirror[512..1024],
+        &[1; 512][..],
+        "CP 1's content of block 0"
+    );
+    assert!(mirror[..512]
+        .iter()
+        .chain(&mirror[1024..4096])
+        .all(|&b| b == 0));
+    assert_eq!(&mirror[4096..8192], &[2; 4096][..]);
+    assert!(
+        mirror[8192..12288].iter().all(|&b| b == 0),
+        "CP 2 is not in it"
+    );
+    // The held write reached the primary once CP 1 completed, and CP 2 mirrors it.
+    assert_eq!(&p.primaries[0].bytes()[..4096], &[3; 4096][..]);
+    p.cp();
+    assert_eq!(p.mirrors[0].bytes(), p.primaries[0].bytes());
+}
+
+#[test]
+fn a_stalled_primary_delays_no_write_completion() {
+    let mut p = pair(CpMode::References);
+    p.connect();
+    p.primaries[0].stalled = true;
+    let ids: Vec<WriteId> = (0..(DEPTH as u64 * 3))
+        .map(|i| p.write(i * 8, &[9; 4096]))
+        .collect();
+    let events = p.exchange();
+    for id in &ids {
+        assert!(events.contains(&SourceEvent::WriteCompleted(*id)));
+    }
+    assert!(
+        p.source.landed_through_seq() < ids[0].0,
+        "nothing landed yet"
+    );
+    assert_eq!(
+        p.source.ops.iter().count(),
+        DEPTH as usize,
+        "bounded in flight"
+    );
+    p.primaries[0].stalled = false;
+    p.cp();
+    assert!(p.source.landed_through_seq() >= ids.last().unwrap().0);
+    assert_eq!(p.mirrors[0].bytes(), p.primaries[0].bytes());
+}
+
+#[test]
+fn a_failing_mirror_fails_the_cp_cleanly_and_the_retry_completes_it() {
+    let mut p = pair(CpMode::References);
+    p.connect();
+    let first = p.write(0, &[5; 4096]);
+    let partial = p.write(9, &[6; 512]);
+    p.exchange();
+    p.mirrors[0].fail_writes = true;
+    let events = p.cp();
+    assert!(events.contains(&SourceEvent::MirrorFailed { cp_number: 1 }));
+    assert!(!events
+        .iter()
+        .any(|e| matches!(e, SourceEvent::CpCompleted { .. })));
+    assert_eq!(p.source.counters().cp_failure_count, 1);
+    assert_eq!(p.destination.cp_completed(), 0, "nothing recorded");
+    assert_eq!(
+        p.source.cp_completed(),
+        0,
+        "the ring keeps the CP's entries"
+    );
+    // The link stayed up: new writes still complete.
+    let during = p.write(32, &[7; 4096]);
+    assert!(p.exchange().contains(&SourceEvent::WriteCompleted(during)));
+    p.mirrors[0].fail_writes = false;
+    p.now_us += apply::DEVICE_RETRY_BACKOFF_US;
+    let events = p.exchange();
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, SourceEvent::CpCompleted { cp_number: 1, .. })));
+    p.cp();
+    assert_eq!(p.mirrors[0].bytes(), p.primaries[0].bytes());
+    assert!(first.0 < partial.0 && partial.0 < during.0);
+    assert_eq!(&p.mirrors[0].bytes()[..4096], &[5; 4096][..]);
+}
+
+#[test]
+fn a_failing_primary_write_is_retried_in_order() {
+    let mut p = pair(CpMode::References);
+    p.connect();
+    p.primaries[0].fail_writes = true;
+    let first = p.write(0, &[1; 4096]);
+    let second = p.write(0, &[2; 4096]);
+    let events = p.exchange();
+    assert!(events.contains(&SourceEvent::WriteCompleted(first)));
+    assert!(events.contains(&SourceEvent::WriteCompleted(second)));
+    assert!(events.iter().any(
+        |e| matches!(e, SourceEvent::DeviceFault(f) if f.kind == DeviceOpKind::Write && f.nsid == 1)
+    ));
+    assert!(p.source.landed_through_seq() < first.0);
+    p.primaries[0].fail_writes = false;
+    p.now_us += apply::DEVICE_RETRY_BACKOFF_US;
+    p.cp();
+    assert_eq!(
+        &p.primaries[0].bytes()[..4096],
+        &[2; 4096][..],
+        "the later write wins"
+    );
+    assert_eq!(p.mirrors[0].bytes(), p.primaries[0].bytes());
 }

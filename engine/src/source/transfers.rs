@@ -3,25 +3,29 @@
 //! sending closed, fully committed transfers in order with entry data straight from ring memory,
 //! and completing host writes when their transfer is acknowledged (invariant 1).
 
+use super::cp_state::FlushState;
 use super::{CpPhase, LinkState, Source, SourceEvent, WriteId};
-use crate::device::BlockDevice;
 use crate::error::LinkError;
 use crate::geometry::{half_of_cp, BLOCK_SIZE, SECTOR_SIZE};
 use crate::ring::RingStore;
 use crate::transfer::{TransferId, TransferRecord};
 use crate::wire::{self, Hello, Segment, TransferHeader, WireEntry};
 
-impl<M: RingStore, D: BlockDevice> Source<M, D> {
+impl<M: RingStore> Source<M> {
     pub(super) fn reset_session(&mut self) {
         for state in &mut self.cps {
             state.reset_session();
         }
+        self.staged.clear();
     }
 
     pub(super) fn hello(&self) -> Hello {
         let mut namespace_sizes_bytes = [0; crate::geometry::NAMESPACES_MAX];
-        for (size, primary) in namespace_sizes_bytes.iter_mut().zip(&self.primaries) {
-            *size = primary.size_bytes();
+        for (size, &ours) in namespace_sizes_bytes
+            .iter_mut()
+            .zip(&self.namespace_sizes_bytes)
+        {
+            *size = ours;
         }
         Hello {
             protocol_version: u32::from(wire::PROTOCOL_VERSION),
@@ -32,7 +36,7 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
             epoch: self.ring.superblock().epoch,
             cp_completed: self.ring.superblock().cp_completed,
             geometry: self.ring.geometry(),
-            namespace_count: self.primaries.len() as u8,
+            namespace_count: self.namespace_sizes_bytes.len() as u8,
             namespace_sizes_bytes,
         }
     }
@@ -59,7 +63,7 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
             // anything else is the peer's error, never a reason to trip complete_cp's asserts.
             if state.cp_number != destination_cp
                 || matches!(state.phase, CpPhase::Free | CpPhase::Active)
-                || !state.flushed
+                || state.flush != FlushState::Done
             {
                 return Err(LinkError::Protocol(format!(
                     "destination completed cp {destination_cp} we never committed"

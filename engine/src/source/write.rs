@@ -1,24 +1,23 @@
 //! The source's write path (claims 8-9; engine spec "Source", host writes): range checks, ring
-//! reservation with the transfer each entry joins and its dirty-map note, and write-through of the
-//! committed prefix onto the primary namespaces in seq order (aborted reservations committed as
-//! a rewrite of the primary's current content). A failing primary stops CPs, never writes.
+//! reservation with the transfer each entry joins and its dirty-map note. Committed entries go
+//! to the primaries as device ops (`apply`).
 
-use super::{apply_entry, logged_write, CpPhase, Source, SourceEvent, WriteRefused};
-use crate::device::{check_extent, BlockDevice};
+use super::{logged_write, CpPhase, Source, WriteRefused};
+use crate::device::check_extent;
 use crate::geometry::{
     half_of_cp, round_down, BLOCK_SIZE, SECTOR_SIZE, TRANSFER_DATA_BYTES_MAX, TRANSFER_ENTRIES_MAX,
 };
 use crate::ring::{EntryRequest, EntrySlot, RingStore};
 use crate::transfer::{LoggedWrite, TransferId, TransferRecord};
 
-impl<M: RingStore, D: BlockDevice> Source<M, D> {
+impl<M: RingStore> Source<M> {
     pub(super) fn check_range(
         &self,
         nsid: u32,
         lba: u64,
         length_bytes: u64,
     ) -> Result<(), WriteRefused> {
-        if nsid == 0 || nsid as usize > self.primaries.len() {
+        if nsid == 0 || nsid as usize > self.namespace_sizes_bytes.len() {
             return Err(WriteRefused::InvalidNamespace);
         }
         if length_bytes == 0 || !length_bytes.is_multiple_of(SECTOR_SIZE as u64) {
@@ -27,8 +26,13 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
         let offset_bytes = lba
             .checked_mul(SECTOR_SIZE as u64)
             .ok_or(WriteRefused::OutOfRange)?;
-        check_extent(&self.primaries, nsid, offset_bytes, length_bytes)
-            .map_err(|_| WriteRefused::OutOfRange)
+        check_extent(
+            &self.namespace_sizes_bytes,
+            nsid,
+            offset_bytes,
+            length_bytes,
+        )
+        .map_err(|_| WriteRefused::OutOfRange)
     }
 
     pub(super) fn reserve_entry(
@@ -103,6 +107,10 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
         // Recovery and freezing always leave the half that takes new entries active.
         assert_eq!(state.phase, CpPhase::Active, "entries go to the active CP");
         assert_eq!(state.cp_number, header.cp_number);
+        if entry.slot() == 0 {
+            state.first_seq = header.seq;
+        }
+        assert_eq!(state.first_seq + u64::from(entry.slot()), header.seq);
         if !state.open_transfer {
             assert_eq!(header.transfer_id, self.next_transfer_id);
             self.next_transfer_id += 1;
@@ -127,68 +135,5 @@ impl<M: RingStore, D: BlockDevice> Source<M, D> {
             .dirty
             .note_write(&write)
             .expect("dirty map capacity checked before reserving");
-    }
-
-    /// Applies newly committed entries to the primaries in global seq order: the committed
-    /// prefix of the older half, and the newer half's only once the older one is all applied.
-    pub(super) fn apply_committed(&mut self) {
-        for half in self.halves_in_order() {
-            while self.cps[half].applied_slots < self.ring.committed_slots(half) {
-                let header = self.ring.entry_header(half, self.cps[half].applied_slots);
-                if let Err(error) =
-                    apply_entry(&self.ring, &mut self.primaries, &self.zero_block, &header)
-                {
-                    self.fail_device(format!("primary namespace {}: {error}", header.nsid));
-                }
-                self.cps[half].applied_slots += 1;
-            }
-            let next = self.cps[half].applied_slots;
-            if let Some(index) = self
-                .aborted
-                .iter()
-                .position(|e| e.half() == half && e.slot() == next)
-            {
-                if !self.commit_aborted(index) {
-                    // The entry's bytes are unknown: nothing after it is applied or sent.
-                    return;
-                }
-                return self.apply_committed();
-            }
-            if self.cps[half].applied_slots < self.ring.reserved_slots(half) {
-                return;
-            }
-        }
-    }
-
-    /// Commits aborted entry `index` with the primary's current content of its range. If that
-    /// content cannot be read the entry stays aborted and uncommitted (its slot holds a host's
-    /// partial data or old ring bytes, which must never be applied, sent or replayed) and
-    /// applying stops there; returns whether it was committed.
-    fn commit_aborted(&mut self, index: usize) -> bool {
-        let header = *self.aborted[index].header();
-        let primary = &mut self.primaries[header.nsid as usize - 1];
-        let data = self.ring.data_mut(&self.aborted[index]);
-        if let Err(error) = primary.read_at(header.offset_bytes(), data) {
-            self.fail_device(format!(
-                "primary namespace {}: read for an aborted write: {error}",
-                header.nsid
-            ));
-            return false;
-        }
-        let entry = self.aborted.swap_remove(index);
-        self.ring.commit(&entry);
-        true
-    }
-
-    pub(super) fn fail_device(&mut self, text: String) {
-        if self.device_failed {
-            log::debug!("source: {text}");
-            return;
-        }
-        log::error!("source: {text}; consistency points stop");
-        {
-            self.device_failed = true;
-            self.events.push_back(SourceEvent::DeviceFailed(text));
-        }
     }
 }
