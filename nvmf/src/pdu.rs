@@ -148,14 +148,21 @@ impl std::fmt::Display for PduError {
 
 impl std::error::Error for PduError {}
 
-/// CRC32C (Castagnoli) as NVMe/TCP digests use it.
+/// CRC32C (Castagnoli) as NVMe/TCP digests use it: the ring's implementation (`crc-fast`), so a
+/// data digest checked over a ring slot is the entry's CRC as the ring computes it.
 pub fn crc32c(bytes: &[u8]) -> u32 {
-    crc32c::crc32c(bytes)
+    nvmirror_engine::checksum::crc32c(bytes)
 }
 
-/// Continues a CRC32C over data received in pieces (`crc` starts at 0).
+/// Continues a CRC32C over data received in pieces (`crc` starts at 0):
+/// `crc32c_append(crc32c(a), b) == crc32c(a ++ b)`.
 pub fn crc32c_append(crc: u32, bytes: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc, bytes)
+    // CRC-32/ISCSI is reflected with XOROUT FFFFFFFFh: the register behind a finished CRC is its
+    // complement, and the digest goes on from there.
+    let mut digest =
+        crc_fast::Digest::new_with_init_state(crc_fast::CrcAlgorithm::Crc32Iscsi, u64::from(!crc));
+    digest.update(bytes);
+    digest.finalize() as u32
 }
 
 /// What the ICReq/ICResp exchange negotiated: digests and the receiver's data alignment.

@@ -302,3 +302,19 @@ fn connect_command_and_data() {
         connect_data_offset::SUBNQN
     );
 }
+
+#[test]
+fn digest_is_crc32c_whole_or_in_pieces() {
+    // RFC 3720 B.4 and the CRC-32/ISCSI check value.
+    assert_eq!(crc32c(&[0u8; 32]), 0x8A91_36AA);
+    assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+    assert_eq!(crc32c_append(0, b"123456789"), 0xE306_9283);
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 + i / 13) as u8).collect();
+    let whole = crc32c(&data);
+    for split in [0, 1, 4, 63, 4096, 8191, 8192] {
+        let (first, second) = data.split_at(split);
+        assert_eq!(crc32c_append(crc32c(first), second), whole, "split {split}");
+    }
+    let pieces = data.chunks(1000).fold(0, crc32c_append);
+    assert_eq!(pieces, whole);
+}
