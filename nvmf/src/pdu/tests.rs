@@ -248,7 +248,8 @@ fn r2t_resp_and_term_req_round_trip() {
         fei: 0,
     };
     let length = term.encode_into(&mut buf, PduType::C2HTermReq, &header);
-    assert_eq!(length, 24 + TERM_REQ_ERROR_DATA_BYTES_MAX);
+    assert_eq!(length, TERM_REQ_PDU_BYTES_MAX);
+    assert_eq!(&buf[24..length], &header[..TERM_REQ_ERROR_DATA_BYTES_MAX]);
     let (pdu, location) = decode(&buf, Direction::ControllerToHost, &DIGESTS).unwrap();
     assert_eq!(pdu, Pdu::C2HTermReq(term));
     assert_eq!(location.length as usize, TERM_REQ_ERROR_DATA_BYTES_MAX);
