@@ -54,7 +54,12 @@ pub fn execute<B: Backend>(
             Ok(Outcome::Respond(completion))
         }
         opcode => {
-            log::info!("nvmf: admin queue: invalid opcode {opcode:#x}");
+            queue.command_errors.log(
+                context.now_us,
+                log::Level::Info,
+                format_args!("admin queue"),
+                format_args!("invalid opcode {opcode:#x}"),
+            );
             Err(GenericStatus::InvalidOpcode.into())
         }
     };

@@ -382,10 +382,11 @@ impl<B: Backend> Connection<B> {
                     request.data_crc = Some(received);
                 }
                 if !intact {
-                    log::warn!(
-                        "nvmf: {}: data digest error on cid {}",
-                        self.peer,
-                        request.command.cid()
+                    self.queue.command_errors.log(
+                        context.now_us,
+                        log::Level::Warn,
+                        format_args!("{}", self.peer),
+                        format_args!("data digest error on cid {}", request.command.cid()),
                     );
                 }
                 self.recv_state = RecvState::Header;
