@@ -312,6 +312,26 @@ fn malformed_pdus_terminate_only_their_connection() {
     healthy.verified_io(32, 9);
 }
 
+#[test]
+fn identify_reports_the_configured_volatile_write_cache() {
+    for volatile_write_cache in [true, false] {
+        let mut config = config(true);
+        config.volatile_write_cache = volatile_write_cache;
+        let server = serve_memory(config);
+        let mut admin = Host::admin(server.address, false);
+        let (completion, data) = admin.admin_command(admin_opcode::IDENTIFY, 0, 1, 0, 4096);
+        assert!(completion.status.is_success());
+        assert_eq!(data[525] & 1, u8::from(volatile_write_cache), "VWC");
+        let (completion, _) = admin.admin_command(admin_opcode::GET_FEATURES, 0, 0x06, 0, 0);
+        assert!(completion.status.is_success());
+        assert_eq!(completion.dw0, u32::from(volatile_write_cache), "WCE");
+    }
+    assert!(
+        config(true).volatile_write_cache,
+        "the default is today's value"
+    );
+}
+
 /// Reads a C2HTermReq as bytes: its PLEN, FES and error data; then expects the connection closed.
 fn receive_term_req_bytes(host: &mut Host) -> (u32, u16, Vec<u8>) {
     use std::io::Read;
