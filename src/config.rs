@@ -315,18 +315,12 @@ impl Config {
                 format!("must be an even number of MiB from {RING_MIB_MIN} to {RING_MIB_MAX} (2 MiB hugepages), got {}", self.ring_size_mib),
             ));
         }
-        let cores = core_affinity::get_core_ids()
-            .map(|ids| ids.len())
-            .unwrap_or(1);
         if self.cores.is_empty() {
             return Err(bad("cores", "needs at least one core"));
         }
-        if let Some(core) = self.cores.iter().find(|core| **core >= cores) {
-            return Err(bad(
-                "cores",
-                format!("core {core} does not exist (this machine has {cores})"),
-            ));
-        }
+        crate::cores::CpuSet::of_this_process()
+            .check_and_warn("cores", &self.cores)
+            .map_err(|reason| bad("cores", reason))?;
         if self.cp_interval_ms == 0 || self.cp_interval_ms > 3_600_000 {
             return Err(bad("cp_interval_ms", "must be from 1 ms to one hour"));
         }

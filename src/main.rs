@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod cores;
 mod demo;
 mod setup;
 
@@ -378,9 +379,6 @@ impl Options {
 
     /// `--cores 0,1`: the embedded pair's reactor cores (one core: both nodes share a reactor).
     pub fn cores(&mut self) -> Result<Vec<usize>, String> {
-        let available = core_affinity::get_core_ids()
-            .map(|ids| ids.len())
-            .unwrap_or(1);
         let Some(text) = self.value("--cores")? else {
             // One reactor for the pair by default: on a small machine the other cores stay free
             // for hosts (a polled host sharing a core with a polled node starves both).
@@ -397,11 +395,9 @@ impl Options {
         if cores.is_empty() || cores.len() > 2 {
             return Err("--cores takes one or two core numbers (source, destination)".into());
         }
-        if let Some(core) = cores.iter().find(|core| **core >= available) {
-            return Err(format!(
-                "--cores: core {core} does not exist (this machine has {available})"
-            ));
-        }
+        cores::CpuSet::of_this_process()
+            .check_and_warn("--cores", &cores)
+            .map_err(|reason| format!("--cores: {reason}"))?;
         Ok(cores)
     }
 
