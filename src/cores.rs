@@ -71,6 +71,24 @@ impl CpuSet {
             format_cpu_list(&self.allowed)
         )
     }
+
+    /// The first online core not in `used`, if any (where a host's load generator should run).
+    pub fn first_unused(&self, used: &[usize]) -> Option<usize> {
+        self.online
+            .iter()
+            .copied()
+            .find(|core| !used.contains(core))
+    }
+}
+
+/// SPDK's `-c` value that runs an SPDK tool on `core` alone: a hex mask (`0x2` for core 1), or
+/// SPDK's list form (`[70]`) past the 64 bits a mask literal is read into.
+pub fn spdk_core_mask(core: usize) -> String {
+    if core < 64 {
+        format!("0x{:x}", 1u64 << core)
+    } else {
+        format!("[{core}]")
+    }
 }
 
 /// Parses a kernel CPU list such as `0-3,6,8-9` (ascending, no duplicates); `None` if malformed.
@@ -164,6 +182,23 @@ mod tests {
     fn a_core_that_is_not_online_does_not_exist() {
         let error = masked_to_core_1().check(&[1, 2]).unwrap_err();
         assert_eq!(error, "core 2 does not exist (online cores: 0-1)");
+    }
+
+    #[test]
+    fn spdk_core_masks_select_one_core() {
+        assert_eq!(spdk_core_mask(0), "0x1");
+        assert_eq!(spdk_core_mask(1), "0x2");
+        assert_eq!(spdk_core_mask(5), "0x20");
+        assert_eq!(spdk_core_mask(63), "0x8000000000000000");
+        assert_eq!(spdk_core_mask(64), "[64]");
+    }
+
+    #[test]
+    fn the_first_unused_core_is_found() {
+        let cpus = masked_to_core_1();
+        assert_eq!(cpus.first_unused(&[0]), Some(1));
+        assert_eq!(cpus.first_unused(&[1]), Some(0));
+        assert_eq!(cpus.first_unused(&[0, 1]), None);
     }
 
     #[test]

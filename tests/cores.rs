@@ -76,3 +76,35 @@ fn a_config_core_in_the_affinity_mask_is_accepted_and_a_missing_one_refused() {
         "{stderr}"
     );
 }
+
+/// The embedded default's reactor polls core 0, where SPDK tools run unless told otherwise: the
+/// `spdk_nvme_perf` line it prints must put perf on another core.
+#[test]
+fn the_printed_perf_line_keeps_perf_off_the_reactor_core() {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: one core, perf cannot avoid the reactor");
+        return;
+    }
+    let scratch = Scratch::new("cores-perf");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let discovery = format!("127.0.0.1:{}", free_port());
+    let mut embedded = Process(
+        Command::new(BIN)
+            .args(["--listen", &listen, "--discovery-listen", &discovery])
+            .env("TMPDIR", &scratch.0)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = std::io::BufReader::new(embedded.0.stdout.take().unwrap());
+    let line = std::io::BufRead::lines(stdout)
+        .map(Result::unwrap)
+        .find(|line| line.contains("spdk_nvme_perf"))
+        .expect("the embedded default prints a perf line");
+    assert!(line.contains("spdk_nvme_perf -c 0x2 -r "), "{line}");
+    assert!(
+        line.contains(&format!("trsvcid:{}", &listen[10..])),
+        "{line}"
+    );
+}
