@@ -211,6 +211,7 @@ impl TargetSection {
             io_queues_max: self.io_queues_max,
             keep_alive_timeout_ms_default: self.keep_alive_timeout_ms,
             recv_budget_pdus: nvmirror_nvmf::config::RECV_BUDGET_PDUS_DEFAULT,
+            volatile_write_cache: nvmirror_nvmf::config::VOLATILE_WRITE_CACHE_DEFAULT,
         };
         config.validate().map_err(|reason| {
             let (field, why) = reason.split_once(':').unwrap_or(("", reason.as_str()));
@@ -314,18 +315,12 @@ impl Config {
                 format!("must be an even number of MiB from {RING_MIB_MIN} to {RING_MIB_MAX} (2 MiB hugepages), got {}", self.ring_size_mib),
             ));
         }
-        let cores = core_affinity::get_core_ids()
-            .map(|ids| ids.len())
-            .unwrap_or(1);
         if self.cores.is_empty() {
             return Err(bad("cores", "needs at least one core"));
         }
-        if let Some(core) = self.cores.iter().find(|core| **core >= cores) {
-            return Err(bad(
-                "cores",
-                format!("core {core} does not exist (this machine has {cores})"),
-            ));
-        }
+        crate::cores::CpuSet::of_this_process()
+            .check_and_warn("cores", &self.cores)
+            .map_err(|reason| bad("cores", reason))?;
         if self.cp_interval_ms == 0 || self.cp_interval_ms > 3_600_000 {
             return Err(bad("cp_interval_ms", "must be from 1 ms to one hour"));
         }

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod cores;
 mod demo;
 mod setup;
 
@@ -176,7 +177,7 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
                 config.volume,
                 config.peer.expect("validated")
             );
-            print_connect_lines(config);
+            print_connect_lines(config, &config.cores);
             let served = demo::serve_until_stopped(
                 &[("source", &running.control)],
                 Some(&running.control),
@@ -236,7 +237,7 @@ fn run_embedded_default(embedded: &Embedded, json: bool) -> Result<(), String> {
         "nvmirror: embedded default running: source -> destination on {} (malloc namespaces). Ctrl-C stops.",
         pair.replication_address
     );
-    print_connect_lines(&source_config);
+    print_connect_lines(&source_config, &embedded.cores);
     let served = demo::serve_until_stopped(
         &[
             ("source", &pair.source_control),
@@ -273,7 +274,7 @@ fn run_unreplicated_target(embedded: &Embedded) -> Result<(), String> {
     println!(
         "nvmirror: NVMe/TCP target WITHOUT replication running (malloc namespace). Ctrl-C stops."
     );
-    print_connect_lines(&config);
+    print_connect_lines(&config, cores);
     let served = demo::serve_until_stopped(&[], None, &signals, false);
     running.stop()?;
     for reactor in queue_pair_reactors {
@@ -282,11 +283,13 @@ fn run_unreplicated_target(embedded: &Embedded) -> Result<(), String> {
     served
 }
 
-/// What a user types to reach the target: `nvme connect` and SPDK's perf.
-fn print_connect_lines(config: &Config) {
+/// What a user types to reach the target: `nvme connect` and SPDK's perf, the latter on a core
+/// none of `reactor_cores` polls.
+fn print_connect_lines(config: &Config, reactor_cores: &[usize]) {
     let Some(target) = &config.target else {
         return;
     };
+    let cpus = cores::CpuSet::of_this_process();
     for subsystem in &target.subsystems {
         for listener in &target.listen {
             println!(
@@ -296,10 +299,8 @@ fn print_connect_lines(config: &Config) {
                 subsystem.nqn
             );
             println!(
-                "  benchmark:      spdk_nvme_perf -r 'trtype:TCP adrfam:IPv4 traddr:{} trsvcid:{} subnqn:{}' -q 32 -o 4096 -w randwrite -t 10",
-                listener.ip(),
-                listener.port(),
-                subsystem.nqn
+                "  benchmark:      {}",
+                perf_line(listener, &subsystem.nqn, &cpus, reactor_cores)
             );
         }
     }
@@ -310,6 +311,35 @@ fn print_connect_lines(config: &Config) {
             discovery.port()
         );
     }
+}
+
+/// The `spdk_nvme_perf` line for one listener. Without `-c` SPDK runs on core 0, which is the
+/// default reactor's: both poll one core and perf measures a quarter of the target. So the line
+/// names the first core no reactor uses, or, when every core has one, the last core, and says so.
+fn perf_line(
+    listener: &std::net::SocketAddr,
+    nqn: &str,
+    cpus: &cores::CpuSet,
+    reactor_cores: &[usize],
+) -> String {
+    let (core, note) = match cpus.first_unused(reactor_cores) {
+        Some(core) => (core, String::new()),
+        None => {
+            let core = *cpus.online.last().expect("at least one core is online");
+            (
+                core,
+                format!(
+                    "   # every core runs a reactor: perf shares core {core} with one, and both slow down"
+                ),
+            )
+        }
+    };
+    format!(
+        "spdk_nvme_perf -c {} -r 'trtype:TCP adrfam:IPv4 traddr:{} trsvcid:{} subnqn:{nqn}' -q 32 -o 4096 -w randwrite -t 10{note}",
+        cores::spdk_core_mask(core),
+        listener.ip(),
+        listener.port(),
+    )
 }
 
 /// A small command-line reader: `--key value` pairs and `--flag`s after an optional command word.
@@ -378,9 +408,6 @@ impl Options {
 
     /// `--cores 0,1`: the embedded pair's reactor cores (one core: both nodes share a reactor).
     pub fn cores(&mut self) -> Result<Vec<usize>, String> {
-        let available = core_affinity::get_core_ids()
-            .map(|ids| ids.len())
-            .unwrap_or(1);
         let Some(text) = self.value("--cores")? else {
             // One reactor for the pair by default: on a small machine the other cores stay free
             // for hosts (a polled host sharing a core with a polled node starves both).
@@ -397,11 +424,9 @@ impl Options {
         if cores.is_empty() || cores.len() > 2 {
             return Err("--cores takes one or two core numbers (source, destination)".into());
         }
-        if let Some(core) = cores.iter().find(|core| **core >= available) {
-            return Err(format!(
-                "--cores: core {core} does not exist (this machine has {available})"
-            ));
-        }
+        cores::CpuSet::of_this_process()
+            .check_and_warn("--cores", &cores)
+            .map_err(|reason| format!("--cores: {reason}"))?;
         Ok(cores)
     }
 
@@ -412,4 +437,41 @@ impl Options {
             None => Ok(()),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two_cores() -> cores::CpuSet {
+        cores::CpuSet {
+            online: vec![0, 1],
+            allowed: vec![0, 1],
+        }
+    }
+
+    #[test]
+    fn perf_runs_on_a_core_no_reactor_uses() {
+        let listener = "127.0.0.1:4420".parse().unwrap();
+        let line = perf_line(&listener, NQN, &two_cores(), &[0]);
+        assert!(line.starts_with("spdk_nvme_perf -c 0x2 -r 'trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:4420 subnqn:nqn.2026-11.io.nvmirror:vol0'"), "{line}");
+        assert!(!line.contains('#'), "{line}");
+        let line = perf_line(&listener, NQN, &two_cores(), &[1]);
+        assert!(line.starts_with("spdk_nvme_perf -c 0x1 "), "{line}");
+    }
+
+    #[test]
+    fn perf_on_a_reactor_core_says_so() {
+        let listener = "127.0.0.1:4420".parse().unwrap();
+        let line = perf_line(&listener, NQN, &two_cores(), &[0, 1]);
+        assert!(line.starts_with("spdk_nvme_perf -c 0x2 "), "{line}");
+        assert!(
+            line.ends_with(
+                "# every core runs a reactor: perf shares core 1 with one, and both slow down"
+            ),
+            "{line}"
+        );
+    }
+
+    const NQN: &str = config::NQN_DEFAULT;
 }

@@ -15,7 +15,7 @@ use std::io;
 use std::rc::Rc;
 
 use nvmirror_engine::geometry::{RING_BYTES_MIN, SECTOR_SIZE};
-use nvmirror_engine::wire::frame_length;
+use nvmirror_engine::wire::{frame_length, MESSAGE_HEADER_BYTES};
 use nvmirror_engine::{
     BlockDevice, CpMode, Destination, DestinationConfig, Source, SourceConfig, SourceEvent,
     WriteRefused, WriteSlot,
@@ -228,6 +228,9 @@ struct Sim {
     /// When each receive buffer last got bytes (a stalled partial message means a corrupted
     /// length field: the runtime's receive timeout cuts the link).
     received_at_us: [u64; 2],
+    /// Where each receive buffer holds a flipped byte. A flip outlives the fault phase: bytes
+    /// corrupted before `drive_bounded` turns faults off may be delivered after.
+    corrupted: [Vec<usize>; 2],
 }
 
 impl Sim {
@@ -281,6 +284,7 @@ impl Sim {
             link_errors: 0,
             cps_completed: 0,
             received_at_us: [0; 2],
+            corrupted: [Vec::new(), Vec::new()],
         }
     }
 
@@ -301,6 +305,7 @@ impl Sim {
         self.link_up = false;
         self.to_destination.clear();
         self.to_source.clear();
+        self.corrupted = [Vec::new(), Vec::new()];
         self.reconnect_at_us = self.now_us + 10 + self.rng.below(500);
     }
 
@@ -414,6 +419,12 @@ impl Sim {
         if self.faults && self.rng.chance(3000) {
             let at = self.rng.below(bytes.len() as u64) as usize;
             bytes[at] ^= 1 << self.rng.below(8);
+            let buffered = if to_destination {
+                self.to_destination.len()
+            } else {
+                self.to_source.len()
+            };
+            self.corrupted[usize::from(to_destination)].push(buffered + at);
         }
         self.received_at_us[usize::from(to_destination)] = self.now_us;
         if to_destination {
@@ -425,8 +436,10 @@ impl Sim {
         }
     }
 
-    /// Hands every whole message in a receive buffer to its side; an error cuts the link.
+    /// Hands every whole message in a receive buffer to its side; an error cuts the link, and
+    /// is only allowed for a message that carries a flipped byte.
     fn deliver(&mut self, to_destination: bool) {
+        let side = usize::from(to_destination);
         loop {
             let buffer = if to_destination {
                 &self.to_destination
@@ -436,7 +449,16 @@ impl Sim {
             let length = match frame_length(buffer) {
                 Ok(Some(length)) if buffer.len() >= length => length,
                 Ok(_) => return,
-                Err(_) => return self.cut_link(),
+                Err(error) => {
+                    assert!(
+                        self.corrupted[side]
+                            .iter()
+                            .any(|&at| at < MESSAGE_HEADER_BYTES),
+                        "seed {}: bad frame header without a flipped byte: {error}",
+                        self.seed
+                    );
+                    return self.cut_link();
+                }
             };
             let buffer = if to_destination {
                 &mut self.to_destination
@@ -445,6 +467,10 @@ impl Sim {
             };
             let message = buffer[..length].to_vec();
             buffer.drain(..length);
+            let corrupted = &mut self.corrupted[side];
+            let flipped = corrupted.iter().any(|&at| at < length);
+            corrupted.retain(|&at| at >= length);
+            corrupted.iter_mut().for_each(|at| *at -= length);
             let now = self.now_us;
             let result = if to_destination {
                 self.destination().handle_message(now, &message)
@@ -453,8 +479,8 @@ impl Sim {
             };
             if let Err(error) = result {
                 assert!(
-                    self.faults,
-                    "seed {}: link error without faults: {error}",
+                    flipped,
+                    "seed {}: link error on a message without a flipped byte: {error}",
                     self.seed
                 );
                 self.link_errors += 1;

@@ -36,7 +36,7 @@ pub fn execute<B: Backend>(
     let result = match command.opcode() {
         admin_opcode::IDENTIFY => crate::identify::identify(queue, request, context),
         admin_opcode::GET_LOG_PAGE => crate::log_page::get_log_page(queue, request, context),
-        admin_opcode::GET_FEATURES => get_features(queue, request),
+        admin_opcode::GET_FEATURES => get_features(queue, request, &context.target.config),
         admin_opcode::SET_FEATURES => set_features(queue, request),
         admin_opcode::KEEP_ALIVE => Ok(Outcome::Respond(queue.completion(cid, Status::SUCCESS))),
         admin_opcode::ASYNC_EVENT_REQUEST => {
@@ -54,7 +54,12 @@ pub fn execute<B: Backend>(
             Ok(Outcome::Respond(completion))
         }
         opcode => {
-            log::info!("nvmf: admin queue: invalid opcode {opcode:#x}");
+            queue.command_errors.log(
+                context.now_us,
+                log::Level::Info,
+                format_args!("admin queue"),
+                format_args!("invalid opcode {opcode:#x}"),
+            );
             Err(GenericStatus::InvalidOpcode.into())
         }
     };
@@ -76,7 +81,11 @@ fn respond_value(queue: &QueueState, cid: u16, value: u32) -> Outcome {
     Outcome::Respond(completion)
 }
 
-fn get_features<S>(queue: &QueueState, request: &Request<S>) -> Result<Outcome, Status> {
+fn get_features<S>(
+    queue: &QueueState,
+    request: &Request<S>,
+    config: &crate::config::TargetConfig,
+) -> Result<Outcome, Status> {
     let command = request.command;
     let controller = queue
         .controller
@@ -103,7 +112,8 @@ fn get_features<S>(queue: &QueueState, request: &Request<S>) -> Result<Outcome, 
         | feature::INTERRUPT_COALESCING
         | feature::WRITE_ATOMICITY => 0,
         feature::TEMPERATURE_THRESHOLD => TEMPERATURE_THRESHOLD_KELVIN,
-        feature::VOLATILE_WRITE_CACHE => 1,
+        // WCE: the cache Identify reports is enabled (none: none is).
+        feature::VOLATILE_WRITE_CACHE => u32::from(config.volatile_write_cache),
         feature::NUMBER_OF_QUEUES => controller.queue_count_granted.load(Ordering::Relaxed),
         feature::ASYNC_EVENT_CONFIG => controller.async_event_config.load(Ordering::Relaxed),
         feature::KEEP_ALIVE_TIMER => controller.kato_ms.load(Ordering::Relaxed),

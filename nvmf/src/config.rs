@@ -22,6 +22,8 @@ pub const QUEUE_DEPTH_MAX: u16 = 1024;
 pub const RECV_BUDGET_PDUS_DEFAULT: usize = 64;
 /// Most outstanding Asynchronous Event Requests per controller (AERL + 1).
 pub const AER_OUTSTANDING_MAX: usize = 4;
+/// Whether the target reports a volatile write cache unless configured otherwise.
+pub const VOLATILE_WRITE_CACHE_DEFAULT: bool = true;
 /// Most NQN bytes (Base 2.0: 223 bytes).
 pub const NQN_BYTES_MAX: usize = 223;
 
@@ -52,6 +54,10 @@ pub struct TargetConfig {
     pub io_queues_max: u16,
     pub keep_alive_timeout_ms_default: u32,
     pub recv_budget_pdus: usize,
+    /// Report a volatile write cache (Identify Controller VWC, Get Features Volatile Write Cache):
+    /// hosts then send Flush to make completed writes durable. Off when what a write completes
+    /// into survives power loss by itself and Flush has nothing to add.
+    pub volatile_write_cache: bool,
 }
 
 impl TargetConfig {
@@ -69,6 +75,7 @@ impl TargetConfig {
             io_queues_max: 16,
             keep_alive_timeout_ms_default: 120_000,
             recv_budget_pdus: RECV_BUDGET_PDUS_DEFAULT,
+            volatile_write_cache: VOLATILE_WRITE_CACHE_DEFAULT,
         }
     }
 

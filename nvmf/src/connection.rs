@@ -14,7 +14,8 @@ use crate::backend::Backend;
 use crate::config::{ADMIN_IN_CAPSULE_DATA_BYTES, TRANSFER_BYTES_MAX};
 use crate::pdu::{
     decode, CommonHeader, DataHeader, DataLocation, Direction, Fes, Framing, ICReq, ICResp, Pdu,
-    PduError, COMMON_HEADER_BYTES, PDU_FORMAT_VERSION,
+    PduError, COMMON_HEADER_BYTES, PDU_FORMAT_VERSION, TERM_REQ_ERROR_DATA_BYTES_MAX,
+    TERM_REQ_PDU_BYTES_MAX,
 };
 use crate::poll_group::Context;
 use crate::request::{Request, RequestState};
@@ -32,6 +33,13 @@ pub const ADMIN_RECEIVE_PERIOD_US: u64 = 200;
 const _: () = assert!(
     RECV_BUFFER_BYTES >= crate::pdu::HEADER_BYTES_MAX + ADMIN_IN_CAPSULE_DATA_BYTES as usize
 );
+/// The connection's own PDUs (ICResp, C2HTermReq) are built here: room for the longest.
+pub const CONTROL_PDU_BYTES: usize = if TERM_REQ_PDU_BYTES_MAX > ICRESP_BYTES {
+    TERM_REQ_PDU_BYTES_MAX
+} else {
+    ICRESP_BYTES
+};
+const ICRESP_BYTES: usize = crate::pdu::PduType::ICResp.shape().hlen as usize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -102,7 +110,7 @@ pub struct Connection<B: Backend> {
     pub(crate) retry: Vec<u16>,
     pub(crate) send: VecDeque<SendItem>,
     pub(crate) send_offset: usize,
-    pub(crate) control: [u8; 192],
+    pub(crate) control: [u8; CONTROL_PDU_BYTES],
     pub(crate) control_bytes: usize,
     recv_budget_pdus: usize,
     /// Not read before this time (see [`ADMIN_RECEIVE_PERIOD_US`]).
@@ -137,7 +145,7 @@ impl<B: Backend> Connection<B> {
             retry: Vec::with_capacity(1),
             send: VecDeque::with_capacity(8),
             send_offset: 0,
-            control: [0; 192],
+            control: [0; CONTROL_PDU_BYTES],
             control_bytes: 0,
             recv_budget_pdus,
             receive_due_us: 0,
@@ -163,16 +171,18 @@ impl<B: Backend> Connection<B> {
         self.phase == Phase::Closed
     }
 
-    /// A connection-fatal protocol error: log it, queue a C2HTermReq quoting the header, close.
+    /// A connection-fatal protocol error: log it, queue a C2HTermReq quoting the offending header
+    /// (as much of it as `header` holds, at most [`TERM_REQ_ERROR_DATA_BYTES_MAX`]), close.
     pub(crate) fn fail(&mut self, error: PduError, header: &[u8], now_us: u64) {
         log::warn!("nvmf: {}: closing connection: {error}", self.peer);
         let term = crate::pdu::TermReq {
             fes: error.fes as u16,
             fei: error.fei,
         };
-        let header = &header[..header.len().min(self.control.len() - 24)];
+        let header = &header[..header.len().min(TERM_REQ_ERROR_DATA_BYTES_MAX)];
         self.control_bytes =
             term.encode_into(&mut self.control, crate::pdu::PduType::C2HTermReq, header);
+        assert!(self.control_bytes <= TERM_REQ_PDU_BYTES_MAX);
         self.send.push_back(SendItem::Control);
         self.phase = Phase::Closing {
             deadline_us: now_us + CLOSE_LINGER_US,
@@ -372,10 +382,11 @@ impl<B: Backend> Connection<B> {
                     request.data_crc = Some(received);
                 }
                 if !intact {
-                    log::warn!(
-                        "nvmf: {}: data digest error on cid {}",
-                        self.peer,
-                        request.command.cid()
+                    self.queue.command_errors.log(
+                        context.now_us,
+                        log::Level::Warn,
+                        format_args!("{}", self.peer),
+                        format_args!("data digest error on cid {}", request.command.cid()),
                     );
                 }
                 self.recv_state = RecvState::Header;
@@ -402,10 +413,7 @@ impl<B: Backend> Connection<B> {
         let location = match checked {
             Ok((_, location)) => location,
             Err(error) => {
-                let header = self.recv
-                    [self.recv_start..self.recv_start + buffered.min(common.hlen as usize)]
-                    .to_vec();
-                self.fail(error, &header, context.now_us);
+                self.fail_quoting(error, self.recv_start, common.hlen, context.now_us);
                 return Step::Stop;
             }
         };
@@ -421,9 +429,7 @@ impl<B: Backend> Connection<B> {
         let pdu = match decoded {
             Ok((pdu, _)) => pdu,
             Err(error) => {
-                let header =
-                    self.recv[self.recv_start..self.recv_start + common.hlen as usize].to_vec();
-                self.fail(error, &header, context.now_us);
+                self.fail_quoting(error, self.recv_start, common.hlen, context.now_us);
                 return Step::Stop;
             }
         };
@@ -436,15 +442,25 @@ impl<B: Backend> Connection<B> {
         if self.recv_end - self.recv_start < consumed {
             return Step::NeedBytes;
         }
-        let header_copy = common;
+        let header_start = self.recv_start;
         self.recv_start += consumed;
+        // Handling a PDU reads nothing from the socket: its header is still in `recv`.
         if let Err(error) = self.handle_pdu(pdu, location, context) {
-            let mut header = [0u8; COMMON_HEADER_BYTES];
-            header_copy.write(&mut header);
-            self.fail(error, &header, context.now_us);
+            self.fail_quoting(error, header_start, common.hlen, context.now_us);
             return Step::Stop;
         }
         Step::Progress
+    }
+
+    /// [`Connection::fail`] quoting the header that starts at `recv[start]`: up to `hlen` bytes,
+    /// as many as were received.
+    fn fail_quoting(&mut self, error: PduError, start: usize, hlen: u8, now_us: u64) {
+        let mut quoted = [0u8; TERM_REQ_ERROR_DATA_BYTES_MAX];
+        let length = (hlen as usize)
+            .min(self.recv_end - start)
+            .min(TERM_REQ_ERROR_DATA_BYTES_MAX);
+        quoted[..length].copy_from_slice(&self.recv[start..start + length]);
+        self.fail(error, &quoted[..length], now_us);
     }
 
     fn handle_pdu(

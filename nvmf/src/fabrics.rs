@@ -46,10 +46,11 @@ pub fn execute<B: Backend>(
         | Some(FabricsType::AuthenticationReceive)
         | Some(FabricsType::Disconnect)
         | None => {
-            log::info!(
-                "nvmf: {}: unsupported Fabrics command type {:#x}",
-                connection.peer,
-                command.fctype()
+            connection.queue.command_errors.log(
+                context.now_us,
+                log::Level::Info,
+                format_args!("{}", connection.peer),
+                format_args!("unsupported Fabrics command type {:#x}", command.fctype()),
             );
             respond(&connection.queue, GenericStatus::InvalidOpcode.into())
         }

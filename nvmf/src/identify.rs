@@ -131,7 +131,8 @@ fn identify_controller<B: Backend>(queue: &QueueState, data: &mut [u8], context:
     data[516..520].copy_from_slice(&namespace_count.to_le_bytes()); // NN
     if controller.kind != ControllerKind::Discovery {
         data[520..522].copy_from_slice(&((1u16 << 2) | (1 << 3)).to_le_bytes()); // ONCS: DSM, Write Zeroes
-        data[525] = 1; // VWC present: Flush is meaningful
+                                                                                 // VWC: a volatile write cache is present (bit 0), so Flush is meaningful.
+        data[525] = u8::from(config.volatile_write_cache);
     }
     // SGLS: SGLs supported, Offset (in-capsule) and Transport SGL Data Block descriptors supported.
     data[536..540].copy_from_slice(&(1u32 | (1 << 20) | (1 << 21)).to_le_bytes());

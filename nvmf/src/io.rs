@@ -120,7 +120,12 @@ pub fn execute<B: Backend>(
         io_opcode::WRITE_ZEROES => write_zeroes(queue, request, index, context),
         io_opcode::DATASET_MANAGEMENT => dataset_management(queue, request, index, context),
         opcode => {
-            log::info!("nvmf: I/O queue {}: invalid opcode {opcode:#x}", queue.qid);
+            queue.command_errors.log(
+                context.now_us,
+                log::Level::Info,
+                format_args!("I/O queue {}", queue.qid),
+                format_args!("invalid opcode {opcode:#x}"),
+            );
             Err(GenericStatus::InvalidOpcode.into())
         }
     };

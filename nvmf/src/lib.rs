@@ -17,6 +17,7 @@ mod dispatch;
 mod fabrics;
 pub mod identify;
 pub mod io;
+pub mod log_limit;
 pub mod log_page;
 pub mod pdu;
 pub mod poll_group;

@@ -20,8 +20,15 @@ pub const DIGEST_BYTES: usize = 4;
 pub const PDU_FORMAT_VERSION: u16 = 0;
 /// Largest header any PDU has (ICReq/ICResp), plus a header digest: enough to buffer any header.
 pub const HEADER_BYTES_MAX: usize = 128 + DIGEST_BYTES;
-/// Most error data a TermReq may carry (the offending PDU header), section 3.6.2.4/3.6.2.5.
-pub const TERM_REQ_ERROR_DATA_BYTES_MAX: usize = 152;
+/// Most error data a TermReq may carry: the offending PDU header, at most 128 bytes of it
+/// (NVMe/TCP 1.0 figures 26 and 28, Error Data).
+pub const TERM_REQ_ERROR_DATA_BYTES_MAX: usize = 128;
+/// Longest TermReq (PLEN): its header and the most error data. Linux's host rejects a longer
+/// C2HTermReq as malformed (`NVME_TCP_MAX_C2HTERM_PLEN`).
+pub const TERM_REQ_PDU_BYTES_MAX: usize = TERM_REQ_HEADER_BYTES + TERM_REQ_ERROR_DATA_BYTES_MAX;
+/// The TermReq header (PDU-specific part included).
+pub const TERM_REQ_HEADER_BYTES: usize = 24;
+const _: () = assert!(TERM_REQ_PDU_BYTES_MAX == 152);
 /// Largest PDU data alignment an ICReq may ask for (HPDA/CPDA is 0's based in dwords, 0..=31).
 pub const PDA_MAX: u8 = 31;
 
@@ -79,8 +86,8 @@ impl PduType {
         let (hlen, direction, digests, data) = match self {
             PduType::ICReq => (128, H2C, false, None),
             PduType::ICResp => (128, C2H, false, None),
-            PduType::H2CTermReq => (24, H2C, false, Some(false)),
-            PduType::C2HTermReq => (24, C2H, false, Some(false)),
+            PduType::H2CTermReq => (TERM_REQ_HEADER_BYTES as u8, H2C, false, Some(false)),
+            PduType::C2HTermReq => (TERM_REQ_HEADER_BYTES as u8, C2H, false, Some(false)),
             PduType::CapsuleCmd => (72, H2C, true, Some(false)),
             PduType::CapsuleResp => (24, C2H, true, None),
             PduType::H2CData => (24, H2C, true, Some(true)),
@@ -148,14 +155,21 @@ impl std::fmt::Display for PduError {
 
 impl std::error::Error for PduError {}
 
-/// CRC32C (Castagnoli) as NVMe/TCP digests use it.
+/// CRC32C (Castagnoli) as NVMe/TCP digests use it: the ring's implementation (`crc-fast`), so a
+/// data digest checked over a ring slot is the entry's CRC as the ring computes it.
 pub fn crc32c(bytes: &[u8]) -> u32 {
-    crc32c::crc32c(bytes)
+    nvmirror_engine::checksum::crc32c(bytes)
 }
 
-/// Continues a CRC32C over data received in pieces (`crc` starts at 0).
+/// Continues a CRC32C over data received in pieces (`crc` starts at 0):
+/// `crc32c_append(crc32c(a), b) == crc32c(a ++ b)`.
 pub fn crc32c_append(crc: u32, bytes: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc, bytes)
+    // CRC-32/ISCSI is reflected with XOROUT FFFFFFFFh: the register behind a finished CRC is its
+    // complement, and the digest goes on from there.
+    let mut digest =
+        crc_fast::Digest::new_with_init_state(crc_fast::CrcAlgorithm::Crc32Iscsi, u64::from(!crc));
+    digest.update(bytes);
+    digest.finalize() as u32
 }
 
 /// What the ICReq/ICResp exchange negotiated: digests and the receiver's data alignment.

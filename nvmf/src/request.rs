@@ -133,6 +133,8 @@ pub struct QueueState {
     /// The controller's reset epoch when this I/O queue connected; a later reset closes it.
     pub reset_epoch: u32,
     pub in_capsule_data_bytes: u32,
+    /// Budget of log lines about the host's bad commands on this queue pair.
+    pub command_errors: crate::log_limit::LogLimit,
 }
 
 impl QueueState {
@@ -146,6 +148,7 @@ impl QueueState {
             async_event_requests: Vec::with_capacity(crate::config::AER_OUTSTANDING_MAX),
             reset_epoch: 0,
             in_capsule_data_bytes: crate::config::ADMIN_IN_CAPSULE_DATA_BYTES,
+            command_errors: crate::log_limit::LogLimit::new(),
         }
     }
 

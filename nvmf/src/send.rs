@@ -244,6 +244,9 @@ impl<B: Backend> Connection<B> {
     /// its I/O queue claim, or, for an admin queue, the controller itself.
     pub(crate) fn teardown(&mut self, context: &mut Context<'_, B>) {
         assert_eq!(self.phase, Phase::Closed);
+        self.queue
+            .command_errors
+            .flush(format_args!("{}", self.peer));
         for request in &mut self.requests {
             if let Some(slot) = request.write_slot.take() {
                 let _ignored: crate::backend::IoToken =

@@ -313,6 +313,81 @@ fn malformed_pdus_terminate_only_their_connection() {
 }
 
 #[test]
+fn identify_reports_the_configured_volatile_write_cache() {
+    for volatile_write_cache in [true, false] {
+        let mut config = config(true);
+        config.volatile_write_cache = volatile_write_cache;
+        let server = serve_memory(config);
+        let mut admin = Host::admin(server.address, false);
+        let (completion, data) = admin.admin_command(admin_opcode::IDENTIFY, 0, 1, 0, 4096);
+        assert!(completion.status.is_success());
+        assert_eq!(data[525] & 1, u8::from(volatile_write_cache), "VWC");
+        let (completion, _) = admin.admin_command(admin_opcode::GET_FEATURES, 0, 0x06, 0, 0);
+        assert!(completion.status.is_success());
+        assert_eq!(completion.dw0, u32::from(volatile_write_cache), "WCE");
+    }
+    assert!(
+        config(true).volatile_write_cache,
+        "the default is today's value"
+    );
+}
+
+/// Reads a C2HTermReq as bytes: its PLEN, FES and error data; then expects the connection closed.
+fn receive_term_req_bytes(host: &mut Host) -> (u32, u16, Vec<u8>) {
+    use std::io::Read;
+    let mut common = [0u8; COMMON_HEADER_BYTES];
+    host.stream.read_exact(&mut common).expect("a TermReq");
+    let header = CommonHeader::parse(&common);
+    assert_eq!(header.pdu_type, PduType::C2HTermReq as u8);
+    // NVMe/TCP 1.0: error data is at most 128 bytes (Linux: NVME_TCP_MAX_C2HTERM_PLEN).
+    assert!(header.plen <= 152, "PLEN {}", header.plen);
+    let mut whole = vec![0u8; header.plen as usize];
+    whole[..8].copy_from_slice(&common);
+    host.stream
+        .read_exact(&mut whole[8..])
+        .expect("TermReq body");
+    let fes = u16::from_le_bytes([whole[8], whole[9]]);
+    let mut byte = [0u8; 1];
+    assert_eq!(host.stream.read(&mut byte).unwrap_or(0), 0, "closed");
+    (header.plen, fes, whole[24..].to_vec())
+}
+
+#[test]
+fn term_req_quotes_the_offending_header_within_152_bytes() {
+    let server = serve_memory(config(true));
+    let admin = Host::admin(server.address, false);
+    // A CapsuleCmd claiming a 200-byte header: the first 128 bytes are quoted, PLEN 152.
+    let mut host = Host::open(server.address, false, false);
+    let keep_alive = Command::property_get(1, 0x1c, false);
+    let mut pdu = capsule_bytes(&keep_alive, &Framing::PLAIN, &[]);
+    pdu[2] = 200;
+    pdu.extend((0..184u32).map(|i| i as u8 ^ 0x5a));
+    pdu[4..8].copy_from_slice(&256u32.to_le_bytes());
+    host.send_raw(&pdu);
+    let (plen, fes, quoted) = receive_term_req_bytes(&mut host);
+    assert_eq!(fes, Fes::InvalidHeaderField as u16);
+    assert_eq!(plen, 152);
+    assert_eq!(quoted, pdu[..128]);
+    // A well-formed H2CData for an unknown tag: its whole 24-byte header is quoted.
+    let mut host = Host::io(server.address, admin.cntlid, 1, false);
+    let header = DataHeader {
+        cccid: 9,
+        ttag: 77,
+        datao: 0,
+        datal: 512,
+        last: true,
+        success: false,
+    };
+    let mut sent = [0u8; 64];
+    let prefix = header.encode_into(&mut sent, PduType::H2CData, &host.framing);
+    host.send_h2c(header, &[0; 512]);
+    let (plen, fes, quoted) = receive_term_req_bytes(&mut host);
+    assert_eq!(fes, Fes::InvalidHeaderField as u16);
+    assert_eq!(quoted, sent[..PduType::H2CData.shape().hlen as usize]);
+    assert_eq!(plen as usize, 24 + prefix);
+}
+
+#[test]
 fn bad_data_digest_fails_the_command_not_the_connection() {
     let server = serve_memory(config(true));
     let admin = Host::admin(server.address, true);

@@ -57,7 +57,26 @@ impl RingMemory {
                 "ring file name {name:?} must be a plain non-empty name and size {size_bytes} non-zero"
             )));
         }
-        let on_hugetlbfs = is_hugetlbfs(dir).map_err(|error| with_path(dir, error))?;
+        let on_hugetlbfs = match is_hugetlbfs(dir) {
+            Ok(on_hugetlbfs) => on_hugetlbfs,
+            // No hugetlbfs mounted there (hugepages.sh mounts it): the fallback, as for no free pages.
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                log::warn!(
+                    "{} is missing (no hugetlbfs mounted there): ring at {} is a regular file; \
+                     it survives a process crash but not a power loss",
+                    dir.display(),
+                    fallback_dir.join(name).display()
+                );
+                let ring = Self::map_file(
+                    &fallback_dir.join(name),
+                    size_bytes,
+                    size_bytes,
+                    RingBacking::RegularFile,
+                )?;
+                return Ok((ring, RingBacking::RegularFile));
+            }
+            Err(error) => return Err(with_path(dir, error)),
+        };
         if !on_hugetlbfs {
             let ring = Self::map_file(
                 &dir.join(name),
@@ -305,6 +324,16 @@ mod tests {
         let (ring, _) = RingMemory::open(dir.path(), dir.path(), "ring0", SIZE_BYTES).unwrap();
         assert!(matches(&ring, 7));
         assert_eq!(ring.path(), Some(dir.path().join("ring0").as_path()));
+    }
+
+    #[test]
+    fn a_missing_hugepage_dir_falls_back_to_a_regular_file() {
+        let dir = ScratchDir::new(&std::env::temp_dir(), "ring");
+        let missing = dir.path().join("no-hugetlbfs-here");
+        let (ring, backing) = RingMemory::open(&missing, dir.path(), "ring0", SIZE_BYTES).unwrap();
+        assert_eq!(backing, RingBacking::RegularFile);
+        assert_eq!(ring.path(), Some(dir.path().join("ring0").as_path()));
+        assert!(!missing.exists());
     }
 
     #[test]

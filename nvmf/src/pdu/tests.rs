@@ -248,7 +248,8 @@ fn r2t_resp_and_term_req_round_trip() {
         fei: 0,
     };
     let length = term.encode_into(&mut buf, PduType::C2HTermReq, &header);
-    assert_eq!(length, 24 + TERM_REQ_ERROR_DATA_BYTES_MAX);
+    assert_eq!(length, TERM_REQ_PDU_BYTES_MAX);
+    assert_eq!(&buf[24..length], &header[..TERM_REQ_ERROR_DATA_BYTES_MAX]);
     let (pdu, location) = decode(&buf, Direction::ControllerToHost, &DIGESTS).unwrap();
     assert_eq!(pdu, Pdu::C2HTermReq(term));
     assert_eq!(location.length as usize, TERM_REQ_ERROR_DATA_BYTES_MAX);
@@ -301,4 +302,20 @@ fn connect_command_and_data() {
         ConnectData::decode(&bytes).unwrap_err(),
         connect_data_offset::SUBNQN
     );
+}
+
+#[test]
+fn digest_is_crc32c_whole_or_in_pieces() {
+    // RFC 3720 B.4 and the CRC-32/ISCSI check value.
+    assert_eq!(crc32c(&[0u8; 32]), 0x8A91_36AA);
+    assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+    assert_eq!(crc32c_append(0, b"123456789"), 0xE306_9283);
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 + i / 13) as u8).collect();
+    let whole = crc32c(&data);
+    for split in [0, 1, 4, 63, 4096, 8191, 8192] {
+        let (first, second) = data.split_at(split);
+        assert_eq!(crc32c_append(crc32c(first), second), whole, "split {split}");
+    }
+    let pieces = data.chunks(1000).fold(0, crc32c_append);
+    assert_eq!(pieces, whole);
 }

@@ -1,0 +1,275 @@
+//! Helpers of the process tests: scratch directories, pair configs, the `nvmirror` binary run,
+//! killed and waited for, and checks of acknowledged writes on the images. Each test crate uses a
+//! part of them.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nvmirror_runtime::workload::{fill_payload, parse_ack_line, PlannedWrite};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_nvmirror");
+pub const NAMESPACE_MIB: u64 = 16;
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A scratch directory removed at the end of the test.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("nvmirror-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed when the test ends, whatever happens.
+pub struct Process(pub Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn write_config(
+    scratch: &Scratch,
+    role: &str,
+    volume: &str,
+    port: u16,
+    image: &str,
+    cp_interval_ms: u64,
+) -> PathBuf {
+    let address = if role == "source" { "peer" } else { "listen" };
+    let text = format!(
+        "role = \"{role}\"\nvolume = \"{volume}\"\n{address} = \"127.0.0.1:{port}\"\n\
+         hugepage_dir = \"{dir}\"\nfallback_dir = \"{dir}\"\nring_size_mib = 8\ncp_interval_ms = {cp_interval_ms}\n\
+         [[namespace]]\nkind = \"file\"\npath = \"{image}\"\nsize_mib = {NAMESPACE_MIB}\n\
+         [[namespace]]\nkind = \"file\"\npath = \"{image}.2\"\nsize_mib = {NAMESPACE_MIB}\n",
+        dir = scratch.0.display(),
+        image = scratch.path(image).display(),
+    );
+    let path = scratch.path(&format!("{role}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The two configs of a pair in `scratch` (file namespaces, one port): (destination, source).
+pub fn write_pair(
+    scratch: &Scratch,
+    volumes: (&str, &str),
+    cp_interval_ms: u64,
+) -> (PathBuf, PathBuf) {
+    let port = free_port();
+    let destination = write_config(
+        scratch,
+        "destination",
+        volumes.0,
+        port,
+        "mirror.img",
+        cp_interval_ms,
+    );
+    let source = write_config(
+        scratch,
+        "source",
+        volumes.1,
+        port,
+        "primary.img",
+        cp_interval_ms,
+    );
+    (destination, source)
+}
+
+pub fn start_destination(config: &Path) -> Process {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(config.with_file_name("destination.log"))
+        .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--config", config.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("start destination");
+    // Wait for its "accepting" line so the source's first dial finds it.
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    let mut reader = BufReader::new(stdout);
+    reader.read_line(&mut line).unwrap();
+    // Keep reading, so the counters it prints when it stops do not hit a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    assert!(
+        line.contains("accepting the source"),
+        "destination said: {line}"
+    );
+    Process(child)
+}
+
+pub fn run_to_end(mut command: Command) -> Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if started.elapsed() > TEST_TIMEOUT {
+            let _ = child.kill();
+            let output = child.wait_with_output().unwrap();
+            panic!(
+                "command timed out; stderr:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn read_image(path: &Path) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .unwrap()
+        .read_to_end(&mut bytes)
+        .unwrap();
+    bytes
+}
+
+/// A source process running the disjoint workload (writes never overlap, so each acknowledged
+/// one must be found intact), logging every acknowledged write to `ack_log`.
+pub fn spawn_disjoint_workload(
+    source: &Path,
+    seed: u64,
+    writes: u64,
+    cp_every: u64,
+    ack_log: &Path,
+    stderr: Stdio,
+) -> Process {
+    let numbers = [seed.to_string(), writes.to_string(), cp_every.to_string()];
+    Process(
+        Command::new(BIN)
+            .args([
+                "workload",
+                "--config",
+                source.to_str().unwrap(),
+                "--pattern",
+                "disjoint",
+                "--queue-depth",
+                "8",
+            ])
+            .args([
+                "--seed",
+                &numbers[0],
+                "--writes",
+                &numbers[1],
+                "--cp-every",
+                &numbers[2],
+            ])
+            .args(["--ack-log", ack_log.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+pub fn acked_count(ack_log: &Path) -> usize {
+    std::fs::read_to_string(ack_log)
+        .unwrap_or_default()
+        .lines()
+        .count()
+}
+
+/// Waits until `count` writes are acknowledged; the workload must still be running.
+pub fn wait_for_acks(ack_log: &Path, count: usize, workload: &mut Process) {
+    let started = Instant::now();
+    while acked_count(ack_log) < count {
+        assert!(
+            workload.0.try_wait().unwrap().is_none(),
+            "workload exited early"
+        );
+        assert!(
+            started.elapsed() < TEST_TIMEOUT,
+            "only {} writes acknowledged in time",
+            acked_count(ack_log)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+pub fn acked_writes(ack_log: &Path) -> Vec<PlannedWrite> {
+    std::fs::read_to_string(ack_log)
+        .unwrap()
+        .lines()
+        .filter_map(parse_ack_line)
+        .collect()
+}
+
+/// Every acknowledged write's payload is on the two namespace images named `image` and `image.2`.
+pub fn assert_acked_writes_on(scratch: &Scratch, image: &str, seed: u64, acked: &[PlannedWrite]) {
+    let images = [
+        read_image(&scratch.path(image)),
+        read_image(&scratch.path(&format!("{image}.2"))),
+    ];
+    for write in acked {
+        let bytes = &images[write.nsid as usize - 1];
+        let offset = (write.lba * 512) as usize;
+        let mut expected = vec![0u8; write.length_bytes as usize];
+        fill_payload(seed, write.index, &mut expected);
+        assert!(
+            bytes[offset..offset + expected.len()] == expected[..],
+            "acknowledged write {write:?} is not on {image}"
+        );
+    }
+}
+
+pub fn assert_images_equal(scratch: &Scratch) {
+    for suffix in ["", ".2"] {
+        let primary = read_image(&scratch.path(&format!("primary.img{suffix}")));
+        let mirror = read_image(&scratch.path(&format!("mirror.img{suffix}")));
+        assert_eq!(primary.len(), mirror.len());
+        if let Some(first) = (0..primary.len()).find(|i| primary[*i] != mirror[*i]) {
+            panic!("namespace{suffix}: mirror differs from primary first at byte {first}");
+        }
+        assert!(
+            primary.iter().any(|b| *b != 0),
+            "the workload wrote nothing to primary.img{suffix}"
+        );
+    }
+}
+
+/// The perf tool of this workspace (built beside `nvmirror` by `cargo test --workspace`).
+pub fn perf_binary() -> PathBuf {
+    let path = Path::new(BIN).with_file_name("nvmirror-perf");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
