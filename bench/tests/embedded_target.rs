@@ -11,7 +11,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{assert_clean_run, finish, json_number, perf, spawn_perf};
-use nvmirror_engine::device::{BlockDevice, MemoryDevice};
+use nvmirror_engine::device::{
+    BlockDevice, DeviceCompletion, DeviceError, DeviceOp, DeviceRequest, MemoryDevice,
+};
 use nvmirror_nvmf::{DeviceBackend, PollGroup, SubsystemConfig, Target, TargetConfig};
 
 const NQN: &str = "nqn.2024-01.io.nvmirror:perf-test";
@@ -30,20 +32,31 @@ impl BlockDevice for CorruptOnRead {
     fn size_bytes(&self) -> u64 {
         self.inner.size_bytes()
     }
-    fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.inner.read_at(offset_bytes, buf)?;
+    /// Host reads of a memory device are served here (the target calls it at once).
+    fn read_now(&mut self, offset_bytes: u64, buf: &mut [u8]) -> Option<Result<(), DeviceError>> {
+        let result = self.inner.read_now(offset_bytes, buf)?;
         if let Some(corrupt) = self.corrupt_offset_bytes {
             if (offset_bytes..offset_bytes + buf.len() as u64).contains(&corrupt) {
                 buf[(corrupt - offset_bytes) as usize] ^= 0x01;
             }
         }
-        Ok(())
+        Some(result)
     }
-    fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> std::io::Result<()> {
-        self.inner.write_at(offset_bytes, data)
+    fn can_read_now(&self) -> bool {
+        true
     }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
+    fn submit(&mut self, op: DeviceOp<'_>) {
+        assert!(
+            !matches!(op.request, DeviceRequest::Read { .. }),
+            "reads come through read_now"
+        );
+        self.inner.submit(op)
+    }
+    fn poll_completions(&mut self, complete: &mut dyn FnMut(DeviceCompletion<'_>)) -> usize {
+        self.inner.poll_completions(complete)
+    }
+    fn inflight_count(&self) -> usize {
+        self.inner.inflight_count()
     }
 }
 

@@ -23,6 +23,17 @@ use std::io;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceOpId(pub u64);
 
+/// The core's op ids never have this bit set: a runtime that submits ops of its own to the same
+/// device (host reads) names them with it and routes their completions itself.
+pub const RUNTIME_OP_BIT: u64 = 1 << 63;
+
+impl DeviceOpId {
+    /// An op the runtime submitted itself (see [`RUNTIME_OP_BIT`]).
+    pub fn is_runtime(self) -> bool {
+        self.0 & RUNTIME_OP_BIT != 0
+    }
+}
+
 /// What an operation asks of a namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceRequest<'a> {
@@ -144,6 +155,10 @@ pub trait BlockDevice {
     fn read_now(&mut self, _offset_bytes: u64, _buf: &mut [u8]) -> Option<Result<(), DeviceError>> {
         None
     }
+    /// [`BlockDevice::read_now`] serves reads.
+    fn can_read_now(&self) -> bool {
+        false
+    }
     /// Operations submitted and not yet handed back.
     fn inflight_count(&self) -> usize;
 }
@@ -160,6 +175,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
     }
     fn read_now(&mut self, offset_bytes: u64, buf: &mut [u8]) -> Option<Result<(), DeviceError>> {
         (**self).read_now(offset_bytes, buf)
+    }
+    fn can_read_now(&self) -> bool {
+        (**self).can_read_now()
     }
     fn inflight_count(&self) -> usize {
         (**self).inflight_count()
@@ -230,7 +248,8 @@ impl<P: Copy> InflightOps<P> {
         let slot = self.free.pop().expect("capacity is namespaces x depth");
         let entry = &mut self.slots[slot as usize];
         assert!(entry.1.is_none());
-        entry.0 = entry.0.wrapping_add(1);
+        // The use count stays below 2^31, so a core id never has bit 63 set ([`RUNTIME_OP_BIT`]).
+        entry.0 = (entry.0 + 1) & 0x7FFF_FFFF;
         entry.1 = Some((nsid, purpose));
         self.per_namespace[nsid as usize - 1] += 1;
         DeviceOpId(u64::from(entry.0) << 32 | u64::from(slot))
@@ -333,6 +352,10 @@ impl BlockDevice for MemoryDevice {
         let start = offset_bytes as usize;
         buf.copy_from_slice(&self.bytes[start..start + buf.len()]);
         Some(Ok(()))
+    }
+
+    fn can_read_now(&self) -> bool {
+        true
     }
 
     fn inflight_count(&self) -> usize {

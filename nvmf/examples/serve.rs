@@ -35,7 +35,7 @@ fn main() {
     for listener in &listeners {
         println!("listening on {} subnqn {NQN}", listener.local_addr());
     }
-    let mut backend = DeviceBackend::new(vec![MemoryDevice(vec![0; DEVICE_BYTES])]);
+    let mut backend = DeviceBackend::new(vec![MemoryDevice::new(DEVICE_BYTES)]);
     let mut group = PollGroup::new(target);
     let start = Instant::now();
     loop {

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 
-use nvmirror_engine::device::BlockDevice;
+use nvmirror_engine::device::{BlockDevice, DeviceOp, DeviceOpId, DeviceRequest};
 use nvmirror_engine::geometry::SECTOR_SIZE;
 
 /// Size of a logical block exported to hosts.
@@ -119,14 +119,19 @@ pub struct DeviceWriteSlot {
     length_bytes: u32,
 }
 
-/// The unreplicated backend: a set of `BlockDevice`s (nsid = index + 1); writes complete on the next
-/// `poll_completion`. Used by tests and by the "no replication" benchmark case.
+/// The unreplicated backend: a set of `BlockDevice`s (nsid = index + 1) driven through device
+/// ops; an operation's token completes through `poll_completion` when its device op does. Used
+/// by tests and by the "no replication" benchmark case.
 pub struct DeviceBackend<D: BlockDevice> {
     devices: Vec<D>,
     slot_buffers: Vec<Box<[u8]>>,
     free_slots: Vec<usize>,
     completions: VecDeque<IoToken>,
     next_token: u64,
+    /// Ops in flight: (token, the slot they hold, is a read).
+    inflight: Vec<(u64, Option<usize>, bool)>,
+    /// Reads whose data is in their slot: (token, slot, result).
+    reads_done: Vec<(u64, usize, Result<(), BackendError>)>,
 }
 
 impl<D: BlockDevice> DeviceBackend<D> {
@@ -149,6 +154,8 @@ impl<D: BlockDevice> DeviceBackend<D> {
             free_slots: (0..DEVICE_BACKEND_SLOT_COUNT).rev().collect(),
             completions: VecDeque::with_capacity(DEVICE_BACKEND_SLOT_COUNT * 4),
             next_token: 1,
+            inflight: Vec::with_capacity(DEVICE_BACKEND_SLOT_COUNT * 2),
+            reads_done: Vec::with_capacity(DEVICE_BACKEND_SLOT_COUNT),
         }
     }
 
@@ -169,11 +176,68 @@ impl<D: BlockDevice> DeviceBackend<D> {
         Ok(index)
     }
 
-    fn complete(&mut self) -> IoToken {
-        let token = IoToken(self.next_token);
+    fn token(&mut self) -> u64 {
+        let token = self.next_token;
         self.next_token += 1;
-        self.completions.push_back(token);
         token
+    }
+
+    /// Submits `request` to namespace `index + 1` under a new token holding `slot`.
+    fn submit(
+        &mut self,
+        index: usize,
+        request: DeviceRequest<'_>,
+        slot: Option<usize>,
+        read: bool,
+    ) -> IoToken {
+        let token = self.token();
+        self.inflight.push((token, slot, read));
+        let op = DeviceOp {
+            id: DeviceOpId(token),
+            nsid: index as u32 + 1,
+            request,
+        };
+        self.devices[index].submit(op);
+        IoToken(token)
+    }
+
+    fn poll_devices(&mut self) {
+        let DeviceBackend {
+            devices,
+            slot_buffers,
+            free_slots,
+            completions,
+            inflight,
+            reads_done,
+            ..
+        } = self;
+        for device in devices.iter_mut() {
+            device.poll_completions(&mut |completion| {
+                let token = completion.id.0;
+                let at = inflight
+                    .iter()
+                    .position(|&(t, _, _)| t == token)
+                    .expect("a completion of an op this backend submitted");
+                let (_, slot, read) = inflight.swap_remove(at);
+                match (slot, read) {
+                    (Some(slot), true) => {
+                        let result = completion.result.map(|data| {
+                            slot_buffers[slot][..data.len()].copy_from_slice(data);
+                        });
+                        reads_done.push((token, slot, result.map_err(|_| BackendError::Io)));
+                    }
+                    (slot, _) => {
+                        if let Err(error) = completion.result {
+                            log::error!("device op {token} failed: {error}");
+                        }
+                        if let Some(slot) = slot {
+                            free_slots.push(slot);
+                        }
+                    }
+                }
+                completions.push_back(IoToken(token));
+            });
+        }
     }
 }
 
@@ -215,23 +279,27 @@ impl<D: BlockDevice> Backend for DeviceBackend<D> {
         &mut self.slot_buffers[slot.index][..slot.length_bytes as usize]
     }
 
+    /// The slot stays held until the device op completes (the device may read it until then).
     fn commit_write(&mut self, _now_us: u64, slot: DeviceWriteSlot) -> IoToken {
+        let token = self.token();
+        self.inflight.push((token, Some(slot.index), false));
         let data = &self.slot_buffers[slot.index][..slot.length_bytes as usize];
-        let result = self.devices[slot.nsid as usize - 1].write_at(slot.offset_bytes, data);
-        if let Err(error) = result {
-            log::error!(
-                "device write of nsid {} at {} failed: {error}",
-                slot.nsid,
-                slot.offset_bytes
-            );
-        }
-        self.free_slots.push(slot.index);
-        self.complete()
+        self.devices[slot.nsid as usize - 1].submit(DeviceOp {
+            id: DeviceOpId(token),
+            nsid: slot.nsid,
+            request: DeviceRequest::Write {
+                offset_bytes: slot.offset_bytes,
+                data,
+            },
+        });
+        IoToken(token)
     }
 
     fn abort_write(&mut self, _now_us: u64, slot: DeviceWriteSlot) -> IoToken {
         self.free_slots.push(slot.index);
-        self.complete()
+        let token = IoToken(self.token());
+        self.completions.push_back(token);
+        token
     }
 
     fn write_zeroes(
@@ -242,33 +310,73 @@ impl<D: BlockDevice> Backend for DeviceBackend<D> {
         length_bytes: u64,
     ) -> Result<IoToken, BackendError> {
         let index = self.check(nsid, lba, length_bytes)?;
-        let zeroes = [0u8; 4096];
-        let mut offset = lba * LBA_BYTES as u64;
-        let end = offset + length_bytes;
-        while offset < end {
-            let chunk = (end - offset).min(zeroes.len() as u64) as usize;
-            self.devices[index]
-                .write_at(offset, &zeroes[..chunk])
-                .map_err(|_| BackendError::Io)?;
-            offset += chunk as u64;
-        }
-        Ok(self.complete())
+        let request = DeviceRequest::WriteZeroes {
+            offset_bytes: lba * LBA_BYTES as u64,
+            length_bytes,
+        };
+        Ok(self.submit(index, request, None, false))
     }
 
     fn read(&mut self, nsid: u32, lba: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         let index = self.check(nsid, lba, buf.len() as u64)?;
-        self.devices[index]
-            .read_at(lba * LBA_BYTES as u64, buf)
-            .map_err(|_| BackendError::Io)
+        match self.devices[index].read_now(lba * LBA_BYTES as u64, buf) {
+            Some(result) => result.map_err(|_| BackendError::Io),
+            None => unreachable!("read only where start_read said the device reads at once"),
+        }
+    }
+
+    /// A device that reads memory is read at once; any other gets a device op whose data
+    /// lands in a slot buffer until [`Backend::finish_read`].
+    fn start_read(
+        &mut self,
+        _now_us: u64,
+        nsid: u32,
+        lba: u64,
+        length_bytes: u32,
+    ) -> Result<Option<IoToken>, BackendError> {
+        let index = self.check(nsid, lba, u64::from(length_bytes))?;
+        if self.devices[index].can_read_now() {
+            return Ok(None);
+        }
+        assert!(length_bytes as usize <= DEVICE_BACKEND_WRITE_BYTES_MAX);
+        let slot = self.free_slots.pop().ok_or(BackendError::Busy)?;
+        let request = DeviceRequest::Read {
+            offset_bytes: lba * LBA_BYTES as u64,
+            length_bytes,
+        };
+        Ok(Some(self.submit(index, request, Some(slot), true)))
+    }
+
+    fn finish_read(&mut self, token: IoToken, buf: &mut [u8]) -> Result<(), BackendError> {
+        let at = self
+            .reads_done
+            .iter()
+            .position(|&(t, _, _)| t == token.0)
+            .expect("finish_read of a completed read token");
+        let (_, slot, result) = self.reads_done.swap_remove(at);
+        if result.is_ok() {
+            buf.copy_from_slice(&self.slot_buffers[slot][..buf.len()]);
+        }
+        self.free_slots.push(slot);
+        result
+    }
+
+    fn abandon(&mut self, token: IoToken) {
+        if let Some(at) = self.reads_done.iter().position(|&(t, _, _)| t == token.0) {
+            let (_, slot, _) = self.reads_done.swap_remove(at);
+            self.free_slots.push(slot);
+        }
     }
 
     fn flush(&mut self, _now_us: u64, nsid: u32) -> Result<IoToken, BackendError> {
         let index = self.check(nsid, 0, 0)?;
-        self.devices[index].flush().map_err(|_| BackendError::Io)?;
-        Ok(self.complete())
+        Ok(self.submit(index, DeviceRequest::Flush, None, false))
     }
 
     fn poll_completion(&mut self) -> Option<IoToken> {
+        if self.completions.is_empty() {
+            self.poll_devices();
+        }
         self.completions.pop_front()
     }
 }

@@ -458,7 +458,7 @@ fn keep_alive_expiry_closes_the_controller() {
 #[test]
 fn busy_backend_commands_wait_then_complete() {
     let backend = BusyBackend {
-        inner: DeviceBackend::new(vec![MemoryDevice(vec![0; DEVICE_BYTES])]),
+        inner: DeviceBackend::new(vec![MemoryDevice::new(DEVICE_BYTES)]),
         busy_reservations: 50,
     };
     let server = serve(config(true), backend);
@@ -612,7 +612,7 @@ fn dataset_management_deallocate_zeroes_the_ranges() {
     let mut image: Vec<u8> = (0..BLOCKS as usize * 512)
         .map(|i| ((i / 512 * 31 + i) % 251 + 1) as u8)
         .collect();
-    let backend = DeferredZeroesBackend::new(MemoryDevice(image.clone()));
+    let backend = DeferredZeroesBackend::new(MemoryDevice::from_bytes(image.clone()));
     let calls = std::sync::Arc::clone(&backend.zeroes_calls);
     let server = serve(config(true), backend);
     let mut admin = Host::admin(server.address, false);

@@ -8,4 +8,5 @@ pub mod remote;
 pub mod ring_memory;
 pub mod stream;
 pub mod target;
+pub mod volume;
 pub mod workload;

@@ -13,18 +13,32 @@ use std::sync::{Arc, Mutex};
 use nvmirror_engine::counters::Counters;
 use nvmirror_engine::destination::{Destination, DestinationEvent};
 use nvmirror_engine::device::BlockDevice;
-use nvmirror_engine::source::{Source, SourceEvent, WriteId};
+use nvmirror_engine::source::{Source, SourceEvent};
 use nvmirror_engine::wire;
 
+use crate::bdev::NamespaceDevice;
 use crate::link::{IoVecs, Link, LinkEndpoint};
 use crate::reactor::{Doorbell, Mailbox, Poller};
-use crate::remote::{QueuePairHost, RemoteRoutes, RemoteWaiter};
+use crate::remote::QueuePairHost;
 use crate::ring_memory::RingMemory;
+pub use crate::volume::Volume;
 
 /// A namespace device as the nodes hold it.
-pub type Device = Box<dyn BlockDevice + Send>;
-pub type SourceEngine = Source<RingMemory, Device>;
-pub type DestinationEngine = Destination<RingMemory, Device>;
+pub type Device = Box<dyn NamespaceDevice>;
+pub type SourceEngine = Source<RingMemory>;
+pub type DestinationEngine = Destination<RingMemory>;
+
+/// Appends the doorbells of `devices` (those completing on other threads).
+pub(crate) fn device_doorbells(devices: &[Device], out: &mut Vec<Arc<dyn Doorbell>>) {
+    out.extend(devices.iter().filter_map(|device| device.doorbell()));
+}
+
+/// Some op of `devices` completes on the next poll with no fd to announce it.
+pub(crate) fn devices_need_poll(devices: &[Device]) -> bool {
+    devices
+        .iter()
+        .any(|device| device.doorbell().is_none() && device.inflight_count() > 0)
+}
 
 /// What another thread can ask of a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,93 +102,6 @@ impl NodeControl {
 /// A node as its reactor drives it: polled work plus the commands of other threads.
 pub trait Node: Poller {
     fn handle_command(&mut self, now_us: u64, command: Command);
-}
-
-/// Tokens of operations that complete at once (flush) live above every write id.
-const IMMEDIATE_TOKEN_BASE: u64 = 1 << 63;
-
-/// Write completions a source front end has not collected yet: more than the ring can hold in flight.
-pub const COMPLETIONS_MAX: usize = 1 << 16;
-
-/// The replicated volume as front ends see it: the engine's volume API plus the writes that
-/// became durable on both sides since the front end last looked.
-pub struct Volume {
-    pub source: SourceEngine,
-    /// Completed write ids and tokens of operations that completed at once (flush), in order.
-    completed: std::collections::VecDeque<u64>,
-    immediate_count: u64,
-    /// Writes of queue pairs on other reactors, by write id ([`crate::remote`]).
-    remote: RemoteRoutes,
-    /// The last write id completed: ids complete once each, in ascending order (invariant 1
-    /// is the engine's; this is its edge).
-    completed_through: u64,
-}
-
-impl Volume {
-    pub fn new(source: SourceEngine) -> Self {
-        Volume {
-            source,
-            completed: std::collections::VecDeque::with_capacity(COMPLETIONS_MAX),
-            immediate_count: 0,
-            remote: RemoteRoutes::default(),
-            completed_through: 0,
-        }
-    }
-
-    /// Routes write `id`'s completion to a queue pair on another reactor instead of the
-    /// front end's own completions.
-    pub(crate) fn wait_remote(&mut self, id: WriteId, waiter: RemoteWaiter) {
-        assert!(id.0 > self.completed_through, "routed before it completes");
-        self.remote.wait(id.0, waiter);
-    }
-
-    pub(crate) fn pop_remote_done(&mut self) -> Option<RemoteWaiter> {
-        self.remote.pop_done()
-    }
-
-    /// The oldest write that completed and was not collected yet.
-    pub fn pop_completed(&mut self) -> Option<WriteId> {
-        self.completed.pop_front().map(WriteId)
-    }
-
-    pub(crate) fn pop_token(&mut self) -> Option<u64> {
-        self.completed.pop_front()
-    }
-
-    /// Completes an operation that needs no replication (a flush: every completed write is
-    /// already non-volatile on both sides) and returns its token, from a range write ids never
-    /// reach.
-    pub(crate) fn complete_now(&mut self) -> u64 {
-        self.immediate_count += 1;
-        let token = IMMEDIATE_TOKEN_BASE | self.immediate_count;
-        self.push_token(token);
-        token
-    }
-
-    fn push_completed(&mut self, id: WriteId) {
-        assert!(
-            id.0 < IMMEDIATE_TOKEN_BASE,
-            "write ids stay below the immediate tokens"
-        );
-        assert!(
-            id.0 > self.completed_through,
-            "write {} completed twice or out of order (after {})",
-            id.0,
-            self.completed_through
-        );
-        self.completed_through = id.0;
-        if !self.remote.complete(id.0) {
-            self.push_token(id.0);
-        }
-    }
-
-    fn push_token(&mut self, token: u64) {
-        assert!(
-            self.completed.len() < COMPLETIONS_MAX,
-            "front end stopped collecting completions"
-        );
-        self.completed.push_back(token);
-    }
 }
 
 /// What feeds host I/O into a source: the NVMe/TCP target or the built-in workload.
@@ -301,13 +228,14 @@ pub struct SourceNode<F: FrontEnd> {
 impl<F: FrontEnd> SourceNode<F> {
     pub fn new(
         source: SourceEngine,
+        primaries: Vec<Device>,
         peer: SocketAddr,
         front_end: F,
         control: Arc<NodeControl>,
     ) -> Self {
         let link = Link::dial(peer, wire::MESSAGE_BYTES_MAX);
         SourceNode {
-            volume: Volume::new(source),
+            volume: Volume::new(source, primaries),
             link,
             front_end,
             control,
@@ -329,6 +257,7 @@ impl<F: FrontEnd> Poller for SourceNode<F> {
         work += self.drain_events();
         work += self.front_end.poll(now_us, &mut self.volume);
         self.volume.source.handle_tick(now_us);
+        work += self.volume.pump_devices(now_us);
         work += self.drain_events();
         self.poll_control(now_us);
         work + self.link.send(now_us, &mut self.volume.source)
@@ -341,11 +270,13 @@ impl<F: FrontEnd> Poller for SourceNode<F> {
 
     fn doorbells(&self, out: &mut Vec<Arc<dyn Doorbell>>) {
         self.front_end.doorbells(out);
+        device_doorbells(self.volume.primaries(), out);
     }
 
     fn next_deadline_us(&self) -> Option<u64> {
-        // Unsent bytes (a full socket) and the CP timer need polls that no readable fd announces.
-        if self.volume.source.tx_pending_bytes() > 0 {
+        // Unsent bytes (a full socket), ops of devices that complete on the next poll and the CP
+        // timer need polls that no readable fd announces.
+        if self.volume.source.tx_pending_bytes() > 0 || self.volume.needs_poll() {
             return Some(0);
         }
         [
@@ -387,11 +318,10 @@ impl<F: FrontEnd> SourceNode<F> {
                 self.control.cp_completed.fetch_add(1, Ordering::Release);
             }
             SourceEvent::LinkReady => log::info!("source: replication link ready"),
-            SourceEvent::DeviceFailed(reason) => {
-                log::error!(
-                    "source: primary namespace failed: {reason}; consistency points are stopped"
-                );
-                *self.control.rejected.lock().unwrap() = Some(format!("primary failed: {reason}"));
+            // Logged (once per failing streak) and counted by the engine, which retries.
+            SourceEvent::DeviceFault(fault) => log::debug!("source: {fault}"),
+            SourceEvent::MirrorFailed { cp_number } => {
+                log::debug!("source: the mirror failed cp {cp_number}; it is sent again")
             }
             SourceEvent::LinkRejected(reason) => {
                 log::error!("source: the destination refused the link: {reason}");
@@ -418,6 +348,7 @@ impl<F: FrontEnd> SourceNode<F> {
 /// The destination side: transfers into its local log, CPs into the mirror namespaces.
 pub struct DestinationNode {
     pub destination: DestinationEngine,
+    pub mirrors: Vec<Device>,
     pub link: Link,
     control: Arc<NodeControl>,
 }
@@ -425,15 +356,37 @@ pub struct DestinationNode {
 impl DestinationNode {
     pub fn new(
         destination: DestinationEngine,
+        mirrors: Vec<Device>,
         listen: SocketAddr,
         control: Arc<NodeControl>,
     ) -> std::io::Result<Self> {
         let link = Link::accept(listen, wire::MESSAGE_BYTES_MAX)?;
         Ok(DestinationNode {
             destination,
+            mirrors,
             link,
             control,
         })
+    }
+
+    /// Submits the mirror ops the destination emits and hands back every completion.
+    fn pump_devices(&mut self, now_us: u64) -> usize {
+        let mut work = 0;
+        while let Some(op) = self.destination.poll_device_op(now_us) {
+            self.mirrors[op.nsid as usize - 1].submit(op);
+            work += 1;
+        }
+        let destination = &mut self.destination;
+        for mirror in &mut self.mirrors {
+            work += mirror.poll_completions(&mut |completion| {
+                destination.handle_device_completion(now_us, completion)
+            });
+        }
+        while let Some(op) = self.destination.poll_device_op(now_us) {
+            self.mirrors[op.nsid as usize - 1].submit(op);
+            work += 1;
+        }
+        work
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -458,6 +411,11 @@ impl Node for DestinationNode {
 impl Poller for DestinationNode {
     fn poll(&mut self, now_us: u64) -> usize {
         let mut work = self.link.poll(now_us, &mut self.destination);
+        work += self.pump_devices(now_us);
+        if self.destination.tx_pending_bytes() > 0 {
+            // Acknowledgements queued by device completions (TableAck, CpAck, CpFailed).
+            work += self.link.send(now_us, &mut self.destination);
+        }
         while let Some(event) = self.destination.poll_event() {
             work += 1;
             match event {
@@ -469,6 +427,8 @@ impl Poller for DestinationNode {
                     log::error!("destination: refused the source: {reason}");
                     *self.control.rejected.lock().unwrap() = Some(reason);
                 }
+                // Logged once per failing streak and counted by the engine.
+                DestinationEvent::DeviceFault(fault) => log::debug!("destination: {fault}"),
             }
         }
         // Acknowledgements were flushed by the poll that received their transfers; events queue
@@ -480,8 +440,12 @@ impl Poller for DestinationNode {
         self.link.wait_fds(out);
     }
 
+    fn doorbells(&self, out: &mut Vec<Arc<dyn Doorbell>>) {
+        device_doorbells(&self.mirrors, out);
+    }
+
     fn next_deadline_us(&self) -> Option<u64> {
-        if self.destination.tx_pending_bytes() > 0 {
+        if self.destination.tx_pending_bytes() > 0 || devices_need_poll(&self.mirrors) {
             return Some(0);
         }
         self.link.next_deadline_us()
@@ -506,6 +470,7 @@ impl<F: FrontEnd> Poller for PairNode<F> {
 
     fn doorbells(&self, out: &mut Vec<Arc<dyn Doorbell>>) {
         self.source.doorbells(out);
+        self.destination.doorbells(out);
     }
 
     fn next_deadline_us(&self) -> Option<u64> {

@@ -21,6 +21,7 @@ use crate::remote::{
     backend_namespaces, remote_links, QueuePairHosts, RemoteInit, RemoteLink, RemoteRouting,
     Routed, VolumeService,
 };
+use crate::volume::StartReadError;
 
 fn backend_error(refused: WriteRefused) -> BackendError {
     match refused {
@@ -34,8 +35,8 @@ fn read_error(error: ReadError) -> BackendError {
     match error {
         ReadError::InvalidNamespace => BackendError::InvalidNamespace,
         ReadError::OutOfRange | ReadError::InvalidLength => BackendError::OutOfRange,
-        ReadError::Device(kind) => {
-            log::error!("read from the primary failed: {kind:?}");
+        ReadError::Device(error) => {
+            log::error!("read from the primary failed: {error}");
             BackendError::Io
         }
     }
@@ -118,7 +119,31 @@ impl Backend for Volume {
     }
 
     fn read(&mut self, nsid: u32, lba: u64, buf: &mut [u8]) -> Result<(), BackendError> {
-        self.source.read(nsid, lba, buf).map_err(read_error)
+        self.read_now(nsid, lba, buf).map_err(read_error)
+    }
+
+    /// A read goes to the primary once the writes it must see landed there: at once on a
+    /// memory device (`Ok(None)`, then [`Backend::read`]), else as a device op of its own.
+    fn start_read(
+        &mut self,
+        _now_us: u64,
+        nsid: u32,
+        lba: u64,
+        length_bytes: u32,
+    ) -> Result<Option<IoToken>, BackendError> {
+        match Volume::start_read(self, nsid, lba, length_bytes) {
+            Ok(token) => Ok(token.map(IoToken)),
+            Err(StartReadError::Busy) => Err(BackendError::Busy),
+            Err(StartReadError::Refused(error)) => Err(read_error(error)),
+        }
+    }
+
+    fn finish_read(&mut self, token: IoToken, buf: &mut [u8]) -> Result<(), BackendError> {
+        Volume::finish_read(self, token.0, buf).map_err(read_error)
+    }
+
+    fn abandon(&mut self, token: IoToken) {
+        self.abandon_read(token.0);
     }
 
     /// Every completed write is already in the NVRAM ring and the destination's log, both

@@ -265,7 +265,7 @@ pub fn serve<B: Backend + Send + 'static>(config: TargetConfig, mut backend: B) 
 pub fn serve_memory(config: TargetConfig) -> Server {
     serve(
         config,
-        DeviceBackend::new(vec![MemoryDevice(vec![0; DEVICE_BYTES])]),
+        DeviceBackend::new(vec![MemoryDevice::new(DEVICE_BYTES)]),
     )
 }
 

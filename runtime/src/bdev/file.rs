@@ -10,10 +10,9 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use memmap2::MmapMut;
-use nvmirror_engine::device::BlockDevice;
 use nvmirror_engine::geometry::{SECTOR_SIZE, WRITE_BYTES_MAX};
 
-use super::{check_range, check_size};
+use super::{check_range, check_size, SyncIo};
 
 /// Memory alignment used for O_DIRECT transfers (covers 512 and 4096 logical-block devices).
 pub const DIRECT_ALIGN_BYTES: usize = 4096;
@@ -161,7 +160,7 @@ fn is_aligned(address: *const u8) -> bool {
     (address as usize).is_multiple_of(DIRECT_ALIGN_BYTES)
 }
 
-impl BlockDevice for FileDevice {
+impl SyncIo for FileDevice {
     fn size_bytes(&self) -> u64 {
         self.size_bytes
     }

@@ -6,9 +6,8 @@
 use std::io;
 
 use memmap2::{MmapMut, MmapOptions};
-use nvmirror_engine::device::BlockDevice;
 
-use super::{check_range, check_size};
+use super::{check_range, check_size, SyncIo};
 use crate::hugepages::{available_hugepages, HUGEPAGE_SIZE_BYTES};
 
 /// Which memory a [`MallocDevice`] lives in.
@@ -77,7 +76,7 @@ impl MallocDevice {
     }
 }
 
-impl BlockDevice for MallocDevice {
+impl SyncIo for MallocDevice {
     fn size_bytes(&self) -> u64 {
         self.memory.len() as u64
     }
@@ -98,6 +97,10 @@ impl BlockDevice for MallocDevice {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+
+    fn memory(&self) -> Option<&[u8]> {
+        Some(&self.memory)
     }
 }
 

@@ -1,18 +1,66 @@
 //! Block devices of the embedded runtime: the backing stores of the source's primary namespace and
 //! the destination's mirror namespace (claims 1, 6, 9: the consistency point writes dirty blocks
-//! to both). Each implements the engine's [`BlockDevice`](nvmirror_engine::device::BlockDevice):
-//! [`MallocDevice`] keeps the namespace in (hugepage) memory like SPDK's malloc bdev,
-//! [`FileDevice`] keeps it in a file or block device with O_DIRECT where the file system allows.
+//! to both). Each is served to the engine's completion-based
+//! [`BlockDevice`](nvmirror_engine::device::BlockDevice) (invariant 8: no reactor thread blocks
+//! on namespace I/O): [`MallocDevice`] keeps the namespace in (hugepage) memory like SPDK's
+//! malloc bdev and completes behind [`Immediate`] on the next poll; [`FileDevice`] keeps it in a
+//! file or block device with O_DIRECT where the file system allows, its blocking calls made by
+//! a [`Worker`] thread, never by the reactor.
 
 pub mod file;
+pub mod immediate;
 pub mod malloc;
+pub mod worker;
 
 pub use file::FileDevice;
+pub use immediate::Immediate;
 pub use malloc::{MallocBacking, MallocDevice};
+pub use worker::Worker;
 
 use std::io;
+use std::sync::Arc;
 
+use nvmirror_engine::device::BlockDevice;
 use nvmirror_engine::geometry::SECTOR_SIZE;
+
+use crate::reactor::Doorbell;
+
+/// A backing store's synchronous calls, made by whoever serves it to the engine ([`Immediate`]
+/// for memory, [`Worker`] for anything that blocks). Offsets and lengths are sector multiples.
+pub trait SyncIo: Send {
+    fn size_bytes(&self) -> u64;
+    fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Durable after the next successful [`SyncIo::flush`].
+    fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> io::Result<()>;
+    /// The range reads back as zeroes.
+    fn write_zeroes(&mut self, offset_bytes: u64, length_bytes: u64) -> io::Result<()> {
+        const ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+        let mut offset = offset_bytes;
+        let end = offset_bytes + length_bytes;
+        while offset < end {
+            let chunk = (end - offset).min(ZEROES.len() as u64) as usize;
+            self.write_at(offset, &ZEROES[..chunk])?;
+            offset += chunk as u64;
+        }
+        Ok(())
+    }
+    /// Makes every completed write durable.
+    fn flush(&mut self) -> io::Result<()>;
+    /// The whole namespace as memory, for a store that is memory (reads are then served from
+    /// it without a copy).
+    fn memory(&self) -> Option<&[u8]> {
+        None
+    }
+}
+
+/// A namespace device as nodes hold it: the engine's completion-based device, plus the
+/// mailbox whose eventfd announces completions made on another thread (none: completions
+/// are found by polling alone).
+pub trait NamespaceDevice: BlockDevice + Send {
+    fn doorbell(&self) -> Option<Arc<dyn Doorbell>> {
+        None
+    }
+}
 
 /// Checks one I/O against the device: misaligned offsets or lengths break the `BlockDevice`
 /// contract (programmer error); a range past the end is a command error the caller reports.

@@ -1,0 +1,361 @@
+//! The replicated volume as front ends see it: the source engine, its primary namespace devices,
+//! the writes that became durable on both sides since the front end last looked, and host reads.
+//!
+//! The volume moves the engine's device ops to the primaries and their completions back
+//! (invariant 8: the reactor never waits on a device). A host read goes to the primary once
+//! every write completed to a host before it arrived has landed there
+//! ([`nvmirror_engine::Source::read_gate`]); on a device that reads memory it is then served at
+//! once, otherwise it is a device op of its own whose completion the volume routes itself.
+
+use std::collections::VecDeque;
+
+use nvmirror_engine::device::{
+    BlockDevice, DeviceCompletion, DeviceError, DeviceOp, DeviceOpId, DeviceRequest, RUNTIME_OP_BIT,
+};
+use nvmirror_engine::geometry::SECTOR_SIZE;
+use nvmirror_engine::source::{ReadError, WriteId};
+
+use crate::node::{Device, SourceEngine};
+use crate::remote::{RemoteRoutes, RemoteWaiter};
+
+/// Tokens of operations that complete at once (flush) live above every write id.
+const IMMEDIATE_TOKEN_BASE: u64 = 1 << 63;
+/// Tokens of host reads that go through a device op: this bit, a use count, and the slot.
+const READ_TOKEN_BIT: u64 = 1 << 62;
+/// Host reads waiting or in flight at most; more are answered Busy (retried, never failed).
+pub const HOST_READS_MAX: usize = 256;
+
+/// Write completions a source front end has not collected yet: more than the ring can hold in flight.
+pub const COMPLETIONS_MAX: usize = 1 << 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadState {
+    /// Waiting for the writes it must see to land (seq).
+    Gated(u64),
+    Submitted,
+    Done(Result<(), DeviceError>),
+}
+
+/// One host read slot; `token` 0: free.
+#[derive(Debug)]
+struct HostRead {
+    token: u64,
+    nsid: u32,
+    offset_bytes: u64,
+    length_bytes: u32,
+    state: ReadState,
+    /// Abandoned while its op was in flight: freed when that completes.
+    abandoned: bool,
+    /// The read's data once done; the buffer stays with the slot for its next read.
+    data: Vec<u8>,
+}
+
+/// Host reads of the volume that need a device op: slots allocated at start.
+#[derive(Debug)]
+struct HostReads {
+    slots: Vec<HostRead>,
+    uses: Vec<u32>,
+    free: Vec<u16>,
+}
+
+impl HostReads {
+    fn new() -> Self {
+        HostReads {
+            slots: (0..HOST_READS_MAX)
+                .map(|_| HostRead {
+                    token: 0,
+                    nsid: 0,
+                    offset_bytes: 0,
+                    length_bytes: 0,
+                    state: ReadState::Submitted,
+                    abandoned: false,
+                    data: Vec::new(),
+                })
+                .collect(),
+            uses: vec![0; HOST_READS_MAX],
+            free: (0..HOST_READS_MAX as u16).rev().collect(),
+        }
+    }
+
+    fn slot_of(token: u64) -> usize {
+        (token & 0xFFFF) as usize
+    }
+
+    /// The live read of `token`.
+    fn get(&mut self, token: u64) -> Option<&mut HostRead> {
+        self.slots
+            .get_mut(Self::slot_of(token))
+            .filter(|read| read.token != 0 && read.token == token)
+    }
+
+    fn live(&self) -> impl Iterator<Item = &HostRead> {
+        self.slots.iter().filter(|read| read.token != 0)
+    }
+
+    fn release(&mut self, token: u64) {
+        let slot = Self::slot_of(token);
+        assert_eq!(self.slots[slot].token, token);
+        self.slots[slot].token = 0;
+        self.slots[slot].abandoned = false;
+        self.free.push(slot as u16);
+    }
+}
+
+/// The replicated volume (see the module doc).
+pub struct Volume {
+    pub source: SourceEngine,
+    primaries: Vec<Device>,
+    /// Completed write ids and tokens of operations that completed at once (flush), in order.
+    completed: VecDeque<u64>,
+    immediate_count: u64,
+    /// Writes of queue pairs on other reactors, by write id ([`crate::remote`]).
+    remote: RemoteRoutes,
+    /// The last write id completed: ids complete once each, in ascending order (invariant 1
+    /// is the engine's; this is its edge).
+    completed_through: u64,
+    reads: HostReads,
+}
+
+impl Volume {
+    pub fn new(source: SourceEngine, primaries: Vec<Device>) -> Self {
+        assert_eq!(
+            source.namespace_sizes_bytes(),
+            primaries.iter().map(|d| d.size_bytes()).collect::<Vec<_>>(),
+            "the engine was opened with its primaries' sizes"
+        );
+        Volume {
+            source,
+            primaries,
+            completed: VecDeque::with_capacity(COMPLETIONS_MAX),
+            immediate_count: 0,
+            remote: RemoteRoutes::default(),
+            completed_through: 0,
+            reads: HostReads::new(),
+        }
+    }
+
+    pub fn primaries(&self) -> &[Device] {
+        &self.primaries
+    }
+
+    /// Gives back the engine and the primaries (a stop).
+    pub fn into_parts(self) -> (SourceEngine, Vec<Device>) {
+        (self.source, self.primaries)
+    }
+
+    /// Submits the engine's device ops and due host reads, and hands back every completion.
+    pub fn pump_devices(&mut self, now_us: u64) -> usize {
+        let mut work = self.submit_engine_ops(now_us);
+        work += self.submit_ready_reads();
+        let Volume {
+            source,
+            primaries,
+            reads,
+            completed,
+            ..
+        } = self;
+        for device in primaries.iter_mut() {
+            work += device.poll_completions(&mut |completion| {
+                if completion.id.is_runtime() {
+                    finish_host_read(reads, completed, completion);
+                } else {
+                    source.handle_device_completion(now_us, completion);
+                }
+            });
+        }
+        work + self.submit_engine_ops(now_us)
+    }
+
+    fn submit_engine_ops(&mut self, now_us: u64) -> usize {
+        let mut work = 0;
+        while let Some(op) = self.source.poll_device_op(now_us) {
+            self.primaries[op.nsid as usize - 1].submit(op);
+            work += 1;
+        }
+        work
+    }
+
+    /// An op completes on the next poll with no fd to announce it, or a read waits its turn.
+    pub fn needs_poll(&self) -> bool {
+        crate::node::devices_need_poll(&self.primaries)
+            || self
+                .reads
+                .live()
+                .any(|read| matches!(read.state, ReadState::Gated(_)))
+    }
+
+    fn submit_ready_reads(&mut self) -> usize {
+        let landed = self.source.landed_through_seq();
+        let mut work = 0;
+        for read in self.reads.slots.iter_mut().filter(|read| read.token != 0) {
+            match read.state {
+                ReadState::Gated(seq) if seq <= landed => {}
+                _ => continue,
+            }
+            read.state = ReadState::Submitted;
+            self.primaries[read.nsid as usize - 1].submit(DeviceOp {
+                id: DeviceOpId(RUNTIME_OP_BIT | read.token),
+                nsid: read.nsid,
+                request: DeviceRequest::Read {
+                    offset_bytes: read.offset_bytes,
+                    length_bytes: read.length_bytes,
+                },
+            });
+            work += 1;
+        }
+        work
+    }
+
+    /// Starts a host read: `None` when it can be served at once with [`Volume::read_now`]
+    /// (the writes it must see landed and the device reads memory), else the token that
+    /// completes once its data is in.
+    pub fn start_read(
+        &mut self,
+        nsid: u32,
+        lba: u64,
+        length_bytes: u32,
+    ) -> Result<Option<u64>, StartReadError> {
+        let gate = self
+            .source
+            .read_gate(nsid, lba, u64::from(length_bytes))
+            .map_err(StartReadError::Refused)?;
+        let device = &self.primaries[nsid as usize - 1];
+        if gate <= self.source.landed_through_seq() && device.can_read_now() {
+            return Ok(None);
+        }
+        let Some(slot) = self.reads.free.pop() else {
+            return Err(StartReadError::Busy);
+        };
+        let slot = usize::from(slot);
+        self.reads.uses[slot] = (self.reads.uses[slot] + 1) & 0x3FFF_FFFF;
+        let token = READ_TOKEN_BIT | u64::from(self.reads.uses[slot]) << 16 | slot as u64;
+        let read = &mut self.reads.slots[slot];
+        read.token = token;
+        read.nsid = nsid;
+        read.offset_bytes = lba * SECTOR_SIZE as u64;
+        read.length_bytes = length_bytes;
+        read.state = ReadState::Gated(gate);
+        read.abandoned = false;
+        Ok(Some(token))
+    }
+
+    /// Serves a read [`Volume::start_read`] answered `None` for.
+    pub fn read_now(&mut self, nsid: u32, lba: u64, buf: &mut [u8]) -> Result<(), ReadError> {
+        self.source.read_gate(nsid, lba, buf.len() as u64)?;
+        match self.primaries[nsid as usize - 1].read_now(lba * SECTOR_SIZE as u64, buf) {
+            Some(result) => result.map_err(ReadError::Device),
+            None => unreachable!("read_now only where start_read said the device reads at once"),
+        }
+    }
+
+    /// Copies a completed read's data into `buf` and frees it.
+    pub fn finish_read(&mut self, token: u64, buf: &mut [u8]) -> Result<(), ReadError> {
+        let read = self
+            .reads
+            .get(token)
+            .expect("finish_read of a live read token");
+        let ReadState::Done(result) = read.state else {
+            unreachable!("finish_read of a read that is {:?}", read.state);
+        };
+        if result.is_ok() {
+            buf.copy_from_slice(&read.data[..buf.len()]);
+        }
+        self.reads.release(token);
+        result.map_err(ReadError::Device)
+    }
+
+    /// A read token whose connection closed: its slot is freed now, or when its op completes.
+    pub fn abandon_read(&mut self, token: u64) {
+        let Some(read) = self.reads.get(token) else {
+            return;
+        };
+        if read.state == ReadState::Submitted {
+            read.abandoned = true;
+        } else {
+            self.reads.release(token);
+        }
+    }
+
+    /// Routes write `id`'s completion to a queue pair on another reactor instead of the
+    /// front end's own completions.
+    pub(crate) fn wait_remote(&mut self, id: WriteId, waiter: RemoteWaiter) {
+        assert!(id.0 > self.completed_through, "routed before it completes");
+        self.remote.wait(id.0, waiter);
+    }
+
+    pub(crate) fn pop_remote_done(&mut self) -> Option<RemoteWaiter> {
+        self.remote.pop_done()
+    }
+
+    /// The oldest write that completed and was not collected yet.
+    pub fn pop_completed(&mut self) -> Option<WriteId> {
+        self.completed.pop_front().map(WriteId)
+    }
+
+    pub(crate) fn pop_token(&mut self) -> Option<u64> {
+        self.completed.pop_front()
+    }
+
+    /// Completes an operation that needs no replication and returns its token, from a range
+    /// write ids never reach.
+    pub(crate) fn complete_now(&mut self) -> u64 {
+        self.immediate_count += 1;
+        let token = IMMEDIATE_TOKEN_BASE | self.immediate_count;
+        push_token(&mut self.completed, token);
+        token
+    }
+
+    pub(crate) fn push_completed(&mut self, id: WriteId) {
+        assert!(
+            id.0 < READ_TOKEN_BIT,
+            "write ids stay below the read and immediate tokens"
+        );
+        assert!(
+            id.0 > self.completed_through,
+            "write {} completed twice or out of order (after {})",
+            id.0,
+            self.completed_through
+        );
+        self.completed_through = id.0;
+        if !self.remote.complete(id.0) {
+            push_token(&mut self.completed, id.0);
+        }
+    }
+}
+
+/// Why a host read could not start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartReadError {
+    Refused(ReadError),
+    /// Every read slot is in use: retry later.
+    Busy,
+}
+
+fn push_token(completed: &mut VecDeque<u64>, token: u64) {
+    assert!(
+        completed.len() < COMPLETIONS_MAX,
+        "front end stopped collecting completions"
+    );
+    completed.push_back(token);
+}
+
+fn finish_host_read(
+    reads: &mut HostReads,
+    completed: &mut VecDeque<u64>,
+    completion: DeviceCompletion<'_>,
+) {
+    let token = completion.id.0 & !RUNTIME_OP_BIT;
+    let read = reads
+        .get(token)
+        .expect("a host read completes into its slot");
+    assert_eq!(read.state, ReadState::Submitted);
+    if read.abandoned {
+        reads.release(token);
+        return;
+    }
+    read.state = ReadState::Done(completion.result.map(|data| {
+        read.data.clear();
+        read.data.extend_from_slice(data);
+    }));
+    push_token(completed, token);
+}
