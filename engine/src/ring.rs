@@ -802,6 +802,11 @@ impl<M: RingStore> NvramRing<M> {
     }
 
     /// Gives the memory back (a process "crash" in tests, or promotion's fresh scan).
+    /// The memory the ring lives in (the runtime persists it, per its medium).
+    pub fn memory(&self) -> &M {
+        &self.memory
+    }
+
     pub fn into_memory(self) -> M {
         self.memory
     }

@@ -497,6 +497,28 @@ impl<M: RingStore> Source<M> {
         self.ring.superblock().cp_completed
     }
 
+    /// The CP that must complete for every write completed so far to be on both sides'
+    /// namespaces (primary and mirror written and flushed): what a Flush waits for on a
+    /// volatile ring medium. `cp_completed()` when they already are.
+    pub fn cp_for_completed_writes(&self) -> u64 {
+        let seq = self.completed_through_seq;
+        self.halves_in_order()
+            .into_iter()
+            .filter(|&half| {
+                let state = &self.cps[half];
+                let end = state.first_seq + u64::from(self.ring.reserved_slots(half));
+                state.phase != CpPhase::Free && state.first_seq <= seq && seq < end
+            })
+            .map(|half| self.cps[half].cp_number)
+            .next_back()
+            .unwrap_or_else(|| self.cp_completed())
+    }
+
+    /// The ring's memory (the runtime persists it, per its medium).
+    pub fn ring_memory(&self) -> &M {
+        self.ring.memory()
+    }
+
     /// Gives back the ring memory (a crash, or an orderly stop). Ops still in flight are the
     /// runtime's to finish or abandon; a reopened source re-applies what they carried.
     pub fn into_memory(self) -> M {

@@ -21,7 +21,7 @@ use crate::remote::{
     backend_namespaces, remote_links, QueuePairHosts, RemoteInit, RemoteLink, RemoteRouting,
     Routed, VolumeService,
 };
-use crate::volume::StartReadError;
+use crate::volume::{FlushError, StartReadError};
 
 fn backend_error(refused: WriteRefused) -> BackendError {
     match refused {
@@ -146,14 +146,21 @@ impl Backend for Volume {
         self.abandon_read(token.0);
     }
 
-    /// Every completed write is already in the NVRAM ring and the destination's log, both
-    /// non-volatile: there is no volatile cache to flush, so a flush completes at once.
-    fn flush(&mut self, _now_us: u64, nsid: u32) -> Result<IoToken, BackendError> {
+    /// Completes once every write completed before it survives what the ring medium
+    /// promises ([`crate::volume::FlushPolicy`]): on a volatile ring, after a CP.
+    fn flush(&mut self, now_us: u64, nsid: u32) -> Result<IoToken, BackendError> {
         // nvmf resolves the broadcast nsid to an attached namespace before calling.
         if self.namespace(nsid).is_none() {
             return Err(BackendError::InvalidNamespace);
         }
-        Ok(IoToken(self.complete_now()))
+        match self.start_flush(now_us) {
+            Ok(token) => Ok(IoToken(token)),
+            Err(FlushError::Busy) => Err(BackendError::Busy),
+            Err(FlushError::Io(error)) => {
+                log::error!("flush: persisting the NVRAM ring failed: {error}");
+                Err(BackendError::Io)
+            }
+        }
     }
 
     fn poll_completion(&mut self) -> Option<IoToken> {

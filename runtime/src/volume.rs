@@ -101,6 +101,19 @@ impl HostReads {
     }
 }
 
+/// What a host's Flush does, by the ring medium (invariant 10, the README's table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushPolicy {
+    /// The ring does not survive power loss (hugetlbfs): a Flush takes a CP, so every write
+    /// acknowledged before it is on both sides' namespaces, written and flushed.
+    TakeCp,
+    /// The ring survives power loss once persisted (a file: msync; DAX: cache lines flushed):
+    /// a Flush persists the ring.
+    PersistRing,
+    /// Completes at once (the operator said the ring is non-volatile as it is).
+    Immediate,
+}
+
 /// The replicated volume (see the module doc).
 pub struct Volume {
     pub source: SourceEngine,
@@ -114,7 +127,13 @@ pub struct Volume {
     /// is the engine's; this is its edge).
     completed_through: u64,
     reads: HostReads,
+    flush_policy: FlushPolicy,
+    /// Flushes waiting for a CP: (token, the CP that must complete).
+    flushes: VecDeque<(u64, u64)>,
 }
+
+/// Flushes waiting for their CP at most (more are answered Busy).
+pub const FLUSHES_WAITING_MAX: usize = 1024;
 
 impl Volume {
     pub fn new(source: SourceEngine, primaries: Vec<Device>) -> Self {
@@ -131,6 +150,56 @@ impl Volume {
             remote: RemoteRoutes::default(),
             completed_through: 0,
             reads: HostReads::new(),
+            flush_policy: FlushPolicy::TakeCp,
+            flushes: VecDeque::with_capacity(FLUSHES_WAITING_MAX),
+        }
+    }
+
+    /// Sets what a Flush does (the ring medium decides; see [`FlushPolicy`]).
+    pub fn set_flush_policy(&mut self, policy: FlushPolicy) {
+        self.flush_policy = policy;
+    }
+
+    /// A host's Flush: its token completes once every write completed before it survives what
+    /// the ring medium promises ([`FlushPolicy`]).
+    pub fn start_flush(&mut self, now_us: u64) -> Result<u64, FlushError> {
+        match self.flush_policy {
+            FlushPolicy::Immediate => Ok(self.complete_now()),
+            FlushPolicy::PersistRing => {
+                self.source.ring_memory().sync_all()
+                    .map_err(|error| FlushError::Io(error.to_string()))?;
+                Ok(self.complete_now())
+            }
+            FlushPolicy::TakeCp => {
+                let cp = self.source.cp_for_completed_writes();
+                if cp <= self.source.cp_completed() {
+                    return Ok(self.complete_now());
+                }
+                if self.flushes.len() == FLUSHES_WAITING_MAX {
+                    return Err(FlushError::Busy);
+                }
+                self.source.request_cp(now_us);
+                self.immediate_count += 1;
+                let token = IMMEDIATE_TOKEN_BASE | self.immediate_count;
+                self.flushes.push_back((token, cp));
+                Ok(token)
+            }
+        }
+    }
+
+    /// Completes the flushes whose CP completed.
+    fn complete_flushes(&mut self) {
+        let completed = self.source.cp_completed();
+        while let Some(&(token, cp)) = self.flushes.front() {
+            if cp > completed {
+                break;
+            }
+            self.flushes.pop_front();
+            push_token(&mut self.completed, token);
+        }
+        if !self.flushes.is_empty() {
+            // Later writes may have opened a new CP; the flush's CP must still be taken.
+            self.source.request_cp(0);
         }
     }
 
@@ -163,7 +232,11 @@ impl Volume {
                 }
             });
         }
-        work + self.submit_engine_ops(now_us)
+        work += self.submit_engine_ops(now_us);
+        if !self.flushes.is_empty() {
+            self.complete_flushes();
+        }
+        work
     }
 
     fn submit_engine_ops(&mut self, now_us: u64) -> usize {
@@ -321,6 +394,13 @@ impl Volume {
             push_token(&mut self.completed, id.0);
         }
     }
+}
+
+/// Why a host's Flush could not start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FlushError {
+    Busy,
+    Io(String),
 }
 
 /// Why a host read could not start.
