@@ -8,12 +8,14 @@
 mod config;
 mod cores;
 mod demo;
+mod embedded;
+mod promote;
+mod serve;
 mod setup;
+mod workload;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use config::{Config, Role};
 use nvmirror_runtime::remote::QueuePairHosts;
@@ -73,15 +75,15 @@ fn run(args: &[String]) -> Result<(), String> {
                     let listen = options.address("--listen")?;
                     let discovery = options.address("--discovery-listen")?;
                     options.finish()?;
-                    let embedded = Embedded {
+                    let embedded = embedded::Embedded {
                         cores,
                         listen,
                         discovery,
                     };
                     if unreplicated {
-                        run_unreplicated_target(&embedded)
+                        embedded::run_unreplicated_target(&embedded)
                     } else {
-                        run_embedded_default(&embedded, json)
+                        embedded::run_embedded_default(&embedded, json)
                     }
                 }
             }
@@ -89,12 +91,12 @@ fn run(args: &[String]) -> Result<(), String> {
         Some("demo") => demo::run_demo(demo::DemoOptions::from(&mut options)?),
         Some("workload") | Some("sync") => {
             let sync_only = options.command.as_deref() == Some("sync");
-            demo::run_workload(&mut options, sync_only)
+            workload::run_workload(&mut options, sync_only)
         }
         Some("promote") => {
             let path = options.required("--config")?;
             options.finish()?;
-            demo::promote(&Config::load(&path).map_err(|e| e.to_string())?)
+            promote::promote(&Config::load(&path).map_err(|e| e.to_string())?)
         }
         Some("version") => {
             println!(
@@ -113,35 +115,8 @@ fn run(args: &[String]) -> Result<(), String> {
     }
 }
 
-/// Flags set by signals: SIGINT/SIGTERM stop, SIGUSR1 prints the counters, SIGUSR2 starts a CP.
-pub struct Signals {
-    pub stop: Arc<AtomicBool>,
-    pub report: Arc<AtomicBool>,
-    pub cp: Arc<AtomicBool>,
-}
-
-pub fn signals() -> Result<Signals, String> {
-    let flags = Signals {
-        stop: Arc::new(AtomicBool::new(false)),
-        report: Arc::new(AtomicBool::new(false)),
-        cp: Arc::new(AtomicBool::new(false)),
-    };
-    let register = |signal, flag: &Arc<AtomicBool>| {
-        signal_hook::flag::register(signal, flag.clone())
-            .map_err(|e| format!("signal handler: {e}"))
-    };
-    register(signal_hook::consts::SIGINT, &flags.stop)?;
-    register(signal_hook::consts::SIGTERM, &flags.stop)?;
-    register(signal_hook::consts::SIGUSR1, &flags.report)?;
-    register(signal_hook::consts::SIGUSR2, &flags.cp)?;
-    Ok(flags)
-}
-
-/// How long a stopping source waits for its last CP.
-const FINAL_CP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
-
 fn run_configured(config: &Config, json: bool) -> Result<(), String> {
-    let signals = signals()?;
+    let signals = serve::signals()?;
     match config.role {
         Role::Destination => {
             let (running, address) = setup::spawn_destination(config.clone())?;
@@ -149,7 +124,7 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
                 "nvmirror destination: volume '{}' accepting the source on {address}",
                 config.volume
             );
-            let served = demo::serve_until_stopped(
+            let served = serve::serve_until_stopped(
                 &[("destination", &running.control)],
                 None,
                 &signals,
@@ -157,7 +132,7 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
             );
             let node = running.stop()?;
             served?;
-            demo::print_counters("destination", node.destination.counters(), json);
+            serve::print_counters("destination", node.destination.counters(), json);
         }
         Role::Source => {
             // Queue pairs go round robin over every configured core: the source's reactor
@@ -177,15 +152,15 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
                 config.volume,
                 config.peer.expect("validated")
             );
-            print_connect_lines(config, &config.cores);
-            let served = demo::serve_until_stopped(
+            serve::print_connect_lines(config, &config.cores);
+            let served = serve::serve_until_stopped(
                 &[("source", &running.control)],
                 Some(&running.control),
                 &signals,
                 json,
             );
             if served.is_ok() {
-                if let Err(e) = setup::finish(&running.control, FINAL_CP_TIMEOUT) {
+                if let Err(e) = setup::finish(&running.control, serve::FINAL_CP_TIMEOUT) {
                     log::warn!("source: {e}");
                 }
             }
@@ -193,153 +168,11 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
             for reactor in queue_pair_reactors {
                 reactor.stop()?;
             }
-            demo::print_counters("source", node.volume.source.counters(), json);
+            serve::print_counters("source", node.volume.source.counters(), json);
             served?;
         }
     }
     Ok(())
-}
-
-/// What the command line says of the embedded default: cores and the target's addresses.
-struct Embedded {
-    cores: Vec<usize>,
-    listen: Option<std::net::SocketAddr>,
-    discovery: Option<std::net::SocketAddr>,
-}
-
-impl Embedded {
-    /// The embedded pair's configs with the addresses asked for.
-    fn configs(&self) -> (Config, Config) {
-        let (mut source, destination) =
-            demo::embedded_configs(config::CpModeConfig::References, &self.cores);
-        let target = source
-            .target
-            .as_mut()
-            .expect("the embedded source has a target");
-        if let Some(listen) = self.listen {
-            target.listen = vec![listen];
-        }
-        if let Some(discovery) = self.discovery {
-            target.discovery_listen = vec![discovery];
-        }
-        (source, destination)
-    }
-}
-
-fn run_embedded_default(embedded: &Embedded, json: bool) -> Result<(), String> {
-    let signals = signals()?;
-    let configs = embedded.configs();
-    let source_config = configs.0.clone();
-    let hosts = QueuePairHosts::default();
-    let front_end = setup::target_front_end(&source_config, hosts.clone());
-    let pair = demo::EmbeddedPair::start(configs, &hosts, front_end)?;
-    println!(
-        "nvmirror: embedded default running: source -> destination on {} (malloc namespaces). Ctrl-C stops.",
-        pair.replication_address
-    );
-    print_connect_lines(&source_config, &embedded.cores);
-    let served = demo::serve_until_stopped(
-        &[
-            ("source", &pair.source_control),
-            ("destination", &pair.destination_control),
-        ],
-        Some(&pair.source_control),
-        &signals,
-        json,
-    );
-    if served.is_ok() {
-        if let Err(e) = setup::finish(&pair.source_control, FINAL_CP_TIMEOUT) {
-            log::warn!("source: {e}");
-        }
-    }
-    let (source, destination) = pair.stop()?;
-    demo::print_counters("source", source.volume.source.counters(), json);
-    demo::print_counters("destination", destination.destination.counters(), json);
-    served
-}
-
-/// The embedded default's target without replication (a baseline for benchmarks).
-fn run_unreplicated_target(embedded: &Embedded) -> Result<(), String> {
-    let signals = signals()?;
-    let (config, _) = embedded.configs();
-    let cores = &embedded.cores;
-    // Queue pairs round robin over the given cores, as with replication.
-    let hosts = QueuePairHosts::default();
-    let queue_pair_reactors = cores
-        .iter()
-        .skip(1)
-        .map(|&core| setup::spawn_queue_pair_reactor(&config, core, &hosts))
-        .collect::<Result<Vec<_>, String>>()?;
-    let running = setup::spawn_plain_target(config.clone(), hosts)?;
-    println!(
-        "nvmirror: NVMe/TCP target WITHOUT replication running (malloc namespace). Ctrl-C stops."
-    );
-    print_connect_lines(&config, cores);
-    let served = demo::serve_until_stopped(&[], None, &signals, false);
-    running.stop()?;
-    for reactor in queue_pair_reactors {
-        reactor.stop()?;
-    }
-    served
-}
-
-/// What a user types to reach the target: `nvme connect` and SPDK's perf, the latter on a core
-/// none of `reactor_cores` polls.
-fn print_connect_lines(config: &Config, reactor_cores: &[usize]) {
-    let Some(target) = &config.target else {
-        return;
-    };
-    let cpus = cores::CpuSet::of_this_process();
-    for subsystem in &target.subsystems {
-        for listener in &target.listen {
-            println!(
-                "  connect a host: nvme connect -t tcp -a {} -s {} -n {}",
-                listener.ip(),
-                listener.port(),
-                subsystem.nqn
-            );
-            println!(
-                "  benchmark:      {}",
-                perf_line(listener, &subsystem.nqn, &cpus, reactor_cores)
-            );
-        }
-    }
-    for discovery in &target.discovery_listen {
-        println!(
-            "  discovery:      nvme discover -t tcp -a {} -s {}",
-            discovery.ip(),
-            discovery.port()
-        );
-    }
-}
-
-/// The `spdk_nvme_perf` line for one listener. Without `-c` SPDK runs on core 0, which is the
-/// default reactor's: both poll one core and perf measures a quarter of the target. So the line
-/// names the first core no reactor uses, or, when every core has one, the last core, and says so.
-fn perf_line(
-    listener: &std::net::SocketAddr,
-    nqn: &str,
-    cpus: &cores::CpuSet,
-    reactor_cores: &[usize],
-) -> String {
-    let (core, note) = match cpus.first_unused(reactor_cores) {
-        Some(core) => (core, String::new()),
-        None => {
-            let core = *cpus.online.last().expect("at least one core is online");
-            (
-                core,
-                format!(
-                    "   # every core runs a reactor: perf shares core {core} with one, and both slow down"
-                ),
-            )
-        }
-    };
-    format!(
-        "spdk_nvme_perf -c {} -r 'trtype:TCP adrfam:IPv4 traddr:{} trsvcid:{} subnqn:{nqn}' -q 32 -o 4096 -w randwrite -t 10{note}",
-        cores::spdk_core_mask(core),
-        listener.ip(),
-        listener.port(),
-    )
 }
 
 /// A small command-line reader: `--key value` pairs and `--flag`s after an optional command word.
@@ -437,41 +270,4 @@ impl Options {
             None => Ok(()),
         }
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn two_cores() -> cores::CpuSet {
-        cores::CpuSet {
-            online: vec![0, 1],
-            allowed: vec![0, 1],
-        }
-    }
-
-    #[test]
-    fn perf_runs_on_a_core_no_reactor_uses() {
-        let listener = "127.0.0.1:4420".parse().unwrap();
-        let line = perf_line(&listener, NQN, &two_cores(), &[0]);
-        assert!(line.starts_with("spdk_nvme_perf -c 0x2 -r 'trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:4420 subnqn:nqn.2026-11.io.nvmirror:vol0'"), "{line}");
-        assert!(!line.contains('#'), "{line}");
-        let line = perf_line(&listener, NQN, &two_cores(), &[1]);
-        assert!(line.starts_with("spdk_nvme_perf -c 0x1 "), "{line}");
-    }
-
-    #[test]
-    fn perf_on_a_reactor_core_says_so() {
-        let listener = "127.0.0.1:4420".parse().unwrap();
-        let line = perf_line(&listener, NQN, &two_cores(), &[0, 1]);
-        assert!(line.starts_with("spdk_nvme_perf -c 0x2 "), "{line}");
-        assert!(
-            line.ends_with(
-                "# every core runs a reactor: perf shares core 1 with one, and both slow down"
-            ),
-            "{line}"
-        );
-    }
-
-    const NQN: &str = config::NQN_DEFAULT;
 }
