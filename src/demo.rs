@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 
 use nvmirror_engine::device::BlockDevice;
 use nvmirror_engine::geometry::BLOCK_SIZE;
+use nvmirror_runtime::bdev::read_waiting;
 use nvmirror_runtime::node::{DestinationNode, FrontEnd, SourceNode};
 use nvmirror_runtime::remote::QueuePairHosts;
 use nvmirror_runtime::workload::{Pattern, Planner, Workload};
@@ -135,8 +136,8 @@ fn compare_images(
     destination: DestinationNode,
 ) -> Result<bool, String> {
     const CHUNK_BYTES: usize = 256 * BLOCK_SIZE;
-    let (_, mut primaries) = source.volume.source.into_parts();
-    let (_, mut mirrors) = destination.destination.into_parts();
+    let (_, mut primaries) = source.volume.into_parts();
+    let mut mirrors = destination.mirrors;
     let mut primary = vec![0u8; CHUNK_BYTES];
     let mut mirror = vec![0u8; CHUNK_BYTES];
     for (index, (primary_device, mirror_device)) in
@@ -146,11 +147,9 @@ fn compare_images(
         let mut offset = 0u64;
         while offset < size_bytes {
             let length = CHUNK_BYTES.min((size_bytes - offset) as usize);
-            primary_device
-                .read_at(offset, &mut primary[..length])
+            read_waiting(primary_device.as_mut(), offset, &mut primary[..length])
                 .map_err(|e| format!("primary read: {e}"))?;
-            mirror_device
-                .read_at(offset, &mut mirror[..length])
+            read_waiting(mirror_device.as_mut(), offset, &mut mirror[..length])
                 .map_err(|e| format!("mirror read: {e}"))?;
             if primary[..length] != mirror[..length] {
                 let first = (0..length).find(|i| primary[*i] != mirror[*i]).unwrap_or(0);

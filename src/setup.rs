@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use nvmirror_engine::destination::{Destination, DestinationConfig};
-use nvmirror_engine::source::{CpMode, Source, SourceConfig};
+use nvmirror_engine::device::BlockDevice;
+use nvmirror_engine::source::{CpMode, Source, SourceConfig, DEVICE_QUEUE_DEPTH_DEFAULT};
 use nvmirror_nvmf::Target;
-use nvmirror_runtime::bdev::{FileDevice, MallocDevice};
+use nvmirror_runtime::bdev::{FileDevice, Immediate, MallocDevice, Worker};
 use nvmirror_runtime::node::{
     Command, DestinationNode, Device, FrontEnd, Hosted, Node, NodeControl, PairNode, SourceEngine,
     SourceNode,
@@ -31,14 +32,19 @@ pub fn open_namespaces(config: &Config) -> Result<Vec<Device>, String> {
     for (index, namespace) in config.namespaces.iter().enumerate() {
         let device: Device = match namespace {
             NamespaceConfig::Malloc { size_mib } => {
-                Box::new(MallocDevice::new(size_mib * MIB).map_err(|e| {
+                Box::new(Immediate::new(MallocDevice::new(size_mib * MIB).map_err(|e| {
                     format!("namespace[{index}]: cannot allocate {size_mib} MiB: {e}")
-                })?)
+                })?))
             }
-            NamespaceConfig::File { path, size_mib } => Box::new(
-                FileDevice::open(path, size_mib.map(|mib| mib * MIB), size_mib.is_some())
-                    .map_err(|e| format!("namespace[{index}]: {}: {e}", path.display()))?,
-            ),
+            NamespaceConfig::File { path, size_mib } => {
+                let file =
+                    FileDevice::open(path, size_mib.map(|mib| mib * MIB), size_mib.is_some())
+                        .map_err(|e| format!("namespace[{index}]: {}: {e}", path.display()))?;
+                Box::new(
+                    Worker::start(&format!("ns{}", index + 1), file)
+                        .map_err(|e| format!("namespace[{index}]: I/O thread: {e}"))?,
+                )
+            }
         };
         devices.push(device);
     }
@@ -79,7 +85,12 @@ pub fn reactor_config(config: &Config, name: &str) -> ReactorConfig {
     }
 }
 
-pub fn open_source(config: &Config) -> Result<SourceEngine, String> {
+/// The namespace sizes of opened devices (what the engine is opened with).
+pub fn sizes(devices: &[Device]) -> Vec<u64> {
+    devices.iter().map(|device| device.size_bytes()).collect()
+}
+
+pub fn open_source(config: &Config) -> Result<(SourceEngine, Vec<Device>), String> {
     let source_config = SourceConfig {
         volume_id: config.volume_id(),
         cp_interval_us: config.cp_interval_ms * 1000,
@@ -87,11 +98,17 @@ pub fn open_source(config: &Config) -> Result<SourceEngine, String> {
             CpModeConfig::References => CpMode::References,
             CpModeConfig::Naive => CpMode::Naive,
         },
+        device_queue_depth: DEVICE_QUEUE_DEPTH_DEFAULT,
     };
     let ring = open_ring(config)?;
     let primaries = open_namespaces(config)?;
-    let (source, recovery) = Source::open(source_config, ring, primaries, reactor::monotonic_us())
-        .map_err(|e| format!("source: {e}"))?;
+    let (source, recovery) = Source::open(
+        source_config,
+        ring,
+        &sizes(&primaries),
+        reactor::monotonic_us(),
+    )
+    .map_err(|e| format!("source: {e}"))?;
     if recovery.formatted {
         log::info!(
             "source: new NVRAM ring formatted (epoch {})",
@@ -99,29 +116,31 @@ pub fn open_source(config: &Config) -> Result<SourceEngine, String> {
         );
     } else {
         log::info!(
-            "source: ring replay: {} entries ({} bytes) newer than CP {} replayed onto the primary (epoch {})",
+            "source: ring recovery: {} entries ({} bytes) newer than CP {} are applied to the primary again (epoch {})",
             recovery.entries_replayed,
             recovery.bytes_replayed,
             recovery.cp_completed,
             recovery.epoch
         );
     }
-    Ok(source)
+    Ok((source, primaries))
 }
 
 pub fn open_destination(
     config: &Config,
-) -> Result<nvmirror_runtime::node::DestinationEngine, String> {
+) -> Result<(nvmirror_runtime::node::DestinationEngine, Vec<Device>), String> {
     let ring = open_ring(config)?;
     let mirrors = open_namespaces(config)?;
-    Destination::open(
+    let destination = Destination::open(
         DestinationConfig {
             volume_id: config.volume_id(),
+            device_queue_depth: DEVICE_QUEUE_DEPTH_DEFAULT,
         },
         ring,
-        mirrors,
+        &sizes(&mirrors),
     )
-    .map_err(|e| format!("destination: {e}"))
+    .map_err(|e| format!("destination: {e}"))?;
+    Ok((destination, mirrors))
 }
 
 /// The front end of a configured source: the NVMe/TCP target when `[target]` is set, else none.
@@ -231,9 +250,15 @@ fn build_source<F: FrontEnd>(
     make_front_end: impl FnOnce(&SourceEngine) -> Result<F, String>,
     control: &Arc<NodeControl>,
 ) -> Result<SourceNode<F>, String> {
-    let source = open_source(config)?;
+    let (source, primaries) = open_source(config)?;
     let front_end = make_front_end(&source)?;
-    Ok(SourceNode::new(source, peer, front_end, control.clone()))
+    Ok(SourceNode::new(
+        source,
+        primaries,
+        peer,
+        front_end,
+        control.clone(),
+    ))
 }
 
 fn build_destination(
@@ -241,7 +266,8 @@ fn build_destination(
     control: &Arc<NodeControl>,
 ) -> Result<(DestinationNode, SocketAddr), String> {
     let listen = config.listen.expect("validated: a destination listens");
-    let node = DestinationNode::new(open_destination(config)?, listen, control.clone())
+    let (destination, mirrors) = open_destination(config)?;
+    let node = DestinationNode::new(destination, mirrors, listen, control.clone())
         .map_err(|e| e.to_string())?;
     let address = node.local_addr().expect("a destination listens");
     Ok((node, address))

@@ -363,33 +363,6 @@ impl BlockDevice for MemoryDevice {
     }
 }
 
-/// Drives `devices` until the core in `core` has no op in flight and emits none: for offline
-/// work (a promotion from the command line, tests). `poll_op` and `handle` are the core's
-/// `poll_device_op` / `handle_device_completion`; `done` says when to stop. Returns whether
-/// `done` held before `passes_max` rounds.
-pub fn drive_devices<C, D: BlockDevice>(
-    core: &mut C,
-    devices: &mut [D],
-    mut poll_op: impl FnMut(&mut C, &mut [D]) -> bool,
-    mut handle: impl FnMut(&mut C, DeviceCompletion<'_>),
-    mut done: impl FnMut(&C) -> bool,
-    passes_max: usize,
-) -> bool {
-    for _ in 0..passes_max {
-        while poll_op(core, devices) {}
-        for device in devices.iter_mut() {
-            device.poll_completions(&mut |completion| handle(core, completion));
-        }
-        if done(core) {
-            return true;
-        }
-        if devices.iter().all(|device| device.inflight_count() == 0) && !poll_op(core, devices) {
-            return done(core);
-        }
-    }
-    false
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -53,6 +53,59 @@ pub trait SyncIo: Send {
     }
 }
 
+/// Reads `buf.len()` bytes at `offset_bytes`, waiting for the device: for offline work on a
+/// thread that is no reactor (comparing images after a run, tools), never on the I/O path.
+pub fn read_waiting(
+    device: &mut dyn NamespaceDevice,
+    offset_bytes: u64,
+    buf: &mut [u8],
+) -> Result<(), nvmirror_engine::DeviceError> {
+    if let Some(result) = device.read_now(offset_bytes, buf) {
+        return result;
+    }
+    let id = nvmirror_engine::DeviceOpId(nvmirror_engine::device::RUNTIME_OP_BIT | 1);
+    device.submit(nvmirror_engine::DeviceOp {
+        id,
+        nsid: 1,
+        request: nvmirror_engine::DeviceRequest::Read {
+            offset_bytes,
+            length_bytes: buf.len() as u32,
+        },
+    });
+    let mut outcome = None;
+    while outcome.is_none() {
+        device.poll_completions(&mut |completion| {
+            assert_eq!(completion.id, id, "nothing else is in flight");
+            outcome = Some(completion.result.map(|data| buf.copy_from_slice(data)));
+        });
+        if outcome.is_none() {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+    }
+    outcome.expect("set above")
+}
+
+/// Submits every op `poll` gives (to namespace `op.nsid`) and hands each completion to
+/// `complete` until `done`, waiting for the devices: for offline work (a promotion from the
+/// command line) on a thread that is no reactor.
+pub fn drive_waiting<C>(
+    core: &mut C,
+    devices: &mut [Box<dyn NamespaceDevice>],
+    mut poll: impl FnMut(&mut C, &mut [Box<dyn NamespaceDevice>]) -> usize,
+    mut complete: impl FnMut(&mut C, nvmirror_engine::DeviceCompletion<'_>),
+    mut done: impl FnMut(&C) -> bool,
+) {
+    while !done(core) {
+        let mut work = poll(core, devices);
+        for device in devices.iter_mut() {
+            work += device.poll_completions(&mut |completion| complete(core, completion));
+        }
+        if work == 0 {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+    }
+}
+
 /// A namespace device as nodes hold it: the engine's completion-based device, plus the
 /// mailbox whose eventfd announces completions made on another thread (none: completions
 /// are found by polling alone).
