@@ -212,6 +212,7 @@ impl TargetSection {
             keep_alive_timeout_ms_default: self.keep_alive_timeout_ms,
             recv_budget_pdus: nvmirror_nvmf::config::RECV_BUDGET_PDUS_DEFAULT,
             volatile_write_cache: nvmirror_nvmf::config::VOLATILE_WRITE_CACHE_DEFAULT,
+            data_timeout_ms: nvmirror_nvmf::config::DATA_TIMEOUT_MS_DEFAULT,
         };
         config.validate().map_err(|reason| {
             let (field, why) = reason.split_once(':').unwrap_or(("", reason.as_str()));

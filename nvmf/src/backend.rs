@@ -45,6 +45,13 @@ pub enum BackendError {
 /// into [`Backend::write_buffer`], then commit (or abort if the connection died before the data arrived).
 pub trait Backend {
     type WriteSlot;
+    /// Does a reserved slot hold back the completion of the writes reserved after it until it is
+    /// committed or aborted? (The NVRAM ring completes writes in ring order.) Then the target
+    /// reserves a slot for a write only once all its data is in: data sent after an R2T is
+    /// received into the request's own buffer first and copied into the slot, so a host that
+    /// withholds its data never delays another write. `false`: slots are independent (a buffer
+    /// each), and one is reserved when the command arrives, its data received straight into it.
+    const ORDERED_WRITE_SLOTS: bool = true;
     fn namespace(&self, nsid: u32) -> Option<NamespaceInfo>;
     /// Busy = no room right now (ring backpressure): keep the command queued and retry on a later poll; never fail it.
     fn reserve_write(
@@ -243,6 +250,8 @@ impl<D: BlockDevice> DeviceBackend<D> {
 
 impl<D: BlockDevice> Backend for DeviceBackend<D> {
     type WriteSlot = DeviceWriteSlot;
+    /// Each slot is its own buffer, written to the device at commit.
+    const ORDERED_WRITE_SLOTS: bool = false;
 
     fn namespace(&self, nsid: u32) -> Option<NamespaceInfo> {
         let index = (nsid as usize).checked_sub(1)?;

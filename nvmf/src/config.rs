@@ -22,6 +22,9 @@ pub const QUEUE_DEPTH_MAX: u16 = 1024;
 pub const RECV_BUDGET_PDUS_DEFAULT: usize = 64;
 /// Most outstanding Asynchronous Event Requests per controller (AERL + 1).
 pub const AER_OUTSTANDING_MAX: usize = 4;
+/// How long a command's data may take to arrive once the target asked for it (R2T) or its
+/// capsule began, unless configured otherwise: then the command fails and its connection closes.
+pub const DATA_TIMEOUT_MS_DEFAULT: u32 = 30_000;
 /// Whether the target reports a volatile write cache unless configured otherwise.
 pub const VOLATILE_WRITE_CACHE_DEFAULT: bool = true;
 /// Most NQN bytes (Base 2.0: 223 bytes).
@@ -58,6 +61,10 @@ pub struct TargetConfig {
     /// hosts then send Flush to make completed writes durable. Off when what a write completes
     /// into survives power loss by itself and Flush has nothing to add.
     pub volatile_write_cache: bool,
+    /// A command whose data has not all arrived this long after the target asked for it is
+    /// failed and its connection closed ([`crate::dispatch`]), so a host never holds a request
+    /// (or a ring slot) for ever.
+    pub data_timeout_ms: u32,
 }
 
 impl TargetConfig {
@@ -76,6 +83,7 @@ impl TargetConfig {
             keep_alive_timeout_ms_default: 120_000,
             recv_budget_pdus: RECV_BUDGET_PDUS_DEFAULT,
             volatile_write_cache: VOLATILE_WRITE_CACHE_DEFAULT,
+            data_timeout_ms: DATA_TIMEOUT_MS_DEFAULT,
         }
     }
 
@@ -105,6 +113,9 @@ impl TargetConfig {
         }
         if self.keep_alive_timeout_ms_default == 0 {
             return Err("keep_alive_timeout_ms_default: must be positive".into());
+        }
+        if self.data_timeout_ms == 0 {
+            return Err("data_timeout_ms: must be positive".into());
         }
         if self.recv_budget_pdus == 0 {
             return Err("recv_budget_pdus: must be positive".into());

@@ -27,6 +27,9 @@ pub const RECV_BUFFER_BYTES: usize = 64 * 1024;
 pub const CLOSE_LINGER_US: u64 = 1_000_000;
 /// How long a new connection may take to send its ICReq.
 pub const ICREQ_TIMEOUT_US: u64 = 10_000_000;
+/// How often a connection looks for commands whose data is overdue
+/// ([`crate::config::TargetConfig::data_timeout_ms`]).
+pub const DATA_TIMEOUT_CHECK_PERIOD_US: u64 = 50_000;
 /// An idle, connected admin queue is read at most this often: it carries no I/O, and a receive
 /// syscall per reactor pass on it would sit in front of every I/O completion.
 pub const ADMIN_RECEIVE_PERIOD_US: u64 = 200;
@@ -115,6 +118,10 @@ pub struct Connection<B: Backend> {
     recv_budget_pdus: usize,
     /// Not read before this time (see [`ADMIN_RECEIVE_PERIOD_US`]).
     receive_due_us: u64,
+    /// How long a command's data may take ([`crate::config::TargetConfig::data_timeout_ms`]).
+    pub(crate) data_timeout_us: u64,
+    /// Overdue data is looked for next at this time.
+    data_check_due_us: u64,
 }
 
 impl<B: Backend> Connection<B> {
@@ -122,7 +129,9 @@ impl<B: Backend> Connection<B> {
         stream: TcpStream,
         now_us: u64,
         recv_budget_pdus: usize,
+        data_timeout_us: u64,
     ) -> io::Result<Connection<B>> {
+        assert!(recv_budget_pdus > 0 && data_timeout_us > 0);
         stream.set_nonblocking(true)?;
         stream.set_nodelay(true)?;
         let peer = stream.peer_addr()?;
@@ -149,6 +158,8 @@ impl<B: Backend> Connection<B> {
             control_bytes: 0,
             recv_budget_pdus,
             receive_due_us: 0,
+            data_timeout_us,
+            data_check_due_us: now_us + DATA_TIMEOUT_CHECK_PERIOD_US,
         })
     }
 
@@ -187,6 +198,54 @@ impl<B: Backend> Connection<B> {
         self.phase = Phase::Closing {
             deadline_us: now_us + CLOSE_LINGER_US,
         };
+    }
+
+    /// Fails the first command whose data is overdue and closes the connection; returns whether
+    /// it did. Looked at every [`DATA_TIMEOUT_CHECK_PERIOD_US`].
+    ///
+    /// The command completes with Command Transient Transport Error (NVMe Base 2.0 figure 101,
+    /// generic status 22h: the transport lost the command; DNR clear, so the host retries it).
+    /// The connection cannot go on: the host may still send H2CData for the transfer tag (the
+    /// request slot) this drops, which a later command may reuse. So a C2HTermReq follows, with
+    /// PDU Sequence Error (NVMe/TCP 1.0 figure 27: the expected H2CData PDUs did not come), and
+    /// the connection closes (NVMe/TCP 1.0 figure 28: the C2HTermReq a controller sends before it
+    /// closes the connection). Its other requests are released at teardown, write slots aborted.
+    pub(crate) fn poll_data_timeouts(&mut self, context: &mut Context<'_, B>) -> usize {
+        if context.now_us < self.data_check_due_us || self.phase != Phase::Ready {
+            return 0;
+        }
+        self.data_check_due_us = context.now_us + DATA_TIMEOUT_CHECK_PERIOD_US;
+        let overdue = self.requests.iter().position(|request| {
+            matches!(
+                request.state,
+                RequestState::AwaitingH2CData | RequestState::ReceivingData
+            ) && request
+                .data_deadline_us
+                .is_some_and(|deadline_us| context.now_us >= deadline_us)
+        });
+        let Some(index) = overdue else {
+            return 0;
+        };
+        let request = &mut self.requests[index];
+        log::warn!(
+            "nvmf: {}: cid {}: {} of {} data bytes arrived within {} ms",
+            self.peer,
+            request.command.cid(),
+            request.received_bytes,
+            request.transfer_bytes,
+            self.data_timeout_us / 1000
+        );
+        request.data_deadline_us = None;
+        if let Some(slot) = request.write_slot.take() {
+            let _ignored: crate::backend::IoToken =
+                context.backend.abort_write(context.now_us, slot);
+        }
+        let status = crate::pdu::GenericStatus::TransientTransportError.into();
+        let completion = self.queue.completion(request.command.cid(), status);
+        self.queue_response(index as u16, &completion);
+        let error = PduError::new(Fes::PduSequenceError, "command data did not arrive in time");
+        self.fail(error, &[], context.now_us);
+        1
     }
 
     /// Closes without a TermReq (peer closed, socket error, controller gone).
@@ -375,10 +434,11 @@ impl<B: Backend> Connection<B> {
                     DataTarget::RequestBuffer => &request.data[..],
                 };
                 let intact = crate::pdu::crc32c(&data[start as usize..end as usize]) == received;
-                // One digest over a write's whole slot is that data's CRC: the backend takes it.
-                let whole_slot =
-                    target == DataTarget::WriteSlot && start == 0 && end as usize == data.len();
-                if intact && whole_slot {
+                // One digest over a write's whole data is that data's CRC: the backend takes it
+                // (a staged write's data is copied into its slot unchanged).
+                let write = target == DataTarget::WriteSlot || request.staged_write;
+                let whole = start == 0 && end == request.transfer_bytes;
+                if intact && write && whole {
                     request.data_crc = Some(received);
                 }
                 if !intact {

@@ -2,6 +2,14 @@
 //! SGL (NVMe/TCP 1.0 section 3.4: in-capsule Data Block/Offset descriptor, or Transport SGL Data Block
 //! answered with an R2T), land write data in the backend's slot, then dispatch through an exhaustive match
 //! to Fabrics, admin or I/O execution.
+//!
+//! On a backend whose write slots complete in order (the replicated volume's NVRAM ring,
+//! [`Backend::ORDERED_WRITE_SLOTS`]) a write reserves its slot only when its data is complete:
+//! in-capsule data arrives with the command and goes straight into the slot, data sent after an
+//! R2T goes into the request's preallocated buffer first. So a write whose data has not arrived
+//! never delays the completion of one whose data has, on any connection. A command whose data
+//! does not arrive within [`crate::config::TargetConfig::data_timeout_ms`] is failed and its
+//! connection closed ([`Connection::poll_data_timeouts`]): it holds nothing for ever.
 
 use crate::backend::Backend;
 use crate::connection::{Connection, DataTarget, RecvState};
@@ -10,6 +18,7 @@ use crate::pdu::{
     Status,
 };
 use crate::poll_group::Context;
+use crate::request::Request;
 use crate::request::{Outcome, RequestState};
 
 /// Does the command move data host-to-controller? (Opcode bits 1:0 = 01b; FCTYPE for Fabrics.)
@@ -100,13 +109,24 @@ impl<B: Backend> Connection<B> {
             && self.queue.controller.is_some()
             && command.opcode() == io_opcode::WRITE;
         if !is_write {
-            self.begin_h2c(index, location);
+            self.begin_h2c(index, location, context.now_us);
+            return Ok(());
+        }
+        if B::ORDERED_WRITE_SLOTS && location.length == 0 {
+            // The host sends this write's data when it likes: its slot waits for the data.
+            match crate::io::check_write(&self.queue, &command, length, context) {
+                Ok(_) => {
+                    self.requests[index as usize].staged_write = true;
+                    self.begin_h2c(index, location, context.now_us);
+                }
+                Err(status) => self.reject(index, status, location),
+            }
             return Ok(());
         }
         match crate::io::reserve_write(&self.queue, &command, length, context) {
             Ok(Some(slot)) => {
                 self.requests[index as usize].write_slot = Some(slot);
-                self.begin_h2c(index, location);
+                self.begin_h2c(index, location, context.now_us);
             }
             Ok(None) => {
                 self.requests[index as usize].state = RequestState::AwaitingWriteSlot;
@@ -122,8 +142,11 @@ impl<B: Backend> Connection<B> {
     }
 
     /// Starts receiving H2C data: in-capsule data is next on the wire, otherwise ask with an R2T.
-    fn begin_h2c(&mut self, index: u16, location: DataLocation) {
+    /// The data is due within the configured data timeout from now.
+    fn begin_h2c(&mut self, index: u16, location: DataLocation, now_us: u64) {
         let request = &mut self.requests[index as usize];
+        assert!(request.data_deadline_us.is_none());
+        request.data_deadline_us = Some(now_us + self.data_timeout_us);
         let target = if request.write_slot.is_some() {
             DataTarget::WriteSlot
         } else {
@@ -184,7 +207,7 @@ impl<B: Backend> Connection<B> {
         match crate::io::reserve_write(&self.queue, &command, length, context) {
             Ok(Some(slot)) => {
                 self.requests[index as usize].write_slot = Some(slot);
-                self.begin_h2c(index, location);
+                self.begin_h2c(index, location, context.now_us);
                 true
             }
             Ok(None) => {
@@ -201,6 +224,7 @@ impl<B: Backend> Connection<B> {
     /// All H2C data of request `index` arrived: commit a write, or execute the command with its data.
     pub(crate) fn on_data_complete(&mut self, index: u16, context: &mut Context<'_, B>) {
         let request = &mut self.requests[index as usize];
+        request.data_deadline_us = None;
         if let Some(status) = request.early_status {
             if let Some(slot) = request.write_slot.take() {
                 let _ignored: crate::backend::IoToken =
@@ -210,25 +234,73 @@ impl<B: Backend> Connection<B> {
             self.finish(index, Outcome::Respond(completion));
             return;
         }
-        if let Some(slot) = request.write_slot.take() {
-            let token = match request.data_crc.take() {
-                Some(data_crc) => {
-                    context
-                        .backend
-                        .commit_write_verified(context.now_us, slot, data_crc)
-                }
-                None => context.backend.commit_write(context.now_us, slot),
-            };
-            assert_eq!(
-                request.tokens_pending, 0,
-                "one backend operation per request"
-            );
-            request.tokens_pending = 1;
-            context.register(token, index);
-            self.finish(index, Outcome::Pending);
+        if request.write_slot.is_some() {
+            self.commit(index, context);
+            return;
+        }
+        if request.staged_write {
+            if !self.commit_staged_write(index, context) {
+                assert!(
+                    self.retry.len() < self.retry.capacity(),
+                    "retry list sized for every request"
+                );
+                self.retry.push(index);
+            }
             return;
         }
         self.execute(index, context);
+    }
+
+    /// Commits request `index`'s write slot, its data all in; the completion follows the token.
+    fn commit(&mut self, index: u16, context: &mut Context<'_, B>) {
+        let request = &mut self.requests[index as usize];
+        let slot = request.write_slot.take().expect("a reserved write slot");
+        let token = match request.data_crc.take() {
+            Some(data_crc) => context
+                .backend
+                .commit_write_verified(context.now_us, slot, data_crc),
+            None => context.backend.commit_write(context.now_us, slot),
+        };
+        assert_eq!(
+            request.tokens_pending, 0,
+            "one backend operation per request"
+        );
+        request.tokens_pending = 1;
+        context.register(token, index);
+        self.finish(index, Outcome::Pending);
+    }
+
+    /// A staged write's data is all in the request's buffer: reserve its slot now, copy the data
+    /// in and commit. `false`: the backend is Busy, retry on a later poll.
+    fn commit_staged_write(&mut self, index: u16, context: &mut Context<'_, B>) -> bool {
+        let request = &self.requests[index as usize];
+        assert!(request.staged_write && request.write_slot.is_none());
+        assert_eq!(request.received_bytes, request.transfer_bytes);
+        let (command, length) = (request.command, request.transfer_bytes);
+        match crate::io::reserve_write(&self.queue, &command, length, context) {
+            Ok(Some(slot)) => {
+                let request: &mut Request<B::WriteSlot> = &mut self.requests[index as usize];
+                // One copy more than data received straight into the slot, paid by writes
+                // larger than the in-capsule size only: the price of reserving ring space
+                // only once the data is here, so a host withholding its data holds no slot
+                // and delays no one else's write.
+                context
+                    .backend
+                    .fill_write(&slot, 0, &request.data[..length as usize]);
+                request.write_slot = Some(slot);
+                self.commit(index, context);
+                true
+            }
+            Ok(None) => {
+                self.requests[index as usize].state = RequestState::AwaitingWriteSlotWithData;
+                false
+            }
+            Err(status) => {
+                let completion = self.queue.completion(command.cid(), status);
+                self.finish(index, Outcome::Respond(completion));
+                true
+            }
+        }
     }
 
     /// Executes retried requests (backend Busy earlier); those still busy stay queued in order.
@@ -237,8 +309,11 @@ impl<B: Backend> Connection<B> {
         let count = self.retry.len();
         for position in 0..count {
             let index = self.retry[position];
-            let done = if self.requests[index as usize].state == RequestState::AwaitingWriteSlot {
+            let state = self.requests[index as usize].state;
+            let done = if state == RequestState::AwaitingWriteSlot {
                 self.retry_r2t_write(index, context)
+            } else if state == RequestState::AwaitingWriteSlotWithData {
+                self.commit_staged_write(index, context)
             } else {
                 let outcome = self.dispatch(index, context);
                 if outcome != Outcome::Retry {
@@ -266,7 +341,7 @@ impl<B: Backend> Connection<B> {
         match crate::io::reserve_write(&self.queue, &command, length, context) {
             Ok(Some(slot)) => {
                 self.requests[index as usize].write_slot = Some(slot);
-                self.begin_h2c(index, none);
+                self.begin_h2c(index, none, context.now_us);
                 true
             }
             Ok(None) => false,

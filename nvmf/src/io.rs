@@ -85,6 +85,20 @@ fn extent(
     Ok((lba, length_bytes))
 }
 
+/// Checks a write of `length_bytes` (its SGL's) before its data is asked for; returns its LBA.
+pub fn check_write<B: Backend>(
+    queue: &QueueState,
+    command: &Command,
+    length_bytes: u32,
+    context: &Context<'_, B>,
+) -> Result<u64, Status> {
+    let (lba, extent_bytes) = extent(queue, command, context)?;
+    if extent_bytes != length_bytes {
+        return Err(GenericStatus::DataSglLengthInvalid.into());
+    }
+    Ok(lba)
+}
+
 /// Reserves the backend slot a write's data lands in. `Ok(None)` = backend Busy, retry later.
 pub fn reserve_write<B: Backend>(
     queue: &QueueState,
@@ -92,10 +106,7 @@ pub fn reserve_write<B: Backend>(
     length_bytes: u32,
     context: &mut Context<'_, B>,
 ) -> Result<Option<B::WriteSlot>, Status> {
-    let (lba, extent_bytes) = extent(queue, command, context)?;
-    if extent_bytes != length_bytes {
-        return Err(GenericStatus::DataSglLengthInvalid.into());
-    }
+    let lba = check_write(queue, command, length_bytes, context)?;
     match context
         .backend
         .reserve_write(context.now_us, command.nsid(), lba, length_bytes)

@@ -66,14 +66,16 @@ impl<B: Backend> PollGroup<B> {
     }
 
     pub fn add_connection(&mut self, stream: TcpStream, now_us: u64) {
-        let connection = match Connection::new(stream, now_us, self.target.config.recv_budget_pdus)
-        {
-            Ok(connection) => connection,
-            Err(error) => {
-                log::warn!("nvmf: dropping a new connection: {error}");
-                return;
-            }
-        };
+        let config = &self.target.config;
+        let data_timeout_us = u64::from(config.data_timeout_ms) * 1000;
+        let connection =
+            match Connection::new(stream, now_us, config.recv_budget_pdus, data_timeout_us) {
+                Ok(connection) => connection,
+                Err(error) => {
+                    log::warn!("nvmf: dropping a new connection: {error}");
+                    return;
+                }
+            };
         self.connection_count += 1;
         // Ask for every live connection's share, so `register` never grows the table.
         let tokens_max = self.connection_count * self.tokens_per_connection();
@@ -126,6 +128,7 @@ impl<B: Backend> PollGroup<B> {
                 key,
             };
             work += connection.poll_retry(&mut context);
+            work += connection.poll_data_timeouts(&mut context);
             work += connection.poll_receive_paced(&mut context);
             work += connection.poll_async_events();
         }

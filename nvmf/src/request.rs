@@ -23,6 +23,9 @@ pub enum RequestState {
     AwaitingWriteSlot,
     /// Waiting for H2CData PDUs after the R2T.
     AwaitingH2CData,
+    /// A write whose data is all in the request's buffer, waiting for the backend to grant a
+    /// write slot (Busy) to copy it into ([`crate::backend::Backend::ORDERED_WRITE_SLOTS`]).
+    AwaitingWriteSlotWithData,
     /// Waiting for backend completions.
     Executing,
     /// An Asynchronous Event Request, held until an event occurs.
@@ -67,6 +70,12 @@ pub struct Request<S> {
     /// CRC32C of a write's whole data, when one data digest covered all of it (checked over
     /// the slot): handed to the backend so it need not checksum the data again.
     pub data_crc: Option<u32>,
+    /// A write whose data is received into `data` and copied into a slot reserved once it is
+    /// all in ([`crate::backend::Backend::ORDERED_WRITE_SLOTS`]).
+    pub staged_write: bool,
+    /// While its data is awaited: when the command fails for lack of it
+    /// ([`crate::config::TargetConfig::data_timeout_ms`]).
+    pub data_deadline_us: Option<u64>,
     pub status: Status,
     pub header: [u8; REQUEST_HEADER_BYTES],
     pub header_bytes: usize,
@@ -91,6 +100,8 @@ impl<S> Request<S> {
             progress_blocks: 0,
             read_pending: None,
             data_crc: None,
+            staged_write: false,
+            data_deadline_us: None,
             status: Status::SUCCESS,
             header: [0; REQUEST_HEADER_BYTES],
             header_bytes: 0,
@@ -113,6 +124,8 @@ impl<S> Request<S> {
         self.progress_blocks = 0;
         self.read_pending = None;
         self.data_crc = None;
+        self.staged_write = false;
+        self.data_deadline_us = None;
         self.status = Status::SUCCESS;
         self.data_bytes = 0;
     }

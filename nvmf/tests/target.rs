@@ -778,3 +778,67 @@ fn write_after_cc_en_cleared_on_a_still_open_io_queue_is_refused() {
         "the refused write never reached the medium"
     );
 }
+
+/// A write whose data the host withholds after the R2T: the target asks for it, waits the data
+/// timeout, fails the command with Command Transient Transport Error and closes the connection.
+fn withheld_write_times_out<B: nvmirror_nvmf::Backend + Send + 'static>(backend: B) {
+    let mut config = config(true);
+    config.data_timeout_ms = 300;
+    let server = serve(config, backend);
+    let admin = Host::admin(server.address, false);
+    let mut healthy = Host::io(server.address, admin.cntlid, 1, true);
+    let mut holder = Host::io(server.address, admin.cntlid, 2, false);
+    let cid = holder.cid();
+    let sgl = SglDescriptor::Transport { length: 65536 };
+    let command = Command::read_write(io_opcode::WRITE, cid, 1, 256, 128, sgl);
+    let started = std::time::Instant::now();
+    holder.send_capsule(&command, &[]);
+    assert!(matches!(holder.receive().unwrap().pdu, Pdu::R2T(r2t) if r2t.cccid == cid));
+    healthy.verified_io(0, 1);
+    let completion = holder.receive_completion();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    assert_eq!(completion.cid, cid);
+    assert_eq!(
+        completion.status,
+        GenericStatus::TransientTransportError.into()
+    );
+    holder.expect_term_req(Fes::PduSequenceError);
+    healthy.verified_io(512, 2);
+    let (completion, data) = healthy.read(256, 128);
+    assert!(completion.status.is_success());
+    assert!(data.iter().all(|&byte| byte == 0), "nothing of it written");
+}
+
+#[test]
+fn withheld_write_data_times_out_with_a_reserved_slot() {
+    // The device backend reserves its (independent) slot when the command arrives.
+    withheld_write_times_out(DeviceBackend::new(vec![MemoryDevice(vec![
+        0;
+        DEVICE_BYTES
+    ])]));
+}
+
+#[test]
+fn withheld_write_data_times_out_before_any_slot_is_reserved() {
+    // Ordered slots: the data would be staged in the request's buffer.
+    withheld_write_times_out(BusyBackend {
+        inner: DeviceBackend::new(vec![MemoryDevice(vec![0; DEVICE_BYTES])]),
+        busy_reservations: 0,
+    });
+}
+
+#[test]
+fn staged_write_data_waits_for_a_slot_then_commits() {
+    // Ordered slots: the R2T goes out at once, and the data, all in, waits out the Busy answers.
+    let backend = BusyBackend {
+        inner: DeviceBackend::new(vec![MemoryDevice(vec![0; DEVICE_BYTES])]),
+        busy_reservations: 40,
+    };
+    let server = serve(config(true), backend);
+    let admin = Host::admin(server.address, true);
+    let mut io = Host::io(server.address, admin.cntlid, 1, true);
+    let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+    assert!(io.write(40, &data, false).status.is_success());
+    assert_eq!(io.read(40, 128).1, data);
+    io.verified_io(1000, 3);
+}

@@ -56,6 +56,9 @@ fn namespace_uuid(volume_id: [u8; 16], nsid: u32) -> [u8; 16] {
 
 impl Backend for Volume {
     type WriteSlot = WriteSlot;
+    /// Writes complete in ring order: a reserved entry holds back every later one until it is
+    /// committed, so nvmf reserves it only once the write's data is all in.
+    const ORDERED_WRITE_SLOTS: bool = true;
 
     fn namespace(&self, nsid: u32) -> Option<NamespaceInfo> {
         let sizes = self.source.namespace_sizes_bytes();

@@ -145,6 +145,9 @@ impl RemoteBackend {
 
 impl Backend for RemoteBackend {
     type WriteSlot = RemoteWriteSlot;
+    /// A slot is a pool buffer on this reactor: the volume reserves ring space only when the
+    /// buffer reaches it with all the data (at commit), so a slot held here delays no one.
+    const ORDERED_WRITE_SLOTS: bool = false;
 
     fn namespace(&self, nsid: u32) -> Option<NamespaceInfo> {
         self.namespaces

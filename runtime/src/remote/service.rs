@@ -258,6 +258,7 @@ impl<B: Backend> RemoteRouting for Routed<B> {
 
 impl<B: Backend> Backend for Routed<B> {
     type WriteSlot = B::WriteSlot;
+    const ORDERED_WRITE_SLOTS: bool = B::ORDERED_WRITE_SLOTS;
 
     fn namespace(&self, nsid: u32) -> Option<NamespaceInfo> {
         self.inner.namespace(nsid)

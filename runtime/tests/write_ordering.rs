@@ -1,0 +1,236 @@
+//! The replicated volume behind the NVMe/TCP target, with a destination on loopback: a write
+//! whose data has not arrived never delays the completion of one whose data has, on any
+//! connection (the NVRAM ring completes writes in ring order, so nvmf reserves a write's ring
+//! entry only when its data is in), and a write whose data never comes is failed and its
+//! connection closed after the data timeout.
+
+#[path = "../../nvmf/tests/host/mod.rs"]
+mod host;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use host::{Host, DEVICE_BYTES};
+use nvmirror_engine::cp::CpMode;
+use nvmirror_engine::destination::DestinationConfig;
+use nvmirror_engine::device::MemoryDevice;
+use nvmirror_engine::geometry::RING_BYTES_MIN;
+use nvmirror_engine::source::SourceConfig;
+use nvmirror_nvmf::pdu::{
+    admin_opcode, io_opcode, Command, DataHeader, Fes, GenericStatus, Pdu, SglDescriptor, R2T,
+};
+use nvmirror_nvmf::Target;
+use nvmirror_runtime::node::{
+    DestinationEngine, DestinationNode, Device, NodeControl, SourceEngine, SourceNode,
+};
+use nvmirror_runtime::reactor::Poller;
+use nvmirror_runtime::ring_memory::RingMemory;
+use nvmirror_runtime::target::TargetFrontEnd;
+
+const VOLUME: [u8; 16] = [7; 16];
+/// The pair stops by itself after this long, whatever the test does.
+const LIFETIME_MAX: Duration = Duration::from_secs(60);
+/// What "promptly" means for a write that waits for nothing (loopback, replicated).
+const PROMPT: Duration = Duration::from_secs(2);
+
+/// A source node (the replicated volume and its target) and its destination, polled in one
+/// thread until dropped.
+struct Pair {
+    address: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("pair thread");
+        }
+    }
+}
+
+fn memory_device() -> Device {
+    Box::new(MemoryDevice(vec![0; DEVICE_BYTES]))
+}
+
+impl Pair {
+    fn start(data_timeout_ms: u32) -> Pair {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let (address_sender, address_receiver) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let ring = RingMemory::anonymous(RING_BYTES_MIN as usize).unwrap();
+            let destination = DestinationEngine::open(
+                DestinationConfig { volume_id: VOLUME },
+                ring,
+                vec![memory_device()],
+            )
+            .unwrap();
+            let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+            let mut destination =
+                DestinationNode::new(destination, listen, NodeControl::new().unwrap()).unwrap();
+            let config = SourceConfig {
+                volume_id: VOLUME,
+                cp_interval_us: u64::MAX,
+                mode: CpMode::References,
+            };
+            let ring = RingMemory::anonymous(RING_BYTES_MIN as usize).unwrap();
+            let (source, _) = SourceEngine::open(config, ring, vec![memory_device()], 0).unwrap();
+            let mut target_config = host::config(true);
+            target_config.data_timeout_ms = data_timeout_ms;
+            let target = Target::new(target_config).unwrap();
+            let front_end = TargetFrontEnd::new(target, Vec::new()).unwrap();
+            address_sender.send(front_end.local_addrs()[0]).unwrap();
+            let peer = destination.local_addr().expect("listening");
+            let mut source = SourceNode::new(source, peer, front_end, NodeControl::new().unwrap());
+            let start = Instant::now();
+            while !thread_stop.load(Ordering::Acquire) && start.elapsed() < LIFETIME_MAX {
+                let now_us = start.elapsed().as_micros() as u64;
+                let work = destination.poll(now_us) + source.poll(now_us);
+                if work == 0 {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            }
+        });
+        Pair {
+            address: address_receiver.recv().unwrap(),
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+fn pattern(length: usize, seed: u8) -> Vec<u8> {
+    (0..length)
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed) ^ (i >> 9) as u8)
+        .collect()
+}
+
+/// Sends a write of `data` at `lba` whose data goes after an R2T, and returns that R2T: the
+/// data is withheld until the caller sends it.
+fn write_and_withhold(host: &mut Host, lba: u64, data: &[u8]) -> (u16, R2T) {
+    let cid = host.cid();
+    let sgl = SglDescriptor::Transport {
+        length: data.len() as u32,
+    };
+    let blocks = (data.len() / 512) as u32;
+    let command = Command::read_write(io_opcode::WRITE, cid, 1, lba, blocks, sgl);
+    host.send_capsule(&command, &[]);
+    match host.receive().expect("an R2T").pdu {
+        Pdu::R2T(r2t) => {
+            assert_eq!((r2t.cccid, r2t.r2to, r2t.r2tl), (cid, 0, data.len() as u32));
+            (cid, r2t)
+        }
+        other => panic!("expected an R2T, got {other:?}"),
+    }
+}
+
+/// Sends the withheld data of `r2t` and expects its write to complete successfully.
+fn send_withheld(host: &mut Host, cid: u16, r2t: R2T, data: &[u8]) {
+    let header = DataHeader {
+        cccid: r2t.cccid,
+        ttag: r2t.ttag,
+        datao: 0,
+        datal: data.len() as u32,
+        last: true,
+        success: false,
+    };
+    host.send_h2c(header, data);
+    let completion = host.receive_completion();
+    assert_eq!(completion.cid, cid);
+    assert!(completion.status.is_success(), "{completion:?}");
+}
+
+/// An in-capsule write that must complete within [`PROMPT`].
+fn prompt_write(host: &mut Host, lba: u64, data: &[u8]) {
+    let started = Instant::now();
+    host.stream.set_read_timeout(Some(PROMPT)).unwrap();
+    let completion = host.write(lba, data, true);
+    assert!(completion.status.is_success(), "{completion:?}");
+    assert!(started.elapsed() < PROMPT, "took {:?}", started.elapsed());
+    host.stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+}
+
+fn assert_reads(host: &mut Host, lba: u64, data: &[u8]) {
+    let (completion, read) = host.read(lba, (data.len() / 512) as u32);
+    assert!(completion.status.is_success(), "{completion:?}");
+    assert!(read == data, "data read back at lba {lba} differs");
+}
+
+#[test]
+fn a_write_waiting_for_its_data_does_not_delay_another_connections_write() {
+    let pair = Pair::start(30_000);
+    let admin = Host::admin(pair.address, false);
+    let mut holder = Host::io(pair.address, admin.cntlid, 1, false);
+    let mut other = Host::io(pair.address, admin.cntlid, 2, true);
+    let held = pattern(64 * 1024, 1);
+    let (cid, r2t) = write_and_withhold(&mut holder, 0, &held);
+    let small = pattern(1024, 2);
+    prompt_write(&mut other, 1000, &small);
+    // A second one on the holder's own connection does not wait either.
+    let own = pattern(4096, 3);
+    prompt_write(&mut holder, 2000, &own);
+    send_withheld(&mut holder, cid, r2t, &held);
+    assert_reads(&mut other, 0, &held);
+    assert_reads(&mut holder, 1000, &small);
+    assert_reads(&mut other, 2000, &own);
+}
+
+#[test]
+fn a_holder_answering_keep_alives_delays_no_one() {
+    let pair = Pair::start(30_000);
+    let mut admin = Host::admin(pair.address, false);
+    let mut holder = Host::io(pair.address, admin.cntlid, 1, true);
+    let mut other = Host::io(pair.address, admin.cntlid, 2, false);
+    let held = pattern(64 * 1024, 4);
+    let (cid, r2t) = write_and_withhold(&mut holder, 64, &held);
+    for round in 0..8u8 {
+        let (completion, _) = admin.admin_command(admin_opcode::KEEP_ALIVE, 0, 0, 0, 0);
+        assert!(completion.status.is_success());
+        let data = pattern(1024, 10 + round);
+        prompt_write(&mut other, 3000 + u64::from(round) * 2, &data);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    send_withheld(&mut holder, cid, r2t, &held);
+    assert_reads(&mut other, 64, &held);
+    for round in 0..8u8 {
+        assert_reads(
+            &mut holder,
+            3000 + u64::from(round) * 2,
+            &pattern(1024, 10 + round),
+        );
+    }
+}
+
+#[test]
+fn a_write_whose_data_never_comes_fails_and_its_connection_closes() {
+    let data_timeout = Duration::from_millis(400);
+    let pair = Pair::start(data_timeout.as_millis() as u32);
+    let admin = Host::admin(pair.address, false);
+    let mut holder = Host::io(pair.address, admin.cntlid, 1, false);
+    let mut other = Host::io(pair.address, admin.cntlid, 2, false);
+    let started = Instant::now();
+    let (cid, _r2t) = write_and_withhold(&mut holder, 128, &pattern(64 * 1024, 5));
+    prompt_write(&mut other, 4000, &pattern(1024, 6));
+    let completion = holder.receive_completion();
+    let waited = started.elapsed();
+    assert_eq!(completion.cid, cid);
+    assert_eq!(
+        completion.status,
+        GenericStatus::TransientTransportError.into()
+    );
+    assert!(!completion.status.dnr, "the host may retry it");
+    assert!(waited >= data_timeout, "failed after {waited:?}");
+    assert!(waited < data_timeout * 5, "failed only after {waited:?}");
+    holder.expect_term_req(Fes::PduSequenceError);
+    // Nothing of it was written, and the volume goes on.
+    assert_reads(&mut other, 128, &vec![0; 64 * 1024]);
+    prompt_write(&mut other, 4002, &pattern(1024, 7));
+    assert_reads(&mut other, 4000, &pattern(1024, 6));
+}
