@@ -32,9 +32,9 @@ pub fn open_namespaces(config: &Config) -> Result<Vec<Device>, String> {
     for (index, namespace) in config.namespaces.iter().enumerate() {
         let device: Device = match namespace {
             NamespaceConfig::Malloc { size_mib } => {
-                Box::new(Immediate::new(MallocDevice::new(size_mib * MIB).map_err(|e| {
-                    format!("namespace[{index}]: cannot allocate {size_mib} MiB: {e}")
-                })?))
+                Box::new(Immediate::new(MallocDevice::new(size_mib * MIB).map_err(
+                    |e| format!("namespace[{index}]: cannot allocate {size_mib} MiB: {e}"),
+                )?))
             }
             NamespaceConfig::File { path, size_mib } => {
                 let file =
@@ -116,7 +116,7 @@ pub fn open_source(config: &Config) -> Result<(SourceEngine, Vec<Device>), Strin
         );
     } else {
         log::info!(
-            "source: ring recovery: {} entries ({} bytes) newer than CP {} are applied to the primary again (epoch {})",
+            "source: ring replay: {} entries ({} bytes) newer than CP {} are replayed onto the primary (epoch {})",
             recovery.entries_replayed,
             recovery.bytes_replayed,
             recovery.cp_completed,

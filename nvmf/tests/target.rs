@@ -812,17 +812,14 @@ fn withheld_write_times_out<B: nvmirror_nvmf::Backend + Send + 'static>(backend:
 #[test]
 fn withheld_write_data_times_out_with_a_reserved_slot() {
     // The device backend reserves its (independent) slot when the command arrives.
-    withheld_write_times_out(DeviceBackend::new(vec![MemoryDevice(vec![
-        0;
-        DEVICE_BYTES
-    ])]));
+    withheld_write_times_out(DeviceBackend::new(vec![MemoryDevice::new(DEVICE_BYTES)]));
 }
 
 #[test]
 fn withheld_write_data_times_out_before_any_slot_is_reserved() {
     // Ordered slots: the data would be staged in the request's buffer.
     withheld_write_times_out(BusyBackend {
-        inner: DeviceBackend::new(vec![MemoryDevice(vec![0; DEVICE_BYTES])]),
+        inner: DeviceBackend::new(vec![MemoryDevice::new(DEVICE_BYTES)]),
         busy_reservations: 0,
     });
 }
@@ -831,7 +828,7 @@ fn withheld_write_data_times_out_before_any_slot_is_reserved() {
 fn staged_write_data_waits_for_a_slot_then_commits() {
     // Ordered slots: the R2T goes out at once, and the data, all in, waits out the Busy answers.
     let backend = BusyBackend {
-        inner: DeviceBackend::new(vec![MemoryDevice(vec![0; DEVICE_BYTES])]),
+        inner: DeviceBackend::new(vec![MemoryDevice::new(DEVICE_BYTES)]),
         busy_reservations: 40,
     };
     let server = serve(config(true), backend);

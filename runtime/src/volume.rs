@@ -221,12 +221,13 @@ impl Volume {
             primaries,
             reads,
             completed,
+            remote,
             ..
         } = self;
         for device in primaries.iter_mut() {
             work += device.poll_completions(&mut |completion| {
                 if completion.id.is_runtime() {
-                    finish_host_read(reads, completed, completion);
+                    finish_host_read(reads, completed, remote, completion);
                 } else {
                     source.handle_device_completion(now_us, completion);
                 }
@@ -351,9 +352,12 @@ impl Volume {
 
     /// Routes write `id`'s completion to a queue pair on another reactor instead of the
     /// front end's own completions.
-    pub(crate) fn wait_remote(&mut self, id: WriteId, waiter: RemoteWaiter) {
-        assert!(id.0 > self.completed_through, "routed before it completes");
-        self.remote.wait(id.0, waiter);
+    pub(crate) fn wait_remote(&mut self, token: u64, waiter: RemoteWaiter) {
+        assert!(
+            token & READ_TOKEN_BIT != 0 || token > self.completed_through,
+            "routed before it completes"
+        );
+        self.remote.wait(token, waiter);
     }
 
     pub(crate) fn pop_remote_done(&mut self) -> Option<RemoteWaiter> {
@@ -422,6 +426,7 @@ fn push_token(completed: &mut VecDeque<u64>, token: u64) {
 fn finish_host_read(
     reads: &mut HostReads,
     completed: &mut VecDeque<u64>,
+    remote: &mut RemoteRoutes,
     completion: DeviceCompletion<'_>,
 ) {
     let token = completion.id.0 & !RUNTIME_OP_BIT;
@@ -437,10 +442,14 @@ fn finish_host_read(
         read.data.clear();
         read.data.extend_from_slice(data);
     }));
-    push_token(completed, token);
+    if !remote.complete(token) {
+        push_token(completed, token);
+    }
 }
 
 /// Persists the whole ring per its medium. (Placeholder until the medium API lands: refuses.)
 fn persist_ring(_ring: &crate::ring_memory::RingMemory) -> std::io::Result<()> {
-    Err(std::io::Error::other("ring medium persistence not wired yet"))
+    Err(std::io::Error::other(
+        "ring medium persistence not wired yet",
+    ))
 }

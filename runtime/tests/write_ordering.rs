@@ -18,7 +18,7 @@ use nvmirror_engine::cp::CpMode;
 use nvmirror_engine::destination::DestinationConfig;
 use nvmirror_engine::device::MemoryDevice;
 use nvmirror_engine::geometry::RING_BYTES_MIN;
-use nvmirror_engine::source::SourceConfig;
+use nvmirror_engine::source::{SourceConfig, DEVICE_QUEUE_DEPTH_DEFAULT};
 use nvmirror_nvmf::pdu::{
     admin_opcode, io_opcode, Command, DataHeader, Fes, GenericStatus, Pdu, SglDescriptor, R2T,
 };
@@ -54,7 +54,7 @@ impl Drop for Pair {
 }
 
 fn memory_device() -> Device {
-    Box::new(MemoryDevice(vec![0; DEVICE_BYTES]))
+    Box::new(MemoryDevice::new(DEVICE_BYTES))
 }
 
 impl Pair {
@@ -64,29 +64,45 @@ impl Pair {
         let (address_sender, address_receiver) = mpsc::channel();
         let thread = std::thread::spawn(move || {
             let ring = RingMemory::anonymous(RING_BYTES_MIN as usize).unwrap();
+            let sizes = [DEVICE_BYTES as u64];
             let destination = DestinationEngine::open(
-                DestinationConfig { volume_id: VOLUME },
+                DestinationConfig {
+                    volume_id: VOLUME,
+                    device_queue_depth: DEVICE_QUEUE_DEPTH_DEFAULT,
+                },
                 ring,
-                vec![memory_device()],
+                &sizes,
             )
             .unwrap();
             let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-            let mut destination =
-                DestinationNode::new(destination, listen, NodeControl::new().unwrap()).unwrap();
+            let mut destination = DestinationNode::new(
+                destination,
+                vec![memory_device()],
+                listen,
+                NodeControl::new().unwrap(),
+            )
+            .unwrap();
             let config = SourceConfig {
                 volume_id: VOLUME,
                 cp_interval_us: u64::MAX,
                 mode: CpMode::References,
+                device_queue_depth: DEVICE_QUEUE_DEPTH_DEFAULT,
             };
             let ring = RingMemory::anonymous(RING_BYTES_MIN as usize).unwrap();
-            let (source, _) = SourceEngine::open(config, ring, vec![memory_device()], 0).unwrap();
+            let (source, _) = SourceEngine::open(config, ring, &sizes, 0).unwrap();
             let mut target_config = host::config(true);
             target_config.data_timeout_ms = data_timeout_ms;
             let target = Target::new(target_config).unwrap();
             let front_end = TargetFrontEnd::new(target, Vec::new()).unwrap();
             address_sender.send(front_end.local_addrs()[0]).unwrap();
             let peer = destination.local_addr().expect("listening");
-            let mut source = SourceNode::new(source, peer, front_end, NodeControl::new().unwrap());
+            let mut source = SourceNode::new(
+                source,
+                vec![memory_device()],
+                peer,
+                front_end,
+                NodeControl::new().unwrap(),
+            );
             let start = Instant::now();
             while !thread_stop.load(Ordering::Acquire) && start.elapsed() < LIFETIME_MAX {
                 let now_us = start.elapsed().as_micros() as u64;

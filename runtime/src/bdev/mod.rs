@@ -151,6 +151,9 @@ pub(crate) fn check_size(size_bytes: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// The engine's plain-memory device (tests, examples) completes on the next poll.
+impl NamespaceDevice for nvmirror_engine::device::MemoryDevice {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -90,6 +90,9 @@ pub struct RemoteWaiter {
     pub remote: u16,
     pub slot: u16,
     pub buffer: Option<Box<[u8]>>,
+    /// A read that went through a device op: its token and length, for `finish_read` into
+    /// `buffer` before the answer goes back.
+    pub read: Option<(u64, u32)>,
 }
 
 /// An operation finished: the slot, its buffer, and (for a read) whether the data is good.

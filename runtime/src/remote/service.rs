@@ -25,7 +25,7 @@ pub trait RemoteRouting: Backend {
 
 impl RemoteRouting for Volume {
     fn wait_remote(&mut self, token: IoToken, waiter: RemoteWaiter) {
-        Volume::wait_remote(self, nvmirror_engine::source::WriteId(token.0), waiter)
+        Volume::wait_remote(self, token.0, waiter)
     }
     fn pop_remote_done(&mut self) -> Option<RemoteWaiter> {
         Volume::pop_remote_done(self)
@@ -81,12 +81,24 @@ impl VolumeService {
         }
         let mut work = 0;
         while let Some(waiter) = backend.pop_remote_done() {
+            let mut buffer = waiter.buffer;
+            let result = match (waiter.read, buffer.as_mut()) {
+                (Some((token, length)), Some(buffer)) => {
+                    let result =
+                        backend.finish_read(IoToken(token), &mut buffer[..length as usize]);
+                    if let Err(error) = result {
+                        log::error!("read for a remote queue pair failed: {error:?}");
+                    }
+                    result
+                }
+                _ => Ok(()),
+            };
             self.answer(
                 waiter.remote,
                 Done {
                     slot: waiter.slot,
-                    buffer: waiter.buffer,
-                    result: Ok(()),
+                    buffer,
+                    result,
                 },
             );
             work += 1;
@@ -136,12 +148,18 @@ impl VolumeService {
             } => backend
                 .write_zeroes(now_us, *nsid, *lba, *length_bytes)
                 .map(Some),
-            OpKind::Read { .. } => Ok(None),
+            OpKind::Read {
+                nsid, lba, length, ..
+            } => backend.start_read(now_us, *nsid, *lba, *length),
         };
         let (remote, slot) = (op.remote, op.slot);
         match started {
             Err(BackendError::Busy) => Err(op),
             Ok(Some(token)) => {
+                let read = match &op.kind {
+                    OpKind::Read { length, .. } => Some((token.0, *length)),
+                    _ => None,
+                };
                 let buffer = op.kind.into_buffer();
                 backend.wait_remote(
                     token,
@@ -149,6 +167,7 @@ impl VolumeService {
                         remote,
                         slot,
                         buffer,
+                        read,
                     },
                 );
                 Ok(())
@@ -163,6 +182,7 @@ impl VolumeService {
                 else {
                     unreachable!("only reads are served at once")
                 };
+                // A read the backend serves at once.
                 let result = backend.read(nsid, lba, &mut buffer[..length as usize]);
                 if let Err(error) = result {
                     log::error!("read for a remote queue pair failed: {error:?}");
