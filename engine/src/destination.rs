@@ -25,14 +25,14 @@ use crate::checksum::crc32c;
 use crate::counters::Counters;
 use crate::cp::Descriptor;
 use crate::device::{check_extent, ExtentError, InflightOps};
-use crate::error::{EngineError, LinkError};
+use crate::error::{EngineError, LinkError, ProtocolError};
 use crate::geometry::{
     half_of_cp, round_down, BLOCK_SIZE, DESCRIPTORS_PER_TABLE, OUT_INLINE_BYTES, SECTOR_SIZE,
     TABLE_DATA_BLOCKS_MAX,
 };
 use crate::promotion::Promotion;
 use crate::ring::{EntryRequest, NvramRing, RingStore};
-use crate::source::recovery::{check_namespaces, open_or_format};
+use crate::open::{check_namespaces, open_or_format};
 use crate::source::{message_name, TABLE_WINDOW};
 use crate::transfer::TransferId;
 use crate::wire::{
@@ -335,36 +335,37 @@ impl<M: RingStore> Destination<M> {
         let header = transfer.header;
         let completed = self.ring.superblock().cp_completed;
         if header.cp_number != completed + 1 && header.cp_number != completed + 2 {
-            return Err(protocol(format!(
-                "transfer for cp {} at cp {completed}",
-                header.cp_number
-            )));
+            return Err(ProtocolError::TransferForCp {
+                cp_number: header.cp_number,
+                cp_completed: completed,
+            }
+            .into());
         }
         let half = half_of_cp(header.cp_number);
         if ![0, header.cp_number].contains(&self.ring.half_cp(half)) {
-            return Err(protocol(format!(
-                "transfer for cp {} into a half of cp {}",
-                header.cp_number,
-                self.ring.half_cp(half)
-            )));
+            return Err(ProtocolError::TransferIntoHalf {
+                cp_number: header.cp_number,
+                half_cp: self.ring.half_cp(half),
+            }
+            .into());
         }
         if self.transfers[half]
             .last()
             .is_some_and(|&(last, _)| last >= header.transfer_id)
         {
-            return Err(protocol(format!(
-                "transfer id {} not increasing",
-                header.transfer_id.0
-            )));
+            return Err(ProtocolError::TransferIdNotIncreasing {
+                transfer_id: header.transfer_id.0,
+            }
+            .into());
         }
         if self.ring.reserved_slots(0) + self.ring.reserved_slots(1) == 0 {
             self.ring.set_next_seq(header.first_seq);
         } else if self.ring.next_seq() != header.first_seq {
-            return Err(protocol(format!(
-                "transfer seq {} != expected {}",
-                header.first_seq,
-                self.ring.next_seq()
-            )));
+            return Err(ProtocolError::TransferSeq {
+                first_seq: header.first_seq,
+                expected: self.ring.next_seq(),
+            }
+            .into());
         }
         // Every entry is checked (extent, data CRC) before any byte is stored: after a
         // reconnect the halves are rewound, not erased, so a resent entry lands on the bytes of
@@ -397,13 +398,13 @@ impl<M: RingStore> Destination<M> {
             let slot = self
                 .ring
                 .reserve(&request)
-                .map_err(|_| protocol("destination ring half full".to_string()))?;
+                .map_err(|_| ProtocolError::RingHalfFull)?;
             if slot.data_offset() != entry.data_offset {
-                return Err(protocol(format!(
-                    "placement {} != source's {}",
-                    slot.data_offset(),
-                    entry.data_offset
-                )));
+                return Err(ProtocolError::Placement {
+                    ours: slot.data_offset(),
+                    sources: entry.data_offset,
+                }
+                .into());
             }
             self.ring.store_data(&slot, 0, data);
             self.ring.commit_with_crc(&slot, entry.data_crc);
@@ -428,11 +429,13 @@ impl<M: RingStore> Destination<M> {
             length_bytes,
         )
         .map_err(|error| {
-            protocol(match error {
-                ExtentError::NoNamespace => format!("namespace {nsid} does not exist"),
-                ExtentError::OutOfRange => format!(
-                    "namespace {nsid}: {length_bytes} bytes at {offset_bytes} beyond its end"
-                ),
+            LinkError::Protocol(match error {
+                ExtentError::NoNamespace => ProtocolError::NoNamespace { nsid },
+                ExtentError::OutOfRange => ProtocolError::BeyondNamespace {
+                    nsid,
+                    offset_bytes,
+                    length_bytes,
+                },
             })
         })
     }
@@ -444,15 +447,14 @@ impl<M: RingStore> Destination<M> {
     fn on_table(&mut self, table: &DescriptorTableMessage<'_>) -> Result<(), LinkError> {
         let cp_number = self.ring.superblock().cp_completed + 1;
         if table.cp_number != cp_number || self.commit_pending.is_some() {
-            return Err(protocol(format!(
-                "descriptors for cp {} while committing cp {cp_number}",
-                table.cp_number
-            )));
+            return Err(ProtocolError::TableForCp {
+                cp_number: table.cp_number,
+                committing: cp_number,
+            }
+            .into());
         }
         if self.tables.len() >= TABLE_WINDOW as usize {
-            return Err(protocol(format!(
-                "more than {TABLE_WINDOW} DescriptorTables unacknowledged"
-            )));
+            return Err(ProtocolError::TableWindow.into());
         }
         let half = half_of_cp(cp_number);
         let table_number = self.tables_received;
@@ -462,7 +464,7 @@ impl<M: RingStore> Destination<M> {
             let offset_bytes = entry
                 .block_index
                 .checked_mul(BLOCK_SIZE as u64)
-                .ok_or_else(|| protocol("block index overflow".into()))?;
+                .ok_or(ProtocolError::BlockIndexOverflow)?;
             if let Err(error) = self.check_extent(entry.nsid, offset_bytes, BLOCK_SIZE as u64) {
                 self.unqueue_from(queued_before);
                 return Err(error);
@@ -546,10 +548,13 @@ impl<M: RingStore> Destination<M> {
             || descriptor_count != self.descriptors_applied
             || self.commit_pending.is_some()
         {
-            return Err(protocol(format!(
-                "CpCommit cp {cp_number} with {descriptor_count} descriptors; expected cp {expected_cp} with {}",
-                self.descriptors_applied
-            )));
+            return Err(ProtocolError::CpCommit {
+                cp_number,
+                descriptor_count,
+                expected_cp,
+                expected_count: self.descriptors_applied,
+            }
+            .into());
         }
         self.commit_pending = Some(cp_number);
         self.advance_commit();
@@ -654,17 +659,16 @@ fn resolve<M: RingStore>(
 ) -> Result<u64, LinkError> {
     let index = transfers
         .binary_search_by_key(&transfer_id, |&(id, _)| id)
-        .map_err(|_| protocol(format!("reference to unknown transfer {}", transfer_id.0)))?;
+        .map_err(|_| ProtocolError::UnknownTransfer {
+            transfer_id: transfer_id.0,
+        })?;
     let position = u64::from(transfers[index].1) + u64::from(block_number) * BLOCK_SIZE as u64;
     if position + BLOCK_SIZE as u64 > u64::from(ring.data_cursor(half)) {
-        return Err(protocol(format!(
-            "reference to block {block_number} beyond transfer {}",
-            transfer_id.0
-        )));
+        return Err(ProtocolError::BeyondTransfer {
+            transfer_id: transfer_id.0,
+            block_number,
+        }
+        .into());
     }
     Ok(ring.geometry().data_area_offset(half) + position)
-}
-
-fn protocol(text: String) -> LinkError {
-    LinkError::Protocol(text)
 }

@@ -76,7 +76,7 @@ pub enum LinkError {
         state: &'static str,
     },
     /// A valid message whose content contradicts the protocol.
-    Protocol(String),
+    Protocol(ProtocolError),
     /// An entry's data does not match its data_crc (never applied).
     DataCrc { transfer_id: u64, entry_index: u32 },
     /// The peer refused our Hello.
@@ -90,7 +90,7 @@ impl fmt::Display for LinkError {
         match self {
             Self::Wire(error) => write!(f, "wire: {error}"),
             Self::Unexpected { message, state } => write!(f, "unexpected {message} while {state}"),
-            Self::Protocol(text) => write!(f, "protocol: {text}"),
+            Self::Protocol(error) => write!(f, "protocol: {error}"),
             Self::DataCrc {
                 transfer_id,
                 entry_index,
@@ -109,6 +109,171 @@ impl fmt::Display for LinkError {
 }
 
 impl std::error::Error for LinkError {}
+
+/// How a peer's valid message contradicted the protocol (connection-fatal, STYLE 4): one
+/// variant per rule, with the values that broke it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtocolError {
+    // Source side: the destination's messages.
+    TableAckOutOfRange {
+        cp_number: u64,
+        tables: u64,
+        tables_sent: u64,
+        cp_in_flight: u64,
+    },
+    NotAwaitingCpAck {
+        message: &'static str,
+        cp_number: u64,
+    },
+    HelloAckEpoch {
+        theirs: u64,
+        ours: u64,
+    },
+    CompletedUncommittedCp {
+        cp_number: u64,
+    },
+    HelloAckCp {
+        theirs: u64,
+        ours: u64,
+    },
+    AckNotAwaited {
+        transfer_id: u64,
+    },
+    // Destination side: the source's messages.
+    TransferForCp {
+        cp_number: u64,
+        cp_completed: u64,
+    },
+    TransferIntoHalf {
+        cp_number: u64,
+        half_cp: u64,
+    },
+    TransferIdNotIncreasing {
+        transfer_id: u64,
+    },
+    TransferSeq {
+        first_seq: u64,
+        expected: u64,
+    },
+    RingHalfFull,
+    Placement {
+        ours: u32,
+        sources: u32,
+    },
+    NoNamespace {
+        nsid: u32,
+    },
+    BeyondNamespace {
+        nsid: u32,
+        offset_bytes: u64,
+        length_bytes: u64,
+    },
+    TableForCp {
+        cp_number: u64,
+        committing: u64,
+    },
+    TableWindow,
+    BlockIndexOverflow,
+    CpCommit {
+        cp_number: u64,
+        descriptor_count: u64,
+        expected_cp: u64,
+        expected_count: u64,
+    },
+    UnknownTransfer {
+        transfer_id: u64,
+    },
+    BeyondTransfer {
+        transfer_id: u64,
+        block_number: u32,
+    },
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::TableAckOutOfRange {
+                cp_number,
+                tables,
+                tables_sent,
+                cp_in_flight,
+            } => write!(
+                f,
+                "TableAck of {tables} tables of cp {cp_number} (sent {tables_sent} of cp {cp_in_flight})"
+            ),
+            Self::NotAwaitingCpAck { message, cp_number } => {
+                write!(f, "{message} for cp {cp_number} that is not awaiting one")
+            }
+            Self::HelloAckEpoch { theirs, ours } => {
+                write!(f, "HelloAck epoch {theirs} != ours {ours}")
+            }
+            Self::CompletedUncommittedCp { cp_number } => {
+                write!(f, "destination completed cp {cp_number} we never committed")
+            }
+            Self::HelloAckCp { theirs, ours } => write!(f, "destination cp {theirs} vs ours {ours}"),
+            Self::AckNotAwaited { transfer_id } => {
+                write!(f, "ack of transfer {transfer_id} that is not awaiting an ack")
+            }
+            Self::TransferForCp {
+                cp_number,
+                cp_completed,
+            } => write!(f, "transfer for cp {cp_number} at cp {cp_completed}"),
+            Self::TransferIntoHalf { cp_number, half_cp } => {
+                write!(f, "transfer for cp {cp_number} into a half of cp {half_cp}")
+            }
+            Self::TransferIdNotIncreasing { transfer_id } => {
+                write!(f, "transfer id {transfer_id} not increasing")
+            }
+            Self::TransferSeq {
+                first_seq,
+                expected,
+            } => write!(f, "transfer seq {first_seq} != expected {expected}"),
+            Self::RingHalfFull => f.write_str("destination ring half full"),
+            Self::Placement { ours, sources } => write!(f, "placement {ours} != source's {sources}"),
+            Self::NoNamespace { nsid } => write!(f, "namespace {nsid} does not exist"),
+            Self::BeyondNamespace {
+                nsid,
+                offset_bytes,
+                length_bytes,
+            } => write!(
+                f,
+                "namespace {nsid}: {length_bytes} bytes at {offset_bytes} beyond its end"
+            ),
+            Self::TableForCp {
+                cp_number,
+                committing,
+            } => write!(f, "descriptors for cp {cp_number} while committing cp {committing}"),
+            Self::TableWindow => write!(
+                f,
+                "more than {} DescriptorTables unacknowledged",
+                crate::source::TABLE_WINDOW
+            ),
+            Self::BlockIndexOverflow => f.write_str("block index overflow"),
+            Self::CpCommit {
+                cp_number,
+                descriptor_count,
+                expected_cp,
+                expected_count,
+            } => write!(
+                f,
+                "CpCommit cp {cp_number} with {descriptor_count} descriptors; expected cp {expected_cp} with {expected_count}"
+            ),
+            Self::UnknownTransfer { transfer_id } => {
+                write!(f, "reference to unknown transfer {transfer_id}")
+            }
+            Self::BeyondTransfer {
+                transfer_id,
+                block_number,
+            } => write!(f, "reference to block {block_number} beyond transfer {transfer_id}"),
+        }
+    }
+}
+
+impl From<ProtocolError> for LinkError {
+    fn from(error: ProtocolError) -> Self {
+        Self::Protocol(error)
+    }
+}
 
 impl From<WireError> for LinkError {
     fn from(error: WireError) -> Self {

@@ -12,6 +12,7 @@ pub mod destination;
 pub mod device;
 pub mod error;
 pub mod geometry;
+mod open;
 pub mod promotion;
 pub mod ring;
 pub mod source;
@@ -22,7 +23,7 @@ pub mod wire_enum;
 pub use counters::Counters;
 pub use destination::{Destination, DestinationConfig, DestinationEvent};
 pub use device::{BlockDevice, DeviceCompletion, DeviceError, DeviceOp, DeviceOpId, DeviceRequest};
-pub use error::{EngineError, LinkError};
+pub use error::{EngineError, LinkError, ProtocolError};
 pub use promotion::{PromoteReport, Promotion};
 pub use source::{
     CpMode, DeviceFault, ReadError, RecoveryReport, Source, SourceConfig, SourceEvent, WriteId,

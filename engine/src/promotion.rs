@@ -11,7 +11,7 @@
 use crate::device::{DeviceCompletion, DeviceError, DeviceOp, DeviceRequest, InflightOps};
 use crate::error::EngineError;
 use crate::ring::{EntryHeader, NvramRing, RingStore};
-use crate::source::recovery::check_replay;
+use crate::open::check_replay;
 
 /// What a promotion replayed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

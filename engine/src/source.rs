@@ -23,7 +23,7 @@
 mod apply;
 mod cp;
 mod cp_state;
-pub(crate) mod recovery;
+mod recovery;
 mod transfers;
 mod write;
 

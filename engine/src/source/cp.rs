@@ -10,7 +10,7 @@ use super::apply::DEVICE_RETRY_BACKOFF_US;
 use super::cp_state::{FlushState, TABLE_WINDOW};
 use super::{CpPhase, LinkState, Source, SourceEvent};
 use crate::cp::{ConsistencyPoint, Descriptor};
-use crate::error::LinkError;
+use crate::error::{LinkError, ProtocolError};
 use crate::geometry::{half_of_cp, BLOCK_SIZE};
 use crate::ring::RingStore;
 use crate::wire::{self, Control, Segment};
@@ -64,21 +64,26 @@ impl<M: RingStore> Source<M> {
             || tables > state.tables_sent
             || tables < state.tables_acked
         {
-            return Err(LinkError::Protocol(format!(
-                "TableAck of {tables} tables of cp {cp_number} (sent {} of cp {})",
-                state.tables_sent, state.cp_number
-            )));
+            return Err(ProtocolError::TableAckOutOfRange {
+                cp_number,
+                tables,
+                tables_sent: state.tables_sent,
+                cp_in_flight: state.cp_number,
+            }
+            .into());
         }
         state.tables_acked = tables;
         Ok(())
     }
 
-    fn check_awaiting_cp_ack(&self, cp_number: u64, what: &str) -> Result<(), LinkError> {
+    fn check_awaiting_cp_ack(&self, cp_number: u64, what: &'static str) -> Result<(), LinkError> {
         let state = &self.cps[half_of_cp(cp_number.max(1))];
         if state.cp_number != cp_number || state.phase != CpPhase::AwaitingCpAck {
-            return Err(LinkError::Protocol(format!(
-                "{what} for cp {cp_number} that is not awaiting one"
-            )));
+            return Err(ProtocolError::NotAwaitingCpAck {
+                message: what,
+                cp_number,
+            }
+            .into());
         }
         Ok(())
     }

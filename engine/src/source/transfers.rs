@@ -5,7 +5,7 @@
 
 use super::cp_state::FlushState;
 use super::{CpPhase, LinkState, Source, SourceEvent, WriteId};
-use crate::error::LinkError;
+use crate::error::{LinkError, ProtocolError};
 use crate::geometry::{half_of_cp, BLOCK_SIZE, SECTOR_SIZE};
 use crate::ring::RingStore;
 use crate::transfer::{TransferId, TransferRecord};
@@ -49,10 +49,11 @@ impl<M: RingStore> Source<M> {
     ) -> Result<(), LinkError> {
         let superblock = *self.ring.superblock();
         if epoch != superblock.epoch {
-            return Err(LinkError::Protocol(format!(
-                "HelloAck epoch {epoch} != ours {}",
-                superblock.epoch
-            )));
+            return Err(ProtocolError::HelloAckEpoch {
+                theirs: epoch,
+                ours: superblock.epoch,
+            }
+            .into());
         }
         if destination_cp == superblock.cp_completed + 1 {
             // The destination applied and recorded CP c+1 but its CpAck was lost: it is durable on
@@ -65,16 +66,18 @@ impl<M: RingStore> Source<M> {
                 || matches!(state.phase, CpPhase::Free | CpPhase::Active)
                 || state.flush != FlushState::Done
             {
-                return Err(LinkError::Protocol(format!(
-                    "destination completed cp {destination_cp} we never committed"
-                )));
+                return Err(ProtocolError::CompletedUncommittedCp {
+                    cp_number: destination_cp,
+                }
+                .into());
             }
             self.complete_cp(now_us, destination_cp);
         } else if destination_cp != superblock.cp_completed {
-            return Err(LinkError::Protocol(format!(
-                "destination cp {destination_cp} vs ours {}",
-                superblock.cp_completed
-            )));
+            return Err(ProtocolError::HelloAckCp {
+                theirs: destination_cp,
+                ours: superblock.cp_completed,
+            }
+            .into());
         }
         self.link = LinkState::Ready;
         self.events.push_back(SourceEvent::LinkReady);
@@ -90,10 +93,10 @@ impl<M: RingStore> Source<M> {
             .into_iter()
             .any(|half| self.cps[half].awaiting_ack(transfer_id))
         {
-            return Err(LinkError::Protocol(format!(
-                "ack of transfer {} that is not awaiting an ack",
-                transfer_id.0
-            )));
+            return Err(ProtocolError::AckNotAwaited {
+                transfer_id: transfer_id.0,
+            }
+            .into());
         }
         for half in halves {
             while let Some(record) = self.cps[half].next_unacked_sent() {
