@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use nvmirror_runtime::ring_memory::RingMedium;
 use serde::Deserialize;
 
 /// Smallest ring: two halves of 2 MiB hugepages each.
@@ -41,6 +42,36 @@ pub enum IdleConfig {
     Adaptive,
 }
 
+/// `ring_medium`: what the NVRAM ring lives on, and so what an acknowledged or flushed write
+/// survives (the README's table). Absent: hugetlbfs in `hugepage_dir` when hugepages are free,
+/// else a regular file in `fallback_dir` with a warning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RingMediumConfig {
+    /// A file on the hugetlbfs mount `hugepage_dir`; refused at start if it is not one or has too
+    /// few free pages. Survives a process crash, not a reboot.
+    Hugetlbfs,
+    /// A regular file in `ring_dir` (default `fallback_dir`), msync'ed where a Flush needs it.
+    File,
+    /// A file in `ring_dir` on a file system mounted `-o dax` over persistent memory, mapped with
+    /// `MAP_SYNC` (refused at start if the mapping is not possible); cache lines flushed.
+    Dax,
+}
+
+impl RingMediumConfig {
+    pub fn medium(self) -> RingMedium {
+        match self {
+            RingMediumConfig::Hugetlbfs => RingMedium::Hugetlbfs,
+            RingMediumConfig::File => RingMedium::File,
+            RingMediumConfig::Dax => RingMedium::Dax,
+        }
+    }
+}
+
+/// Whether the engine persists each ring entry (`RingMemory::persist`) before it acknowledges the
+/// write. Not yet: the engine's append path has no such hook, so a Flush always has work to do.
+pub const ENTRIES_PERSISTED_BEFORE_ACK: bool = false;
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum NamespaceConfig {
@@ -70,6 +101,11 @@ pub struct Config {
     /// Where the ring goes when no hugepages are free (a regular file: survives a crash, not a power loss).
     #[serde(default = "default_fallback_dir")]
     pub fallback_dir: PathBuf,
+    /// What the ring lives on; absent: hugetlbfs when pages are free, else a regular file.
+    #[serde(default)]
+    pub ring_medium: Option<RingMediumConfig>,
+    /// The directory of a `file` ring (default `fallback_dir`) or a `dax` ring (required).
+    pub ring_dir: Option<PathBuf>,
     #[serde(default = "default_ring_mib")]
     pub ring_size_mib: u64,
     /// Cores for this node's reactors; the first one runs the replication engine.
@@ -316,6 +352,7 @@ impl Config {
                 format!("must be an even number of MiB from {RING_MIB_MIN} to {RING_MIB_MAX} (2 MiB hugepages), got {}", self.ring_size_mib),
             ));
         }
+        self.validate_ring_medium()?;
         if self.cores.is_empty() {
             return Err(bad("cores", "needs at least one core"));
         }
@@ -354,6 +391,46 @@ impl Config {
         Ok(())
     }
 
+    fn validate_ring_medium(&self) -> Result<(), ConfigError> {
+        match (self.ring_medium, &self.ring_dir) {
+            (Some(RingMediumConfig::Dax), None) => Err(bad(
+                "ring_dir",
+                "ring_medium = \"dax\" needs ring_dir, a directory on a file system mounted -o dax",
+            )),
+            (None | Some(RingMediumConfig::Hugetlbfs), Some(_)) => Err(bad(
+                "ring_dir",
+                "only a ring_medium = \"file\" or \"dax\" ring lives in ring_dir \
+                 (a hugetlbfs ring lives in hugepage_dir)",
+            )),
+            (_, Some(dir)) if dir.as_os_str().is_empty() => {
+                Err(bad("ring_dir", "must not be empty"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The configured medium and the directory its ring file lives in; `None`: the default
+    /// placement (hugetlbfs in `hugepage_dir`, else a regular file in `fallback_dir`).
+    pub fn ring_placement(&self) -> Option<(RingMedium, &std::path::Path)> {
+        let medium = self.ring_medium?;
+        let dir = match medium {
+            RingMediumConfig::Hugetlbfs => &self.hugepage_dir,
+            RingMediumConfig::File => self.ring_dir.as_ref().unwrap_or(&self.fallback_dir),
+            RingMediumConfig::Dax => self.ring_dir.as_ref().expect("validated: dax has ring_dir"),
+        };
+        Some((medium.medium(), dir))
+    }
+
+    /// What the target's Identify VWC says: a volatile write cache is present when a Flush has
+    /// work to do before acknowledged writes survive a power loss on this ring's medium. The
+    /// default placement is hugetlbfs or a regular file, which answer alike.
+    pub fn volatile_write_cache(&self) -> bool {
+        let medium = self
+            .ring_medium
+            .map_or(RingMedium::Hugetlbfs, RingMediumConfig::medium);
+        medium.volatile_write_cache(ENTRIES_PERSISTED_BEFORE_ACK)
+    }
+
     /// The 16-byte volume identity both sides compare in the handshake: derived from the name.
     pub fn volume_id(&self) -> [u8; 16] {
         let mut id = [0u8; 16];
@@ -385,6 +462,8 @@ impl Config {
             peer: (role == Role::Source).then_some(replication),
             hugepage_dir: default_hugepage_dir(),
             fallback_dir: default_fallback_dir(),
+            ring_medium: None,
+            ring_dir: None,
             ring_size_mib: RING_MIB_DEFAULT,
             cores: vec![core],
             idle: IdleConfig::Adaptive,
@@ -462,6 +541,53 @@ size_mib = 16
         );
         let core = SOURCE.replace("ring_size_mib = 8", "ring_size_mib = 8\ncores = [999]");
         assert_eq!(Config::parse(&core).unwrap_err().key, "cores");
+    }
+
+    #[test]
+    fn ring_medium_parses_and_its_directory_is_checked() {
+        let with = |lines: &str| Config::parse(&format!("{lines}\n{SOURCE}"));
+        let default = with("").unwrap();
+        assert_eq!(default.ring_medium, None);
+        assert_eq!(default.ring_placement(), None);
+        let file = with("ring_medium = \"file\"\nfallback_dir = \"/var/tmp/f\"").unwrap();
+        assert_eq!(
+            file.ring_placement(),
+            Some((RingMedium::File, std::path::Path::new("/var/tmp/f")))
+        );
+        let file = with("ring_medium = \"file\"\nring_dir = \"/var/lib/r\"").unwrap();
+        assert_eq!(
+            file.ring_placement(),
+            Some((RingMedium::File, std::path::Path::new("/var/lib/r")))
+        );
+        let huge = with("ring_medium = \"hugetlbfs\"\nhugepage_dir = \"/mnt/huge\"").unwrap();
+        assert_eq!(
+            huge.ring_placement(),
+            Some((RingMedium::Hugetlbfs, std::path::Path::new("/mnt/huge")))
+        );
+        let dax = with("ring_medium = \"dax\"\nring_dir = \"/mnt/pmem\"").unwrap();
+        assert_eq!(
+            dax.ring_placement(),
+            Some((RingMedium::Dax, std::path::Path::new("/mnt/pmem")))
+        );
+        assert_eq!(with("ring_medium = \"dax\"").unwrap_err().key, "ring_dir");
+        assert_eq!(with("ring_dir = \"/x\"").unwrap_err().key, "ring_dir");
+        let hugetlbfs_dir = with("ring_medium = \"hugetlbfs\"\nring_dir = \"/x\"");
+        assert_eq!(hugetlbfs_dir.unwrap_err().key, "ring_dir");
+        let unknown = with("ring_medium = \"nvram\"").unwrap_err();
+        assert_eq!(unknown.key, "ring_medium");
+        assert!(unknown.reason.contains("dax"), "{unknown}");
+    }
+
+    #[test]
+    fn every_medium_reports_a_volatile_write_cache_while_entries_are_not_persisted_at_append() {
+        for medium in [
+            "",
+            "ring_medium = \"file\"",
+            "ring_medium = \"dax\"\nring_dir = \"/d\"",
+        ] {
+            let config = Config::parse(&format!("{medium}\n{SOURCE}")).unwrap();
+            assert!(config.volatile_write_cache(), "{medium}");
+        }
     }
 
     #[test]

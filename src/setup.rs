@@ -19,7 +19,7 @@ use nvmirror_runtime::node::{
 };
 use nvmirror_runtime::reactor::{self, IdlePolicy, Poller, Reactor, ReactorConfig};
 use nvmirror_runtime::remote::{QueuePairHost, QueuePairHosts};
-use nvmirror_runtime::ring_memory::RingMemory;
+use nvmirror_runtime::ring_memory::{RingMedium, RingMemory};
 use nvmirror_runtime::target::{build_target_front_end, PlainTarget, TargetFrontEnd};
 
 use crate::config::{Config, CpModeConfig, IdleConfig, NamespaceConfig};
@@ -51,21 +51,46 @@ pub fn open_namespaces(config: &Config) -> Result<Vec<Device>, String> {
     Ok(devices)
 }
 
-/// Maps the node's NVRAM ring (hugepages, or a regular file with a warning).
+/// Maps the node's NVRAM ring on its configured medium, or by default on hugepages (a regular
+/// file with a warning when none are free).
 pub fn open_ring(config: &Config) -> Result<RingMemory, String> {
-    std::fs::create_dir_all(&config.fallback_dir)
-        .map_err(|e| format!("fallback_dir {}: {e}", config.fallback_dir.display()))?;
-    let (memory, backing) = RingMemory::open(
-        &config.hugepage_dir,
-        &config.fallback_dir,
-        &config.ring_file_name(),
-        config.ring_size_mib * MIB,
-    )
-    .map_err(|e| format!("NVRAM ring: {e}"))?;
+    let size_bytes = config.ring_size_mib * MIB;
+    let memory = match config.ring_placement() {
+        None => {
+            std::fs::create_dir_all(&config.fallback_dir)
+                .map_err(|e| format!("fallback_dir {}: {e}", config.fallback_dir.display()))?;
+            RingMemory::open(
+                &config.hugepage_dir,
+                &config.fallback_dir,
+                &config.ring_file_name(),
+                size_bytes,
+            )
+            .map(|(memory, _)| memory)
+            .map_err(|e| format!("NVRAM ring: {e}"))?
+        }
+        Some((medium, dir)) => {
+            if medium == RingMedium::File {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| format!("ring directory {}: {e}", dir.display()))?;
+            }
+            RingMemory::open_on(medium, dir, &config.ring_file_name(), size_bytes).map_err(|e| {
+                format!("config key 'ring_medium': cannot place the NVRAM ring on {medium}: {e}")
+            })?
+        }
+    };
+    let medium = memory.medium();
     log::info!(
-        "{:?} ring: {} MiB, {backing:?}",
+        "{:?} ring: {} MiB on {medium} at {}: an entry survives a process crash{}",
         config.role,
-        config.ring_size_mib
+        config.ring_size_mib,
+        memory
+            .path()
+            .map_or("(memory)".into(), |p| p.display().to_string()),
+        if medium.survives_power_loss() {
+            ", and a power loss once persisted (a Flush)"
+        } else {
+            ", not a power loss (only a CP makes it durable)"
+        }
     );
     Ok(memory)
 }
@@ -152,13 +177,15 @@ pub fn target_front_end(
 ) -> impl FnOnce(&SourceEngine) -> Result<Option<TargetFrontEnd>, String> + Send + 'static {
     let target = config.target.clone();
     let namespace_count = config.namespaces.len();
+    let volatile_write_cache = config.volatile_write_cache();
     move |source: &SourceEngine| {
         let Some(section) = target else {
             return Ok(None);
         };
-        let target_config = section
+        let mut target_config = section
             .to_target_config(namespace_count)
             .map_err(|e| e.to_string())?;
+        target_config.volatile_write_cache = volatile_write_cache;
         let target = Target::new(target_config).map_err(|e| format!("NVMe/TCP target: {e}"))?;
         let front_end = build_target_front_end(target, source, &hosts)
             .map_err(|e| format!("NVMe/TCP target: {e}"))?;

@@ -5,8 +5,18 @@
 mod common;
 
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
 
 use common::*;
+
+/// The embedded pair's rings on hugetlbfs have fixed names (`TMPDIR` moves only the fallback
+/// ones): one embedded pair of this crate at a time.
+fn one_embedded_pair_at_a_time() -> MutexGuard<'static, ()> {
+    static EMBEDDED: Mutex<()> = Mutex::new(());
+    EMBEDDED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// `nvmirror ARGS` under `taskset -c MASK`, or `None` (the test says why and skips) when this
 /// machine has no `taskset` or fewer than two cores. `TMPDIR` is the test's own, so the embedded
@@ -25,6 +35,7 @@ fn under_taskset(scratch: &Scratch, mask: &str, args: &[&str]) -> Option<std::pr
 
 #[test]
 fn the_only_core_of_the_affinity_mask_is_accepted_for_cores() {
+    let _embedded = one_embedded_pair_at_a_time();
     let scratch = Scratch::new("cores-mask");
     let args = ["demo", "--cores", "1", "--writes", "200"];
     let Some(output) = under_taskset(&scratch, "1", &args) else {
@@ -38,6 +49,7 @@ fn the_only_core_of_the_affinity_mask_is_accepted_for_cores() {
 
 #[test]
 fn a_core_outside_the_affinity_mask_is_reported_at_start_not_called_missing() {
+    let _embedded = one_embedded_pair_at_a_time();
     let scratch = Scratch::new("cores-outside");
     let args = ["demo", "--cores", "0", "--writes", "200"];
     let Some(output) = under_taskset(&scratch, "1", &args) else {
@@ -85,6 +97,7 @@ fn the_printed_perf_line_keeps_perf_off_the_reactor_core() {
         eprintln!("skipped: one core, perf cannot avoid the reactor");
         return;
     }
+    let _embedded = one_embedded_pair_at_a_time();
     let scratch = Scratch::new("cores-perf");
     let listen = format!("127.0.0.1:{}", free_port());
     let discovery = format!("127.0.0.1:{}", free_port());
