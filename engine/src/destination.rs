@@ -30,9 +30,9 @@ use crate::geometry::{
     half_of_cp, round_down, BLOCK_SIZE, DESCRIPTORS_PER_TABLE, OUT_INLINE_BYTES, SECTOR_SIZE,
     TABLE_DATA_BLOCKS_MAX,
 };
+use crate::open::{check_namespaces, open_or_format};
 use crate::promotion::Promotion;
 use crate::ring::{EntryRequest, NvramRing, RingStore};
-use crate::open::{check_namespaces, open_or_format};
 use crate::source::{message_name, TABLE_WINDOW};
 use crate::transfer::TransferId;
 use crate::wire::{

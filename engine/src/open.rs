@@ -80,4 +80,3 @@ pub(crate) fn check_replay(
     }
     Ok(bytes)
 }
-

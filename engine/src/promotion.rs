@@ -10,8 +10,8 @@
 
 use crate::device::{DeviceCompletion, DeviceError, DeviceOp, DeviceRequest, InflightOps};
 use crate::error::EngineError;
-use crate::ring::{EntryHeader, NvramRing, RingStore};
 use crate::open::check_replay;
+use crate::ring::{EntryHeader, NvramRing, RingStore};
 
 /// What a promotion replayed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,6 +17,7 @@ use nvmirror_engine::source::{ReadError, WriteId};
 
 use crate::node::{Device, SourceEngine};
 use crate::remote::{RemoteRoutes, RemoteWaiter};
+use crate::ring_memory::RingMedium;
 
 /// Tokens of operations that complete at once (flush) live above every write id.
 const IMMEDIATE_TOKEN_BASE: u64 = 1 << 63;
@@ -114,6 +115,17 @@ pub enum FlushPolicy {
     Immediate,
 }
 
+impl FlushPolicy {
+    /// What a Flush must do for writes to survive what `medium` promises (the README's table).
+    pub fn for_medium(medium: RingMedium) -> FlushPolicy {
+        if medium.is_volatile() {
+            FlushPolicy::TakeCp
+        } else {
+            FlushPolicy::PersistRing
+        }
+    }
+}
+
 /// The replicated volume (see the module doc).
 pub struct Volume {
     pub source: SourceEngine,
@@ -142,6 +154,7 @@ impl Volume {
             primaries.iter().map(|d| d.size_bytes()).collect::<Vec<_>>(),
             "the engine was opened with its primaries' sizes"
         );
+        let source_medium = source.ring_memory().medium();
         Volume {
             source,
             primaries,
@@ -150,7 +163,7 @@ impl Volume {
             remote: RemoteRoutes::default(),
             completed_through: 0,
             reads: HostReads::new(),
-            flush_policy: FlushPolicy::TakeCp,
+            flush_policy: FlushPolicy::for_medium(source_medium),
             flushes: VecDeque::with_capacity(FLUSHES_WAITING_MAX),
         }
     }
@@ -166,7 +179,9 @@ impl Volume {
         match self.flush_policy {
             FlushPolicy::Immediate => Ok(self.complete_now()),
             FlushPolicy::PersistRing => {
-                persist_ring(self.source.ring_memory())
+                self.source
+                    .ring_memory()
+                    .sync_all()
                     .map_err(|error| FlushError::Io(error.to_string()))?;
                 Ok(self.complete_now())
             }
@@ -445,11 +460,4 @@ fn finish_host_read(
     if !remote.complete(token) {
         push_token(completed, token);
     }
-}
-
-/// Persists the whole ring per its medium. (Placeholder until the medium API lands: refuses.)
-fn persist_ring(_ring: &crate::ring_memory::RingMemory) -> std::io::Result<()> {
-    Err(std::io::Error::other(
-        "ring medium persistence not wired yet",
-    ))
 }

@@ -2,7 +2,8 @@
 //! whose data has not arrived never delays the completion of one whose data has, on any
 //! connection (the NVRAM ring completes writes in ring order, so nvmf reserves a write's ring
 //! entry only when its data is in), and a write whose data never comes is failed and its
-//! connection closed after the data timeout.
+//! connection closed after the data timeout. A Flush on this volatile ring (anonymous memory)
+//! completes only once a CP put every write completed before it on the mirror.
 
 #[path = "../../nvmf/tests/host/mod.rs"]
 mod host;
@@ -23,6 +24,7 @@ use nvmirror_nvmf::pdu::{
     admin_opcode, io_opcode, Command, DataHeader, Fes, GenericStatus, Pdu, SglDescriptor, R2T,
 };
 use nvmirror_nvmf::Target;
+use nvmirror_runtime::bdev::read_waiting;
 use nvmirror_runtime::node::{
     DestinationEngine, DestinationNode, Device, NodeControl, SourceEngine, SourceNode,
 };
@@ -41,7 +43,24 @@ const PROMPT: Duration = Duration::from_secs(2);
 struct Pair {
     address: SocketAddr,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Stopped>>,
+}
+
+/// What the pair held when it stopped: the destination's last completed CP and the start of
+/// its mirror namespace.
+struct Stopped {
+    cp_completed: u64,
+    mirror_head: Vec<u8>,
+}
+
+/// Bytes of the mirror a stopped pair reports.
+const MIRROR_HEAD_BYTES: usize = 64 * 1024;
+
+impl Pair {
+    fn stop(mut self) -> Stopped {
+        self.stop.store(true, Ordering::Release);
+        self.thread.take().unwrap().join().expect("pair thread")
+    }
 }
 
 impl Drop for Pair {
@@ -110,6 +129,12 @@ impl Pair {
                 if work == 0 {
                     std::thread::sleep(Duration::from_micros(100));
                 }
+            }
+            let mut mirror_head = vec![0; MIRROR_HEAD_BYTES];
+            read_waiting(destination.mirrors[0].as_mut(), 0, &mut mirror_head).unwrap();
+            Stopped {
+                cp_completed: destination.destination.cp_completed(),
+                mirror_head,
             }
         });
         Pair {
@@ -249,4 +274,43 @@ fn a_write_whose_data_never_comes_fails_and_its_connection_closes() {
     assert_reads(&mut other, 128, &vec![0; 64 * 1024]);
     prompt_write(&mut other, 4002, &pattern(1024, 7));
     assert_reads(&mut other, 4000, &pattern(1024, 6));
+}
+
+fn flush(host: &mut Host) -> nvmirror_nvmf::pdu::Completion {
+    let cid = host.cid();
+    let mut command = Command::zeroed();
+    command
+        .set_opcode(io_opcode::FLUSH)
+        .set_cid(cid)
+        .set_nsid(1);
+    host.execute(&command, &[], &[]).0
+}
+
+#[test]
+fn a_flush_on_a_volatile_ring_completes_once_a_cp_put_the_writes_on_the_mirror() {
+    let data = pattern(8192, 11);
+    // No CP timer: without the flush nothing reaches the mirror.
+    let pair = Pair::start(30_000);
+    let admin = Host::admin(pair.address, false);
+    let mut io = Host::io(pair.address, admin.cntlid, 1, false);
+    assert!(io.write(16, &data, true).status.is_success());
+    let stopped = pair.stop();
+    assert_eq!(stopped.cp_completed, 0, "no CP without a flush");
+    assert!(stopped.mirror_head[16 * 512..16 * 512 + data.len()]
+        .iter()
+        .all(|&b| b == 0));
+
+    let pair = Pair::start(30_000);
+    let admin = Host::admin(pair.address, false);
+    let mut io = Host::io(pair.address, admin.cntlid, 1, false);
+    assert!(io.write(16, &data, true).status.is_success());
+    let completion = flush(&mut io);
+    assert!(completion.status.is_success(), "{completion:?}");
+    let stopped = pair.stop();
+    assert!(stopped.cp_completed >= 1, "the flush took a CP");
+    assert_eq!(
+        &stopped.mirror_head[16 * 512..16 * 512 + data.len()],
+        &data[..],
+        "the flushed write is on the mirror"
+    );
 }
