@@ -62,6 +62,13 @@ impl FileDevice {
         &self.path
     }
 
+    /// The open file (O_DIRECT exactly when [`FileDevice::is_direct`]) and its size, for a
+    /// device that drives the descriptor itself (io_uring).
+    pub(crate) fn into_file(self) -> (File, u64, bool) {
+        let direct = self.is_direct();
+        (self.file, self.size_bytes, direct)
+    }
+
     fn open_with(
         path: &Path,
         size_bytes: Option<u64>,

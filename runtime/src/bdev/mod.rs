@@ -10,11 +10,13 @@
 pub mod file;
 pub mod immediate;
 pub mod malloc;
+pub mod uring;
 pub mod worker;
 
 pub use file::FileDevice;
 pub use immediate::Immediate;
 pub use malloc::{MallocBacking, MallocDevice};
+pub use uring::{open_file_namespace, open_file_namespace_with, UringDevice};
 pub use worker::Worker;
 
 use std::io;
@@ -111,6 +113,12 @@ pub fn drive_waiting<C>(
 /// are found by polling alone).
 pub trait NamespaceDevice: BlockDevice + Send {
     fn doorbell(&self) -> Option<Arc<dyn Doorbell>> {
+        None
+    }
+    /// The earliest [`crate::reactor::monotonic_us`] time at which the device needs a poll
+    /// although no doorbell rang (completions it holds back on a timer, as
+    /// a fault-injecting wrapper does); `None`: doorbells and submissions are enough.
+    fn next_deadline_us(&self) -> Option<u64> {
         None
     }
 }
