@@ -12,7 +12,7 @@ use nvmirror_engine::destination::{Destination, DestinationConfig};
 use nvmirror_engine::device::BlockDevice;
 use nvmirror_engine::source::{CpMode, Source, SourceConfig, DEVICE_QUEUE_DEPTH_DEFAULT};
 use nvmirror_nvmf::Target;
-use nvmirror_runtime::bdev::{FileDevice, Immediate, MallocDevice, Worker};
+use nvmirror_runtime::bdev::{open_file_namespace, Immediate, MallocDevice};
 use nvmirror_runtime::node::{
     Command, DestinationNode, Device, FrontEnd, Hosted, Node, NodeControl, PairNode, SourceEngine,
     SourceNode,
@@ -36,15 +36,14 @@ pub fn open_namespaces(config: &Config) -> Result<Vec<Device>, String> {
                     |e| format!("namespace[{index}]: cannot allocate {size_mib} MiB: {e}"),
                 )?))
             }
-            NamespaceConfig::File { path, size_mib } => {
-                let file =
-                    FileDevice::open(path, size_mib.map(|mib| mib * MIB), size_mib.is_some())
-                        .map_err(|e| format!("namespace[{index}]: {}: {e}", path.display()))?;
-                Box::new(
-                    Worker::start(&format!("ns{}", index + 1), file)
-                        .map_err(|e| format!("namespace[{index}]: I/O thread: {e}"))?,
-                )
-            }
+            // io_uring with O_DIRECT; an I/O thread where io_uring is not available.
+            NamespaceConfig::File { path, size_mib } => open_file_namespace(
+                path,
+                size_mib.map(|mib| mib * MIB),
+                size_mib.is_some(),
+                DEVICE_QUEUE_DEPTH_DEFAULT,
+            )
+            .map_err(|e| format!("namespace[{index}]: {}: {e}", path.display()))?,
         };
         devices.push(device);
     }

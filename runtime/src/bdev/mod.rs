@@ -36,7 +36,7 @@ pub trait SyncIo: Send {
     fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> io::Result<()>;
     /// The range reads back as zeroes.
     fn write_zeroes(&mut self, offset_bytes: u64, length_bytes: u64) -> io::Result<()> {
-        const ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+        static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
         let mut offset = offset_bytes;
         let end = offset_bytes + length_bytes;
         while offset < end {

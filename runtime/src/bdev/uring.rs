@@ -582,7 +582,10 @@ mod tests {
         let zeroed = by_id(6).1.as_ref().unwrap();
         assert!(zeroed[..4096].iter().all(|&b| b == 0));
         assert_eq!(&zeroed[4096..], &data[4096..8192]);
-        assert_eq!(by_id(7).1.as_ref().unwrap_err().kind, io::ErrorKind::InvalidInput);
+        assert_eq!(
+            by_id(7).1.as_ref().unwrap_err().kind,
+            io::ErrorKind::InvalidInput
+        );
         assert_eq!(device.inflight_count(), 0);
         // The medium holds what the device said it wrote.
         let contents = std::fs::read(path).unwrap();
