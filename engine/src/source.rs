@@ -136,6 +136,8 @@ pub enum SourceEvent {
     CpCompleted {
         cp_number: u64,
         duration_us: u64,
+        /// The seq of the CP's last entry: the mirror is the primary as of this write.
+        last_seq: u64,
     },
     /// The destination accepted our Hello; transfers flow.
     LinkReady,
@@ -144,9 +146,7 @@ pub enum SourceEvent {
     /// A primary op failed; it is retried (the ring keeps every write, writes still complete).
     DeviceFault(DeviceFault),
     /// The destination could not write CP `cp_number` to its mirror; the CP is retried.
-    MirrorFailed {
-        cp_number: u64,
-    },
+    MirrorFailed { cp_number: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

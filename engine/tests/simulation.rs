@@ -7,18 +7,25 @@
 //! byte and that every completed write's data is present; a promotion after a source crash must
 //! hold every completed write, and the stale source is then rejected.
 //!
+//! Devices are asynchronous (invariant 8): every op completes after a random virtual delay, in
+//! random order; a write lands at submission or at completion; a flush makes durable what
+//! completed before it; with faults on, ops fail at random (the engine retries) and a crash
+//! cuts the power of the crashed side's devices mid-op. After every CP the destination applied,
+//! before any source crash, the mirror is checked to be the primary as of the end of that CP,
+//! byte for byte (invariant 7: the point-in-time mirror), although writes went on.
+//!
 //! `SIM_SEEDS=N` runs N seeds (default 50); `SIM_SEED=S` runs one seed.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::io;
 use std::rc::Rc;
 
+use nvmirror_engine::device::{DeviceOpId, DeviceOpKind};
 use nvmirror_engine::geometry::{RING_BYTES_MIN, SECTOR_SIZE};
 use nvmirror_engine::wire::{frame_length, MESSAGE_HEADER_BYTES};
 use nvmirror_engine::{
-    BlockDevice, CpMode, Destination, DestinationConfig, Source, SourceConfig, SourceEvent,
-    WriteRefused, WriteSlot,
+    BlockDevice, CpMode, Destination, DestinationConfig, DeviceCompletion, DeviceError, DeviceOp,
+    DeviceRequest, Source, SourceConfig, SourceEvent, WriteRefused, WriteSlot,
 };
 
 const VOLUME: [u8; 16] = *b"nvmirror-sim-vol";
@@ -29,6 +36,12 @@ const STEPS: u64 = 2500;
 const QUIESCE_STEPS_MAX: u64 = 100_000;
 const QUEUE_DEPTH: usize = 24;
 const RECEIVE_TIMEOUT_US: u64 = 5000;
+/// Device ops in flight per namespace (small, so the bound is exercised).
+const DEVICE_QUEUE_DEPTH: u32 = 4;
+/// A device op completes within this much virtual time.
+const DEVICE_DELAY_US_MAX: u64 = 60;
+/// With faults on, this many ops per million fail.
+const DEVICE_FAULTS_PER_MILLION: u64 = 4000;
 
 /// xorshift64*: small, seeded, good enough for fault schedules.
 struct Rng(u64);
@@ -51,29 +64,61 @@ impl Rng {
     }
 }
 
-/// A namespace with a volatile write cache: writes are durable only after `flush`.
+/// An op submitted to a [`SimDevice`] and not yet completed.
+struct PendingOp {
+    id: DeviceOpId,
+    kind: DeviceOpKind,
+    offset_bytes: u64,
+    length_bytes: u64,
+    /// A write's data (empty: zeroes), not yet on the medium unless `landed`.
+    data: Vec<u8>,
+    landed: bool,
+    ready_at_us: u64,
+    fail: bool,
+    /// A flush: what it makes durable (sectors and their bytes at submission).
+    durable: Vec<(usize, Vec<u8>)>,
+}
+
+/// A namespace with a volatile write cache: writes are durable only after a flush that was
+/// submitted once they completed.
 struct DeviceState {
     durable: Vec<u8>,
     current: Vec<u8>,
+    /// Written and completed, not flushed yet.
     unflushed: Vec<bool>,
+    pending: Vec<PendingOp>,
+    rng: Rng,
+    clock: Rc<Cell<u64>>,
+    faults: Rc<Cell<bool>>,
+    read_buffer: Vec<u8>,
 }
 
 #[derive(Clone)]
 struct SimDevice(Rc<RefCell<DeviceState>>);
 
 impl SimDevice {
-    fn new() -> Self {
+    fn new(seed: u64, clock: Rc<Cell<u64>>, faults: Rc<Cell<bool>>) -> Self {
         let bytes = NAMESPACE_BYTES as usize;
         Self(Rc::new(RefCell::new(DeviceState {
             durable: vec![0; bytes],
             current: vec![0; bytes],
             unflushed: vec![false; SECTORS],
+            pending: Vec::new(),
+            rng: Rng::new(seed),
+            clock,
+            faults,
+            read_buffer: Vec::new(),
         })))
     }
-    /// A power loss: each unflushed sector survives or not.
+    /// A power loss: ops in flight land or not, then each unflushed sector survives or not.
     fn crash(&self, rng: &mut Rng) {
         let mut state = self.0.borrow_mut();
         let state = &mut *state;
+        for op in std::mem::take(&mut state.pending) {
+            if op.kind == DeviceOpKind::Write && !op.landed && !op.fail && rng.below(2) == 0 {
+                apply(&mut state.current, &mut state.unflushed, &op);
+            }
+        }
         for sector in 0..SECTORS {
             if state.unflushed[sector] {
                 let range = sector * SECTOR_SIZE..(sector + 1) * SECTOR_SIZE;
@@ -89,32 +134,135 @@ impl SimDevice {
     fn contents(&self) -> Vec<u8> {
         self.0.borrow().current.clone()
     }
+    fn is_idle(&self) -> bool {
+        self.0.borrow().pending.is_empty()
+    }
+}
+
+/// Puts a write's bytes on the medium (marked unflushed).
+fn apply(current: &mut [u8], unflushed: &mut [bool], op: &PendingOp) {
+    let start = op.offset_bytes as usize;
+    let end = start + op.length_bytes as usize;
+    if op.data.is_empty() {
+        current[start..end].fill(0);
+    } else {
+        current[start..end].copy_from_slice(&op.data);
+    }
+    unflushed[start / SECTOR_SIZE..end / SECTOR_SIZE].fill(true);
 }
 
 impl BlockDevice for SimDevice {
     fn size_bytes(&self) -> u64 {
         NAMESPACE_BYTES
     }
-    fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> io::Result<()> {
-        let start = offset_bytes as usize;
-        buf.copy_from_slice(&self.0.borrow().current[start..start + buf.len()]);
-        Ok(())
-    }
-    fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> io::Result<()> {
-        assert_eq!(offset_bytes % SECTOR_SIZE as u64, 0);
-        assert_eq!(data.len() % SECTOR_SIZE, 0);
+    fn submit(&mut self, op: DeviceOp<'_>) {
         let mut state = self.0.borrow_mut();
-        let start = offset_bytes as usize;
-        state.current[start..start + data.len()].copy_from_slice(data);
-        let first = start / SECTOR_SIZE;
-        state.unflushed[first..first + data.len() / SECTOR_SIZE].fill(true);
-        Ok(())
+        let state = &mut *state;
+        let (start, end) = op.request.range();
+        assert_eq!(start % SECTOR_SIZE as u64, 0);
+        assert_eq!(end % SECTOR_SIZE as u64, 0);
+        assert!(end <= NAMESPACE_BYTES, "an op inside the namespace");
+        let kind = op.request.kind();
+        // No two ops in flight overlap where one writes (the engine's ordering rule).
+        for other in &state.pending {
+            let overlap =
+                other.offset_bytes < end && start < other.offset_bytes + other.length_bytes;
+            assert!(
+                !(overlap && (kind == DeviceOpKind::Write || other.kind == DeviceOpKind::Write)),
+                "overlapping ops in flight: {kind:?} {start}..{end} and {:?} at {}",
+                other.kind,
+                other.offset_bytes
+            );
+        }
+        let data = match op.request {
+            DeviceRequest::Write { data, .. } => data.to_vec(),
+            _ => Vec::new(),
+        };
+        let fail = state.faults.get() && state.rng.chance(DEVICE_FAULTS_PER_MILLION);
+        let durable = if kind == DeviceOpKind::Flush {
+            (0..SECTORS)
+                .filter(|&sector| state.unflushed[sector])
+                .map(|sector| {
+                    let range = sector * SECTOR_SIZE..(sector + 1) * SECTOR_SIZE;
+                    (sector, state.current[range].to_vec())
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut pending = PendingOp {
+            id: op.id,
+            kind,
+            offset_bytes: start,
+            length_bytes: end - start,
+            data,
+            landed: false,
+            ready_at_us: state.clock.get() + state.rng.below(DEVICE_DELAY_US_MAX),
+            fail,
+            durable,
+        };
+        if kind == DeviceOpKind::Write && !fail && state.rng.below(2) == 0 {
+            apply(&mut state.current, &mut state.unflushed, &pending);
+            pending.landed = true;
+        }
+        state.pending.push(pending);
     }
-    fn flush(&mut self) -> io::Result<()> {
-        let mut state = self.0.borrow_mut();
-        state.durable = state.current.clone();
-        state.unflushed.fill(false);
-        Ok(())
+    fn poll_completions(&mut self, complete: &mut dyn FnMut(DeviceCompletion<'_>)) -> usize {
+        let now = self.0.borrow().clock.get();
+        let mut count = 0;
+        loop {
+            let op = {
+                let mut state = self.0.borrow_mut();
+                let state = &mut *state;
+                let ready: Vec<usize> = (0..state.pending.len())
+                    .filter(|&i| state.pending[i].ready_at_us <= now)
+                    .collect();
+                if ready.is_empty() {
+                    return count;
+                }
+                let pick = ready[state.rng.below(ready.len() as u64) as usize];
+                let op = state.pending.swap_remove(pick);
+                if !op.fail {
+                    match op.kind {
+                        DeviceOpKind::Write if !op.landed => {
+                            apply(&mut state.current, &mut state.unflushed, &op)
+                        }
+                        DeviceOpKind::Flush => {
+                            for (sector, bytes) in &op.durable {
+                                let range = sector * SECTOR_SIZE..(sector + 1) * SECTOR_SIZE;
+                                state.durable[range].copy_from_slice(bytes);
+                            }
+                        }
+                        DeviceOpKind::Read => {
+                            let start = op.offset_bytes as usize;
+                            let end = start + op.length_bytes as usize;
+                            state.read_buffer.clear();
+                            let bytes = state.current[start..end].to_vec();
+                            state.read_buffer.extend_from_slice(&bytes);
+                        }
+                        DeviceOpKind::Write => {}
+                    }
+                }
+                op
+            };
+            let buffer = std::mem::take(&mut self.0.borrow_mut().read_buffer);
+            let result = if op.fail {
+                Err(DeviceError {
+                    kind: std::io::ErrorKind::Other,
+                    errno: Some(5),
+                })
+            } else if op.kind == DeviceOpKind::Read {
+                Ok(&buffer[..])
+            } else {
+                Ok(&[][..])
+            };
+            complete(DeviceCompletion { id: op.id, result });
+            self.0.borrow_mut().read_buffer = buffer;
+            count += 1;
+        }
+    }
+    fn inflight_count(&self) -> usize {
+        self.0.borrow().pending.len()
     }
 }
 
@@ -142,6 +290,8 @@ fn identify(sector: &[u8], lba: u64) -> Option<u64> {
 struct WriteRecord {
     zeroes: bool,
     completed: bool,
+    /// The entry's seq (its WriteId).
+    seq: u64,
 }
 
 /// What the host did: every write and, per sector, the writes that covered it in seq order.
@@ -156,21 +306,42 @@ impl Model {
             writes: vec![WriteRecord {
                 zeroes: true,
                 completed: true,
+                seq: 0,
             }],
             history: vec![vec![Vec::new(); SECTORS]; NAMESPACES],
         }
     }
-    fn add(&mut self, nsid: u32, lba: u64, sectors: u64, zeroes: bool) -> u64 {
+    fn add(&mut self, nsid: u32, lba: u64, sectors: u64, zeroes: bool, seq: u64) -> u64 {
         let number = self.writes.len() as u64;
         self.writes.push(WriteRecord {
             zeroes,
             completed: false,
+            seq,
         });
         for sector in lba..lba + sectors {
             self.history[nsid as usize - 1][sector as usize].push(number);
         }
         number
     }
+    /// Invariant 7: every sector holds exactly the last write with seq <= `last_seq` covering
+    /// it (zeroes for none). Valid while seq order is issue order (no source crash yet).
+    fn check_point_in_time(&self, nsid: u32, image: &[u8], last_seq: u64, what: &str) {
+        for (sector, history) in self.history[nsid as usize - 1].iter().enumerate() {
+            let expected = history
+                .iter()
+                .rev()
+                .find(|&&n| self.writes[n as usize].seq <= last_seq)
+                .map_or(0, |&n| if self.writes[n as usize].zeroes { 0 } else { n });
+            let bytes = &image[sector * SECTOR_SIZE..(sector + 1) * SECTOR_SIZE];
+            let found = identify(bytes, sector as u64);
+            assert_eq!(
+                found,
+                Some(expected),
+                "{what}: ns {nsid} sector {sector} is not as of seq {last_seq}"
+            );
+        }
+    }
+
     /// Every sector holds the last completed write covering it, or a later write.
     fn check(&self, nsid: u32, image: &[u8], what: &str) {
         for (sector, history) in self.history[nsid as usize - 1].iter().enumerate() {
@@ -200,11 +371,26 @@ impl Model {
     }
 }
 
-type SimSource = Source<Vec<u8>, SimDevice>;
-type SimDestination = Destination<Vec<u8>, SimDevice>;
+type SimSource = Source<Vec<u8>>;
+type SimDestination = Destination<Vec<u8>>;
+
+fn destination_config() -> DestinationConfig {
+    DestinationConfig {
+        volume_id: VOLUME,
+        device_queue_depth: DEVICE_QUEUE_DEPTH,
+    }
+}
+
+const SIZES: [u64; NAMESPACES] = [NAMESPACE_BYTES; NAMESPACES];
 
 struct Sim {
     seed: u64,
+    /// Virtual time the devices see.
+    clock: Rc<Cell<u64>>,
+    /// Device faults on (shared with the devices).
+    device_faults: Rc<Cell<bool>>,
+    source_crashes: u64,
+    point_in_time_checks: u64,
     rng: Rng,
     now_us: u64,
     config: SourceConfig,
@@ -245,25 +431,29 @@ impl Sim {
             volume_id: VOLUME,
             cp_interval_us: 200 + rng.below(5000),
             mode,
+            device_queue_depth: DEVICE_QUEUE_DEPTH,
         };
-        let primaries: Vec<SimDevice> = (0..NAMESPACES).map(|_| SimDevice::new()).collect();
-        let mirrors: Vec<SimDevice> = (0..NAMESPACES).map(|_| SimDevice::new()).collect();
-        let (source, report) = Source::open(
-            config,
-            vec![0; RING_BYTES_MIN as usize],
-            primaries.clone(),
-            0,
-        )
-        .unwrap();
+        let clock = Rc::new(Cell::new(0));
+        let device_faults = Rc::new(Cell::new(true));
+        let device =
+            |index: u64| SimDevice::new(seed ^ (index << 40), clock.clone(), device_faults.clone());
+        let primaries: Vec<SimDevice> = (0..NAMESPACES as u64).map(device).collect();
+        let mirrors: Vec<SimDevice> = (0..NAMESPACES as u64).map(|i| device(i + 16)).collect();
+        let (source, report) =
+            Source::open(config, vec![0; RING_BYTES_MIN as usize], &SIZES, 0).unwrap();
         assert!(report.formatted);
         let destination = Destination::open(
-            DestinationConfig { volume_id: VOLUME },
+            destination_config(),
             vec![0; RING_BYTES_MIN as usize],
-            mirrors.clone(),
+            &SIZES,
         )
         .unwrap();
         Self {
             seed,
+            clock,
+            device_faults,
+            source_crashes: 0,
+            point_in_time_checks: 0,
             rng,
             now_us: 0,
             config,
@@ -357,7 +547,7 @@ impl Sim {
         };
         match result {
             Ok((id, held)) => {
-                let number = self.model.add(nsid, lba, sectors, zeroes);
+                let number = self.model.add(nsid, lba, sectors, zeroes, id.0);
                 assert_eq!(number, number_next);
                 assert!(
                     self.pending.insert(id.0, number).is_none(),
@@ -513,10 +703,23 @@ impl Sim {
                     self.completions += 1;
                 }
                 SourceEvent::LinkRejected(text) => panic!("seed {}: rejected: {text}", self.seed),
-                SourceEvent::DeviceFailed(text) => {
-                    panic!("seed {}: device failed: {text}", self.seed)
+                // Injected device faults: the engine retries (checked by what follows).
+                SourceEvent::DeviceFault(_) | SourceEvent::MirrorFailed { .. } => {}
+                SourceEvent::CpCompleted { last_seq, .. } => {
+                    self.cps_completed += 1;
+                    if self.source_crashes == 0 {
+                        for nsid in 1..=NAMESPACES as u32 {
+                            let mirror = self.mirrors[nsid as usize - 1].contents();
+                            self.model.check_point_in_time(
+                                nsid,
+                                &mirror,
+                                last_seq,
+                                &format!("seed {} mirror after a CP", self.seed),
+                            );
+                        }
+                        self.point_in_time_checks += 1;
+                    }
                 }
-                SourceEvent::CpCompleted { .. } => self.cps_completed += 1,
                 SourceEvent::LinkReady => {}
             }
         }
@@ -525,27 +728,62 @@ impl Sim {
 
     fn crash_source(&mut self) {
         self.cut_link();
-        let (ring, primaries) = self.source.take().unwrap().into_parts();
+        let ring = self.source.take().unwrap().into_memory();
         self.held.clear();
         self.pending.clear();
-        for primary in &primaries {
+        for primary in &self.primaries {
             primary.crash(&mut self.rng);
         }
-        let (source, _) = Source::open(self.config, ring, primaries, self.now_us).unwrap();
+        let (source, _) = Source::open(self.config, ring, &SIZES, self.now_us).unwrap();
         self.source = Some(source);
         self.crashes += 1;
+        self.source_crashes += 1;
     }
 
     fn crash_destination(&mut self) {
         self.cut_link();
-        let (ring, mirrors) = self.destination.take().unwrap().into_parts();
-        for mirror in &mirrors {
+        let ring = self.destination.take().unwrap().into_memory();
+        for mirror in &self.mirrors {
             mirror.crash(&mut self.rng);
         }
-        self.destination = Some(
-            Destination::open(DestinationConfig { volume_id: VOLUME }, ring, mirrors).unwrap(),
-        );
+        self.destination = Some(Destination::open(destination_config(), ring, &SIZES).unwrap());
         self.crashes += 1;
+    }
+
+    /// Moves the device ops both sides emit to their devices and the completions back.
+    fn pump_devices(&mut self) {
+        let now = self.now_us;
+        self.clock.set(now);
+        for _ in 0..8 {
+            let mut work = 0;
+            let source = self.source.as_mut().unwrap();
+            while let Some(op) = source.poll_device_op(now) {
+                self.primaries[op.nsid as usize - 1].submit(op);
+                work += 1;
+            }
+            let destination = self.destination.as_mut().unwrap();
+            while let Some(op) = destination.poll_device_op(now) {
+                self.mirrors[op.nsid as usize - 1].submit(op);
+                work += 1;
+            }
+            for device in &mut self.primaries {
+                work += device.poll_completions(&mut |c| source.handle_device_completion(now, c));
+            }
+            for device in &mut self.mirrors {
+                work +=
+                    device.poll_completions(&mut |c| destination.handle_device_completion(now, c));
+            }
+            if work == 0 {
+                return;
+            }
+        }
+    }
+
+    fn devices_idle(&self) -> bool {
+        self.primaries
+            .iter()
+            .chain(&self.mirrors)
+            .all(SimDevice::is_idle)
     }
 
     fn step(&mut self, writes: bool) {
@@ -573,10 +811,12 @@ impl Sim {
             self.source().request_cp(now);
         }
         self.source().handle_tick(now);
+        self.pump_devices();
         if self.link_up {
             self.pump(true);
             self.deliver(true);
         }
+        self.pump_devices();
         if self.link_up {
             self.pump(false);
             self.deliver(false);
@@ -609,10 +849,12 @@ impl Sim {
     /// Drives the pair to quiescence: every write completed and CP'd on both sides, or panics.
     fn drive_bounded(&mut self) {
         self.faults = false;
+        self.device_faults.set(false);
         for _ in 0..QUIESCE_STEPS_MAX {
             self.step(false);
             let idle = self.source.as_ref().unwrap().is_idle()
-                && self.destination.as_ref().unwrap().tx_pending_bytes() == 0;
+                && self.destination.as_ref().unwrap().tx_pending_bytes() == 0
+                && self.devices_idle();
             if idle && self.pending.is_empty() && self.link_up {
                 return;
             }
@@ -650,22 +892,44 @@ impl Sim {
     /// old source is refused as stale.
     fn promote_check(mut self) {
         self.faults = false;
+        self.device_faults.set(false);
         for _ in 0..300 {
             self.step(true);
         }
-        let (source_ring, primaries) = self.source.take().unwrap().into_parts();
+        let _source_ring = self.source.take().unwrap().into_memory();
         let destination = self.destination.take().unwrap();
-        let destination = if self.rng.below(2) == 0 {
-            let (ring, mirrors) = destination.into_parts();
-            for mirror in &mirrors {
+        // The destination's host dies with it (its mirror ops in flight are cut), or it is
+        // promoted once they finished.
+        let destination = if self.rng.below(2) == 0 || !self.devices_idle() {
+            let ring = destination.into_memory();
+            for mirror in &self.mirrors {
                 mirror.crash(&mut self.rng);
             }
-            Destination::open(DestinationConfig { volume_id: VOLUME }, ring, mirrors).unwrap()
+            Destination::open(destination_config(), ring, &SIZES).unwrap()
         } else {
             destination
         };
         let mirror_ring_probe = self.mirrors.clone();
-        let report = destination.promote().unwrap();
+        let mut promotion = destination.promote().unwrap();
+        for _ in 0..QUIESCE_STEPS_MAX {
+            self.now_us += 1 + self.rng.below(20);
+            self.clock.set(self.now_us);
+            while let Some(op) = promotion.poll_device_op() {
+                self.mirrors[op.nsid as usize - 1].submit(op);
+            }
+            for device in &mut self.mirrors {
+                device.poll_completions(&mut |c| promotion.handle_device_completion(c));
+            }
+            if promotion.is_done() {
+                break;
+            }
+        }
+        assert!(
+            promotion.is_done(),
+            "seed {}: promotion never finished",
+            self.seed
+        );
+        let (report, _) = promotion.finish().unwrap();
         assert_eq!(report.epoch, 2);
         for nsid in 1..=NAMESPACES as u32 {
             let mirror = mirror_ring_probe[nsid as usize - 1].contents();
@@ -675,12 +939,11 @@ impl Sim {
                 &format!("seed {} promoted mirror", self.seed),
             );
         }
-        let _ = (source_ring, primaries);
     }
 }
 
 /// Runs one seed; returns (crashes, link errors, CPs completed, references sent).
-fn run_seed(seed: u64) -> [u64; 4] {
+fn run_seed(seed: u64) -> [u64; 7] {
     let mut sim = Sim::new(seed);
     for _ in 0..STEPS {
         sim.step(true);
@@ -689,8 +952,17 @@ fn run_seed(seed: u64) -> [u64; 4] {
     sim.check_mirror();
     assert!(sim.completions > 0, "seed {seed}: nothing completed");
     assert!(sim.cps_completed > 0, "seed {seed}: no CP completed");
-    let references = sim.source.as_ref().unwrap().counters().cp_reference_count;
-    let totals = [sim.crashes, sim.link_errors, sim.cps_completed, references];
+    let source_counters = *sim.source.as_ref().unwrap().counters();
+    let destination_counters = *sim.destination.as_ref().unwrap().counters();
+    let totals = [
+        sim.crashes,
+        sim.link_errors,
+        sim.cps_completed,
+        source_counters.cp_reference_count,
+        sim.point_in_time_checks,
+        source_counters.device_error_count + destination_counters.device_error_count,
+        source_counters.cp_failure_count,
+    ];
     sim.promote_check();
     totals
 }
@@ -702,14 +974,20 @@ fn seeded_simulation() {
         (_, Ok(count)) => (1..=count.parse().expect("SIM_SEEDS is a number")).collect(),
         _ => (1..=50).collect(),
     };
-    let mut totals = [0u64; 4];
+    let mut totals = [0u64; 7];
     for seed in &seeds {
         for (total, value) in totals.iter_mut().zip(run_seed(*seed)) {
             *total += value;
         }
     }
+    let [crashes, link_errors, cps, references, point_in_time, device_errors, cp_failures] = totals;
+    println!(
+        "{} seeds: {crashes} crashes, {link_errors} link errors, {cps} CPs ({point_in_time} checked \
+         point in time), {references} references, {device_errors} device errors, {cp_failures} \
+         CPs failed by the mirror",
+        seeds.len()
+    );
     if seeds.len() >= 20 {
-        let [crashes, link_errors, cps, references] = totals;
         assert!(
             crashes > 0 && link_errors > 0,
             "faults were injected: {totals:?}"
@@ -717,6 +995,10 @@ fn seeded_simulation() {
         assert!(
             cps > seeds.len() as u64 && references > 0,
             "CPs ran with references: {totals:?}"
+        );
+        assert!(
+            point_in_time > 0 && device_errors > 0 && cp_failures > 0,
+            "point-in-time checks ran and device faults were injected: {totals:?}"
         );
     }
 }

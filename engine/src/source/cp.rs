@@ -99,6 +99,8 @@ impl<M: RingStore> Source<M> {
         );
         assert_eq!(state.cp_number, cp_number);
         let duration_us = now_us.saturating_sub(state.frozen_us);
+        let last_seq =
+            (state.first_seq + u64::from(self.ring.reserved_slots(half))).saturating_sub(1);
         self.ring
             .record_cp_completed(cp_number, self.next_transfer_id);
         self.ring.release_half(half);
@@ -108,6 +110,7 @@ impl<M: RingStore> Source<M> {
         self.events.push_back(SourceEvent::CpCompleted {
             cp_number,
             duration_us,
+            last_seq,
         });
     }
 
@@ -120,6 +123,10 @@ impl<M: RingStore> Source<M> {
             return;
         }
         let state = &self.cps[half];
+        if state.phase == CpPhase::Frozen && state.flush == FlushState::Done && state.mirrored {
+            let cp_number = state.cp_number;
+            return self.complete_cp(now_us, cp_number);
+        }
         if state.phase == CpPhase::Frozen
             && state.flush == FlushState::Done
             && state.all_acked()

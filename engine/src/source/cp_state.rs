@@ -68,6 +68,10 @@ pub(super) struct CpState {
     pub tables_acked: u64,
     /// The seq of the half's first entry (slot 0); seqs are consecutive along the half.
     pub first_seq: u64,
+    /// Rebuilt from the ring at start (its primary was flushed before the crash, if it was sent).
+    pub recovered: bool,
+    /// The destination said it completed this CP: it completes once the primary is flushed.
+    pub mirrored: bool,
 }
 
 impl CpState {
@@ -91,6 +95,8 @@ impl CpState {
             tables_sent: 0,
             tables_acked: 0,
             first_seq: 0,
+            recovered: false,
+            mirrored: false,
         }
     }
 
@@ -144,6 +150,8 @@ impl CpState {
         self.planner = None;
         self.reads_primary = false;
         self.first_seq = 0;
+        self.recovered = false;
+        self.mirrored = false;
         self.tables_sent = 0;
         self.tables_acked = 0;
     }
@@ -151,8 +159,14 @@ impl CpState {
     /// A new link session: the destination starts over, so everything is resent and the CP's
     /// descriptors are planned again.
     pub fn reset_session(&mut self) {
-        self.sent_count = 0;
-        self.acked_count = 0;
+        // A CP the destination completed is never sent again.
+        let held = if self.mirrored {
+            self.transfers.len()
+        } else {
+            0
+        };
+        self.sent_count = held;
+        self.acked_count = held;
         self.restart_tables();
     }
 

@@ -109,6 +109,7 @@ impl<M: RingStore> Source<M> {
         let first_state = &mut self.cps[half_of_cp(first)];
         if first_state.phase == CpPhase::Active {
             first_state.freeze(now_us, self.config.mode);
+            first_state.recovered = true;
             self.active_cp = first + 1;
         } else {
             self.active_cp = first;

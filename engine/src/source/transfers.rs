@@ -57,21 +57,32 @@ impl<M: RingStore> Source<M> {
         }
         if destination_cp == superblock.cp_completed + 1 {
             // The destination applied and recorded CP c+1 but its CpAck was lost: it is durable on
-            // both sides (our primary was flushed before the CP was sent, or at recovery).
+            // the mirror, and on our primary once flushed (before the CP was sent, or, for a CP
+            // recovered from the ring, once its entries landed again).
             let half = half_of_cp(destination_cp);
-            let state = &self.cps[half];
-            // Only a CP that was flushed can have been committed and so applied over there;
-            // anything else is the peer's error, never a reason to trip complete_cp's asserts.
+            let state = &mut self.cps[half];
+            // Only a CP that was flushed (in this process or before its crash) can have been
+            // committed and so applied over there; anything else is the peer's error, never a
+            // reason to trip complete_cp's asserts.
             if state.cp_number != destination_cp
                 || matches!(state.phase, CpPhase::Free | CpPhase::Active)
-                || state.flush != FlushState::Done
+                || (state.flush != FlushState::Done && !state.recovered)
             {
                 return Err(ProtocolError::CompletedUncommittedCp {
                     cp_number: destination_cp,
                 }
                 .into());
             }
-            self.complete_cp(now_us, destination_cp);
+            if state.flush == FlushState::Done {
+                self.complete_cp(now_us, destination_cp);
+            } else {
+                // Completed over there: nothing of it is sent again; it completes here once its
+                // entries landed on the primary and were flushed.
+                state.mirrored = true;
+                state.restart_tables();
+                state.sent_count = state.transfers.len();
+                state.acked_count = state.sent_count;
+            }
         } else if destination_cp != superblock.cp_completed {
             return Err(ProtocolError::HelloAckCp {
                 theirs: destination_cp,
