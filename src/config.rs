@@ -16,6 +16,11 @@ pub const RING_MIB_MIN: u64 = 4;
 pub const RING_MIB_MAX: u64 = 16 * 1024;
 pub const RING_MIB_DEFAULT: u64 = 64;
 pub const CP_INTERVAL_MS_DEFAULT: u64 = 10_000;
+pub use nvmirror_engine::source::{DEVICE_QUEUE_DEPTH_DEFAULT, DEVICE_QUEUE_DEPTH_MAX};
+
+fn default_device_queue_depth() -> u32 {
+    DEVICE_QUEUE_DEPTH_DEFAULT
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -117,6 +122,9 @@ pub struct Config {
     pub cp_interval_ms: u64,
     #[serde(default = "default_cp_mode")]
     pub cp_mode: CpModeConfig,
+    /// Device operations in flight per namespace at most (primary or mirror).
+    #[serde(default = "default_device_queue_depth")]
+    pub device_queue_depth: u32,
     #[serde(rename = "namespace")]
     pub namespaces: Vec<NamespaceConfig>,
     /// Source only: the NVMe/TCP target exporting the replicated namespaces to hosts.
@@ -362,6 +370,12 @@ impl Config {
         if self.cp_interval_ms == 0 || self.cp_interval_ms > 3_600_000 {
             return Err(bad("cp_interval_ms", "must be from 1 ms to one hour"));
         }
+        if !(1..=DEVICE_QUEUE_DEPTH_MAX).contains(&self.device_queue_depth) {
+            return Err(bad(
+                "device_queue_depth",
+                format!("must be from 1 to {DEVICE_QUEUE_DEPTH_MAX}"),
+            ));
+        }
         if self.namespaces.is_empty() {
             return Err(bad("namespace", "at least one [[namespace]] is needed"));
         }
@@ -469,6 +483,7 @@ impl Config {
             idle: IdleConfig::Adaptive,
             cp_interval_ms: CP_INTERVAL_MS_DEFAULT,
             cp_mode: CpModeConfig::References,
+            device_queue_depth: DEVICE_QUEUE_DEPTH_DEFAULT,
             namespaces: vec![NamespaceConfig::Malloc { size_mib: 256 }],
             target: (role == Role::Source).then(|| TargetSection::embedded_default(1)),
         }
@@ -541,6 +556,16 @@ size_mib = 16
         );
         let core = SOURCE.replace("ring_size_mib = 8", "ring_size_mib = 8\ncores = [999]");
         assert_eq!(Config::parse(&core).unwrap_err().key, "cores");
+        let depth = |n: u32| {
+            Config::parse(&SOURCE.replace(
+                "ring_size_mib = 8",
+                &format!("ring_size_mib = 8\ndevice_queue_depth = {n}"),
+            ))
+        };
+        assert_eq!(depth(0).unwrap_err().key, "device_queue_depth");
+        assert_eq!(depth(1025).unwrap_err().key, "device_queue_depth");
+        assert_eq!(depth(64).unwrap().device_queue_depth, 64);
+        assert_eq!(Config::parse(SOURCE).unwrap().device_queue_depth, 32);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 
 use nvmirror_engine::destination::{Destination, DestinationConfig};
 use nvmirror_engine::device::BlockDevice;
-use nvmirror_engine::source::{CpMode, Source, SourceConfig, DEVICE_QUEUE_DEPTH_DEFAULT};
+use nvmirror_engine::source::{CpMode, Source, SourceConfig};
 use nvmirror_nvmf::Target;
 use nvmirror_runtime::bdev::{open_file_namespace, Immediate, MallocDevice};
 use nvmirror_runtime::node::{
@@ -41,7 +41,7 @@ pub fn open_namespaces(config: &Config) -> Result<Vec<Device>, String> {
                 path,
                 size_mib.map(|mib| mib * MIB),
                 size_mib.is_some(),
-                DEVICE_QUEUE_DEPTH_DEFAULT,
+                config.device_queue_depth,
             )
             .map_err(|e| format!("namespace[{index}]: {}: {e}", path.display()))?,
         };
@@ -122,7 +122,7 @@ pub fn open_source(config: &Config) -> Result<(SourceEngine, Vec<Device>), Strin
             CpModeConfig::References => CpMode::References,
             CpModeConfig::Naive => CpMode::Naive,
         },
-        device_queue_depth: DEVICE_QUEUE_DEPTH_DEFAULT,
+        device_queue_depth: config.device_queue_depth,
     };
     let ring = open_ring(config)?;
     let primaries = open_namespaces(config)?;
@@ -158,7 +158,7 @@ pub fn open_destination(
     let destination = Destination::open(
         DestinationConfig {
             volume_id: config.volume_id(),
-            device_queue_depth: DEVICE_QUEUE_DEPTH_DEFAULT,
+            device_queue_depth: config.device_queue_depth,
         },
         ring,
         &sizes(&mirrors),
