@@ -31,9 +31,9 @@ usage:
                                     the same NVMe/TCP target over malloc, without replication
   nvmirror --config FILE [--json]   run one side (role = source | destination) as FILE says
   nvmirror demo [OPTIONS]           drive a seeded workload through the embedded pair and print the counters
-      --seed N --writes N --pattern aligned|mixed --mode references|naive --queue-depth N
+      --seed N --writes N --pattern aligned|mixed|hotspot --mode references|naive --queue-depth N
       --cp-every N (writes per CP) --cores 0,1 --json
-  nvmirror workload --config FILE [--seed N --writes N --pattern aligned|mixed|disjoint
+  nvmirror workload --config FILE [--seed N --writes N --pattern aligned|mixed|disjoint|hotspot
       --queue-depth N --cp-every N --ack-log FILE]
                                     run a source with the seeded workload, exit once it is durable on both sides
   nvmirror sync --config FILE       start a source, replay its ring, resend, take a CP, exit when in sync

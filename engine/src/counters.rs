@@ -34,10 +34,13 @@ pub struct Counters {
     pub device_error_count: u64,
     /// CPs the destination failed (mirror write errors) and the source sent again.
     pub cp_failure_count: u64,
+    /// Destination: bytes of mirror-namespace writes that completed successfully (4 KiB per
+    /// applied descriptor); over `host_bytes_written` it is the coalescing CPs give.
+    pub mirror_bytes_written: u64,
 }
 
 impl Counters {
-    fn fields(&self) -> [(&'static str, u64); 21] {
+    fn fields(&self) -> [(&'static str, u64); 22] {
         [
             ("host_write_count", self.host_write_count),
             ("host_bytes_written", self.host_bytes_written),
@@ -60,6 +63,7 @@ impl Counters {
             ("backpressure_count", self.backpressure_count),
             ("device_error_count", self.device_error_count),
             ("cp_failure_count", self.cp_failure_count),
+            ("mirror_bytes_written", self.mirror_bytes_written),
         ]
     }
 
@@ -106,13 +110,14 @@ mod tests {
         counters.record_cp_duration(50);
         counters.record_cp_duration(20);
         let text = counters.to_text();
-        assert_eq!(text.lines().count(), 21);
+        assert_eq!(text.lines().count(), 22);
         assert!(text.starts_with("host_write_count 3\n"));
         assert!(text.contains("cp_duration_us_max 50\ncp_duration_us_last 20\n"));
         let json = counters.to_json();
         assert!(json.starts_with("{\"host_write_count\":3,"));
         assert!(json.ends_with(
-            "\"backpressure_count\":1,\"device_error_count\":0,\"cp_failure_count\":0}"
+            "\"backpressure_count\":1,\"device_error_count\":0,\"cp_failure_count\":0,\
+             \"mirror_bytes_written\":0}"
         ));
         assert!(json.contains("\"cp_count\":2,"));
     }

@@ -24,6 +24,20 @@ pub enum Pattern {
     /// Like Mixed, but writes never overlap (each takes the next free range): every acknowledged
     /// write must be found intact after a crash.
     Disjoint,
+    /// 4 KiB aligned writes, [`HOTSPOT_HOT_PERCENT`] of them to a hot set of the first
+    /// [`HOTSPOT_HOT_BLOCKS_PERCENT`] of each namespace's blocks, the rest to the other blocks:
+    /// the workload whose repeated overwrites a CP coalesces into one mirror write per block.
+    Hotspot,
+}
+
+/// Share of hotspot writes that go to the hot set.
+pub const HOTSPOT_HOT_PERCENT: u64 = 90;
+/// Share of a namespace's blocks in the hotspot pattern's hot set (its first blocks).
+pub const HOTSPOT_HOT_BLOCKS_PERCENT: u64 = 10;
+
+/// Blocks of the hotspot pattern's hot set in a namespace of `blocks` blocks (at least one).
+pub fn hotspot_hot_blocks(blocks: u64) -> u64 {
+    (blocks * HOTSPOT_HOT_BLOCKS_PERCENT / 100).max(1)
 }
 
 impl std::str::FromStr for Pattern {
@@ -33,8 +47,9 @@ impl std::str::FromStr for Pattern {
             "aligned" => Ok(Pattern::Aligned),
             "mixed" => Ok(Pattern::Mixed),
             "disjoint" => Ok(Pattern::Disjoint),
+            "hotspot" => Ok(Pattern::Hotspot),
             other => Err(format!(
-                "unknown pattern '{other}' (aligned, mixed, disjoint)"
+                "unknown pattern '{other}' (aligned, mixed, disjoint, hotspot)"
             )),
         }
     }
@@ -123,6 +138,18 @@ impl Planner {
                     BLOCK_SIZE as u64,
                     false,
                 )
+            }
+            Pattern::Hotspot => {
+                let blocks = size_bytes / BLOCK_SIZE as u64;
+                let hot = hotspot_hot_blocks(blocks);
+                // A namespace is at least MIXED_WRITE_BYTES_MAX (4 blocks), so the cold set is
+                // never empty.
+                let block = if self.rng.below(100) < HOTSPOT_HOT_PERCENT {
+                    self.rng.below(hot)
+                } else {
+                    hot + self.rng.below(blocks - hot)
+                };
+                (block * BLOCK_SIZE as u64, BLOCK_SIZE as u64, false)
             }
             Pattern::Mixed => {
                 let length = self.mixed_length();
@@ -378,6 +405,46 @@ mod tests {
             unaligned > 1000,
             "mixed pattern must include unaligned writes"
         );
+    }
+
+    #[test]
+    fn hotspot_sends_about_90_percent_of_writes_to_a_tenth_of_the_blocks() {
+        let sizes = vec![1 << 20, 4 << 20];
+        let mut planner = Planner::new(Pattern::Hotspot, 13, sizes.clone());
+        let mut hot = 0;
+        let mut cold_blocks = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let write = planner.next_write().unwrap();
+            let size = sizes[write.nsid as usize - 1];
+            let offset = write.lba * 512;
+            assert_eq!(write.length_bytes, 4096);
+            assert!(offset.is_multiple_of(4096) && offset + 4096 <= size);
+            assert!(!write.zeroes);
+            let block = offset / 4096;
+            if block < hotspot_hot_blocks(size / 4096) {
+                hot += 1;
+            } else {
+                cold_blocks.insert((write.nsid, block));
+            }
+        }
+        assert!((8_500..=9_500).contains(&hot), "{hot} of 10,000 writes hot");
+        // The cold writes spread over the rest of the namespaces, not onto a few blocks.
+        assert!(cold_blocks.len() > 500, "{} cold blocks", cold_blocks.len());
+        assert_eq!(hotspot_hot_blocks(256), 25);
+        assert_eq!(hotspot_hot_blocks(4), 1);
+    }
+
+    #[test]
+    fn hotspot_is_deterministic_by_seed() {
+        let plan = |seed| {
+            let mut planner = Planner::new(Pattern::Hotspot, seed, vec![1 << 20, 2 << 20]);
+            (0..1000)
+                .map(|_| planner.next_write().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(plan(3), plan(3));
+        assert_ne!(plan(3), plan(4));
+        assert_eq!("hotspot".parse::<Pattern>(), Ok(Pattern::Hotspot));
     }
 
     #[test]

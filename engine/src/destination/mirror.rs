@@ -122,8 +122,11 @@ impl<M: RingStore> Destination<M> {
                 if let Some(block) = staged {
                     self.staging_free.push(block);
                 }
-                if let Some(error) = error {
-                    self.report(now_us, nsid, DeviceOpKind::Write, offset_bytes, error);
+                match error {
+                    Some(error) => {
+                        self.report(now_us, nsid, DeviceOpKind::Write, offset_bytes, error)
+                    }
+                    None => self.counters.mirror_bytes_written += BLOCK_SIZE as u64,
                 }
                 if session == self.session {
                     self.on_mirror_written(table, error.is_some());
