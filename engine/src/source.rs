@@ -492,6 +492,11 @@ impl<M: RingStore> Source<M> {
         self.config.volume_id
     }
 
+    /// The CP new entries join: a write's CP is this, read right after it was reserved.
+    pub fn active_cp(&self) -> u64 {
+        self.active_cp
+    }
+
     /// The last CP durable on both sides.
     pub fn cp_completed(&self) -> u64 {
         self.ring.superblock().cp_completed

@@ -53,7 +53,11 @@ pub(crate) enum SourceOp {
     Flush { half: u8 },
     /// Reads Data block `index` of the staged table of `generation` (a table dropped since,
     /// by a new session or a failed read, ignores it).
-    DataRead { index: u16, generation: u32 },
+    DataRead {
+        index: u16,
+        generation: u32,
+        block_index: u64,
+    },
 }
 
 impl SourceOp {
@@ -61,7 +65,13 @@ impl SourceOp {
     fn range(&self) -> (u64, u64) {
         match *self {
             Self::Apply { start, end, .. } | Self::AbortedRead { start, end, .. } => (start, end),
-            Self::Flush { .. } | Self::DataRead { .. } => (0, 0),
+            // A read of a table dropped since (a new session) may still be out when the next
+            // CP writes the block: writes wait for it like for any overlapping op.
+            Self::DataRead { block_index, .. } => (
+                block_index * BLOCK_SIZE as u64,
+                (block_index + 1) * BLOCK_SIZE as u64,
+            ),
+            Self::Flush { .. } => (0, 0),
         }
     }
 }
@@ -157,7 +167,9 @@ impl<M: RingStore> Source<M> {
                 half, slot, start, ..
             } => self.on_aborted_read(now_us, nsid, usize::from(half), slot, start, result),
             SourceOp::Flush { half } => self.on_flush(now_us, nsid, usize::from(half), result),
-            SourceOp::DataRead { index, generation } => {
+            SourceOp::DataRead {
+                index, generation, ..
+            } => {
                 if generation == self.staged.generation {
                     self.on_data_read(now_us, nsid, index, result);
                 }
@@ -443,9 +455,14 @@ impl<M: RingStore> Source<M> {
         let index = self.staged.submitted as u16;
         self.staged.submitted += 1;
         let generation = self.staged.generation;
-        let id = self
-            .ops
-            .start(nsid, SourceOp::DataRead { index, generation });
+        let id = self.ops.start(
+            nsid,
+            SourceOp::DataRead {
+                index,
+                generation,
+                block_index,
+            },
+        );
         Some(DeviceOp {
             id,
             nsid,
