@@ -93,8 +93,6 @@ struct InflightOp {
     id: DeviceOpId,
     due_us: u64,
     pending: Pending,
-    /// The link session of the core when the op was submitted.
-    session: u64,
 }
 
 /// Per op kind (read, write, flush), failures per million ops.
@@ -128,9 +126,6 @@ struct SimDevice {
     /// Overlapping ops in flight are a bug of the core (it orders them); mirrors may overlap a
     /// write with one of the same bytes (a retried CP's block while the failed one finishes).
     overlap_same_bytes_ok: bool,
-    /// Bumped by the harness at every link session of the core (a new session drops a CP's
-    /// staged table: the source ignores the Data reads of it still in flight).
-    session: u64,
     errors: u64,
 }
 
@@ -146,7 +141,6 @@ impl SimDevice {
             generation: vec![0; SECTORS],
             inflight: Vec::new(),
             overlap_same_bytes_ok,
-            session: 0,
             errors: 0,
         }
     }
@@ -205,7 +199,6 @@ impl SimDevice {
             id: op.id,
             due_us: now_us + 1 + delay,
             pending,
-            session: self.session,
         });
     }
 
@@ -704,9 +697,6 @@ impl Sim {
     }
 
     fn cut_link(&mut self) {
-        for primary in &mut self.primaries {
-            primary.session += 1;
-        }
         if self.link_up {
             let now = self.now_us;
             self.source().handle_disconnected(now);
