@@ -84,21 +84,10 @@ impl<M: RingStore> Promotion<M> {
         let id = self
             .ops
             .start(header.nsid, PromoteOp::Replay { start, end });
-        let request = if header.is_zeroes() {
-            DeviceRequest::WriteZeroes {
-                offset_bytes: start,
-                length_bytes: u64::from(header.length_bytes),
-            }
-        } else {
-            DeviceRequest::Write {
-                offset_bytes: start,
-                data: self.ring.data(&header),
-            }
-        };
         Some(DeviceOp {
             id,
             nsid: header.nsid,
-            request,
+            request: self.ring.entry_write(&header),
         })
     }
 

@@ -802,6 +802,22 @@ impl<M: RingStore> NvramRing<M> {
     }
 
     /// Gives the memory back (a process "crash" in tests, or promotion's fresh scan).
+    /// The device write that puts entry `header` on its namespace: its data from the ring, or
+    /// zeroes (what the source applies to its primary and a promotion replays onto a mirror).
+    pub fn entry_write(&self, header: &EntryHeader) -> crate::device::DeviceRequest<'_> {
+        if header.is_zeroes() {
+            crate::device::DeviceRequest::WriteZeroes {
+                offset_bytes: header.offset_bytes(),
+                length_bytes: u64::from(header.length_bytes),
+            }
+        } else {
+            crate::device::DeviceRequest::Write {
+                offset_bytes: header.offset_bytes(),
+                data: self.data(header),
+            }
+        }
+    }
+
     /// The memory the ring lives in (the runtime persists it, per its medium).
     pub fn memory(&self) -> &M {
         &self.memory
