@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use nvmirror_runtime::bdev::{FaultAction, FaultOps, FaultRule};
 use nvmirror_runtime::ring_memory::RingMedium;
 use serde::Deserialize;
 
@@ -87,6 +88,127 @@ pub enum NamespaceConfig {
         path: PathBuf,
         size_mib: Option<u64>,
     },
+    /// `base` (a malloc or file namespace) with the `[[namespace.fault]]` rules applied to its
+    /// ops: for tests and benches of a slow, failing or corrupting device.
+    Faulty {
+        base: Box<NamespaceConfig>,
+        #[serde(default, rename = "fault")]
+        faults: Vec<FaultConfig>,
+    },
+}
+
+/// `op` of a `[[namespace.fault]]`: which op kinds the rule applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FaultOpConfig {
+    Read,
+    /// Writes and write-zeroes.
+    Write,
+    Flush,
+    All,
+}
+
+/// `action` of a `[[namespace.fault]]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FaultActionConfig {
+    /// Complete with EIO without performing the op.
+    Fail,
+    /// Hold the completion back `delay_us` after submission.
+    Delay,
+    /// Flip a byte of a read's data.
+    Corrupt,
+}
+
+/// `[[namespace.fault]]`: one fault rule of a `kind = "faulty"` namespace (see
+/// [`nvmirror_runtime::bdev::FaultRule`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultConfig {
+    pub op: FaultOpConfig,
+    pub action: FaultActionConfig,
+    /// Required by `action = "delay"`, refused by the others.
+    pub delay_us: Option<u64>,
+    #[serde(default = "default_every")]
+    pub every: u64,
+    pub lba_min: Option<u64>,
+    pub lba_max: Option<u64>,
+    pub from_ms: Option<u64>,
+    pub to_ms: Option<u64>,
+}
+
+fn default_every() -> u64 {
+    1
+}
+
+impl FaultConfig {
+    /// The runtime's rule; the error is (field, reason).
+    pub fn rule(&self) -> Result<FaultRule, (&'static str, String)> {
+        let action = match (self.action, self.delay_us) {
+            (FaultActionConfig::Delay, Some(delay_us)) => FaultAction::Delay { delay_us },
+            (FaultActionConfig::Delay, None) => {
+                return Err(("delay_us", "action = \"delay\" needs delay_us".into()))
+            }
+            (_, Some(_)) => {
+                return Err(("delay_us", "only action = \"delay\" takes delay_us".into()))
+            }
+            (FaultActionConfig::Fail, None) => FaultAction::Fail,
+            (FaultActionConfig::Corrupt, None) => FaultAction::Corrupt,
+        };
+        let ops = match self.op {
+            FaultOpConfig::Read => FaultOps::Read,
+            FaultOpConfig::Write => FaultOps::Write,
+            FaultOpConfig::Flush => FaultOps::Flush,
+            FaultOpConfig::All => FaultOps::All,
+        };
+        let rule = FaultRule {
+            ops,
+            action,
+            every: self.every,
+            lba_min: self.lba_min,
+            lba_max: self.lba_max,
+            from_ms: self.from_ms,
+            to_ms: self.to_ms,
+        };
+        rule.check()?;
+        Ok(rule)
+    }
+}
+
+impl NamespaceConfig {
+    /// Checks one namespace; errors name keys under `key` (`namespace[0]`).
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        match self {
+            NamespaceConfig::Malloc { size_mib } if *size_mib == 0 => {
+                Err(bad(format!("{key}.size_mib"), "must be at least 1"))
+            }
+            NamespaceConfig::Malloc { .. } => Ok(()),
+            NamespaceConfig::File { path, size_mib } => {
+                if path.as_os_str().is_empty() {
+                    return Err(bad(format!("{key}.path"), "must not be empty"));
+                }
+                if *size_mib == Some(0) {
+                    return Err(bad(format!("{key}.size_mib"), "must be at least 1"));
+                }
+                Ok(())
+            }
+            NamespaceConfig::Faulty { base, faults } => {
+                if matches!(**base, NamespaceConfig::Faulty { .. }) {
+                    return Err(bad(
+                        format!("{key}.base"),
+                        "must be a malloc or file namespace",
+                    ));
+                }
+                base.validate(&format!("{key}.base"))?;
+                for (index, fault) in faults.iter().enumerate() {
+                    fault.rule().map_err(|(field, reason)| {
+                        bad(format!("{key}.fault[{index}].{field}"), reason)
+                    })?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -317,9 +439,13 @@ impl Config {
     /// Parses and checks a configuration file's text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| {
+            // Values inside a tagged table (a namespace) come without a useful span: find the
+            // word the message quotes instead.
             let key = e
                 .span()
                 .map(|span| key_at(text, span.start))
+                .filter(|key| key != "(file)")
+                .or_else(|| quoted_offset(text, e.message()).map(|at| key_at(text, at)))
                 .unwrap_or_else(|| "(file)".into());
             bad(key, e.message().to_string())
         })?;
@@ -386,21 +512,7 @@ impl Config {
             target.to_target_config(self.namespaces.len())?;
         }
         for (index, namespace) in self.namespaces.iter().enumerate() {
-            let key = format!("namespace[{index}].size_mib");
-            match namespace {
-                NamespaceConfig::Malloc { size_mib } if *size_mib == 0 => {
-                    return Err(bad(key, "must be at least 1"))
-                }
-                NamespaceConfig::File { path, size_mib } => {
-                    if path.as_os_str().is_empty() {
-                        return Err(bad(format!("namespace[{index}].path"), "must not be empty"));
-                    }
-                    if *size_mib == Some(0) {
-                        return Err(bad(key, "must be at least 1"));
-                    }
-                }
-                _ => {}
-            }
+            namespace.validate(&format!("namespace[{index}]"))?;
         }
         Ok(())
     }
@@ -488,6 +600,24 @@ impl Config {
             target: (role == Role::Source).then(|| TargetSection::embedded_default(1)),
         }
     }
+}
+
+/// Where the first word a deserializer message quotes (`` unknown field `odds` ``, `` unknown
+/// variant `trim` ``) stands in `text` as a key (`odds =`) or a string value (`"trim"`).
+fn quoted_offset(text: &str, message: &str) -> Option<usize> {
+    let word = message.split('`').nth(1).filter(|word| !word.is_empty())?;
+    let as_value = format!("\"{word}\"");
+    text.lines()
+        .scan(0, |start, line| {
+            let line_start = *start;
+            *start += line.len() + 1;
+            Some((line_start, line))
+        })
+        .find(|(_, line)| {
+            let key = line.split('=').next().unwrap_or("").trim();
+            key == word || line.split('=').nth(1).is_some_and(|v| v.trim() == as_value)
+        })
+        .map(|(start, _)| start)
 }
 
 /// The dotted key around byte `offset` of a TOML text (best effort: the line's key and its table).
@@ -634,6 +764,99 @@ size_mib = 16
             Config::parse(&bad_capsule).unwrap_err().key,
             "target.in_capsule_data_bytes"
         );
+    }
+
+    const FAULTY: &str = r#"
+role = "destination"
+listen = "127.0.0.1:4800"
+ring_size_mib = 8
+[[namespace]]
+kind = "faulty"
+base = { kind = "file", path = "/var/tmp/m.img", size_mib = 16 }
+[[namespace.fault]]
+op = "all"
+action = "delay"
+delay_us = 2000
+[[namespace.fault]]
+op = "write"
+action = "fail"
+every = 3
+lba_min = 8
+lba_max = 15
+from_ms = 100
+to_ms = 600
+"#;
+
+    #[test]
+    fn faulty_namespaces_parse_into_rules() {
+        let config = Config::parse(FAULTY).unwrap();
+        let NamespaceConfig::Faulty { base, faults } = &config.namespaces[0] else {
+            panic!("{:?}", config.namespaces);
+        };
+        assert_eq!(
+            **base,
+            NamespaceConfig::File {
+                path: "/var/tmp/m.img".into(),
+                size_mib: Some(16)
+            }
+        );
+        let delay = faults[0].rule().unwrap();
+        assert_eq!(delay.ops, FaultOps::All);
+        assert_eq!(delay.action, FaultAction::Delay { delay_us: 2000 });
+        assert_eq!((delay.every, delay.lba_min, delay.from_ms), (1, None, None));
+        let fail = faults[1].rule().unwrap();
+        assert_eq!(fail.action, FaultAction::Fail);
+        assert_eq!(
+            (fail.every, fail.lba_min, fail.lba_max),
+            (3, Some(8), Some(15))
+        );
+        assert_eq!((fail.from_ms, fail.to_ms), (Some(100), Some(600)));
+        let malloc = FAULTY.replace(
+            "base = { kind = \"file\", path = \"/var/tmp/m.img\", size_mib = 16 }",
+            "base = { kind = \"malloc\", size_mib = 4 }",
+        );
+        assert!(Config::parse(&malloc).is_ok());
+    }
+
+    #[test]
+    fn faulty_namespace_errors_name_the_key() {
+        let key = |text: String| Config::parse(&text).unwrap_err().key;
+        assert_eq!(
+            key(FAULTY.replace("delay_us = 2000", "")),
+            "namespace[0].fault[0].delay_us"
+        );
+        assert_eq!(
+            key(FAULTY.replace("every = 3", "every = 3\ndelay_us = 5")),
+            "namespace[0].fault[1].delay_us"
+        );
+        assert_eq!(
+            key(FAULTY.replace("every = 3", "every = 0")),
+            "namespace[0].fault[1].every"
+        );
+        assert_eq!(
+            key(FAULTY.replace("lba_max = 15", "lba_max = 7")),
+            "namespace[0].fault[1].lba_max"
+        );
+        assert_eq!(
+            key(FAULTY.replace("to_ms = 600", "to_ms = 50")),
+            "namespace[0].fault[1].to_ms"
+        );
+        assert_eq!(
+            key(FAULTY.replace("size_mib = 16", "size_mib = 0")),
+            "namespace[0].base.size_mib"
+        );
+        let unknown_op =
+            Config::parse(&FAULTY.replace("op = \"all\"", "op = \"trim\"")).unwrap_err();
+        assert_eq!(unknown_op.key, "namespace.fault.op", "{unknown_op}");
+        let unknown_key =
+            Config::parse(&FAULTY.replace("every = 3", "every = 3\nodds = 2")).unwrap_err();
+        assert!(unknown_key.reason.contains("odds"), "{unknown_key}");
+        assert_eq!(unknown_key.key, "namespace.fault.odds");
+        let nested = FAULTY.replace(
+            "base = { kind = \"file\", path = \"/var/tmp/m.img\", size_mib = 16 }",
+            "base = { kind = \"faulty\", base = { kind = \"malloc\", size_mib = 4 } }",
+        );
+        assert_eq!(key(nested), "namespace[0].base");
     }
 
     #[test]

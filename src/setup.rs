@@ -12,7 +12,7 @@ use nvmirror_engine::destination::{Destination, DestinationConfig};
 use nvmirror_engine::device::BlockDevice;
 use nvmirror_engine::source::{CpMode, Source, SourceConfig};
 use nvmirror_nvmf::Target;
-use nvmirror_runtime::bdev::{open_file_namespace, Immediate, MallocDevice};
+use nvmirror_runtime::bdev::{open_file_namespace, FaultyDevice, Immediate, MallocDevice};
 use nvmirror_runtime::node::{
     Command, DestinationNode, Device, FrontEnd, Hosted, Node, NodeControl, PairNode, SourceEngine,
     SourceNode,
@@ -30,24 +30,36 @@ const MIB: u64 = 1 << 20;
 pub fn open_namespaces(config: &Config) -> Result<Vec<Device>, String> {
     let mut devices: Vec<Device> = Vec::with_capacity(config.namespaces.len());
     for (index, namespace) in config.namespaces.iter().enumerate() {
-        let device: Device = match namespace {
-            NamespaceConfig::Malloc { size_mib } => {
-                Box::new(Immediate::new(MallocDevice::new(size_mib * MIB).map_err(
-                    |e| format!("namespace[{index}]: cannot allocate {size_mib} MiB: {e}"),
-                )?))
-            }
-            // io_uring with O_DIRECT; an I/O thread where io_uring is not available.
-            NamespaceConfig::File { path, size_mib } => open_file_namespace(
-                path,
-                size_mib.map(|mib| mib * MIB),
-                size_mib.is_some(),
-                config.device_queue_depth,
-            )
-            .map_err(|e| format!("namespace[{index}]: {}: {e}", path.display()))?,
-        };
+        let device = open_namespace(namespace, config.device_queue_depth)
+            .map_err(|e| format!("namespace[{index}]: {e}"))?;
         devices.push(device);
     }
     Ok(devices)
+}
+
+fn open_namespace(namespace: &NamespaceConfig, queue_depth: u32) -> Result<Device, String> {
+    Ok(match namespace {
+        NamespaceConfig::Malloc { size_mib } => Box::new(Immediate::new(
+            MallocDevice::new(size_mib * MIB)
+                .map_err(|e| format!("cannot allocate {size_mib} MiB: {e}"))?,
+        )),
+        // io_uring with O_DIRECT; an I/O thread where io_uring is not available.
+        NamespaceConfig::File { path, size_mib } => open_file_namespace(
+            path,
+            size_mib.map(|mib| mib * MIB),
+            size_mib.is_some(),
+            queue_depth,
+        )
+        .map_err(|e| format!("{}: {e}", path.display()))?,
+        NamespaceConfig::Faulty { base, faults } => {
+            let rules = faults
+                .iter()
+                .map(|fault| fault.rule().expect("checked at start"))
+                .collect();
+            log::warn!("a faulty namespace: {faults:?} applied to {base:?}");
+            Box::new(FaultyDevice::new(open_namespace(base, queue_depth)?, rules))
+        }
+    })
 }
 
 /// Maps the node's NVRAM ring on its configured medium, or by default on hugepages (a regular

@@ -33,11 +33,23 @@ pub(crate) fn device_doorbells(devices: &[Device], out: &mut Vec<Arc<dyn Doorbel
     out.extend(devices.iter().filter_map(|device| device.doorbell()));
 }
 
-/// Some op of `devices` completes on the next poll with no fd to announce it.
+/// Some op of `devices` completes on the next poll with no fd and no deadline to announce it
+/// (a device with a deadline is polled by [`devices_deadline_us`]).
 pub(crate) fn devices_need_poll(devices: &[Device]) -> bool {
+    devices.iter().any(|device| {
+        device.inflight_count() > 0
+            && device.next_deadline_us().is_none()
+            && device.doorbell().is_none()
+    })
+}
+
+/// The earliest time some device of `devices` needs a poll that no doorbell announces (a
+/// completion held on a timer); `None` for devices that never ask.
+pub(crate) fn devices_deadline_us(devices: &[Device]) -> Option<u64> {
     devices
         .iter()
-        .any(|device| device.doorbell().is_none() && device.inflight_count() > 0)
+        .filter_map(|device| device.next_deadline_us())
+        .min()
 }
 
 /// What another thread can ask of a node.
@@ -282,6 +294,7 @@ impl<F: FrontEnd> Poller for SourceNode<F> {
         [
             self.front_end.next_deadline_us(),
             self.volume.source.next_deadline_us(),
+            self.volume.devices_deadline_us(),
             self.link.next_deadline_us(),
         ]
         .into_iter()
@@ -448,7 +461,13 @@ impl Poller for DestinationNode {
         if self.destination.tx_pending_bytes() > 0 || devices_need_poll(&self.mirrors) {
             return Some(0);
         }
-        self.link.next_deadline_us()
+        match (
+            self.link.next_deadline_us(),
+            devices_deadline_us(&self.mirrors),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 

@@ -273,6 +273,11 @@ impl Volume {
                 .any(|read| matches!(read.state, ReadState::Gated(_)))
     }
 
+    /// The earliest time a primary needs a poll on a timer (held completions), if any.
+    pub fn devices_deadline_us(&self) -> Option<u64> {
+        crate::node::devices_deadline_us(&self.primaries)
+    }
+
     fn submit_ready_reads(&mut self) -> usize {
         let landed = self.source.landed_through_seq();
         let mut work = 0;

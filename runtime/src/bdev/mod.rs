@@ -5,14 +5,17 @@
 //! on namespace I/O): [`MallocDevice`] keeps the namespace in (hugepage) memory like SPDK's
 //! malloc bdev and completes behind [`Immediate`] on the next poll; [`FileDevice`] keeps it in a
 //! file or block device with O_DIRECT where the file system allows, its blocking calls made by
-//! a [`Worker`] thread, never by the reactor.
+//! a [`Worker`] thread, never by the reactor. [`FaultyDevice`] wraps any of them and fails,
+//! delays, corrupts or stalls their ops (tests and benches).
 
+pub mod faulty;
 pub mod file;
 pub mod immediate;
 pub mod malloc;
 pub mod uring;
 pub mod worker;
 
+pub use faulty::{FaultAction, FaultControl, FaultOps, FaultRule, FaultyDevice};
 pub use file::FileDevice;
 pub use immediate::Immediate;
 pub use malloc::{MallocBacking, MallocDevice};
