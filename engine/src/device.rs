@@ -234,6 +234,11 @@ impl<P: Copy> InflightOps<P> {
         }
     }
 
+    /// Ops in flight on namespace `nsid`.
+    pub fn count_on(&self, nsid: u32) -> u32 {
+        self.per_namespace[nsid as usize - 1]
+    }
+
     /// Namespace `nsid` can take another op.
     pub fn has_room(&self, nsid: u32) -> bool {
         self.per_namespace[nsid as usize - 1] < self.depth

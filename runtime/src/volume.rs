@@ -55,6 +55,8 @@ struct HostRead {
 #[derive(Debug)]
 struct HostReads {
     slots: Vec<HostRead>,
+    /// Reads waiting for their writes to land (the pass skips the scan when there are none).
+    gated: usize,
     uses: Vec<u32>,
     free: Vec<u16>,
 }
@@ -73,6 +75,7 @@ impl HostReads {
                     data: Vec::new(),
                 })
                 .collect(),
+            gated: 0,
             uses: vec![0; HOST_READS_MAX],
             free: (0..HOST_READS_MAX as u16).rev().collect(),
         }
@@ -87,10 +90,6 @@ impl HostReads {
         self.slots
             .get_mut(Self::slot_of(token))
             .filter(|read| read.token != 0 && read.token == token)
-    }
-
-    fn live(&self) -> impl Iterator<Item = &HostRead> {
-        self.slots.iter().filter(|read| read.token != 0)
     }
 
     fn release(&mut self, token: u64) {
@@ -266,11 +265,7 @@ impl Volume {
 
     /// An op completes on the next poll with no fd to announce it, or a read waits its turn.
     pub fn needs_poll(&self) -> bool {
-        crate::node::devices_need_poll(&self.primaries)
-            || self
-                .reads
-                .live()
-                .any(|read| matches!(read.state, ReadState::Gated(_)))
+        crate::node::devices_need_poll(&self.primaries) || self.reads.gated > 0
     }
 
     /// The earliest time a primary needs a poll on a timer (held completions), if any.
@@ -279,6 +274,9 @@ impl Volume {
     }
 
     fn submit_ready_reads(&mut self) -> usize {
+        if self.reads.gated == 0 {
+            return 0;
+        }
         let landed = self.source.landed_through_seq();
         let mut work = 0;
         for read in self.reads.slots.iter_mut().filter(|read| read.token != 0) {
@@ -287,6 +285,7 @@ impl Volume {
                 _ => continue,
             }
             read.state = ReadState::Submitted;
+            self.reads.gated -= 1;
             self.primaries[read.nsid as usize - 1].submit(DeviceOp {
                 id: DeviceOpId(RUNTIME_OP_BIT | read.token),
                 nsid: read.nsid,
@@ -330,6 +329,7 @@ impl Volume {
         read.length_bytes = length_bytes;
         read.state = ReadState::Gated(gate);
         read.abandoned = false;
+        self.reads.gated += 1;
         Ok(Some(token))
     }
 
@@ -363,10 +363,13 @@ impl Volume {
         let Some(read) = self.reads.get(token) else {
             return;
         };
-        if read.state == ReadState::Submitted {
-            read.abandoned = true;
-        } else {
-            self.reads.release(token);
+        match read.state {
+            ReadState::Submitted => read.abandoned = true,
+            ReadState::Gated(_) => {
+                self.reads.gated -= 1;
+                self.reads.release(token);
+            }
+            ReadState::Done(_) => self.reads.release(token),
         }
     }
 

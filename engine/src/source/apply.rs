@@ -323,6 +323,9 @@ impl<M: RingStore> Source<M> {
 
     /// An op on `nsid` overlapping `start..end` is in flight.
     fn overlaps_inflight(&self, nsid: u32, start: u64, end: u64) -> bool {
+        if self.ops.count_on(nsid) == 0 {
+            return false;
+        }
         self.ops.iter().any(|(op_nsid, op)| {
             let (op_start, op_end) = op.range();
             op_nsid == nsid && op_start < end && start < op_end
