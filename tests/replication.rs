@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -133,37 +133,15 @@ fn verified_nvme_tcp_writes_reach_the_mirror_after_a_cp() {
     let source = write_config(&scratch, "source", "nvmf", port, "primary.img", 600_000);
     let mut text = std::fs::read_to_string(&source).unwrap();
     text = text.replace("ring_size_mib = 8\n", "ring_size_mib = 8\ncores = [0, 1]\n");
-    text.push_str(&format!(
-        "[target]\nlisten = [\"127.0.0.1:{target_port}\"]\ndiscovery_listen = []\n\
-         [[target.subsystem]]\nnqn = \"{nqn}\"\nallow_any_host = true\nnamespaces = [1, 2]\n"
-    ));
+    text.push_str(&target_section(target_port, nqn, "1, 2"));
     std::fs::write(&source, text).unwrap();
     let _destination = start_destination(&destination);
     let source_log = scratch.path("source.log");
-    let mut source_process = Process(
-        Command::new(BIN)
-            .args(["--config", source.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&source_log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let stdout = source_process.0.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let first = lines.next().unwrap().unwrap();
-    assert!(first.contains("replicating to"), "source said: {first}");
+    let (mut source_process, lines) = start_source(&source, &[], "info", &source_log);
 
     for (nsid, pattern) in [("1", "randwrite"), ("2", "write")] {
-        let mut perf = Command::new(perf_binary());
-        perf.args([
-            "--target",
-            &format!("127.0.0.1:{target_port}"),
-            "--nqn",
-            nqn,
-            "--nsid",
-            nsid,
-        ]);
+        let mut perf = perf_at(target_port, nqn);
+        perf.args(["--nsid", nsid]);
         perf.args([
             "--pattern",
             pattern,

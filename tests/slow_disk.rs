@@ -6,8 +6,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::*;
 
@@ -57,35 +56,14 @@ fn randwrite_on_slow_primary_and_mirror_stays_far_above_a_synchronous_path() {
     std::fs::write(&destination, text).unwrap();
     let source = scratch.path("source.toml");
     let mut text = faulty_config(&scratch, "source", port, "primary.img", DELAY_EVERY_OP);
-    text.push_str(&format!(
-        "[target]\nlisten = [\"127.0.0.1:{target_port}\"]\ndiscovery_listen = []\n\
-         [[target.subsystem]]\nnqn = \"{nqn}\"\nallow_any_host = true\nnamespaces = [1]\n"
-    ));
+    text.push_str(&target_section(target_port, nqn, "1"));
     std::fs::write(&source, text).unwrap();
     let _destination = start_destination(&destination);
     let source_log = scratch.path("source.log");
-    let mut source_process = Process(
-        Command::new(BIN)
-            .args(["--config", source.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&source_log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let stdout = source_process.0.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let first = lines.next().unwrap().unwrap();
-    assert!(first.contains("replicating to"), "source said: {first}");
+    let (_source_process, lines) = start_source(&source, &[], "info", &source_log);
     std::thread::spawn(move || lines.for_each(drop));
 
-    let mut perf = Command::new(perf_binary());
-    perf.args([
-        "--target",
-        &format!("127.0.0.1:{target_port}"),
-        "--nqn",
-        nqn,
-    ]);
+    let mut perf = perf_at(target_port, nqn);
     perf.args([
         "--pattern",
         "randwrite",
@@ -137,35 +115,19 @@ fn a_failing_mirror_fails_cps_that_are_sent_again_on_the_same_link() {
     std::fs::write(&destination, text).unwrap();
     let source = scratch.path("source.toml");
     let mut text = faulty_config(&scratch, "source", port, "primary.img", "");
-    text.push_str(&format!(
-        "[target]\nlisten = [\"127.0.0.1:{target_port}\"]\ndiscovery_listen = []\n\
-         [[target.subsystem]]\nnqn = \"{nqn}\"\nallow_any_host = true\nnamespaces = [1]\n"
-    ));
+    text.push_str(&target_section(target_port, nqn, "1"));
     std::fs::write(&source, text).unwrap();
     let _destination = start_destination(&destination);
     let source_log = scratch.path("source.log");
-    let mut source_process = Process(
-        Command::new(BIN)
-            .args(["--config", source.to_str().unwrap(), "--json"])
-            .env("RUST_LOG", "info,nvmirror_runtime::node=debug")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&source_log).unwrap())
-            .spawn()
-            .unwrap(),
+    let (mut source_process, lines) = start_source(
+        &source,
+        &["--json"],
+        "info,nvmirror_runtime::node=debug",
+        &source_log,
     );
-    let stdout = source_process.0.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let first = lines.next().unwrap().unwrap();
-    assert!(first.contains("replicating to"), "source said: {first}");
     let printed = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
 
-    let mut perf = Command::new(perf_binary());
-    perf.args([
-        "--target",
-        &format!("127.0.0.1:{target_port}"),
-        "--nqn",
-        nqn,
-    ]);
+    let mut perf = perf_at(target_port, nqn);
     perf.args([
         "--pattern",
         "randwrite",

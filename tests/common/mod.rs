@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use nvmirror_runtime::workload::{fill_payload, parse_ack_line, PlannedWrite};
@@ -126,6 +126,46 @@ pub fn start_destination(config: &Path) -> Process {
         "destination said: {line}"
     );
     Process(child)
+}
+
+/// The `[target]` section of a source exporting `namespaces` on 127.0.0.1:`port` to any host.
+pub fn target_section(port: u16, nqn: &str, namespaces: &str) -> String {
+    format!(
+        "[target]\nlisten = [\"127.0.0.1:{port}\"]\ndiscovery_listen = []\n\
+         [[target.subsystem]]\nnqn = \"{nqn}\"\nallow_any_host = true\nnamespaces = [{namespaces}]\n"
+    )
+}
+
+/// Starts a source with `args` after `--config`, logging at `rust_log` into `log`, and waits for
+/// its "replicating to" line; the rest of its stdout comes back to the caller.
+pub fn start_source(
+    config: &Path,
+    args: &[&str],
+    rust_log: &str,
+    log: &Path,
+) -> (Process, std::io::Lines<BufReader<ChildStdout>>) {
+    let mut process = Process(
+        Command::new(BIN)
+            .args(["--config", config.to_str().unwrap()])
+            .args(args)
+            .env("RUST_LOG", rust_log)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = process.0.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("replicating to"), "source said: {first}");
+    (process, lines)
+}
+
+/// `nvmirror-perf` aimed at subsystem `nqn` on 127.0.0.1:`port`; the caller adds the workload.
+pub fn perf_at(port: u16, nqn: &str) -> Command {
+    let mut perf = Command::new(perf_binary());
+    perf.args(["--target", &format!("127.0.0.1:{port}"), "--nqn", nqn]);
+    perf
 }
 
 pub fn run_to_end(mut command: Command) -> Output {
