@@ -6,6 +6,10 @@
 //! every write completed to a host before it arrived has landed there
 //! ([`nvmirror_engine::Source::read_gate`]); on a device that reads memory it is then served at
 //! once, otherwise it is a device op of its own whose completion the volume routes itself.
+//!
+//! The volume is the NVMe/TCP target's [`nvmirror_nvmf::Backend`] (a write's slot is its
+//! reserved NVRAM ring entry) and routes completions of queue pairs on other reactors
+//! ([`crate::remote::RemoteRouting`]); both impls live here, at the end of the file.
 
 use std::collections::VecDeque;
 
@@ -13,10 +17,11 @@ use nvmirror_engine::device::{
     BlockDevice, DeviceCompletion, DeviceError, DeviceOp, DeviceOpId, DeviceRequest, RUNTIME_OP_BIT,
 };
 use nvmirror_engine::geometry::SECTOR_SIZE;
-use nvmirror_engine::source::{ReadError, WriteId};
+use nvmirror_engine::source::{ReadError, WriteId, WriteRefused, WriteSlot};
+use nvmirror_nvmf::{Backend, BackendError, IoToken, NamespaceInfo};
 
 use crate::node::{Device, SourceEngine};
-use crate::remote::{RemoteRoutes, RemoteWaiter};
+use crate::remote::{RemoteRoutes, RemoteRouting, RemoteWaiter};
 use crate::ring_memory::RingMedium;
 
 /// Tokens of operations that complete at once (flush) live above every write id.
@@ -467,5 +472,164 @@ fn finish_host_read(
     }));
     if !remote.complete(token) {
         push_token(completed, token);
+    }
+}
+
+// ---- the volume behind the NVMe/TCP target ----------------------------------------------
+
+fn backend_error(refused: WriteRefused) -> BackendError {
+    match refused {
+        WriteRefused::Backpressure => BackendError::Busy,
+        WriteRefused::InvalidNamespace => BackendError::InvalidNamespace,
+        WriteRefused::OutOfRange | WriteRefused::InvalidLength => BackendError::OutOfRange,
+    }
+}
+
+fn read_error(error: ReadError) -> BackendError {
+    match error {
+        ReadError::InvalidNamespace => BackendError::InvalidNamespace,
+        ReadError::OutOfRange | ReadError::InvalidLength => BackendError::OutOfRange,
+        ReadError::Device(error) => {
+            log::error!("read from the primary failed: {error}");
+            BackendError::Io
+        }
+    }
+}
+
+/// A namespace's stable UUID: the volume id with the namespace id folded in.
+pub(crate) fn namespace_uuid(volume_id: [u8; 16], nsid: u32) -> [u8; 16] {
+    let mut uuid = volume_id;
+    for (byte, extra) in uuid[12..].iter_mut().zip(nsid.to_be_bytes()) {
+        *byte ^= extra;
+    }
+    // RFC 4122 variant and a "version 8" (custom) marker, so hosts see a well-formed UUID.
+    uuid[6] = (uuid[6] & 0x0f) | 0x80;
+    uuid[8] = (uuid[8] & 0x3f) | 0x80;
+    uuid
+}
+
+impl Backend for Volume {
+    type WriteSlot = WriteSlot;
+    /// Writes complete in ring order: a reserved entry holds back every later one until it is
+    /// committed, so nvmf reserves it only once the write's data is all in.
+    const ORDERED_WRITE_SLOTS: bool = true;
+
+    fn namespace(&self, nsid: u32) -> Option<NamespaceInfo> {
+        let sizes = self.source.namespace_sizes_bytes();
+        let size_bytes = *sizes.get((nsid as usize).checked_sub(1)?)?;
+        Some(NamespaceInfo {
+            size_bytes,
+            uuid: namespace_uuid(self.source.volume_id(), nsid),
+        })
+    }
+
+    fn reserve_write(
+        &mut self,
+        now_us: u64,
+        nsid: u32,
+        lba: u64,
+        length_bytes: u32,
+    ) -> Result<WriteSlot, BackendError> {
+        self.source
+            .reserve_write(now_us, nsid, lba, length_bytes)
+            .map_err(backend_error)
+    }
+
+    fn write_buffer(&mut self, slot: &WriteSlot) -> &mut [u8] {
+        self.source.write_buffer(slot)
+    }
+
+    fn fill_write(&mut self, slot: &WriteSlot, offset: usize, data: &[u8]) {
+        self.source.fill_write(slot, offset, data);
+    }
+
+    fn commit_write(&mut self, now_us: u64, slot: WriteSlot) -> IoToken {
+        let id = slot.id();
+        self.source.commit_write(now_us, slot);
+        IoToken(id.0)
+    }
+
+    fn commit_write_verified(&mut self, now_us: u64, slot: WriteSlot, data_crc: u32) -> IoToken {
+        let id = slot.id();
+        self.source.commit_write_verified(now_us, slot, data_crc);
+        IoToken(id.0)
+    }
+
+    fn abort_write(&mut self, now_us: u64, slot: WriteSlot) -> IoToken {
+        let id = slot.id();
+        self.source.abort_write(now_us, slot);
+        IoToken(id.0)
+    }
+
+    fn write_zeroes(
+        &mut self,
+        now_us: u64,
+        nsid: u32,
+        lba: u64,
+        length_bytes: u64,
+    ) -> Result<IoToken, BackendError> {
+        let id = self
+            .source
+            .write_zeroes(now_us, nsid, lba, length_bytes)
+            .map_err(backend_error)?;
+        Ok(IoToken(id.0))
+    }
+
+    fn read(&mut self, nsid: u32, lba: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.read_now(nsid, lba, buf).map_err(read_error)
+    }
+
+    /// A read goes to the primary once the writes it must see landed there: at once on a
+    /// memory device (`Ok(None)`, then [`Backend::read`]), else as a device op of its own.
+    fn start_read(
+        &mut self,
+        _now_us: u64,
+        nsid: u32,
+        lba: u64,
+        length_bytes: u32,
+    ) -> Result<Option<IoToken>, BackendError> {
+        match Volume::start_read(self, nsid, lba, length_bytes) {
+            Ok(token) => Ok(token.map(IoToken)),
+            Err(StartReadError::Busy) => Err(BackendError::Busy),
+            Err(StartReadError::Refused(error)) => Err(read_error(error)),
+        }
+    }
+
+    fn finish_read(&mut self, token: IoToken, buf: &mut [u8]) -> Result<(), BackendError> {
+        Volume::finish_read(self, token.0, buf).map_err(read_error)
+    }
+
+    fn abandon(&mut self, token: IoToken) {
+        self.abandon_read(token.0);
+    }
+
+    /// Completes once every write completed before it survives what the ring medium
+    /// promises ([`crate::volume::FlushPolicy`]): on a volatile ring, after a CP.
+    fn flush(&mut self, now_us: u64, nsid: u32) -> Result<IoToken, BackendError> {
+        // nvmf resolves the broadcast nsid to an attached namespace before calling.
+        if self.namespace(nsid).is_none() {
+            return Err(BackendError::InvalidNamespace);
+        }
+        match self.start_flush(now_us) {
+            Ok(token) => Ok(IoToken(token)),
+            Err(FlushError::Busy) => Err(BackendError::Busy),
+            Err(FlushError::Io(error)) => {
+                log::error!("flush: persisting the NVRAM ring failed: {error}");
+                Err(BackendError::Io)
+            }
+        }
+    }
+
+    fn poll_completion(&mut self) -> Option<IoToken> {
+        self.pop_token().map(IoToken)
+    }
+}
+
+impl RemoteRouting for Volume {
+    fn wait_remote(&mut self, token: IoToken, waiter: RemoteWaiter) {
+        Volume::wait_remote(self, token.0, waiter)
+    }
+    fn pop_remote_done(&mut self) -> Option<RemoteWaiter> {
+        Volume::pop_remote_done(self)
     }
 }

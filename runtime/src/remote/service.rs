@@ -11,25 +11,16 @@ use nvmirror_nvmf::{Backend, BackendError, IoToken, NamespaceInfo};
 use super::{
     Done, Op, OpKind, RemoteLink, RemoteRoutes, RemoteWaiter, REMOTE_ROUTES_RESERVED, REMOTE_SLOTS,
 };
-use crate::node::Volume;
+
 use crate::reactor::Doorbell;
 
 /// A backend whose write completions can be routed to queue pairs on other reactors: the
-/// replicated [`Volume`] and, for the unreplicated target, [`Routed`].
+/// replicated [`crate::volume::Volume`] and, for the unreplicated target, [`Routed`].
 pub trait RemoteRouting: Backend {
     /// Token `token`'s completion goes to `waiter` instead of [`Backend::poll_completion`].
     fn wait_remote(&mut self, token: IoToken, waiter: RemoteWaiter);
     /// The next routed completion.
     fn pop_remote_done(&mut self) -> Option<RemoteWaiter>;
-}
-
-impl RemoteRouting for Volume {
-    fn wait_remote(&mut self, token: IoToken, waiter: RemoteWaiter) {
-        Volume::wait_remote(self, token.0, waiter)
-    }
-    fn pop_remote_done(&mut self) -> Option<RemoteWaiter> {
-        Volume::pop_remote_done(self)
-    }
 }
 
 /// The engine's side: hands accepted connections round robin (this reactor first), executes
