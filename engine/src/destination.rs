@@ -571,11 +571,10 @@ impl<M: RingStore> Destination<M> {
         self.descriptors_applied = 0;
         self.cp_failed = false;
         self.commit_pending = None;
+        // Flushes of an abandoned commit still complete; with the session bumped they are not
+        // counted for the next one.
         self.session = self.session.wrapping_add(1);
-        if self.flushes_remaining > 0 {
-            // Flushes of the abandoned commit still complete; they are not this CP's.
-            self.flushes_remaining = 0;
-        }
+        self.flushes_remaining = 0;
         self.flushes_issued = 0;
         self.flush_failed = false;
     }

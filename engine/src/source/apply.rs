@@ -61,6 +61,11 @@ pub(crate) enum SourceOp {
 }
 
 impl SourceOp {
+    /// The op writes an entry of `half` to the primary.
+    pub(super) fn writes_half(&self, half: usize) -> bool {
+        matches!(*self, Self::Apply { half: h, .. } | Self::AbortedRead { half: h, .. } if usize::from(h) == half)
+    }
+
     /// The namespace byte range the op touches while in flight (empty for a flush).
     fn range(&self) -> (u64, u64) {
         match *self {

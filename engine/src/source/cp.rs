@@ -98,6 +98,11 @@ impl<M: RingStore> Source<M> {
             "the primary is durable before a CP completes"
         );
         assert_eq!(state.cp_number, cp_number);
+        assert!(
+            !self.ops.iter().any(|(_, op)| op.writes_half(half)),
+            "every entry of a completing CP landed on the primary (invariant 3)"
+        );
+        let state = &mut self.cps[half];
         let duration_us = now_us.saturating_sub(state.frozen_us);
         let last_seq =
             (state.first_seq + u64::from(self.ring.reserved_slots(half))).saturating_sub(1);
