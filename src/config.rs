@@ -17,6 +17,12 @@ pub const RING_MIB_MIN: u64 = 4;
 pub const RING_MIB_MAX: u64 = 16 * 1024;
 pub const RING_MIB_DEFAULT: u64 = 64;
 pub const CP_INTERVAL_MS_DEFAULT: u64 = 10_000;
+/// Where management sockets go by default (SPDK's is `/var/tmp/spdk.sock`).
+pub const RPC_SOCKET_DIR: &str = "/var/tmp";
+/// The embedded default's management socket.
+pub const RPC_SOCKET_EMBEDDED: &str = "/var/tmp/nvmirror.sock";
+/// `sun_path` holds 108 bytes with its terminating zero.
+pub const RPC_SOCKET_PATH_BYTES_MAX: usize = 107;
 pub use nvmirror_engine::source::{DEVICE_QUEUE_DEPTH_DEFAULT, DEVICE_QUEUE_DEPTH_MAX};
 
 fn default_device_queue_depth() -> u32 {
@@ -251,6 +257,8 @@ pub struct Config {
     pub namespaces: Vec<NamespaceConfig>,
     /// Source only: the NVMe/TCP target exporting the replicated namespaces to hosts.
     pub target: Option<TargetSection>,
+    /// The JSON-RPC management socket (default [`Config::rpc_socket_default`]).
+    pub rpc_socket: Option<PathBuf>,
 }
 
 /// `[target]`: listeners and subsystems of the embedded NVMe/TCP target.
@@ -463,6 +471,19 @@ impl Config {
         if self.volume.is_empty() || self.volume.len() > 64 {
             return Err(bad("volume", "must be 1 to 64 characters"));
         }
+        if self.volume.contains('/') {
+            return Err(bad("volume", "must not contain '/' (it names files)"));
+        }
+        if self
+            .rpc_socket
+            .as_ref()
+            .is_some_and(|path| path.as_os_str().len() > RPC_SOCKET_PATH_BYTES_MAX)
+        {
+            return Err(bad(
+                "rpc_socket",
+                format!("a Unix socket path has at most {RPC_SOCKET_PATH_BYTES_MAX} bytes"),
+            ));
+        }
         match self.role {
             Role::Source if self.peer.is_none() => {
                 return Err(bad(
@@ -580,6 +601,27 @@ impl Config {
     }
 
     /// The embedded default: what `nvmirror` with no arguments runs (one side of it).
+    /// Where the management socket is unless `rpc_socket` says: beside SPDK's default
+    /// (`/var/tmp/spdk.sock`), one per volume and role so a source and a destination of one
+    /// volume can run on one machine.
+    pub fn rpc_socket_default(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "{RPC_SOCKET_DIR}/nvmirror-{}-{}.sock",
+            self.volume,
+            match self.role {
+                Role::Source => "source",
+                Role::Destination => "destination",
+            }
+        ))
+    }
+
+    /// The management socket this config names or its default.
+    pub fn rpc_socket_path(&self) -> PathBuf {
+        self.rpc_socket
+            .clone()
+            .unwrap_or_else(|| self.rpc_socket_default())
+    }
+
     pub fn embedded_default(role: Role, replication: SocketAddr, core: usize) -> Config {
         Config {
             role,
@@ -598,6 +640,7 @@ impl Config {
             device_queue_depth: DEVICE_QUEUE_DEPTH_DEFAULT,
             namespaces: vec![NamespaceConfig::Malloc { size_mib: 256 }],
             target: (role == Role::Source).then(|| TargetSection::embedded_default(1)),
+            rpc_socket: Some(PathBuf::from(RPC_SOCKET_EMBEDDED)),
         }
     }
 }

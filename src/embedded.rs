@@ -48,6 +48,8 @@ enum Layout<F: FrontEnd + Send + 'static> {
 pub struct EmbeddedPair<F: FrontEnd + Send + 'static> {
     pub source_control: Arc<NodeControl>,
     pub destination_control: Arc<NodeControl>,
+    /// The control whose mailbox reaches the destination: its own, or the pair's on one reactor.
+    pub destination_commands: Arc<NodeControl>,
     pub replication_address: SocketAddr,
     layout: Layout<F>,
     /// Where the pair's rings may live; they hold nothing of value once the malloc namespaces are gone.
@@ -91,6 +93,7 @@ impl<F: FrontEnd + Send + 'static> EmbeddedPair<F> {
             } = setup::spawn_pair_on_one_reactor(source, destination, make_front_end)?;
             return Ok(EmbeddedPair {
                 source_control: pair.control.clone(),
+                destination_commands: pair.control.clone(),
                 destination_control,
                 replication_address,
                 layout: Layout::OneReactor(pair),
@@ -104,6 +107,7 @@ impl<F: FrontEnd + Send + 'static> EmbeddedPair<F> {
         Ok(EmbeddedPair {
             source_control: source.control.clone(),
             destination_control: destination.control.clone(),
+            destination_commands: destination.control.clone(),
             replication_address,
             layout: Layout::TwoReactors {
                 source,
@@ -141,6 +145,8 @@ pub struct Embedded {
     pub cores: Vec<usize>,
     pub listen: Option<std::net::SocketAddr>,
     pub discovery: Option<std::net::SocketAddr>,
+    /// The management socket (default [`crate::config::RPC_SOCKET_EMBEDDED`]).
+    pub rpc_socket: Option<std::path::PathBuf>,
 }
 
 impl Embedded {
@@ -172,11 +178,37 @@ pub fn run_embedded_default(embedded: &Embedded, json: bool) -> Result<(), Strin
         "nvmirror: embedded default running: source -> destination on {} (malloc namespaces). Ctrl-C stops.",
         pair.replication_address
     );
+    let management = crate::manage::start_server(
+        &embedded
+            .rpc_socket
+            .clone()
+            .unwrap_or_else(|| source_config.rpc_socket_path()),
+        &source_config.volume,
+        &[
+            ("source", &pair.source_control, &pair.source_control),
+            (
+                "destination",
+                &pair.destination_control,
+                &pair.destination_commands,
+            ),
+        ],
+    );
+    let _management = match management {
+        Ok(server) => server,
+        Err(e) => {
+            pair.stop()?;
+            return Err(e);
+        }
+    };
     serve::print_connect_lines(&source_config, &embedded.cores);
     let served = serve::serve_until_stopped(
         &[
-            ("source", &pair.source_control),
-            ("destination", &pair.destination_control),
+            ("source", &pair.source_control, &pair.source_control),
+            (
+                "destination",
+                &pair.destination_control,
+                &pair.destination_commands,
+            ),
         ],
         Some(&pair.source_control),
         &signals,

@@ -9,6 +9,7 @@ mod config;
 mod cores;
 mod demo;
 mod embedded;
+mod manage;
 mod promote;
 mod serve;
 mod setup;
@@ -38,6 +39,14 @@ usage:
                                     run a source with the seeded workload, exit once it is durable on both sides
   nvmirror sync --config FILE       start a source, replay its ring, resend, take a CP, exit when in sync
   nvmirror promote --config FILE    failover: replay a destination's log onto its mirror, bump the epoch
+  nvmirror status|stats [--socket PATH | --config FILE] [--json]
+                                    a running process's state / counters over its management socket
+                                    (JSON-RPC 2.0; default /var/tmp/nvmirror.sock, the embedded default's)
+  nvmirror cp [--wait] [--timeout-ms N] [--socket PATH | --config FILE]
+                                    start a consistency point; --wait returns once every write completed
+                                    before it is on both sides' namespaces
+  nvmirror rpc METHOD ['{\"param\": value}'] [--socket PATH | --config FILE]
+                                    call any management method (rpc_get_methods lists them)
   nvmirror version
 Signals: SIGINT/SIGTERM stop (a source first takes a last CP; counters are printed),\nSIGUSR1 prints the counters, SIGUSR2 starts a consistency point.
 Logging: RUST_LOG=debug|info|warn (default info).";
@@ -74,11 +83,13 @@ fn run(args: &[String]) -> Result<(), String> {
                     let cores = options.cores()?;
                     let listen = options.address("--listen")?;
                     let discovery = options.address("--discovery-listen")?;
+                    let rpc_socket = options.value("--rpc-socket")?.map(PathBuf::from);
                     options.finish()?;
                     let embedded = embedded::Embedded {
                         cores,
                         listen,
                         discovery,
+                        rpc_socket,
                     };
                     if unreplicated {
                         embedded::run_unreplicated_target(&embedded)
@@ -97,6 +108,10 @@ fn run(args: &[String]) -> Result<(), String> {
             let path = options.required("--config")?;
             options.finish()?;
             promote::promote(&Config::load(&path).map_err(|e| e.to_string())?)
+        }
+        Some(command @ ("status" | "stats" | "cp" | "rpc")) => {
+            let command = command.to_string();
+            manage::run_client(&command, &mut options)
         }
         Some("version") => {
             println!(
@@ -124,8 +139,20 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
                 "nvmirror destination: volume '{}' accepting the source on {address}",
                 config.volume
             );
+            let _management = manage::start_server(
+                &config.rpc_socket_path(),
+                &config.volume,
+                &[("destination", &running.control, &running.control)],
+            );
+            let _management = match _management {
+                Ok(server) => server,
+                Err(e) => {
+                    running.stop()?;
+                    return Err(e);
+                }
+            };
             let served = serve::serve_until_stopped(
-                &[("destination", &running.control)],
+                &[("destination", &running.control, &running.control)],
                 None,
                 &signals,
                 json,
@@ -152,9 +179,24 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
                 config.volume,
                 config.peer.expect("validated")
             );
+            let management = manage::start_server(
+                &config.rpc_socket_path(),
+                &config.volume,
+                &[("source", &running.control, &running.control)],
+            );
+            let _management = match management {
+                Ok(server) => server,
+                Err(e) => {
+                    running.stop()?;
+                    for reactor in queue_pair_reactors {
+                        reactor.stop()?;
+                    }
+                    return Err(e);
+                }
+            };
             serve::print_connect_lines(config, &config.cores);
             let served = serve::serve_until_stopped(
-                &[("source", &running.control)],
+                &[("source", &running.control, &running.control)],
                 Some(&running.control),
                 &signals,
                 json,
@@ -261,6 +303,12 @@ impl Options {
             .check_and_warn("--cores", &cores)
             .map_err(|reason| format!("--cores: {reason}"))?;
         Ok(cores)
+    }
+
+    /// The next word that is not an option (`nvmirror rpc METHOD PARAMS`).
+    pub fn positional(&mut self) -> Option<String> {
+        let position = self.rest.iter().position(|a| !a.starts_with("--"))?;
+        Some(self.rest.remove(position))
     }
 
     /// Rejects anything not consumed, so a typo never passes silently.

@@ -39,7 +39,7 @@ pub const FINAL_CP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 /// Runs until SIGINT/SIGTERM, printing counters on SIGUSR1. A source whose destination refuses
 /// the link for good (another volume, version or geometry; a stale epoch) stops with that reason.
 pub fn serve_until_stopped(
-    controls: &[(&str, &NodeControl)],
+    controls: &[crate::manage::Node],
     source: Option<&NodeControl>,
     signals: &Signals,
     json: bool,
@@ -55,13 +55,13 @@ pub fn serve_until_stopped(
             return Err(format!("replication stopped: {reason}"));
         }
         if signals.report.swap(false, Ordering::AcqRel) {
-            for (_, control) in controls {
-                if let Err(e) = control.send(Command::PublishCounters) {
+            for (_, _, commands) in controls {
+                if let Err(e) = commands.send(Command::PublishCounters) {
                     log::warn!("{e}");
                 }
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
-            for (side, control) in controls {
+            for (side, control, _) in controls {
                 if let Some(counters) = control.counters.lock().unwrap().as_ref() {
                     print_counters(side, counters, json);
                 }

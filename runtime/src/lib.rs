@@ -2,6 +2,7 @@
 pub mod bdev;
 pub mod hugepages;
 pub mod link;
+pub mod management;
 pub mod node;
 pub mod reactor;
 pub mod remote;

@@ -80,6 +80,24 @@ pub struct NodeControl {
     pub rejected: Mutex<Option<String>>,
     /// The latest counters, published on request and at shutdown.
     pub counters: Mutex<Option<Counters>>,
+    /// Counts publications of `counters` and `link`, so a reader can wait for a fresh one.
+    pub published: AtomicU64,
+    /// The replication link as of the last publication.
+    pub link: Mutex<LinkStatus>,
+    /// Source: `RequestCp` commands taken, and the CP number that makes every write completed
+    /// before the latest one durable on both sides (what `nvmirror_cp` waits for).
+    pub cp_requests_seen: AtomicU64,
+    pub cp_requested_number: AtomicU64,
+    /// Source: the last CP number durable on both sides.
+    pub cp_durable_number: AtomicU64,
+}
+
+/// The replication link of a node, as published.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinkStatus {
+    pub connected: bool,
+    pub connects: u64,
+    pub disconnects: u64,
 }
 
 impl NodeControl {
@@ -91,7 +109,23 @@ impl NodeControl {
             synced: AtomicBool::new(false),
             rejected: Mutex::new(None),
             counters: Mutex::new(None),
+            published: AtomicU64::new(0),
+            link: Mutex::new(LinkStatus::default()),
+            cp_requests_seen: AtomicU64::new(0),
+            cp_requested_number: AtomicU64::new(0),
+            cp_durable_number: AtomicU64::new(0),
         }))
+    }
+
+    /// Publishes a node's counters and link state (on the node's reactor).
+    pub fn publish(&self, counters: Counters, link: &Link) {
+        *self.counters.lock().unwrap() = Some(counters);
+        *self.link.lock().unwrap() = LinkStatus {
+            connected: link.is_connected(),
+            connects: link.counters.connects,
+            disconnects: link.counters.disconnects,
+        };
+        self.published.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn mailbox(&self) -> Arc<Mailbox<Command>> {
@@ -257,7 +291,8 @@ impl<F: FrontEnd> SourceNode<F> {
     }
 
     pub fn publish_counters(&self) {
-        *self.control.counters.lock().unwrap() = Some(*self.volume.source.counters());
+        self.control
+            .publish(*self.volume.source.counters(), &self.link);
     }
 }
 
@@ -306,7 +341,17 @@ impl<F: FrontEnd> Poller for SourceNode<F> {
 impl<F: FrontEnd> Node for SourceNode<F> {
     fn handle_command(&mut self, now_us: u64, command: Command) {
         match command {
-            Command::RequestCp => self.volume.source.request_cp(now_us),
+            Command::RequestCp => {
+                let source = &mut self.volume.source;
+                source.request_cp(now_us);
+                self.control
+                    .cp_requested_number
+                    .store(source.cp_for_completed_writes(), Ordering::Release);
+                self.control
+                    .cp_durable_number
+                    .fetch_max(source.cp_completed(), Ordering::AcqRel);
+                self.control.cp_requests_seen.fetch_add(1, Ordering::AcqRel);
+            }
             Command::PublishCounters => self.publish_counters(),
             Command::Finish => self.finishing = true,
         }
@@ -328,6 +373,9 @@ impl<F: FrontEnd> SourceNode<F> {
             SourceEvent::WriteCompleted(id) => self.volume.push_completed(id),
             SourceEvent::CpCompleted { cp_number, .. } => {
                 log::debug!("source: CP {cp_number} durable on both sides");
+                self.control
+                    .cp_durable_number
+                    .fetch_max(cp_number, Ordering::AcqRel);
                 self.control.cp_completed.fetch_add(1, Ordering::Release);
             }
             SourceEvent::LinkReady => log::info!("source: replication link ready"),
@@ -407,7 +455,8 @@ impl DestinationNode {
     }
 
     pub fn publish_counters(&self) {
-        *self.control.counters.lock().unwrap() = Some(*self.destination.counters());
+        self.control
+            .publish(*self.destination.counters(), &self.link);
     }
 }
 

@@ -65,7 +65,7 @@ pub fn write_config(
     let address = if role == "source" { "peer" } else { "listen" };
     let text = format!(
         "role = \"{role}\"\nvolume = \"{volume}\"\n{address} = \"127.0.0.1:{port}\"\n\
-         hugepage_dir = \"{dir}\"\nfallback_dir = \"{dir}\"\nring_size_mib = 8\ncp_interval_ms = {cp_interval_ms}\n\
+         hugepage_dir = \"{dir}\"\nfallback_dir = \"{dir}\"\nring_size_mib = 8\ncp_interval_ms = {cp_interval_ms}\nrpc_socket = \"{dir}/{role}.sock\"\n\
          [[namespace]]\nkind = \"file\"\npath = \"{image}\"\nsize_mib = {NAMESPACE_MIB}\n\
          [[namespace]]\nkind = \"file\"\npath = \"{image}.2\"\nsize_mib = {NAMESPACE_MIB}\n",
         dir = scratch.0.display(),
