@@ -105,13 +105,19 @@ pub struct Args {
     pub json: bool,
     /// Limit of the LBA range exercised, from LBA 0; `None` = the whole namespace.
     pub lba_range_bytes: Option<u64>,
+    /// Verify mode: where to write, when the run ends for any reason (a killed target
+    /// included), what was acknowledged per block (see `ack_state.rs`).
+    pub ack_state: Option<std::path::PathBuf>,
 }
 
 pub const USAGE: &str =
     "usage: nvmirror-perf --target ADDR:PORT --nqn NQN [--hostnqn NQN] [--queue-depth 32]
   [--io-size 4096] [--pattern read|write|randread|randwrite|rw|randrw] [--read-percent 70]
   [--time-s 10] [--warmup-s 1] [--connections 1] [--nsid 1] [--header-digest] [--data-digest]
-  [--disable-sq-flow-control] [--verify] [--seed N] [--core N] [--json] [--lba-range-bytes N]";
+  [--disable-sq-flow-control] [--verify [--ack-state FILE]] [--seed N] [--core N] [--json]
+  [--lba-range-bytes N]
+       nvmirror-perf check-image --ack-state FILE --image PATH
+  (an image of the namespace holds every acknowledged write of the run, none older, none torn)";
 
 /// Parses the arguments after the program name.
 pub fn parse<I: IntoIterator<Item = String>>(arguments: I) -> Result<Args, String> {
@@ -137,6 +143,7 @@ pub fn parse<I: IntoIterator<Item = String>>(arguments: I) -> Result<Args, Strin
         core: None,
         json: false,
         lba_range_bytes: None,
+        ack_state: None,
     };
     let mut iter = arguments.into_iter();
     while let Some(option) = iter.next() {
@@ -180,6 +187,7 @@ pub fn parse<I: IntoIterator<Item = String>>(arguments: I) -> Result<Args, Strin
                 args.lba_range_bytes =
                     Some(number("--lba-range-bytes", &value("--lba-range-bytes")?)?)
             }
+            "--ack-state" => args.ack_state = Some(value("--ack-state")?.into()),
             "--help" | "-h" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown option {other}\n{USAGE}")),
         }
@@ -236,6 +244,11 @@ fn validate(args: &Args) -> Result<(), String> {
         return Err(format!(
             "--nqn/--hostnqn: must be 1..={NQN_BYTES_MAX} bytes"
         ));
+    }
+    if args.ack_state.is_some() && !args.verify {
+        return Err(
+            "--ack-state needs --verify (only verify writes say which write they are)".into(),
+        );
     }
     if let Some(range) = args.lba_range_bytes {
         if range < u64::from(io_size) {

@@ -7,6 +7,7 @@
 //! or one JSON line with `--json`. Exit codes: 0 ok, 1 I/O errors or verify mismatches, 2 bad
 //! usage, 3 the target could not be reached or broke the protocol.
 
+mod ack_state;
 mod cli;
 mod controller;
 mod histogram;
@@ -30,7 +31,11 @@ const EXIT_FAILURE: u8 = 3;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let args = match cli::parse(std::env::args().skip(1)) {
+    let arguments: Vec<String> = std::env::args().skip(1).collect();
+    if arguments.first().map(String::as_str) == Some("check-image") {
+        return check_image(&arguments[1..]);
+    }
+    let args = match cli::parse(arguments) {
         Ok(args) => args,
         Err(message) => {
             eprintln!("{message}");
@@ -177,9 +182,48 @@ fn plan(args: &Args, controller: &mut Controller) -> Result<RunConfig, String> {
         warmup: Duration::from_secs(u64::from(args.warmup_s)),
         measured: Duration::from_secs(u64::from(args.time_s)),
         verify: args.verify,
+        ack_state: args.ack_state.clone(),
         seed: args.seed,
         run_id: run_id(args.seed),
     })
+}
+
+/// `check-image --ack-state FILE --image PATH`: one JSON line of what the image holds; exit 1 when
+/// an acknowledged write is lost, a block is torn or stale.
+fn check_image(arguments: &[String]) -> ExitCode {
+    let mut state = None;
+    let mut image = None;
+    let mut iter = arguments.iter();
+    while let Some(option) = iter.next() {
+        match (option.as_str(), iter.next()) {
+            ("--ack-state", Some(path)) => state = Some(std::path::PathBuf::from(path)),
+            ("--image", Some(path)) => image = Some(std::path::PathBuf::from(path)),
+            _ => {
+                eprintln!("usage: nvmirror-perf check-image --ack-state FILE --image PATH");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        }
+    }
+    let (Some(state), Some(image)) = (state, image) else {
+        eprintln!("usage: nvmirror-perf check-image --ack-state FILE --image PATH");
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let checked =
+        ack_state::AckState::load(&state).and_then(|state| ack_state::check_image(&state, &image));
+    match checked {
+        Ok(check) => {
+            println!("{}", check.json());
+            if check.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_IO_ERRORS)
+            }
+        }
+        Err(message) => {
+            eprintln!("nvmirror-perf check-image: {message}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
 }
 
 /// A per-run identifier stamped into verify sectors: data left by any other run fails the check.

@@ -37,6 +37,8 @@ pub struct RunConfig {
     pub warmup: Duration,
     pub measured: Duration,
     pub verify: bool,
+    /// Verify mode: where the acknowledged state goes when the run ends, however it ends.
+    pub ack_state: Option<std::path::PathBuf>,
     pub seed: u64,
     pub run_id: u64,
 }
@@ -158,10 +160,35 @@ impl Runner {
     }
 
     /// Runs every phase; returns the per-connection statistics and the queue pairs for closing.
+    /// With `ack_state`, what was acknowledged is saved whether the phases finished or the target
+    /// went away (a crash test kills it on purpose).
     pub fn run(
         mut self,
         controller: &mut Controller,
     ) -> Result<(Vec<ConnectionStats>, Vec<QueuePair>), RunError> {
+        let phases = self.run_phases(controller);
+        if let (Some(path), Some(table)) = (&self.config.ack_state, &self.table) {
+            let state = crate::ack_state::AckState {
+                run_id: self.config.run_id,
+                io_size_bytes: self.config.io_size_bytes,
+                block_count: self.config.block_count,
+                blocks: table.ack_state().collect(),
+            };
+            if let Err(e) = state.save(path) {
+                log::error!("{e}");
+            }
+        }
+        phases?;
+        let mut stats = Vec::new();
+        let mut queues = Vec::new();
+        for connection in self.connections {
+            stats.push(connection.stats);
+            queues.push(connection.queue);
+        }
+        Ok((stats, queues))
+    }
+
+    fn run_phases(&mut self, controller: &mut Controller) -> Result<(), RunError> {
         if self.config.verify {
             let sweep = Workload::sweep(IoKind::Write, self.config.block_count);
             self.drive(
@@ -186,13 +213,7 @@ impl Runner {
                 None,
             )?;
         }
-        let mut stats = Vec::new();
-        let mut queues = Vec::new();
-        for connection in self.connections {
-            stats.push(connection.stats);
-            queues.push(connection.queue);
-        }
-        Ok((stats, queues))
+        Ok(())
     }
 
     /// Polls until the source is exhausted (sweep) or the timed phase from `timed_start` ended,

@@ -135,6 +135,14 @@ fn read_sector(sector: &[u8]) -> Found {
     })
 }
 
+/// The stamp of a sector this tool wrote, `None` for anything else.
+pub fn read_stamp(sector: &[u8]) -> Option<SectorStamp> {
+    match read_sector(sector) {
+        Found::Stamp(stamp) => Some(stamp),
+        Found::Garbage { .. } => None,
+    }
+}
+
 /// Checks every sector of a read of `buffer` at `first_lba` against the expected write.
 /// The CRC covers the filler, so a correct stamp with wrong filler is reported as garbage.
 pub fn check_block(
@@ -163,12 +171,17 @@ pub fn check_block(
     Ok(())
 }
 
-/// Per I/O block: the latest completed write's sequence (0 = not written in this run) and a busy bit.
+/// Per I/O block: the latest completed write's sequence (0 = not written in this run) and a busy bit;
+/// for `--ack-state`, also the latest acknowledged and the latest issued write.
 #[derive(Debug)]
 pub struct VerifyTable {
     sequences: Vec<u64>,
     busy: Vec<bool>,
     sequence_next: u64,
+    /// The latest write the target acknowledged (0: none).
+    acked: Vec<u64>,
+    /// The latest write issued (acknowledged, failed or in flight; 0: none).
+    attempted: Vec<u64>,
 }
 
 impl VerifyTable {
@@ -179,6 +192,8 @@ impl VerifyTable {
             sequences: vec![0; count],
             busy: vec![false; count],
             sequence_next: 1,
+            acked: vec![0; count],
+            attempted: vec![0; count],
         }
     }
 
@@ -192,6 +207,7 @@ impl VerifyTable {
         self.busy[block as usize] = true;
         let sequence = self.sequence_next;
         self.sequence_next += 1;
+        self.attempted[block as usize] = sequence;
         sequence
     }
 
@@ -207,6 +223,19 @@ impl VerifyTable {
         assert!(self.busy[block as usize]);
         self.busy[block as usize] = false;
         self.sequences[block as usize] = sequence.unwrap_or(UNKNOWN);
+        if let Some(sequence) = sequence {
+            self.acked[block as usize] = sequence;
+        }
+    }
+
+    /// What a crash check needs: per block written in this run, (block, acked, attempted).
+    pub fn ack_state(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        self.attempted
+            .iter()
+            .zip(&self.acked)
+            .enumerate()
+            .filter(|(_, (attempted, _))| **attempted != 0)
+            .map(|(block, (attempted, acked))| (block as u64, *acked, *attempted))
     }
 
     pub fn end_read(&mut self, block: u64) {
