@@ -189,7 +189,7 @@ impl Backend for DeferredZeroesBackend {
             .inner
             .write_zeroes(0, done.nsid, done.lba, done.length_bytes)
             .expect("checked when accepted");
-        Some(done.token)
+        Some((done.token, Ok(())))
     }
 }
 
