@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use nvmirror_engine::PeerLossPolicy;
 use nvmirror_runtime::bdev::{FaultAction, FaultOps, FaultRule};
 use nvmirror_runtime::ring_memory::RingMedium;
 use serde::Deserialize;
@@ -23,6 +24,17 @@ pub const RPC_SOCKET_DIR: &str = "/var/tmp";
 pub const RPC_SOCKET_EMBEDDED: &str = "/var/tmp/nvmirror.sock";
 /// `sun_path` holds 108 bytes with its terminating zero.
 pub const RPC_SOCKET_PATH_BYTES_MAX: usize = 107;
+/// `peer_timeout_ms`: silence (no heartbeat, no ack) for this long means the peer is lost.
+pub const PEER_TIMEOUT_MS_DEFAULT: u64 = nvmirror_engine::PEER_TIMEOUT_US_DEFAULT / 1000;
+/// Below this a busy reactor or a scheduling hiccup (heartbeats go every quarter of it) would
+/// look like a lost peer.
+pub const PEER_TIMEOUT_MS_MIN: u64 = 200;
+/// Above this a lost peer holds host writes longer than any host's I/O timeout (Linux: 30 s).
+pub const PEER_TIMEOUT_MS_MAX: u64 = 60_000;
+const _: () = assert!(
+    PEER_TIMEOUT_MS_MIN <= PEER_TIMEOUT_MS_DEFAULT
+        && PEER_TIMEOUT_MS_DEFAULT <= PEER_TIMEOUT_MS_MAX
+);
 pub use nvmirror_engine::source::{DEVICE_QUEUE_DEPTH_DEFAULT, DEVICE_QUEUE_DEPTH_MAX};
 
 fn default_device_queue_depth() -> u32 {
@@ -76,6 +88,30 @@ impl RingMediumConfig {
             RingMediumConfig::Hugetlbfs => RingMedium::Hugetlbfs,
             RingMediumConfig::File => RingMedium::File,
             RingMediumConfig::Dax => RingMedium::Dax,
+        }
+    }
+}
+
+/// `peer_loss_policy`: what a source does with host writes while its destination is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerLossPolicyConfig {
+    /// Writes are held until the destination returns (the default).
+    Suspend,
+    /// Writes fail with a path error once the destination is lost; reads are served.
+    Fail,
+    /// Writes continue on the source alone: not implemented yet (it needs the persistent dirty
+    /// bitmap and resync); refused at start with that reason.
+    Degrade,
+}
+
+impl PeerLossPolicyConfig {
+    /// The engine's policy; `degrade` does not exist yet.
+    pub fn policy(self) -> Option<PeerLossPolicy> {
+        match self {
+            PeerLossPolicyConfig::Suspend => Some(PeerLossPolicy::Suspend),
+            PeerLossPolicyConfig::Fail => Some(PeerLossPolicy::Fail),
+            PeerLossPolicyConfig::Degrade => None,
         }
     }
 }
@@ -253,6 +289,12 @@ pub struct Config {
     /// Device operations in flight per namespace at most (primary or mirror).
     #[serde(default = "default_device_queue_depth")]
     pub device_queue_depth: u32,
+    /// Both roles: the peer is lost after this long without a word from it (heartbeats go every
+    /// quarter of it). Configure both sides alike.
+    #[serde(default = "default_peer_timeout")]
+    pub peer_timeout_ms: u64,
+    /// Source only: what host writes do while the destination is lost (default `suspend`).
+    pub peer_loss_policy: Option<PeerLossPolicyConfig>,
     #[serde(rename = "namespace")]
     pub namespaces: Vec<NamespaceConfig>,
     /// Source only: the NVMe/TCP target exporting the replicated namespaces to hosts.
@@ -417,6 +459,9 @@ fn default_idle() -> IdleConfig {
 fn default_cp_interval() -> u64 {
     CP_INTERVAL_MS_DEFAULT
 }
+fn default_peer_timeout() -> u64 {
+    PEER_TIMEOUT_MS_DEFAULT
+}
 fn default_cp_mode() -> CpModeConfig {
     CpModeConfig::References
 }
@@ -517,6 +562,30 @@ impl Config {
         if self.cp_interval_ms == 0 || self.cp_interval_ms > 3_600_000 {
             return Err(bad("cp_interval_ms", "must be from 1 ms to one hour"));
         }
+        if !(PEER_TIMEOUT_MS_MIN..=PEER_TIMEOUT_MS_MAX).contains(&self.peer_timeout_ms) {
+            return Err(bad(
+                "peer_timeout_ms",
+                format!(
+                    "must be from {PEER_TIMEOUT_MS_MIN} to {PEER_TIMEOUT_MS_MAX} ms, got {}",
+                    self.peer_timeout_ms
+                ),
+            ));
+        }
+        match (self.peer_loss_policy, self.role) {
+            (Some(PeerLossPolicyConfig::Degrade), _) => {
+                return Err(bad(
+                    "peer_loss_policy",
+                    "\"degrade\" is not implemented yet (it needs the persistent dirty bitmap \
+                     and resync); use \"suspend\" (hold writes until the destination returns) \
+                     or \"fail\" (fail writes with a path error)",
+                ))
+            }
+            (Some(_), Role::Destination) => return Err(bad(
+                "peer_loss_policy",
+                "only a source has a peer-loss policy (its host writes wait for the destination)",
+            )),
+            _ => {}
+        }
         if !(1..=DEVICE_QUEUE_DEPTH_MAX).contains(&self.device_queue_depth) {
             return Err(bad(
                 "device_queue_depth",
@@ -576,6 +645,14 @@ impl Config {
             .ring_medium
             .map_or(RingMedium::Hugetlbfs, RingMediumConfig::medium);
         medium.volatile_write_cache(ENTRIES_PERSISTED_BEFORE_ACK)
+    }
+
+    /// The source's peer-loss policy (validated: never `degrade`).
+    pub fn peer_loss_policy(&self) -> PeerLossPolicy {
+        self.peer_loss_policy
+            .unwrap_or(PeerLossPolicyConfig::Suspend)
+            .policy()
+            .expect("validated: degrade is refused at start")
     }
 
     /// The 16-byte volume identity both sides compare in the handshake: derived from the name.
@@ -638,6 +715,8 @@ impl Config {
             cp_interval_ms: CP_INTERVAL_MS_DEFAULT,
             cp_mode: CpModeConfig::References,
             device_queue_depth: DEVICE_QUEUE_DEPTH_DEFAULT,
+            peer_timeout_ms: PEER_TIMEOUT_MS_DEFAULT,
+            peer_loss_policy: None,
             namespaces: vec![NamespaceConfig::Malloc { size_mib: 256 }],
             target: (role == Role::Source).then(|| TargetSection::embedded_default(1)),
             rpc_socket: Some(PathBuf::from(RPC_SOCKET_EMBEDDED)),
@@ -739,6 +818,47 @@ size_mib = 16
         assert_eq!(depth(1025).unwrap_err().key, "device_queue_depth");
         assert_eq!(depth(64).unwrap().device_queue_depth, 64);
         assert_eq!(Config::parse(SOURCE).unwrap().device_queue_depth, 32);
+    }
+
+    #[test]
+    fn peer_timeout_and_loss_policy_parse_and_are_checked() {
+        let with = |lines: &str| Config::parse(&format!("{lines}\n{SOURCE}"));
+        let default = with("").unwrap();
+        assert_eq!(default.peer_timeout_ms, 3000);
+        assert_eq!(default.peer_loss_policy(), PeerLossPolicy::Suspend);
+        let fail = with("peer_loss_policy = \"fail\"\npeer_timeout_ms = 1000").unwrap();
+        assert_eq!(fail.peer_loss_policy(), PeerLossPolicy::Fail);
+        assert_eq!(fail.peer_timeout_ms, 1000);
+        let suspend = with("peer_loss_policy = \"suspend\"").unwrap();
+        assert_eq!(suspend.peer_loss_policy(), PeerLossPolicy::Suspend);
+        for timeout in [0, PEER_TIMEOUT_MS_MIN - 1, PEER_TIMEOUT_MS_MAX + 1] {
+            let error = with(&format!("peer_timeout_ms = {timeout}")).unwrap_err();
+            assert_eq!(error.key, "peer_timeout_ms", "{error}");
+            assert!(error.reason.contains("200 to 60000"), "{error}");
+        }
+        let degrade = with("peer_loss_policy = \"degrade\"").unwrap_err();
+        assert_eq!(degrade.key, "peer_loss_policy");
+        assert!(degrade.reason.contains("not implemented yet"), "{degrade}");
+        let unknown = with("peer_loss_policy = \"panic\"").unwrap_err();
+        assert_eq!(unknown.key, "peer_loss_policy");
+        assert!(
+            unknown.reason.contains("suspend") && unknown.reason.contains("fail"),
+            "{unknown}"
+        );
+        let wrong_type = with("peer_timeout_ms = \"3s\"").unwrap_err();
+        assert_eq!(wrong_type.key, "peer_timeout_ms");
+        let destination = SOURCE
+            .replace("role = \"source\"", "role = \"destination\"")
+            .replace("peer = ", "listen = ");
+        let policy_on_destination =
+            Config::parse(&format!("peer_loss_policy = \"fail\"\n{destination}")).unwrap_err();
+        assert_eq!(policy_on_destination.key, "peer_loss_policy");
+        assert_eq!(
+            Config::parse(&format!("peer_timeout_ms = 500\n{destination}"))
+                .unwrap()
+                .peer_timeout_ms,
+            500
+        );
     }
 
     #[test]

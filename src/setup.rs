@@ -135,6 +135,8 @@ pub fn open_source(config: &Config) -> Result<(SourceEngine, Vec<Device>), Strin
             CpModeConfig::Naive => CpMode::Naive,
         },
         device_queue_depth: config.device_queue_depth,
+        peer_timeout_us: config.peer_timeout_ms * 1000,
+        peer_loss_policy: config.peer_loss_policy(),
     };
     let ring = open_ring(config)?;
     let primaries = open_namespaces(config)?;
@@ -145,6 +147,12 @@ pub fn open_source(config: &Config) -> Result<(SourceEngine, Vec<Device>), Strin
         reactor::monotonic_us(),
     )
     .map_err(|e| format!("source: {e}"))?;
+    log::info!(
+        "source: the destination is lost after {} ms without a word from it \
+         (peer_timeout_ms); then peer_loss_policy = \"{}\" applies",
+        config.peer_timeout_ms,
+        config.peer_loss_policy().name()
+    );
     if recovery.formatted {
         log::info!(
             "source: new NVRAM ring formatted (epoch {})",
@@ -171,6 +179,7 @@ pub fn open_destination(
         DestinationConfig {
             volume_id: config.volume_id(),
             device_queue_depth: config.device_queue_depth,
+            peer_timeout_us: config.peer_timeout_ms * 1000,
         },
         ring,
         &sizes(&mirrors),

@@ -49,6 +49,19 @@ fn command_specific_name(sc: u8) -> Option<&'static str> {
     })
 }
 
+fn path_name(sc: u8) -> Option<&'static str> {
+    Some(match sc {
+        0x00 => "Internal Path Error",
+        0x01 => "Asymmetric Access Persistent Loss",
+        0x02 => "Asymmetric Access Inaccessible",
+        0x03 => "Asymmetric Access Transition",
+        0x60 => "Controller Pathing Error",
+        0x70 => "Host Pathing Error",
+        0x71 => "Command Aborted By Host",
+        _ => return None,
+    })
+}
+
 fn media_name(sc: u8) -> Option<&'static str> {
     Some(match sc {
         0x80 => "Write Fault",
@@ -65,7 +78,7 @@ pub fn describe_status(status: &Status) -> String {
         StatusCodeType::Generic => ("Generic", generic_name(status.sc)),
         StatusCodeType::CommandSpecific => ("Command Specific", command_specific_name(status.sc)),
         StatusCodeType::MediaError => ("Media and Data Integrity", media_name(status.sc)),
-        StatusCodeType::PathRelated => ("Path Related", None),
+        StatusCodeType::PathRelated => ("Path Related", path_name(status.sc)),
         StatusCodeType::VendorSpecific => ("Vendor Specific", None),
         StatusCodeType::Reserved(_) => ("Reserved", None),
     };

@@ -37,10 +37,20 @@ pub struct Counters {
     /// Destination: bytes of mirror-namespace writes that completed successfully (4 KiB per
     /// applied descriptor); over `host_bytes_written` it is the coalescing CPs give.
     pub mirror_bytes_written: u64,
+    /// Times the peer was declared lost (silence, an overdue ack, no handshake in time).
+    pub peer_lost_count: u64,
+    /// Source: handshakes that ended a loss.
+    pub peer_return_count: u64,
+    /// Source: 0 connected, 1 disconnected (within the peer timeout), 2 lost.
+    pub peer_state: u64,
+    /// Heartbeats sent.
+    pub heartbeat_count: u64,
+    /// Source: host writes completed with a path error (peer lost, `fail` policy).
+    pub write_failed_count: u64,
 }
 
 impl Counters {
-    fn fields(&self) -> [(&'static str, u64); 22] {
+    fn fields(&self) -> [(&'static str, u64); 27] {
         [
             ("host_write_count", self.host_write_count),
             ("host_bytes_written", self.host_bytes_written),
@@ -64,6 +74,11 @@ impl Counters {
             ("device_error_count", self.device_error_count),
             ("cp_failure_count", self.cp_failure_count),
             ("mirror_bytes_written", self.mirror_bytes_written),
+            ("peer_lost_count", self.peer_lost_count),
+            ("peer_return_count", self.peer_return_count),
+            ("peer_state", self.peer_state),
+            ("heartbeat_count", self.heartbeat_count),
+            ("write_failed_count", self.write_failed_count),
         ]
     }
 
@@ -110,14 +125,15 @@ mod tests {
         counters.record_cp_duration(50);
         counters.record_cp_duration(20);
         let text = counters.to_text();
-        assert_eq!(text.lines().count(), 22);
+        assert_eq!(text.lines().count(), 27);
         assert!(text.starts_with("host_write_count 3\n"));
         assert!(text.contains("cp_duration_us_max 50\ncp_duration_us_last 20\n"));
         let json = counters.to_json();
         assert!(json.starts_with("{\"host_write_count\":3,"));
         assert!(json.ends_with(
             "\"backpressure_count\":1,\"device_error_count\":0,\"cp_failure_count\":0,\
-             \"mirror_bytes_written\":0}"
+             \"mirror_bytes_written\":0,\"peer_lost_count\":0,\"peer_return_count\":0,\
+             \"peer_state\":0,\"heartbeat_count\":0,\"write_failed_count\":0}"
         ));
         assert!(json.contains("\"cp_count\":2,"));
     }

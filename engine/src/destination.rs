@@ -7,7 +7,8 @@
 //! is connection-fatal: flush the send queue best-effort, e.g. a queued Reject, then close);
 //! submit every `poll_device_op` to its mirror namespace and hand each completion to
 //! `handle_device_completion`; `tx_iovecs` + `tx_advance`; drain `poll_event`;
-//! `handle_disconnected` when the link drops. Mirror writes and flushes are device ops
+//! `handle_tick` every loop (heartbeats, the silence deadline) and close the link whenever
+//! `poll_link_close` says so; `handle_disconnected` when the link drops. Mirror writes and flushes are device ops
 //! (`mirror`): a slow mirror never delays a TransferAck, and a failing one fails the CP
 //! (CpFailed; the source sends it again), never the link.
 //!
@@ -30,6 +31,7 @@ use crate::geometry::{
     half_of_cp, round_down, BLOCK_SIZE, DESCRIPTORS_PER_TABLE, OUT_INLINE_BYTES, SECTOR_SIZE,
     TABLE_DATA_BLOCKS_MAX,
 };
+use crate::liveness::{Liveness, PeerLostReason};
 use crate::open::{check_namespaces, open_or_format};
 use crate::promotion::Promotion;
 use crate::ring::{EntryRequest, NvramRing, RingStore};
@@ -47,6 +49,8 @@ pub struct DestinationConfig {
     pub volume_id: [u8; 16],
     /// Device ops in flight per mirror namespace at most.
     pub device_queue_depth: u32,
+    /// Silence for this long means the source is lost ([`crate::liveness`]).
+    pub peer_timeout_us: u64,
 }
 
 /// What the destination tells the runtime.
@@ -58,6 +62,8 @@ pub enum DestinationEvent {
     PeerRejected(String),
     /// A mirror op failed (the CP it belongs to fails and is sent again).
     DeviceFault(crate::source::DeviceFault),
+    /// The source went silent for a peer timeout: its connection is closed (it reconnects).
+    PeerLost(PeerLostReason),
 }
 
 /// The destination state machine over ring memory `M`; its mirror namespaces are the
@@ -103,6 +109,10 @@ pub struct Destination<M> {
     hello_ack_pending: bool,
     /// Per namespace: a failure was logged and no op has succeeded since.
     failing: Vec<bool>,
+    /// Heartbeats and the silence deadline of the current connection.
+    liveness: Liveness,
+    /// Bytes handed to the socket (the heartbeat clock watches it).
+    sent_bytes: u64,
 }
 
 /// Data blocks the destination stages: a full window of tables.
@@ -163,10 +173,22 @@ impl<M: RingStore> Destination<M> {
             session: 0,
             hello_ack_pending: false,
             failing: vec![false; namespaces],
+            liveness: Liveness::new(config.peer_timeout_us),
+            sent_bytes: 0,
         })
     }
 
-    pub fn handle_connected(&mut self, _now_us: u64) {
+    pub fn handle_connected(&mut self, now_us: u64) {
+        self.reset_session();
+        self.liveness.on_connected(now_us, self.sent_bytes);
+    }
+
+    pub fn handle_disconnected(&mut self, _now_us: u64) {
+        self.reset_session();
+        self.liveness.on_disconnected();
+    }
+
+    fn reset_session(&mut self) {
         self.out.clear();
         self.in_session = false;
         self.pending_ack = None;
@@ -174,14 +196,49 @@ impl<M: RingStore> Destination<M> {
         self.restart_cp();
     }
 
-    pub fn handle_disconnected(&mut self, now_us: u64) {
-        self.handle_connected(now_us);
+    /// Every loop: a source silent for a whole peer timeout is lost (logged, counted, told as an
+    /// event; the runtime closes its connection at `poll_link_close`), otherwise a heartbeat goes
+    /// out when nothing else did for a quarter of it.
+    pub fn handle_tick(&mut self, now_us: u64) {
+        if let Some(silent_us) = self.liveness.silence_expired(now_us) {
+            let reason = PeerLostReason::Silent { silent_us };
+            log::error!("destination: source lost: {reason}; closing its connection");
+            self.counters.peer_lost_count += 1;
+            self.events.push_back(DestinationEvent::PeerLost(reason));
+            self.liveness.request_close(reason);
+        } else if self.liveness.heartbeat_due(
+            now_us,
+            self.sent_bytes,
+            self.out.pending_bytes() == 0,
+        ) {
+            self.push_control(Control::Heartbeat {
+                peer_timeout_us: self.liveness.timeout_us(),
+            });
+            self.liveness.on_heartbeat_queued(now_us);
+            self.counters.heartbeat_count += 1;
+        }
+    }
+
+    /// Whether the runtime must close the link now (the source is lost), and why.
+    #[must_use]
+    pub fn poll_link_close(&mut self) -> Option<PeerLostReason> {
+        self.liveness.poll_close()
+    }
+
+    /// When `handle_tick` next has timed work (a heartbeat, the silence deadline), if any.
+    pub fn next_deadline_us(&self) -> Option<u64> {
+        self.liveness.deadline_us()
     }
 
     /// Handles one whole framed message from the source.
-    pub fn handle_message(&mut self, _now_us: u64, message: &[u8]) -> Result<(), LinkError> {
+    pub fn handle_message(&mut self, now_us: u64, message: &[u8]) -> Result<(), LinkError> {
         self.counters.wire_bytes_total += message.len() as u64;
+        self.liveness.on_received(now_us);
         let result = match (self.in_session, wire::decode(message)?) {
+            (_, Message::Heartbeat { peer_timeout_us }) => {
+                self.liveness.on_heartbeat("destination", peer_timeout_us);
+                Ok(())
+            }
             (false, Message::Hello(hello)) => self.on_hello(&hello),
             (true, Message::Transfer(transfer)) => {
                 self.counters.transfer_count += 1;
@@ -605,6 +662,7 @@ impl<M: RingStore> Destination<M> {
     pub fn tx_advance(&mut self, written: usize) {
         self.out.tx_advance(written);
         self.counters.wire_bytes_total += written as u64;
+        self.sent_bytes += written as u64;
         self.flush_pending_ack();
     }
 

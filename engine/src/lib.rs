@@ -12,6 +12,7 @@ pub mod destination;
 pub mod device;
 pub mod error;
 pub mod geometry;
+pub mod liveness;
 mod open;
 pub mod promotion;
 pub mod ring;
@@ -24,6 +25,7 @@ pub use counters::Counters;
 pub use destination::{Destination, DestinationConfig, DestinationEvent};
 pub use device::{BlockDevice, DeviceCompletion, DeviceError, DeviceOp, DeviceOpId, DeviceRequest};
 pub use error::{EngineError, LinkError, ProtocolError};
+pub use liveness::{PeerLossPolicy, PeerLostReason, PeerState, PEER_TIMEOUT_US_DEFAULT};
 pub use promotion::{PromoteReport, Promotion};
 pub use source::{
     CpMode, DeviceFault, ReadError, RecoveryReport, Source, SourceConfig, SourceEvent, WriteId,

@@ -7,7 +7,8 @@
 //! `handle_connected` / `handle_message` (one whole framed message) / `handle_disconnected`;
 //! every loop `handle_tick`, then submit every `poll_device_op` to its namespace and hand each
 //! device completion to `handle_device_completion`, then `tx_iovecs` + `tx_advance`, then
-//! drain `poll_event`. The source never touches a device itself (invariant 8).
+//! drain `poll_event`; close the link whenever `poll_link_close` says so (the peer is lost:
+//! [`crate::liveness`]). The source never touches a device itself (invariant 8).
 //!
 //! Write-through: a committed entry is written to its primary namespace as a device op, in seq
 //! order (an entry waits while an earlier one overlapping it is in flight), so reads are served
@@ -23,6 +24,7 @@
 mod apply;
 mod cp;
 mod cp_state;
+mod peer;
 mod recovery;
 mod transfers;
 mod write;
@@ -42,6 +44,7 @@ use crate::geometry::{
     half_of_cp, BLOCK_SIZE, DESCRIPTORS_PER_TABLE, OUT_INLINE_BYTES, SECTOR_SIZE,
     TRANSFER_ENTRIES_MAX, WRITE_BYTES_MAX, WRITE_ZEROES_BYTES_MAX,
 };
+use crate::liveness::{Liveness, PeerLossPolicy, PeerLostReason, PeerState};
 use crate::ring::{EntryHeader, EntrySlot, NvramRing, RingStore};
 use crate::transfer::LoggedWrite;
 use crate::wire::{self, Control, Message, OutQueue, WireEntry};
@@ -56,6 +59,10 @@ pub struct SourceConfig {
     pub mode: CpMode,
     /// Device ops in flight per primary namespace at most.
     pub device_queue_depth: u32,
+    /// Silence (or ack silence) for this long means the destination is lost ([`crate::liveness`]).
+    pub peer_timeout_us: u64,
+    /// What host writes do while the destination is lost.
+    pub peer_loss_policy: PeerLossPolicy,
 }
 
 /// The default [`SourceConfig::device_queue_depth`] (and the destination's).
@@ -87,6 +94,8 @@ pub enum WriteRefused {
     InvalidNamespace,
     OutOfRange,
     InvalidLength,
+    /// The destination is lost and the policy is [`PeerLossPolicy::Fail`]: a path error.
+    PeerLost,
 }
 
 /// Why a host read failed.
@@ -133,6 +142,11 @@ impl std::fmt::Display for DeviceFault {
 pub enum SourceEvent {
     /// The write is in the ring and the destination acknowledged its transfer.
     WriteCompleted(WriteId),
+    /// The destination is lost under [`PeerLossPolicy::Fail`]: the write completes with a path
+    /// error. It stays in the ring and reaches the destination when it returns.
+    WriteFailed(WriteId),
+    /// The destination was declared lost (logged once, counted in `peer_lost_count`).
+    PeerLost(PeerLostReason),
     CpCompleted {
         cp_number: u64,
         duration_us: u64,
@@ -189,10 +203,22 @@ pub struct Source<M> {
     failing: Vec<bool>,
     /// Namespaces whose CP flush is still to be issued (last = next).
     pending_flushes: Vec<u32>,
+    /// Heartbeats and the silence deadline of the current connection.
+    liveness: Liveness,
+    peer: PeerState,
+    /// Transfers have been awaiting an ack since then with no ack progress (the ack deadline).
+    ack_waiting_since_us: Option<u64>,
+    /// Bytes handed to the socket (the heartbeat clock watches it).
+    sent_bytes: u64,
 }
 
 impl<M: RingStore> Source<M> {
-    fn build(config: SourceConfig, ring: NvramRing<M>, namespace_sizes_bytes: &[u64]) -> Self {
+    fn build(
+        now_us: u64,
+        config: SourceConfig,
+        ring: NvramRing<M>,
+        namespace_sizes_bytes: &[u64],
+    ) -> Self {
         let geometry = ring.geometry();
         let slots = geometry.half_header_slots as usize;
         let dirty_blocks_max = geometry.half_data_bytes as usize / BLOCK_SIZE + 2 * slots;
@@ -225,6 +251,10 @@ impl<M: RingStore> Source<M> {
             cp_retry_at_us: 0,
             failing: vec![false; namespace_sizes_bytes.len()],
             pending_flushes: Vec::with_capacity(crate::geometry::NAMESPACES_MAX),
+            liveness: Liveness::new(config.peer_timeout_us),
+            peer: PeerState::Disconnected { since_us: now_us },
+            ack_waiting_since_us: None,
+            sent_bytes: 0,
             ring,
         }
     }
@@ -333,9 +363,10 @@ impl<M: RingStore> Source<M> {
     // ---- link -------------------------------------------------------------------------
 
     /// The link is up: queue Hello.
-    pub fn handle_connected(&mut self, _now_us: u64) {
+    pub fn handle_connected(&mut self, now_us: u64) {
         self.out.clear();
         self.reset_session();
+        self.liveness.on_connected(now_us, self.sent_bytes);
         self.link = LinkState::HelloSent;
         let hello = self.hello();
         let control = Control::Hello(&hello);
@@ -347,11 +378,20 @@ impl<M: RingStore> Source<M> {
 
     /// The link is down: drop the send queue; everything unacknowledged is resent after the
     /// next HelloAck.
-    pub fn handle_disconnected(&mut self, _now_us: u64) {
+    pub fn handle_disconnected(&mut self, now_us: u64) {
         self.out.clear();
         self.reset_session();
+        self.liveness.on_disconnected();
         if self.link != LinkState::Rejected {
             self.link = LinkState::Down;
+        }
+        if let PeerState::Connected { .. } = self.peer {
+            log::warn!(
+                "source: replication link down; the destination is lost unless a handshake \
+                 succeeds within {} ms",
+                self.config.peer_timeout_us / 1000
+            );
+            self.peer = PeerState::Disconnected { since_us: now_us };
         }
     }
 
@@ -359,7 +399,12 @@ impl<M: RingStore> Source<M> {
     pub fn handle_message(&mut self, now_us: u64, message: &[u8]) -> Result<(), LinkError> {
         self.counters.wire_bytes_total += message.len() as u64;
         self.counters.ack_bytes += message.len() as u64;
+        self.liveness.on_received(now_us);
         match (self.link, wire::decode(message)?) {
+            (_, Message::Heartbeat { peer_timeout_us }) => {
+                self.liveness.on_heartbeat("source", peer_timeout_us);
+                Ok(())
+            }
             (_, Message::Reject { reason, text }) => {
                 self.link = LinkState::Rejected;
                 log::error!("source: destination rejected us: {text}");
@@ -378,7 +423,7 @@ impl<M: RingStore> Source<M> {
                 },
             ) => self.on_hello_ack(now_us, cp_completed, epoch),
             (LinkState::Ready, Message::TransferAck { transfer_id }) => {
-                self.on_transfer_ack(transfer_id)
+                self.on_transfer_ack(now_us, transfer_id)
             }
             (LinkState::Ready, Message::CpAck { cp_number }) => self.on_cp_ack(now_us, cp_number),
             (LinkState::Ready, Message::TableAck { cp_number, tables }) => {
@@ -413,6 +458,7 @@ impl<M: RingStore> Source<M> {
     pub fn tx_advance(&mut self, written: usize) {
         self.out.tx_advance(written);
         self.counters.wire_bytes_total += written as u64;
+        self.sent_bytes += written as u64;
     }
 
     pub fn tx_pending_bytes(&self) -> u64 {
@@ -435,6 +481,7 @@ impl<M: RingStore> Source<M> {
         }
         self.send_transfers();
         self.advance_cp(now_us);
+        self.tick_liveness(now_us);
         self.counters.ring_used_bytes = self.ring.used_bytes();
     }
 
@@ -477,10 +524,30 @@ impl<M: RingStore> Source<M> {
                 .started_us
                 .saturating_add(self.config.cp_interval_us)
         });
-        [cp_timer, self.retry_deadline_us()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            cp_timer,
+            self.retry_deadline_us(),
+            self.liveness_deadline_us(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Whether the runtime must close the replication link now (the destination is lost), and why.
+    #[must_use]
+    pub fn poll_link_close(&mut self) -> Option<PeerLostReason> {
+        self.liveness.poll_close()
+    }
+
+    /// The source's view of its destination.
+    pub fn peer_state(&self) -> PeerState {
+        self.peer
+    }
+
+    /// Host writes fail with a path error now (the peer is lost under the `fail` policy).
+    pub fn writes_fail(&self) -> bool {
+        self.config.peer_loss_policy == PeerLossPolicy::Fail && self.peer.is_lost()
     }
 
     /// The size of each namespace (index nsid - 1).
@@ -555,6 +622,7 @@ pub(crate) fn message_name(message: &Message<'_>) -> &'static str {
         Message::CpAck { .. } => "CpAck",
         Message::TableAck { .. } => "TableAck",
         Message::CpFailed { .. } => "CpFailed",
+        Message::Heartbeat { .. } => "Heartbeat",
     }
 }
 

@@ -1,4 +1,4 @@
-//! The replication wire protocol, version 1: message framing and codec (engine spec "Wire
+//! The replication wire protocol, version 3: message framing and codec (engine spec "Wire
 //! protocol"; claims 10, 12, 15: data transfers with transfer IDs, references of transfer ID +
 //! block number). [`decode`] validates everything and returns a typed [`WireError`], never panics.
 //!
@@ -21,6 +21,11 @@
 //!   followed for a Reference by {transfer_id u64, block_number u32} (13 or 25 B), then 4 KiB per
 //!   Data descriptor in order.
 //! - CpCommit: cp_number u64, descriptor_count u64.   - CpAck: cp_number u64.
+//! - TableAck: cp_number u64, tables u64.   - CpFailed: cp_number u64.
+//! - Heartbeat: peer_timeout_us u64 (the sender's own peer timeout). Either side sends one when it
+//!   has sent nothing for a quarter of its peer timeout, in any link state (before a Hello too), so
+//!   a peer that stays silent for a whole timeout is lost whatever its socket says (a frozen
+//!   process keeps its TCP connection open). Version 3 added it; a version-2 peer is refused.
 
 mod out_queue;
 
@@ -40,7 +45,7 @@ use crate::transfer::TransferId;
 /// "NVMW" in little endian.
 pub const WIRE_MAGIC: u32 = u32::from_le_bytes(*b"NVMW");
 /// The protocol version this code speaks.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 pub const MESSAGE_HEADER_BYTES: usize = 16;
 pub const HELLO_FIXED_BYTES: usize = 64;
 pub const TRANSFER_HEADER_BYTES: usize = 28;
@@ -74,6 +79,7 @@ crate::wire_enum! {
         CpAck = 8,
         TableAck = 9,
         CpFailed = 10,
+        Heartbeat = 11,
     }
 }
 
@@ -282,6 +288,11 @@ pub enum Message<'a> {
     CpFailed {
         cp_number: u64,
     },
+    /// The sender is alive (it had nothing else to send); it declares us lost after its
+    /// `peer_timeout_us` of silence.
+    Heartbeat {
+        peer_timeout_us: u64,
+    },
 }
 
 /// For the runtime's receive loop: the full message length once the 16-byte header is there.
@@ -423,6 +434,14 @@ fn decode_body(kind: MessageKind, body: &[u8]) -> Result<Message<'_>, WireError>
             Ok(Message::CpFailed {
                 cp_number: le_u64(body, 0),
             })
+        }
+        MessageKind::Heartbeat => {
+            fixed(kind, body, 8)?;
+            let peer_timeout_us = le_u64(body, 0);
+            if peer_timeout_us == 0 {
+                return Err(bad(kind, "zero peer timeout"));
+            }
+            Ok(Message::Heartbeat { peer_timeout_us })
         }
     }
 }
@@ -674,6 +693,9 @@ pub enum Control<'a> {
     CpFailed {
         cp_number: u64,
     },
+    Heartbeat {
+        peer_timeout_us: u64,
+    },
 }
 
 impl Control<'_> {
@@ -684,7 +706,10 @@ impl Control<'_> {
                 Self::Hello(hello) => hello_body_bytes(usize::from(hello.namespace_count)),
                 Self::HelloAck { .. } | Self::CpCommit { .. } | Self::TableAck { .. } => 16,
                 Self::Reject { text, .. } => 4 + text.len(),
-                Self::TransferAck { .. } | Self::CpAck { .. } | Self::CpFailed { .. } => 8,
+                Self::TransferAck { .. }
+                | Self::CpAck { .. }
+                | Self::CpFailed { .. }
+                | Self::Heartbeat { .. } => 8,
             }
     }
 
@@ -700,6 +725,7 @@ impl Control<'_> {
             Self::CpAck { .. } => MessageKind::CpAck,
             Self::TableAck { .. } => MessageKind::TableAck,
             Self::CpFailed { .. } => MessageKind::CpFailed,
+            Self::Heartbeat { .. } => MessageKind::Heartbeat,
         };
         encode_header(out, kind, out.len());
         let body = &mut out[MESSAGE_HEADER_BYTES..];
@@ -730,6 +756,10 @@ impl Control<'_> {
             Self::TableAck { cp_number, tables } => {
                 body[0..8].copy_from_slice(&cp_number.to_le_bytes());
                 body[8..16].copy_from_slice(&tables.to_le_bytes());
+            }
+            Self::Heartbeat { peer_timeout_us } => {
+                assert!(peer_timeout_us > 0, "a peer timeout is positive");
+                body.copy_from_slice(&peer_timeout_us.to_le_bytes())
             }
         }
         seal(out);

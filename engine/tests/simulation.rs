@@ -3,7 +3,12 @@
 //! write-zeroes, holds and aborts reservations, takes random CPs, and injects faults: link drops,
 //! corrupted bytes on the wire, partial sends, out-of-order commits, source crashes (torn
 //! entries, lost unflushed primary writes, in-flight device writes landing or not) and
-//! destination crashes, and device errors on reads, writes and flushes of both sides.
+//! destination crashes, device errors on reads, writes and flushes of both sides, and frozen
+//! peers: nothing delivered in one or both directions for a while, the connection left open
+//! (a SIGSTOPped process), which the sides' heartbeat and ack deadlines must turn into a lost
+//! peer and a reconnect (a freeze longer than the peer timeout that is not declared is a
+//! failure). A third of the seeds run the `fail` peer-loss policy: writes failed while the
+//! peer is lost must never have completed, and stay in the ring for the mirror.
 //!
 //! The devices are asynchronous (`SimDevice`): every op completes after a random virtual delay,
 //! in random order; a write reaches what reads see at submit or at completion (chosen per op);
@@ -26,8 +31,8 @@ use nvmirror_engine::geometry::{RING_BYTES_MIN, SECTOR_SIZE};
 use nvmirror_engine::wire::{frame_length, MESSAGE_HEADER_BYTES};
 use nvmirror_engine::{
     CpMode, Destination, DestinationConfig, DestinationEvent, DeviceCompletion, DeviceError,
-    DeviceOp, DeviceOpId, DeviceRequest, Source, SourceConfig, SourceEvent, WriteRefused,
-    WriteSlot,
+    DeviceOp, DeviceOpId, DeviceRequest, PeerLossPolicy, Source, SourceConfig, SourceEvent,
+    WriteRefused, WriteSlot,
 };
 
 const VOLUME: [u8; 16] = *b"nvmirror-sim-vol";
@@ -39,6 +44,8 @@ const STEPS: u64 = 2500;
 const QUIESCE_STEPS_MAX: u64 = 100_000;
 const QUEUE_DEPTH: usize = 24;
 const RECEIVE_TIMEOUT_US: u64 = 5000;
+/// The largest virtual time one step advances.
+const STEP_US_MAX: u64 = 20;
 
 /// xorshift64*: small, seeded, good enough for fault schedules.
 struct Rng(u64);
@@ -576,6 +583,9 @@ struct Totals {
     device_errors: u64,
     mirror_failures: u64,
     aborts: u64,
+    freezes: u64,
+    peers_lost: u64,
+    writes_failed: u64,
 }
 
 impl Totals {
@@ -588,6 +598,9 @@ impl Totals {
         self.device_errors += other.device_errors;
         self.mirror_failures += other.mirror_failures;
         self.aborts += other.aborts;
+        self.freezes += other.freezes;
+        self.peers_lost += other.peers_lost;
+        self.writes_failed += other.writes_failed;
     }
 }
 
@@ -623,6 +636,13 @@ struct Sim {
     /// Where each receive buffer holds a flipped byte. A flip outlives the fault phase: bytes
     /// corrupted before `drive_bounded` turns faults off may be delivered after.
     corrupted: [Vec<usize>; 2],
+    /// Per direction (index: to destination), nothing is delivered until then: a frozen peer.
+    frozen_until_us: [u64; 2],
+    /// A freeze of both directions longer than the peer timeout: (its start, the connection it
+    /// froze). That connection must be closed by a side's deadline.
+    long_freeze: Option<(u64, u64)>,
+    /// Connections made so far (the current one's number).
+    connections: u64,
 }
 
 impl Sim {
@@ -634,15 +654,25 @@ impl Sim {
             CpMode::References
         };
         let depths = [1, 2, 4, 8, 32];
+        // Virtual microseconds: a step is 1..=20 us, so a few hundred steps per timeout.
+        let peer_timeout_us = 1000 + rng.below(4000);
+        let peer_loss_policy = if rng.below(3) == 0 {
+            PeerLossPolicy::Fail
+        } else {
+            PeerLossPolicy::Suspend
+        };
         let config = SourceConfig {
             volume_id: VOLUME,
             cp_interval_us: 200 + rng.below(5000),
             mode,
             device_queue_depth: depths[rng.below(depths.len() as u64) as usize],
+            peer_timeout_us,
+            peer_loss_policy,
         };
         let destination_config = DestinationConfig {
             volume_id: VOLUME,
             device_queue_depth: depths[rng.below(depths.len() as u64) as usize],
+            peer_timeout_us,
         };
         let device_fault_rates = if rng.below(3) == 0 {
             FaultRates::NONE
@@ -685,6 +715,9 @@ impl Sim {
             totals: Totals::default(),
             received_at_us: [0; 2],
             corrupted: [Vec::new(), Vec::new()],
+            frozen_until_us: [0; 2],
+            long_freeze: None,
+            connections: 0,
         }
     }
 
@@ -706,7 +739,57 @@ impl Sim {
         self.to_destination.clear();
         self.to_source.clear();
         self.corrupted = [Vec::new(), Vec::new()];
+        self.frozen_until_us = [0; 2];
+        self.long_freeze = None;
         self.reconnect_at_us = self.now_us + 10 + self.rng.below(500);
+    }
+
+    /// A peer freezes: nothing is delivered one way or both for a while, the connection stays
+    /// open. Longer than the peer timeout in half the cases (a loss must follow).
+    fn freeze_link(&mut self) {
+        if !self.link_up || self.is_frozen(true) || self.is_frozen(false) {
+            return;
+        }
+        let timeout_us = self.config.peer_timeout_us;
+        let duration_us = if self.rng.below(2) == 0 {
+            self.rng.below(timeout_us / 2)
+        } else {
+            timeout_us + 100 + self.rng.below(2 * timeout_us)
+        };
+        let until_us = self.now_us + duration_us;
+        match self.rng.below(3) {
+            0 => self.frozen_until_us[1] = until_us,
+            1 => self.frozen_until_us[0] = until_us,
+            _ => {
+                self.frozen_until_us = [until_us; 2];
+                if duration_us > timeout_us {
+                    self.long_freeze = Some((self.now_us, self.connections));
+                }
+            }
+        }
+        self.totals.freezes += 1;
+    }
+
+    fn is_frozen(&self, to_destination: bool) -> bool {
+        self.now_us < self.frozen_until_us[usize::from(to_destination)]
+    }
+
+    /// A side's deadline expired: it closes the connection (the other sees it closed).
+    fn close_if_asked(&mut self) {
+        if !self.link_up {
+            return;
+        }
+        let source = self.source().poll_link_close();
+        let destination = self.destination().poll_link_close();
+        if source.is_some() || destination.is_some() {
+            if std::env::var("SIM_DEBUG").is_ok() {
+                eprintln!(
+                    "DEBUG t {}: closed by a deadline: source {source:?} destination {destination:?}",
+                    self.now_us
+                );
+            }
+            self.cut_link();
+        }
     }
 
     fn issue_write(&mut self) {
@@ -772,6 +855,11 @@ impl Sim {
                 }
             }
             Err(WriteRefused::Backpressure) => {}
+            Err(WriteRefused::PeerLost) => assert!(
+                self.source.as_ref().unwrap().writes_fail(),
+                "seed {}: refused as lost while the policy does not fail writes",
+                self.seed
+            ),
             Err(other) => panic!("seed {}: write refused: {other:?}", self.seed),
         }
     }
@@ -982,6 +1070,7 @@ impl Sim {
                     )
                 }
                 DestinationEvent::DeviceFault(_) => {}
+                DestinationEvent::PeerLost(_) => self.totals.peers_lost += 1,
             }
         }
     }
@@ -1020,6 +1109,23 @@ impl Sim {
                     }
                 }
                 SourceEvent::MirrorFailed { .. } => self.totals.mirror_failures += 1,
+                SourceEvent::WriteFailed(id) => {
+                    assert_eq!(
+                        self.config.peer_loss_policy,
+                        PeerLossPolicy::Fail,
+                        "seed {}: write {} failed under the suspend policy",
+                        self.seed,
+                        id.0
+                    );
+                    let number = self
+                        .pending
+                        .remove(&id.0)
+                        .unwrap_or_else(|| panic!("seed {}: unknown failure {}", self.seed, id.0));
+                    // Failed, never acknowledged: the host may find either content there.
+                    assert!(!self.model.writes[number as usize].completed);
+                    self.totals.writes_failed += 1;
+                }
+                SourceEvent::PeerLost(_) => self.totals.peers_lost += 1,
                 SourceEvent::DeviceFault(_) | SourceEvent::LinkReady => {}
             }
         }
@@ -1093,10 +1199,11 @@ impl Sim {
     }
 
     fn step(&mut self, writes: bool) {
-        self.now_us += 1 + self.rng.below(20);
+        self.now_us += 1 + self.rng.below(STEP_US_MAX);
         let now = self.now_us;
         if !self.link_up && now >= self.reconnect_at_us {
             self.link_up = true;
+            self.connections += 1;
             self.destination().handle_connected(now);
             self.source().handle_connected(now);
         }
@@ -1117,18 +1224,33 @@ impl Sim {
             self.source().request_cp(now);
         }
         self.source().handle_tick(now);
+        self.destination().handle_tick(now);
+        self.close_if_asked();
         self.run_devices();
-        if self.link_up {
+        if self.link_up && !self.is_frozen(true) {
             self.pump(true);
             self.deliver(true);
         }
-        if self.link_up {
+        if self.link_up && !self.is_frozen(false) {
             self.pump(false);
             self.deliver(false);
         }
         self.source().handle_tick(now);
+        self.close_if_asked();
         self.run_devices();
         self.drain_source_events();
+        if let Some((since_us, connection)) = self.long_freeze {
+            // Both directions frozen: both sides hear nothing, so within a peer timeout (and the
+            // step that notices it) one of them must have closed that connection.
+            let bound_us = since_us + self.config.peer_timeout_us + 2 * STEP_US_MAX;
+            assert!(
+                !(self.link_up && self.connections == connection && self.now_us > bound_us),
+                "seed {}: a link frozen since {since_us} us is still up at {} us (peer timeout {} us)",
+                self.seed,
+                self.now_us,
+                self.config.peer_timeout_us
+            );
+        }
         let stalled = [&self.to_source, &self.to_destination]
             .iter()
             .zip(self.received_at_us)
@@ -1150,6 +1272,9 @@ impl Sim {
         }
         if self.rng.chance(700) {
             self.crash_destination();
+        }
+        if self.rng.chance(400) {
+            self.freeze_link();
         }
     }
 
@@ -1347,6 +1472,10 @@ fn seeded_simulation() {
         assert!(
             totals.cps_checked >= totals.cps_completed && totals.aborts > 0,
             "every CP was checked at its point in time: {totals:?}"
+        );
+        assert!(
+            totals.freezes > 0 && totals.peers_lost > 0 && totals.writes_failed > 0,
+            "frozen peers were declared lost and the fail policy failed writes: {totals:?}"
         );
     }
 }

@@ -39,6 +39,9 @@ pub enum BackendError {
     InvalidNamespace,
     OutOfRange,
     Io,
+    /// This path cannot take writes now (the volume's replica is lost and its policy fails
+    /// writes): a path error, so host multipath retries on another path.
+    PathInaccessible,
 }
 
 /// The volume behind the target. Writes are two-phase: reserve a slot, receive the host's data straight
@@ -114,7 +117,9 @@ pub trait Backend {
     /// what it kept for it (a finished read's data).
     fn abandon(&mut self, _token: IoToken) {}
     fn flush(&mut self, now_us: u64, nsid: u32) -> Result<IoToken, BackendError>;
-    fn poll_completion(&mut self) -> Option<IoToken>;
+    /// The next finished operation and how it ended: `Err` for a write, write zeroes or flush
+    /// that will never be durable (a read's outcome comes from [`Backend::finish_read`]).
+    fn poll_completion(&mut self) -> Option<(IoToken, Result<(), BackendError>)>;
 }
 
 /// A reserved write of the [`DeviceBackend`]: an index into its preallocated slot buffers.
@@ -382,10 +387,10 @@ impl<D: BlockDevice> Backend for DeviceBackend<D> {
         Ok(self.submit(index, DeviceRequest::Flush, None, false))
     }
 
-    fn poll_completion(&mut self) -> Option<IoToken> {
+    fn poll_completion(&mut self) -> Option<(IoToken, Result<(), BackendError>)> {
         if self.completions.is_empty() {
             self.poll_devices();
         }
-        self.completions.pop_front()
+        self.completions.pop_front().map(|token| (token, Ok(())))
     }
 }

@@ -6,7 +6,7 @@
 
 use crate::backend::{Backend, BackendError, NamespaceInfo, LBA_BYTES, WRITE_ZEROES_BLOCKS_MAX};
 use crate::config::TRANSFER_BYTES_MAX;
-use crate::pdu::{io_opcode, Command, GenericStatus, Status};
+use crate::pdu::{io_opcode, Command, GenericStatus, PathStatus, Status};
 use crate::poll_group::Context;
 use crate::request::{Outcome, QueueState, Request};
 
@@ -25,6 +25,7 @@ pub fn status_from(error: BackendError) -> Status {
         BackendError::InvalidNamespace => GenericStatus::InvalidNamespaceOrFormat.into(),
         BackendError::OutOfRange => GenericStatus::LbaOutOfRange.into(),
         BackendError::Io => GenericStatus::InternalError.into(),
+        BackendError::PathInaccessible => Status::path(PathStatus::AsymmetricAccessInaccessible),
         BackendError::Busy => unreachable!("Busy is retried, never reported"),
     }
 }

@@ -165,7 +165,7 @@ impl<B: Backend> PollGroup<B> {
     fn dispatch_completions(&mut self, backend: &mut B) -> usize {
         let mut count = 0;
         while count < COMPLETIONS_PER_POLL_MAX {
-            let Some(token) = backend.poll_completion() else {
+            let Some((token, result)) = backend.poll_completion() else {
                 break;
             };
             count += 1;
@@ -183,7 +183,7 @@ impl<B: Backend> PollGroup<B> {
                 .connection
                 .as_mut()
                 .expect("a live connection owns the token");
-            connection.on_token_complete(index, token, backend);
+            connection.on_token_complete(index, token, result, backend);
         }
         count
     }

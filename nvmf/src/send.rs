@@ -5,7 +5,7 @@
 
 use std::io::{self, IoSlice, Write};
 
-use crate::backend::{Backend, IoToken};
+use crate::backend::{Backend, BackendError, IoToken};
 use crate::connection::{Connection, Phase};
 use crate::pdu::{encode_capsule_resp, Completion, DataHeader, PduType, Status, R2T};
 use crate::poll_group::Context;
@@ -92,11 +92,23 @@ impl<B: Backend> Connection<B> {
 
     /// A backend operation of request `index` finished; the last one sends the completion, or
     /// queues the command to execute again when it has more to do (`resume`).
-    pub(crate) fn on_token_complete(&mut self, index: u16, token: IoToken, backend: &mut B) {
+    pub(crate) fn on_token_complete(
+        &mut self,
+        index: u16,
+        token: IoToken,
+        result: Result<(), BackendError>,
+        backend: &mut B,
+    ) {
         let request = &mut self.requests[index as usize];
         assert_eq!(request.state, RequestState::Executing);
         assert!(request.tokens_pending > 0);
         request.tokens_pending -= 1;
+        if let Err(error) = result {
+            // The first failing token of a request (a Write Zeroes spans several) is its status.
+            if request.status.is_success() {
+                request.status = crate::io::status_from(error);
+            }
+        }
         if let Some((read_token, length_bytes)) = request.read_pending {
             assert_eq!(read_token, token, "a read waits for its own token only");
             request.read_pending = None;

@@ -6,10 +6,13 @@
 //! goes from the NVRAM ring to the socket without a staging copy. Receives fill one buffer with
 //! one large read; whole messages are handed to the core in place.
 //!
-//! The source dials and redials with a back-off; the destination accepts, and a new connection
-//! from the source replaces the old one (a restarted source must not wait for a dead socket to
-//! time out). Any protocol error closes the connection: the core forgets what it had in flight
-//! and the source resends everything unacknowledged after the next handshake.
+//! The source dials and redials with a capped exponential back-off, reset by a successful
+//! handshake; the destination accepts, and a new connection from the source replaces the old one
+//! (a restarted source must not wait for a dead socket to time out). Any protocol error closes
+//! the connection: the core forgets what it had in flight and the source resends everything
+//! unacknowledged after the next handshake. Whether a silent peer is lost is the core's decision
+//! (its heartbeat and ack deadlines, [`nvmirror_engine::liveness`]); the link closes the
+//! connection when the core asks ([`Link::close_if_requested`]).
 
 use std::fmt::Display;
 use std::io::{self, IoSlice, Read, Write};
@@ -25,8 +28,12 @@ pub const SEND_IOVECS_MAX: usize = 64;
 pub const SOCKET_BUFFER_BYTES: usize = 2 << 20;
 /// How long a dial may block the reactor (loopback answers at once; a remote peer may not).
 pub const DIAL_TIMEOUT_MS: u64 = 200;
-/// Wait between failed dials.
-pub const REDIAL_BACKOFF_US: u64 = 250_000;
+/// Wait before the first redial; each failed dial (or connection that ended before a handshake)
+/// doubles it up to [`REDIAL_BACKOFF_US_MAX`]; a successful handshake resets it.
+pub const REDIAL_BACKOFF_US_MIN: u64 = 250_000;
+/// The longest wait between dials: a destination that comes back is found within this.
+pub const REDIAL_BACKOFF_US_MAX: u64 = 5_000_000;
+const _: () = assert!(REDIAL_BACKOFF_US_MIN > 0 && REDIAL_BACKOFF_US_MIN <= REDIAL_BACKOFF_US_MAX);
 /// A partial message that gets no further bytes for this long means a corrupted length or a
 /// hung peer: the connection is closed and the source resends after the next handshake.
 pub const RECV_STALL_TIMEOUT_US: u64 = 5_000_000;
@@ -48,6 +55,14 @@ pub trait LinkEndpoint {
     /// connection closes). Returns the reason to log.
     fn refuse_unframed(&mut self, error: Self::Error) -> Self::Error {
         error
+    }
+    /// The core wants the connection closed now (its peer is lost), and why.
+    fn poll_close(&mut self) -> Option<String> {
+        None
+    }
+    /// The handshake succeeded on this connection (a dialing link then resets its back-off).
+    fn session_ready(&self) -> bool {
+        false
     }
 }
 
@@ -93,6 +108,8 @@ pub enum LinkRole {
     Dial {
         peer: SocketAddr,
         next_dial_us: u64,
+        /// The wait after the next failure.
+        backoff_us: u64,
     },
     Accept {
         listener: TcpListener,
@@ -129,6 +146,7 @@ impl Link {
             LinkRole::Dial {
                 peer,
                 next_dial_us: 0,
+                backoff_us: REDIAL_BACKOFF_US_MIN,
             },
             message_bytes_max,
         )
@@ -205,7 +223,14 @@ impl Link {
             return work;
         }
         match self.poll_receive(now_us, endpoint) {
-            Ok(n) => work += n,
+            Ok(n) => {
+                work += n;
+                if let LinkRole::Dial { backoff_us, .. } = &mut self.role {
+                    if endpoint.session_ready() {
+                        *backoff_us = REDIAL_BACKOFF_US_MIN;
+                    }
+                }
+            }
             Err(reason) => {
                 // The core may have queued its reason for the peer (a Reject): send what fits first.
                 let _ = self.flush(endpoint);
@@ -214,6 +239,18 @@ impl Link {
             }
         }
         work + self.send(now_us, endpoint)
+    }
+
+    /// Closes the connection if the core asks (its peer is lost: [`LinkEndpoint::poll_close`]).
+    /// Call after the core's tick. Returns work done.
+    pub fn close_if_requested<E: LinkEndpoint>(&mut self, now_us: u64, endpoint: &mut E) -> usize {
+        match endpoint.poll_close() {
+            Some(reason) if self.stream.is_some() => {
+                self.close(now_us, endpoint, format!("peer lost: {reason}"));
+                1
+            }
+            _ => 0,
+        }
     }
 
     /// Sends what the core queued since the last poll, without reading: for a core that queued
@@ -254,12 +291,20 @@ impl Link {
                     }
                 }
             }
-            LinkRole::Dial { peer, next_dial_us } => {
+            LinkRole::Dial {
+                peer,
+                next_dial_us,
+                backoff_us,
+            } => {
                 if self.stream.is_some() || now_us < *next_dial_us {
                     return 0;
                 }
                 let peer = *peer;
-                *next_dial_us = now_us + REDIAL_BACKOFF_US;
+                // The next dial waits the current back-off whether this one fails now or its
+                // connection ends before a handshake; a handshake resets it.
+                let wait_us = *backoff_us;
+                *next_dial_us = now_us + wait_us;
+                *backoff_us = (wait_us * 2).min(REDIAL_BACKOFF_US_MAX);
                 match TcpStream::connect_timeout(&peer, Duration::from_millis(DIAL_TIMEOUT_MS)) {
                     Ok(stream) => {
                         self.attach(now_us, stream, peer, endpoint);
@@ -269,8 +314,10 @@ impl Link {
                         let message = format!("cannot reach destination {peer}: {e}");
                         if self.last_error.as_deref() != Some(message.as_str()) {
                             log::warn!(
-                                "link: {message}; retrying every {} ms",
-                                REDIAL_BACKOFF_US / 1000
+                                "link: {message}; retrying with a back-off from {} ms doubling \
+                                 to {} ms",
+                                REDIAL_BACKOFF_US_MIN / 1000,
+                                REDIAL_BACKOFF_US_MAX / 1000
                             );
                             self.last_error = Some(message);
                         }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use nvmirror_engine::counters::Counters;
 use nvmirror_engine::destination::{Destination, DestinationEvent};
 use nvmirror_engine::device::BlockDevice;
+use nvmirror_engine::liveness::PeerState;
 use nvmirror_engine::source::{Source, SourceEvent};
 use nvmirror_engine::wire;
 
@@ -227,6 +228,12 @@ impl LinkEndpoint for SourceEngine {
     fn frame_length(buf: &[u8]) -> Result<Option<usize>, Self::Error> {
         wire::frame_length(buf).map_err(Into::into)
     }
+    fn poll_close(&mut self) -> Option<String> {
+        self.poll_link_close().map(|reason| reason.to_string())
+    }
+    fn session_ready(&self) -> bool {
+        matches!(self.peer_state(), PeerState::Connected { .. })
+    }
 }
 
 impl LinkEndpoint for DestinationEngine {
@@ -256,6 +263,9 @@ impl LinkEndpoint for DestinationEngine {
             }
             other => other,
         }
+    }
+    fn poll_close(&mut self) -> Option<String> {
+        self.poll_link_close().map(|reason| reason.to_string())
     }
 }
 
@@ -304,6 +314,9 @@ impl<F: FrontEnd> Poller for SourceNode<F> {
         work += self.drain_events();
         work += self.front_end.poll(now_us, &mut self.volume);
         self.volume.source.handle_tick(now_us);
+        work += self
+            .link
+            .close_if_requested(now_us, &mut self.volume.source);
         work += self.volume.pump_devices(now_us);
         work += self.drain_events();
         self.poll_control(now_us);
@@ -371,6 +384,9 @@ impl<F: FrontEnd> SourceNode<F> {
     fn handle_event(&mut self, event: SourceEvent) {
         match event {
             SourceEvent::WriteCompleted(id) => self.volume.push_completed(id),
+            SourceEvent::WriteFailed(id) => self.volume.push_failed(id),
+            // Logged with its reason and counted by the engine; the counters show the state.
+            SourceEvent::PeerLost(_) => self.publish_counters(),
             SourceEvent::CpCompleted { cp_number, .. } => {
                 log::debug!("source: CP {cp_number} durable on both sides");
                 self.control
@@ -473,6 +489,8 @@ impl Node for DestinationNode {
 impl Poller for DestinationNode {
     fn poll(&mut self, now_us: u64) -> usize {
         let mut work = self.link.poll(now_us, &mut self.destination);
+        self.destination.handle_tick(now_us);
+        work += self.link.close_if_requested(now_us, &mut self.destination);
         work += self.pump_devices(now_us);
         if self.destination.tx_pending_bytes() > 0 {
             // Acknowledgements queued by device completions (TableAck, CpAck, CpFailed).
@@ -491,6 +509,8 @@ impl Poller for DestinationNode {
                 }
                 // Logged once per failing streak and counted by the engine.
                 DestinationEvent::DeviceFault(fault) => log::debug!("destination: {fault}"),
+                // Logged with its reason and counted by the engine; the source reconnects.
+                DestinationEvent::PeerLost(_) => self.publish_counters(),
             }
         }
         // Acknowledgements were flushed by the poll that received their transfers; events queue
@@ -510,13 +530,14 @@ impl Poller for DestinationNode {
         if self.destination.tx_pending_bytes() > 0 || devices_need_poll(&self.mirrors) {
             return Some(0);
         }
-        match (
+        [
             self.link.next_deadline_us(),
             devices_deadline_us(&self.mirrors),
-        ) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+            self.destination.next_deadline_us(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 }
 

@@ -28,6 +28,9 @@ use crate::ring_memory::RingMedium;
 const IMMEDIATE_TOKEN_BASE: u64 = 1 << 63;
 /// Tokens of host reads that go through a device op: this bit, a use count, and the slot.
 const READ_TOKEN_BIT: u64 = 1 << 62;
+/// In the completed queue only: the operation failed with a path error (the destination is
+/// lost under the `fail` policy). Write ids and read tokens stay below it.
+const FAILED_BIT: u64 = 1 << 61;
 /// Host reads waiting or in flight at most; more are answered Busy (retried, never failed).
 pub const HOST_READS_MAX: usize = 256;
 
@@ -189,6 +192,7 @@ impl Volume {
                     .map_err(|error| FlushError::Io(error.to_string()))?;
                 Ok(self.complete_now())
             }
+            FlushPolicy::TakeCp if self.source.writes_fail() => Err(FlushError::PathInaccessible),
             FlushPolicy::TakeCp => {
                 let cp = self.source.cp_for_completed_writes();
                 if cp <= self.source.cp_completed() {
@@ -206,8 +210,15 @@ impl Volume {
         }
     }
 
-    /// Completes the flushes whose CP completed.
+    /// Completes the flushes whose CP completed; fails them all while writes fail (their CP
+    /// cannot complete without the destination).
     fn complete_flushes(&mut self) {
+        if self.source.writes_fail() {
+            while let Some((token, _)) = self.flushes.pop_front() {
+                push_token(&mut self.completed, token | FAILED_BIT);
+            }
+            return;
+        }
         let completed = self.source.cp_completed();
         while let Some(&(token, cp)) = self.flushes.front() {
             if cp > completed {
@@ -392,28 +403,43 @@ impl Volume {
         self.remote.pop_done()
     }
 
-    /// The oldest write that completed and was not collected yet.
-    pub fn pop_completed(&mut self) -> Option<WriteId> {
-        self.completed.pop_front().map(WriteId)
+    /// The oldest write that completed (`Ok`: durable on both sides) or failed (`Err`: a path
+    /// error, the destination is lost) and was not collected yet.
+    pub fn pop_completed(&mut self) -> Option<(WriteId, Result<(), BackendError>)> {
+        self.pop_token()
+            .map(|(token, result)| (WriteId(token), result))
     }
 
-    pub(crate) fn pop_token(&mut self) -> Option<u64> {
-        self.completed.pop_front()
+    pub(crate) fn pop_token(&mut self) -> Option<(u64, Result<(), BackendError>)> {
+        self.completed.pop_front().map(split_token)
     }
 
     /// Completes an operation that needs no replication and returns its token, from a range
     /// write ids never reach.
     pub(crate) fn complete_now(&mut self) -> u64 {
         self.immediate_count += 1;
+        assert!(
+            self.immediate_count < FAILED_BIT,
+            "immediate tokens stay below the failed bit"
+        );
         let token = IMMEDIATE_TOKEN_BASE | self.immediate_count;
         push_token(&mut self.completed, token);
         token
     }
 
+    /// Write `id` completes with a path error (the destination is lost under `fail`).
+    pub(crate) fn push_failed(&mut self, id: WriteId) {
+        self.push_finished(id, Err(BackendError::PathInaccessible));
+    }
+
     pub(crate) fn push_completed(&mut self, id: WriteId) {
+        self.push_finished(id, Ok(()));
+    }
+
+    fn push_finished(&mut self, id: WriteId, result: Result<(), BackendError>) {
         assert!(
-            id.0 < READ_TOKEN_BIT,
-            "write ids stay below the read and immediate tokens"
+            id.0 < FAILED_BIT,
+            "write ids stay below the failed, read and immediate token bits"
         );
         assert!(
             id.0 > self.completed_through,
@@ -422,9 +448,19 @@ impl Volume {
             self.completed_through
         );
         self.completed_through = id.0;
-        if !self.remote.complete(id.0) {
-            push_token(&mut self.completed, id.0);
+        if !self.remote.complete(id.0, result) {
+            let failed = if result.is_err() { FAILED_BIT } else { 0 };
+            push_token(&mut self.completed, id.0 | failed);
         }
+    }
+}
+
+/// A completed-queue entry as (token, result).
+fn split_token(entry: u64) -> (u64, Result<(), BackendError>) {
+    if entry & FAILED_BIT != 0 {
+        (entry & !FAILED_BIT, Err(BackendError::PathInaccessible))
+    } else {
+        (entry, Ok(()))
     }
 }
 
@@ -433,6 +469,8 @@ impl Volume {
 pub enum FlushError {
     Busy,
     Io(String),
+    /// The destination is lost under the `fail` policy: no CP can complete.
+    PathInaccessible,
 }
 
 /// Why a host read could not start.
@@ -470,7 +508,7 @@ fn finish_host_read(
         read.data.clear();
         read.data.extend_from_slice(data);
     }));
-    if !remote.complete(token) {
+    if !remote.complete(token, Ok(())) {
         push_token(completed, token);
     }
 }
@@ -482,6 +520,7 @@ fn backend_error(refused: WriteRefused) -> BackendError {
         WriteRefused::Backpressure => BackendError::Busy,
         WriteRefused::InvalidNamespace => BackendError::InvalidNamespace,
         WriteRefused::OutOfRange | WriteRefused::InvalidLength => BackendError::OutOfRange,
+        WriteRefused::PeerLost => BackendError::PathInaccessible,
     }
 }
 
@@ -613,6 +652,7 @@ impl Backend for Volume {
         match self.start_flush(now_us) {
             Ok(token) => Ok(IoToken(token)),
             Err(FlushError::Busy) => Err(BackendError::Busy),
+            Err(FlushError::PathInaccessible) => Err(BackendError::PathInaccessible),
             Err(FlushError::Io(error)) => {
                 log::error!("flush: persisting the NVRAM ring failed: {error}");
                 Err(BackendError::Io)
@@ -620,8 +660,9 @@ impl Backend for Volume {
         }
     }
 
-    fn poll_completion(&mut self) -> Option<IoToken> {
-        self.pop_token().map(IoToken)
+    fn poll_completion(&mut self) -> Option<(IoToken, Result<(), BackendError>)> {
+        self.pop_token()
+            .map(|(token, result)| (IoToken(token), result))
     }
 }
 

@@ -304,8 +304,8 @@ impl Workload {
 impl FrontEnd for Workload {
     fn poll(&mut self, now_us: u64, volume: &mut Volume) -> usize {
         let mut work = 0;
-        while let Some(id) = volume.pop_completed() {
-            self.write_completed(id);
+        while let Some((id, result)) = volume.pop_completed() {
+            self.write_completed(id, result.is_ok());
             work += 1;
         }
         let source = &mut volume.source;
@@ -335,6 +335,10 @@ impl FrontEnd for Workload {
                     self.pending = Some(write);
                     break;
                 }
+                Err(WriteRefused::PeerLost) => {
+                    log::warn!("workload: write {write:?} refused: the destination is lost");
+                    self.issued += 1;
+                }
                 Err(refused) => panic!("workload write {write:?} refused: {refused:?}"),
             }
         }
@@ -354,13 +358,19 @@ impl FrontEnd for Workload {
 }
 
 impl Workload {
-    fn write_completed(&mut self, id: WriteId) {
+    /// A write finished: acknowledged (`durable`), or failed (the peer is lost under the fail
+    /// policy), which is never logged as acknowledged.
+    fn write_completed(&mut self, id: WriteId, durable: bool) {
         let (oldest, write) = self
             .outstanding
             .pop_front()
             .unwrap_or_else(|| panic!("completion of unknown write {id:?}"));
         assert_eq!(oldest, id, "writes complete in the order they were issued");
         self.completed += 1;
+        if !durable {
+            log::warn!("workload: write {write:?} failed: the destination is lost");
+            return;
+        }
         if let Some(log) = self.ack_log.as_mut() {
             log.record(&write);
             self.ack_log_dirty = true;

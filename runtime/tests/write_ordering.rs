@@ -88,6 +88,7 @@ impl Pair {
                 DestinationConfig {
                     volume_id: VOLUME,
                     device_queue_depth: DEVICE_QUEUE_DEPTH_DEFAULT,
+                    peer_timeout_us: nvmirror_engine::PEER_TIMEOUT_US_DEFAULT,
                 },
                 ring,
                 &sizes,
@@ -106,9 +107,12 @@ impl Pair {
                 cp_interval_us: u64::MAX,
                 mode: CpMode::References,
                 device_queue_depth: DEVICE_QUEUE_DEPTH_DEFAULT,
+                peer_timeout_us: nvmirror_engine::PEER_TIMEOUT_US_DEFAULT,
+                peer_loss_policy: nvmirror_engine::PeerLossPolicy::Suspend,
             };
             let ring = RingMemory::anonymous(RING_BYTES_MIN as usize).unwrap();
-            let (source, _) = SourceEngine::open(config, ring, &sizes, 0).unwrap();
+            let now_us = nvmirror_runtime::reactor::monotonic_us();
+            let (source, _) = SourceEngine::open(config, ring, &sizes, now_us).unwrap();
             let mut target_config = host::config(true);
             target_config.data_timeout_ms = data_timeout_ms;
             let target = Target::new(target_config).unwrap();

@@ -48,7 +48,7 @@ impl<M: RingStore> Source<M> {
             cp_completed: ring.superblock().cp_completed,
             epoch: ring.superblock().epoch,
         };
-        let mut source = Self::build(config, ring, namespace_sizes_bytes);
+        let mut source = Self::build(now_us, config, ring, namespace_sizes_bytes);
         source.rebuild(&entries, now_us);
         log::info!(
             "source: opened at cp {} epoch {}, {} entries ({} bytes) to apply again",

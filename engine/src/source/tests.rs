@@ -5,14 +5,18 @@
 
 use std::collections::HashMap;
 
+mod liveness;
+
 use super::*;
 use crate::destination::{Destination, DestinationConfig};
 use crate::device::{BlockDevice, DeviceCompletion, DeviceOp, DeviceOpId, MemoryDevice};
 use crate::geometry::RING_BYTES_MIN;
+use crate::liveness::PeerLossPolicy;
 
 const VOLUME: [u8; 16] = [3; 16];
 const NAMESPACE_BYTES: usize = 1 << 20;
 const DEPTH: u32 = 8;
+const PEER_TIMEOUT_US: u64 = 3_000_000;
 
 /// A memory namespace whose ops can be made to fail or to stall (completions held back).
 #[derive(Default)]
@@ -89,6 +93,8 @@ fn config(mode: CpMode) -> SourceConfig {
         cp_interval_us: u64::MAX,
         mode,
         device_queue_depth: DEPTH,
+        peer_timeout_us: PEER_TIMEOUT_US,
+        peer_loss_policy: PeerLossPolicy::Suspend,
     }
 }
 
@@ -96,13 +102,17 @@ fn destination_config() -> DestinationConfig {
     DestinationConfig {
         volume_id: VOLUME,
         device_queue_depth: DEPTH,
+        peer_timeout_us: PEER_TIMEOUT_US,
     }
 }
 
 fn pair(mode: CpMode) -> Pair {
+    pair_with(config(mode))
+}
+
+fn pair_with(config: SourceConfig) -> Pair {
     let sizes = [NAMESPACE_BYTES as u64];
-    let (source, _) =
-        Source::open(config(mode), vec![0; RING_BYTES_MIN as usize], &sizes, 0).unwrap();
+    let (source, _) = Source::open(config, vec![0; RING_BYTES_MIN as usize], &sizes, 0).unwrap();
     let destination = Destination::open(
         destination_config(),
         vec![0; RING_BYTES_MIN as usize],

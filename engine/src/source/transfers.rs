@@ -91,6 +91,7 @@ impl<M: RingStore> Source<M> {
             .into());
         }
         self.link = LinkState::Ready;
+        self.on_peer_ready(now_us);
         self.events.push_back(SourceEvent::LinkReady);
         self.send_transfers();
         Ok(())
@@ -98,7 +99,11 @@ impl<M: RingStore> Source<M> {
 
     /// A cumulative TransferAck: checked first (the transfer was sent and awaits its ack),
     /// only then are the writes of it and every earlier transfer completed (invariant 1).
-    pub(super) fn on_transfer_ack(&mut self, transfer_id: TransferId) -> Result<(), LinkError> {
+    pub(super) fn on_transfer_ack(
+        &mut self,
+        now_us: u64,
+        transfer_id: TransferId,
+    ) -> Result<(), LinkError> {
         let halves = self.halves_in_order();
         if !halves
             .into_iter()
@@ -118,6 +123,7 @@ impl<M: RingStore> Source<M> {
                 self.complete_writes(half, &record);
             }
         }
+        self.on_ack_progress(now_us);
         Ok(())
     }
 

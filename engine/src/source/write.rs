@@ -43,6 +43,9 @@ impl<M: RingStore> Source<M> {
         length_bytes: u32,
         zeroes: bool,
     ) -> Result<EntrySlot, WriteRefused> {
+        if self.writes_fail() {
+            return Err(WriteRefused::PeerLost);
+        }
         for _ in 0..2 {
             let cp_number = self.active_cp;
             let half = half_of_cp(cp_number);

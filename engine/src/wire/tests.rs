@@ -136,6 +136,14 @@ fn all_messages() -> Vec<Vec<u8>> {
             descriptor_count: 4,
         }),
         control_bytes(Control::CpAck { cp_number: 4 }),
+        control_bytes(Control::TableAck {
+            cp_number: 4,
+            tables: 2,
+        }),
+        control_bytes(Control::CpFailed { cp_number: 4 }),
+        control_bytes(Control::Heartbeat {
+            peer_timeout_us: 3_000_000,
+        }),
     ]
 }
 
@@ -188,6 +196,61 @@ fn control_messages_round_trip() {
         decode(&control_bytes(Control::CpAck { cp_number: 3 })),
         Ok(Message::CpAck { cp_number: 3 })
     );
+    let heartbeat = control_bytes(Control::Heartbeat {
+        peer_timeout_us: 1_500_000,
+    });
+    assert_eq!(heartbeat.len(), MESSAGE_HEADER_BYTES + 8);
+    assert_eq!(heartbeat[5], MessageKind::Heartbeat as u8);
+    assert_eq!(
+        decode(&heartbeat),
+        Ok(Message::Heartbeat {
+            peer_timeout_us: 1_500_000
+        })
+    );
+}
+
+#[test]
+fn heartbeat_fields_are_checked() {
+    let heartbeat = control_bytes(Control::Heartbeat {
+        peer_timeout_us: 3_000_000,
+    });
+    // Each byte of the timeout is covered by the crc.
+    for at in MESSAGE_HEADER_BYTES..heartbeat.len() {
+        let mut bad = heartbeat.clone();
+        bad[at] ^= 0x10;
+        assert!(
+            matches!(decode(&bad), Err(WireError::Crc { .. })),
+            "byte {at} flipped"
+        );
+    }
+    // A zero timeout is refused even with a good crc.
+    let mut zero = heartbeat.clone();
+    zero[MESSAGE_HEADER_BYTES..].fill(0);
+    seal_message(&mut zero);
+    assert_eq!(
+        decode(&zero),
+        Err(WireError::BadBody {
+            kind: MessageKind::Heartbeat,
+            reason: "zero peer timeout"
+        })
+    );
+    // A body of the wrong length is refused even with a good crc.
+    let mut longer = heartbeat.clone();
+    longer.extend_from_slice(&[0; 8]);
+    let length = longer.len() as u32;
+    longer[8..12].copy_from_slice(&length.to_le_bytes());
+    seal_message(&mut longer);
+    assert!(matches!(
+        decode(&longer),
+        Err(WireError::BadBody {
+            kind: MessageKind::Heartbeat,
+            ..
+        })
+    ));
+    // A version-2 peer's bytes are not framed.
+    let mut old = heartbeat;
+    old[4] = 2;
+    assert_eq!(frame_length(&old), Err(WireError::BadVersion(2)));
 }
 
 #[test]
@@ -270,7 +333,7 @@ fn every_corrupted_header_field_is_rejected() {
         }
         // A different valid kind changes the crc.
         let mut other = message.clone();
-        other[5] = if kind == 8 { 7 } else { kind + 1 };
+        other[5] = if kind == 11 { 10 } else { kind + 1 };
         assert!(
             matches!(decode(&other), Err(WireError::Crc { .. })),
             "kind {kind}"

@@ -424,6 +424,24 @@ pub enum CommandSpecificStatus {
     ConnectInvalidHost = 0x84,
 }
 
+/// Path related status values (SCT 3h; Base 2.0 figure 104).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PathStatus {
+    InternalPathError = 0x00,
+    AsymmetricAccessPersistentLoss = 0x01,
+    /// What a source answers a write with while its replica is lost under the `fail` policy.
+    /// Linux's `nvme_decide_disposition` fails over (requeues on another path) any status whose
+    /// type is Path Related (`nvme_is_path_error`: SCT 3h) with DNR clear, and this one is also
+    /// in `nvme_is_ana_error` (an ANA-capable host re-reads the ANA log) and maps to
+    /// BLK_STS_NEXUS, which `blk_path_error` counts as a path error for dm-multipath. Namespace
+    /// Not Ready (a generic status) would only be retried on the same path.
+    AsymmetricAccessInaccessible = 0x02,
+    AsymmetricAccessTransition = 0x03,
+    ControllerPathingError = 0x60,
+    HostPathingError = 0x70,
+}
+
 /// A completion status: SCT/SC plus the DNR and More bits (phase is reserved on fabrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Status {
@@ -462,6 +480,17 @@ impl Status {
             sct: StatusCodeType::CommandSpecific,
             sc: code as u8,
             dnr: true,
+            more: false,
+        }
+    }
+
+    /// A path status, DNR clear: the host may retry the command on another path (Base 2.0
+    /// section 8.1.3 "Path Related Status").
+    pub fn path(code: PathStatus) -> Status {
+        Status {
+            sct: StatusCodeType::PathRelated,
+            sc: code as u8,
+            dnr: false,
             more: false,
         }
     }

@@ -67,7 +67,7 @@ impl Backend for BusyBackend {
     fn flush(&mut self, now_us: u64, nsid: u32) -> Result<IoToken, BackendError> {
         self.inner.flush(now_us, nsid)
     }
-    fn poll_completion(&mut self) -> Option<IoToken> {
+    fn poll_completion(&mut self) -> Option<(IoToken, Result<(), BackendError>)> {
         self.inner.poll_completion()
     }
 }
@@ -174,9 +174,9 @@ impl Backend for DeferredZeroesBackend {
     fn flush(&mut self, now_us: u64, nsid: u32) -> Result<IoToken, BackendError> {
         self.inner.flush(now_us, nsid)
     }
-    fn poll_completion(&mut self) -> Option<IoToken> {
-        if let Some(token) = self.inner.poll_completion() {
-            return Some(token);
+    fn poll_completion(&mut self) -> Option<(IoToken, Result<(), BackendError>)> {
+        if let Some(done) = self.inner.poll_completion() {
+            return Some(done);
         }
         let front = self.deferred.front_mut()?;
         if front.polls_left > 0 {
@@ -189,7 +189,7 @@ impl Backend for DeferredZeroesBackend {
             .inner
             .write_zeroes(0, done.nsid, done.lba, done.length_bytes)
             .expect("checked when accepted");
-        Some(done.token)
+        Some((done.token, Ok(())))
     }
 }
 

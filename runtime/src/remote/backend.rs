@@ -277,9 +277,9 @@ impl Backend for RemoteBackend {
         Ok(self.complete_here())
     }
 
-    fn poll_completion(&mut self) -> Option<IoToken> {
+    fn poll_completion(&mut self) -> Option<(IoToken, Result<(), BackendError>)> {
         if let Some(token) = self.completed.pop_front() {
-            return Some(token);
+            return Some((token, Ok(())));
         }
         let done = self.link.done.pop()?;
         let token = self.token(done.slot);
@@ -287,17 +287,24 @@ impl Backend for RemoteBackend {
         if let Some(buffer) = done.buffer {
             pool.buffer = Some(buffer);
         }
-        match pool.state {
+        let result = match pool.state {
             SlotState::InFlight { read: true } => {
                 pool.state = SlotState::ReadDone;
                 pool.result = done.result;
+                Ok(())
             }
             SlotState::InFlight { read: false } => {
-                assert!(done.result.is_ok(), "writes are answered once durable");
+                // Durable on both sides, or a path error (the destination is lost under `fail`).
+                assert!(
+                    matches!(done.result, Ok(()) | Err(BackendError::PathInaccessible)),
+                    "writes are answered once durable or failed over: {:?}",
+                    done.result
+                );
                 self.release(done.slot);
+                done.result
             }
             state => panic!("completion for a pool slot in state {state:?}"),
-        }
-        Some(token)
+        };
+        Some((token, result))
     }
 }

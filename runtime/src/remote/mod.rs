@@ -93,6 +93,8 @@ pub struct RemoteWaiter {
     /// A read that went through a device op: its token and length, for `finish_read` into
     /// `buffer` before the answer goes back.
     pub read: Option<(u64, u32)>,
+    /// How the operation ended (set when it completes; a write may fail with a path error).
+    pub result: Result<(), BackendError>,
 }
 
 /// An operation finished: the slot, its buffer, and (for a read) whether the data is good.
@@ -145,12 +147,13 @@ impl RemoteRoutes {
 
     /// A completion: `true` if a remote queue pair waits for it (it is set aside for
     /// [`RemoteRoutes::pop_done`]), `false` if it is this reactor's.
-    pub fn complete(&mut self, token: u64) -> bool {
+    pub fn complete(&mut self, token: u64, result: Result<(), BackendError>) -> bool {
         if self.waiting.is_empty() {
             return false;
         }
         match self.waiting.remove(&token) {
-            Some(waiter) => {
+            Some(mut waiter) => {
+                waiter.result = result;
                 self.done.push_back(waiter);
                 true
             }

@@ -82,7 +82,7 @@ impl VolumeService {
                     }
                     result
                 }
-                _ => Ok(()),
+                _ => waiter.result,
             };
             self.answer(
                 waiter.remote,
@@ -159,6 +159,7 @@ impl VolumeService {
                         slot,
                         buffer,
                         read,
+                        result: Ok(()),
                     },
                 );
                 Ok(())
@@ -180,9 +181,15 @@ impl VolumeService {
                 }
                 self.reply(remote, slot, Some(buffer), result)
             }
+            // The destination is lost under the fail policy: the path error goes back to the
+            // remote queue pair's host.
+            Err(BackendError::PathInaccessible) => {
+                let buffer = op.kind.into_buffer();
+                self.reply(remote, slot, buffer, Err(BackendError::PathInaccessible))
+            }
             // The remote backend checked namespace, range and length against the same sizes
-            // before sending, and a committed write has no way to fail back to its host: a
-            // refusal here is a programmer error, not an I/O error to log and swallow.
+            // before sending: any other refusal here is a programmer error, not an I/O error
+            // to log and swallow.
             Err(error) => {
                 panic!("a remote write the remote backend admitted was refused: {error:?}")
             }
@@ -235,7 +242,7 @@ impl VolumeService {
 pub struct Routed<B> {
     inner: B,
     routes: RemoteRoutes,
-    local: VecDeque<IoToken>,
+    local: VecDeque<(IoToken, Result<(), BackendError>)>,
 }
 
 impl<B: Backend> Routed<B> {
@@ -249,9 +256,9 @@ impl<B: Backend> Routed<B> {
 
     /// Sorts what the backend completed: routed completions aside, the rest kept in order.
     fn pump(&mut self) {
-        while let Some(token) = self.inner.poll_completion() {
-            if !self.routes.complete(token.0) {
-                self.local.push_back(token);
+        while let Some((token, result)) = self.inner.poll_completion() {
+            if !self.routes.complete(token.0, result) {
+                self.local.push_back((token, result));
             }
         }
     }
@@ -328,7 +335,7 @@ impl<B: Backend> Backend for Routed<B> {
     fn flush(&mut self, now_us: u64, nsid: u32) -> Result<IoToken, BackendError> {
         self.inner.flush(now_us, nsid)
     }
-    fn poll_completion(&mut self) -> Option<IoToken> {
+    fn poll_completion(&mut self) -> Option<(IoToken, Result<(), BackendError>)> {
         self.pump();
         self.local.pop_front()
     }

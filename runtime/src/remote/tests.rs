@@ -82,7 +82,7 @@ fn a_write_moves_its_buffer_to_the_engine_and_completes_with_its_token() {
         }
         other => panic!("expected a write, got {other:?}"),
     }
-    assert_eq!(backend.poll_completion(), Some(token));
+    assert_eq!(backend.poll_completion(), Some((token, Ok(()))));
     assert_eq!(
         backend.free_slots(),
         REMOTE_SLOTS,
@@ -95,7 +95,7 @@ fn a_read_hands_over_the_engines_data_once() {
     let (mut backend, link) = backend();
     let token = backend.start_read(0, 1, 0, 512).unwrap().unwrap();
     serve_one(&link, 0x5a);
-    assert_eq!(backend.poll_completion(), Some(token));
+    assert_eq!(backend.poll_completion(), Some((token, Ok(()))));
     let mut data = [0u8; 512];
     backend.finish_read(token, &mut data).unwrap();
     assert!(data.iter().all(|&b| b == 0x5a));
@@ -104,7 +104,7 @@ fn a_read_hands_over_the_engines_data_once() {
     // A read whose connection went away is abandoned: its slot is freed all the same.
     let token = backend.start_read(0, 1, 0, 512).unwrap().unwrap();
     serve_one(&link, 0);
-    assert_eq!(backend.poll_completion(), Some(token));
+    assert_eq!(backend.poll_completion(), Some((token, Ok(()))));
     backend.abandon(token);
     assert_eq!(backend.free_slots(), REMOTE_SLOTS);
 }
@@ -136,6 +136,6 @@ fn ranges_are_checked_here_and_a_full_pool_is_busy() {
     let first = slots.into_iter().next().unwrap();
     let token = backend.abort_write(0, first);
     assert!(link.ops.pop().is_none());
-    assert_eq!(backend.poll_completion(), Some(token));
+    assert_eq!(backend.poll_completion(), Some((token, Ok(()))));
     assert!(backend.reserve_write(0, 1, 0, 512).is_ok());
 }
