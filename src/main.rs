@@ -45,6 +45,8 @@ usage:
   nvmirror cp [--wait] [--timeout-ms N] [--socket PATH | --config FILE]
                                     start a consistency point; --wait returns once every write completed
                                     before it is on both sides' namespaces
+  nvmirror set-policy suspend|fail [--socket PATH | --config FILE]
+                                    change a running source's peer-loss policy
   nvmirror rpc METHOD ['{\"param\": value}'] [--socket PATH | --config FILE]
                                     call any management method (rpc_get_methods lists them)
   nvmirror version
@@ -109,7 +111,7 @@ fn run(args: &[String]) -> Result<(), String> {
             options.finish()?;
             promote::promote(&Config::load(&path).map_err(|e| e.to_string())?)
         }
-        Some(command @ ("status" | "stats" | "cp" | "rpc")) => {
+        Some(command @ ("status" | "stats" | "cp" | "set-policy" | "rpc")) => {
             let command = command.to_string();
             manage::run_client(&command, &mut options)
         }

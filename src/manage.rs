@@ -67,6 +67,15 @@ pub fn run_client(command: &str, options: &mut Options) -> Result<(), String> {
             }
             ("nvmirror_cp".to_string(), params)
         }
+        "set-policy" => {
+            let policy = options
+                .positional()
+                .ok_or("nvmirror set-policy suspend|fail [--socket PATH | --config FILE]")?;
+            (
+                "nvmirror_set_policy".to_string(),
+                json!({ "policy": policy }),
+            )
+        }
         "rpc" => {
             let method = options
                 .positional()
@@ -101,6 +110,18 @@ pub fn run_client(command: &str, options: &mut Options) -> Result<(), String> {
 fn print_status(status: &Value) {
     println!("volume {}", status["volume"].as_str().unwrap_or("?"));
     for node in status["nodes"].as_array().into_iter().flatten() {
+        let peer = &node["peer"];
+        if peer.is_object() {
+            println!(
+                "  destination is {}{} (peer_loss_policy {})",
+                peer["state"].as_str().unwrap_or("?"),
+                peer["reason"]
+                    .as_str()
+                    .map(|reason| format!(": {reason}"))
+                    .unwrap_or_default(),
+                peer["policy"].as_str().unwrap_or("?")
+            );
+        }
         println!(
             "  {:<12} link {:<12} cp_completed {}  ring {} / {} bytes  device errors {}  cp failures {}{}",
             node["role"].as_str().unwrap_or("?"),

@@ -92,6 +92,21 @@ fn status_stats_and_a_waited_cp_on_a_running_pair() {
     assert_eq!(node["link_connected"], true, "{status}");
     assert!(node["cp_completed"].as_u64().unwrap() >= 2, "{status}");
 
+    assert_eq!(node["peer"]["state"], "connected", "{status}");
+    assert_eq!(node["peer"]["policy"], "suspend", "{status}");
+    // The policy changes at run time and status shows it.
+    let set = json_of(&nvmirror(&["set-policy", "fail", "--config", source_arg]));
+    assert_eq!(set["policy"], "fail");
+    let status = json_of(&nvmirror(&["status", "--config", source_arg, "--json"]));
+    assert_eq!(status["nodes"][0]["peer"]["policy"], "fail", "{status}");
+    let stats = json_of(&nvmirror(&["stats", "--config", source_arg, "--json"]));
+    assert_eq!(
+        stats["counters"]["source"]["policy_change_count"], 1,
+        "{stats}"
+    );
+    let bad = nvmirror(&["set-policy", "sometimes", "--config", source_arg]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("one of suspend, fail"));
+
     // Errors name what is wrong and fail the command.
     let unknown = nvmirror(&["rpc", "nvmirror_nope", "--config", source_arg]);
     assert!(!unknown.status.success());
@@ -121,7 +136,12 @@ fn status_stats_and_a_waited_cp_on_a_running_pair() {
         .map(Result::unwrap)
         .collect();
     let methods = replies[0]["result"].as_array().unwrap();
-    for method in ["nvmirror_get_status", "nvmirror_get_stats", "nvmirror_cp"] {
+    for method in [
+        "nvmirror_get_status",
+        "nvmirror_get_stats",
+        "nvmirror_cp",
+        "nvmirror_set_policy",
+    ] {
         assert!(methods.iter().any(|m| m == method), "{methods:?}");
     }
     assert_eq!(replies[1]["id"], 2);

@@ -47,10 +47,12 @@ pub struct Counters {
     pub heartbeat_count: u64,
     /// Source: host writes completed with a path error (peer lost, `fail` policy).
     pub write_failed_count: u64,
+    /// Source: peer-loss policy changes by the operator at run time.
+    pub policy_change_count: u64,
 }
 
 impl Counters {
-    fn fields(&self) -> [(&'static str, u64); 27] {
+    fn fields(&self) -> [(&'static str, u64); 28] {
         [
             ("host_write_count", self.host_write_count),
             ("host_bytes_written", self.host_bytes_written),
@@ -79,6 +81,7 @@ impl Counters {
             ("peer_state", self.peer_state),
             ("heartbeat_count", self.heartbeat_count),
             ("write_failed_count", self.write_failed_count),
+            ("policy_change_count", self.policy_change_count),
         ]
     }
 
@@ -133,7 +136,7 @@ mod tests {
         assert!(json.ends_with(
             "\"backpressure_count\":1,\"device_error_count\":0,\"cp_failure_count\":0,\
              \"mirror_bytes_written\":0,\"peer_lost_count\":0,\"peer_return_count\":0,\
-             \"peer_state\":0,\"heartbeat_count\":0,\"write_failed_count\":0}"
+             \"peer_state\":0,\"heartbeat_count\":0,\"write_failed_count\":0,\"policy_change_count\":0}"
         ));
         assert!(json.contains("\"cp_count\":2,"));
     }

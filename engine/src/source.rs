@@ -545,6 +545,32 @@ impl<M: RingStore> Source<M> {
         self.peer
     }
 
+    /// The peer-loss policy in force.
+    pub fn peer_loss_policy(&self) -> PeerLossPolicy {
+        self.config.peer_loss_policy
+    }
+
+    /// The operator changes the peer-loss policy of a running source. It applies at once: to a
+    /// peer already lost (suspend -> fail fails the held writes at the next tick), and to a
+    /// later loss. Writes already failed stay failed.
+    pub fn set_peer_loss_policy(&mut self, policy: PeerLossPolicy) {
+        if policy == self.config.peer_loss_policy {
+            return;
+        }
+        log::warn!(
+            "source: peer_loss_policy \"{}\" -> \"{}\" (operator){}",
+            self.config.peer_loss_policy.name(),
+            policy.name(),
+            if self.peer.is_lost() {
+                " while the destination is lost"
+            } else {
+                ""
+            }
+        );
+        self.config.peer_loss_policy = policy;
+        self.counters.policy_change_count += 1;
+    }
+
     /// Host writes fail with a path error now (the peer is lost under the `fail` policy).
     pub fn writes_fail(&self) -> bool {
         self.config.peer_loss_policy == PeerLossPolicy::Fail && self.peer.is_lost()

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 
 use crate::node::{Command, NodeControl};
+use nvmirror_engine::liveness::{PeerLossPolicy, PeerState};
 
 /// JSON-RPC 2.0 error codes (the spec's, which SPDK uses too).
 pub const PARSE_ERROR: i64 = -32700;
@@ -297,8 +298,20 @@ impl NodeMethods {
             let control = &node.control;
             let counters = fresh_counters(node)?;
             let link = *control.link.lock().unwrap();
+            let peer = control.peer.lock().unwrap().map(|peer| {
+                let (state, since_us, reason) = match peer.state {
+                    PeerState::Connected { since_us } => ("connected", since_us, None),
+                    PeerState::Disconnected { since_us } => ("disconnected", since_us, None),
+                    PeerState::Lost { since_us, reason } => {
+                        ("lost", since_us, Some(reason.to_string()))
+                    }
+                };
+                json!({"state": state, "since_us": since_us, "reason": reason,
+                       "policy": peer.policy.name()})
+            });
             nodes.push(json!({
                 "role": node.role,
+                "peer": peer,
                 "link_connected": link.connected,
                 "link_connects": link.connects,
                 "link_disconnects": link.disconnects,
@@ -361,9 +374,40 @@ impl NodeMethods {
     }
 }
 
+impl NodeMethods {
+    fn set_policy(&self, params: &Value) -> Result<Value, RpcError> {
+        only_params(params, &["policy"])?;
+        let name = params_object(params)?
+            .and_then(|map| map.get("policy"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| RpcError::invalid_params("'policy' (a string) is required"))?;
+        let policy = match name {
+            "suspend" => PeerLossPolicy::Suspend,
+            "fail" => PeerLossPolicy::Fail,
+            other => {
+                return Err(RpcError::invalid_params(format!(
+                    "policy '{other}': one of suspend, fail"
+                )))
+            }
+        };
+        let source = self.source()?;
+        source
+            .commands
+            .send(Command::SetPeerLossPolicy(policy))
+            .map_err(|e| RpcError::new(INTERNAL_ERROR, e))?;
+        fresh_counters(source)?;
+        Ok(json!({"policy": policy.name()}))
+    }
+}
+
 impl Methods for NodeMethods {
     fn names(&self) -> Vec<&'static str> {
-        vec!["nvmirror_get_status", "nvmirror_get_stats", "nvmirror_cp"]
+        vec![
+            "nvmirror_get_status",
+            "nvmirror_get_stats",
+            "nvmirror_cp",
+            "nvmirror_set_policy",
+        ]
     }
 
     fn call(&self, method: &str, params: &Value) -> Result<Value, RpcError> {
@@ -377,6 +421,7 @@ impl Methods for NodeMethods {
                 self.stats()
             }
             "nvmirror_cp" => self.cp(params),
+            "nvmirror_set_policy" => self.set_policy(params),
             other => Err(RpcError::new(
                 METHOD_NOT_FOUND,
                 format!("no method '{other}' (rpc_get_methods lists them)"),

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use nvmirror_engine::counters::Counters;
 use nvmirror_engine::destination::{Destination, DestinationEvent};
 use nvmirror_engine::device::BlockDevice;
-use nvmirror_engine::liveness::PeerState;
+use nvmirror_engine::liveness::{PeerLossPolicy, PeerState};
 use nvmirror_engine::source::{Source, SourceEvent};
 use nvmirror_engine::wire;
 
@@ -62,6 +62,8 @@ pub enum Command {
     PublishCounters,
     /// Finish: take a last CP so the mirror is current, then report `synced` (source).
     Finish,
+    /// Change the peer-loss policy (source).
+    SetPeerLossPolicy(PeerLossPolicy),
 }
 
 /// Commands queued for a node at most; a full mailbox refuses more.
@@ -85,12 +87,21 @@ pub struct NodeControl {
     pub published: AtomicU64,
     /// The replication link as of the last publication.
     pub link: Mutex<LinkStatus>,
+    /// Source: its view of the destination and its policy, as of the last publication.
+    pub peer: Mutex<Option<PeerStatus>>,
     /// Source: `RequestCp` commands taken, and the CP number that makes every write completed
     /// before the latest one durable on both sides (what `nvmirror_cp` waits for).
     pub cp_requests_seen: AtomicU64,
     pub cp_requested_number: AtomicU64,
     /// Source: the last CP number durable on both sides.
     pub cp_durable_number: AtomicU64,
+}
+
+/// A source's view of its destination, as published.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerStatus {
+    pub state: PeerState,
+    pub policy: PeerLossPolicy,
 }
 
 /// The replication link of a node, as published.
@@ -112,6 +123,7 @@ impl NodeControl {
             counters: Mutex::new(None),
             published: AtomicU64::new(0),
             link: Mutex::new(LinkStatus::default()),
+            peer: Mutex::new(None),
             cp_requests_seen: AtomicU64::new(0),
             cp_requested_number: AtomicU64::new(0),
             cp_durable_number: AtomicU64::new(0),
@@ -301,8 +313,12 @@ impl<F: FrontEnd> SourceNode<F> {
     }
 
     pub fn publish_counters(&self) {
-        self.control
-            .publish(*self.volume.source.counters(), &self.link);
+        let source = &self.volume.source;
+        *self.control.peer.lock().unwrap() = Some(PeerStatus {
+            state: source.peer_state(),
+            policy: source.peer_loss_policy(),
+        });
+        self.control.publish(*source.counters(), &self.link);
     }
 }
 
@@ -367,6 +383,10 @@ impl<F: FrontEnd> Node for SourceNode<F> {
             }
             Command::PublishCounters => self.publish_counters(),
             Command::Finish => self.finishing = true,
+            Command::SetPeerLossPolicy(policy) => {
+                self.volume.source.set_peer_loss_policy(policy);
+                self.publish_counters();
+            }
         }
     }
 }
@@ -481,7 +501,7 @@ impl Node for DestinationNode {
         match command {
             Command::PublishCounters => self.publish_counters(),
             // A destination takes CPs when its source sends them, and has nothing to finish.
-            Command::RequestCp | Command::Finish => {}
+            Command::RequestCp | Command::Finish | Command::SetPeerLossPolicy(_) => {}
         }
     }
 }
