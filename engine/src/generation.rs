@@ -305,6 +305,15 @@ pub fn settle(
     };
     match decide(source, destination) {
         Decision::InSync => accept(source.current, false, false),
+        // A first handshake that settled on the source's proposal, of which only the destination
+        // made its half durable before a crash: the source completes it. The proposal is the
+        // source's own random id, so only this pair's accepted settlement can have put it there.
+        Decision::WeAreFresh if destination.current == proposed => Ok(Settlement {
+            generation: proposed,
+            source_adopts: true,
+            destination_adopts: false,
+            assumed_identical: true,
+        }),
         Decision::BothFresh if assume_identical => {
             assert_ne!(proposed, 0, "the source proposes a non-zero generation");
             accept(proposed, true, true)

@@ -27,7 +27,9 @@
 //! Header slot: magic "NVMM" u32 @0, version u32 @4 (1), sequence u64 @8 (≥ 1), volume_id [16]
 //! @16, generations (node_id u64, current u64, history 4 × u64, bitmap_base u64, flags u32, zero
 //! u32: 64 B) @32, bitmap_extent_bytes u32 @96, namespace_count u32 @100, page_count u32 @104, zero
-//! u32 @108, namespace size_bytes 16 × u64 @112 (unused ones zero), zero @240..508, crc32c u32
+//! u32 @108, namespace size_bytes 16 × u64 @112 (unused ones zero), proposed_generation u64 @240
+//! (random, non-zero, drawn at format: the generation this node proposes to a fresh peer, the
+//! same across restarts so an interrupted first handshake completes), zero @248..508, crc32c u32
 //! @508 over the 512 bytes with this field as zero. The valid slot with the larger sequence is the
 //! header; an update writes the other slot, so a torn header write leaves the last one intact.
 //!
@@ -74,11 +76,13 @@ pub const BITMAP_PAGES_MAX: u64 = u32::MAX as u64;
 const HEADER_CRC_OFFSET: usize = HEADER_SLOT_BYTES - 4;
 const HEADER_GENERATIONS_OFFSET: usize = 32;
 const HEADER_SIZES_OFFSET: usize = 112;
+const HEADER_PROPOSED_OFFSET: usize = 240;
 const PAGE_CRC_OFFSET: usize = 8;
 
 const _: () = assert!(HEADER_SLOTS * HEADER_SLOT_BYTES <= BITMAP_PAGES_OFFSET_BYTES as usize);
 const _: () = assert!(HEADER_GENERATIONS_OFFSET + GENERATIONS_BYTES == 96);
-const _: () = assert!(HEADER_SIZES_OFFSET + 8 * NAMESPACES_MAX <= HEADER_CRC_OFFSET);
+const _: () = assert!(HEADER_SIZES_OFFSET + 8 * NAMESPACES_MAX == HEADER_PROPOSED_OFFSET);
+const _: () = assert!(HEADER_PROPOSED_OFFSET + 8 <= HEADER_CRC_OFFSET);
 const _: () = assert!(BITMAP_EXTENT_BYTES_MIN.is_power_of_two());
 const _: () = assert!(BITMAP_EXTENT_BYTES_MAX.is_power_of_two());
 const _: () = assert!(
@@ -132,6 +136,7 @@ pub enum HeaderError {
     BadVersion(u32),
     Crc,
     ZeroSequence,
+    ZeroProposedGeneration,
     Generations(&'static str),
     ExtentBytes(u32),
     NamespaceCount(u32),
@@ -147,6 +152,7 @@ impl fmt::Display for HeaderError {
             Self::BadVersion(version) => write!(f, "unsupported version {version}"),
             Self::Crc => f.write_str("crc mismatch"),
             Self::ZeroSequence => f.write_str("zero sequence"),
+            Self::ZeroProposedGeneration => f.write_str("zero proposed generation"),
             Self::Generations(reason) => write!(f, "generations: {reason}"),
             Self::ExtentBytes(bytes) => write!(f, "bad bitmap extent size {bytes}"),
             Self::NamespaceCount(count) => write!(f, "bad namespace count {count}"),
@@ -170,6 +176,7 @@ pub struct MetadataHeader {
     pub bitmap_extent_bytes: u64,
     pub namespace_sizes_bytes: Vec<u64>,
     pub page_count: u64,
+    pub proposed_generation: u64,
 }
 
 /// A checked bitmap extent size.
@@ -223,6 +230,8 @@ impl MetadataHeader {
             let at = HEADER_SIZES_OFFSET + 8 * i;
             out[at..at + 8].copy_from_slice(&size.to_le_bytes());
         }
+        out[HEADER_PROPOSED_OFFSET..HEADER_PROPOSED_OFFSET + 8]
+            .copy_from_slice(&self.proposed_generation.to_le_bytes());
         let crc = crc32c_with_zero_field(out, HEADER_CRC_OFFSET);
         out[HEADER_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
     }
@@ -259,9 +268,17 @@ impl MetadataHeader {
         let sizes: Vec<u64> = (0..count as usize)
             .map(|i| le_u64(bytes, HEADER_SIZES_OFFSET + 8 * i))
             .collect();
-        let unused = HEADER_SIZES_OFFSET + 8 * count as usize..HEADER_CRC_OFFSET;
-        if le_u32(bytes, 108) != 0 || bytes[unused].iter().any(|&b| b != 0) {
+        let unused_sizes = HEADER_SIZES_OFFSET + 8 * count as usize..HEADER_PROPOSED_OFFSET;
+        let tail = HEADER_PROPOSED_OFFSET + 8..HEADER_CRC_OFFSET;
+        if le_u32(bytes, 108) != 0
+            || bytes[unused_sizes].iter().any(|&b| b != 0)
+            || bytes[tail].iter().any(|&b| b != 0)
+        {
             return Err(HeaderError::NonzeroPadding);
+        }
+        let proposed_generation = le_u64(bytes, HEADER_PROPOSED_OFFSET);
+        if proposed_generation == 0 {
+            return Err(HeaderError::ZeroProposedGeneration);
         }
         let stored = le_u32(bytes, 104);
         let expected = page_count(&sizes, u64::from(extent_bytes));
@@ -275,6 +292,7 @@ impl MetadataHeader {
             bitmap_extent_bytes: u64::from(extent_bytes),
             namespace_sizes_bytes: sizes,
             page_count: expected,
+            proposed_generation,
         })
     }
 }
@@ -358,6 +376,7 @@ struct Batch {
 pub struct NodeMetadata {
     volume_id: [u8; 16],
     generations: Generations,
+    proposed_generation: u64,
     extent_bytes: u64,
     namespace_sizes_bytes: Vec<u64>,
     /// First bit of each namespace.
@@ -403,6 +422,7 @@ impl NodeMetadata {
         NodeMetadata {
             volume_id: header.volume_id,
             generations: header.generations,
+            proposed_generation: header.proposed_generation,
             extent_bytes: header.bitmap_extent_bytes,
             namespace_sizes_bytes: header.namespace_sizes_bytes.clone(),
             namespace_first_bit,
@@ -426,15 +446,22 @@ impl NodeMetadata {
         }
     }
 
-    /// New metadata for a node: identity `node_id` (random, non-zero), no data, a clean bitmap.
-    /// Write [`NodeMetadata::image`] to the node's storage before using it.
+    /// New metadata for a node: identity `node_id` and `proposed_generation` (random,
+    /// non-zero), no data, a clean bitmap. Write [`NodeMetadata::image`] to the node's storage
+    /// before using it.
     pub fn format(
         volume_id: [u8; 16],
         node_id: u64,
+        proposed_generation: u64,
         namespace_sizes_bytes: &[u64],
         extent_bytes: u64,
     ) -> Result<Self, MetadataError> {
         check_layout(namespace_sizes_bytes, extent_bytes)?;
+        if node_id == 0 || proposed_generation == 0 {
+            return Err(MetadataError::Layout(
+                "node id and proposed generation are non-zero".into(),
+            ));
+        }
         Ok(Self::build(&MetadataHeader {
             sequence: 1,
             volume_id,
@@ -442,6 +469,7 @@ impl NodeMetadata {
             bitmap_extent_bytes: extent_bytes,
             namespace_sizes_bytes: namespace_sizes_bytes.to_vec(),
             page_count: page_count(namespace_sizes_bytes, extent_bytes),
+            proposed_generation,
         }))
     }
 
@@ -538,6 +566,7 @@ impl NodeMetadata {
             bitmap_extent_bytes: self.extent_bytes,
             namespace_sizes_bytes: self.namespace_sizes_bytes.clone(),
             page_count: self.page_count,
+            proposed_generation: self.proposed_generation,
         }
     }
 
@@ -561,6 +590,11 @@ impl NodeMetadata {
 
     pub fn volume_id(&self) -> [u8; 16] {
         self.volume_id
+    }
+
+    /// The generation this node proposes to a peer when neither holds data.
+    pub fn proposed_generation(&self) -> u64 {
+        self.proposed_generation
     }
 
     pub fn extent_bytes(&self) -> u64 {

@@ -59,9 +59,6 @@ pub struct SourceConfig {
     /// The operator declares both devices identical (freshly zeroed): a pair without shared
     /// history needs no full sync. Applied once per node metadata.
     pub assume_identical: bool,
-    /// A random, non-zero generation the pair takes when neither side holds data yet (the
-    /// engine has no RNG: the runtime draws it).
-    pub proposed_generation: u64,
 }
 
 /// The default [`SourceConfig::device_queue_depth`] (and the destination's).
@@ -214,10 +211,6 @@ impl<M: RingStore> Source<M> {
             metadata.volume_id(),
             config.volume_id,
             "metadata of this volume"
-        );
-        assert_ne!(
-            config.proposed_generation, 0,
-            "a proposed generation is non-zero"
         );
         let geometry = ring.geometry();
         let slots = geometry.half_header_slots as usize;

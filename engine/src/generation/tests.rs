@@ -195,6 +195,11 @@ fn settle_accepts_refuses_and_names_both_generations() {
             .source_adopts,
         true
     );
+    // The source crashed after the destination took its proposal, before it did: completed,
+    // even though the destination has consumed its assume_identical.
+    let completed = settle(&node(1, 0, &[]), &node(2, proposed, &[]), false, proposed).unwrap();
+    assert!(completed.source_adopts && !completed.destination_adopts);
+    assert!(settle(&node(1, 0, &[]), &node(2, D, &[]), false, proposed).is_err());
     assert_eq!(
         settle(&node(5, A, &[]), &node(5, A, &[]), true, proposed)
             .unwrap_err()

@@ -5,7 +5,7 @@ const VOLUME: [u8; 16] = [7; 16];
 const MIB: u64 = 1 << 20;
 
 fn metadata(sizes: &[u64], extent_bytes: u64) -> NodeMetadata {
-    NodeMetadata::format(VOLUME, 0x5EED, sizes, extent_bytes).unwrap()
+    NodeMetadata::format(VOLUME, 0x5EED, 0x9909, sizes, extent_bytes).unwrap()
 }
 
 /// A tiny deterministic generator (the engine takes no RNG).
@@ -148,7 +148,7 @@ fn extent_sizes_are_checked() {
     assert!(check_extent_bytes(BITMAP_EXTENT_BYTES_MAX).is_ok());
     for bad in [0, 2048, 3 << 12, BITMAP_EXTENT_BYTES_MAX * 2] {
         assert!(check_extent_bytes(bad).is_err(), "{bad}");
-        assert!(NodeMetadata::format(VOLUME, 1, &[MIB], bad).is_err());
+        assert!(NodeMetadata::format(VOLUME, 1, 2, &[MIB], bad).is_err());
     }
 }
 
@@ -164,6 +164,7 @@ fn the_header_slot_round_trips_and_rejects_every_corrupted_field() {
         bitmap_extent_bytes: 1 << 16,
         namespace_sizes_bytes: vec![16 * MIB, 8 * MIB],
         page_count: page_count(&[16 * MIB, 8 * MIB], 1 << 16),
+        proposed_generation: 0x3333,
     };
     let mut slot = vec![0u8; HEADER_SLOT_BYTES];
     header.encode(&mut slot);
@@ -211,6 +212,15 @@ fn the_header_slot_round_trips_and_rejects_every_corrupted_field() {
     ));
     assert_eq!(corrupt(108, &[1]), Err(HeaderError::NonzeroPadding));
     assert_eq!(corrupt(300, &[1]), Err(HeaderError::NonzeroPadding));
+    assert_eq!(
+        corrupt(140, &[1]),
+        Err(HeaderError::NonzeroPadding),
+        "an unused size"
+    );
+    assert_eq!(
+        corrupt(240, &0u64.to_le_bytes()),
+        Err(HeaderError::ZeroProposedGeneration)
+    );
     // A size changed is a different page count or caught by open's layout check.
     assert!(matches!(
         corrupt(112, &(64 * 1024 * MIB).to_le_bytes()),

@@ -94,6 +94,7 @@ fn formatted_metadata(node_id: u64) -> (NodeMetadata, MemoryDevice) {
     let metadata = NodeMetadata::format(
         VOLUME,
         node_id,
+        node_id + 0x6E00,
         &[NAMESPACE_BYTES as u64],
         BITMAP_EXTENT_BYTES_DEFAULT,
     )
@@ -116,7 +117,6 @@ fn config(mode: CpMode) -> SourceConfig {
         mode,
         device_queue_depth: DEPTH,
         assume_identical: true,
-        proposed_generation: 0x6E,
     }
 }
 
@@ -416,7 +416,11 @@ fn a_promoted_destination_refuses_the_stale_source() {
     let mut p = pair(CpMode::References);
     p.connect();
     let settled = p.source.metadata().generations().current;
-    assert_eq!(settled, 0x6E, "a fresh pair takes the proposed generation");
+    assert_eq!(
+        settled,
+        SOURCE_NODE + 0x6E00,
+        "a fresh pair takes the source's proposed generation"
+    );
     assert_eq!(p.destination.metadata().generations().current, settled);
     p.source.write(1, 1, 0, &[1; 4096]).unwrap();
     p.exchange();
@@ -732,7 +736,8 @@ fn replay_onto_a_namespace_that_shrank_is_a_reported_fault() {
     p.source.write(1, 1, last_lba, &[7; 4096]).unwrap();
     let ring = p.source.into_memory();
     let smaller = [NAMESPACE_BYTES as u64 / 2];
-    let metadata = NodeMetadata::format(VOLUME, 1, &smaller, BITMAP_EXTENT_BYTES_DEFAULT).unwrap();
+    let metadata =
+        NodeMetadata::format(VOLUME, 1, 2, &smaller, BITMAP_EXTENT_BYTES_DEFAULT).unwrap();
     let error = Source::open(config(CpMode::References), ring, &smaller, metadata, 0)
         .err()
         .expect("refused");

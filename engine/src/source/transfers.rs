@@ -36,7 +36,7 @@ impl<M: RingStore> Source<M> {
             sector_size: SECTOR_SIZE as u32,
             mode: self.config.mode,
             volume_id: self.config.volume_id,
-            proposed_generation: self.config.proposed_generation,
+            proposed_generation: self.metadata.proposed_generation(),
             generations: self.wire_generations(),
             cp_completed: self.ring.superblock().cp_completed,
             geometry: self.ring.geometry(),
@@ -68,7 +68,7 @@ impl<M: RingStore> Source<M> {
             &ours,
             destination,
             assume_identical,
-            self.config.proposed_generation,
+            self.metadata.proposed_generation(),
         ) {
             Ok(settlement) => settlement,
             Err((refusal, text)) => {
