@@ -128,7 +128,7 @@ mod tests {
         counters.record_cp_duration(50);
         counters.record_cp_duration(20);
         let text = counters.to_text();
-        assert_eq!(text.lines().count(), 27);
+        assert_eq!(text.lines().count(), 28);
         assert!(text.starts_with("host_write_count 3\n"));
         assert!(text.contains("cp_duration_us_max 50\ncp_duration_us_last 20\n"));
         let json = counters.to_json();

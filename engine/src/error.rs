@@ -125,10 +125,6 @@ pub enum ProtocolError {
         message: &'static str,
         cp_number: u64,
     },
-    HelloAckEpoch {
-        theirs: u64,
-        ours: u64,
-    },
     CompletedUncommittedCp {
         cp_number: u64,
     },
@@ -203,9 +199,6 @@ impl fmt::Display for ProtocolError {
             ),
             Self::NotAwaitingCpAck { message, cp_number } => {
                 write!(f, "{message} for cp {cp_number} that is not awaiting one")
-            }
-            Self::HelloAckEpoch { theirs, ours } => {
-                write!(f, "HelloAck epoch {theirs} != ours {ours}")
             }
             Self::CompletedUncommittedCp { cp_number } => {
                 write!(f, "destination completed cp {cp_number} we never committed")

@@ -63,6 +63,9 @@ pub struct SourceConfig {
     pub peer_timeout_us: u64,
     /// What host writes do while the destination is lost.
     pub peer_loss_policy: PeerLossPolicy,
+    /// The operator declares both devices identical (freshly zeroed): a pair without shared
+    /// history needs no full sync. Applied once per node metadata.
+    pub assume_identical: bool,
 }
 
 /// The default [`SourceConfig::device_queue_depth`] (and the destination's).
@@ -167,6 +170,8 @@ pub enum SourceEvent {
 enum LinkState {
     Down,
     HelloSent,
+    /// HelloAck accepted; a generation we adopted is being made durable before transfers flow.
+    Settling,
     Ready,
     Rejected,
 }
@@ -210,6 +215,10 @@ pub struct Source<M> {
     ack_waiting_since_us: Option<u64>,
     /// Bytes handed to the socket (the heartbeat clock watches it).
     sent_bytes: u64,
+    /// This node's generations and bitmap.
+    metadata: crate::metadata::NodeMetadata,
+    /// While `Settling`: the link is ready once the metadata is durable through this.
+    settle_seq: u64,
 }
 
 impl<M: RingStore> Source<M> {
@@ -218,7 +227,13 @@ impl<M: RingStore> Source<M> {
         config: SourceConfig,
         ring: NvramRing<M>,
         namespace_sizes_bytes: &[u64],
+        metadata: crate::metadata::NodeMetadata,
     ) -> Self {
+        assert_eq!(
+            metadata.volume_id(),
+            config.volume_id,
+            "metadata of this volume"
+        );
         let geometry = ring.geometry();
         let slots = geometry.half_header_slots as usize;
         let dirty_blocks_max = geometry.half_data_bytes as usize / BLOCK_SIZE + 2 * slots;
@@ -256,6 +271,8 @@ impl<M: RingStore> Source<M> {
             ack_waiting_since_us: None,
             sent_bytes: 0,
             ring,
+            metadata,
+            settle_seq: 0,
         }
     }
 
@@ -419,9 +436,9 @@ impl<M: RingStore> Source<M> {
                 LinkState::HelloSent,
                 Message::HelloAck {
                     cp_completed,
-                    epoch,
+                    generations,
                 },
-            ) => self.on_hello_ack(now_us, cp_completed, epoch),
+            ) => self.on_hello_ack(now_us, cp_completed, &generations),
             (LinkState::Ready, Message::TransferAck { transfer_id }) => {
                 self.on_transfer_ack(now_us, transfer_id)
             }
@@ -472,6 +489,9 @@ impl<M: RingStore> Source<M> {
     pub fn handle_tick(&mut self, now_us: u64) {
         let active = half_of_cp(self.active_cp);
         self.cps[active].close_open_transfer();
+        if self.link == LinkState::Settling && self.metadata.durable_through() >= self.settle_seq {
+            self.become_ready(now_us);
+        }
         let state = &self.cps[active];
         let timer_due = now_us.saturating_sub(state.started_us) >= self.config.cp_interval_us;
         if self.ring.reserved_slots(active) == 0 {
@@ -612,6 +632,41 @@ impl<M: RingStore> Source<M> {
             .unwrap_or_else(|| self.cp_completed())
     }
 
+    // ---- node metadata ------------------------------------------------------------------
+
+    /// The next write or flush for the node's metadata device.
+    #[must_use]
+    pub fn poll_metadata_op(&mut self) -> Option<crate::device::DeviceOp<'_>> {
+        self.metadata.poll_device_op()
+    }
+
+    /// Takes the completion of a metadata op (any order).
+    pub fn handle_metadata_completion(&mut self, completion: crate::device::DeviceCompletion<'_>) {
+        self.metadata.handle_device_completion(completion);
+    }
+
+    pub fn metadata(&self) -> &crate::metadata::NodeMetadata {
+        &self.metadata
+    }
+
+    /// Takes `generation` (random, non-zero, new) as this node's current one: what a source
+    /// does before its first write its peer will not see (the degrade policy). Returns the
+    /// metadata sequence to wait for (`metadata().durable_through()`) before acknowledging it.
+    pub fn new_generation(&mut self, generation: u64) -> u64 {
+        self.metadata.new_generation(generation)
+    }
+
+    /// Marks the extents of a write the peer will not see (degraded); durable once
+    /// `metadata().durable_through() >= mark.seq`. Never called while the peer is connected.
+    pub fn mark_unreplicated(
+        &mut self,
+        nsid: u32,
+        lba: u64,
+        length_bytes: u64,
+    ) -> crate::metadata::Mark {
+        self.metadata.mark(nsid, lba, length_bytes)
+    }
+
     /// The ring's memory (the runtime persists it, per its medium).
     pub fn ring_memory(&self) -> &M {
         self.ring.memory()
@@ -656,6 +711,7 @@ fn link_state_name(state: LinkState) -> &'static str {
     match state {
         LinkState::Down => "link down",
         LinkState::HelloSent => "awaiting HelloAck",
+        LinkState::Settling => "settling generations",
         LinkState::Ready => "ready",
         LinkState::Rejected => "rejected",
     }

@@ -9,10 +9,15 @@
 //! entry's data_crc, which the destination verifies before storing anything.
 //!
 //! Bodies:
-//! - Hello: protocol_version u32, block_size u32, sector_size u32, mode u8, namespace_count u8,
-//!   zero u16, volume_id [16], epoch u64, cp_completed u64, ring_bytes u64, half_header_slots u32,
-//!   half_data_bytes u32, then namespace_count × size_bytes u64.
-//! - HelloAck: cp_completed u64, epoch u64.   - Reject: reason u32, UTF-8 text.
+//! - Hello (128 B + 8 per namespace): protocol_version u32 @0, block_size u32 @4, sector_size
+//!   u32 @8, mode u8 @12, namespace_count u8 @13, zero u16 @14, volume_id [16] @16, cp_completed
+//!   u64 @32, ring_bytes u64 @40, half_header_slots u32 @48, half_data_bytes u32 @52,
+//!   proposed_generation u64 @56 (non-zero: the generation a pair of fresh sides takes), the
+//!   source's generations @64 (node_id u64, current u64, history 4 × u64, bitmap_base u64, flags
+//!   u32, zero u32: 64 B, [`crate::generation::Generations`]), then namespace_count × size_bytes u64.
+//! - HelloAck (72 B): cp_completed u64 @0, the destination's generations @8 (64 B) as they were
+//!   when the Hello came, so both sides settle the same pair ([`crate::generation::settle`]).
+//! - Reject: reason u32, UTF-8 text.
 //! - Transfer: transfer_id u64, cp_number u64, first_seq u64, entry_count u32, then entry_count ×
 //!   {nsid u32, flags u16, length_bytes u32, lba u64, data_offset u32, data_crc u32} (26 B), then
 //!   the data of each non-ZEROES entry back to back.
@@ -36,6 +41,7 @@ use std::fmt;
 
 use crate::checksum::{crc32c_with_zero_field, le_u16, le_u32, le_u64};
 use crate::cp::{CpMode, Descriptor, DescriptorEntry};
+use crate::generation::{Generations, GENERATIONS_BYTES};
 use crate::geometry::{
     RingGeometry, BLOCK_SIZE, DESCRIPTORS_PER_TABLE, NAMESPACES_MAX, TRANSFER_ENTRIES_MAX,
 };
@@ -45,9 +51,12 @@ use crate::transfer::TransferId;
 /// "NVMW" in little endian.
 pub const WIRE_MAGIC: u32 = u32::from_le_bytes(*b"NVMW");
 /// The protocol version this code speaks.
-pub const PROTOCOL_VERSION: u8 = 3;
+/// 3: Heartbeat. 4: generations replace the epoch in Hello and HelloAck.
+pub const PROTOCOL_VERSION: u8 = 4;
 pub const MESSAGE_HEADER_BYTES: usize = 16;
-pub const HELLO_FIXED_BYTES: usize = 64;
+pub const HELLO_FIXED_BYTES: usize = HELLO_GENERATIONS_OFFSET + GENERATIONS_BYTES;
+const HELLO_GENERATIONS_OFFSET: usize = 64;
+pub const HELLO_ACK_BYTES: usize = 8 + GENERATIONS_BYTES;
 pub const TRANSFER_HEADER_BYTES: usize = 28;
 pub const WIRE_ENTRY_BYTES: usize = 26;
 pub const TABLE_HEADER_BYTES: usize = 12;
@@ -89,9 +98,13 @@ crate::wire_enum! {
         Version = 1,
         Geometry = 2,
         Volume = 3,
-        StaleEpoch = 4,
+        StaleSource = 4,
         CpMismatch = 5,
         Namespaces = 6,
+        SplitBrain = 7,
+        FullSyncRequired = 8,
+        ResyncRequired = 9,
+        SameNode = 10,
     }
 }
 
@@ -144,9 +157,11 @@ pub struct Hello {
     pub sector_size: u32,
     pub mode: CpMode,
     pub volume_id: [u8; 16],
-    pub epoch: u64,
     pub cp_completed: u64,
     pub geometry: RingGeometry,
+    /// The source's fresh generation for a pair where neither side holds data.
+    pub proposed_generation: u64,
+    pub generations: Generations,
     pub namespace_count: u8,
     pub namespace_sizes_bytes: [u64; NAMESPACES_MAX],
 }
@@ -260,7 +275,7 @@ pub enum Message<'a> {
     Hello(Hello),
     HelloAck {
         cp_completed: u64,
-        epoch: u64,
+        generations: Generations,
     },
     Reject {
         reason: RejectReason,
@@ -385,10 +400,11 @@ fn decode_body(kind: MessageKind, body: &[u8]) -> Result<Message<'_>, WireError>
     match kind {
         MessageKind::Hello => decode_hello(body).map(Message::Hello),
         MessageKind::HelloAck => {
-            fixed(kind, body, 16)?;
+            fixed(kind, body, HELLO_ACK_BYTES)?;
             Ok(Message::HelloAck {
                 cp_completed: le_u64(body, 0),
-                epoch: le_u64(body, 8),
+                generations: Generations::decode(&body[8..HELLO_ACK_BYTES])
+                    .map_err(|reason| bad(kind, reason))?,
             })
         }
         MessageKind::Reject => {
@@ -469,13 +485,15 @@ fn decode_hello(body: &[u8]) -> Result<Hello, WireError> {
         sector_size: le_u32(body, 8),
         mode,
         volume_id: body[16..32].try_into().expect("16 bytes"),
-        epoch: le_u64(body, 32),
-        cp_completed: le_u64(body, 40),
+        cp_completed: le_u64(body, 32),
         geometry: RingGeometry {
-            ring_bytes: le_u64(body, 48),
-            half_header_slots: le_u32(body, 56),
-            half_data_bytes: le_u32(body, 60),
+            ring_bytes: le_u64(body, 40),
+            half_header_slots: le_u32(body, 48),
+            half_data_bytes: le_u32(body, 52),
         },
+        proposed_generation: le_u64(body, 56),
+        generations: Generations::decode(&body[HELLO_GENERATIONS_OFFSET..HELLO_FIXED_BYTES])
+            .map_err(|reason| bad(kind, reason))?,
         namespace_count,
         namespace_sizes_bytes: [0; NAMESPACES_MAX],
     };
@@ -484,6 +502,9 @@ fn decode_hello(body: &[u8]) -> Result<Hello, WireError> {
         .enumerate()
     {
         *size = le_u64(body, HELLO_FIXED_BYTES + 8 * i);
+    }
+    if hello.proposed_generation == 0 {
+        return Err(bad(kind, "zero proposed generation"));
     }
     Ok(hello)
 }
@@ -620,11 +641,14 @@ fn encode_hello_body(out: &mut [u8], hello: &Hello) {
     };
     out[13] = hello.namespace_count;
     out[16..32].copy_from_slice(&hello.volume_id);
-    out[32..40].copy_from_slice(&hello.epoch.to_le_bytes());
-    out[40..48].copy_from_slice(&hello.cp_completed.to_le_bytes());
-    out[48..56].copy_from_slice(&hello.geometry.ring_bytes.to_le_bytes());
-    out[56..60].copy_from_slice(&hello.geometry.half_header_slots.to_le_bytes());
-    out[60..64].copy_from_slice(&hello.geometry.half_data_bytes.to_le_bytes());
+    out[32..40].copy_from_slice(&hello.cp_completed.to_le_bytes());
+    out[40..48].copy_from_slice(&hello.geometry.ring_bytes.to_le_bytes());
+    out[48..52].copy_from_slice(&hello.geometry.half_header_slots.to_le_bytes());
+    out[52..56].copy_from_slice(&hello.geometry.half_data_bytes.to_le_bytes());
+    out[56..64].copy_from_slice(&hello.proposed_generation.to_le_bytes());
+    hello
+        .generations
+        .encode(&mut out[HELLO_GENERATIONS_OFFSET..HELLO_FIXED_BYTES]);
     for (i, size) in hello.namespace_sizes().iter().enumerate() {
         out[HELLO_FIXED_BYTES + 8 * i..HELLO_FIXED_BYTES + 8 * i + 8]
             .copy_from_slice(&size.to_le_bytes());
@@ -670,7 +694,7 @@ pub enum Control<'a> {
     Hello(&'a Hello),
     HelloAck {
         cp_completed: u64,
-        epoch: u64,
+        generations: Generations,
     },
     Reject {
         reason: RejectReason,
@@ -704,7 +728,8 @@ impl Control<'_> {
         MESSAGE_HEADER_BYTES
             + match self {
                 Self::Hello(hello) => hello_body_bytes(usize::from(hello.namespace_count)),
-                Self::HelloAck { .. } | Self::CpCommit { .. } | Self::TableAck { .. } => 16,
+                Self::HelloAck { .. } => HELLO_ACK_BYTES,
+                Self::CpCommit { .. } | Self::TableAck { .. } => 16,
                 Self::Reject { text, .. } => 4 + text.len(),
                 Self::TransferAck { .. }
                 | Self::CpAck { .. }
@@ -733,10 +758,10 @@ impl Control<'_> {
             Self::Hello(hello) => encode_hello_body(body, hello),
             Self::HelloAck {
                 cp_completed,
-                epoch,
+                generations,
             } => {
                 body[0..8].copy_from_slice(&cp_completed.to_le_bytes());
-                body[8..16].copy_from_slice(&epoch.to_le_bytes());
+                generations.encode(&mut body[8..HELLO_ACK_BYTES]);
             }
             Self::Reject { reason, text } => {
                 body[0..4].copy_from_slice(&(reason as u32).to_le_bytes());

@@ -131,10 +131,7 @@ impl<M: RingStore> Destination<M> {
                 if session == self.session {
                     self.on_mirror_written(table, error.is_some());
                 }
-                if self.hello_ack_pending && !self.mirror_writes_inflight() {
-                    self.hello_ack_pending = false;
-                    self.push_hello_ack();
-                }
+                self.maybe_send_hello_ack();
             }
             DestinationOp::Flush { session } => {
                 if let Some(error) = error {

@@ -6,6 +6,9 @@
 use super::cp_state::FlushState;
 use super::{CpPhase, LinkState, Source, SourceEvent, WriteId};
 use crate::error::{LinkError, ProtocolError};
+use crate::generation::{
+    settle, Generations, Hex, FLAG_ASSUME_IDENTICAL, FLAG_ASSUME_IDENTICAL_CONSUMED,
+};
 use crate::geometry::{half_of_cp, BLOCK_SIZE, SECTOR_SIZE};
 use crate::ring::RingStore;
 use crate::transfer::{TransferId, TransferRecord};
@@ -33,7 +36,8 @@ impl<M: RingStore> Source<M> {
             sector_size: SECTOR_SIZE as u32,
             mode: self.config.mode,
             volume_id: self.config.volume_id,
-            epoch: self.ring.superblock().epoch,
+            proposed_generation: self.metadata.proposed_generation(),
+            generations: self.wire_generations(),
             cp_completed: self.ring.superblock().cp_completed,
             geometry: self.ring.geometry(),
             namespace_count: self.namespace_sizes_bytes.len() as u8,
@@ -41,20 +45,44 @@ impl<M: RingStore> Source<M> {
         }
     }
 
+    /// Our generations as the Hello carries them (with our `assume_identical` wish).
+    fn wire_generations(&self) -> Generations {
+        let mut generations = *self.metadata.generations();
+        if self.config.assume_identical && generations.flags & FLAG_ASSUME_IDENTICAL_CONSUMED == 0 {
+            generations.flags |= FLAG_ASSUME_IDENTICAL;
+        }
+        generations
+    }
+
     pub(super) fn on_hello_ack(
         &mut self,
         now_us: u64,
         destination_cp: u64,
-        epoch: u64,
+        destination: &Generations,
     ) -> Result<(), LinkError> {
-        let superblock = *self.ring.superblock();
-        if epoch != superblock.epoch {
-            return Err(ProtocolError::HelloAckEpoch {
-                theirs: epoch,
-                ours: superblock.epoch,
+        // The destination settled the same pair (our Hello, its generations as they were) and
+        // accepted it; we settle it too, so a refusal stands on both sides whatever a peer says.
+        let ours = self.wire_generations();
+        let assume_identical = ours.flags & destination.flags & FLAG_ASSUME_IDENTICAL != 0;
+        let settlement = match settle(
+            &ours,
+            destination,
+            assume_identical,
+            self.metadata.proposed_generation(),
+        ) {
+            Ok(settlement) => settlement,
+            Err((refusal, text)) => {
+                self.link = LinkState::Rejected;
+                log::error!("source: refusing the destination: {text}");
+                self.events
+                    .push_back(SourceEvent::LinkRejected(text.clone()));
+                return Err(LinkError::RejectedPeer {
+                    reason: crate::destination::reject_reason(refusal),
+                    text,
+                });
             }
-            .into());
-        }
+        };
+        let superblock = *self.ring.superblock();
         if destination_cp == superblock.cp_completed + 1 {
             // The destination applied and recorded CP c+1 but its CpAck was lost: it is durable on
             // the mirror, and on our primary once flushed (before the CP was sent, or, for a CP
@@ -90,11 +118,38 @@ impl<M: RingStore> Source<M> {
             }
             .into());
         }
+        if settlement.source_adopts {
+            log::info!(
+                "source: taking generation {}{}",
+                Hex(settlement.generation),
+                if settlement.assumed_identical {
+                    " (assume_identical: the devices are declared identical)"
+                } else {
+                    ""
+                }
+            );
+        }
+        if settlement.source_adopts || settlement.assumed_identical {
+            // Also when the destination took our generation: our metadata records the key used.
+            self.settle_seq = self
+                .metadata
+                .adopt(settlement.generation, settlement.assumed_identical);
+        }
+        // Transfers flow once every generation change of ours is durable (`handle_tick`).
+        self.link = LinkState::Settling;
+        if self.metadata.durable_through() >= self.settle_seq {
+            self.become_ready(now_us);
+        }
+        Ok(())
+    }
+
+    /// Generations settled and durable: transfers flow, and the role is settled (a runtime
+    /// serves hosts from the first LinkReady on).
+    pub(super) fn become_ready(&mut self, now_us: u64) {
         self.link = LinkState::Ready;
         self.on_peer_ready(now_us);
         self.events.push_back(SourceEvent::LinkReady);
         self.send_transfers();
-        Ok(())
     }
 
     /// A cumulative TransferAck: checked first (the transfer was sent and awaits its ack),
