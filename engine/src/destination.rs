@@ -24,6 +24,7 @@
 //! this side acknowledged (invariant 4).
 
 mod mirror;
+mod resync;
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -131,6 +132,15 @@ pub struct Destination<M> {
     /// the metadata is durable through this sequence (a generation we adopted).
     ack_generations: Generations,
     ack_metadata_seq: u64,
+    /// The current session was settled on a resync (ResyncTables may come).
+    resync_session: bool,
+    /// The log of before the resync session is kept (references point into it) until the
+    /// first transfer of the new session.
+    old_log_kept: bool,
+    /// The ResyncTable being applied.
+    resync_apply: Option<resync::ResyncApply>,
+    /// ResyncDone came: its answer waits for the adopted generation to be durable.
+    resync_done_pending: Option<(u64, u64)>,
 }
 
 /// Data blocks the destination stages: a full window of tables.
@@ -203,6 +213,10 @@ impl<M: RingStore> Destination<M> {
             metadata,
             assume_identical: config.assume_identical,
             ack_metadata_seq: 0,
+            resync_session: false,
+            old_log_kept: false,
+            resync_apply: None,
+            resync_done_pending: None,
         })
     }
 
@@ -219,6 +233,9 @@ impl<M: RingStore> Destination<M> {
     fn reset_session(&mut self) {
         self.out.clear();
         self.in_session = false;
+        self.resync_session = false;
+        self.resync_apply = None;
+        self.resync_done_pending = None;
         self.pending_ack = None;
         self.hello_ack_pending = false;
         self.restart_cp();
@@ -274,6 +291,8 @@ impl<M: RingStore> Destination<M> {
                 self.on_transfer(&transfer)
             }
             (true, Message::DescriptorTable(table)) => self.on_table(&table),
+            (true, Message::ResyncTable(table)) => self.on_resync_table(&table),
+            (true, Message::ResyncDone { generation }) => self.on_resync_done(generation),
             (
                 true,
                 Message::CpCommit {
@@ -359,8 +378,19 @@ impl<M: RingStore> Destination<M> {
             Ok(settlement) => settlement,
             Err((refusal, text)) => return Err(self.reject(reject_reason(refusal), text)),
         };
-        if let Err((reason, text)) = self.check_cp(hello) {
-            return Err(self.reject(reason, text));
+        if settlement.resync.is_none() {
+            if let Err((reason, text)) = self.check_cp(hello) {
+                return Err(self.reject(reason, text));
+            }
+        } else if hello.cp_completed < self.ring.superblock().cp_completed {
+            return Err(self.reject(
+                RejectReason::CpMismatch,
+                format!(
+                    "source cp {} is behind destination cp {} in a resync",
+                    hello.cp_completed,
+                    self.ring.superblock().cp_completed
+                ),
+            ));
         }
         self.ack_generations = ours;
         self.ack_metadata_seq = 0;
@@ -382,9 +412,14 @@ impl<M: RingStore> Destination<M> {
             settlement.generation == hello.generations.current || settlement.source_adopts,
             "the pair settles on the source's generation unless the source adopts"
         );
-        for half in 0..2 {
-            self.ring.rewind_half(half);
-            self.transfers[half].clear();
+        if settlement.resync.is_some() {
+            self.begin_resync_session(hello.cp_completed);
+        } else {
+            self.old_log_kept = false;
+            for half in 0..2 {
+                self.ring.rewind_half(half);
+                self.transfers[half].clear();
+            }
         }
         self.restart_cp();
         self.logged_seq_max = None;
@@ -421,6 +456,7 @@ impl<M: RingStore> Destination<M> {
     pub fn handle_metadata_completion(&mut self, completion: crate::device::DeviceCompletion<'_>) {
         self.metadata.handle_device_completion(completion);
         self.maybe_send_hello_ack();
+        self.maybe_send_resync_done_ack();
     }
 
     pub fn metadata(&self) -> &NodeMetadata {
@@ -486,6 +522,7 @@ impl<M: RingStore> Destination<M> {
     }
 
     fn on_transfer(&mut self, transfer: &TransferMessage<'_>) -> Result<(), LinkError> {
+        self.drop_old_log();
         let header = transfer.header;
         let completed = self.ring.superblock().cp_completed;
         if header.cp_number != completed + 1 && header.cp_number != completed + 2 {
@@ -599,6 +636,12 @@ impl<M: RingStore> Destination<M> {
     /// blocks staged until they are written. A source keeps at most [`TABLE_WINDOW`] tables
     /// unacknowledged, so staging never runs out for a source that follows the protocol.
     fn on_table(&mut self, table: &DescriptorTableMessage<'_>) -> Result<(), LinkError> {
+        if self.resync_apply.is_some() {
+            return Err(ProtocolError::Resync {
+                what: "a DescriptorTable while a ResyncTable is being applied",
+            }
+            .into());
+        }
         let cp_number = self.ring.superblock().cp_completed + 1;
         if table.cp_number != cp_number || self.commit_pending.is_some() {
             return Err(ProtocolError::TableForCp {
@@ -797,6 +840,11 @@ impl<M: RingStore> Destination<M> {
     /// this side's ops in flight first.
     pub fn promote(self, new_generation: u64) -> Result<Promotion<M>, EngineError> {
         assert!(self.ops.is_empty(), "promote once the mirror ops finished");
+        if self.metadata.generations().flags & crate::generation::FLAG_RESYNC_TARGET != 0 {
+            return Err(EngineError::ResyncTarget {
+                generation: self.metadata.generations().current,
+            });
+        }
         let sizes = self.namespace_sizes_bytes.clone();
         let depth = self.ops_depth();
         Promotion::new(

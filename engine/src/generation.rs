@@ -32,8 +32,13 @@ pub const FLAG_ASSUME_IDENTICAL_CONSUMED: u32 = 1 << 0;
 /// On the wire only (Hello, HelloAck): this side's config asks for `assume_identical` and its
 /// metadata has not consumed it.
 pub const FLAG_ASSUME_IDENTICAL: u32 = 1 << 1;
+/// This node is the target of a resync that has not finished: its mirror mixes blocks of two
+/// points in time (a consistent image only once the resync is done), so it is not promoted
+/// unless the operator forces it. Set durably before the first resync block is written.
+pub const FLAG_RESYNC_TARGET: u32 = 1 << 2;
 /// Every flag a decoder accepts.
-pub const FLAGS_KNOWN: u32 = FLAG_ASSUME_IDENTICAL_CONSUMED | FLAG_ASSUME_IDENTICAL;
+pub const FLAGS_KNOWN: u32 =
+    FLAG_ASSUME_IDENTICAL_CONSUMED | FLAG_ASSUME_IDENTICAL | FLAG_RESYNC_TARGET;
 
 /// A node's generation identity (what the handshake compares).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -255,12 +260,23 @@ pub fn decide(ours: &Generations, theirs: &Generations) -> Decision {
 /// How a handshake that goes ahead leaves the pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settlement {
-    /// The generation both sides hold afterwards.
+    /// The generation both sides hold afterwards (the destination once its resync is done).
     pub generation: u64,
     pub source_adopts: bool,
     pub destination_adopts: bool,
     /// `assume_identical` decided it: both sides record it as consumed.
     pub assumed_identical: bool,
+    /// The destination is behind: the source resyncs it first (`None`: in sync).
+    pub resync: Option<ResyncKind>,
+}
+
+/// What a resync sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResyncKind {
+    /// The extents the source's bitmap marked since the destination's generation.
+    Bitmap,
+    /// Every extent (no usable bitmap, or a destination without data: the initial sync).
+    Full,
 }
 
 /// Why a handshake is refused.
@@ -292,14 +308,24 @@ pub fn settle(
             source_adopts,
             destination_adopts,
             assumed_identical: source_adopts || destination_adopts,
+            resync: None,
+        })
+    };
+    let resync = |generation, source_adopts, kind| {
+        Ok(Settlement {
+            generation,
+            source_adopts,
+            destination_adopts: false,
+            assumed_identical: false,
+            resync: Some(kind),
         })
     };
     let full_sync = |what: String| {
         Err((
             Refusal::FullSyncRequired,
             format!(
-                "{what}: a full sync is required; set assume_identical = true on both sides only if \
-                 both devices are known identical (freshly zeroed) to skip it"
+                "{what}: a full sync would overwrite the destination's data; set \
+                 assume_identical = true on both sides only if both devices are known identical"
             ),
         ))
     };
@@ -313,6 +339,7 @@ pub fn settle(
             source_adopts: true,
             destination_adopts: false,
             assumed_identical: true,
+            resync: None,
         }),
         Decision::BothFresh if assume_identical => {
             assert_ne!(proposed, 0, "the source proposes a non-zero generation");
@@ -321,24 +348,27 @@ pub fn settle(
         Decision::PeerFresh if assume_identical => accept(source.current, false, true),
         Decision::WeAreFresh if assume_identical => accept(destination.current, true, false),
         Decision::NoSharedHistory { .. } if assume_identical => accept(source.current, false, true),
-        Decision::BothFresh => full_sync("neither side holds data of this volume yet".into()),
-        Decision::PeerFresh => full_sync(format!(
-            "the destination holds no data of this volume; the source is at generation {s}"
-        )),
+        // The initial sync: the destination holds nothing, so the source copies everything.
+        Decision::BothFresh => {
+            assert_ne!(proposed, 0, "the source proposes a non-zero generation");
+            resync(proposed, true, ResyncKind::Full)
+        }
+        Decision::PeerFresh => resync(source.current, false, ResyncKind::Full),
         Decision::WeAreFresh => full_sync(format!(
             "the source holds no data of this volume; the destination is at generation {d}"
         )),
         Decision::NoSharedHistory { .. } => full_sync(format!(
             "source generation {s} and destination generation {d} share no history"
         )),
-        Decision::PeerBehind { bitmap_usable } => Err((
-            Refusal::ResyncRequired,
-            format!(
-                "destination generation {d} is behind source generation {s}: it needs a {} resync \
-                 from the source, which this version cannot do yet",
-                if bitmap_usable { "bitmap" } else { "full" }
-            ),
-        )),
+        Decision::PeerBehind { bitmap_usable } => resync(
+            source.current,
+            false,
+            if bitmap_usable {
+                ResyncKind::Bitmap
+            } else {
+                ResyncKind::Full
+            },
+        ),
         Decision::WeAreBehind { .. } => Err((
             Refusal::StaleSource,
             format!(

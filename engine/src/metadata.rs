@@ -90,7 +90,7 @@ const _: () = assert!(
         && BITMAP_EXTENT_BYTES_DEFAULT <= BITMAP_EXTENT_BYTES_MAX
 );
 const _: () = assert!(BITMAP_EXTENT_BYTES_MAX <= u32::MAX as u64);
-const _: () = assert!(BITMAP_PAGE_BYTES % SECTOR_SIZE == 0);
+const _: () = assert!(BITMAP_PAGE_BYTES.is_multiple_of(SECTOR_SIZE));
 
 /// Why metadata cannot be opened (or a header slot decoded).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -651,6 +651,17 @@ impl NodeMetadata {
         self.change_header()
     }
 
+    /// Sets or clears a persistent flag ([`crate::generation::FLAG_RESYNC_TARGET`]); returns the
+    /// change's sequence.
+    pub fn set_flag(&mut self, flag: u32, on: bool) -> u64 {
+        if on {
+            self.generations.flags |= flag;
+        } else {
+            self.generations.flags &= !flag;
+        }
+        self.change_header()
+    }
+
     /// The bitmap counts changes since `generation` (0: since nothing; after a resync).
     pub fn set_bitmap_base(&mut self, generation: u64) -> u64 {
         self.generations.bitmap_base = generation;
@@ -749,6 +760,53 @@ impl NodeMetadata {
                     (index as u32 + 1, offset, extent.min(size - offset))
                 })
         })
+    }
+
+    /// The first marked extent at or after volume bit `from_bit` (extents are numbered across
+    /// namespaces in nsid order): (its bit, nsid, offset_bytes, length_bytes). Skips clean bytes
+    /// eight extents at a time, so a resync walks a sparse bitmap cheaply.
+    pub fn next_marked(&self, from_bit: u64) -> Option<(u64, u32, u64, u64)> {
+        let total = self.total_bits();
+        let mut bit = from_bit;
+        while bit < total {
+            if bit.is_multiple_of(8) && self.bits[(bit / 8) as usize] == 0 {
+                bit += 8;
+                continue;
+            }
+            if self.bit(bit) {
+                let index = self
+                    .namespace_first_bit
+                    .iter()
+                    .rposition(|&first| first <= bit)
+                    .expect("bit 0 starts namespace 1");
+                let offset = (bit - self.namespace_first_bit[index]) * self.extent_bytes;
+                let size = self.namespace_sizes_bytes[index];
+                return Some((
+                    bit,
+                    index as u32 + 1,
+                    offset,
+                    self.extent_bytes.min(size - offset),
+                ));
+            }
+            bit += 1;
+        }
+        None
+    }
+
+    /// Marks every extent of every namespace (a full sync).
+    pub fn mark_all(&mut self) -> Mark {
+        let mut last = Mark {
+            seq: 0,
+            persist_needed: false,
+        };
+        for index in 0..self.namespace_sizes_bytes.len() {
+            let size = self.namespace_sizes_bytes[index];
+            let mark = self.mark(index as u32 + 1, 0, size);
+            if mark.persist_needed {
+                last = mark;
+            }
+        }
+        last
     }
 
     pub fn marked_count(&self) -> u64 {

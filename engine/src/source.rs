@@ -26,6 +26,7 @@ mod cp;
 mod cp_state;
 mod peer;
 mod recovery;
+mod resync;
 mod transfers;
 mod write;
 
@@ -63,6 +64,10 @@ pub struct SourceConfig {
     pub peer_timeout_us: u64,
     /// What host writes do while the destination is lost.
     pub peer_loss_policy: PeerLossPolicy,
+    /// Seeds the generations this source takes on its own (degrade); random per process.
+    pub generation_seed: u64,
+    /// A resync sends at most this many bytes per second (0: as fast as it goes).
+    pub resync_rate_bytes_per_s: u64,
     /// The operator declares both devices identical (freshly zeroed): a pair without shared
     /// history needs no full sync. Applied once per node metadata.
     pub assume_identical: bool,
@@ -164,6 +169,8 @@ pub enum SourceEvent {
     DeviceFault(DeviceFault),
     /// The destination could not write CP `cp_number` to its mirror; the CP is retried.
     MirrorFailed { cp_number: u64 },
+    /// The resync finished: the destination holds our generation, writes are synchronous.
+    ResyncDone { bytes: u64, duration_us: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,6 +226,16 @@ pub struct Source<M> {
     metadata: crate::metadata::NodeMetadata,
     /// While `Settling`: the link is ready once the metadata is durable through this.
     settle_seq: u64,
+    /// Writes complete without the destination (`degrade`).
+    degrade: Option<resync::Degrade>,
+    /// The destination is being resynced.
+    resync: Option<resync::Resync>,
+    /// Blocks whose latest content the destination holds in a transfer it acknowledged before
+    /// it was lost, sorted: ((nsid, block), (transfer, block number)).
+    degraded_references: Vec<((u32, u64), (crate::transfer::TransferId, u32))>,
+    /// Blocks a resync sent as references: the data pass skips them.
+    applied_references: std::collections::HashSet<(u32, u64)>,
+    random_state: u64,
 }
 
 impl<M: RingStore> Source<M> {
@@ -273,6 +290,11 @@ impl<M: RingStore> Source<M> {
             ring,
             metadata,
             settle_seq: 0,
+            degrade: None,
+            resync: None,
+            degraded_references: Vec::new(),
+            applied_references: std::collections::HashSet::new(),
+            random_state: config.generation_seed,
         }
     }
 
@@ -449,6 +471,16 @@ impl<M: RingStore> Source<M> {
             (LinkState::Ready, Message::CpFailed { cp_number }) => {
                 self.on_cp_failed(now_us, cp_number)
             }
+            (
+                LinkState::Ready,
+                Message::ResyncAck {
+                    resync_number,
+                    failed,
+                },
+            ) => self.on_resync_ack(now_us, resync_number, failed),
+            (LinkState::Ready, Message::ResyncDoneAck { generation }) => {
+                self.on_resync_done_ack(now_us, generation)
+            }
             (state, message) => Err(LinkError::Unexpected {
                 message: message_name(&message),
                 state: link_state_name(state),
@@ -502,6 +534,15 @@ impl<M: RingStore> Source<M> {
         self.send_transfers();
         self.advance_cp(now_us);
         self.tick_liveness(now_us);
+        if self.config.peer_loss_policy == PeerLossPolicy::Degrade
+            && self.peer.is_lost()
+            && self.degrade.is_none()
+        {
+            self.enter_degrade(now_us);
+        }
+        self.tick_degrade(now_us);
+        self.complete_cp_locally(now_us);
+        self.advance_resync(now_us);
         self.counters.ring_used_bytes = self.ring.used_bytes();
     }
 
@@ -704,6 +745,10 @@ pub(crate) fn message_name(message: &Message<'_>) -> &'static str {
         Message::TableAck { .. } => "TableAck",
         Message::CpFailed { .. } => "CpFailed",
         Message::Heartbeat { .. } => "Heartbeat",
+        Message::ResyncTable(_) => "ResyncTable",
+        Message::ResyncAck { .. } => "ResyncAck",
+        Message::ResyncDone { .. } => "ResyncDone",
+        Message::ResyncDoneAck { .. } => "ResyncDoneAck",
     }
 }
 

@@ -31,6 +31,12 @@
 //!   has sent nothing for a quarter of its peer timeout, in any link state (before a Hello too), so
 //!   a peer that stays silent for a whole timeout is lost whatever its socket says (a frozen
 //!   process keeps its TCP connection open). Version 3 added it; a version-2 peer is refused.
+//! - ResyncTable: the layout of a DescriptorTable with a resync number in place of the CP number:
+//!   blocks of the source's marked extents, as Data (read from the primary) or as a Reference to
+//!   a transfer the destination acknowledged before the peer was lost and still holds (version 5).
+//! - ResyncAck: resync_number u64, failed u64 (0: written and flushed; 1: a mirror op failed).
+//! - ResyncDone: generation u64 (the source's current: the destination takes it, the resync is
+//!   over).   - ResyncDoneAck: generation u64 (taken, durably).
 
 mod out_queue;
 
@@ -51,8 +57,8 @@ use crate::transfer::TransferId;
 /// "NVMW" in little endian.
 pub const WIRE_MAGIC: u32 = u32::from_le_bytes(*b"NVMW");
 /// The protocol version this code speaks.
-/// 3: Heartbeat. 4: generations replace the epoch in Hello and HelloAck.
-pub const PROTOCOL_VERSION: u8 = 4;
+/// 3: Heartbeat. 4: generations replace the epoch in Hello and HelloAck. 5: resync.
+pub const PROTOCOL_VERSION: u8 = 5;
 pub const MESSAGE_HEADER_BYTES: usize = 16;
 pub const HELLO_FIXED_BYTES: usize = HELLO_GENERATIONS_OFFSET + GENERATIONS_BYTES;
 const HELLO_GENERATIONS_OFFSET: usize = 64;
@@ -89,6 +95,10 @@ crate::wire_enum! {
         TableAck = 9,
         CpFailed = 10,
         Heartbeat = 11,
+        ResyncTable = 12,
+        ResyncAck = 13,
+        ResyncDone = 14,
+        ResyncDoneAck = 15,
     }
 }
 
@@ -308,6 +318,20 @@ pub enum Message<'a> {
     Heartbeat {
         peer_timeout_us: u64,
     },
+    /// Blocks of the source's marked extents for the mirror (`cp_number` is the resync number).
+    ResyncTable(DescriptorTableMessage<'a>),
+    /// The destination wrote and flushed (or failed) resync table `resync_number`.
+    ResyncAck {
+        resync_number: u64,
+        failed: bool,
+    },
+    /// Every marked extent is on the mirror: the destination takes `generation`.
+    ResyncDone {
+        generation: u64,
+    },
+    ResyncDoneAck {
+        generation: u64,
+    },
 }
 
 /// For the runtime's receive loop: the full message length once the 16-byte header is there.
@@ -424,7 +448,34 @@ fn decode_body(kind: MessageKind, body: &[u8]) -> Result<Message<'_>, WireError>
                 transfer_id: TransferId(le_u64(body, 0)),
             })
         }
-        MessageKind::DescriptorTable => decode_table(body).map(Message::DescriptorTable),
+        MessageKind::DescriptorTable => {
+            decode_table(kind, body).map(Message::DescriptorTable)
+        }
+        MessageKind::ResyncTable => decode_table(kind, body).map(Message::ResyncTable),
+        MessageKind::ResyncAck => {
+            fixed(kind, body, 16)?;
+            let failed = match le_u64(body, 8) {
+                0 => false,
+                1 => true,
+                _ => return Err(bad(kind, "status is not 0 or 1")),
+            };
+            Ok(Message::ResyncAck {
+                resync_number: le_u64(body, 0),
+                failed,
+            })
+        }
+        MessageKind::ResyncDone | MessageKind::ResyncDoneAck => {
+            fixed(kind, body, 8)?;
+            let generation = le_u64(body, 0);
+            if generation == 0 {
+                return Err(bad(kind, "zero generation"));
+            }
+            Ok(if kind == MessageKind::ResyncDone {
+                Message::ResyncDone { generation }
+            } else {
+                Message::ResyncDoneAck { generation }
+            })
+        }
         MessageKind::CpCommit => {
             fixed(kind, body, 16)?;
             Ok(Message::CpCommit {
@@ -580,8 +631,7 @@ fn decode_descriptor(bytes: &[u8]) -> Option<(DescriptorEntry, usize)> {
     ))
 }
 
-fn decode_table(body: &[u8]) -> Result<DescriptorTableMessage<'_>, WireError> {
-    let kind = MessageKind::DescriptorTable;
+fn decode_table(kind: MessageKind, body: &[u8]) -> Result<DescriptorTableMessage<'_>, WireError> {
     if body.len() < TABLE_HEADER_BYTES {
         return Err(bad(kind, "wrong body length"));
     }
@@ -720,6 +770,16 @@ pub enum Control<'a> {
     Heartbeat {
         peer_timeout_us: u64,
     },
+    ResyncAck {
+        resync_number: u64,
+        failed: bool,
+    },
+    ResyncDone {
+        generation: u64,
+    },
+    ResyncDoneAck {
+        generation: u64,
+    },
 }
 
 impl Control<'_> {
@@ -729,12 +789,14 @@ impl Control<'_> {
             + match self {
                 Self::Hello(hello) => hello_body_bytes(usize::from(hello.namespace_count)),
                 Self::HelloAck { .. } => HELLO_ACK_BYTES,
-                Self::CpCommit { .. } | Self::TableAck { .. } => 16,
+                Self::CpCommit { .. } | Self::TableAck { .. } | Self::ResyncAck { .. } => 16,
                 Self::Reject { text, .. } => 4 + text.len(),
                 Self::TransferAck { .. }
                 | Self::CpAck { .. }
                 | Self::CpFailed { .. }
-                | Self::Heartbeat { .. } => 8,
+                | Self::Heartbeat { .. }
+                | Self::ResyncDone { .. }
+                | Self::ResyncDoneAck { .. } => 8,
             }
     }
 
@@ -751,6 +813,9 @@ impl Control<'_> {
             Self::TableAck { .. } => MessageKind::TableAck,
             Self::CpFailed { .. } => MessageKind::CpFailed,
             Self::Heartbeat { .. } => MessageKind::Heartbeat,
+            Self::ResyncAck { .. } => MessageKind::ResyncAck,
+            Self::ResyncDone { .. } => MessageKind::ResyncDone,
+            Self::ResyncDoneAck { .. } => MessageKind::ResyncDoneAck,
         };
         encode_header(out, kind, out.len());
         let body = &mut out[MESSAGE_HEADER_BYTES..];
@@ -785,6 +850,17 @@ impl Control<'_> {
             Self::Heartbeat { peer_timeout_us } => {
                 assert!(peer_timeout_us > 0, "a peer timeout is positive");
                 body.copy_from_slice(&peer_timeout_us.to_le_bytes())
+            }
+            Self::ResyncAck {
+                resync_number,
+                failed,
+            } => {
+                body[0..8].copy_from_slice(&resync_number.to_le_bytes());
+                body[8..16].copy_from_slice(&u64::from(failed).to_le_bytes());
+            }
+            Self::ResyncDone { generation } | Self::ResyncDoneAck { generation } => {
+                assert_ne!(generation, 0, "a generation is non-zero");
+                body.copy_from_slice(&generation.to_le_bytes())
             }
         }
         seal(out);
@@ -840,8 +916,23 @@ pub fn table_bytes(entries: impl Iterator<Item = Descriptor>) -> usize {
 /// Writes a DescriptorTable's header fields and descriptors; returns where the data blocks
 /// start. The caller fills the blocks and then calls [`seal_message`].
 pub fn encode_table_prefix(out: &mut [u8], cp_number: u64, entries: &[DescriptorEntry]) -> usize {
+    encode_table_prefix_of(out, MessageKind::DescriptorTable, cp_number, entries)
+}
+
+/// [`encode_table_prefix`] for a DescriptorTable or a ResyncTable (`number`: CP or resync).
+pub fn encode_table_prefix_of(
+    out: &mut [u8],
+    kind: MessageKind,
+    number: u64,
+    entries: &[DescriptorEntry],
+) -> usize {
+    assert!(matches!(
+        kind,
+        MessageKind::DescriptorTable | MessageKind::ResyncTable
+    ));
+    let cp_number = number;
     assert!(!entries.is_empty() && entries.len() <= DESCRIPTORS_PER_TABLE);
-    encode_header(out, MessageKind::DescriptorTable, out.len());
+    encode_header(out, kind, out.len());
     let body = &mut out[MESSAGE_HEADER_BYTES..];
     body[0..8].copy_from_slice(&cp_number.to_le_bytes());
     body[8..12].copy_from_slice(&(entries.len() as u32).to_le_bytes());

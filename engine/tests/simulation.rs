@@ -731,6 +731,8 @@ impl Sim {
             device_queue_depth: depths[rng.below(depths.len() as u64) as usize],
             peer_timeout_us,
             peer_loss_policy,
+            generation_seed: 0x5eed,
+            resync_rate_bytes_per_s: 0,
             assume_identical: true,
         };
         let destination_config = DestinationConfig {
@@ -1193,6 +1195,7 @@ impl Sim {
                     self.completions += 1;
                 }
                 SourceEvent::LinkRejected(text) => panic!("seed {}: rejected: {text}", self.seed),
+                SourceEvent::ResyncDone { .. } => panic!("seed {}: no seed degrades", self.seed),
                 SourceEvent::CpCompleted { cp_number, .. } => {
                     self.totals.cps_completed += 1;
                     assert!(

@@ -151,13 +151,32 @@ fn settle_accepts_refuses_and_names_both_generations() {
             generation: proposed,
             source_adopts: true,
             destination_adopts: true,
-            assumed_identical: true
+            assumed_identical: true,
+            resync: None,
         })
     );
-    let (refusal, text) = settle(&fresh.0, &fresh.1, false, proposed).unwrap_err();
+    // The initial sync: neither side holds data, the source takes its proposal and copies
+    // everything; the destination takes the generation only once the sync is done.
+    assert_eq!(
+        settle(&fresh.0, &fresh.1, false, proposed),
+        Ok(Settlement {
+            generation: proposed,
+            source_adopts: true,
+            destination_adopts: false,
+            assumed_identical: false,
+            resync: Some(ResyncKind::Full),
+        })
+    );
+    let replaced = settle(&node(1, A, &[]), &node(2, 0, &[]), false, proposed).unwrap();
+    assert_eq!(
+        (replaced.generation, replaced.resync),
+        (A, Some(ResyncKind::Full))
+    );
+    let (refusal, text) = settle(&node(1, C, &[]), &node(2, D, &[]), false, proposed).unwrap_err();
     assert_eq!(refusal, Refusal::FullSyncRequired);
     assert!(
-        text.contains("full sync is required") && text.contains("assume_identical = true"),
+        text.contains("would overwrite the destination's data")
+            && text.contains("assume_identical = true"),
         "{text}"
     );
     assert_eq!(
@@ -181,8 +200,17 @@ fn settle_accepts_refuses_and_names_both_generations() {
             && text.contains("00000000000000b2"),
         "{text}"
     );
-    let (refusal, _) = settle(&promoted, &node(1, A, &[]), true, proposed).unwrap_err();
-    assert_eq!(refusal, Refusal::ResyncRequired);
+    // The destination is behind: a resync from the bitmap when it counts changes since the
+    // destination's generation, a full one otherwise.
+    let behind = settle(&promoted, &node(1, A, &[]), true, proposed).unwrap();
+    assert_eq!(
+        (behind.generation, behind.resync, behind.destination_adopts),
+        (B, Some(ResyncKind::Full), false)
+    );
+    let mut counting = promoted;
+    counting.bitmap_base = A;
+    let behind = settle(&counting, &node(1, A, &[]), false, proposed).unwrap();
+    assert_eq!(behind.resync, Some(ResyncKind::Bitmap));
     let unrelated = settle(&node(1, C, &[]), &node(2, D, &[]), true, proposed).unwrap();
     assert_eq!(
         (unrelated.generation, unrelated.destination_adopts),

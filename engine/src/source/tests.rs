@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 mod liveness;
+mod resync;
 
 use super::*;
 use crate::destination::{Destination, DestinationConfig};
@@ -122,6 +123,8 @@ fn config(mode: CpMode) -> SourceConfig {
         device_queue_depth: DEPTH,
         peer_timeout_us: PEER_TIMEOUT_US,
         peer_loss_policy: PeerLossPolicy::Suspend,
+        generation_seed: 0x5eed,
+        resync_rate_bytes_per_s: 0,
         assume_identical: true,
     }
 }

@@ -20,6 +20,7 @@ impl<M: RingStore> Source<M> {
             state.reset_session();
         }
         self.staged.clear();
+        self.reset_resync_session();
     }
 
     pub(super) fn hello(&self) -> Hello {
@@ -135,6 +136,11 @@ impl<M: RingStore> Source<M> {
                 .metadata
                 .adopt(settlement.generation, settlement.assumed_identical);
         }
+        if let Some(kind) = settlement.resync {
+            self.start_resync(now_us, kind);
+        } else if self.resync.take().is_some() {
+            log::warn!("source: the destination is in sync again; the resync is dropped");
+        }
         // Transfers flow once every generation change of ours is durable (`handle_tick`).
         self.link = LinkState::Settling;
         if self.metadata.durable_through() >= self.settle_seq {
@@ -147,6 +153,10 @@ impl<M: RingStore> Source<M> {
     /// serves hosts from the first LinkReady on).
     pub(super) fn become_ready(&mut self, now_us: u64) {
         self.link = LinkState::Ready;
+        // Writes are synchronous again: entries of the degraded time are resent and mirrored by
+        // their CPs (their extents are in the bitmap anyway); while references into the
+        // destination's old log are outstanding, new writes wait in the ring for their transfers.
+        self.degrade = None;
         self.on_peer_ready(now_us);
         self.events.push_back(SourceEvent::LinkReady);
         self.send_transfers();
@@ -174,7 +184,9 @@ impl<M: RingStore> Source<M> {
                 if record.id > transfer_id {
                     break;
                 }
-                self.cps[half].acked_count += 1;
+                let state = &mut self.cps[half];
+                state.acked_count += 1;
+                state.acked_ever = state.acked_ever.max(state.acked_count);
                 self.complete_writes(half, &record);
             }
         }
@@ -201,7 +213,7 @@ impl<M: RingStore> Source<M> {
 
     /// Queues closed, fully committed transfers in order (the CP in flight first).
     pub(super) fn send_transfers(&mut self) {
-        if self.link != LinkState::Ready {
+        if self.link != LinkState::Ready || self.transfers_held_for_resync() {
             return;
         }
         for half in self.halves_in_order() {
