@@ -247,6 +247,18 @@ pub struct Config {
     /// Device operations in flight per namespace at most (primary or mirror).
     #[serde(default = "default_device_queue_depth")]
     pub device_queue_depth: u32,
+    /// The node's metadata file (generations, dirty bitmap): on the node's own persistent
+    /// storage, never on hugetlbfs. Default: `nvmirror-<volume>.meta` in `ring_dir`, else in
+    /// `fallback_dir`. The same file whatever the role, so a promoted destination restarted as
+    /// a source keeps its generations.
+    pub metadata_path: Option<PathBuf>,
+    /// Both devices are known identical (freshly zeroed): a pair that shares no history starts
+    /// without a full sync. Needed on both sides; applied once per metadata file.
+    #[serde(default)]
+    pub assume_identical: bool,
+    /// Bytes per bit of the dirty bitmap (a power of two; used when the metadata is formatted).
+    #[serde(default = "default_bitmap_extent_bytes")]
+    pub bitmap_extent_bytes: u64,
     #[serde(rename = "namespace")]
     pub namespaces: Vec<NamespaceConfig>,
     /// Source only: the NVMe/TCP target exporting the replicated namespaces to hosts.
@@ -388,6 +400,10 @@ impl TargetSection {
     }
 }
 
+fn default_bitmap_extent_bytes() -> u64 {
+    nvmirror_engine::metadata::BITMAP_EXTENT_BYTES_DEFAULT
+}
+
 fn default_volume() -> String {
     "vol0".into()
 }
@@ -505,6 +521,15 @@ impl Config {
         if self.namespaces.is_empty() {
             return Err(bad("namespace", "at least one [[namespace]] is needed"));
         }
+        nvmirror_engine::metadata::check_extent_bytes(self.bitmap_extent_bytes)
+            .map_err(|reason| bad("bitmap_extent_bytes", reason))?;
+        if self
+            .metadata_path
+            .as_ref()
+            .is_some_and(|path| path.as_os_str().is_empty() || path.ends_with("/"))
+        {
+            return Err(bad("metadata_path", "must name a file"));
+        }
         if let Some(target) = &self.target {
             if self.role == Role::Destination {
                 return Err(bad("target", "only a source exports namespaces to hosts"));
@@ -570,6 +595,16 @@ impl Config {
         id
     }
 
+    /// Where the node's metadata lives (see `metadata_path`).
+    pub fn metadata_file(&self) -> PathBuf {
+        self.metadata_path.clone().unwrap_or_else(|| {
+            self.ring_dir
+                .as_ref()
+                .unwrap_or(&self.fallback_dir)
+                .join(format!("nvmirror-{}.meta", self.volume))
+        })
+    }
+
     /// The ring file's name: one per role and volume, so a pair can share a hugepage mount.
     pub fn ring_file_name(&self) -> String {
         let role = match self.role {
@@ -596,6 +631,19 @@ impl Config {
             cp_interval_ms: CP_INTERVAL_MS_DEFAULT,
             cp_mode: CpModeConfig::References,
             device_queue_depth: DEVICE_QUEUE_DEPTH_DEFAULT,
+            // Per role: both nodes of the embedded pair share one directory.
+            metadata_path: Some(default_fallback_dir().join(format!(
+                "nvmirror-{}-{}.meta",
+                default_volume(),
+                match role {
+                    Role::Source => "source",
+                    Role::Destination => "destination",
+                }
+            ))),
+            // Both malloc namespaces are created zeroed by this process at every start: they are
+            // identical by construction (and the pair's metadata is removed at start with them).
+            assume_identical: true,
+            bitmap_extent_bytes: default_bitmap_extent_bytes(),
             namespaces: vec![NamespaceConfig::Malloc { size_mib: 256 }],
             target: (role == Role::Source).then(|| TargetSection::embedded_default(1)),
         }

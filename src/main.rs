@@ -152,7 +152,11 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
                 config.volume,
                 config.peer.expect("validated")
             );
-            serve::print_connect_lines(config, &config.cores);
+            // Hosts are told where to connect only once the handshake settled this source's
+            // role: a stale or split source never opens its listener (a refusal ends below).
+            if let Ok(true) = setup::wait_settled(&running.control, &signals.stop) {
+                serve::print_connect_lines(config, &config.cores);
+            }
             let served = serve::serve_until_stopped(
                 &[("source", &running.control)],
                 Some(&running.control),
