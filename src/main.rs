@@ -37,7 +37,7 @@ usage:
       --queue-depth N --cp-every N --ack-log FILE]
                                     run a source with the seeded workload, exit once it is durable on both sides
   nvmirror sync --config FILE       start a source, replay its ring, resend, take a CP, exit when in sync
-  nvmirror promote --config FILE    failover: replay a destination's log onto its mirror, bump the epoch
+  nvmirror promote --config FILE    failover: replay a destination's log onto its mirror, take a new generation
   nvmirror version
 Signals: SIGINT/SIGTERM stop (a source first takes a last CP; counters are printed),\nSIGUSR1 prints the counters, SIGUSR2 starts a consistency point.
 Logging: RUST_LOG=debug|info|warn (default info).";

@@ -90,7 +90,7 @@ const _: () = assert!(
         && BITMAP_EXTENT_BYTES_DEFAULT <= BITMAP_EXTENT_BYTES_MAX
 );
 const _: () = assert!(BITMAP_EXTENT_BYTES_MAX <= u32::MAX as u64);
-const _: () = assert!(BITMAP_PAGE_BYTES % SECTOR_SIZE == 0);
+const _: () = assert!(BITMAP_PAGE_BYTES.is_multiple_of(SECTOR_SIZE));
 
 /// Why metadata cannot be opened (or a header slot decoded).
 #[derive(Debug, Clone, PartialEq, Eq)]
