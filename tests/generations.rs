@@ -104,11 +104,14 @@ fn run_refused_source(config: &std::path::Path, target_port: u16, log: &std::pat
     std::fs::read_to_string(log).unwrap()
 }
 
-/// Starts the pair once so both sides settle on one generation; returns it.
+/// Starts the pair once so both sides settle on one generation, then (with `writes`) lets a
+/// workload on the source leave acknowledged entries newer than the last CP in its ring (it is
+/// killed before any CP); returns the generation.
 fn settle_pair(
     destination: &std::path::Path,
     source: &std::path::Path,
     scratch: &Scratch,
+    writes: bool,
 ) -> String {
     let mut destination_process = start_destination(destination);
     let log = scratch.path("first-source.log");
@@ -116,6 +119,14 @@ fn settle_pair(
     // Serving hosts means the handshake settled: the generation is in the log.
     source_process.0.kill().unwrap();
     source_process.0.wait().unwrap();
+    if writes {
+        let ack_log = scratch.path("acked.log");
+        let mut workload =
+            spawn_disjoint_workload(source, 7, 1_000_000, 0, &ack_log, Stdio::null());
+        wait_for_acks(&ack_log, 50, &mut workload);
+        workload.0.kill().unwrap();
+        workload.0.wait().unwrap();
+    }
     stop(&mut destination_process);
     // "source: generation <16 hex digits> settled with the destination: serving hosts"
     let text = std::fs::read_to_string(&log).unwrap();
@@ -141,7 +152,7 @@ fn a_stale_former_source_is_refused_after_a_promotion_and_never_serves_hosts() {
         let scratch = Scratch::new(&format!("stale-{round}"));
         let target_port = free_port();
         let (destination, source) = pair_with_target(&scratch, "stale", target_port);
-        let common = settle_pair(&destination, &source, &scratch);
+        let common = settle_pair(&destination, &source, &scratch, true);
         // The source is lost; the destination is promoted and takes a new generation.
         let (promoted, was) = promote(&destination);
         assert_eq!(
@@ -152,7 +163,23 @@ fn a_stale_former_source_is_refused_after_a_promotion_and_never_serves_hosts() {
         // The promoted node comes back (here as the destination it was); the old source, restarted,
         // must not serve a host for one moment.
         let _promoted_node = start_destination(&destination);
+        let primaries = ["primary.img", "primary.img.2"].map(|image| scratch.path(image));
+        let modified = || {
+            primaries
+                .each_ref()
+                .map(|path| std::fs::metadata(path).unwrap().modified().unwrap())
+        };
+        let before = modified();
         let log = run_refused_source(&source, target_port, &scratch.path("stale-source.log"));
+        assert_eq!(
+            modified(),
+            before,
+            "round {round}: the refused source replayed its ring onto its primary"
+        );
+        assert!(
+            log.contains("entries (") && !log.contains(" 0 entries (0 bytes) newer"),
+            "round {round}: the ring held entries to replay:\n{log}"
+        );
         let destination_log = std::fs::read_to_string(scratch.path("destination.log")).unwrap();
         for (side, text) in [("source", &log), ("destination", &destination_log)] {
             let refused = text
@@ -174,7 +201,7 @@ fn a_split_brain_is_refused_on_both_sides() {
         let scratch = Scratch::new(&format!("split-{round}"));
         let target_port = free_port();
         let (destination, source) = pair_with_target(&scratch, "split", target_port);
-        let common = settle_pair(&destination, &source, &scratch);
+        let common = settle_pair(&destination, &source, &scratch, false);
         // Both nodes take a generation of their own since the common one: the destination is
         // promoted, and so is the former source's node (its own metadata and images, opened
         // as a destination with a fresh ring: two operators each failing over to "their" side).
