@@ -747,6 +747,45 @@ size_mib = 16
     }
 
     #[test]
+    fn metadata_keys_parse_with_defaults_and_are_checked() {
+        let config = Config::parse(SOURCE).unwrap();
+        assert!(!config.assume_identical, "never assumed unless asked");
+        assert_eq!(config.bitmap_extent_bytes, 64 << 10);
+        assert_eq!(
+            config.metadata_file(),
+            config
+                .fallback_dir
+                .join(format!("nvmirror-{}.meta", config.volume)),
+            "role-independent: a promoted destination started as a source finds it"
+        );
+        let keyed = |key: &str| {
+            Config::parse(
+                &SOURCE.replace("ring_size_mib = 8", &format!("ring_size_mib = 8\n{key}")),
+            )
+        };
+        let explicit =
+            keyed("metadata_path = \"/var/lib/nvmirror/v.meta\"\nassume_identical = true").unwrap();
+        assert_eq!(
+            explicit.metadata_file(),
+            PathBuf::from("/var/lib/nvmirror/v.meta")
+        );
+        assert!(explicit.assume_identical);
+        for bad in ["bitmap_extent_bytes = 3000", "bitmap_extent_bytes = 2048"] {
+            assert_eq!(keyed(bad).unwrap_err().key, "bitmap_extent_bytes", "{bad}");
+        }
+        assert_eq!(
+            keyed("metadata_path = \"\"").unwrap_err().key,
+            "metadata_path"
+        );
+        assert_eq!(
+            keyed("bitmap_extent_bytes = 4096")
+                .unwrap()
+                .bitmap_extent_bytes,
+            4096
+        );
+    }
+
+    #[test]
     fn ring_medium_parses_and_its_directory_is_checked() {
         let with = |lines: &str| Config::parse(&format!("{lines}\n{SOURCE}"));
         let default = with("").unwrap();

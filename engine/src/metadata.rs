@@ -392,6 +392,8 @@ pub struct NodeMetadata {
     batch_pages: Vec<u32>,
     header_dirty: bool,
     header_sequence: u64,
+    /// The header as the batch in flight encodes it (its sequence and generations updated).
+    header_template: MetadataHeader,
     /// Encoded pages and header of the batch in flight: a device may read them until completion.
     staging: Vec<u8>,
     header_staging: Vec<u8>,
@@ -434,6 +436,7 @@ impl NodeMetadata {
             batch_pages: Vec::with_capacity(pages),
             header_dirty: false,
             header_sequence: header.sequence,
+            header_template: header.clone(),
             staging: vec![0; pages * BITMAP_PAGE_BYTES],
             header_staging: vec![0; HEADER_SLOT_BYTES],
             batch: None,
@@ -784,8 +787,10 @@ impl NodeMetadata {
         let header = std::mem::take(&mut self.header_dirty);
         if header {
             self.header_sequence += 1;
-            let encoded = self.header(self.header_sequence);
-            encoded.encode(&mut self.header_staging);
+            // The header kept for encoding: no allocation per batch.
+            self.header_template.sequence = self.header_sequence;
+            self.header_template.generations = self.generations;
+            self.header_template.encode(&mut self.header_staging);
         }
         self.batch = Some(Batch {
             seq: self.last_seq,
