@@ -763,7 +763,7 @@ impl NodeMetadata {
         self.bit(self.namespace_first_bit[nsid as usize - 1] + offset_bytes / self.extent_bytes)
     }
 
-    /// Writes that failed so far, and the last one's error.
+    /// Writes that failed so far, and the error of the current failing streak (if any).
     pub fn faults(&self) -> (u64, Option<DeviceError>) {
         (self.faults, self.last_fault)
     }
@@ -875,7 +875,8 @@ impl NodeMetadata {
             .as_mut()
             .expect("ops belong to the batch in flight");
         if let Err(error) = completion.result {
-            if !batch.failed {
+            // Once per failing streak: a device that keeps failing is retried at every poll.
+            if !batch.failed && self.last_fault.is_none() {
                 log::error!("metadata: {purpose:?} failed: {error}; the batch is written again");
             }
             batch.failed = true;
@@ -913,6 +914,9 @@ impl NodeMetadata {
         } else {
             assert!(batch.seq >= self.durable_through);
             self.durable_through = batch.seq;
+            if self.last_fault.take().is_some() {
+                log::info!("metadata: writes succeed again");
+            }
         }
         self.batch_pages.clear();
     }
