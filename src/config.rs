@@ -100,18 +100,18 @@ pub enum PeerLossPolicyConfig {
     Suspend,
     /// Writes fail with a path error once the destination is lost; reads are served.
     Fail,
-    /// Writes continue on the source alone: not implemented yet (it needs the persistent dirty
-    /// bitmap and resync); refused at start with that reason.
+    /// Writes continue on the source alone, their extents marked in the persistent bitmap; the
+    /// destination is resynced when it returns.
     Degrade,
 }
 
 impl PeerLossPolicyConfig {
-    /// The engine's policy; `degrade` does not exist yet.
-    pub fn policy(self) -> Option<PeerLossPolicy> {
+    /// The engine's policy.
+    pub fn policy(self) -> PeerLossPolicy {
         match self {
-            PeerLossPolicyConfig::Suspend => Some(PeerLossPolicy::Suspend),
-            PeerLossPolicyConfig::Fail => Some(PeerLossPolicy::Fail),
-            PeerLossPolicyConfig::Degrade => None,
+            PeerLossPolicyConfig::Suspend => PeerLossPolicy::Suspend,
+            PeerLossPolicyConfig::Fail => PeerLossPolicy::Fail,
+            PeerLossPolicyConfig::Degrade => PeerLossPolicy::Degrade,
         }
     }
 }
@@ -295,6 +295,21 @@ pub struct Config {
     pub peer_timeout_ms: u64,
     /// Source only: what host writes do while the destination is lost (default `suspend`).
     pub peer_loss_policy: Option<PeerLossPolicyConfig>,
+    /// Source only: a resync sends at most this many MiB/s (0: as fast as it goes).
+    #[serde(default)]
+    pub resync_rate_mib_s: u64,
+    /// The node's metadata file (generations, dirty bitmap): on the node's own persistent
+    /// storage, never on hugetlbfs. Default: `nvmirror-<volume>.meta` in `ring_dir`, else in
+    /// `fallback_dir`. The same file whatever the role, so a promoted destination restarted as
+    /// a source keeps its generations.
+    pub metadata_path: Option<PathBuf>,
+    /// Both devices are known identical (freshly zeroed): a pair that shares no history starts
+    /// without a full sync. Needed on both sides; applied once per metadata file.
+    #[serde(default)]
+    pub assume_identical: bool,
+    /// Bytes per bit of the dirty bitmap (a power of two; used when the metadata is formatted).
+    #[serde(default = "default_bitmap_extent_bytes")]
+    pub bitmap_extent_bytes: u64,
     #[serde(rename = "namespace")]
     pub namespaces: Vec<NamespaceConfig>,
     /// Source only: the NVMe/TCP target exporting the replicated namespaces to hosts.
@@ -438,6 +453,10 @@ impl TargetSection {
     }
 }
 
+fn default_bitmap_extent_bytes() -> u64 {
+    nvmirror_engine::metadata::BITMAP_EXTENT_BYTES_DEFAULT
+}
+
 fn default_volume() -> String {
     "vol0".into()
 }
@@ -572,14 +591,6 @@ impl Config {
             ));
         }
         match (self.peer_loss_policy, self.role) {
-            (Some(PeerLossPolicyConfig::Degrade), _) => {
-                return Err(bad(
-                    "peer_loss_policy",
-                    "\"degrade\" is not implemented yet (it needs the persistent dirty bitmap \
-                     and resync); use \"suspend\" (hold writes until the destination returns) \
-                     or \"fail\" (fail writes with a path error)",
-                ))
-            }
             (Some(_), Role::Destination) => return Err(bad(
                 "peer_loss_policy",
                 "only a source has a peer-loss policy (its host writes wait for the destination)",
@@ -594,6 +605,15 @@ impl Config {
         }
         if self.namespaces.is_empty() {
             return Err(bad("namespace", "at least one [[namespace]] is needed"));
+        }
+        nvmirror_engine::metadata::check_extent_bytes(self.bitmap_extent_bytes)
+            .map_err(|reason| bad("bitmap_extent_bytes", reason))?;
+        if self
+            .metadata_path
+            .as_ref()
+            .is_some_and(|path| path.as_os_str().is_empty() || path.ends_with("/"))
+        {
+            return Err(bad("metadata_path", "must name a file"));
         }
         if let Some(target) = &self.target {
             if self.role == Role::Destination {
@@ -652,7 +672,6 @@ impl Config {
         self.peer_loss_policy
             .unwrap_or(PeerLossPolicyConfig::Suspend)
             .policy()
-            .expect("validated: degrade is refused at start")
     }
 
     /// The 16-byte volume identity both sides compare in the handshake: derived from the name.
@@ -666,6 +685,16 @@ impl Config {
             chunk.copy_from_slice(&word.to_le_bytes());
         }
         id
+    }
+
+    /// Where the node's metadata lives (see `metadata_path`).
+    pub fn metadata_file(&self) -> PathBuf {
+        self.metadata_path.clone().unwrap_or_else(|| {
+            self.ring_dir
+                .as_ref()
+                .unwrap_or(&self.fallback_dir)
+                .join(format!("nvmirror-{}.meta", self.volume))
+        })
     }
 
     /// The ring file's name: one per role and volume, so a pair can share a hugepage mount.
@@ -717,6 +746,20 @@ impl Config {
             device_queue_depth: DEVICE_QUEUE_DEPTH_DEFAULT,
             peer_timeout_ms: PEER_TIMEOUT_MS_DEFAULT,
             peer_loss_policy: None,
+            resync_rate_mib_s: 0,
+            // Per role: both nodes of the embedded pair share one directory.
+            metadata_path: Some(default_fallback_dir().join(format!(
+                "nvmirror-{}-{}.meta",
+                default_volume(),
+                match role {
+                    Role::Source => "source",
+                    Role::Destination => "destination",
+                }
+            ))),
+            // Both malloc namespaces are created zeroed by this process at every start: they are
+            // identical by construction (and the pair's metadata is removed at start with them).
+            assume_identical: true,
+            bitmap_extent_bytes: default_bitmap_extent_bytes(),
             namespaces: vec![NamespaceConfig::Malloc { size_mib: 256 }],
             target: (role == Role::Source).then(|| TargetSection::embedded_default(1)),
             rpc_socket: Some(PathBuf::from(RPC_SOCKET_EMBEDDED)),
@@ -836,9 +879,9 @@ size_mib = 16
             assert_eq!(error.key, "peer_timeout_ms", "{error}");
             assert!(error.reason.contains("200 to 60000"), "{error}");
         }
-        let degrade = with("peer_loss_policy = \"degrade\"").unwrap_err();
-        assert_eq!(degrade.key, "peer_loss_policy");
-        assert!(degrade.reason.contains("not implemented yet"), "{degrade}");
+        let degrade = with("peer_loss_policy = \"degrade\"\nresync_rate_mib_s = 50").unwrap();
+        assert_eq!(degrade.peer_loss_policy(), PeerLossPolicy::Degrade);
+        assert_eq!(degrade.resync_rate_mib_s, 50);
         let unknown = with("peer_loss_policy = \"panic\"").unwrap_err();
         assert_eq!(unknown.key, "peer_loss_policy");
         assert!(
@@ -858,6 +901,45 @@ size_mib = 16
                 .unwrap()
                 .peer_timeout_ms,
             500
+        );
+    }
+
+    #[test]
+    fn metadata_keys_parse_with_defaults_and_are_checked() {
+        let config = Config::parse(SOURCE).unwrap();
+        assert!(!config.assume_identical, "never assumed unless asked");
+        assert_eq!(config.bitmap_extent_bytes, 64 << 10);
+        assert_eq!(
+            config.metadata_file(),
+            config
+                .fallback_dir
+                .join(format!("nvmirror-{}.meta", config.volume)),
+            "role-independent: a promoted destination started as a source finds it"
+        );
+        let keyed = |key: &str| {
+            Config::parse(
+                &SOURCE.replace("ring_size_mib = 8", &format!("ring_size_mib = 8\n{key}")),
+            )
+        };
+        let explicit =
+            keyed("metadata_path = \"/var/lib/nvmirror/v.meta\"\nassume_identical = true").unwrap();
+        assert_eq!(
+            explicit.metadata_file(),
+            PathBuf::from("/var/lib/nvmirror/v.meta")
+        );
+        assert!(explicit.assume_identical);
+        for bad in ["bitmap_extent_bytes = 3000", "bitmap_extent_bytes = 2048"] {
+            assert_eq!(keyed(bad).unwrap_err().key, "bitmap_extent_bytes", "{bad}");
+        }
+        assert_eq!(
+            keyed("metadata_path = \"\"").unwrap_err().key,
+            "metadata_path"
+        );
+        assert_eq!(
+            keyed("bitmap_extent_bytes = 4096")
+                .unwrap()
+                .bitmap_extent_bytes,
+            4096
         );
     }
 

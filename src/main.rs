@@ -38,7 +38,7 @@ usage:
       --queue-depth N --cp-every N --ack-log FILE]
                                     run a source with the seeded workload, exit once it is durable on both sides
   nvmirror sync --config FILE       start a source, replay its ring, resend, take a CP, exit when in sync
-  nvmirror promote --config FILE    failover: replay a destination's log onto its mirror, bump the epoch
+  nvmirror promote --config FILE    failover: replay a destination's log onto its mirror, take a new generation
   nvmirror status|stats [--socket PATH | --config FILE] [--json]
                                     a running process's state / counters over its management socket
                                     (JSON-RPC 2.0; default /var/tmp/nvmirror.sock, the embedded default's)
@@ -196,7 +196,11 @@ fn run_configured(config: &Config, json: bool) -> Result<(), String> {
                     return Err(e);
                 }
             };
-            serve::print_connect_lines(config, &config.cores);
+            // Hosts are told where to connect only once the handshake settled this source's
+            // role: a stale or split source never opens its listener (a refusal ends below).
+            if let Ok(true) = setup::wait_settled(&running.control, &signals.stop) {
+                serve::print_connect_lines(config, &config.cores);
+            }
             let served = serve::serve_until_stopped(
                 &[("source", &running.control, &running.control)],
                 Some(&running.control),

@@ -37,7 +37,8 @@ pub fn signals() -> Result<Signals, String> {
 pub const FINAL_CP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Runs until SIGINT/SIGTERM, printing counters on SIGUSR1. A source whose destination refuses
-/// the link for good (another volume, version or geometry; a stale epoch) stops with that reason.
+/// the link for good (another volume, version or geometry; stale, split or unsynced generations)
+/// stops with that reason.
 pub fn serve_until_stopped(
     controls: &[crate::manage::Node],
     source: Option<&NodeControl>,

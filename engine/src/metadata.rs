@@ -392,6 +392,8 @@ pub struct NodeMetadata {
     batch_pages: Vec<u32>,
     header_dirty: bool,
     header_sequence: u64,
+    /// The header as the batch in flight encodes it (its sequence and generations updated).
+    header_template: MetadataHeader,
     /// Encoded pages and header of the batch in flight: a device may read them until completion.
     staging: Vec<u8>,
     header_staging: Vec<u8>,
@@ -434,6 +436,7 @@ impl NodeMetadata {
             batch_pages: Vec::with_capacity(pages),
             header_dirty: false,
             header_sequence: header.sequence,
+            header_template: header.clone(),
             staging: vec![0; pages * BITMAP_PAGE_BYTES],
             header_staging: vec![0; HEADER_SLOT_BYTES],
             batch: None,
@@ -818,7 +821,7 @@ impl NodeMetadata {
         self.bit(self.namespace_first_bit[nsid as usize - 1] + offset_bytes / self.extent_bytes)
     }
 
-    /// Writes that failed so far, and the last one's error.
+    /// Writes that failed so far, and the error of the current failing streak (if any).
     pub fn faults(&self) -> (u64, Option<DeviceError>) {
         (self.faults, self.last_fault)
     }
@@ -842,8 +845,10 @@ impl NodeMetadata {
         let header = std::mem::take(&mut self.header_dirty);
         if header {
             self.header_sequence += 1;
-            let encoded = self.header(self.header_sequence);
-            encoded.encode(&mut self.header_staging);
+            // The header kept for encoding: no allocation per batch.
+            self.header_template.sequence = self.header_sequence;
+            self.header_template.generations = self.generations;
+            self.header_template.encode(&mut self.header_staging);
         }
         self.batch = Some(Batch {
             seq: self.last_seq,
@@ -928,7 +933,8 @@ impl NodeMetadata {
             .as_mut()
             .expect("ops belong to the batch in flight");
         if let Err(error) = completion.result {
-            if !batch.failed {
+            // Once per failing streak: a device that keeps failing is retried at every poll.
+            if !batch.failed && self.last_fault.is_none() {
                 log::error!("metadata: {purpose:?} failed: {error}; the batch is written again");
             }
             batch.failed = true;
@@ -966,6 +972,9 @@ impl NodeMetadata {
         } else {
             assert!(batch.seq >= self.durable_through);
             self.durable_through = batch.seq;
+            if self.last_fault.take().is_some() {
+                log::info!("metadata: writes succeed again");
+            }
         }
         self.batch_pages.clear();
     }

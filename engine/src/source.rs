@@ -8,7 +8,11 @@
 //! every loop `handle_tick`, then submit every `poll_device_op` to its namespace and hand each
 //! device completion to `handle_device_completion`, then `tx_iovecs` + `tx_advance`, then
 //! drain `poll_event`; close the link whenever `poll_link_close` says so (the peer is lost:
-//! [`crate::liveness`]). The source never touches a device itself (invariant 8).
+//! [`crate::liveness`]); every `poll_metadata_op` goes to the node's metadata device and its
+//! completions to `handle_metadata_completion`. The source never touches a device itself
+//! (invariant 8). The HelloAck's generations are settled as the destination settled them
+//! ([`crate::generation::settle`]); LinkReady comes once a generation we adopted is durable, and
+//! is the moment a runtime may start serving hosts.
 //!
 //! Write-through: a committed entry is written to its primary namespace as a device op, in seq
 //! order (an entry waits while an earlier one overlapping it is in flight), so reads are served

@@ -1535,6 +1535,48 @@ impl Sim {
             "seed {}: the stale source is rejected as stale",
             self.seed
         );
+        // The old source takes a generation of its own too (as the degrade policy would before an
+        // unreplicated write): both moved on since the common generation, a split brain, refused
+        // by the promoted side on a new link.
+        let common = promoted.metadata().generations().history[0];
+        assert_eq!(
+            old.metadata().generations().current,
+            common,
+            "seed {}",
+            self.seed
+        );
+        let own = loop {
+            let candidate = 1 + self.rng.below(u64::MAX - 1);
+            if candidate != generation && candidate != common {
+                break candidate;
+            }
+        };
+        let seq = old.new_generation(own);
+        while old.metadata().durable_through() < seq {
+            while let Some(op) = old.poll_metadata_op() {
+                self.source_metadata.submit(op);
+            }
+            for id in self.source_metadata.take(&mut self.rng) {
+                old.handle_metadata_completion(metadata_completion(id));
+            }
+        }
+        assert_eq!(self.source_metadata.reopen().generations().current, own);
+        promoted.handle_disconnected(self.now_us);
+        old.handle_disconnected(self.now_us);
+        promoted.handle_connected(self.now_us);
+        old.handle_connected(self.now_us);
+        let mut slices = Vec::new();
+        old.tx_iovecs(&mut slices, usize::MAX);
+        let hello: Vec<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
+        let length = frame_length(&hello).unwrap().unwrap();
+        assert!(promoted
+            .handle_message(self.now_us, &hello[..length])
+            .is_err());
+        assert!(
+            matches!(promoted.poll_event(), Some(DestinationEvent::PeerRejected(text)) if text.contains("split brain") && text.contains(&format!("{own:016x}")) && text.contains(&format!("{generation:016x}"))),
+            "seed {}: a split brain is refused",
+            self.seed
+        );
     }
 }
 

@@ -473,8 +473,7 @@ fn after_any_crash_the_durable_bitmap_covers_every_mark_reported_durable() {
         }
         let newest_durable = generations
             .iter()
-            .filter(|(seq, _)| *seq <= durable)
-            .last()
+            .rfind(|(seq, _)| *seq <= durable)
             .unwrap()
             .1;
         let found = opened.generations().current;

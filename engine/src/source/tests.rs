@@ -10,7 +10,9 @@ mod resync;
 
 use super::*;
 use crate::destination::{Destination, DestinationConfig};
-use crate::device::{BlockDevice, DeviceCompletion, DeviceOp, DeviceOpId, MemoryDevice};
+use crate::device::{
+    BlockDevice, DeviceCompletion, DeviceOp, DeviceOpId, DeviceRequest, MemoryDevice,
+};
 use crate::geometry::RING_BYTES_MIN;
 use crate::liveness::PeerLossPolicy;
 use crate::metadata::{NodeMetadata, BITMAP_EXTENT_BYTES_DEFAULT};
@@ -884,4 +886,63 @@ fn a_failing_primary_write_is_retried_in_order() {
         "the later write wins"
     );
     assert_eq!(p.mirrors[0].bytes(), p.primaries[0].bytes());
+}
+
+/// A generation a side adopts is durable in its metadata before the other side hears of it:
+/// the destination's HelloAck waits for its metadata write and flush, and the source's
+/// LinkReady for its own.
+#[test]
+fn an_adopted_generation_is_durable_before_the_handshake_completes() {
+    let mut p = pair(CpMode::References);
+    p.destination.handle_connected(0);
+    p.source.handle_connected(0);
+    let hello = p
+        .source
+        .out
+        .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
+    p.destination.handle_message(0, &hello).unwrap();
+    assert!(
+        drain_destination(&mut p.destination).is_empty(),
+        "no HelloAck before the adopted generation is durable"
+    );
+    let mut ops = Vec::new();
+    while let Some(op) = p.destination.poll_metadata_op() {
+        ops.push((op.id, op.request.kind()));
+        p.destination_metadata.submit(op);
+    }
+    assert_eq!(
+        ops.iter().map(|(_, kind)| *kind).collect::<Vec<_>>(),
+        [DeviceOpKind::Write],
+        "the header first; the flush once it completed"
+    );
+    let destination = &mut p.destination;
+    p.destination_metadata
+        .poll_completions(&mut |c| destination.handle_metadata_completion(c));
+    assert!(
+        drain_destination(&mut p.destination).is_empty(),
+        "still no flush"
+    );
+    let flush = p.destination.poll_metadata_op().unwrap();
+    assert_eq!(flush.request, DeviceRequest::Flush);
+    p.destination_metadata.submit(flush);
+    let destination = &mut p.destination;
+    p.destination_metadata
+        .poll_completions(&mut |c| destination.handle_metadata_completion(c));
+    let ack = drain_destination(&mut p.destination);
+    assert!(!ack.is_empty(), "the HelloAck once durable");
+    // The source adopts the same generation and waits for its own metadata.
+    p.source.handle_message(0, &ack).unwrap();
+    p.source.handle_tick(0);
+    assert_eq!(
+        p.source.poll_event(),
+        None,
+        "not ready before its metadata is durable"
+    );
+    assert_eq!(
+        p.source.metadata().generations().current,
+        p.destination.metadata().generations().current
+    );
+    assert!(p.devices());
+    p.source.handle_tick(0);
+    assert_eq!(p.source.poll_event(), Some(SourceEvent::LinkReady));
 }
