@@ -590,12 +590,11 @@ impl Config {
                 ),
             ));
         }
-        match (self.peer_loss_policy, self.role) {
-            (Some(_), Role::Destination) => return Err(bad(
+        if self.peer_loss_policy.is_some() && self.role == Role::Destination {
+            return Err(bad(
                 "peer_loss_policy",
                 "only a source has a peer-loss policy (its host writes wait for the destination)",
-            )),
-            _ => {}
+            ));
         }
         if !(1..=DEVICE_QUEUE_DEPTH_MAX).contains(&self.device_queue_depth) {
             return Err(bad(

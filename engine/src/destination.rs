@@ -127,7 +127,7 @@ pub struct Destination<M> {
     sent_bytes: u64,
     /// This node's generations and bitmap.
     metadata: NodeMetadata,
-    assume_identical: bool,
+    pub(crate) assume_identical: bool,
     /// The HelloAck carries our generations as they were when the Hello came, and goes out once
     /// the metadata is durable through this sequence (a generation we adopted).
     ack_generations: Generations,

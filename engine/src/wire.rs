@@ -448,9 +448,7 @@ fn decode_body(kind: MessageKind, body: &[u8]) -> Result<Message<'_>, WireError>
                 transfer_id: TransferId(le_u64(body, 0)),
             })
         }
-        MessageKind::DescriptorTable => {
-            decode_table(kind, body).map(Message::DescriptorTable)
-        }
+        MessageKind::DescriptorTable => decode_table(kind, body).map(Message::DescriptorTable),
         MessageKind::ResyncTable => decode_table(kind, body).map(Message::ResyncTable),
         MessageKind::ResyncAck => {
             fixed(kind, body, 16)?;

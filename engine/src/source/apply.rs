@@ -404,7 +404,8 @@ impl<M: RingStore> Source<M> {
     fn ready_to_flush(&self, half: usize, now_us: u64) -> bool {
         let state = &self.cps[half];
         // Degraded, nobody acknowledges: the CP completes on the primary alone.
-        let acked = state.all_acked() || (self.degrade.is_some() && self.link != super::LinkState::Ready);
+        let acked =
+            state.all_acked() || (self.degrade.is_some() && self.link != super::LinkState::Ready);
         state.phase == CpPhase::Frozen
             && acked
             && state.applied_slots == self.ring.reserved_slots(half)

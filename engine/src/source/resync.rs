@@ -190,13 +190,31 @@ impl<M: RingStore> Source<M> {
         let first_seq = self
             .halves_in_order()
             .into_iter()
-            .filter(|&half| self.cps[half].phase != CpPhase::Free)
+            .filter(|&half| {
+                self.cps[half].phase != CpPhase::Free && self.ring.reserved_slots(half) > 0
+            })
             .map(|half| self.cps[half].first_seq)
             .min()
             .unwrap_or(self.ring.next_seq());
+        // Every entry in the ring now: the references were taken from these very entries, so
+        // marking them forgets none (later writes do, in `tick_degrade`).
+        let through = self.committed_through_seq();
+        let mut waiting =
+            VecDeque::with_capacity(2 * self.ring.geometry().half_header_slots as usize);
+        for seq in first_seq..=through {
+            let header = self.entry_header_of_seq(seq);
+            let mark = self.metadata.mark(
+                header.nsid,
+                header.lba,
+                u64::from(header.length_bytes).max(1),
+            );
+            if mark.seq != 0 {
+                waiting.push_back((seq, mark.seq));
+            }
+        }
         self.degrade = Some(Degrade {
-            marked_through_seq: first_seq.saturating_sub(1),
-            waiting: VecDeque::with_capacity(2 * self.ring.geometry().half_header_slots as usize),
+            marked_through_seq: through.max(first_seq.saturating_sub(1)),
+            waiting,
             generation_seq,
         });
         self.tick_degrade(now_us);
@@ -270,10 +288,7 @@ impl<M: RingStore> Source<M> {
             {
                 degrade.waiting.pop_front();
             }
-            let complete_through = degrade
-                .waiting
-                .front()
-                .map_or(through, |&(seq, _)| seq - 1);
+            let complete_through = degrade.waiting.front().map_or(through, |&(seq, _)| seq - 1);
             for seq in self.completed_through_seq + 1..=complete_through {
                 self.events
                     .push_back(SourceEvent::WriteCompleted(WriteId(seq)));
@@ -344,7 +359,12 @@ impl<M: RingStore> Source<M> {
             .map(|(_, _, length)| length)
             .sum::<u64>();
         let _ = extent;
-        let mut resync = Resync::new(kind, now_us, bytes_total, self.config.resync_rate_bytes_per_s);
+        let mut resync = Resync::new(
+            kind,
+            now_us,
+            bytes_total,
+            self.config.resync_rate_bytes_per_s,
+        );
         if kind == ResyncKind::Full {
             self.degraded_references.clear();
         }
@@ -462,7 +482,8 @@ impl<M: RingStore> Source<M> {
         loop {
             let Some((bit, nsid, offset, length)) = self.metadata.next_marked(resync.cursor_bit)
             else {
-                if wrapped || resync.cursor_bit == 0 {
+                // Never round again within one table: its extents are still marked.
+                if found_any || wrapped || resync.cursor_bit == 0 {
                     break;
                 }
                 // Marks behind the cursor (set while the resync ran): go round again.
@@ -512,7 +533,8 @@ impl<M: RingStore> Source<M> {
         let index = resync.reads_submitted;
         let (nsid, block_index) = resync.data[index];
         let start = block_index * BLOCK_SIZE as u64;
-        if !self.ops.has_room(nsid) || self.overlaps_inflight(nsid, start, start + BLOCK_SIZE as u64)
+        if !self.ops.has_room(nsid)
+            || self.overlaps_inflight(nsid, start, start + BLOCK_SIZE as u64)
         {
             return None;
         }
@@ -581,8 +603,12 @@ impl<M: RingStore> Source<M> {
             .alloc_inline(length)
             .expect("checked with can_push");
         let message = self.out.inline_mut(start, length);
-        let mut at =
-            wire::encode_table_prefix_of(message, MessageKind::ResyncTable, number, &resync.entries);
+        let mut at = wire::encode_table_prefix_of(
+            message,
+            MessageKind::ResyncTable,
+            number,
+            &resync.entries,
+        );
         let blocks = resync.data.len() * BLOCK_SIZE;
         message[at..at + blocks].copy_from_slice(&resync.blocks[..blocks]);
         at += blocks;
@@ -703,11 +729,17 @@ impl<M: RingStore> Source<M> {
     ) -> Result<(), LinkError> {
         let expected = self.metadata.generations().current;
         let Some(resync) = self.resync.take() else {
-            return Err(ProtocolError::Resync { what: "a ResyncDoneAck without a resync" }.into());
+            return Err(ProtocolError::Resync {
+                what: "a ResyncDoneAck without a resync",
+            }
+            .into());
         };
         if !resync.done_sent || generation != expected {
             self.resync = Some(resync);
-            return Err(ProtocolError::Resync { what: "a ResyncDoneAck for another generation" }.into());
+            return Err(ProtocolError::Resync {
+                what: "a ResyncDoneAck for another generation",
+            }
+            .into());
         }
         let _ = self.metadata.set_bitmap_base(0);
         let elapsed_us = now_us.saturating_sub(resync.started_us).max(1);
@@ -743,7 +775,11 @@ impl<M: RingStore> Source<M> {
             resync.bytes_done >> 20,
             resync.bytes_total >> 20,
             rate / (1 << 20) as f64,
-            if rate > 0.0 { left / rate } else { f64::INFINITY }
+            if rate > 0.0 {
+                left / rate
+            } else {
+                f64::INFINITY
+            }
         );
     }
 

@@ -571,28 +571,6 @@ fn a_split_brain_is_refused_by_both_sides() {
 }
 
 #[test]
-fn a_fresh_pair_without_assume_identical_needs_a_full_sync() {
-    let mut p = pair(CpMode::References);
-    p.source.config.assume_identical = false;
-    p.destination.handle_connected(0);
-    p.source.handle_connected(0);
-    let hello = p
-        .source
-        .out
-        .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
-    let error = p.destination.handle_message(0, &hello).unwrap_err();
-    assert!(
-        matches!(&error, LinkError::RejectedPeer { reason: wire::RejectReason::FullSyncRequired, text } if text.contains("full sync is required") && text.contains("assume_identical = true")),
-        "{error}"
-    );
-    assert_eq!(
-        p.destination.metadata().generations().current,
-        0,
-        "nothing adopted"
-    );
-}
-
-#[test]
 fn an_aborted_write_changes_nothing_and_unblocks_later_ones() {
     let mut p = pair(CpMode::References);
     p.connect();

@@ -97,8 +97,14 @@ fn degraded_writes_complete_once_marked_and_cps_complete_on_the_primary_alone() 
     // Durably: the metadata on its device says so.
     let reopened = reopen_metadata(&p.source_metadata);
     assert_eq!(reopened.generations().current, generations.current);
-    assert!(reopened.is_marked(1, 64 * 512), "the degraded write's extent");
-    assert!(reopened.is_marked(1, 0), "the ring's entries when the peer was lost");
+    assert!(
+        reopened.is_marked(1, 64 * 512),
+        "the degraded write's extent"
+    );
+    assert!(
+        reopened.is_marked(1, 0),
+        "the ring's entries when the peer was lost"
+    );
     // A CP completes without the destination and releases its half.
     p.source.request_cp(p.now_us);
     let events = run_alone(&mut p);
@@ -110,19 +116,24 @@ fn degraded_writes_complete_once_marked_and_cps_complete_on_the_primary_alone() 
     );
     assert_eq!(p.source.counters().degrade_count, 1);
     assert!(p.source.counters().degraded_write_count >= 1);
-    assert_eq!(&p.primaries[0].bytes()[64 * 512..64 * 512 + 4096], &[2; 4096]);
+    assert_eq!(
+        &p.primaries[0].bytes()[64 * 512..64 * 512 + 4096],
+        &[2; 4096]
+    );
 }
 
 #[test]
-fn a_returning_destination_is_resynced_with_references_and_data_until_the_mirror_is_the_primary()
-{
+fn a_returning_destination_is_resynced_with_references_and_data_until_the_mirror_is_the_primary() {
     let mut p = degrade_pair();
     p.connect();
     // Blocks the destination acknowledged (references later) and one changed after the loss.
     for block in 0..8u64 {
         p.write(block * 8, &[10 + block as u8; 4096]);
     }
-    assert!(p.exchange().iter().any(|e| matches!(e, SourceEvent::WriteCompleted(_))));
+    assert!(p
+        .exchange()
+        .iter()
+        .any(|e| matches!(e, SourceEvent::WriteCompleted(_))));
     lose_destination(&mut p);
     let changed = p.write(3 * 8, &[0xCC; 4096]);
     let far = p.write(200 * 8, &[0xDD; 4096]);
@@ -210,22 +221,30 @@ fn host_writes_during_a_resync_are_never_overwritten_by_older_resync_data() {
     p.connect();
     lose_destination(&mut p);
     for block in 0..64u64 {
-        p.write(block * 128, &[block as u8; 4096]);
+        p.write(block * 32, &[block as u8; 4096]);
     }
     run_alone(&mut p);
     p.source.request_cp(p.now_us);
     run_alone(&mut p);
     p.destination.handle_connected(p.now_us);
     p.source.handle_connected(p.now_us);
+    p.exchange();
+    assert!(
+        p.source.resync_progress().is_some(),
+        "the rate limit keeps it going"
+    );
     let mut rounds = 0;
     while p.source.resync_progress().is_some() {
         // Each round a host write to a block the resync has or has not reached yet.
         let block = (rounds * 7) % 64;
-        let id = p.write(block * 128, &[0x80 + rounds as u8; 4096]);
+        let id = p.write(block * 32, &[0x80 + rounds as u8; 4096]);
         if rounds % 3 == 0 {
             p.source.request_cp(p.now_us);
         }
-        assert!(completed(&p.exchange(), id), "synchronous during the resync");
+        assert!(
+            completed(&p.exchange(), id),
+            "synchronous during the resync"
+        );
         p.now_us += 10_000;
         rounds += 1;
         assert!(rounds < 10_000, "the resync ends");
@@ -242,7 +261,14 @@ fn a_fresh_pair_without_assume_identical_gets_the_initial_full_sync() {
     p.source.config.assume_identical = false;
     p.destination.assume_identical = false;
     // Data on the primary from before replication (never written through the engine).
-    for (i, byte) in p.primaries[0].memory.bytes.iter_mut().enumerate() {
+    for (i, byte) in p.primaries[0]
+        .inner
+        .as_mut()
+        .unwrap()
+        .bytes
+        .iter_mut()
+        .enumerate()
+    {
         *byte = (i / 4096) as u8 ^ 0x5A;
     }
     p.destination.handle_connected(0);
@@ -269,7 +295,7 @@ fn a_half_resynced_destination_is_not_promoted() {
     p.connect();
     lose_destination(&mut p);
     for block in 0..256u64 {
-        p.write(block * 128, &[block as u8; 4096]);
+        p.write(block * 8, &[block as u8; 4096]);
         if block % 64 == 63 {
             p.source.request_cp(p.now_us);
             run_alone(&mut p);
