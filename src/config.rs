@@ -316,6 +316,11 @@ pub struct Config {
     pub target: Option<TargetSection>,
     /// The JSON-RPC management socket (default [`Config::rpc_socket_default`]).
     pub rpc_socket: Option<PathBuf>,
+    /// Destination only: the address its own destination will listen on once this node is
+    /// promoted online (`nvmirror promote` on the running process): the old source, attached
+    /// as the new destination. With a `[target]` section, which a destination serves only once
+    /// promoted.
+    pub promote_peer: Option<SocketAddr>,
 }
 
 /// `[target]`: listeners and subsystems of the embedded NVMe/TCP target.
@@ -615,10 +620,14 @@ impl Config {
             return Err(bad("metadata_path", "must name a file"));
         }
         if let Some(target) = &self.target {
-            if self.role == Role::Destination {
-                return Err(bad("target", "only a source exports namespaces to hosts"));
-            }
+            // A destination's target serves hosts only once it is promoted online.
             target.to_target_config(self.namespaces.len())?;
+        }
+        if self.promote_peer.is_some() && self.role == Role::Source {
+            return Err(bad(
+                "promote_peer",
+                "only a destination is promoted (a source's destination is 'peer')",
+            ));
         }
         for (index, namespace) in self.namespaces.iter().enumerate() {
             namespace.validate(&format!("namespace[{index}]"))?;
@@ -671,6 +680,36 @@ impl Config {
         self.peer_loss_policy
             .unwrap_or(PeerLossPolicyConfig::Suspend)
             .policy()
+    }
+
+    /// What a destination runs as once promoted online: a source over its mirror namespaces,
+    /// serving its `[target]`, replicating to `promote_peer` with the `degrade` policy unless
+    /// another is set (the old source is gone: writes go on, marked for its resync).
+    pub fn promoted_source(&self) -> Result<Config, String> {
+        assert_eq!(self.role, Role::Destination);
+        let peer = self.promote_peer.ok_or(
+            "an online promotion needs promote_peer (the address the old source will listen on \
+             once attached as the new destination) in the destination's config",
+        )?;
+        if self.target.is_none() {
+            return Err(
+                "an online promotion needs a [target] section in the destination's config (the \
+                 subsystem NQN and serial hosts reconnect to)"
+                    .into(),
+            );
+        }
+        Ok(Config {
+            role: Role::Source,
+            listen: None,
+            peer: Some(peer),
+            promote_peer: None,
+            peer_loss_policy: Some(
+                self.peer_loss_policy
+                    .unwrap_or(PeerLossPolicyConfig::Degrade),
+            ),
+            rpc_socket: Some(self.rpc_socket_path()),
+            ..self.clone()
+        })
     }
 
     /// The 16-byte volume identity both sides compare in the handshake: derived from the name.
@@ -762,6 +801,7 @@ impl Config {
             namespaces: vec![NamespaceConfig::Malloc { size_mib: 256 }],
             target: (role == Role::Source).then(|| TargetSection::embedded_default(1)),
             rpc_socket: Some(PathBuf::from(RPC_SOCKET_EMBEDDED)),
+            promote_peer: None,
         }
     }
 }

@@ -248,7 +248,7 @@ fn a_split_brain_is_refused_on_both_sides() {
 }
 
 #[test]
-fn a_fresh_pair_without_assume_identical_is_refused_until_a_full_sync() {
+fn a_fresh_pair_without_assume_identical_gets_the_initial_full_sync() {
     let scratch = Scratch::new("full-sync");
     let target_port = free_port();
     let (destination, source) = pair_with_target(&scratch, "fresh", target_port);
@@ -256,10 +256,32 @@ fn a_fresh_pair_without_assume_identical_is_refused_until_a_full_sync() {
         let text = std::fs::read_to_string(config).unwrap();
         std::fs::write(config, text.replace("assume_identical = true\n", "")).unwrap();
     }
-    let _destination_node = start_destination(&destination);
-    let log = run_refused_source(&source, target_port, &scratch.path("fresh-source.log"));
-    assert!(
-        log.contains("a full sync is required") && log.contains("assume_identical = true"),
-        "{log}"
-    );
+    // The primaries hold data from before replication (never written through nvmirror).
+    let bytes = (NAMESPACE_MIB << 20) as usize;
+    for (index, name) in ["primary.img", "primary.img.2"].iter().enumerate() {
+        let image: Vec<u8> = (0..bytes)
+            .map(|i| ((i / 4096) as u8) ^ (i as u8).wrapping_mul(7) ^ index as u8)
+            .collect();
+        std::fs::write(scratch.path(name), image).unwrap();
+    }
+    let mut destination_node = start_destination(&destination);
+    let log = scratch.path("fresh-source.log");
+    let (mut source_node, _lines) = start_source(&source, &[], "info", &log);
+    let started = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("resync done")
+    {
+        assert!(
+            started.elapsed() < TEST_TIMEOUT,
+            "no full sync: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("every extent (full sync)"), "{text}");
+    stop(&mut source_node);
+    stop(&mut destination_node);
+    assert_images_equal(&scratch);
 }

@@ -64,6 +64,9 @@ pub enum Command {
     Finish,
     /// Change the peer-loss policy (source).
     SetPeerLossPolicy(PeerLossPolicy),
+    /// Serve hosts now, without waiting for a handshake (source): the operator's decision that
+    /// this node is the pair's authority, e.g. right after its promotion.
+    Settle,
 }
 
 /// Commands queued for a node at most; a full mailbox refuses more.
@@ -84,6 +87,9 @@ pub struct NodeControl {
     /// Set by a source once the handshake settled its role (its generation is the pair's):
     /// only then does its front end exist, so a stale or split source never answers a host.
     pub settled: AtomicBool,
+    /// Destination: the operator asked for an online promotion (`nvmirror_promote`); the
+    /// process stops the node, promotes it and serves the volume as its source.
+    pub promote_requested: AtomicBool,
     /// The latest counters, published on request and at shutdown.
     pub counters: Mutex<Option<Counters>>,
     /// Counts publications of `counters` and `link`, so a reader can wait for a fresh one.
@@ -124,6 +130,7 @@ impl NodeControl {
             synced: AtomicBool::new(false),
             rejected: Mutex::new(None),
             settled: AtomicBool::new(false),
+            promote_requested: AtomicBool::new(false),
             counters: Mutex::new(None),
             published: AtomicU64::new(0),
             link: Mutex::new(LinkStatus::default()),
@@ -421,6 +428,10 @@ impl<F: FrontEnd> Node for SourceNode<F> {
                 self.volume.source.set_peer_loss_policy(policy);
                 self.publish_counters();
             }
+            Command::Settle => {
+                log::warn!("source: serving hosts without a handshake (operator)");
+                self.settle();
+            }
         }
     }
 }
@@ -601,7 +612,10 @@ impl Node for DestinationNode {
         match command {
             Command::PublishCounters => self.publish_counters(),
             // A destination takes CPs when its source sends them, and has nothing to finish.
-            Command::RequestCp | Command::Finish | Command::SetPeerLossPolicy(_) => {}
+            Command::RequestCp
+            | Command::Finish
+            | Command::SetPeerLossPolicy(_)
+            | Command::Settle => {}
         }
     }
 }
