@@ -5,6 +5,7 @@
 //! workload through the embedded pair and prints what references saved on the wire.
 #![forbid(unsafe_code)]
 
+mod attach;
 mod config;
 mod cores;
 mod demo;

@@ -196,7 +196,8 @@ pub fn open_destination(
 ) -> Result<Opened<nvmirror_runtime::node::DestinationEngine>, String> {
     let ring = open_ring(config)?;
     let mirrors = open_namespaces(config)?;
-    let metadata = open_metadata(config, &mirrors)?;
+    let mut metadata = open_metadata(config, &mirrors)?;
+    crate::attach::attach_former_source(config, &mut metadata.metadata, &mut *metadata.device)?;
     let destination = Destination::open(
         DestinationConfig {
             volume_id: config.volume_id(),

@@ -141,6 +141,8 @@ pub struct Destination<M> {
     resync_apply: Option<resync::ResyncApply>,
     /// ResyncDone came: its answer waits for the adopted generation to be durable.
     resync_done_pending: Option<(u64, u64)>,
+    /// ResyncMarks still to send, from this bitmap bit on.
+    marks_cursor: Option<u64>,
 }
 
 /// Data blocks the destination stages: a full window of tables.
@@ -217,6 +219,7 @@ impl<M: RingStore> Destination<M> {
             old_log_kept: false,
             resync_apply: None,
             resync_done_pending: None,
+            marks_cursor: None,
         })
     }
 
@@ -236,6 +239,7 @@ impl<M: RingStore> Destination<M> {
         self.resync_session = false;
         self.resync_apply = None;
         self.resync_done_pending = None;
+        self.marks_cursor = None;
         self.pending_ack = None;
         self.hello_ack_pending = false;
         self.restart_cp();
@@ -245,6 +249,7 @@ impl<M: RingStore> Destination<M> {
     /// event; the runtime closes its connection at `poll_link_close`), otherwise a heartbeat goes
     /// out when nothing else did for a quarter of it.
     pub fn handle_tick(&mut self, now_us: u64) {
+        self.push_resync_marks();
         if let Some(silent_us) = self.liveness.silence_expired(now_us) {
             let reason = PeerLostReason::Silent { silent_us };
             log::error!("destination: source lost: {reason}; closing its connection");
@@ -443,6 +448,10 @@ impl<M: RingStore> Destination<M> {
                 cp_completed,
                 generations: self.ack_generations,
             });
+            if self.resync_session {
+                self.marks_cursor = Some(0);
+                self.push_resync_marks();
+            }
         }
     }
 

@@ -240,6 +240,8 @@ pub struct Source<M> {
     /// Blocks a resync sent as references: the data pass skips them.
     applied_references: std::collections::HashSet<(u32, u64)>,
     random_state: u64,
+    /// The time of the last `handle_tick` (what work started by a device completion uses).
+    last_tick_us: u64,
 }
 
 impl<M: RingStore> Source<M> {
@@ -299,6 +301,7 @@ impl<M: RingStore> Source<M> {
             degraded_references: Vec::new(),
             applied_references: std::collections::HashSet::new(),
             random_state: config.generation_seed,
+            last_tick_us: now_us,
         }
     }
 
@@ -485,6 +488,9 @@ impl<M: RingStore> Source<M> {
             (LinkState::Ready, Message::ResyncDoneAck { generation }) => {
                 self.on_resync_done_ack(now_us, generation)
             }
+            (LinkState::Ready | LinkState::Settling, Message::ResyncMarks(marks)) => {
+                self.on_resync_marks(&marks)
+            }
             (state, message) => Err(LinkError::Unexpected {
                 message: message_name(&message),
                 state: link_state_name(state),
@@ -523,6 +529,7 @@ impl<M: RingStore> Source<M> {
     /// Cheap, every reactor loop: closes the open transfer, starts a CP on timer / request /
     /// full half, sends ready transfers, advances the CP in flight.
     pub fn handle_tick(&mut self, now_us: u64) {
+        self.last_tick_us = now_us;
         let active = half_of_cp(self.active_cp);
         self.cps[active].close_open_transfer();
         if self.link == LinkState::Settling && self.metadata.durable_through() >= self.settle_seq {
@@ -688,6 +695,11 @@ impl<M: RingStore> Source<M> {
     /// Takes the completion of a metadata op (any order).
     pub fn handle_metadata_completion(&mut self, completion: crate::device::DeviceCompletion<'_>) {
         self.metadata.handle_device_completion(completion);
+        // Degraded writes wait for their marks, a resync for its clears: both move on now, not
+        // at the next tick (a reactor with nothing else to do may sleep until then).
+        let now_us = self.last_tick_us;
+        self.tick_degrade(now_us);
+        self.advance_resync(now_us);
     }
 
     pub fn metadata(&self) -> &crate::metadata::NodeMetadata {
@@ -753,6 +765,7 @@ pub(crate) fn message_name(message: &Message<'_>) -> &'static str {
         Message::ResyncAck { .. } => "ResyncAck",
         Message::ResyncDone { .. } => "ResyncDone",
         Message::ResyncDoneAck { .. } => "ResyncDoneAck",
+        Message::ResyncMarks(_) => "ResyncMarks",
     }
 }
 

@@ -37,6 +37,11 @@
 //! - ResyncAck: resync_number u64, failed u64 (0: written and flushed; 1: a mirror op failed).
 //! - ResyncDone: generation u64 (the source's current: the destination takes it, the resync is
 //!   over).   - ResyncDoneAck: generation u64 (taken, durably).
+//! - ResyncMarks (destination to source, first in a resync session): last u32 (1 on the final
+//!   one), count u32, then count × {nsid u32, offset_bytes u64, length_bytes u64}: extents the
+//!   destination may have changed that the source lacks (a former source attached as the new
+//!   destination: the writes of its ring that may never have reached the other side). The source
+//!   resyncs them too, and finishes only after the last one came.
 
 mod out_queue;
 
@@ -99,6 +104,7 @@ crate::wire_enum! {
         ResyncAck = 13,
         ResyncDone = 14,
         ResyncDoneAck = 15,
+        ResyncMarks = 16,
     }
 }
 
@@ -332,6 +338,49 @@ pub enum Message<'a> {
     ResyncDoneAck {
         generation: u64,
     },
+    ResyncMarks(ResyncMarksMessage<'a>),
+}
+
+/// Extents per ResyncMarks message at most.
+pub const RESYNC_MARKS_PER_MESSAGE: usize = 1024;
+const RESYNC_MARK_BYTES: usize = 20;
+
+/// A decoded ResyncMarks message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncMarksMessage<'a> {
+    pub last: bool,
+    extents: &'a [u8],
+}
+
+impl<'a> ResyncMarksMessage<'a> {
+    /// (nsid, offset_bytes, length_bytes) of each extent.
+    pub fn extents(&self) -> impl Iterator<Item = (u32, u64, u64)> + 'a {
+        self.extents
+            .chunks_exact(RESYNC_MARK_BYTES)
+            .map(|e| (le_u32(e, 0), le_u64(e, 4), le_u64(e, 12)))
+    }
+}
+
+/// The bytes of a ResyncMarks message of `count` extents.
+pub fn resync_marks_bytes(count: usize) -> usize {
+    MESSAGE_HEADER_BYTES + 8 + count * RESYNC_MARK_BYTES
+}
+
+/// Encodes a whole ResyncMarks message into `out` ([`resync_marks_bytes`] long).
+pub fn encode_resync_marks(out: &mut [u8], last: bool, extents: &[(u32, u64, u64)]) {
+    assert!(extents.len() <= RESYNC_MARKS_PER_MESSAGE);
+    assert_eq!(out.len(), resync_marks_bytes(extents.len()));
+    encode_header(out, MessageKind::ResyncMarks, out.len());
+    let body = &mut out[MESSAGE_HEADER_BYTES..];
+    body[0..4].copy_from_slice(&u32::from(last).to_le_bytes());
+    body[4..8].copy_from_slice(&(extents.len() as u32).to_le_bytes());
+    for (at, &(nsid, offset, length)) in extents.iter().enumerate() {
+        let e = &mut body[8 + at * RESYNC_MARK_BYTES..8 + (at + 1) * RESYNC_MARK_BYTES];
+        e[0..4].copy_from_slice(&nsid.to_le_bytes());
+        e[4..12].copy_from_slice(&offset.to_le_bytes());
+        e[12..20].copy_from_slice(&length.to_le_bytes());
+    }
+    seal(out);
 }
 
 /// For the runtime's receive loop: the full message length once the 16-byte header is there.
@@ -461,6 +510,28 @@ fn decode_body(kind: MessageKind, body: &[u8]) -> Result<Message<'_>, WireError>
                 resync_number: le_u64(body, 0),
                 failed,
             })
+        }
+        MessageKind::ResyncMarks => {
+            if body.len() < 8 {
+                return Err(bad(kind, "wrong body length"));
+            }
+            let last = match le_u32(body, 0) {
+                0 => false,
+                1 => true,
+                _ => return Err(bad(kind, "last is not 0 or 1")),
+            };
+            let count = le_u32(body, 4) as usize;
+            if count > RESYNC_MARKS_PER_MESSAGE || body.len() != 8 + count * RESYNC_MARK_BYTES {
+                return Err(bad(kind, "extent count does not match the length"));
+            }
+            let extents = &body[8..];
+            if extents
+                .chunks_exact(RESYNC_MARK_BYTES)
+                .any(|e| le_u32(e, 0) == 0 || le_u64(e, 12) == 0)
+            {
+                return Err(bad(kind, "an extent without namespace or length"));
+            }
+            Ok(Message::ResyncMarks(ResyncMarksMessage { last, extents }))
         }
         MessageKind::ResyncDone | MessageKind::ResyncDoneAck => {
             fixed(kind, body, 8)?;

@@ -14,7 +14,10 @@ use crate::error::{LinkError, ProtocolError};
 use crate::generation::{Hex, FLAG_RESYNC_TARGET};
 use crate::geometry::BLOCK_SIZE;
 use crate::ring::RingStore;
-use crate::wire::{Control, DescriptorTableMessage};
+use crate::wire::{
+    encode_resync_marks, resync_marks_bytes, Control, DescriptorTableMessage,
+    RESYNC_MARKS_PER_MESSAGE,
+};
 
 /// The `table` of a queued mirror write that belongs to the ResyncTable being applied.
 pub(super) const RESYNC_TABLE: u64 = u64::MAX;
@@ -51,6 +54,35 @@ impl<M: RingStore> Destination<M> {
             );
             let seq = self.metadata.set_flag(FLAG_RESYNC_TARGET, true);
             self.ack_metadata_seq = self.ack_metadata_seq.max(seq);
+        }
+    }
+
+    /// In a resync session, right after the HelloAck: the extents this node changed itself that
+    /// the source may lack, as many ResyncMarks as fit now (the rest at the next tick).
+    pub(super) fn push_resync_marks(&mut self) {
+        while let Some(cursor) = self.marks_cursor {
+            let mut extents = Vec::with_capacity(RESYNC_MARKS_PER_MESSAGE);
+            let mut next = cursor;
+            while extents.len() < RESYNC_MARKS_PER_MESSAGE {
+                match self.metadata.next_marked(next) {
+                    Some((bit, nsid, offset, length)) => {
+                        extents.push((nsid, offset, length));
+                        next = bit + 1;
+                    }
+                    None => break,
+                }
+            }
+            let last = extents.len() < RESYNC_MARKS_PER_MESSAGE
+                || self.metadata.next_marked(next).is_none();
+            let length = resync_marks_bytes(extents.len());
+            if self
+                .out
+                .push_inline(length, |bytes| encode_resync_marks(bytes, last, &extents))
+                .is_err()
+            {
+                return;
+            }
+            self.marks_cursor = (!last).then_some(next);
         }
     }
 
@@ -251,6 +283,14 @@ impl<M: RingStore> Destination<M> {
             Hex(generation)
         );
         let _ = self.metadata.adopt(generation, false);
+        // What this node changed itself is overwritten by the source's content now.
+        let marked: Vec<_> = self.metadata.iter_marked().collect();
+        for (nsid, offset, length) in marked {
+            let _ = self
+                .metadata
+                .clear(nsid, offset / crate::geometry::SECTOR_SIZE as u64, length);
+        }
+        let _ = self.metadata.set_bitmap_base(0);
         let seq = self.metadata.set_flag(FLAG_RESYNC_TARGET, false);
         self.resync_session = false;
         self.resync_done_pending = Some((generation, seq));

@@ -31,7 +31,9 @@ use crate::cp::{Descriptor, DescriptorEntry};
 use crate::device::{DeviceError, DeviceOp, DeviceRequest};
 use crate::error::{LinkError, ProtocolError};
 use crate::generation::{Hex, ResyncKind};
-use crate::geometry::{half_of_cp, BLOCK_SIZE, DESCRIPTORS_PER_TABLE, TABLE_DATA_BLOCKS_MAX};
+use crate::geometry::{
+    half_of_cp, BLOCK_SIZE, DESCRIPTORS_PER_TABLE, SECTOR_SIZE as SECTOR, TABLE_DATA_BLOCKS_MAX,
+};
 use crate::ring::RingStore;
 use crate::transfer::TransferId;
 use crate::wire::{self, Control, MessageKind, Segment};
@@ -63,6 +65,8 @@ pub(super) struct Resync {
     cursor_bit: u64,
     /// References are all acknowledged: transfers flow (the destination's old log may go).
     references_done: bool,
+    /// The destination's last ResyncMarks came: its own changed extents are marked here too.
+    marks_done: bool,
     /// The table being read or sent: its descriptors and the extents it covers.
     entries: Vec<DescriptorEntry>,
     extents: Vec<(u32, u64, u64)>,
@@ -93,6 +97,7 @@ impl Resync {
             kind,
             cursor_bit: 0,
             references_done: false,
+            marks_done: false,
             entries: Vec::with_capacity(DESCRIPTORS_PER_TABLE),
             extents: Vec::with_capacity(DESCRIPTORS_PER_TABLE),
             blocks: vec![0; TABLE_DATA_BLOCKS_MAX * BLOCK_SIZE],
@@ -288,7 +293,12 @@ impl<M: RingStore> Source<M> {
             {
                 degrade.waiting.pop_front();
             }
-            let complete_through = degrade.waiting.front().map_or(through, |&(seq, _)| seq - 1);
+            // Marked entries, not the ring's committed prefix: a CP may have completed on the
+            // primary and released its half while their marks were still being written.
+            let complete_through = degrade
+                .waiting
+                .front()
+                .map_or(degrade.marked_through_seq, |&(seq, _)| seq - 1);
             for seq in self.completed_through_seq + 1..=complete_through {
                 self.events
                     .push_back(SourceEvent::WriteCompleted(WriteId(seq)));
@@ -437,6 +447,8 @@ impl<M: RingStore> Source<M> {
             } else if !self.cp_wants_the_link() && self.rate_allows(now_us, &resync) {
                 if !resync.references_done {
                     self.stage_references(&mut resync);
+                } else if !resync.marks_done {
+                    // The destination's own changes come first (they add extents).
                 } else if !self.stage_extents(&mut resync) {
                     self.finish_resync(&mut resync);
                 } else if resync.entries.is_empty() {
@@ -587,8 +599,11 @@ impl<M: RingStore> Source<M> {
                      retried in {} ms",
                     DEVICE_RETRY_BACKOFF_US / 1000
                 );
-                let _ = now_us;
             }
+        }
+        if resync.reads_completed == resync.data.len() {
+            // Queued now rather than at the next tick.
+            self.advance_resync(now_us.max(self.last_tick_us));
         }
     }
 
@@ -628,6 +643,52 @@ impl<M: RingStore> Source<M> {
         self.counters.resync_wire_bytes += length as u64;
         resync.awaiting = Some(number);
         resync.next_number += 1;
+    }
+
+    /// Extents the destination may have changed that we lack (a former source attached as our
+    /// destination): resynced too.
+    pub(super) fn on_resync_marks(
+        &mut self,
+        marks: &crate::wire::ResyncMarksMessage<'_>,
+    ) -> Result<(), LinkError> {
+        let Some(resync) = self.resync.as_mut() else {
+            return Err(ProtocolError::Resync {
+                what: "ResyncMarks outside a resync",
+            }
+            .into());
+        };
+        if resync.marks_done {
+            return Err(ProtocolError::Resync {
+                what: "ResyncMarks after the last one",
+            }
+            .into());
+        }
+        let mut bytes = 0;
+        for (nsid, offset, length) in marks.extents() {
+            if crate::device::check_extent(&self.namespace_sizes_bytes, nsid, offset, length)
+                .is_err()
+                || offset % SECTOR as u64 != 0
+            {
+                return Err(ProtocolError::Resync {
+                    what: "a ResyncMarks extent outside the namespaces",
+                }
+                .into());
+            }
+            let _ = self.metadata.mark(nsid, offset / SECTOR as u64, length);
+            bytes += length;
+        }
+        let resync = self.resync.as_mut().expect("checked");
+        resync.bytes_total += bytes;
+        self.counters.resync_bytes_total = resync.bytes_total;
+        if bytes > 0 {
+            log::warn!(
+                "source: the destination may differ in {} MiB it changed itself (a former \
+                 source): resynced too",
+                bytes.div_ceil(1 << 20)
+            );
+        }
+        resync.marks_done = marks.last;
+        Ok(())
     }
 
     /// The destination wrote and flushed (or failed) resync table `number`.
@@ -697,7 +758,7 @@ impl<M: RingStore> Source<M> {
     fn clear_extents(&mut self, resync: &mut Resync) {
         let mut done = 0;
         for &(nsid, offset, length) in &resync.extents {
-            let _ = self.metadata.clear(nsid, offset / 512, length);
+            let _ = self.metadata.clear(nsid, offset / SECTOR as u64, length);
             done += length;
         }
         resync.bytes_done += done;
@@ -801,6 +862,7 @@ impl<M: RingStore> Source<M> {
                 .collect();
             resync.drop_table();
             resync.done_sent = false;
+            resync.marks_done = false;
             if resync.references_done {
                 self.degraded_references.clear();
             } else {

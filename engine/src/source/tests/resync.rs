@@ -123,6 +123,35 @@ fn degraded_writes_complete_once_marked_and_cps_complete_on_the_primary_alone() 
 }
 
 #[test]
+fn a_degraded_write_completes_although_its_cp_completed_before_its_mark_was_durable() {
+    let mut p = degrade_pair();
+    p.connect();
+    lose_destination(&mut p);
+    run_alone(&mut p);
+    let id = p.write(0, &[7; 4096]);
+    // The primary write and the CP flush complete; the metadata write does not yet.
+    p.source.request_cp(p.now_us);
+    for _ in 0..5 {
+        p.source.handle_tick(p.now_us);
+        while let Some(op) = p.source.poll_device_op(p.now_us) {
+            p.primaries[0].submit(op);
+        }
+        let (source, now) = (&mut p.source, p.now_us);
+        p.primaries[0].poll_completions(&mut |c| source.handle_device_completion(now, c));
+    }
+    let events = events_of(&mut p);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, SourceEvent::CpCompleted { .. })),
+        "{events:?}"
+    );
+    assert!(!completed(&events, id), "not before its mark is durable");
+    let events = run_alone(&mut p);
+    assert!(completed(&events, id), "{events:?}");
+}
+
+#[test]
 fn a_returning_destination_is_resynced_with_references_and_data_until_the_mirror_is_the_primary() {
     let mut p = degrade_pair();
     p.connect();
