@@ -100,18 +100,18 @@ pub enum PeerLossPolicyConfig {
     Suspend,
     /// Writes fail with a path error once the destination is lost; reads are served.
     Fail,
-    /// Writes continue on the source alone: not implemented yet (it needs the persistent dirty
-    /// bitmap and resync); refused at start with that reason.
+    /// Writes continue on the source alone, their extents marked in the persistent bitmap; the
+    /// destination is resynced when it returns.
     Degrade,
 }
 
 impl PeerLossPolicyConfig {
-    /// The engine's policy; `degrade` does not exist yet.
-    pub fn policy(self) -> Option<PeerLossPolicy> {
+    /// The engine's policy.
+    pub fn policy(self) -> PeerLossPolicy {
         match self {
-            PeerLossPolicyConfig::Suspend => Some(PeerLossPolicy::Suspend),
-            PeerLossPolicyConfig::Fail => Some(PeerLossPolicy::Fail),
-            PeerLossPolicyConfig::Degrade => None,
+            PeerLossPolicyConfig::Suspend => PeerLossPolicy::Suspend,
+            PeerLossPolicyConfig::Fail => PeerLossPolicy::Fail,
+            PeerLossPolicyConfig::Degrade => PeerLossPolicy::Degrade,
         }
     }
 }
@@ -295,12 +295,32 @@ pub struct Config {
     pub peer_timeout_ms: u64,
     /// Source only: what host writes do while the destination is lost (default `suspend`).
     pub peer_loss_policy: Option<PeerLossPolicyConfig>,
+    /// Source only: a resync sends at most this many MiB/s (0: as fast as it goes).
+    #[serde(default)]
+    pub resync_rate_mib_s: u64,
+    /// The node's metadata file (generations, dirty bitmap): on the node's own persistent
+    /// storage, never on hugetlbfs. Default: `nvmirror-<volume>.meta` in `ring_dir`, else in
+    /// `fallback_dir`. The same file whatever the role, so a promoted destination restarted as
+    /// a source keeps its generations.
+    pub metadata_path: Option<PathBuf>,
+    /// Both devices are known identical (freshly zeroed): a pair that shares no history starts
+    /// without a full sync. Needed on both sides; applied once per metadata file.
+    #[serde(default)]
+    pub assume_identical: bool,
+    /// Bytes per bit of the dirty bitmap (a power of two; used when the metadata is formatted).
+    #[serde(default = "default_bitmap_extent_bytes")]
+    pub bitmap_extent_bytes: u64,
     #[serde(rename = "namespace")]
     pub namespaces: Vec<NamespaceConfig>,
     /// Source only: the NVMe/TCP target exporting the replicated namespaces to hosts.
     pub target: Option<TargetSection>,
     /// The JSON-RPC management socket (default [`Config::rpc_socket_default`]).
     pub rpc_socket: Option<PathBuf>,
+    /// Destination only: the address its own destination will listen on once this node is
+    /// promoted online (`nvmirror promote` on the running process): the old source, attached
+    /// as the new destination. With a `[target]` section, which a destination serves only once
+    /// promoted.
+    pub promote_peer: Option<SocketAddr>,
 }
 
 /// `[target]`: listeners and subsystems of the embedded NVMe/TCP target.
@@ -438,6 +458,10 @@ impl TargetSection {
     }
 }
 
+fn default_bitmap_extent_bytes() -> u64 {
+    nvmirror_engine::metadata::BITMAP_EXTENT_BYTES_DEFAULT
+}
+
 fn default_volume() -> String {
     "vol0".into()
 }
@@ -571,20 +595,11 @@ impl Config {
                 ),
             ));
         }
-        match (self.peer_loss_policy, self.role) {
-            (Some(PeerLossPolicyConfig::Degrade), _) => {
-                return Err(bad(
-                    "peer_loss_policy",
-                    "\"degrade\" is not implemented yet (it needs the persistent dirty bitmap \
-                     and resync); use \"suspend\" (hold writes until the destination returns) \
-                     or \"fail\" (fail writes with a path error)",
-                ))
-            }
-            (Some(_), Role::Destination) => return Err(bad(
+        if self.peer_loss_policy.is_some() && self.role == Role::Destination {
+            return Err(bad(
                 "peer_loss_policy",
                 "only a source has a peer-loss policy (its host writes wait for the destination)",
-            )),
-            _ => {}
+            ));
         }
         if !(1..=DEVICE_QUEUE_DEPTH_MAX).contains(&self.device_queue_depth) {
             return Err(bad(
@@ -595,11 +610,24 @@ impl Config {
         if self.namespaces.is_empty() {
             return Err(bad("namespace", "at least one [[namespace]] is needed"));
         }
+        nvmirror_engine::metadata::check_extent_bytes(self.bitmap_extent_bytes)
+            .map_err(|reason| bad("bitmap_extent_bytes", reason))?;
+        if self
+            .metadata_path
+            .as_ref()
+            .is_some_and(|path| path.as_os_str().is_empty() || path.ends_with("/"))
+        {
+            return Err(bad("metadata_path", "must name a file"));
+        }
         if let Some(target) = &self.target {
-            if self.role == Role::Destination {
-                return Err(bad("target", "only a source exports namespaces to hosts"));
-            }
+            // A destination's target serves hosts only once it is promoted online.
             target.to_target_config(self.namespaces.len())?;
+        }
+        if self.promote_peer.is_some() && self.role == Role::Source {
+            return Err(bad(
+                "promote_peer",
+                "only a destination is promoted (a source's destination is 'peer')",
+            ));
         }
         for (index, namespace) in self.namespaces.iter().enumerate() {
             namespace.validate(&format!("namespace[{index}]"))?;
@@ -652,7 +680,36 @@ impl Config {
         self.peer_loss_policy
             .unwrap_or(PeerLossPolicyConfig::Suspend)
             .policy()
-            .expect("validated: degrade is refused at start")
+    }
+
+    /// What a destination runs as once promoted online: a source over its mirror namespaces,
+    /// serving its `[target]`, replicating to `promote_peer` with the `degrade` policy unless
+    /// another is set (the old source is gone: writes go on, marked for its resync).
+    pub fn promoted_source(&self) -> Result<Config, String> {
+        assert_eq!(self.role, Role::Destination);
+        let peer = self.promote_peer.ok_or(
+            "an online promotion needs promote_peer (the address the old source will listen on \
+             once attached as the new destination) in the destination's config",
+        )?;
+        if self.target.is_none() {
+            return Err(
+                "an online promotion needs a [target] section in the destination's config (the \
+                 subsystem NQN and serial hosts reconnect to)"
+                    .into(),
+            );
+        }
+        Ok(Config {
+            role: Role::Source,
+            listen: None,
+            peer: Some(peer),
+            promote_peer: None,
+            peer_loss_policy: Some(
+                self.peer_loss_policy
+                    .unwrap_or(PeerLossPolicyConfig::Degrade),
+            ),
+            rpc_socket: Some(self.rpc_socket_path()),
+            ..self.clone()
+        })
     }
 
     /// The 16-byte volume identity both sides compare in the handshake: derived from the name.
@@ -666,6 +723,16 @@ impl Config {
             chunk.copy_from_slice(&word.to_le_bytes());
         }
         id
+    }
+
+    /// Where the node's metadata lives (see `metadata_path`).
+    pub fn metadata_file(&self) -> PathBuf {
+        self.metadata_path.clone().unwrap_or_else(|| {
+            self.ring_dir
+                .as_ref()
+                .unwrap_or(&self.fallback_dir)
+                .join(format!("nvmirror-{}.meta", self.volume))
+        })
     }
 
     /// The ring file's name: one per role and volume, so a pair can share a hugepage mount.
@@ -717,9 +784,24 @@ impl Config {
             device_queue_depth: DEVICE_QUEUE_DEPTH_DEFAULT,
             peer_timeout_ms: PEER_TIMEOUT_MS_DEFAULT,
             peer_loss_policy: None,
+            resync_rate_mib_s: 0,
+            // Per role: both nodes of the embedded pair share one directory.
+            metadata_path: Some(default_fallback_dir().join(format!(
+                "nvmirror-{}-{}.meta",
+                default_volume(),
+                match role {
+                    Role::Source => "source",
+                    Role::Destination => "destination",
+                }
+            ))),
+            // Both malloc namespaces are created zeroed by this process at every start: they are
+            // identical by construction (and the pair's metadata is removed at start with them).
+            assume_identical: true,
+            bitmap_extent_bytes: default_bitmap_extent_bytes(),
             namespaces: vec![NamespaceConfig::Malloc { size_mib: 256 }],
             target: (role == Role::Source).then(|| TargetSection::embedded_default(1)),
             rpc_socket: Some(PathBuf::from(RPC_SOCKET_EMBEDDED)),
+            promote_peer: None,
         }
     }
 }
@@ -836,9 +918,9 @@ size_mib = 16
             assert_eq!(error.key, "peer_timeout_ms", "{error}");
             assert!(error.reason.contains("200 to 60000"), "{error}");
         }
-        let degrade = with("peer_loss_policy = \"degrade\"").unwrap_err();
-        assert_eq!(degrade.key, "peer_loss_policy");
-        assert!(degrade.reason.contains("not implemented yet"), "{degrade}");
+        let degrade = with("peer_loss_policy = \"degrade\"\nresync_rate_mib_s = 50").unwrap();
+        assert_eq!(degrade.peer_loss_policy(), PeerLossPolicy::Degrade);
+        assert_eq!(degrade.resync_rate_mib_s, 50);
         let unknown = with("peer_loss_policy = \"panic\"").unwrap_err();
         assert_eq!(unknown.key, "peer_loss_policy");
         assert!(
@@ -858,6 +940,45 @@ size_mib = 16
                 .unwrap()
                 .peer_timeout_ms,
             500
+        );
+    }
+
+    #[test]
+    fn metadata_keys_parse_with_defaults_and_are_checked() {
+        let config = Config::parse(SOURCE).unwrap();
+        assert!(!config.assume_identical, "never assumed unless asked");
+        assert_eq!(config.bitmap_extent_bytes, 64 << 10);
+        assert_eq!(
+            config.metadata_file(),
+            config
+                .fallback_dir
+                .join(format!("nvmirror-{}.meta", config.volume)),
+            "role-independent: a promoted destination started as a source finds it"
+        );
+        let keyed = |key: &str| {
+            Config::parse(
+                &SOURCE.replace("ring_size_mib = 8", &format!("ring_size_mib = 8\n{key}")),
+            )
+        };
+        let explicit =
+            keyed("metadata_path = \"/var/lib/nvmirror/v.meta\"\nassume_identical = true").unwrap();
+        assert_eq!(
+            explicit.metadata_file(),
+            PathBuf::from("/var/lib/nvmirror/v.meta")
+        );
+        assert!(explicit.assume_identical);
+        for bad in ["bitmap_extent_bytes = 3000", "bitmap_extent_bytes = 2048"] {
+            assert_eq!(keyed(bad).unwrap_err().key, "bitmap_extent_bytes", "{bad}");
+        }
+        assert_eq!(
+            keyed("metadata_path = \"\"").unwrap_err().key,
+            "metadata_path"
+        );
+        assert_eq!(
+            keyed("bitmap_extent_bytes = 4096")
+                .unwrap()
+                .bitmap_extent_bytes,
+            4096
         );
     }
 

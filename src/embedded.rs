@@ -67,13 +67,17 @@ impl<F: FrontEnd + Send + 'static> EmbeddedPair<F> {
     where
         M: FnOnce(&SourceEngine) -> Result<F, String> + Send + 'static,
     {
-        // Malloc namespaces start empty, so rings left by an earlier embedded run describe data
-        // that no longer exists: start both rings afresh.
+        // Malloc namespaces start empty, so rings and metadata left by an earlier embedded run
+        // describe data that no longer exists: start both sides afresh (each config's
+        // `assume_identical` says so for the fresh pair).
         let ring_files: Vec<_> = [&source, &destination]
             .iter()
             .flat_map(|config| {
-                [&config.hugepage_dir, &config.fallback_dir]
-                    .map(|dir| dir.join(config.ring_file_name()))
+                [
+                    config.hugepage_dir.join(config.ring_file_name()),
+                    config.fallback_dir.join(config.ring_file_name()),
+                    config.metadata_file(),
+                ]
             })
             .collect();
         for stale in &ring_files {
@@ -200,7 +204,9 @@ pub fn run_embedded_default(embedded: &Embedded, json: bool) -> Result<(), Strin
             return Err(e);
         }
     };
-    serve::print_connect_lines(&source_config, &embedded.cores);
+    if let Ok(true) = setup::wait_settled(&pair.source_control, &signals.stop) {
+        serve::print_connect_lines(&source_config, &embedded.cores);
+    }
     let served = serve::serve_until_stopped(
         &[
             ("source", &pair.source_control, &pair.source_control),
@@ -222,7 +228,7 @@ pub fn run_embedded_default(embedded: &Embedded, json: bool) -> Result<(), Strin
     let (source, destination) = pair.stop()?;
     serve::print_counters("source", source.volume.source.counters(), json);
     serve::print_counters("destination", destination.destination.counters(), json);
-    served
+    served.map(|_| ())
 }
 
 /// The embedded default's target without replication (a baseline for benchmarks).
@@ -247,5 +253,5 @@ pub fn run_unreplicated_target(embedded: &Embedded) -> Result<(), String> {
     for reactor in queue_pair_reactors {
         reactor.stop()?;
     }
-    served
+    served.map(|_| ())
 }

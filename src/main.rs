@@ -5,6 +5,7 @@
 //! workload through the embedded pair and prints what references saved on the wire.
 #![forbid(unsafe_code)]
 
+mod attach;
 mod config;
 mod cores;
 mod demo;
@@ -38,7 +39,9 @@ usage:
       --queue-depth N --cp-every N --ack-log FILE]
                                     run a source with the seeded workload, exit once it is durable on both sides
   nvmirror sync --config FILE       start a source, replay its ring, resend, take a CP, exit when in sync
-  nvmirror promote --config FILE    failover: replay a destination's log onto its mirror, bump the epoch
+  nvmirror promote --config FILE    failover: replay a destination's log onto its mirror, take a new generation;
+                                    online when the destination runs (it then serves the volume as the source:
+                                    its config needs a [target] section and promote_peer)
   nvmirror status|stats [--socket PATH | --config FILE] [--json]
                                     a running process's state / counters over its management socket
                                     (JSON-RPC 2.0; default /var/tmp/nvmirror.sock, the embedded default's)
@@ -109,7 +112,7 @@ fn run(args: &[String]) -> Result<(), String> {
         Some("promote") => {
             let path = options.required("--config")?;
             options.finish()?;
-            promote::promote(&Config::load(&path).map_err(|e| e.to_string())?)
+            promote::promote_command(&Config::load(&path).map_err(|e| e.to_string())?)
         }
         Some(command @ ("status" | "stats" | "cp" | "set-policy" | "rpc")) => {
             let command = command.to_string();
@@ -135,88 +138,142 @@ fn run(args: &[String]) -> Result<(), String> {
 fn run_configured(config: &Config, json: bool) -> Result<(), String> {
     let signals = serve::signals()?;
     match config.role {
-        Role::Destination => {
-            let (running, address) = setup::spawn_destination(config.clone())?;
-            println!(
-                "nvmirror destination: volume '{}' accepting the source on {address}",
-                config.volume
-            );
-            let _management = manage::start_server(
-                &config.rpc_socket_path(),
-                &config.volume,
-                &[("destination", &running.control, &running.control)],
-            );
-            let _management = match _management {
-                Ok(server) => server,
-                Err(e) => {
-                    running.stop()?;
-                    return Err(e);
+        Role::Destination => loop {
+            if run_destination(config, &signals, json)? == serve::Served::Stopped {
+                break;
+            }
+            // The operator promoted this node: it is the pair's source from now on, unless
+            // the promotion is refused (a half-resynced mirror): then it is a destination again.
+            match promote::promote(config) {
+                Ok(()) => {
+                    *nvmirror_runtime::management::LAST_PROMOTE_ERROR
+                        .lock()
+                        .unwrap() = None;
+                    let source = config.promoted_source()?;
+                    println!(
+                        "nvmirror: promoted: serving volume '{}' as its source",
+                        config.volume
+                    );
+                    run_source(&source, &signals, json, true)?;
+                    break;
                 }
-            };
-            let served = serve::serve_until_stopped(
-                &[("destination", &running.control, &running.control)],
-                None,
-                &signals,
-                json,
-            );
-            let node = running.stop()?;
-            served?;
-            serve::print_counters("destination", node.destination.counters(), json);
+                Err(e) => {
+                    log::error!("online promotion refused: {e}; serving as the destination again");
+                    *nvmirror_runtime::management::LAST_PROMOTE_ERROR
+                        .lock()
+                        .unwrap() = Some(e);
+                }
+            }
+        },
+        Role::Source => run_source(config, &signals, json, false)?,
+    }
+    Ok(())
+}
+
+/// Runs a destination until a signal stops it or the operator promotes it.
+fn run_destination(
+    config: &Config,
+    signals: &serve::Signals,
+    json: bool,
+) -> Result<serve::Served, String> {
+    if config.promote_peer.is_some() {
+        // Checked now, not when the operator needs it.
+        config.promoted_source()?;
+    }
+    let (running, address) = setup::spawn_destination(config.clone())?;
+    println!(
+        "nvmirror destination: volume '{}' accepting the source on {address}",
+        config.volume
+    );
+    let management = manage::start_server(
+        &config.rpc_socket_path(),
+        &config.volume,
+        &[("destination", &running.control, &running.control)],
+    );
+    let management = match management {
+        Ok(server) => server,
+        Err(e) => {
+            running.stop()?;
+            return Err(e);
         }
-        Role::Source => {
-            // Queue pairs go round robin over every configured core: the source's reactor
-            // on the first, a queue-pair reactor on each other one.
-            let hosts = QueuePairHosts::default();
-            let mut queue_pair_reactors = Vec::new();
-            if config.target.is_some() {
-                for &core in config.cores.iter().skip(1) {
-                    queue_pair_reactors
-                        .push(setup::spawn_queue_pair_reactor(config, core, &hosts)?);
-                }
-            }
-            let running =
-                setup::spawn_source(config.clone(), setup::target_front_end(config, hosts))?;
-            println!(
-                "nvmirror source: volume '{}' replicating to {}",
-                config.volume,
-                config.peer.expect("validated")
-            );
-            let management = manage::start_server(
-                &config.rpc_socket_path(),
-                &config.volume,
-                &[("source", &running.control, &running.control)],
-            );
-            let _management = match management {
-                Ok(server) => server,
-                Err(e) => {
-                    running.stop()?;
-                    for reactor in queue_pair_reactors {
-                        reactor.stop()?;
-                    }
-                    return Err(e);
-                }
-            };
-            serve::print_connect_lines(config, &config.cores);
-            let served = serve::serve_until_stopped(
-                &[("source", &running.control, &running.control)],
-                Some(&running.control),
-                &signals,
-                json,
-            );
-            if served.is_ok() {
-                if let Err(e) = setup::finish(&running.control, serve::FINAL_CP_TIMEOUT) {
-                    log::warn!("source: {e}");
-                }
-            }
-            let node = running.stop()?;
+    };
+    let served = serve::serve_until_stopped(
+        &[("destination", &running.control, &running.control)],
+        None,
+        signals,
+        json,
+    );
+    let node = running.stop()?;
+    drop(management);
+    serve::print_counters("destination", node.destination.counters(), json);
+    served
+}
+
+/// Runs a source until a signal stops it (a last CP first). `settled`: serve hosts at once (a
+/// node just promoted is the pair's authority), else only once a handshake settled the role.
+fn run_source(
+    config: &Config,
+    signals: &serve::Signals,
+    json: bool,
+    settled: bool,
+) -> Result<(), String> {
+    // Queue pairs go round robin over every configured core: the source's reactor on the
+    // first, a queue-pair reactor on each other one.
+    let hosts = QueuePairHosts::default();
+    let mut queue_pair_reactors = Vec::new();
+    if config.target.is_some() {
+        for &core in config.cores.iter().skip(1) {
+            queue_pair_reactors.push(setup::spawn_queue_pair_reactor(config, core, &hosts)?);
+        }
+    }
+    let running = setup::spawn_source(config.clone(), setup::target_front_end(config, hosts))?;
+    println!(
+        "nvmirror source: volume '{}' replicating to {}",
+        config.volume,
+        config.peer.expect("validated")
+    );
+    let management = manage::start_server(
+        &config.rpc_socket_path(),
+        &config.volume,
+        &[("source", &running.control, &running.control)],
+    );
+    let _management = match management {
+        Ok(server) => server,
+        Err(e) => {
+            running.stop()?;
             for reactor in queue_pair_reactors {
                 reactor.stop()?;
             }
-            serve::print_counters("source", node.volume.source.counters(), json);
-            served?;
+            return Err(e);
+        }
+    };
+    if settled {
+        running
+            .control
+            .send(nvmirror_runtime::node::Command::Settle)?;
+    }
+    // Hosts are told where to connect only once the handshake settled this source's role: a
+    // stale or split source never opens its listener (a refusal ends below).
+    if let Ok(true) = setup::wait_settled(&running.control, &signals.stop) {
+        serve::print_connect_lines(config, &config.cores);
+    }
+    let served = serve::serve_until_stopped(
+        &[("source", &running.control, &running.control)],
+        Some(&running.control),
+        signals,
+        json,
+    );
+    if served.is_ok() {
+        if let Err(e) = setup::finish(&running.control, serve::FINAL_CP_TIMEOUT) {
+            log::warn!("source: {e}");
         }
     }
-    Ok(())
+    let node = running.stop()?;
+    for reactor in queue_pair_reactors {
+        reactor.stop()?;
+    }
+    serve::print_counters("source", node.volume.source.counters(), json);
+    served.map(|_| ())
 }
 
 /// A small command-line reader: `--key value` pairs and `--flag`s after an optional command word.

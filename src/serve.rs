@@ -37,14 +37,30 @@ pub fn signals() -> Result<Signals, String> {
 pub const FINAL_CP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Runs until SIGINT/SIGTERM, printing counters on SIGUSR1. A source whose destination refuses
-/// the link for good (another volume, version or geometry; a stale epoch) stops with that reason.
+/// the link for good (another volume, version or geometry; stale, split or unsynced generations)
+/// stops with that reason.
+/// Why serving ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// A signal stopped it.
+    Stopped,
+    /// The operator promoted the destination (`nvmirror_promote`).
+    Promote,
+}
+
 pub fn serve_until_stopped(
     controls: &[crate::manage::Node],
     source: Option<&NodeControl>,
     signals: &Signals,
     json: bool,
-) -> Result<(), String> {
+) -> Result<Served, String> {
     while !signals.stop.load(Ordering::Acquire) {
+        if controls
+            .iter()
+            .any(|(_, control, _)| control.promote_requested.load(Ordering::Acquire))
+        {
+            return Ok(Served::Promote);
+        }
         if signals.cp.swap(false, Ordering::AcqRel) {
             match source {
                 Some(control) => control.send(Command::RequestCp)?,
@@ -69,7 +85,7 @@ pub fn serve_until_stopped(
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    Ok(())
+    Ok(Served::Stopped)
 }
 
 /// Prints a side's counters. A closed standard output (the reader went away) must not turn a

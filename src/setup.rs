@@ -13,6 +13,7 @@ use nvmirror_engine::device::BlockDevice;
 use nvmirror_engine::source::{CpMode, Source, SourceConfig};
 use nvmirror_nvmf::Target;
 use nvmirror_runtime::bdev::{open_file_namespace, FaultyDevice, Immediate, MallocDevice};
+use nvmirror_runtime::metadata_file::{open_metadata_file, MetadataFile};
 use nvmirror_runtime::node::{
     Command, DestinationNode, Device, FrontEnd, Hosted, Node, NodeControl, PairNode, SourceEngine,
     SourceNode,
@@ -126,7 +127,21 @@ pub fn sizes(devices: &[Device]) -> Vec<u64> {
     devices.iter().map(|device| device.size_bytes()).collect()
 }
 
-pub fn open_source(config: &Config) -> Result<(SourceEngine, Vec<Device>), String> {
+/// Opens (formatting the first time) the node's metadata file for its opened namespaces.
+pub fn open_metadata(config: &Config, devices: &[Device]) -> Result<MetadataFile, String> {
+    open_metadata_file(
+        &config.metadata_file(),
+        config.volume_id(),
+        &config.volume,
+        &sizes(devices),
+        config.bitmap_extent_bytes,
+    )
+}
+
+/// What a node opens at start: its engine, namespace devices and metadata device.
+pub type Opened<E> = (E, Vec<Device>, Device);
+
+pub fn open_source(config: &Config) -> Result<Opened<SourceEngine>, String> {
     let source_config = SourceConfig {
         volume_id: config.volume_id(),
         cp_interval_us: config.cp_interval_ms * 1000,
@@ -137,13 +152,19 @@ pub fn open_source(config: &Config) -> Result<(SourceEngine, Vec<Device>), Strin
         device_queue_depth: config.device_queue_depth,
         peer_timeout_us: config.peer_timeout_ms * 1000,
         peer_loss_policy: config.peer_loss_policy(),
+        generation_seed: nvmirror_runtime::metadata_file::random_nonzero_u64()
+            .map_err(|e| format!("/dev/urandom: {e}"))?,
+        resync_rate_bytes_per_s: config.resync_rate_mib_s * (1 << 20),
+        assume_identical: config.assume_identical,
     };
     let ring = open_ring(config)?;
     let primaries = open_namespaces(config)?;
+    let metadata = open_metadata(config, &primaries)?;
     let (source, recovery) = Source::open(
         source_config,
         ring,
         &sizes(&primaries),
+        metadata.metadata,
         reactor::monotonic_us(),
     )
     .map_err(|e| format!("source: {e}"))?;
@@ -160,32 +181,36 @@ pub fn open_source(config: &Config) -> Result<(SourceEngine, Vec<Device>), Strin
         );
     } else {
         log::info!(
-            "source: ring replay: {} entries ({} bytes) newer than CP {} are replayed onto the primary (epoch {})",
+            "source: ring replay: {} entries ({} bytes) newer than CP {} go onto the primary once the destination settled the generations (epoch {})",
             recovery.entries_replayed,
             recovery.bytes_replayed,
             recovery.cp_completed,
             recovery.epoch
         );
     }
-    Ok((source, primaries))
+    Ok((source, primaries, metadata.device))
 }
 
 pub fn open_destination(
     config: &Config,
-) -> Result<(nvmirror_runtime::node::DestinationEngine, Vec<Device>), String> {
+) -> Result<Opened<nvmirror_runtime::node::DestinationEngine>, String> {
     let ring = open_ring(config)?;
     let mirrors = open_namespaces(config)?;
+    let mut metadata = open_metadata(config, &mirrors)?;
+    crate::attach::attach_former_source(config, &mut metadata.metadata, &mut *metadata.device)?;
     let destination = Destination::open(
         DestinationConfig {
             volume_id: config.volume_id(),
             device_queue_depth: config.device_queue_depth,
             peer_timeout_us: config.peer_timeout_ms * 1000,
+            assume_identical: config.assume_identical,
         },
         ring,
         &sizes(&mirrors),
+        metadata.metadata,
     )
     .map_err(|e| format!("destination: {e}"))?;
-    Ok((destination, mirrors))
+    Ok((destination, mirrors, metadata.device))
 }
 
 /// The front end of a configured source: the NVMe/TCP target when `[target]` is set, else none.
@@ -291,19 +316,21 @@ where
     Ok((Running { control, thread }, report))
 }
 
+/// A source node; its front end is made once the handshake settled its role (a stale or split
+/// source never opens its listener).
 fn build_source<F: FrontEnd>(
     config: &Config,
     peer: SocketAddr,
-    make_front_end: impl FnOnce(&SourceEngine) -> Result<F, String>,
+    make_front_end: impl FnOnce(&SourceEngine) -> Result<F, String> + Send + 'static,
     control: &Arc<NodeControl>,
 ) -> Result<SourceNode<F>, String> {
-    let (source, primaries) = open_source(config)?;
-    let front_end = make_front_end(&source)?;
+    let (source, primaries, metadata_device) = open_source(config)?;
     Ok(SourceNode::new(
         source,
         primaries,
+        metadata_device,
         peer,
-        front_end,
+        Box::new(make_front_end),
         control.clone(),
     ))
 }
@@ -313,9 +340,15 @@ fn build_destination(
     control: &Arc<NodeControl>,
 ) -> Result<(DestinationNode, SocketAddr), String> {
     let listen = config.listen.expect("validated: a destination listens");
-    let (destination, mirrors) = open_destination(config)?;
-    let node = DestinationNode::new(destination, mirrors, listen, control.clone())
-        .map_err(|e| e.to_string())?;
+    let (destination, mirrors, metadata_device) = open_destination(config)?;
+    let node = DestinationNode::new(
+        destination,
+        mirrors,
+        metadata_device,
+        listen,
+        control.clone(),
+    )
+    .map_err(|e| e.to_string())?;
     let address = node.local_addr().expect("a destination listens");
     Ok((node, address))
 }
@@ -476,6 +509,23 @@ fn run_node<N: Node + 'static>(
         .ok()
         .expect("the reactor dropped its pollers")
         .into_inner())
+}
+
+/// Waits until the source's role is settled (its front end serves), the peer refused the link,
+/// or a stop is requested; `Ok(false)` for a stop.
+pub fn wait_settled(control: &NodeControl, stop: &AtomicBool) -> Result<bool, String> {
+    loop {
+        if control.settled.load(Ordering::Acquire) {
+            return Ok(true);
+        }
+        if let Some(reason) = control.rejected.lock().unwrap().clone() {
+            return Err(format!("replication stopped: {reason}"));
+        }
+        if stop.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 /// Waits until `done` holds, a stop is requested (signal), or the peer refused the link.

@@ -16,6 +16,7 @@ fn faulty_config(scratch: &Scratch, role: &str, port: u16, image: &str, faults: 
     format!(
         "role = \"{role}\"\nvolume = \"slow\"\n{address} = \"127.0.0.1:{port}\"\n\
          hugepage_dir = \"{dir}\"\nfallback_dir = \"{dir}\"\nring_size_mib = 8\ncp_interval_ms = 200\nrpc_socket = \"{dir}/{role}.sock\"\n\
+         metadata_path = \"{dir}/{role}.meta\"\nassume_identical = true\n\
          [[namespace]]\nkind = \"faulty\"\n\
          base = {{ kind = \"file\", path = \"{image}\", size_mib = {NAMESPACE_MIB} }}\n{faults}",
         dir = scratch.0.display(),

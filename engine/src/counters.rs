@@ -49,10 +49,24 @@ pub struct Counters {
     pub write_failed_count: u64,
     /// Source: peer-loss policy changes by the operator at run time.
     pub policy_change_count: u64,
+    /// Source: times writes went on without the destination (`degrade`), and writes completed so.
+    pub degrade_count: u64,
+    pub degraded_write_count: u64,
+    /// Source: resyncs started; bytes of marked extents at the start of the last one and done.
+    pub resync_count: u64,
+    pub resync_bytes_total: u64,
+    pub resync_bytes_done: u64,
+    /// Source: resync blocks sent as references (a few bytes each) and as data.
+    pub resync_reference_blocks: u64,
+    pub resync_data_blocks: u64,
+    /// Source: wire bytes of ResyncTables.
+    pub resync_wire_bytes: u64,
+    /// Destination: resync blocks written to the mirror.
+    pub resync_blocks_applied: u64,
 }
 
 impl Counters {
-    fn fields(&self) -> [(&'static str, u64); 28] {
+    fn fields(&self) -> [(&'static str, u64); 37] {
         [
             ("host_write_count", self.host_write_count),
             ("host_bytes_written", self.host_bytes_written),
@@ -82,6 +96,15 @@ impl Counters {
             ("heartbeat_count", self.heartbeat_count),
             ("write_failed_count", self.write_failed_count),
             ("policy_change_count", self.policy_change_count),
+            ("degrade_count", self.degrade_count),
+            ("degraded_write_count", self.degraded_write_count),
+            ("resync_count", self.resync_count),
+            ("resync_bytes_total", self.resync_bytes_total),
+            ("resync_bytes_done", self.resync_bytes_done),
+            ("resync_reference_blocks", self.resync_reference_blocks),
+            ("resync_data_blocks", self.resync_data_blocks),
+            ("resync_wire_bytes", self.resync_wire_bytes),
+            ("resync_blocks_applied", self.resync_blocks_applied),
         ]
     }
 
@@ -128,7 +151,7 @@ mod tests {
         counters.record_cp_duration(50);
         counters.record_cp_duration(20);
         let text = counters.to_text();
-        assert_eq!(text.lines().count(), 28);
+        assert_eq!(text.lines().count(), 37);
         assert!(text.starts_with("host_write_count 3\n"));
         assert!(text.contains("cp_duration_us_max 50\ncp_duration_us_last 20\n"));
         let json = counters.to_json();
@@ -136,7 +159,7 @@ mod tests {
         assert!(json.ends_with(
             "\"backpressure_count\":1,\"device_error_count\":0,\"cp_failure_count\":0,\
              \"mirror_bytes_written\":0,\"peer_lost_count\":0,\"peer_return_count\":0,\
-             \"peer_state\":0,\"heartbeat_count\":0,\"write_failed_count\":0,\"policy_change_count\":0}"
+             \"peer_state\":0,\"heartbeat_count\":0,\"write_failed_count\":0,\"policy_change_count\":0,\"degrade_count\":0,\"degraded_write_count\":0,\"resync_count\":0,\"resync_bytes_total\":0,\"resync_bytes_done\":0,\"resync_reference_blocks\":0,\"resync_data_blocks\":0,\"resync_wire_bytes\":0,\"resync_blocks_applied\":0}"
         ));
         assert!(json.contains("\"cp_count\":2,"));
     }

@@ -3,14 +3,20 @@
 //! transfer ID -> (half, base offset), acknowledges cumulatively, and at a CP resolves
 //! references out of its own log into the mirror namespaces. `promote` is the failover.
 //!
-//! Call order: `open`; `handle_connected`; `handle_message` per whole framed message (an `Err`
+//! Call order: `open` (with the node's [`NodeMetadata`]); `handle_connected`; `handle_message` per whole framed message (an `Err`
 //! is connection-fatal: flush the send queue best-effort, e.g. a queued Reject, then close);
 //! submit every `poll_device_op` to its mirror namespace and hand each completion to
 //! `handle_device_completion`; `tx_iovecs` + `tx_advance`; drain `poll_event`;
 //! `handle_tick` every loop (heartbeats, the silence deadline) and close the link whenever
-//! `poll_link_close` says so; `handle_disconnected` when the link drops. Mirror writes and flushes are device ops
+//! `poll_link_close` says so; `handle_disconnected` when the link drops; submit every
+//! `poll_metadata_op` to the metadata device and hand its completions to
+//! `handle_metadata_completion`. Mirror writes and flushes are device ops
 //! (`mirror`): a slow mirror never delays a TransferAck, and a failing one fails the CP
 //! (CpFailed; the source sends it again), never the link.
+//!
+//! The Hello's generations decide whether a session starts ([`crate::generation::settle`]): a
+//! stale source, a split brain, or a pair that needs a sync is refused with a Reject naming both
+//! generations. A generation this side adopts is durable in its metadata before the HelloAck.
 //!
 //! A new session (accepted Hello) rewinds both halves without erasing them: the source resends
 //! every entry of its unreleased CPs from the halves' start with the same seq and placement, so
@@ -18,6 +24,7 @@
 //! this side acknowledged (invariant 4).
 
 mod mirror;
+mod resync;
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -27,11 +34,13 @@ use crate::counters::Counters;
 use crate::cp::Descriptor;
 use crate::device::{check_extent, ExtentError, InflightOps};
 use crate::error::{EngineError, LinkError, ProtocolError};
+use crate::generation::{settle, Generations, Refusal, FLAG_ASSUME_IDENTICAL};
 use crate::geometry::{
     half_of_cp, round_down, BLOCK_SIZE, DESCRIPTORS_PER_TABLE, OUT_INLINE_BYTES, SECTOR_SIZE,
     TABLE_DATA_BLOCKS_MAX,
 };
 use crate::liveness::{Liveness, PeerLostReason};
+use crate::metadata::NodeMetadata;
 use crate::open::{check_namespaces, open_or_format};
 use crate::promotion::Promotion;
 use crate::ring::{EntryRequest, NvramRing, RingStore};
@@ -51,6 +60,9 @@ pub struct DestinationConfig {
     pub device_queue_depth: u32,
     /// Silence for this long means the source is lost ([`crate::liveness`]).
     pub peer_timeout_us: u64,
+    /// The operator declares the devices identical (freshly zeroed): a pair without shared
+    /// history needs no full sync. Applied once per node metadata.
+    pub assume_identical: bool,
 }
 
 /// What the destination tells the runtime.
@@ -113,6 +125,24 @@ pub struct Destination<M> {
     liveness: Liveness,
     /// Bytes handed to the socket (the heartbeat clock watches it).
     sent_bytes: u64,
+    /// This node's generations and bitmap.
+    metadata: NodeMetadata,
+    pub(crate) assume_identical: bool,
+    /// The HelloAck carries our generations as they were when the Hello came, and goes out once
+    /// the metadata is durable through this sequence (a generation we adopted).
+    ack_generations: Generations,
+    ack_metadata_seq: u64,
+    /// The current session was settled on a resync (ResyncTables may come).
+    resync_session: bool,
+    /// The log of before the resync session is kept (references point into it) until the
+    /// first transfer of the new session.
+    old_log_kept: bool,
+    /// The ResyncTable being applied.
+    resync_apply: Option<resync::ResyncApply>,
+    /// ResyncDone came: its answer waits for the adopted generation to be durable.
+    resync_done_pending: Option<(u64, u64)>,
+    /// ResyncMarks still to send, from this bitmap bit on.
+    marks_cursor: Option<u64>,
 }
 
 /// Data blocks the destination stages: a full window of tables.
@@ -126,8 +156,14 @@ impl<M: RingStore> Destination<M> {
         config: DestinationConfig,
         ring: M,
         namespace_sizes_bytes: &[u64],
+        metadata: NodeMetadata,
     ) -> Result<Self, EngineError> {
         check_namespaces(namespace_sizes_bytes)?;
+        assert_eq!(
+            metadata.volume_id(),
+            config.volume_id,
+            "metadata opened for this volume"
+        );
         assert!(
             (1..=crate::source::DEVICE_QUEUE_DEPTH_MAX).contains(&config.device_queue_depth),
             "device queue depth checked with the config"
@@ -135,9 +171,9 @@ impl<M: RingStore> Destination<M> {
         let (ring, entries, formatted) = open_or_format(ring, config.volume_id)?;
         let slots = ring.geometry().half_header_slots as usize;
         log::info!(
-            "destination: opened at cp {} epoch {} ({} logged entries{})",
+            "destination: opened at cp {} generation {} ({} logged entries{})",
             ring.superblock().cp_completed,
-            ring.superblock().epoch,
+            crate::generation::Hex(metadata.generations().current),
             entries.len(),
             if formatted { ", formatted" } else { "" }
         );
@@ -175,6 +211,15 @@ impl<M: RingStore> Destination<M> {
             failing: vec![false; namespaces],
             liveness: Liveness::new(config.peer_timeout_us),
             sent_bytes: 0,
+            ack_generations: *metadata.generations(),
+            metadata,
+            assume_identical: config.assume_identical,
+            ack_metadata_seq: 0,
+            resync_session: false,
+            old_log_kept: false,
+            resync_apply: None,
+            resync_done_pending: None,
+            marks_cursor: None,
         })
     }
 
@@ -191,6 +236,10 @@ impl<M: RingStore> Destination<M> {
     fn reset_session(&mut self) {
         self.out.clear();
         self.in_session = false;
+        self.resync_session = false;
+        self.resync_apply = None;
+        self.resync_done_pending = None;
+        self.marks_cursor = None;
         self.pending_ack = None;
         self.hello_ack_pending = false;
         self.restart_cp();
@@ -200,6 +249,7 @@ impl<M: RingStore> Destination<M> {
     /// event; the runtime closes its connection at `poll_link_close`), otherwise a heartbeat goes
     /// out when nothing else did for a quarter of it.
     pub fn handle_tick(&mut self, now_us: u64) {
+        self.push_resync_marks();
         if let Some(silent_us) = self.liveness.silence_expired(now_us) {
             let reason = PeerLostReason::Silent { silent_us };
             log::error!("destination: source lost: {reason}; closing its connection");
@@ -246,6 +296,8 @@ impl<M: RingStore> Destination<M> {
                 self.on_transfer(&transfer)
             }
             (true, Message::DescriptorTable(table)) => self.on_table(&table),
+            (true, Message::ResyncTable(table)) => self.on_resync_table(&table),
+            (true, Message::ResyncDone { generation }) => self.on_resync_done(generation),
             (
                 true,
                 Message::CpCommit {
@@ -297,40 +349,130 @@ impl<M: RingStore> Destination<M> {
         LinkError::RejectedPeer { reason, text }
     }
 
+    /// This side asks for `assume_identical` and its metadata has not consumed it yet.
+    fn assume_identical_flag(&self) -> u32 {
+        let consumed = self.metadata.generations().flags
+            & crate::generation::FLAG_ASSUME_IDENTICAL_CONSUMED
+            != 0;
+        if self.assume_identical && !consumed {
+            FLAG_ASSUME_IDENTICAL
+        } else {
+            0
+        }
+    }
+
+    /// Our generations as the HelloAck carries them.
+    fn wire_generations(&self) -> Generations {
+        let mut generations = *self.metadata.generations();
+        generations.flags |= self.assume_identical_flag();
+        generations
+    }
+
     fn on_hello(&mut self, hello: &Hello) -> Result<(), LinkError> {
         if let Err((reason, text)) = self.check_hello(hello) {
             return Err(self.reject(reason, text));
         }
-        if hello.epoch > self.ring.superblock().epoch {
-            self.ring.set_epoch(hello.epoch);
+        let ours = self.wire_generations();
+        let assume_identical = hello.generations.flags & ours.flags & FLAG_ASSUME_IDENTICAL != 0;
+        let settlement = match settle(
+            &hello.generations,
+            &ours,
+            assume_identical,
+            hello.proposed_generation,
+        ) {
+            Ok(settlement) => settlement,
+            Err((refusal, text)) => return Err(self.reject(reject_reason(refusal), text)),
+        };
+        if settlement.resync.is_none() {
+            if let Err((reason, text)) = self.check_cp(hello) {
+                return Err(self.reject(reason, text));
+            }
+        } else if hello.cp_completed < self.ring.superblock().cp_completed {
+            return Err(self.reject(
+                RejectReason::CpMismatch,
+                format!(
+                    "source cp {} is behind destination cp {} in a resync",
+                    hello.cp_completed,
+                    self.ring.superblock().cp_completed
+                ),
+            ));
         }
-        for half in 0..2 {
-            self.ring.rewind_half(half);
-            self.transfers[half].clear();
+        self.ack_generations = ours;
+        self.ack_metadata_seq = 0;
+        if settlement.destination_adopts {
+            log::info!(
+                "destination: taking the source's generation {}{}",
+                crate::generation::Hex(settlement.generation),
+                if settlement.assumed_identical {
+                    " (assume_identical: the devices are declared identical)"
+                } else {
+                    ""
+                }
+            );
+            self.ack_metadata_seq = self
+                .metadata
+                .adopt(settlement.generation, settlement.assumed_identical);
+        }
+        assert!(
+            settlement.generation == hello.generations.current || settlement.source_adopts,
+            "the pair settles on the source's generation unless the source adopts"
+        );
+        if settlement.resync.is_some() {
+            self.begin_resync_session(hello.cp_completed);
+        } else {
+            self.old_log_kept = false;
+            for half in 0..2 {
+                self.ring.rewind_half(half);
+                self.transfers[half].clear();
+            }
         }
         self.restart_cp();
         self.logged_seq_max = None;
         self.in_session = true;
-        if self.mirror_writes_inflight() {
-            // Mirror writes of the last session still hold staging blocks: the new session
-            // starts (and may send tables) once they are done, so staging stays one window.
-            self.hello_ack_pending = true;
-        } else {
-            self.push_hello_ack();
-        }
+        // Mirror writes of the last session still hold staging blocks: the new session starts
+        // (and may send tables) once they are done, so staging stays one window. An adopted
+        // generation is durable before the source hears of it.
+        self.hello_ack_pending = true;
+        self.maybe_send_hello_ack();
         Ok(())
     }
 
-    fn push_hello_ack(&mut self) {
-        let superblock = *self.ring.superblock();
-        self.push_control(Control::HelloAck {
-            cp_completed: superblock.cp_completed,
-            epoch: superblock.epoch,
-        });
+    pub(crate) fn maybe_send_hello_ack(&mut self) {
+        if self.hello_ack_pending
+            && !self.mirror_writes_inflight()
+            && self.metadata.durable_through() >= self.ack_metadata_seq
+        {
+            self.hello_ack_pending = false;
+            let cp_completed = self.ring.superblock().cp_completed;
+            self.push_control(Control::HelloAck {
+                cp_completed,
+                generations: self.ack_generations,
+            });
+            if self.resync_session {
+                self.marks_cursor = Some(0);
+                self.push_resync_marks();
+            }
+        }
+    }
+
+    /// The next write or flush for the node's metadata device.
+    #[must_use]
+    pub fn poll_metadata_op(&mut self) -> Option<crate::device::DeviceOp<'_>> {
+        self.metadata.poll_device_op()
+    }
+
+    /// Takes the completion of a metadata op.
+    pub fn handle_metadata_completion(&mut self, completion: crate::device::DeviceCompletion<'_>) {
+        self.metadata.handle_device_completion(completion);
+        self.maybe_send_hello_ack();
+        self.maybe_send_resync_done_ack();
+    }
+
+    pub fn metadata(&self) -> &NodeMetadata {
+        &self.metadata
     }
 
     fn check_hello(&self, hello: &Hello) -> Result<(), (RejectReason, String)> {
-        let superblock = self.ring.superblock();
         if hello.protocol_version != u32::from(wire::PROTOCOL_VERSION) {
             return Err((
                 RejectReason::Version,
@@ -369,13 +511,13 @@ impl<M: RingStore> Destination<M> {
                 ),
             ));
         }
-        if hello.epoch < superblock.epoch {
-            return Err((
-                RejectReason::StaleEpoch,
-                format!("stale source: epoch {} < {}", hello.epoch, superblock.epoch),
-            ));
-        }
-        let ours = superblock.cp_completed;
+        Ok(())
+    }
+
+    /// The logs continue each other (checked once the generations agreed: a stale source is
+    /// told it is stale, not that its CP differs).
+    fn check_cp(&self, hello: &Hello) -> Result<(), (RejectReason, String)> {
+        let ours = self.ring.superblock().cp_completed;
         if ours != hello.cp_completed && ours != hello.cp_completed + 1 {
             return Err((
                 RejectReason::CpMismatch,
@@ -389,6 +531,7 @@ impl<M: RingStore> Destination<M> {
     }
 
     fn on_transfer(&mut self, transfer: &TransferMessage<'_>) -> Result<(), LinkError> {
+        self.drop_old_log();
         let header = transfer.header;
         let completed = self.ring.superblock().cp_completed;
         if header.cp_number != completed + 1 && header.cp_number != completed + 2 {
@@ -502,6 +645,12 @@ impl<M: RingStore> Destination<M> {
     /// blocks staged until they are written. A source keeps at most [`TABLE_WINDOW`] tables
     /// unacknowledged, so staging never runs out for a source that follows the protocol.
     fn on_table(&mut self, table: &DescriptorTableMessage<'_>) -> Result<(), LinkError> {
+        if self.resync_apply.is_some() {
+            return Err(ProtocolError::Resync {
+                what: "a DescriptorTable while a ResyncTable is being applied",
+            }
+            .into());
+        }
         let cp_number = self.ring.superblock().cp_completed + 1;
         if table.cp_number != cp_number || self.commit_pending.is_some() {
             return Err(ProtocolError::TableForCp {
@@ -695,13 +844,36 @@ impl<M: RingStore> Destination<M> {
     }
 
     /// Failover: a [`Promotion`] that replays the log's entries newer than the last completed
-    /// CP onto the mirrors (device ops, seq order), flushes, records them as completed and
-    /// bumps the epoch (invariant 6). Wait for this side's ops in flight first.
-    pub fn promote(self) -> Result<Promotion<M>, EngineError> {
+    /// CP onto the mirrors (device ops, seq order), flushes, takes `new_generation` (random,
+    /// non-zero) durably, and only then records the entries as completed (invariant 6). Wait for
+    /// this side's ops in flight first.
+    pub fn promote(self, new_generation: u64) -> Result<Promotion<M>, EngineError> {
         assert!(self.ops.is_empty(), "promote once the mirror ops finished");
+        if self.metadata.generations().flags & crate::generation::FLAG_RESYNC_TARGET != 0 {
+            return Err(EngineError::ResyncTarget {
+                generation: self.metadata.generations().current,
+            });
+        }
         let sizes = self.namespace_sizes_bytes.clone();
         let depth = self.ops_depth();
-        Promotion::new(self.ring.into_memory(), &sizes, depth)
+        Promotion::new(
+            self.ring.into_memory(),
+            &sizes,
+            depth,
+            self.metadata,
+            new_generation,
+        )
+    }
+}
+
+/// The Reject reason of a refused settlement.
+pub(crate) fn reject_reason(refusal: Refusal) -> RejectReason {
+    match refusal {
+        Refusal::StaleSource => RejectReason::StaleSource,
+        Refusal::SplitBrain => RejectReason::SplitBrain,
+        Refusal::FullSyncRequired => RejectReason::FullSyncRequired,
+        Refusal::ResyncRequired => RejectReason::ResyncRequired,
+        Refusal::SameNode => RejectReason::SameNode,
     }
 }
 

@@ -34,6 +34,10 @@ pub enum EngineError {
         nsid: u32,
         error: crate::device::DeviceError,
     },
+    /// This node's mirror is half resynced (a mix of two points in time): not promoted.
+    ResyncTarget {
+        generation: u64,
+    },
 }
 
 impl fmt::Display for EngineError {
@@ -42,6 +46,12 @@ impl fmt::Display for EngineError {
             Self::Ring(error) => write!(f, "ring: {error}"),
             Self::Geometry(error) => write!(f, "ring geometry: {error}"),
             Self::VolumeMismatch => f.write_str("the ring belongs to another volume"),
+            Self::ResyncTarget { generation } => write!(
+                f,
+                "this node's mirror is being resynced from its source (it still holds generation \
+                 {} and a mix of newer blocks): not a consistent image, so it is not promoted",
+                crate::generation::Hex(*generation)
+            ),
             Self::NamespaceCount(count) => write!(f, "{count} namespaces (1..=16 supported)"),
             Self::NamespaceSize { nsid, size_bytes } => {
                 write!(
@@ -125,10 +135,6 @@ pub enum ProtocolError {
         message: &'static str,
         cp_number: u64,
     },
-    HelloAckEpoch {
-        theirs: u64,
-        ours: u64,
-    },
     CompletedUncommittedCp {
         cp_number: u64,
     },
@@ -173,6 +179,10 @@ pub enum ProtocolError {
         committing: u64,
     },
     TableWindow,
+    /// A resync message out of place (which one, and why).
+    Resync {
+        what: &'static str,
+    },
     BlockIndexOverflow,
     CpCommit {
         cp_number: u64,
@@ -203,9 +213,6 @@ impl fmt::Display for ProtocolError {
             ),
             Self::NotAwaitingCpAck { message, cp_number } => {
                 write!(f, "{message} for cp {cp_number} that is not awaiting one")
-            }
-            Self::HelloAckEpoch { theirs, ours } => {
-                write!(f, "HelloAck epoch {theirs} != ours {ours}")
             }
             Self::CompletedUncommittedCp { cp_number } => {
                 write!(f, "destination completed cp {cp_number} we never committed")
@@ -243,6 +250,7 @@ impl fmt::Display for ProtocolError {
                 cp_number,
                 committing,
             } => write!(f, "descriptors for cp {cp_number} while committing cp {committing}"),
+            Self::Resync { what } => write!(f, "resync: {what}"),
             Self::TableWindow => write!(
                 f,
                 "more than {} DescriptorTables unacknowledged",

@@ -33,6 +33,11 @@ pub enum PeerLossPolicy {
     /// Failed writes stay in the ring and reach the destination when it returns (a failed write
     /// leaves its blocks undefined, which either content satisfies).
     Fail,
+    /// Once the peer is lost, the source takes a new generation and writes go on without it:
+    /// each write's extents are marked in the persistent bitmap, and it completes once it is in
+    /// the ring and its mark is durable. CPs complete on the primary alone. When the peer
+    /// returns, the marked extents are resynced and writes are synchronous again.
+    Degrade,
 }
 
 impl PeerLossPolicy {
@@ -40,6 +45,7 @@ impl PeerLossPolicy {
         match self {
             Self::Suspend => "suspend",
             Self::Fail => "fail",
+            Self::Degrade => "degrade",
         }
     }
 }

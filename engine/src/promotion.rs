@@ -1,15 +1,18 @@
 //! Failover of a destination (invariants 4 and 6): its log's entries newer than the last
 //! completed CP are written to the mirror namespaces in seq order (device ops: an entry waits
-//! while an earlier overlapping one is in flight), the mirrors are flushed, then the entries are
-//! recorded as completed and the epoch bumped, so the mirror holds every acknowledged write and
-//! a stale former source is refused.
+//! while an earlier overlapping one is in flight), the mirrors are flushed, the node takes a new
+//! generation (durable in its metadata), and only then are the entries recorded as completed. So
+//! the mirror holds every acknowledged write, and the former source, whose generation is now in
+//! this node's history, is refused as stale. A crash before the generation is durable leaves the
+//! log as it was: promoting again replays the same entries.
 //!
-//! Call order: [`crate::Destination::promote`]; submit every `poll_device_op` and hand back each
-//! completion until `is_done`; then `finish`. A failing mirror op stops the promotion with the
-//! error (nothing is recorded: promoting again replays the same entries).
+//! Call order: [`crate::Destination::promote`]; submit every `poll_device_op` to the mirrors and
+//! every `poll_metadata_op` to the metadata device, hand back each completion, until `is_done`;
+//! then `finish`. A failing mirror op stops the promotion with the error (nothing is recorded).
 
 use crate::device::{DeviceCompletion, DeviceError, DeviceOp, DeviceRequest, InflightOps};
 use crate::error::EngineError;
+use crate::metadata::NodeMetadata;
 use crate::open::check_replay;
 use crate::ring::{EntryHeader, NvramRing, RingStore};
 
@@ -20,6 +23,9 @@ pub struct PromoteReport {
     pub bytes_replayed: u64,
     pub cp_completed: u64,
     pub epoch: u64,
+    /// The generation taken, and the one before it (now in the history).
+    pub generation: u64,
+    pub previous_generation: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +46,11 @@ pub struct Promotion<M> {
     flushes_issued: u32,
     failure: Option<(u32, DeviceError)>,
     bytes_replayed: u64,
+    metadata: NodeMetadata,
+    new_generation: u64,
+    previous_generation: u64,
+    /// The new generation's sequence in the metadata, once taken (after the mirror flushes).
+    generation_seq: Option<u64>,
 }
 
 impl<M: RingStore> Promotion<M> {
@@ -47,7 +58,10 @@ impl<M: RingStore> Promotion<M> {
         memory: M,
         namespace_sizes_bytes: &[u64],
         device_queue_depth: u32,
+        metadata: NodeMetadata,
+        new_generation: u64,
     ) -> Result<Self, EngineError> {
+        assert_ne!(new_generation, 0, "a generation is non-zero");
         let (ring, entries) = NvramRing::open(memory).map_err(EngineError::Ring)?;
         let bytes_replayed = check_replay(namespace_sizes_bytes, &entries)?;
         Ok(Promotion {
@@ -59,7 +73,25 @@ impl<M: RingStore> Promotion<M> {
             flushes_issued: 0,
             failure: None,
             bytes_replayed,
+            previous_generation: metadata.generations().current,
+            metadata,
+            new_generation,
+            generation_seq: None,
         })
+    }
+
+    /// The next metadata write or flush (the new generation, once the mirrors are flushed).
+    #[must_use]
+    pub fn poll_metadata_op(&mut self) -> Option<DeviceOp<'_>> {
+        let mirrors_done = self.ops.is_empty() && self.flushes_issued == self.namespace_count;
+        if self.failure.is_none() && mirrors_done && self.generation_seq.is_none() {
+            self.generation_seq = Some(self.metadata.new_generation(self.new_generation));
+        }
+        self.metadata.poll_device_op()
+    }
+
+    pub fn handle_metadata_completion(&mut self, completion: DeviceCompletion<'_>) {
+        self.metadata.handle_device_completion(completion);
     }
 
     /// The next replay write or flush to submit, if any.
@@ -120,18 +152,25 @@ impl<M: RingStore> Promotion<M> {
         }
     }
 
-    /// Every entry was written and every mirror flushed, or an op failed.
+    /// Every entry was written, every mirror flushed and the new generation is durable; or a
+    /// mirror op failed.
     pub fn is_done(&self) -> bool {
-        self.ops.is_empty()
-            && (self.failure.is_some() || self.flushes_issued == self.namespace_count)
+        if !self.ops.is_empty() {
+            return false;
+        }
+        self.failure.is_some()
+            || self
+                .generation_seq
+                .is_some_and(|seq| self.metadata.durable_through() >= seq)
     }
 
-    /// Records the replayed entries as completed and bumps the epoch; gives back the ring.
-    pub fn finish(self) -> Result<(PromoteReport, M), EngineError> {
+    /// Records the replayed entries as completed; gives back the ring and the metadata.
+    pub fn finish(self) -> Result<(PromoteReport, M, NodeMetadata), EngineError> {
         assert!(self.is_done(), "finish once every op completed");
         if let Some((nsid, error)) = self.failure {
             return Err(EngineError::Device { nsid, error });
         }
+        assert_eq!(self.metadata.generations().current, self.new_generation);
         let mut ring = self.ring;
         if let Some(last) = self.entries.last() {
             let transfer_floor = self
@@ -144,10 +183,13 @@ impl<M: RingStore> Promotion<M> {
             ring.release_half(0);
             ring.release_half(1);
         }
+        // The epoch still counts promotions in the ring (for logs); generations decide.
         let epoch = ring.superblock().epoch + 1;
         ring.set_epoch(epoch);
         log::info!(
-            "destination: promoted at epoch {epoch}, replayed {} entries",
+            "destination: promoted to generation {} (was {}), replayed {} entries",
+            crate::generation::Hex(self.new_generation),
+            crate::generation::Hex(self.previous_generation),
             self.entries.len()
         );
         let report = PromoteReport {
@@ -155,7 +197,9 @@ impl<M: RingStore> Promotion<M> {
             bytes_replayed: self.bytes_replayed,
             cp_completed: ring.superblock().cp_completed,
             epoch,
+            generation: self.new_generation,
+            previous_generation: self.previous_generation,
         };
-        Ok((report, ring.into_memory()))
+        Ok((report, ring.into_memory(), self.metadata))
     }
 }

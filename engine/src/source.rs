@@ -8,7 +8,11 @@
 //! every loop `handle_tick`, then submit every `poll_device_op` to its namespace and hand each
 //! device completion to `handle_device_completion`, then `tx_iovecs` + `tx_advance`, then
 //! drain `poll_event`; close the link whenever `poll_link_close` says so (the peer is lost:
-//! [`crate::liveness`]). The source never touches a device itself (invariant 8).
+//! [`crate::liveness`]); every `poll_metadata_op` goes to the node's metadata device and its
+//! completions to `handle_metadata_completion`. The source never touches a device itself
+//! (invariant 8). The HelloAck's generations are settled as the destination settled them
+//! ([`crate::generation::settle`]); LinkReady comes once a generation we adopted is durable, and
+//! is the moment a runtime may start serving hosts.
 //!
 //! Write-through: a committed entry is written to its primary namespace as a device op, in seq
 //! order (an entry waits while an earlier one overlapping it is in flight), so reads are served
@@ -26,6 +30,7 @@ mod cp;
 mod cp_state;
 mod peer;
 mod recovery;
+mod resync;
 mod transfers;
 mod write;
 
@@ -63,6 +68,13 @@ pub struct SourceConfig {
     pub peer_timeout_us: u64,
     /// What host writes do while the destination is lost.
     pub peer_loss_policy: PeerLossPolicy,
+    /// Seeds the generations this source takes on its own (degrade); random per process.
+    pub generation_seed: u64,
+    /// A resync sends at most this many bytes per second (0: as fast as it goes).
+    pub resync_rate_bytes_per_s: u64,
+    /// The operator declares both devices identical (freshly zeroed): a pair without shared
+    /// history needs no full sync. Applied once per node metadata.
+    pub assume_identical: bool,
 }
 
 /// The default [`SourceConfig::device_queue_depth`] (and the destination's).
@@ -161,12 +173,16 @@ pub enum SourceEvent {
     DeviceFault(DeviceFault),
     /// The destination could not write CP `cp_number` to its mirror; the CP is retried.
     MirrorFailed { cp_number: u64 },
+    /// The resync finished: the destination holds our generation, writes are synchronous.
+    ResyncDone { bytes: u64, duration_us: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LinkState {
     Down,
     HelloSent,
+    /// HelloAck accepted; a generation we adopted is being made durable before transfers flow.
+    Settling,
     Ready,
     Rejected,
 }
@@ -210,6 +226,22 @@ pub struct Source<M> {
     ack_waiting_since_us: Option<u64>,
     /// Bytes handed to the socket (the heartbeat clock watches it).
     sent_bytes: u64,
+    /// This node's generations and bitmap.
+    metadata: crate::metadata::NodeMetadata,
+    /// While `Settling`: the link is ready once the metadata is durable through this.
+    settle_seq: u64,
+    /// Writes complete without the destination (`degrade`).
+    degrade: Option<resync::Degrade>,
+    /// The destination is being resynced.
+    resync: Option<resync::Resync>,
+    /// Blocks whose latest content the destination holds in a transfer it acknowledged before
+    /// it was lost, sorted: ((nsid, block), (transfer, block number)).
+    degraded_references: Vec<((u32, u64), (crate::transfer::TransferId, u32))>,
+    /// Blocks a resync sent as references: the data pass skips them.
+    applied_references: std::collections::HashSet<(u32, u64)>,
+    random_state: u64,
+    /// The time of the last `handle_tick` (what work started by a device completion uses).
+    last_tick_us: u64,
 }
 
 impl<M: RingStore> Source<M> {
@@ -218,7 +250,13 @@ impl<M: RingStore> Source<M> {
         config: SourceConfig,
         ring: NvramRing<M>,
         namespace_sizes_bytes: &[u64],
+        metadata: crate::metadata::NodeMetadata,
     ) -> Self {
+        assert_eq!(
+            metadata.volume_id(),
+            config.volume_id,
+            "metadata of this volume"
+        );
         let geometry = ring.geometry();
         let slots = geometry.half_header_slots as usize;
         let dirty_blocks_max = geometry.half_data_bytes as usize / BLOCK_SIZE + 2 * slots;
@@ -256,6 +294,14 @@ impl<M: RingStore> Source<M> {
             ack_waiting_since_us: None,
             sent_bytes: 0,
             ring,
+            metadata,
+            settle_seq: 0,
+            degrade: None,
+            resync: None,
+            degraded_references: Vec::new(),
+            applied_references: std::collections::HashSet::new(),
+            random_state: config.generation_seed,
+            last_tick_us: now_us,
         }
     }
 
@@ -419,9 +465,9 @@ impl<M: RingStore> Source<M> {
                 LinkState::HelloSent,
                 Message::HelloAck {
                     cp_completed,
-                    epoch,
+                    generations,
                 },
-            ) => self.on_hello_ack(now_us, cp_completed, epoch),
+            ) => self.on_hello_ack(now_us, cp_completed, &generations),
             (LinkState::Ready, Message::TransferAck { transfer_id }) => {
                 self.on_transfer_ack(now_us, transfer_id)
             }
@@ -431,6 +477,19 @@ impl<M: RingStore> Source<M> {
             }
             (LinkState::Ready, Message::CpFailed { cp_number }) => {
                 self.on_cp_failed(now_us, cp_number)
+            }
+            (
+                LinkState::Ready,
+                Message::ResyncAck {
+                    resync_number,
+                    failed,
+                },
+            ) => self.on_resync_ack(now_us, resync_number, failed),
+            (LinkState::Ready, Message::ResyncDoneAck { generation }) => {
+                self.on_resync_done_ack(now_us, generation)
+            }
+            (LinkState::Ready | LinkState::Settling, Message::ResyncMarks(marks)) => {
+                self.on_resync_marks(&marks)
             }
             (state, message) => Err(LinkError::Unexpected {
                 message: message_name(&message),
@@ -470,8 +529,12 @@ impl<M: RingStore> Source<M> {
     /// Cheap, every reactor loop: closes the open transfer, starts a CP on timer / request /
     /// full half, sends ready transfers, advances the CP in flight.
     pub fn handle_tick(&mut self, now_us: u64) {
+        self.last_tick_us = now_us;
         let active = half_of_cp(self.active_cp);
         self.cps[active].close_open_transfer();
+        if self.link == LinkState::Settling && self.metadata.durable_through() >= self.settle_seq {
+            self.become_ready(now_us);
+        }
         let state = &self.cps[active];
         let timer_due = now_us.saturating_sub(state.started_us) >= self.config.cp_interval_us;
         if self.ring.reserved_slots(active) == 0 {
@@ -482,6 +545,15 @@ impl<M: RingStore> Source<M> {
         self.send_transfers();
         self.advance_cp(now_us);
         self.tick_liveness(now_us);
+        if self.config.peer_loss_policy == PeerLossPolicy::Degrade
+            && self.peer.is_lost()
+            && self.degrade.is_none()
+        {
+            self.enter_degrade(now_us);
+        }
+        self.tick_degrade(now_us);
+        self.complete_cp_locally(now_us);
+        self.advance_resync(now_us);
         self.counters.ring_used_bytes = self.ring.used_bytes();
     }
 
@@ -612,6 +684,46 @@ impl<M: RingStore> Source<M> {
             .unwrap_or_else(|| self.cp_completed())
     }
 
+    // ---- node metadata ------------------------------------------------------------------
+
+    /// The next write or flush for the node's metadata device.
+    #[must_use]
+    pub fn poll_metadata_op(&mut self) -> Option<crate::device::DeviceOp<'_>> {
+        self.metadata.poll_device_op()
+    }
+
+    /// Takes the completion of a metadata op (any order).
+    pub fn handle_metadata_completion(&mut self, completion: crate::device::DeviceCompletion<'_>) {
+        self.metadata.handle_device_completion(completion);
+        // Degraded writes wait for their marks, a resync for its clears: both move on now, not
+        // at the next tick (a reactor with nothing else to do may sleep until then).
+        let now_us = self.last_tick_us;
+        self.tick_degrade(now_us);
+        self.advance_resync(now_us);
+    }
+
+    pub fn metadata(&self) -> &crate::metadata::NodeMetadata {
+        &self.metadata
+    }
+
+    /// Takes `generation` (random, non-zero, new) as this node's current one: what a source
+    /// does before its first write its peer will not see (the degrade policy). Returns the
+    /// metadata sequence to wait for (`metadata().durable_through()`) before acknowledging it.
+    pub fn new_generation(&mut self, generation: u64) -> u64 {
+        self.metadata.new_generation(generation)
+    }
+
+    /// Marks the extents of a write the peer will not see (degraded); durable once
+    /// `metadata().durable_through() >= mark.seq`. Never called while the peer is connected.
+    pub fn mark_unreplicated(
+        &mut self,
+        nsid: u32,
+        lba: u64,
+        length_bytes: u64,
+    ) -> crate::metadata::Mark {
+        self.metadata.mark(nsid, lba, length_bytes)
+    }
+
     /// The ring's memory (the runtime persists it, per its medium).
     pub fn ring_memory(&self) -> &M {
         self.ring.memory()
@@ -649,6 +761,11 @@ pub(crate) fn message_name(message: &Message<'_>) -> &'static str {
         Message::TableAck { .. } => "TableAck",
         Message::CpFailed { .. } => "CpFailed",
         Message::Heartbeat { .. } => "Heartbeat",
+        Message::ResyncTable(_) => "ResyncTable",
+        Message::ResyncAck { .. } => "ResyncAck",
+        Message::ResyncDone { .. } => "ResyncDone",
+        Message::ResyncDoneAck { .. } => "ResyncDoneAck",
+        Message::ResyncMarks(_) => "ResyncMarks",
     }
 }
 
@@ -656,6 +773,7 @@ fn link_state_name(state: LinkState) -> &'static str {
     match state {
         LinkState::Down => "link down",
         LinkState::HelloSent => "awaiting HelloAck",
+        LinkState::Settling => "settling generations",
         LinkState::Ready => "ready",
         LinkState::Rejected => "rejected",
     }

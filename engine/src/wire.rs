@@ -9,10 +9,15 @@
 //! entry's data_crc, which the destination verifies before storing anything.
 //!
 //! Bodies:
-//! - Hello: protocol_version u32, block_size u32, sector_size u32, mode u8, namespace_count u8,
-//!   zero u16, volume_id [16], epoch u64, cp_completed u64, ring_bytes u64, half_header_slots u32,
-//!   half_data_bytes u32, then namespace_count × size_bytes u64.
-//! - HelloAck: cp_completed u64, epoch u64.   - Reject: reason u32, UTF-8 text.
+//! - Hello (128 B + 8 per namespace): protocol_version u32 @0, block_size u32 @4, sector_size
+//!   u32 @8, mode u8 @12, namespace_count u8 @13, zero u16 @14, volume_id [16] @16, cp_completed
+//!   u64 @32, ring_bytes u64 @40, half_header_slots u32 @48, half_data_bytes u32 @52,
+//!   proposed_generation u64 @56 (non-zero: the generation a pair of fresh sides takes), the
+//!   source's generations @64 (node_id u64, current u64, history 4 × u64, bitmap_base u64, flags
+//!   u32, zero u32: 64 B, [`crate::generation::Generations`]), then namespace_count × size_bytes u64.
+//! - HelloAck (72 B): cp_completed u64 @0, the destination's generations @8 (64 B) as they were
+//!   when the Hello came, so both sides settle the same pair ([`crate::generation::settle`]).
+//! - Reject: reason u32, UTF-8 text.
 //! - Transfer: transfer_id u64, cp_number u64, first_seq u64, entry_count u32, then entry_count ×
 //!   {nsid u32, flags u16, length_bytes u32, lba u64, data_offset u32, data_crc u32} (26 B), then
 //!   the data of each non-ZEROES entry back to back.
@@ -26,6 +31,17 @@
 //!   has sent nothing for a quarter of its peer timeout, in any link state (before a Hello too), so
 //!   a peer that stays silent for a whole timeout is lost whatever its socket says (a frozen
 //!   process keeps its TCP connection open). Version 3 added it; a version-2 peer is refused.
+//! - ResyncTable: the layout of a DescriptorTable with a resync number in place of the CP number:
+//!   blocks of the source's marked extents, as Data (read from the primary) or as a Reference to
+//!   a transfer the destination acknowledged before the peer was lost and still holds (version 5).
+//! - ResyncAck: resync_number u64, failed u64 (0: written and flushed; 1: a mirror op failed).
+//! - ResyncDone: generation u64 (the source's current: the destination takes it, the resync is
+//!   over).   - ResyncDoneAck: generation u64 (taken, durably).
+//! - ResyncMarks (destination to source, first in a resync session): last u32 (1 on the final
+//!   one), count u32, then count × {nsid u32, offset_bytes u64, length_bytes u64}: extents the
+//!   destination may have changed that the source lacks (a former source attached as the new
+//!   destination: the writes of its ring that may never have reached the other side). The source
+//!   resyncs them too, and finishes only after the last one came.
 
 mod out_queue;
 
@@ -36,6 +52,7 @@ use std::fmt;
 
 use crate::checksum::{crc32c_with_zero_field, le_u16, le_u32, le_u64};
 use crate::cp::{CpMode, Descriptor, DescriptorEntry};
+use crate::generation::{Generations, GENERATIONS_BYTES};
 use crate::geometry::{
     RingGeometry, BLOCK_SIZE, DESCRIPTORS_PER_TABLE, NAMESPACES_MAX, TRANSFER_ENTRIES_MAX,
 };
@@ -45,9 +62,12 @@ use crate::transfer::TransferId;
 /// "NVMW" in little endian.
 pub const WIRE_MAGIC: u32 = u32::from_le_bytes(*b"NVMW");
 /// The protocol version this code speaks.
-pub const PROTOCOL_VERSION: u8 = 3;
+/// 3: Heartbeat. 4: generations replace the epoch in Hello and HelloAck. 5: resync.
+pub const PROTOCOL_VERSION: u8 = 5;
 pub const MESSAGE_HEADER_BYTES: usize = 16;
-pub const HELLO_FIXED_BYTES: usize = 64;
+pub const HELLO_FIXED_BYTES: usize = HELLO_GENERATIONS_OFFSET + GENERATIONS_BYTES;
+const HELLO_GENERATIONS_OFFSET: usize = 64;
+pub const HELLO_ACK_BYTES: usize = 8 + GENERATIONS_BYTES;
 pub const TRANSFER_HEADER_BYTES: usize = 28;
 pub const WIRE_ENTRY_BYTES: usize = 26;
 pub const TABLE_HEADER_BYTES: usize = 12;
@@ -80,6 +100,11 @@ crate::wire_enum! {
         TableAck = 9,
         CpFailed = 10,
         Heartbeat = 11,
+        ResyncTable = 12,
+        ResyncAck = 13,
+        ResyncDone = 14,
+        ResyncDoneAck = 15,
+        ResyncMarks = 16,
     }
 }
 
@@ -89,9 +114,13 @@ crate::wire_enum! {
         Version = 1,
         Geometry = 2,
         Volume = 3,
-        StaleEpoch = 4,
+        StaleSource = 4,
         CpMismatch = 5,
         Namespaces = 6,
+        SplitBrain = 7,
+        FullSyncRequired = 8,
+        ResyncRequired = 9,
+        SameNode = 10,
     }
 }
 
@@ -144,9 +173,11 @@ pub struct Hello {
     pub sector_size: u32,
     pub mode: CpMode,
     pub volume_id: [u8; 16],
-    pub epoch: u64,
     pub cp_completed: u64,
     pub geometry: RingGeometry,
+    /// The source's fresh generation for a pair where neither side holds data.
+    pub proposed_generation: u64,
+    pub generations: Generations,
     pub namespace_count: u8,
     pub namespace_sizes_bytes: [u64; NAMESPACES_MAX],
 }
@@ -260,7 +291,7 @@ pub enum Message<'a> {
     Hello(Hello),
     HelloAck {
         cp_completed: u64,
-        epoch: u64,
+        generations: Generations,
     },
     Reject {
         reason: RejectReason,
@@ -293,6 +324,63 @@ pub enum Message<'a> {
     Heartbeat {
         peer_timeout_us: u64,
     },
+    /// Blocks of the source's marked extents for the mirror (`cp_number` is the resync number).
+    ResyncTable(DescriptorTableMessage<'a>),
+    /// The destination wrote and flushed (or failed) resync table `resync_number`.
+    ResyncAck {
+        resync_number: u64,
+        failed: bool,
+    },
+    /// Every marked extent is on the mirror: the destination takes `generation`.
+    ResyncDone {
+        generation: u64,
+    },
+    ResyncDoneAck {
+        generation: u64,
+    },
+    ResyncMarks(ResyncMarksMessage<'a>),
+}
+
+/// Extents per ResyncMarks message at most.
+pub const RESYNC_MARKS_PER_MESSAGE: usize = 1024;
+const RESYNC_MARK_BYTES: usize = 20;
+
+/// A decoded ResyncMarks message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncMarksMessage<'a> {
+    pub last: bool,
+    extents: &'a [u8],
+}
+
+impl<'a> ResyncMarksMessage<'a> {
+    /// (nsid, offset_bytes, length_bytes) of each extent.
+    pub fn extents(&self) -> impl Iterator<Item = (u32, u64, u64)> + 'a {
+        self.extents
+            .chunks_exact(RESYNC_MARK_BYTES)
+            .map(|e| (le_u32(e, 0), le_u64(e, 4), le_u64(e, 12)))
+    }
+}
+
+/// The bytes of a ResyncMarks message of `count` extents.
+pub fn resync_marks_bytes(count: usize) -> usize {
+    MESSAGE_HEADER_BYTES + 8 + count * RESYNC_MARK_BYTES
+}
+
+/// Encodes a whole ResyncMarks message into `out` ([`resync_marks_bytes`] long).
+pub fn encode_resync_marks(out: &mut [u8], last: bool, extents: &[(u32, u64, u64)]) {
+    assert!(extents.len() <= RESYNC_MARKS_PER_MESSAGE);
+    assert_eq!(out.len(), resync_marks_bytes(extents.len()));
+    encode_header(out, MessageKind::ResyncMarks, out.len());
+    let body = &mut out[MESSAGE_HEADER_BYTES..];
+    body[0..4].copy_from_slice(&u32::from(last).to_le_bytes());
+    body[4..8].copy_from_slice(&(extents.len() as u32).to_le_bytes());
+    for (at, &(nsid, offset, length)) in extents.iter().enumerate() {
+        let e = &mut body[8 + at * RESYNC_MARK_BYTES..8 + (at + 1) * RESYNC_MARK_BYTES];
+        e[0..4].copy_from_slice(&nsid.to_le_bytes());
+        e[4..12].copy_from_slice(&offset.to_le_bytes());
+        e[12..20].copy_from_slice(&length.to_le_bytes());
+    }
+    seal(out);
 }
 
 /// For the runtime's receive loop: the full message length once the 16-byte header is there.
@@ -385,10 +473,11 @@ fn decode_body(kind: MessageKind, body: &[u8]) -> Result<Message<'_>, WireError>
     match kind {
         MessageKind::Hello => decode_hello(body).map(Message::Hello),
         MessageKind::HelloAck => {
-            fixed(kind, body, 16)?;
+            fixed(kind, body, HELLO_ACK_BYTES)?;
             Ok(Message::HelloAck {
                 cp_completed: le_u64(body, 0),
-                epoch: le_u64(body, 8),
+                generations: Generations::decode(&body[8..HELLO_ACK_BYTES])
+                    .map_err(|reason| bad(kind, reason))?,
             })
         }
         MessageKind::Reject => {
@@ -408,7 +497,54 @@ fn decode_body(kind: MessageKind, body: &[u8]) -> Result<Message<'_>, WireError>
                 transfer_id: TransferId(le_u64(body, 0)),
             })
         }
-        MessageKind::DescriptorTable => decode_table(body).map(Message::DescriptorTable),
+        MessageKind::DescriptorTable => decode_table(kind, body).map(Message::DescriptorTable),
+        MessageKind::ResyncTable => decode_table(kind, body).map(Message::ResyncTable),
+        MessageKind::ResyncAck => {
+            fixed(kind, body, 16)?;
+            let failed = match le_u64(body, 8) {
+                0 => false,
+                1 => true,
+                _ => return Err(bad(kind, "status is not 0 or 1")),
+            };
+            Ok(Message::ResyncAck {
+                resync_number: le_u64(body, 0),
+                failed,
+            })
+        }
+        MessageKind::ResyncMarks => {
+            if body.len() < 8 {
+                return Err(bad(kind, "wrong body length"));
+            }
+            let last = match le_u32(body, 0) {
+                0 => false,
+                1 => true,
+                _ => return Err(bad(kind, "last is not 0 or 1")),
+            };
+            let count = le_u32(body, 4) as usize;
+            if count > RESYNC_MARKS_PER_MESSAGE || body.len() != 8 + count * RESYNC_MARK_BYTES {
+                return Err(bad(kind, "extent count does not match the length"));
+            }
+            let extents = &body[8..];
+            if extents
+                .chunks_exact(RESYNC_MARK_BYTES)
+                .any(|e| le_u32(e, 0) == 0 || le_u64(e, 12) == 0)
+            {
+                return Err(bad(kind, "an extent without namespace or length"));
+            }
+            Ok(Message::ResyncMarks(ResyncMarksMessage { last, extents }))
+        }
+        MessageKind::ResyncDone | MessageKind::ResyncDoneAck => {
+            fixed(kind, body, 8)?;
+            let generation = le_u64(body, 0);
+            if generation == 0 {
+                return Err(bad(kind, "zero generation"));
+            }
+            Ok(if kind == MessageKind::ResyncDone {
+                Message::ResyncDone { generation }
+            } else {
+                Message::ResyncDoneAck { generation }
+            })
+        }
         MessageKind::CpCommit => {
             fixed(kind, body, 16)?;
             Ok(Message::CpCommit {
@@ -469,13 +605,15 @@ fn decode_hello(body: &[u8]) -> Result<Hello, WireError> {
         sector_size: le_u32(body, 8),
         mode,
         volume_id: body[16..32].try_into().expect("16 bytes"),
-        epoch: le_u64(body, 32),
-        cp_completed: le_u64(body, 40),
+        cp_completed: le_u64(body, 32),
         geometry: RingGeometry {
-            ring_bytes: le_u64(body, 48),
-            half_header_slots: le_u32(body, 56),
-            half_data_bytes: le_u32(body, 60),
+            ring_bytes: le_u64(body, 40),
+            half_header_slots: le_u32(body, 48),
+            half_data_bytes: le_u32(body, 52),
         },
+        proposed_generation: le_u64(body, 56),
+        generations: Generations::decode(&body[HELLO_GENERATIONS_OFFSET..HELLO_FIXED_BYTES])
+            .map_err(|reason| bad(kind, reason))?,
         namespace_count,
         namespace_sizes_bytes: [0; NAMESPACES_MAX],
     };
@@ -484,6 +622,9 @@ fn decode_hello(body: &[u8]) -> Result<Hello, WireError> {
         .enumerate()
     {
         *size = le_u64(body, HELLO_FIXED_BYTES + 8 * i);
+    }
+    if hello.proposed_generation == 0 {
+        return Err(bad(kind, "zero proposed generation"));
     }
     Ok(hello)
 }
@@ -559,8 +700,7 @@ fn decode_descriptor(bytes: &[u8]) -> Option<(DescriptorEntry, usize)> {
     ))
 }
 
-fn decode_table(body: &[u8]) -> Result<DescriptorTableMessage<'_>, WireError> {
-    let kind = MessageKind::DescriptorTable;
+fn decode_table(kind: MessageKind, body: &[u8]) -> Result<DescriptorTableMessage<'_>, WireError> {
     if body.len() < TABLE_HEADER_BYTES {
         return Err(bad(kind, "wrong body length"));
     }
@@ -620,11 +760,14 @@ fn encode_hello_body(out: &mut [u8], hello: &Hello) {
     };
     out[13] = hello.namespace_count;
     out[16..32].copy_from_slice(&hello.volume_id);
-    out[32..40].copy_from_slice(&hello.epoch.to_le_bytes());
-    out[40..48].copy_from_slice(&hello.cp_completed.to_le_bytes());
-    out[48..56].copy_from_slice(&hello.geometry.ring_bytes.to_le_bytes());
-    out[56..60].copy_from_slice(&hello.geometry.half_header_slots.to_le_bytes());
-    out[60..64].copy_from_slice(&hello.geometry.half_data_bytes.to_le_bytes());
+    out[32..40].copy_from_slice(&hello.cp_completed.to_le_bytes());
+    out[40..48].copy_from_slice(&hello.geometry.ring_bytes.to_le_bytes());
+    out[48..52].copy_from_slice(&hello.geometry.half_header_slots.to_le_bytes());
+    out[52..56].copy_from_slice(&hello.geometry.half_data_bytes.to_le_bytes());
+    out[56..64].copy_from_slice(&hello.proposed_generation.to_le_bytes());
+    hello
+        .generations
+        .encode(&mut out[HELLO_GENERATIONS_OFFSET..HELLO_FIXED_BYTES]);
     for (i, size) in hello.namespace_sizes().iter().enumerate() {
         out[HELLO_FIXED_BYTES + 8 * i..HELLO_FIXED_BYTES + 8 * i + 8]
             .copy_from_slice(&size.to_le_bytes());
@@ -670,7 +813,7 @@ pub enum Control<'a> {
     Hello(&'a Hello),
     HelloAck {
         cp_completed: u64,
-        epoch: u64,
+        generations: Generations,
     },
     Reject {
         reason: RejectReason,
@@ -696,6 +839,16 @@ pub enum Control<'a> {
     Heartbeat {
         peer_timeout_us: u64,
     },
+    ResyncAck {
+        resync_number: u64,
+        failed: bool,
+    },
+    ResyncDone {
+        generation: u64,
+    },
+    ResyncDoneAck {
+        generation: u64,
+    },
 }
 
 impl Control<'_> {
@@ -704,12 +857,15 @@ impl Control<'_> {
         MESSAGE_HEADER_BYTES
             + match self {
                 Self::Hello(hello) => hello_body_bytes(usize::from(hello.namespace_count)),
-                Self::HelloAck { .. } | Self::CpCommit { .. } | Self::TableAck { .. } => 16,
+                Self::HelloAck { .. } => HELLO_ACK_BYTES,
+                Self::CpCommit { .. } | Self::TableAck { .. } | Self::ResyncAck { .. } => 16,
                 Self::Reject { text, .. } => 4 + text.len(),
                 Self::TransferAck { .. }
                 | Self::CpAck { .. }
                 | Self::CpFailed { .. }
-                | Self::Heartbeat { .. } => 8,
+                | Self::Heartbeat { .. }
+                | Self::ResyncDone { .. }
+                | Self::ResyncDoneAck { .. } => 8,
             }
     }
 
@@ -726,6 +882,9 @@ impl Control<'_> {
             Self::TableAck { .. } => MessageKind::TableAck,
             Self::CpFailed { .. } => MessageKind::CpFailed,
             Self::Heartbeat { .. } => MessageKind::Heartbeat,
+            Self::ResyncAck { .. } => MessageKind::ResyncAck,
+            Self::ResyncDone { .. } => MessageKind::ResyncDone,
+            Self::ResyncDoneAck { .. } => MessageKind::ResyncDoneAck,
         };
         encode_header(out, kind, out.len());
         let body = &mut out[MESSAGE_HEADER_BYTES..];
@@ -733,10 +892,10 @@ impl Control<'_> {
             Self::Hello(hello) => encode_hello_body(body, hello),
             Self::HelloAck {
                 cp_completed,
-                epoch,
+                generations,
             } => {
                 body[0..8].copy_from_slice(&cp_completed.to_le_bytes());
-                body[8..16].copy_from_slice(&epoch.to_le_bytes());
+                generations.encode(&mut body[8..HELLO_ACK_BYTES]);
             }
             Self::Reject { reason, text } => {
                 body[0..4].copy_from_slice(&(reason as u32).to_le_bytes());
@@ -760,6 +919,17 @@ impl Control<'_> {
             Self::Heartbeat { peer_timeout_us } => {
                 assert!(peer_timeout_us > 0, "a peer timeout is positive");
                 body.copy_from_slice(&peer_timeout_us.to_le_bytes())
+            }
+            Self::ResyncAck {
+                resync_number,
+                failed,
+            } => {
+                body[0..8].copy_from_slice(&resync_number.to_le_bytes());
+                body[8..16].copy_from_slice(&u64::from(failed).to_le_bytes());
+            }
+            Self::ResyncDone { generation } | Self::ResyncDoneAck { generation } => {
+                assert_ne!(generation, 0, "a generation is non-zero");
+                body.copy_from_slice(&generation.to_le_bytes())
             }
         }
         seal(out);
@@ -815,8 +985,23 @@ pub fn table_bytes(entries: impl Iterator<Item = Descriptor>) -> usize {
 /// Writes a DescriptorTable's header fields and descriptors; returns where the data blocks
 /// start. The caller fills the blocks and then calls [`seal_message`].
 pub fn encode_table_prefix(out: &mut [u8], cp_number: u64, entries: &[DescriptorEntry]) -> usize {
+    encode_table_prefix_of(out, MessageKind::DescriptorTable, cp_number, entries)
+}
+
+/// [`encode_table_prefix`] for a DescriptorTable or a ResyncTable (`number`: CP or resync).
+pub fn encode_table_prefix_of(
+    out: &mut [u8],
+    kind: MessageKind,
+    number: u64,
+    entries: &[DescriptorEntry],
+) -> usize {
+    assert!(matches!(
+        kind,
+        MessageKind::DescriptorTable | MessageKind::ResyncTable
+    ));
+    let cp_number = number;
     assert!(!entries.is_empty() && entries.len() <= DESCRIPTORS_PER_TABLE);
-    encode_header(out, MessageKind::DescriptorTable, out.len());
+    encode_header(out, kind, out.len());
     let body = &mut out[MESSAGE_HEADER_BYTES..];
     body[0..8].copy_from_slice(&cp_number.to_le_bytes());
     body[8..12].copy_from_slice(&(entries.len() as u32).to_le_bytes());

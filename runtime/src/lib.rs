@@ -3,6 +3,7 @@ pub mod bdev;
 pub mod hugepages;
 pub mod link;
 pub mod management;
+pub mod metadata_file;
 pub mod node;
 pub mod reactor;
 pub mod remote;

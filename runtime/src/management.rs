@@ -39,6 +39,9 @@ pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long `nvmirror_cp` with `"wait": true` waits for the CP at most unless told otherwise.
 pub const CP_WAIT_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 
+/// Why the last online promotion of this process was refused (shown by `nvmirror_get_status`).
+pub static LAST_PROMOTE_ERROR: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
 /// A method's failure: a JSON-RPC error object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RpcError {
@@ -323,7 +326,8 @@ impl NodeMethods {
                 "refused": control.rejected.lock().unwrap().clone(),
             }));
         }
-        Ok(json!({"volume": self.volume, "nodes": nodes}))
+        let promote_error = LAST_PROMOTE_ERROR.lock().unwrap().clone();
+        Ok(json!({"volume": self.volume, "nodes": nodes, "promote_error": promote_error}))
     }
 
     fn stats(&self) -> Result<Value, RpcError> {
@@ -407,6 +411,7 @@ impl Methods for NodeMethods {
             "nvmirror_get_stats",
             "nvmirror_cp",
             "nvmirror_set_policy",
+            "nvmirror_promote",
         ]
     }
 
@@ -422,6 +427,27 @@ impl Methods for NodeMethods {
             }
             "nvmirror_cp" => self.cp(params),
             "nvmirror_set_policy" => self.set_policy(params),
+            "nvmirror_promote" => {
+                no_params(params)?;
+                let destination = self
+                    .nodes
+                    .iter()
+                    .find(|node| node.role == "destination")
+                    .ok_or_else(|| {
+                        RpcError::new(INTERNAL_ERROR, "this process runs no destination")
+                    })?;
+                if self.nodes.len() > 1 {
+                    return Err(RpcError::new(
+                        INTERNAL_ERROR,
+                        "the embedded pair's destination is not promoted (its source is here)",
+                    ));
+                }
+                destination
+                    .control
+                    .promote_requested
+                    .store(true, Ordering::Release);
+                Ok(json!({"promoting": true}))
+            }
             other => Err(RpcError::new(
                 METHOD_NOT_FOUND,
                 format!("no method '{other}' (rpc_get_methods lists them)"),

@@ -64,6 +64,9 @@ pub enum Command {
     Finish,
     /// Change the peer-loss policy (source).
     SetPeerLossPolicy(PeerLossPolicy),
+    /// Serve hosts now, without waiting for a handshake (source): the operator's decision that
+    /// this node is the pair's authority, e.g. right after its promotion.
+    Settle,
 }
 
 /// Commands queued for a node at most; a full mailbox refuses more.
@@ -79,8 +82,14 @@ pub struct NodeControl {
     /// Set by a source once its front end finished (or [`Command::Finish`] came) and the last CP
     /// made everything durable on both sides.
     pub synced: AtomicBool,
-    /// Set when the peer refused the link for good (version, geometry, volume or epoch mismatch).
+    /// Set when the peer refused the link for good (version, geometry, volume, generations).
     pub rejected: Mutex<Option<String>>,
+    /// Set by a source once the handshake settled its role (its generation is the pair's):
+    /// only then does its front end exist, so a stale or split source never answers a host.
+    pub settled: AtomicBool,
+    /// Destination: the operator asked for an online promotion (`nvmirror_promote`); the
+    /// process stops the node, promotes it and serves the volume as its source.
+    pub promote_requested: AtomicBool,
     /// The latest counters, published on request and at shutdown.
     pub counters: Mutex<Option<Counters>>,
     /// Counts publications of `counters` and `link`, so a reader can wait for a fresh one.
@@ -120,6 +129,8 @@ impl NodeControl {
             cp_completed: AtomicU64::new(0),
             synced: AtomicBool::new(false),
             rejected: Mutex::new(None),
+            settled: AtomicBool::new(false),
+            promote_requested: AtomicBool::new(false),
             counters: Mutex::new(None),
             published: AtomicU64::new(0),
             link: Mutex::new(LinkStatus::default()),
@@ -281,11 +292,27 @@ impl LinkEndpoint for DestinationEngine {
     }
 }
 
+/// Builds a source's front end once its role is settled (the NVMe/TCP listener opens then).
+pub type MakeFrontEnd<F> = Box<dyn FnOnce(&SourceEngine) -> Result<F, String> + Send>;
+
+/// How often a source whose role is not settled yet says what it waits for.
+pub const UNSETTLED_LOG_INTERVAL_US: u64 = 10_000_000;
+
 /// The source side: host writes in, transfers and CPs out.
+///
+/// Until the first LinkReady (the handshake settled the generations) the node only talks to its
+/// peer and its metadata: no front end exists (no listener, no host), and no op reaches the
+/// primaries (the ring's replay waits), so a stale former source neither serves nor changes
+/// anything.
 pub struct SourceNode<F: FrontEnd> {
     pub volume: Volume,
     pub link: Link,
-    pub front_end: F,
+    pub front_end: Option<F>,
+    make_front_end: Option<MakeFrontEnd<F>>,
+    /// The node's metadata file (generations, bitmap) as a device.
+    pub metadata_device: Device,
+    peer: SocketAddr,
+    unsettled_logged_us: u64,
     control: Arc<NodeControl>,
     /// The front end finished or a [`Command::Finish`] came: wind down with a last CP.
     finishing: bool,
@@ -297,15 +324,20 @@ impl<F: FrontEnd> SourceNode<F> {
     pub fn new(
         source: SourceEngine,
         primaries: Vec<Device>,
+        metadata_device: Device,
         peer: SocketAddr,
-        front_end: F,
+        make_front_end: MakeFrontEnd<F>,
         control: Arc<NodeControl>,
     ) -> Self {
         let link = Link::dial(peer, wire::MESSAGE_BYTES_MAX);
         SourceNode {
             volume: Volume::new(source, primaries),
             link,
-            front_end,
+            front_end: None,
+            make_front_end: Some(make_front_end),
+            metadata_device,
+            peer,
+            unsettled_logged_us: 0,
             control,
             finishing: false,
             final_cp_requested: false,
@@ -333,7 +365,12 @@ impl<F: FrontEnd> Poller for SourceNode<F> {
         work += self
             .link
             .close_if_requested(now_us, &mut self.volume.source);
-        work += self.volume.pump_devices(now_us);
+        work += self.pump_metadata();
+        if self.front_end.is_some() {
+            work += self.volume.pump_devices(now_us);
+        } else {
+            self.log_unsettled(now_us);
+        }
         work += self.drain_events();
         self.poll_control(now_us);
         work + self.link.send(now_us, &mut self.volume.source)
@@ -347,12 +384,16 @@ impl<F: FrontEnd> Poller for SourceNode<F> {
     fn doorbells(&self, out: &mut Vec<Arc<dyn Doorbell>>) {
         self.front_end.doorbells(out);
         device_doorbells(self.volume.primaries(), out);
+        device_doorbells(std::slice::from_ref(&self.metadata_device), out);
     }
 
     fn next_deadline_us(&self) -> Option<u64> {
         // Unsent bytes (a full socket), ops of devices that complete on the next poll and the CP
         // timer need polls that no readable fd announces.
-        if self.volume.source.tx_pending_bytes() > 0 || self.volume.needs_poll() {
+        if self.volume.source.tx_pending_bytes() > 0
+            || self.volume.needs_poll()
+            || devices_need_poll(std::slice::from_ref(&self.metadata_device))
+        {
             return Some(0);
         }
         [
@@ -387,11 +428,64 @@ impl<F: FrontEnd> Node for SourceNode<F> {
                 self.volume.source.set_peer_loss_policy(policy);
                 self.publish_counters();
             }
+            Command::Settle => {
+                log::warn!("source: serving hosts without a handshake (operator)");
+                self.settle();
+            }
         }
     }
 }
 
 impl<F: FrontEnd> SourceNode<F> {
+    /// Submits the engine's metadata ops and hands back their completions.
+    fn pump_metadata(&mut self) -> usize {
+        let mut work = 0;
+        while let Some(op) = self.volume.source.poll_metadata_op() {
+            self.metadata_device.submit(op);
+            work += 1;
+        }
+        let source = &mut self.volume.source;
+        work += self
+            .metadata_device
+            .poll_completions(&mut |completion| source.handle_metadata_completion(completion));
+        work
+    }
+
+    fn log_unsettled(&mut self, now_us: u64) {
+        if self.unsettled_logged_us == 0 {
+            self.unsettled_logged_us = now_us.max(1);
+        } else if now_us - self.unsettled_logged_us >= UNSETTLED_LOG_INTERVAL_US {
+            self.unsettled_logged_us = now_us;
+            log::warn!(
+                "source: waiting for the destination at {} to compare generations; hosts are not served until it does",
+                self.peer
+            );
+        }
+    }
+
+    /// The handshake settled our role: the front end (and its listener) starts now.
+    fn settle(&mut self) {
+        let Some(make) = self.make_front_end.take() else {
+            return;
+        };
+        match make(&self.volume.source) {
+            Ok(front_end) => {
+                self.front_end = Some(front_end);
+                log::info!(
+                    "source: generation {} settled with the destination: serving hosts",
+                    nvmirror_engine::generation::Hex(
+                        self.volume.source.metadata().generations().current
+                    )
+                );
+                self.control.settled.store(true, Ordering::Release);
+            }
+            Err(reason) => {
+                log::error!("source: cannot start the front end: {reason}");
+                *self.control.rejected.lock().unwrap() = Some(reason);
+            }
+        }
+    }
+
     fn drain_events(&mut self) -> usize {
         let mut events = 0;
         while let Some(event) = self.volume.source.poll_event() {
@@ -414,9 +508,14 @@ impl<F: FrontEnd> SourceNode<F> {
                     .fetch_max(cp_number, Ordering::AcqRel);
                 self.control.cp_completed.fetch_add(1, Ordering::Release);
             }
-            SourceEvent::LinkReady => log::info!("source: replication link ready"),
+            SourceEvent::LinkReady => {
+                log::info!("source: replication link ready");
+                self.settle();
+            }
             // Logged (once per failing streak) and counted by the engine, which retries.
             SourceEvent::DeviceFault(fault) => log::debug!("source: {fault}"),
+            // Logged with its figures by the engine.
+            SourceEvent::ResyncDone { .. } => self.publish_counters(),
             SourceEvent::MirrorFailed { cp_number } => {
                 log::debug!("source: the mirror failed cp {cp_number}; it is sent again")
             }
@@ -446,6 +545,8 @@ impl<F: FrontEnd> SourceNode<F> {
 pub struct DestinationNode {
     pub destination: DestinationEngine,
     pub mirrors: Vec<Device>,
+    /// The node's metadata file (generations, bitmap) as a device.
+    pub metadata_device: Device,
     pub link: Link,
     control: Arc<NodeControl>,
 }
@@ -454,6 +555,7 @@ impl DestinationNode {
     pub fn new(
         destination: DestinationEngine,
         mirrors: Vec<Device>,
+        metadata_device: Device,
         listen: SocketAddr,
         control: Arc<NodeControl>,
     ) -> std::io::Result<Self> {
@@ -461,6 +563,7 @@ impl DestinationNode {
         Ok(DestinationNode {
             destination,
             mirrors,
+            metadata_device,
             link,
             control,
         })
@@ -483,6 +586,14 @@ impl DestinationNode {
             self.mirrors[op.nsid as usize - 1].submit(op);
             work += 1;
         }
+        while let Some(op) = self.destination.poll_metadata_op() {
+            self.metadata_device.submit(op);
+            work += 1;
+        }
+        let destination = &mut self.destination;
+        work += self
+            .metadata_device
+            .poll_completions(&mut |completion| destination.handle_metadata_completion(completion));
         work
     }
 
@@ -501,7 +612,10 @@ impl Node for DestinationNode {
         match command {
             Command::PublishCounters => self.publish_counters(),
             // A destination takes CPs when its source sends them, and has nothing to finish.
-            Command::RequestCp | Command::Finish | Command::SetPeerLossPolicy(_) => {}
+            Command::RequestCp
+            | Command::Finish
+            | Command::SetPeerLossPolicy(_)
+            | Command::Settle => {}
         }
     }
 }
@@ -544,10 +658,14 @@ impl Poller for DestinationNode {
 
     fn doorbells(&self, out: &mut Vec<Arc<dyn Doorbell>>) {
         device_doorbells(&self.mirrors, out);
+        device_doorbells(std::slice::from_ref(&self.metadata_device), out);
     }
 
     fn next_deadline_us(&self) -> Option<u64> {
-        if self.destination.tx_pending_bytes() > 0 || devices_need_poll(&self.mirrors) {
+        if self.destination.tx_pending_bytes() > 0
+            || devices_need_poll(&self.mirrors)
+            || devices_need_poll(std::slice::from_ref(&self.metadata_device))
+        {
             return Some(0);
         }
         [

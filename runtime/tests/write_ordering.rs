@@ -8,6 +8,7 @@
 #[path = "../../nvmf/tests/host/mod.rs"]
 mod host;
 
+use nvmirror_engine::metadata::{NodeMetadata, BITMAP_EXTENT_BYTES_DEFAULT};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -76,6 +77,25 @@ fn memory_device() -> Device {
     Box::new(MemoryDevice::new(DEVICE_BYTES))
 }
 
+/// A node's metadata, freshly formatted (both sides fresh: the pair takes the source's proposal).
+fn fresh_metadata(node_id: u64, sizes: &[u64]) -> NodeMetadata {
+    NodeMetadata::format(
+        VOLUME,
+        node_id,
+        node_id + 100,
+        sizes,
+        BITMAP_EXTENT_BYTES_DEFAULT,
+    )
+    .unwrap()
+}
+
+/// The metadata device holding [`fresh_metadata`]'s image.
+fn metadata_device(node_id: u64, sizes: &[u64]) -> Device {
+    Box::new(MemoryDevice::from_bytes(
+        fresh_metadata(node_id, sizes).image(),
+    ))
+}
+
 impl Pair {
     fn start(data_timeout_ms: u32) -> Pair {
         let stop = Arc::new(AtomicBool::new(false));
@@ -89,15 +109,18 @@ impl Pair {
                     volume_id: VOLUME,
                     device_queue_depth: DEVICE_QUEUE_DEPTH_DEFAULT,
                     peer_timeout_us: nvmirror_engine::PEER_TIMEOUT_US_DEFAULT,
+                    assume_identical: true,
                 },
                 ring,
                 &sizes,
+                fresh_metadata(2, &sizes),
             )
             .unwrap();
             let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
             let mut destination = DestinationNode::new(
                 destination,
                 vec![memory_device()],
+                metadata_device(2, &sizes),
                 listen,
                 NodeControl::new().unwrap(),
             )
@@ -109,10 +132,15 @@ impl Pair {
                 device_queue_depth: DEVICE_QUEUE_DEPTH_DEFAULT,
                 peer_timeout_us: nvmirror_engine::PEER_TIMEOUT_US_DEFAULT,
                 peer_loss_policy: nvmirror_engine::PeerLossPolicy::Suspend,
+                generation_seed: 1,
+                resync_rate_bytes_per_s: 0,
+                assume_identical: true,
             };
             let ring = RingMemory::anonymous(RING_BYTES_MIN as usize).unwrap();
             let now_us = nvmirror_runtime::reactor::monotonic_us();
-            let (source, _) = SourceEngine::open(config, ring, &sizes, now_us).unwrap();
+            let (source, _) =
+                SourceEngine::open(config, ring, &sizes, fresh_metadata(1, &sizes), now_us)
+                    .unwrap();
             let mut target_config = host::config(true);
             target_config.data_timeout_ms = data_timeout_ms;
             let target = Target::new(target_config).unwrap();
@@ -122,8 +150,9 @@ impl Pair {
             let mut source = SourceNode::new(
                 source,
                 vec![memory_device()],
+                metadata_device(1, &sizes),
                 peer,
-                front_end,
+                Box::new(move |_: &SourceEngine| Ok(front_end)),
                 NodeControl::new().unwrap(),
             );
             let start = Instant::now();

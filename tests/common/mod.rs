@@ -66,6 +66,9 @@ pub fn write_config(
     let text = format!(
         "role = \"{role}\"\nvolume = \"{volume}\"\n{address} = \"127.0.0.1:{port}\"\n\
          hugepage_dir = \"{dir}\"\nfallback_dir = \"{dir}\"\nring_size_mib = 8\ncp_interval_ms = {cp_interval_ms}\nrpc_socket = \"{dir}/{role}.sock\"\n\
+         metadata_path = \"{dir}/{role}.meta\"\n\
+         # Fresh zeroed image files: identical by construction, no initial sync.\n\
+         assume_identical = true\n\
          [[namespace]]\nkind = \"file\"\npath = \"{image}\"\nsize_mib = {NAMESPACE_MIB}\n\
          [[namespace]]\nkind = \"file\"\npath = \"{image}.2\"\nsize_mib = {NAMESPACE_MIB}\n",
         dir = scratch.0.display(),
@@ -137,7 +140,8 @@ pub fn target_section(port: u16, nqn: &str, namespaces: &str) -> String {
 }
 
 /// Starts a source with `args` after `--config`, logging at `rust_log` into `log`, and waits for
-/// its "replicating to" line; the rest of its stdout comes back to the caller.
+/// its "replicating to" line (and, with a `[target]`, its first "connect a host" line); the rest
+/// of its stdout comes back to the caller.
 pub fn start_source(
     config: &Path,
     args: &[&str],
@@ -158,6 +162,22 @@ pub fn start_source(
     let mut lines = BufReader::new(stdout).lines();
     let first = lines.next().unwrap().unwrap();
     assert!(first.contains("replicating to"), "source said: {first}");
+    // A source with a target opens its listener once the handshake settled its role, and says
+    // so with its "connect a host" line.
+    if std::fs::read_to_string(config)
+        .unwrap()
+        .contains("[target]")
+    {
+        loop {
+            let line = lines
+                .next()
+                .expect("the source exited before serving hosts")
+                .unwrap();
+            if line.contains("connect a host") {
+                break;
+            }
+        }
+    }
     (process, lines)
 }
 

@@ -51,6 +51,10 @@ pub(crate) enum DestinationOp {
     Flush {
         session: u32,
     },
+    /// A mirror flush of the ResyncTable being applied.
+    ResyncFlush {
+        session: u32,
+    },
 }
 
 impl<M: RingStore> Destination<M> {
@@ -58,6 +62,9 @@ impl<M: RingStore> Destination<M> {
     #[must_use]
     pub fn poll_device_op(&mut self, _now_us: u64) -> Option<DeviceOp<'_>> {
         if let Some(op) = self.next_flush() {
+            return Some(op);
+        }
+        if let Some(op) = self.next_resync_flush() {
             return Some(op);
         }
         let write = *self.pending.front()?;
@@ -128,13 +135,12 @@ impl<M: RingStore> Destination<M> {
                     }
                     None => self.counters.mirror_bytes_written += BLOCK_SIZE as u64,
                 }
-                if session == self.session {
+                if session == self.session && table == super::resync::RESYNC_TABLE {
+                    self.on_resync_written(error.is_some());
+                } else if session == self.session {
                     self.on_mirror_written(table, error.is_some());
                 }
-                if self.hello_ack_pending && !self.mirror_writes_inflight() {
-                    self.hello_ack_pending = false;
-                    self.push_hello_ack();
-                }
+                self.maybe_send_hello_ack();
             }
             DestinationOp::Flush { session } => {
                 if let Some(error) = error {
@@ -144,6 +150,14 @@ impl<M: RingStore> Destination<M> {
                     assert!(self.flushes_remaining > 0);
                     self.flushes_remaining -= 1;
                     self.flush_failed |= error.is_some();
+                }
+            }
+            DestinationOp::ResyncFlush { session } => {
+                if let Some(error) = error {
+                    self.report(now_us, nsid, DeviceOpKind::Flush, 0, error);
+                }
+                if session == self.session {
+                    self.on_resync_flushed(error.is_some());
                 }
             }
         }

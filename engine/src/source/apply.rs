@@ -58,6 +58,12 @@ pub(crate) enum SourceOp {
         generation: u32,
         block_index: u64,
     },
+    /// Reads block `index` of the staged ResyncTable of `generation` from the primary.
+    ResyncRead {
+        index: u16,
+        generation: u32,
+        block_index: u64,
+    },
 }
 
 impl SourceOp {
@@ -72,7 +78,7 @@ impl SourceOp {
             Self::Apply { start, end, .. } | Self::AbortedRead { start, end, .. } => (start, end),
             // A read of a table dropped since (a new session) may still be out when the next
             // CP writes the block: writes wait for it like for any overlapping op.
-            Self::DataRead { block_index, .. } => (
+            Self::DataRead { block_index, .. } | Self::ResyncRead { block_index, .. } => (
                 block_index * BLOCK_SIZE as u64,
                 (block_index + 1) * BLOCK_SIZE as u64,
             ),
@@ -144,6 +150,9 @@ impl<M: RingStore> Source<M> {
         if let Some(op) = self.next_data_read(now_us) {
             return Some(op);
         }
+        if let Some(op) = self.next_resync_read() {
+            return Some(op);
+        }
         self.next_apply_op(now_us)
     }
 
@@ -179,6 +188,11 @@ impl<M: RingStore> Source<M> {
                     self.on_data_read(now_us, nsid, index, result);
                 }
             }
+            SourceOp::ResyncRead {
+                index,
+                generation,
+                block_index,
+            } => self.on_resync_read(now_us, nsid, index, generation, block_index, result),
         }
     }
 
@@ -327,7 +341,7 @@ impl<M: RingStore> Source<M> {
     }
 
     /// An op on `nsid` overlapping `start..end` is in flight.
-    fn overlaps_inflight(&self, nsid: u32, start: u64, end: u64) -> bool {
+    pub(super) fn overlaps_inflight(&self, nsid: u32, start: u64, end: u64) -> bool {
         if self.ops.count_on(nsid) == 0 {
             return false;
         }
@@ -389,8 +403,11 @@ impl<M: RingStore> Source<M> {
     /// Every entry of the frozen CP of `half` was acknowledged and landed on its primary.
     fn ready_to_flush(&self, half: usize, now_us: u64) -> bool {
         let state = &self.cps[half];
+        // Degraded, nobody acknowledges: the CP completes on the primary alone.
+        let acked =
+            state.all_acked() || (self.degrade.is_some() && self.link != super::LinkState::Ready);
         state.phase == CpPhase::Frozen
-            && state.all_acked()
+            && acked
             && state.applied_slots == self.ring.reserved_slots(half)
             && now_us >= self.cp_retry_at_us
             && !self.ops.iter().any(

@@ -136,6 +136,7 @@ impl<M: RingStore> Source<M> {
             && state.flush == FlushState::Done
             && state.all_acked()
             && now_us >= self.cp_retry_at_us
+            && !self.resync_table_out()
         {
             assert_eq!(
                 state.applied_slots,

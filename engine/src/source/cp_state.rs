@@ -49,6 +49,9 @@ pub(super) struct CpState {
     pub sent_count: u32,
     /// Transfers acknowledged on this link session (a prefix of the sent ones).
     pub acked_count: u32,
+    /// Transfers the destination acknowledged on any session (a prefix of the table): it holds
+    /// them in its log unless it lost it.
+    pub acked_ever: u32,
     /// Entries written to the primaries (a prefix of the half's slots).
     pub applied_slots: u32,
     pub started_us: u64,
@@ -84,6 +87,7 @@ impl CpState {
             open_transfer: false,
             sent_count: 0,
             acked_count: 0,
+            acked_ever: 0,
             applied_slots: 0,
             started_us: 0,
             frozen_us: 0,
@@ -141,6 +145,7 @@ impl CpState {
         self.open_transfer = false;
         self.sent_count = 0;
         self.acked_count = 0;
+        self.acked_ever = 0;
         self.applied_slots = 0;
         self.started_us = 0;
         self.frozen_us = 0;

@@ -112,6 +112,8 @@ impl<M: RingStore> Source<M> {
             match policy {
                 PeerLossPolicy::Suspend => "host writes are held until it returns",
                 PeerLossPolicy::Fail => "host writes fail with a path error until it returns",
+                PeerLossPolicy::Degrade =>
+                    "host writes go on without it, their extents marked in the bitmap for a resync",
             }
         );
         self.peer = PeerState::Lost {
@@ -135,7 +137,7 @@ impl<M: RingStore> Source<M> {
     }
 
     /// The last seq of the ring's committed prefix (a reserved, uncommitted entry ends it).
-    fn committed_through_seq(&self) -> u64 {
+    pub(super) fn committed_through_seq(&self) -> u64 {
         let mut through = self.completed_through_seq;
         for half in self.halves_in_order() {
             let state = &self.cps[half];

@@ -32,6 +32,7 @@ impl<M: RingStore> Source<M> {
         config: SourceConfig,
         ring: M,
         namespace_sizes_bytes: &[u64],
+        metadata: crate::metadata::NodeMetadata,
         now_us: u64,
     ) -> Result<(Self, RecoveryReport), EngineError> {
         check_namespaces(namespace_sizes_bytes)?;
@@ -48,12 +49,12 @@ impl<M: RingStore> Source<M> {
             cp_completed: ring.superblock().cp_completed,
             epoch: ring.superblock().epoch,
         };
-        let mut source = Self::build(now_us, config, ring, namespace_sizes_bytes);
+        let mut source = Self::build(now_us, config, ring, namespace_sizes_bytes, metadata);
         source.rebuild(&entries, now_us);
         log::info!(
-            "source: opened at cp {} epoch {}, {} entries ({} bytes) to apply again",
+            "source: opened at cp {} generation {}, {} entries ({} bytes) to apply again",
             report.cp_completed,
-            report.epoch,
+            crate::generation::Hex(source.metadata.generations().current),
             report.entries_replayed,
             report.bytes_replayed
         );

@@ -6,12 +6,16 @@
 use std::collections::HashMap;
 
 mod liveness;
+mod resync;
 
 use super::*;
 use crate::destination::{Destination, DestinationConfig};
-use crate::device::{BlockDevice, DeviceCompletion, DeviceOp, DeviceOpId, MemoryDevice};
+use crate::device::{
+    BlockDevice, DeviceCompletion, DeviceOp, DeviceOpId, DeviceRequest, MemoryDevice,
+};
 use crate::geometry::RING_BYTES_MIN;
 use crate::liveness::PeerLossPolicy;
+use crate::metadata::{NodeMetadata, BITMAP_EXTENT_BYTES_DEFAULT};
 
 const VOLUME: [u8; 16] = [3; 16];
 const NAMESPACE_BYTES: usize = 1 << 20;
@@ -84,7 +88,33 @@ struct Pair {
     destination: Destination<Vec<u8>>,
     primaries: Vec<TestDevice>,
     mirrors: Vec<TestDevice>,
+    /// Each side's metadata device (ops complete at once).
+    source_metadata: MemoryDevice,
+    destination_metadata: MemoryDevice,
     now_us: u64,
+}
+
+const SOURCE_NODE: u64 = 0x50;
+const DESTINATION_NODE: u64 = 0xD0;
+
+fn formatted_metadata(node_id: u64) -> (NodeMetadata, MemoryDevice) {
+    let metadata = NodeMetadata::format(
+        VOLUME,
+        node_id,
+        node_id + 0x6E00,
+        &[NAMESPACE_BYTES as u64],
+        BITMAP_EXTENT_BYTES_DEFAULT,
+    )
+    .unwrap();
+    let device = MemoryDevice::from_bytes(metadata.image());
+    (metadata, device)
+}
+
+/// The metadata a node finds on its device at its next start.
+fn reopen_metadata(device: &MemoryDevice) -> NodeMetadata {
+    NodeMetadata::open(&device.bytes, VOLUME, &[NAMESPACE_BYTES as u64])
+        .unwrap()
+        .0
 }
 
 fn config(mode: CpMode) -> SourceConfig {
@@ -95,6 +125,9 @@ fn config(mode: CpMode) -> SourceConfig {
         device_queue_depth: DEPTH,
         peer_timeout_us: PEER_TIMEOUT_US,
         peer_loss_policy: PeerLossPolicy::Suspend,
+        generation_seed: 0x5eed,
+        resync_rate_bytes_per_s: 0,
+        assume_identical: true,
     }
 }
 
@@ -103,6 +136,7 @@ fn destination_config() -> DestinationConfig {
         volume_id: VOLUME,
         device_queue_depth: DEPTH,
         peer_timeout_us: PEER_TIMEOUT_US,
+        assume_identical: true,
     }
 }
 
@@ -112,11 +146,21 @@ fn pair(mode: CpMode) -> Pair {
 
 fn pair_with(config: SourceConfig) -> Pair {
     let sizes = [NAMESPACE_BYTES as u64];
-    let (source, _) = Source::open(config, vec![0; RING_BYTES_MIN as usize], &sizes, 0).unwrap();
+    let (source_metadata, source_device) = formatted_metadata(SOURCE_NODE);
+    let (destination_metadata, destination_device) = formatted_metadata(DESTINATION_NODE);
+    let (source, _) = Source::open(
+        config,
+        vec![0; RING_BYTES_MIN as usize],
+        &sizes,
+        source_metadata,
+        0,
+    )
+    .unwrap();
     let destination = Destination::open(
         destination_config(),
         vec![0; RING_BYTES_MIN as usize],
         &sizes,
+        destination_metadata,
     )
     .unwrap();
     Pair {
@@ -124,6 +168,8 @@ fn pair_with(config: SourceConfig) -> Pair {
         destination,
         primaries: vec![TestDevice::new()],
         mirrors: vec![TestDevice::new()],
+        source_metadata: source_device,
+        destination_metadata: destination_device,
         now_us: 1,
     }
 }
@@ -143,7 +189,19 @@ impl Pair {
                 self.mirrors[op.nsid as usize - 1].submit(op);
                 work += 1;
             }
+            while let Some(op) = self.source.poll_metadata_op() {
+                self.source_metadata.submit(op);
+                work += 1;
+            }
+            while let Some(op) = self.destination.poll_metadata_op() {
+                self.destination_metadata.submit(op);
+                work += 1;
+            }
             let (source, destination) = (&mut self.source, &mut self.destination);
+            self.source_metadata
+                .poll_completions(&mut |c| source.handle_metadata_completion(c));
+            self.destination_metadata
+                .poll_completions(&mut |c| destination.handle_metadata_completion(c));
             for device in &mut self.primaries {
                 work += device.poll_completions(&mut |c| source.handle_device_completion(now, c));
             }
@@ -233,9 +291,16 @@ fn split(mut bytes: &[u8]) -> Vec<&[u8]> {
     messages
 }
 
-/// Promotes `destination`, driving its replay against `mirrors`.
-fn promote(destination: Destination<Vec<u8>>, mirrors: &mut [TestDevice]) -> crate::PromoteReport {
-    let mut promotion = destination.promote().unwrap();
+const PROMOTED_GENERATION: u64 = 0x9A;
+
+/// Promotes `destination`, driving its replay against `mirrors` and its new generation into
+/// `metadata`.
+fn promote(
+    destination: Destination<Vec<u8>>,
+    mirrors: &mut [TestDevice],
+    metadata: &mut MemoryDevice,
+) -> crate::PromoteReport {
+    let mut promotion = destination.promote(PROMOTED_GENERATION).unwrap();
     for _ in 0..1000 {
         while let Some(op) = promotion.poll_device_op() {
             mirrors[op.nsid as usize - 1].submit(op);
@@ -243,6 +308,10 @@ fn promote(destination: Destination<Vec<u8>>, mirrors: &mut [TestDevice]) -> cra
         for device in mirrors.iter_mut() {
             device.poll_completions(&mut |c| promotion.handle_device_completion(c));
         }
+        while let Some(op) = promotion.poll_metadata_op() {
+            metadata.submit(op);
+        }
+        metadata.poll_completions(&mut |c| promotion.handle_metadata_completion(c));
         if promotion.is_done() {
             return promotion.finish().unwrap().0;
         }
@@ -362,28 +431,47 @@ fn writes_complete_only_after_the_transfer_ack() {
 fn a_promoted_destination_refuses_the_stale_source() {
     let mut p = pair(CpMode::References);
     p.connect();
+    let settled = p.source.metadata().generations().current;
+    assert_eq!(
+        settled,
+        SOURCE_NODE + 0x6E00,
+        "a fresh pair takes the source's proposed generation"
+    );
+    assert_eq!(p.destination.metadata().generations().current, settled);
     p.source.write(1, 1, 0, &[1; 4096]).unwrap();
     p.exchange();
     let ring = p.destination.into_memory();
-    let promoted =
-        Destination::open(destination_config(), ring, &[NAMESPACE_BYTES as u64]).unwrap();
-    let report = promote(promoted, &mut p.mirrors);
-    assert_eq!((report.entries_replayed, report.epoch), (1, 2));
+    let promoted = Destination::open(
+        destination_config(),
+        ring,
+        &[NAMESPACE_BYTES as u64],
+        reopen_metadata(&p.destination_metadata),
+    )
+    .unwrap();
+    let report = promote(promoted, &mut p.mirrors, &mut p.destination_metadata);
+    assert_eq!(report.entries_replayed, 1);
+    assert_eq!(
+        (report.generation, report.previous_generation),
+        (PROMOTED_GENERATION, settled)
+    );
     assert_eq!(
         &p.mirrors[0].bytes()[..4096],
         &[1; 4096][..],
         "replayed onto the mirror"
     );
-    // A destination whose ring says epoch 2 (as the promoted one's does) meets the old p.source.
-    let geometry = crate::geometry::RingGeometry::for_ring_size(RING_BYTES_MIN).unwrap();
-    let promoted_ring =
-        NvramRing::format(vec![0; RING_BYTES_MIN as usize], geometry, VOLUME, 2).into_memory();
+    // The promoted node restarts (its metadata from its device) and meets the old source.
     let mut stale_peer = Destination::open(
         destination_config(),
-        promoted_ring,
+        vec![0; RING_BYTES_MIN as usize],
         &[NAMESPACE_BYTES as u64],
+        reopen_metadata(&p.destination_metadata),
     )
     .unwrap();
+    assert_eq!(
+        stale_peer.metadata().generations().history[0],
+        settled,
+        "the old generation is in the promoted node's history"
+    );
     stale_peer.handle_connected(0);
     p.source.handle_disconnected(0);
     p.source.handle_connected(0);
@@ -396,7 +484,7 @@ fn a_promoted_destination_refuses_the_stale_source() {
         matches!(
             error,
             LinkError::RejectedPeer {
-                reason: wire::RejectReason::StaleEpoch,
+                reason: wire::RejectReason::StaleSource,
                 ..
             }
         ),
@@ -407,8 +495,78 @@ fn a_promoted_destination_refuses_the_stale_source() {
         p.source.handle_message(0, &reject),
         Err(LinkError::RejectedByPeer { .. })
     ));
+    let names_both = |text: &str| {
+        text.contains("stale source")
+            && text.contains(&format!("{settled:016x}"))
+            && text.contains(&format!("{PROMOTED_GENERATION:016x}"))
+    };
     assert!(
-        matches!(p.source.poll_event(), Some(SourceEvent::LinkRejected(text)) if text.contains("stale source: epoch 1 < 2"))
+        matches!(p.source.poll_event(), Some(SourceEvent::LinkRejected(text)) if names_both(&text))
+    );
+}
+
+#[test]
+fn a_split_brain_is_refused_by_both_sides() {
+    let mut p = pair(CpMode::References);
+    p.connect();
+    let common = p.source.metadata().generations().current;
+    // The destination is promoted; the source takes a generation of its own too (as the
+    // degrade policy will before an unreplicated write).
+    let ring = p.destination.into_memory();
+    let promoted = Destination::open(
+        destination_config(),
+        ring,
+        &[NAMESPACE_BYTES as u64],
+        reopen_metadata(&p.destination_metadata),
+    )
+    .unwrap();
+    promote(promoted, &mut p.mirrors, &mut p.destination_metadata);
+    let seq = p.source.new_generation(0x5B);
+    p.destination = Destination::open(
+        destination_config(),
+        vec![0; RING_BYTES_MIN as usize],
+        &[NAMESPACE_BYTES as u64],
+        reopen_metadata(&p.destination_metadata),
+    )
+    .unwrap();
+    p.source.handle_disconnected(0);
+    p.devices();
+    assert!(p.source.metadata().durable_through() >= seq);
+    assert_eq!(p.source.metadata().generations().bitmap_base, common);
+    p.destination.handle_connected(0);
+    p.source.handle_connected(0);
+    let hello = p
+        .source
+        .out
+        .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
+    let error = p.destination.handle_message(0, &hello).unwrap_err();
+    let text = match error {
+        LinkError::RejectedPeer {
+            reason: wire::RejectReason::SplitBrain,
+            text,
+        } => text,
+        other => panic!("{other}"),
+    };
+    for generation in [0x5B, PROMOTED_GENERATION, common] {
+        assert!(text.contains(&format!("{generation:016x}")), "{text}");
+    }
+    // The source settles the same pair itself: a HelloAck carrying the promoted side's
+    // generations (as a peer that skipped its own check would send) is refused too.
+    let mut generations = *p.destination.metadata().generations();
+    generations.flags |= crate::generation::FLAG_ASSUME_IDENTICAL;
+    let ack = control_message(wire::Control::HelloAck {
+        cp_completed: p.source.cp_completed(),
+        generations,
+    });
+    assert!(matches!(
+        p.source.handle_message(0, &ack),
+        Err(LinkError::RejectedPeer {
+            reason: wire::RejectReason::SplitBrain,
+            ..
+        })
+    ));
+    assert!(
+        matches!(p.source.poll_event(), Some(SourceEvent::LinkRejected(text)) if text.contains("split brain"))
     );
 }
 
@@ -480,9 +638,14 @@ fn a_corrupted_resend_never_overwrites_acknowledged_log_entries() {
 
     // Promotion still finds both acknowledged writes in the log (invariant 4).
     let ring = p.destination.into_memory();
-    let promoted =
-        Destination::open(destination_config(), ring, &[NAMESPACE_BYTES as u64]).unwrap();
-    let report = promote(promoted, &mut p.mirrors);
+    let promoted = Destination::open(
+        destination_config(),
+        ring,
+        &[NAMESPACE_BYTES as u64],
+        reopen_metadata(&p.destination_metadata),
+    )
+    .unwrap();
+    let report = promote(promoted, &mut p.mirrors, &mut p.destination_metadata);
     assert_eq!(report.entries_replayed, 2);
 }
 
@@ -519,10 +682,11 @@ fn a_hello_ack_claiming_an_unflushed_cp_is_a_protocol_error() {
     p.source.request_cp(1);
     p.source.handle_tick(1);
     p.source.handle_connected(2);
-    let epoch = p.source.ring.superblock().epoch;
+    let mut generations = *p.destination.metadata().generations();
+    generations.flags |= crate::generation::FLAG_ASSUME_IDENTICAL;
     let claim = control_message(wire::Control::HelloAck {
         cp_completed: p.source.ring.superblock().cp_completed + 1,
-        epoch,
+        generations,
     });
     assert!(matches!(
         p.source.handle_message(2, &claim),
@@ -566,7 +730,9 @@ fn replay_onto_a_namespace_that_shrank_is_a_reported_fault() {
     p.source.write(1, 1, last_lba, &[7; 4096]).unwrap();
     let ring = p.source.into_memory();
     let smaller = [NAMESPACE_BYTES as u64 / 2];
-    let error = Source::open(config(CpMode::References), ring, &smaller, 0)
+    let metadata =
+        NodeMetadata::format(VOLUME, 1, 2, &smaller, BITMAP_EXTENT_BYTES_DEFAULT).unwrap();
+    let error = Source::open(config(CpMode::References), ring, &smaller, metadata, 0)
         .err()
         .expect("refused");
     assert!(
@@ -698,4 +864,63 @@ fn a_failing_primary_write_is_retried_in_order() {
         "the later write wins"
     );
     assert_eq!(p.mirrors[0].bytes(), p.primaries[0].bytes());
+}
+
+/// A generation a side adopts is durable in its metadata before the other side hears of it:
+/// the destination's HelloAck waits for its metadata write and flush, and the source's
+/// LinkReady for its own.
+#[test]
+fn an_adopted_generation_is_durable_before_the_handshake_completes() {
+    let mut p = pair(CpMode::References);
+    p.destination.handle_connected(0);
+    p.source.handle_connected(0);
+    let hello = p
+        .source
+        .out
+        .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
+    p.destination.handle_message(0, &hello).unwrap();
+    assert!(
+        drain_destination(&mut p.destination).is_empty(),
+        "no HelloAck before the adopted generation is durable"
+    );
+    let mut ops = Vec::new();
+    while let Some(op) = p.destination.poll_metadata_op() {
+        ops.push((op.id, op.request.kind()));
+        p.destination_metadata.submit(op);
+    }
+    assert_eq!(
+        ops.iter().map(|(_, kind)| *kind).collect::<Vec<_>>(),
+        [DeviceOpKind::Write],
+        "the header first; the flush once it completed"
+    );
+    let destination = &mut p.destination;
+    p.destination_metadata
+        .poll_completions(&mut |c| destination.handle_metadata_completion(c));
+    assert!(
+        drain_destination(&mut p.destination).is_empty(),
+        "still no flush"
+    );
+    let flush = p.destination.poll_metadata_op().unwrap();
+    assert_eq!(flush.request, DeviceRequest::Flush);
+    p.destination_metadata.submit(flush);
+    let destination = &mut p.destination;
+    p.destination_metadata
+        .poll_completions(&mut |c| destination.handle_metadata_completion(c));
+    let ack = drain_destination(&mut p.destination);
+    assert!(!ack.is_empty(), "the HelloAck once durable");
+    // The source adopts the same generation and waits for its own metadata.
+    p.source.handle_message(0, &ack).unwrap();
+    p.source.handle_tick(0);
+    assert_eq!(
+        p.source.poll_event(),
+        None,
+        "not ready before its metadata is durable"
+    );
+    assert_eq!(
+        p.source.metadata().generations().current,
+        p.destination.metadata().generations().current
+    );
+    assert!(p.devices());
+    p.source.handle_tick(0);
+    assert_eq!(p.source.poll_event(), Some(SourceEvent::LinkReady));
 }

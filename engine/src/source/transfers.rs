@@ -6,6 +6,9 @@
 use super::cp_state::FlushState;
 use super::{CpPhase, LinkState, Source, SourceEvent, WriteId};
 use crate::error::{LinkError, ProtocolError};
+use crate::generation::{
+    settle, Generations, Hex, FLAG_ASSUME_IDENTICAL, FLAG_ASSUME_IDENTICAL_CONSUMED,
+};
 use crate::geometry::{half_of_cp, BLOCK_SIZE, SECTOR_SIZE};
 use crate::ring::RingStore;
 use crate::transfer::{TransferId, TransferRecord};
@@ -17,6 +20,7 @@ impl<M: RingStore> Source<M> {
             state.reset_session();
         }
         self.staged.clear();
+        self.reset_resync_session();
     }
 
     pub(super) fn hello(&self) -> Hello {
@@ -33,7 +37,8 @@ impl<M: RingStore> Source<M> {
             sector_size: SECTOR_SIZE as u32,
             mode: self.config.mode,
             volume_id: self.config.volume_id,
-            epoch: self.ring.superblock().epoch,
+            proposed_generation: self.metadata.proposed_generation(),
+            generations: self.wire_generations(),
             cp_completed: self.ring.superblock().cp_completed,
             geometry: self.ring.geometry(),
             namespace_count: self.namespace_sizes_bytes.len() as u8,
@@ -41,20 +46,44 @@ impl<M: RingStore> Source<M> {
         }
     }
 
+    /// Our generations as the Hello carries them (with our `assume_identical` wish).
+    fn wire_generations(&self) -> Generations {
+        let mut generations = *self.metadata.generations();
+        if self.config.assume_identical && generations.flags & FLAG_ASSUME_IDENTICAL_CONSUMED == 0 {
+            generations.flags |= FLAG_ASSUME_IDENTICAL;
+        }
+        generations
+    }
+
     pub(super) fn on_hello_ack(
         &mut self,
         now_us: u64,
         destination_cp: u64,
-        epoch: u64,
+        destination: &Generations,
     ) -> Result<(), LinkError> {
-        let superblock = *self.ring.superblock();
-        if epoch != superblock.epoch {
-            return Err(ProtocolError::HelloAckEpoch {
-                theirs: epoch,
-                ours: superblock.epoch,
+        // The destination settled the same pair (our Hello, its generations as they were) and
+        // accepted it; we settle it too, so a refusal stands on both sides whatever a peer says.
+        let ours = self.wire_generations();
+        let assume_identical = ours.flags & destination.flags & FLAG_ASSUME_IDENTICAL != 0;
+        let settlement = match settle(
+            &ours,
+            destination,
+            assume_identical,
+            self.metadata.proposed_generation(),
+        ) {
+            Ok(settlement) => settlement,
+            Err((refusal, text)) => {
+                self.link = LinkState::Rejected;
+                log::error!("source: refusing the destination: {text}");
+                self.events
+                    .push_back(SourceEvent::LinkRejected(text.clone()));
+                return Err(LinkError::RejectedPeer {
+                    reason: crate::destination::reject_reason(refusal),
+                    text,
+                });
             }
-            .into());
-        }
+        };
+        let superblock = *self.ring.superblock();
         if destination_cp == superblock.cp_completed + 1 {
             // The destination applied and recorded CP c+1 but its CpAck was lost: it is durable on
             // the mirror, and on our primary once flushed (before the CP was sent, or, for a CP
@@ -90,11 +119,47 @@ impl<M: RingStore> Source<M> {
             }
             .into());
         }
+        if settlement.source_adopts {
+            log::info!(
+                "source: taking generation {}{}",
+                Hex(settlement.generation),
+                if settlement.assumed_identical {
+                    " (assume_identical: the devices are declared identical)"
+                } else {
+                    ""
+                }
+            );
+        }
+        if settlement.source_adopts || settlement.assumed_identical {
+            // Also when the destination took our generation: our metadata records the key used.
+            self.settle_seq = self
+                .metadata
+                .adopt(settlement.generation, settlement.assumed_identical);
+        }
+        if let Some(kind) = settlement.resync {
+            self.start_resync(now_us, kind);
+        } else if self.resync.take().is_some() {
+            log::warn!("source: the destination is in sync again; the resync is dropped");
+        }
+        // Transfers flow once every generation change of ours is durable (`handle_tick`).
+        self.link = LinkState::Settling;
+        if self.metadata.durable_through() >= self.settle_seq {
+            self.become_ready(now_us);
+        }
+        Ok(())
+    }
+
+    /// Generations settled and durable: transfers flow, and the role is settled (a runtime
+    /// serves hosts from the first LinkReady on).
+    pub(super) fn become_ready(&mut self, now_us: u64) {
         self.link = LinkState::Ready;
+        // Writes are synchronous again: entries of the degraded time are resent and mirrored by
+        // their CPs (their extents are in the bitmap anyway); while references into the
+        // destination's old log are outstanding, new writes wait in the ring for their transfers.
+        self.degrade = None;
         self.on_peer_ready(now_us);
         self.events.push_back(SourceEvent::LinkReady);
         self.send_transfers();
-        Ok(())
     }
 
     /// A cumulative TransferAck: checked first (the transfer was sent and awaits its ack),
@@ -119,7 +184,9 @@ impl<M: RingStore> Source<M> {
                 if record.id > transfer_id {
                     break;
                 }
-                self.cps[half].acked_count += 1;
+                let state = &mut self.cps[half];
+                state.acked_count += 1;
+                state.acked_ever = state.acked_ever.max(state.acked_count);
                 self.complete_writes(half, &record);
             }
         }
@@ -146,7 +213,7 @@ impl<M: RingStore> Source<M> {
 
     /// Queues closed, fully committed transfers in order (the CP in flight first).
     pub(super) fn send_transfers(&mut self) {
-        if self.link != LinkState::Ready {
+        if self.link != LinkState::Ready || self.transfers_held_for_resync() {
             return;
         }
         for half in self.halves_in_order() {

@@ -15,12 +15,22 @@ fn hello() -> Hello {
         sector_size: SECTOR_SIZE as u32,
         mode: CpMode::References,
         volume_id: [9; 16],
-        epoch: 3,
         cp_completed: 17,
         geometry: RingGeometry::for_ring_size(RING_BYTES_MIN).unwrap(),
+        proposed_generation: 0x77,
+        generations: generations(),
         namespace_count: 2,
         namespace_sizes_bytes: sizes,
     }
+}
+
+fn generations() -> Generations {
+    let mut generations = Generations::fresh(0x1D);
+    generations.new_generation(0xA1);
+    generations.new_generation(0xB2);
+    generations.new_generation(0xC3);
+    generations.flags = crate::generation::FLAG_ASSUME_IDENTICAL;
+    generations
 }
 
 fn control_bytes(control: Control<'_>) -> Vec<u8> {
@@ -120,11 +130,11 @@ fn all_messages() -> Vec<Vec<u8>> {
         control_bytes(Control::Hello(&h)),
         control_bytes(Control::HelloAck {
             cp_completed: 17,
-            epoch: 3,
+            generations: generations(),
         }),
         control_bytes(Control::Reject {
-            reason: RejectReason::StaleEpoch,
-            text: "stale source: epoch 1 < 2",
+            reason: RejectReason::StaleSource,
+            text: "stale source: source generation 00000000000000a1 is older",
         }),
         transfer_bytes(3),
         control_bytes(Control::TransferAck {
@@ -157,11 +167,11 @@ fn control_messages_round_trip() {
     assert_eq!(
         decode(&control_bytes(Control::HelloAck {
             cp_completed: 1,
-            epoch: 2
+            generations: generations(),
         })),
         Ok(Message::HelloAck {
             cp_completed: 1,
-            epoch: 2
+            generations: generations(),
         })
     );
     assert_eq!(
@@ -391,6 +401,79 @@ fn bodies_are_validated_even_with_a_good_crc() {
     bytes[MESSAGE_HEADER_BYTES + 13] = 17;
     seal_message(&mut bytes);
     assert!(matches!(decode(&bytes), Err(WireError::BadBody { .. })));
+}
+
+/// Each generation field of Hello and HelloAck, corrupted with a good crc, is refused.
+#[test]
+fn corrupted_generation_fields_are_refused() {
+    let h = hello();
+    let hello_bytes = control_bytes(Control::Hello(&h));
+    let ack_bytes = control_bytes(Control::HelloAck {
+        cp_completed: 3,
+        generations: generations(),
+    });
+    let generations_at = MESSAGE_HEADER_BYTES + HELLO_GENERATIONS_OFFSET;
+    let ack_generations_at = MESSAGE_HEADER_BYTES + 8;
+    // (offset inside the generations, bytes written, the reason expected)
+    let cases: [(usize, &[u8], &str); 7] = [
+        (0, &[0; 8], "zero node id"),
+        (
+            8,
+            &[0; 8],
+            "history or bitmap base without a current generation",
+        ),
+        (
+            16,
+            &0xC3u64.to_le_bytes(),
+            "current generation in its own history",
+        ),
+        (
+            24,
+            &0xB2u64.to_le_bytes(),
+            "a generation twice in the history",
+        ),
+        (16, &[0; 8], "a gap in the history"),
+        (56, &[0, 0, 0, 0x80], "unknown flags"),
+        (60, &[1], "nonzero padding"),
+    ];
+    for base in [generations_at, ack_generations_at] {
+        let original = if base == generations_at {
+            &hello_bytes
+        } else {
+            &ack_bytes
+        };
+        for (at, value, reason) in cases {
+            let mut bytes = original.clone();
+            bytes[base + at..base + at + value.len()].copy_from_slice(value);
+            seal_message(&mut bytes);
+            let kind = decode_kind(&bytes);
+            assert_eq!(
+                decode(&bytes),
+                Err(WireError::BadBody { kind, reason }),
+                "field at {at} of {kind:?}"
+            );
+        }
+    }
+    let mut bytes = hello_bytes.clone();
+    bytes[MESSAGE_HEADER_BYTES + 56..MESSAGE_HEADER_BYTES + 64].fill(0);
+    seal_message(&mut bytes);
+    assert_eq!(
+        decode(&bytes),
+        Err(WireError::BadBody {
+            kind: MessageKind::Hello,
+            reason: "zero proposed generation"
+        })
+    );
+    // A HelloAck of the old (epoch) length is refused.
+    let mut short = ack_bytes[..MESSAGE_HEADER_BYTES + 16].to_vec();
+    let length = short.len() as u32;
+    short[8..12].copy_from_slice(&length.to_le_bytes());
+    seal_message(&mut short);
+    assert!(matches!(decode(&short), Err(WireError::BadBody { .. })));
+}
+
+fn decode_kind(bytes: &[u8]) -> MessageKind {
+    MessageKind::from_repr(bytes[5]).unwrap()
 }
 
 /// The aligned-writes budget: a transfer of 8 aligned 4 KiB writes, a DescriptorTable of one

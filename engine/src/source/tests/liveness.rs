@@ -32,6 +32,8 @@ fn lose_source_bytes(p: &mut Pair) {
 fn fail_pair() -> Pair {
     pair_with(SourceConfig {
         peer_loss_policy: PeerLossPolicy::Fail,
+        generation_seed: 0x5eed,
+        resync_rate_bytes_per_s: 0,
         ..config(CpMode::References)
     })
 }

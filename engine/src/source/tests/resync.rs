@@ -1,0 +1,362 @@
+//! Degrade and resync on virtual time: writes complete without the destination once their
+//! extents are durably marked, CPs complete on the primary alone, and a returning destination
+//! is resynced (references first, then data read from the primary) until the mirror equals the
+//! primary and both sides hold one generation; a fresh pair gets the initial sync.
+
+use super::*;
+use crate::generation::FLAG_RESYNC_TARGET;
+
+fn degrade_pair() -> Pair {
+    pair_with(SourceConfig {
+        peer_loss_policy: PeerLossPolicy::Degrade,
+        ..config(CpMode::References)
+    })
+}
+
+fn events_of(p: &mut Pair) -> Vec<SourceEvent> {
+    std::iter::from_fn(|| p.source.poll_event()).collect()
+}
+
+/// The link goes down with whatever the source had queued lost, and stays down past the peer
+/// timeout: the source declares the destination lost and (degrade) goes on alone.
+fn lose_destination(p: &mut Pair) {
+    p.source.handle_tick(p.now_us);
+    let _ = p
+        .source
+        .out
+        .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
+    p.source.handle_disconnected(p.now_us);
+    p.destination.handle_disconnected(p.now_us);
+    p.now_us += 2 * PEER_TIMEOUT_US;
+    p.source.handle_tick(p.now_us);
+    assert!(p.source.peer_state().is_lost());
+}
+
+/// Ticks and device passes while the link is down; returns the source's events.
+fn run_alone(p: &mut Pair) -> Vec<SourceEvent> {
+    let mut events = Vec::new();
+    for _ in 0..50 {
+        p.source.handle_tick(p.now_us);
+        let busy = p.devices();
+        p.source.handle_tick(p.now_us);
+        events.extend(events_of(p));
+        // Nothing reaches the destination while it is lost.
+        let _ = p
+            .source
+            .out
+            .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
+        if !busy {
+            break;
+        }
+    }
+    events
+}
+
+fn completed(events: &[SourceEvent], id: WriteId) -> bool {
+    events.contains(&SourceEvent::WriteCompleted(id))
+}
+
+fn reconnect(p: &mut Pair) -> Vec<SourceEvent> {
+    p.destination.handle_connected(p.now_us);
+    p.source.handle_connected(p.now_us);
+    let mut events = Vec::new();
+    for _ in 0..20 {
+        events.extend(p.exchange());
+        if p.source.resync_progress().is_none() {
+            break;
+        }
+    }
+    events
+}
+
+fn assert_mirror_is_primary(p: &Pair) {
+    let (primary, mirror) = (p.primaries[0].bytes(), p.mirrors[0].bytes());
+    if let Some(at) = (0..primary.len()).find(|&i| primary[i] != mirror[i]) {
+        panic!("the mirror differs from the primary first at byte {at}");
+    }
+}
+
+#[test]
+fn degraded_writes_complete_once_marked_and_cps_complete_on_the_primary_alone() {
+    let mut p = degrade_pair();
+    p.connect();
+    let replicated = p.write(0, &[1; 4096]);
+    assert!(completed(&p.exchange(), replicated));
+    let generation_before = p.source.metadata.generations().current;
+    lose_destination(&mut p);
+    assert!(p.source.is_degraded());
+    let alone = p.write(64, &[2; 4096]);
+    let events = run_alone(&mut p);
+    assert!(completed(&events, alone), "{events:?}");
+    let generations = *p.source.metadata.generations();
+    assert_ne!(generations.current, generation_before, "a new generation");
+    assert_eq!(
+        generations.bitmap_base, generation_before,
+        "the bitmap counts changes since the destination's generation"
+    );
+    // Durably: the metadata on its device says so.
+    let reopened = reopen_metadata(&p.source_metadata);
+    assert_eq!(reopened.generations().current, generations.current);
+    assert!(
+        reopened.is_marked(1, 64 * 512),
+        "the degraded write's extent"
+    );
+    assert!(
+        reopened.is_marked(1, 0),
+        "the ring's entries when the peer was lost"
+    );
+    // A CP completes without the destination and releases its half.
+    p.source.request_cp(p.now_us);
+    let events = run_alone(&mut p);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, SourceEvent::CpCompleted { .. })),
+        "{events:?}"
+    );
+    assert_eq!(p.source.counters().degrade_count, 1);
+    assert!(p.source.counters().degraded_write_count >= 1);
+    assert_eq!(
+        &p.primaries[0].bytes()[64 * 512..64 * 512 + 4096],
+        &[2; 4096]
+    );
+}
+
+#[test]
+fn a_degraded_write_completes_although_its_cp_completed_before_its_mark_was_durable() {
+    let mut p = degrade_pair();
+    p.connect();
+    lose_destination(&mut p);
+    run_alone(&mut p);
+    let id = p.write(0, &[7; 4096]);
+    // The primary write and the CP flush complete; the metadata write does not yet.
+    p.source.request_cp(p.now_us);
+    for _ in 0..5 {
+        p.source.handle_tick(p.now_us);
+        while let Some(op) = p.source.poll_device_op(p.now_us) {
+            p.primaries[0].submit(op);
+        }
+        let (source, now) = (&mut p.source, p.now_us);
+        p.primaries[0].poll_completions(&mut |c| source.handle_device_completion(now, c));
+    }
+    let events = events_of(&mut p);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, SourceEvent::CpCompleted { .. })),
+        "{events:?}"
+    );
+    assert!(!completed(&events, id), "not before its mark is durable");
+    let events = run_alone(&mut p);
+    assert!(completed(&events, id), "{events:?}");
+}
+
+#[test]
+fn a_returning_destination_is_resynced_with_references_and_data_until_the_mirror_is_the_primary() {
+    let mut p = degrade_pair();
+    p.connect();
+    // Blocks the destination acknowledged (references later) and one changed after the loss.
+    for block in 0..8u64 {
+        p.write(block * 8, &[10 + block as u8; 4096]);
+    }
+    assert!(p
+        .exchange()
+        .iter()
+        .any(|e| matches!(e, SourceEvent::WriteCompleted(_))));
+    lose_destination(&mut p);
+    let changed = p.write(3 * 8, &[0xCC; 4096]);
+    let far = p.write(200 * 8, &[0xDD; 4096]);
+    let events = run_alone(&mut p);
+    assert!(completed(&events, changed) && completed(&events, far));
+    p.source.request_cp(p.now_us);
+    run_alone(&mut p);
+
+    let events = reconnect(&mut p);
+    assert!(events.contains(&SourceEvent::LinkReady), "{events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, SourceEvent::ResyncDone { .. })),
+        "{events:?}"
+    );
+    // Every block the destination still held unchanged went as a reference (7 of the 8), the
+    // rest of the marked extents as data.
+    let counters = *p.source.counters();
+    assert_eq!(counters.resync_reference_blocks, 7, "{counters:?}");
+    assert!(counters.resync_data_blocks > 0);
+    assert_eq!(
+        counters.resync_bytes_done, counters.resync_bytes_total,
+        "every marked extent"
+    );
+    // The marked extents only: 64 KiB extents around blocks 0..8 and block 200.
+    assert_eq!(counters.resync_bytes_total, 2 * 64 * 1024);
+    // The mirror follows through CPs from here on: one more makes every write of the ring reach it.
+    let after = p.write(5 * 8, &[0xEE; 4096]);
+    assert!(completed(&p.exchange(), after), "synchronous again");
+    p.cp();
+    p.cp();
+    assert_mirror_is_primary(&p);
+    let (source, destination) = (
+        *p.source.metadata.generations(),
+        *p.destination.metadata().generations(),
+    );
+    assert_eq!(source.current, destination.current, "one generation");
+    assert_eq!(source.bitmap_base, 0, "the bitmap counts nothing");
+    assert_eq!(destination.flags & FLAG_RESYNC_TARGET, 0);
+    assert_eq!(p.source.metadata.marked_count(), 0);
+    assert!(!p.source.is_degraded());
+}
+
+#[test]
+fn a_destination_that_lost_its_log_takes_every_marked_block_as_data() {
+    let mut p = degrade_pair();
+    p.connect();
+    for block in 0..4u64 {
+        p.write(block * 8, &[20 + block as u8; 4096]);
+    }
+    p.exchange();
+    lose_destination(&mut p);
+    p.write(100 * 8, &[0x77; 4096]);
+    run_alone(&mut p);
+    p.source.request_cp(p.now_us);
+    run_alone(&mut p);
+    // The destination restarts without its ring (a reboot with a hugetlbfs ring): same
+    // metadata, empty log.
+    p.destination = Destination::open(
+        destination_config(),
+        vec![0; RING_BYTES_MIN as usize],
+        &[NAMESPACE_BYTES as u64],
+        reopen_metadata(&p.destination_metadata),
+    )
+    .unwrap();
+    let events = reconnect(&mut p);
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, SourceEvent::ResyncDone { .. })));
+    assert_eq!(p.source.counters().resync_reference_blocks, 4, "offered");
+    p.cp();
+    p.cp();
+    assert_mirror_is_primary(&p);
+}
+
+#[test]
+fn host_writes_during_a_resync_are_never_overwritten_by_older_resync_data() {
+    let mut p = pair_with(SourceConfig {
+        peer_loss_policy: PeerLossPolicy::Degrade,
+        // Slow: the resync sends about a table per tick of 10 ms.
+        resync_rate_bytes_per_s: 1 << 20,
+        ..config(CpMode::References)
+    });
+    p.connect();
+    lose_destination(&mut p);
+    for block in 0..64u64 {
+        p.write(block * 32, &[block as u8; 4096]);
+    }
+    run_alone(&mut p);
+    p.source.request_cp(p.now_us);
+    run_alone(&mut p);
+    p.destination.handle_connected(p.now_us);
+    p.source.handle_connected(p.now_us);
+    p.exchange();
+    assert!(
+        p.source.resync_progress().is_some(),
+        "the rate limit keeps it going"
+    );
+    let mut rounds = 0;
+    while p.source.resync_progress().is_some() {
+        // Each round a host write to a block the resync has or has not reached yet.
+        let block = (rounds * 7) % 64;
+        let id = p.write(block * 32, &[0x80 + rounds as u8; 4096]);
+        if rounds % 3 == 0 {
+            p.source.request_cp(p.now_us);
+        }
+        assert!(
+            completed(&p.exchange(), id),
+            "synchronous during the resync"
+        );
+        p.now_us += 10_000;
+        rounds += 1;
+        assert!(rounds < 10_000, "the resync ends");
+    }
+    assert!(rounds > 3, "writes ran during the resync ({rounds} rounds)");
+    p.cp();
+    p.cp();
+    assert_mirror_is_primary(&p);
+}
+
+#[test]
+fn a_fresh_pair_without_assume_identical_gets_the_initial_full_sync() {
+    let mut p = pair(CpMode::References);
+    p.source.config.assume_identical = false;
+    p.destination.assume_identical = false;
+    // Data on the primary from before replication (never written through the engine).
+    for (i, byte) in p.primaries[0]
+        .inner
+        .as_mut()
+        .unwrap()
+        .bytes
+        .iter_mut()
+        .enumerate()
+    {
+        *byte = (i / 4096) as u8 ^ 0x5A;
+    }
+    p.destination.handle_connected(0);
+    p.source.handle_connected(0);
+    let events = reconnect(&mut p);
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, SourceEvent::ResyncDone { .. })));
+    assert_eq!(
+        p.source.counters().resync_bytes_done,
+        NAMESPACE_BYTES as u64,
+        "everything"
+    );
+    assert_mirror_is_primary(&p);
+    assert_eq!(
+        p.source.metadata.generations().current,
+        p.destination.metadata().generations().current
+    );
+}
+
+#[test]
+fn a_half_resynced_destination_is_not_promoted() {
+    let mut p = degrade_pair();
+    p.connect();
+    lose_destination(&mut p);
+    for block in 0..256u64 {
+        p.write(block * 8, &[block as u8; 4096]);
+        if block % 64 == 63 {
+            p.source.request_cp(p.now_us);
+            run_alone(&mut p);
+        }
+    }
+    run_alone(&mut p);
+    // The destination sees the resync begin, then the link drops before it ends.
+    p.destination.handle_connected(p.now_us);
+    p.source.handle_connected(p.now_us);
+    for _ in 0..3 {
+        p.source.handle_tick(p.now_us);
+        p.devices();
+        let bytes = p
+            .source
+            .out
+            .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
+        for message in split(&bytes) {
+            p.destination.handle_message(p.now_us, message).unwrap();
+        }
+        p.devices();
+        let back = drain_destination(&mut p.destination);
+        for message in split(&back) {
+            p.source.handle_message(p.now_us, message).unwrap();
+        }
+    }
+    assert!(p.source.resync_progress().is_some(), "still resyncing");
+    p.destination.handle_disconnected(p.now_us);
+    p.devices();
+    assert_ne!(
+        p.destination.metadata().generations().flags & FLAG_RESYNC_TARGET,
+        0
+    );
+    let refused = p.destination.promote(PROMOTED_GENERATION).err().unwrap();
+    assert!(refused.to_string().contains("not promoted"), "{refused}");
+}
