@@ -4,7 +4,8 @@
 //! mirror back (followed in `nvmirror status --json`), and after `nvmirror cp --wait` the mirror
 //! image equals the primary byte for byte. A suspended source switched to degrade at run time
 //! releases the writes it held; a destination killed and restarted (file ring) during the outage
-//! is resynced too.
+//! is resynced too. A fresh pair over a primary that holds data gets the initial full sync, and a
+//! destination caught in the middle of it is refused promotion.
 
 mod common;
 
@@ -36,9 +37,7 @@ fn config(scratch: &Scratch, role: &str, port: u16, target_port: u16, extra: &st
          hugepage_dir = \"{dir}\"\nfallback_dir = \"{dir}\"\nring_medium = \"file\"\n\
          ring_dir = \"{ring_dir}\"\nring_size_mib = 8\ncp_interval_ms = 200\n\
          peer_timeout_ms = {PEER_TIMEOUT_MS}\nrpc_socket = \"{dir}/{role}.sock\"\n\
-         metadata_path = \"{dir}/{role}.meta\"\n\
-         # Fresh zeroed image files: identical by construction, no initial sync.\n\
-         assume_identical = true\n{extra}\n\
+         metadata_path = \"{dir}/{role}.meta\"\n{extra}\n\
          [[namespace]]\nkind = \"file\"\npath = \"{image}\"\nsize_mib = {NAMESPACE_MIB}\n",
         dir = scratch.0.display(),
         ring_dir = ring_dir.display(),
@@ -62,17 +61,23 @@ struct Pair {
     target_port: u16,
 }
 
+/// Fresh zeroed image files are identical by construction: no initial sync.
+const IDENTICAL: &str = "assume_identical = true";
+
 fn start_pair(scratch: &Scratch, policy: &str) -> Pair {
+    start_pair_with(
+        scratch,
+        IDENTICAL,
+        &format!("{IDENTICAL}\npeer_loss_policy = \"{policy}\""),
+    )
+}
+
+/// A pair whose sides get `destination_extra` and `source_extra` top-level lines.
+fn start_pair_with(scratch: &Scratch, destination_extra: &str, source_extra: &str) -> Pair {
     let port = free_port();
     let target_port = free_port();
-    let destination_config = config(scratch, "destination", port, target_port, "");
-    let source_config = config(
-        scratch,
-        "source",
-        port,
-        target_port,
-        &format!("peer_loss_policy = \"{policy}\""),
-    );
+    let destination_config = config(scratch, "destination", port, target_port, destination_extra);
+    let source_config = config(scratch, "source", port, target_port, source_extra);
     let destination = start_destination(&destination_config);
     let source_log = scratch.path("source.log");
     let (source, lines) = start_source(&source_config, &[], "info", &source_log);
@@ -308,9 +313,10 @@ fn degrade_keeps_writes_completing_while_the_destination_is_frozen_and_resyncs_i
 
     signal(&pair.destination, libc::SIGCONT);
     eprintln!("destination frozen for {:?}", frozen.elapsed());
+    // The resync runs under the host's writes (the perf run goes on for a few seconds).
+    let running = wait_resync_done(&pair.source_config);
     let json = perf_result(perf);
     assert!(json["writes"].as_u64().unwrap() > during, "{json}");
-    let running = wait_resync_done(&pair.source_config);
     eprintln!(
         "resync samples: {}",
         running
@@ -414,4 +420,88 @@ fn a_destination_killed_and_restarted_during_the_outage_is_resynced() {
         "a bitmap resync, not a full one: {log}"
     );
     finish_and_compare(&scratch, &mut pair);
+}
+
+/// Writes a recognisable pattern over the whole primary image before the pair first starts.
+fn fill_primary(scratch: &Scratch) -> Vec<u8> {
+    let bytes: Vec<u8> = (0..NAMESPACE_MIB << 20)
+        .map(|i| (i / 4096 % 251) as u8 ^ (i % 7) as u8)
+        .collect();
+    std::fs::write(scratch.path("primary.img"), &bytes).unwrap();
+    bytes
+}
+
+#[test]
+fn a_fresh_pair_over_a_primary_with_data_gets_the_initial_full_sync() {
+    let scratch = Scratch::new("degrade-initial");
+    let primary = fill_primary(&scratch);
+    // No assume_identical: the devices differ, and nothing may be accepted silently.
+    let mut pair = start_pair_with(&scratch, "", "");
+    let running = wait_resync_done(&pair.source_config);
+    eprintln!("{} status samples during the full sync", running.len());
+    let counters = source_counters(&pair.source_config);
+    assert_eq!(counter(&counters, "resync_count"), 1, "{counters}");
+    assert_eq!(
+        counter(&counters, "resync_bytes_total"),
+        NAMESPACE_MIB << 20,
+        "every extent: {counters}"
+    );
+    assert!(log_text(&pair.source_log).contains("every extent (full sync)"));
+    // Host writes after the sync are mirrored as usual.
+    let json = perf_result(spawn(perf(&pair, 1)));
+    assert!(json["writes"].as_u64().unwrap() > 0, "{json}");
+    finish_and_compare(&scratch, &mut pair);
+    assert_ne!(
+        read_image(&scratch.path("mirror.img")),
+        primary,
+        "the host's writes are on the mirror too"
+    );
+}
+
+#[test]
+fn a_destination_in_the_middle_of_a_resync_is_not_promoted() {
+    let scratch = Scratch::new("degrade-half");
+    fill_primary(&scratch);
+    // 1 MiB/s: the 16 MiB full sync takes 16 s; the source dies after a few.
+    let mut pair = start_pair_with(&scratch, "", "resync_rate_mib_s = 1");
+    let started = Instant::now();
+    loop {
+        let node = status(&pair.source_config);
+        if node["resync"]["active"] == true && node["resync"]["bytes_done"].as_u64().unwrap() > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < RESYNC_LIMIT,
+            "no resync progress: {node}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let destination = json_of(&nvmirror(&[
+        "status",
+        "--config",
+        pair.destination_config.to_str().unwrap(),
+        "--json",
+    ]))["nodes"][0]
+        .clone();
+    assert_eq!(
+        destination["generations"]["resync_target"], true,
+        "{destination}"
+    );
+    pair.source.0.kill().unwrap();
+    pair.source.0.wait().unwrap();
+    stop(&mut pair.destination, "the destination");
+    let promote = nvmirror(&[
+        "promote",
+        "--config",
+        pair.destination_config.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&promote.stderr);
+    assert!(
+        !promote.status.success(),
+        "a half-resynced mirror was promoted"
+    );
+    assert!(
+        stderr.contains("not a consistent image, so it is not promoted"),
+        "{stderr}"
+    );
 }
