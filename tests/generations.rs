@@ -247,19 +247,23 @@ fn a_split_brain_is_refused_on_both_sides() {
     }
 }
 
+/// A fresh pair now gets the initial full sync (`tests/degrade.rs`); what stays refused is a full
+/// sync that would overwrite data: here a source whose metadata is new (it holds no data of the
+/// volume) facing a destination that holds a generation.
 #[test]
-fn a_fresh_pair_without_assume_identical_is_refused_until_a_full_sync() {
+fn a_source_without_data_facing_a_destination_with_data_is_refused() {
     let scratch = Scratch::new("full-sync");
     let target_port = free_port();
     let (destination, source) = pair_with_target(&scratch, "fresh", target_port);
-    for config in [&destination, &source] {
-        let text = std::fs::read_to_string(config).unwrap();
-        std::fs::write(config, text.replace("assume_identical = true\n", "")).unwrap();
-    }
+    let generation = settle_pair(&destination, &source, &scratch, false);
+    std::fs::remove_file(scratch.path("source.meta")).unwrap();
     let _destination_node = start_destination(&destination);
     let log = run_refused_source(&source, target_port, &scratch.path("fresh-source.log"));
     assert!(
-        log.contains("a full sync is required") && log.contains("assume_identical = true"),
+        log.contains("the source holds no data of this volume")
+            && log.contains(&generation)
+            && log.contains("a full sync would overwrite the destination's data")
+            && log.contains("assume_identical = true"),
         "{log}"
     );
 }
