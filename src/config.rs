@@ -675,7 +675,7 @@ impl Config {
         medium.volatile_write_cache(ENTRIES_PERSISTED_BEFORE_ACK)
     }
 
-    /// The source's peer-loss policy (validated: never `degrade`).
+    /// The source's peer-loss policy (`suspend` unless configured).
     pub fn peer_loss_policy(&self) -> PeerLossPolicy {
         self.peer_loss_policy
             .unwrap_or(PeerLossPolicyConfig::Suspend)

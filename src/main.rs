@@ -48,7 +48,7 @@ usage:
   nvmirror cp [--wait] [--timeout-ms N] [--socket PATH | --config FILE]
                                     start a consistency point; --wait returns once every write completed
                                     before it is on both sides' namespaces
-  nvmirror set-policy suspend|fail [--socket PATH | --config FILE]
+  nvmirror set-policy suspend|fail|degrade [--socket PATH | --config FILE]
                                     change a running source's peer-loss policy
   nvmirror rpc METHOD ['{\"param\": value}'] [--socket PATH | --config FILE]
                                     call any management method (rpc_get_methods lists them)

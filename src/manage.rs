@@ -68,9 +68,9 @@ pub fn run_client(command: &str, options: &mut Options) -> Result<(), String> {
             ("nvmirror_cp".to_string(), params)
         }
         "set-policy" => {
-            let policy = options
-                .positional()
-                .ok_or("nvmirror set-policy suspend|fail [--socket PATH | --config FILE]")?;
+            let policy = options.positional().ok_or(
+                "nvmirror set-policy suspend|fail|degrade [--socket PATH | --config FILE]",
+            )?;
             (
                 "nvmirror_set_policy".to_string(),
                 json!({ "policy": policy }),
@@ -113,13 +113,18 @@ fn print_status(status: &Value) {
         let peer = &node["peer"];
         if peer.is_object() {
             println!(
-                "  destination is {}{} (peer_loss_policy {})",
+                "  destination is {}{} (peer_loss_policy {}){}",
                 peer["state"].as_str().unwrap_or("?"),
                 peer["reason"]
                     .as_str()
                     .map(|reason| format!(": {reason}"))
                     .unwrap_or_default(),
-                peer["policy"].as_str().unwrap_or("?")
+                peer["policy"].as_str().unwrap_or("?"),
+                if node["degraded"].as_bool() == Some(true) {
+                    "; DEGRADED: writes complete on the source alone, their extents marked"
+                } else {
+                    ""
+                }
             );
         }
         println!(
@@ -140,6 +145,63 @@ fn print_status(status: &Value) {
                 None => String::new(),
             }
         );
+        let line = [
+            generations_text(&node["generations"]),
+            resync_text(&node["resync"]),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join("; ");
+        if !line.is_empty() {
+            println!("  {:<12} {line}", "");
+        }
+    }
+}
+
+/// "generation G (bitmap counts changes since B)", and a destination being resynced says so.
+fn generations_text(generations: &Value) -> Option<String> {
+    let current = generations["current"].as_str()?;
+    let mut text = format!("generation {current}");
+    match generations["bitmap_base"].as_str() {
+        Some(base) if base.bytes().any(|b| b != b'0') => {
+            text += &format!(" (bitmap counts changes since {base})")
+        }
+        _ => {}
+    }
+    if generations["resync_target"].as_bool() == Some(true) {
+        text += ", RESYNC TARGET: this mirror is no point-in-time image until the resync ends";
+    }
+    Some(text)
+}
+
+/// The running resync (percent, MiB, rate, ETA), or what the last one did.
+fn resync_text(resync: &Value) -> Option<String> {
+    let mib = |key: &str| resync[key].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
+    let blocks = format!(
+        "{} blocks as references, {} as data",
+        resync["reference_blocks"], resync["data_blocks"]
+    );
+    if resync["active"].as_bool()? {
+        return Some(format!(
+            "resync ({}) {}% ({:.1} of {:.1} MiB), {} MiB/s, ETA {}, {blocks}",
+            resync["kind"].as_str().unwrap_or("?"),
+            resync["percent"],
+            mib("bytes_done"),
+            mib("bytes_total"),
+            resync["mib_s"],
+            match resync["eta_s"].as_f64() {
+                Some(s) => format!("{s} s"),
+                None => "unknown".to_string(),
+            },
+        ));
+    }
+    match resync["count"].as_u64()? {
+        0 => Some("no resync yet".to_string()),
+        count => Some(format!(
+            "{count} resync(s) done, the last {:.1} MiB: {blocks}",
+            mib("bytes_done")
+        )),
     }
 }
 

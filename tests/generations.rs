@@ -247,6 +247,9 @@ fn a_split_brain_is_refused_on_both_sides() {
     }
 }
 
+/// A fresh pair now gets the initial full sync (`tests/degrade.rs`); what stays refused is a full
+/// sync that would overwrite data: here a source whose metadata is new (it holds no data of the
+/// volume) facing a destination that holds a generation.
 #[test]
 fn a_fresh_pair_without_assume_identical_gets_the_initial_full_sync() {
     let scratch = Scratch::new("full-sync");
@@ -284,4 +287,22 @@ fn a_fresh_pair_without_assume_identical_gets_the_initial_full_sync() {
     stop(&mut source_node);
     stop(&mut destination_node);
     assert_images_equal(&scratch);
+}
+
+#[test]
+fn a_source_without_data_facing_a_destination_with_data_is_refused() {
+    let scratch = Scratch::new("no-data");
+    let target_port = free_port();
+    let (destination, source) = pair_with_target(&scratch, "fresh", target_port);
+    let generation = settle_pair(&destination, &source, &scratch, false);
+    std::fs::remove_file(scratch.path("source.meta")).unwrap();
+    let _destination_node = start_destination(&destination);
+    let log = run_refused_source(&source, target_port, &scratch.path("fresh-source.log"));
+    assert!(
+        log.contains("the source holds no data of this volume")
+            && log.contains(&generation)
+            && log.contains("a full sync would overwrite the destination's data")
+            && log.contains("assume_identical = true"),
+        "{log}"
+    );
 }

@@ -105,7 +105,7 @@ fn status_stats_and_a_waited_cp_on_a_running_pair() {
         "{stats}"
     );
     let bad = nvmirror(&["set-policy", "sometimes", "--config", source_arg]);
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("one of suspend, fail"));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("one of suspend, fail, degrade"));
 
     // Errors name what is wrong and fail the command.
     let unknown = nvmirror(&["rpc", "nvmirror_nope", "--config", source_arg]);

@@ -25,7 +25,10 @@ fn config(scratch: &Scratch, role: &str, port: u16, image: &str, extra: &str) ->
     let text = format!(
         "role = \"{role}\"\nvolume = \"peerloss\"\n{address} = \"127.0.0.1:{port}\"\n\
          hugepage_dir = \"{dir}\"\nfallback_dir = \"{dir}\"\nring_size_mib = 8\ncp_interval_ms = 500\n\
-         peer_timeout_ms = {PEER_TIMEOUT_MS}\n{extra}\n\
+         peer_timeout_ms = {PEER_TIMEOUT_MS}\nrpc_socket = \"{dir}/{role}.sock\"\n\
+         metadata_path = \"{dir}/{role}.meta\"\n\
+         # Fresh zeroed image files: identical by construction, no initial sync.\n\
+         assume_identical = true\n{extra}\n\
          [[namespace]]\nkind = \"file\"\npath = \"{image}\"\nsize_mib = {NAMESPACE_MIB}\n",
         dir = scratch.0.display(),
         image = scratch.path(image).display(),

@@ -37,6 +37,7 @@ mod write;
 pub use crate::cp::CpMode;
 pub use cp_state::TABLE_WINDOW;
 pub use recovery::RecoveryReport;
+pub use resync::ResyncStatus;
 
 use std::collections::VecDeque;
 use std::io::IoSlice;

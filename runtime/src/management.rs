@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-use crate::node::{Command, NodeControl};
+use crate::node::{Command, NodeControl, PeerStatus};
+use nvmirror_engine::counters::Counters;
+use nvmirror_engine::generation::{Generations, Hex, ResyncKind, FLAG_RESYNC_TARGET};
 use nvmirror_engine::liveness::{PeerLossPolicy, PeerState};
 
 /// JSON-RPC 2.0 error codes (the spec's, which SPDK uses too).
@@ -301,7 +303,8 @@ impl NodeMethods {
             let control = &node.control;
             let counters = fresh_counters(node)?;
             let link = *control.link.lock().unwrap();
-            let peer = control.peer.lock().unwrap().map(|peer| {
+            let peer_status = *control.peer.lock().unwrap();
+            let peer = peer_status.map(|peer| {
                 let (state, since_us, reason) = match peer.state {
                     PeerState::Connected { since_us } => ("connected", since_us, None),
                     PeerState::Disconnected { since_us } => ("disconnected", since_us, None),
@@ -312,7 +315,8 @@ impl NodeMethods {
                 json!({"state": state, "since_us": since_us, "reason": reason,
                        "policy": peer.policy.name()})
             });
-            nodes.push(json!({
+            let generations = control.generations.lock().unwrap().map(generations_json);
+            let mut fields = json!({
                 "role": node.role,
                 "peer": peer,
                 "link_connected": link.connected,
@@ -324,7 +328,13 @@ impl NodeMethods {
                 "device_error_count": counters.device_error_count,
                 "cp_failure_count": counters.cp_failure_count,
                 "refused": control.rejected.lock().unwrap().clone(),
-            }));
+                "generations": generations,
+            });
+            if let Some(peer) = peer_status {
+                fields["degraded"] = json!(peer.degraded);
+                fields["resync"] = resync_json(&peer, &counters);
+            }
+            nodes.push(fields);
         }
         let promote_error = LAST_PROMOTE_ERROR.lock().unwrap().clone();
         Ok(json!({"volume": self.volume, "nodes": nodes, "promote_error": promote_error}))
@@ -388,9 +398,10 @@ impl NodeMethods {
         let policy = match name {
             "suspend" => PeerLossPolicy::Suspend,
             "fail" => PeerLossPolicy::Fail,
+            "degrade" => PeerLossPolicy::Degrade,
             other => {
                 return Err(RpcError::invalid_params(format!(
-                    "policy '{other}': one of suspend, fail"
+                    "policy '{other}': one of suspend, fail, degrade"
                 )))
             }
         };
@@ -456,8 +467,47 @@ impl Methods for NodeMethods {
     }
 }
 
+/// A node's generations as status shows them: hex ids (as the log prints them), 0 for none.
+fn generations_json(generations: Generations) -> Value {
+    json!({
+        "current": Hex(generations.current).to_string(),
+        "bitmap_base": Hex(generations.bitmap_base).to_string(),
+        "history": generations.history.iter().filter(|&&g| g != 0)
+            .map(|&g| Hex(g).to_string()).collect::<Vec<_>>(),
+        // A destination in the middle of a resync holds no point-in-time image.
+        "resync_target": generations.flags & FLAG_RESYNC_TARGET != 0,
+    })
+}
+
+/// A source's resync: the one running (progress, rate, ETA), else the last one's figures.
+fn resync_json(peer: &PeerStatus, counters: &Counters) -> Value {
+    let mut resync = json!({
+        "active": peer.resync.is_some(),
+        "count": counters.resync_count,
+        "bytes_done": counters.resync_bytes_done,
+        "bytes_total": counters.resync_bytes_total,
+        "reference_blocks": counters.resync_reference_blocks,
+        "data_blocks": counters.resync_data_blocks,
+        "wire_bytes": counters.resync_wire_bytes,
+    });
+    if let Some(status) = peer.resync {
+        let (percent, mib_s, eta_s) = status.rates(peer.now_us);
+        resync["kind"] = json!(match status.kind {
+            ResyncKind::Bitmap => "bitmap",
+            ResyncKind::Full => "full",
+        });
+        resync["percent"] = json!((percent * 10.0).round() / 10.0);
+        resync["bytes_done"] = json!(status.bytes_done);
+        resync["bytes_total"] = json!(status.bytes_total);
+        resync["mib_s"] = json!((mib_s * 10.0).round() / 10.0);
+        resync["eta_s"] = json!(eta_s.map(|s| s.ceil()));
+        resync["references_done"] = json!(status.references_done);
+    }
+    resync
+}
+
 /// Asks a node to publish its counters and waits until it did.
-fn fresh_counters(node: &ManagedNode) -> Result<nvmirror_engine::counters::Counters, RpcError> {
+fn fresh_counters(node: &ManagedNode) -> Result<Counters, RpcError> {
     let control = &node.control;
     let before = control.published.load(Ordering::Acquire);
     node.commands

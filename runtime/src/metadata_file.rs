@@ -24,14 +24,58 @@ pub const METADATA_QUEUE_DEPTH: u32 =
 /// An opened metadata file.
 pub struct MetadataFile {
     pub metadata: NodeMetadata,
-    /// The file as a device for the engine's metadata ops.
+    /// The file as a device for the engine's metadata ops; it holds the advisory lock, so the
+    /// lock lasts as long as the node keeps its device (callers move `metadata` and `device`
+    /// out and drop the rest).
     pub device: Box<dyn NamespaceDevice>,
     pub path: PathBuf,
     /// Created and formatted by this start.
     pub formatted: bool,
     pub report: Option<OpenReport>,
-    /// Holds the advisory lock for the node's lifetime.
+}
+
+/// The metadata file's device together with the `flock`ed descriptor that keeps other
+/// processes off the file.
+struct LockedDevice {
+    device: Box<dyn NamespaceDevice>,
     _lock: File,
+}
+
+impl nvmirror_engine::device::BlockDevice for LockedDevice {
+    fn size_bytes(&self) -> u64 {
+        self.device.size_bytes()
+    }
+    fn submit(&mut self, op: nvmirror_engine::device::DeviceOp<'_>) {
+        self.device.submit(op)
+    }
+    fn poll_completions(
+        &mut self,
+        complete: &mut dyn FnMut(nvmirror_engine::device::DeviceCompletion<'_>),
+    ) -> usize {
+        self.device.poll_completions(complete)
+    }
+    fn read_now(
+        &mut self,
+        offset_bytes: u64,
+        buf: &mut [u8],
+    ) -> Option<Result<(), nvmirror_engine::device::DeviceError>> {
+        self.device.read_now(offset_bytes, buf)
+    }
+    fn can_read_now(&self) -> bool {
+        self.device.can_read_now()
+    }
+    fn inflight_count(&self) -> usize {
+        self.device.inflight_count()
+    }
+}
+
+impl NamespaceDevice for LockedDevice {
+    fn doorbell(&self) -> Option<std::sync::Arc<dyn crate::reactor::Doorbell>> {
+        self.device.doorbell()
+    }
+    fn next_deadline_us(&self) -> Option<u64> {
+        self.device.next_deadline_us()
+    }
 }
 
 /// A random non-zero u64 from the kernel (node ids, generations).
@@ -164,11 +208,13 @@ pub fn open_metadata_file(
         open_file_namespace(path, None, false, METADATA_QUEUE_DEPTH).map_err(|e| at(&e))?;
     Ok(MetadataFile {
         metadata,
-        device,
+        device: Box::new(LockedDevice {
+            device,
+            _lock: file,
+        }),
         path: path.to_path_buf(),
         formatted,
         report,
-        _lock: file,
     })
 }
 
@@ -193,7 +239,19 @@ mod tests {
             "{:?}",
             second.err()
         );
-        drop(first);
+        // What a node keeps (the engine takes the metadata, the reactor the device) keeps the
+        // lock: found when every caller dropped the rest and a second process opened the file.
+        let MetadataFile {
+            metadata, device, ..
+        } = first;
+        drop(metadata);
+        let second = open_metadata_file(&path, VOLUME, "v", &sizes, 64 << 10);
+        assert!(
+            second.as_ref().err().unwrap().contains("in use by another"),
+            "{:?}",
+            second.err()
+        );
+        drop(device);
         let again = open_metadata_file(&path, VOLUME, "v", &sizes, 64 << 10).unwrap();
         assert!(!again.formatted);
         assert_eq!(again.metadata.generations().node_id, node_id);

@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex};
 use nvmirror_engine::counters::Counters;
 use nvmirror_engine::destination::{Destination, DestinationEvent};
 use nvmirror_engine::device::BlockDevice;
+use nvmirror_engine::generation::Generations;
 use nvmirror_engine::liveness::{PeerLossPolicy, PeerState};
-use nvmirror_engine::source::{Source, SourceEvent};
+use nvmirror_engine::source::{ResyncStatus, Source, SourceEvent};
 use nvmirror_engine::wire;
 
 use crate::bdev::NamespaceDevice;
@@ -71,6 +72,9 @@ pub enum Command {
 
 /// Commands queued for a node at most; a full mailbox refuses more.
 pub const COMMANDS_MAX: usize = 64;
+/// A node publishes its state at least this often, unasked (its reactor wakes for it), so what
+/// a reader finds without asking for a fresh publication is at most this old.
+pub const PUBLISH_INTERVAL_US: u64 = 1_000_000;
 
 /// How other threads steer a node: commands go through its mailbox; results are published here.
 pub struct NodeControl {
@@ -98,6 +102,9 @@ pub struct NodeControl {
     pub link: Mutex<LinkStatus>,
     /// Source: its view of the destination and its policy, as of the last publication.
     pub peer: Mutex<Option<PeerStatus>>,
+    /// The node's generations (current, history, bitmap base, flags), as of the last
+    /// publication.
+    pub generations: Mutex<Option<Generations>>,
     /// Source: `RequestCp` commands taken, and the CP number that makes every write completed
     /// before the latest one durable on both sides (what `nvmirror_cp` waits for).
     pub cp_requests_seen: AtomicU64,
@@ -111,6 +118,12 @@ pub struct NodeControl {
 pub struct PeerStatus {
     pub state: PeerState,
     pub policy: PeerLossPolicy,
+    /// Writes complete without the destination (`degrade`), their extents marked.
+    pub degraded: bool,
+    /// The resync of the destination, while one runs.
+    pub resync: Option<ResyncStatus>,
+    /// The node's clock at the publication (the resync's rates are taken at it).
+    pub now_us: u64,
 }
 
 /// The replication link of a node, as published.
@@ -135,15 +148,17 @@ impl NodeControl {
             published: AtomicU64::new(0),
             link: Mutex::new(LinkStatus::default()),
             peer: Mutex::new(None),
+            generations: Mutex::new(None),
             cp_requests_seen: AtomicU64::new(0),
             cp_requested_number: AtomicU64::new(0),
             cp_durable_number: AtomicU64::new(0),
         }))
     }
 
-    /// Publishes a node's counters and link state (on the node's reactor).
-    pub fn publish(&self, counters: Counters, link: &Link) {
+    /// Publishes a node's counters, generations and link state (on the node's reactor).
+    pub fn publish(&self, counters: Counters, generations: Generations, link: &Link) {
         *self.counters.lock().unwrap() = Some(counters);
+        *self.generations.lock().unwrap() = Some(generations);
         *self.link.lock().unwrap() = LinkStatus {
             connected: link.is_connected(),
             connects: link.counters.connects,
@@ -316,6 +331,9 @@ pub struct SourceNode<F: FrontEnd> {
     control: Arc<NodeControl>,
     /// The front end finished or a [`Command::Finish`] came: wind down with a last CP.
     finishing: bool,
+    /// The clock of the latest poll or command, and of the latest publication.
+    now_us: u64,
+    published_us: u64,
     /// The last CP was asked for.
     final_cp_requested: bool,
 }
@@ -341,16 +359,26 @@ impl<F: FrontEnd> SourceNode<F> {
             control,
             finishing: false,
             final_cp_requested: false,
+            now_us: 0,
+            published_us: 0,
         }
     }
 
-    pub fn publish_counters(&self) {
+    pub fn publish_counters(&mut self) {
         let source = &self.volume.source;
         *self.control.peer.lock().unwrap() = Some(PeerStatus {
             state: source.peer_state(),
             policy: source.peer_loss_policy(),
+            degraded: source.is_degraded(),
+            resync: source.resync_status(),
+            now_us: self.now_us,
         });
-        self.control.publish(*source.counters(), &self.link);
+        self.control.publish(
+            *source.counters(),
+            *source.metadata().generations(),
+            &self.link,
+        );
+        self.published_us = self.now_us;
     }
 }
 
@@ -358,6 +386,7 @@ impl<F: FrontEnd> Poller for SourceNode<F> {
     /// One reactor pass, ordered so a write needs as few passes as possible: acknowledgements
     /// in, completions to the front end, new host I/O in, transfers closed and sent.
     fn poll(&mut self, now_us: u64) -> usize {
+        self.now_us = now_us;
         let mut work = self.link.poll(now_us, &mut self.volume.source);
         work += self.drain_events();
         work += self.front_end.poll(now_us, &mut self.volume);
@@ -401,6 +430,7 @@ impl<F: FrontEnd> Poller for SourceNode<F> {
             self.volume.source.next_deadline_us(),
             self.volume.devices_deadline_us(),
             self.link.next_deadline_us(),
+            Some(self.published_us + PUBLISH_INTERVAL_US),
         ]
         .into_iter()
         .flatten()
@@ -410,6 +440,7 @@ impl<F: FrontEnd> Poller for SourceNode<F> {
 
 impl<F: FrontEnd> Node for SourceNode<F> {
     fn handle_command(&mut self, now_us: u64, command: Command) {
+        self.now_us = self.now_us.max(now_us);
         match command {
             Command::RequestCp => {
                 let source = &mut self.volume.source;
@@ -527,6 +558,9 @@ impl<F: FrontEnd> SourceNode<F> {
     }
 
     fn poll_control(&mut self, now_us: u64) {
+        if now_us.saturating_sub(self.published_us) >= PUBLISH_INTERVAL_US {
+            self.publish_counters();
+        }
         if (self.finishing || self.front_end.is_finished())
             && !self.control.synced.load(Ordering::Acquire)
         {
@@ -549,6 +583,7 @@ pub struct DestinationNode {
     pub metadata_device: Device,
     pub link: Link,
     control: Arc<NodeControl>,
+    published_us: u64,
 }
 
 impl DestinationNode {
@@ -566,6 +601,7 @@ impl DestinationNode {
             metadata_device,
             link,
             control,
+            published_us: 0,
         })
     }
 
@@ -602,8 +638,11 @@ impl DestinationNode {
     }
 
     pub fn publish_counters(&self) {
-        self.control
-            .publish(*self.destination.counters(), &self.link);
+        self.control.publish(
+            *self.destination.counters(),
+            *self.destination.metadata().generations(),
+            &self.link,
+        );
     }
 }
 
@@ -647,6 +686,10 @@ impl Poller for DestinationNode {
                 DestinationEvent::PeerLost(_) => self.publish_counters(),
             }
         }
+        if now_us.saturating_sub(self.published_us) >= PUBLISH_INTERVAL_US {
+            self.published_us = now_us;
+            self.publish_counters();
+        }
         // Acknowledgements were flushed by the poll that received their transfers; events queue
         // nothing to send, so one receive and one send per loop suffice.
         work
@@ -672,6 +715,7 @@ impl Poller for DestinationNode {
             self.link.next_deadline_us(),
             devices_deadline_us(&self.mirrors),
             self.destination.next_deadline_us(),
+            Some(self.published_us + PUBLISH_INTERVAL_US),
         ]
         .into_iter()
         .flatten()

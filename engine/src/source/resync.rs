@@ -46,6 +46,33 @@ pub const RESYNC_PROGRESS_LOG_US: u64 = 5_000_000;
 /// A block's latest content in a transfer the destination acknowledged: (transfer, block).
 type LogReference = (TransferId, u32);
 
+/// A resync in progress, as a runtime publishes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncStatus {
+    pub kind: ResyncKind,
+    /// When it started, on the clock of `handle_tick`.
+    pub started_us: u64,
+    /// Bytes of the extents resynced so far (their bits are clear), and of those marked when it
+    /// started. Extents marked while it runs add to `bytes_done` but not to `bytes_total`.
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// The references into the destination's old log are through (host writes flow again).
+    pub references_done: bool,
+}
+
+impl ResyncStatus {
+    /// Percent done (at most 100), MiB/s since the start, and the seconds left at that rate
+    /// (`None` before any byte was resynced).
+    pub fn rates(&self, now_us: u64) -> (f64, f64, Option<f64>) {
+        let percent = (100.0 * self.bytes_done as f64 / self.bytes_total.max(1) as f64).min(100.0);
+        let elapsed_s = now_us.saturating_sub(self.started_us) as f64 / 1e6;
+        let bytes_per_s = self.bytes_done as f64 / elapsed_s.max(1e-6);
+        let left = self.bytes_total.saturating_sub(self.bytes_done) as f64;
+        let eta_s = (bytes_per_s > 0.0).then(|| left / bytes_per_s);
+        (percent, bytes_per_s / (1 << 20) as f64, eta_s)
+    }
+}
+
 /// Writes go on without the destination.
 #[derive(Debug)]
 pub(super) struct Degrade {
@@ -122,6 +149,16 @@ impl Resync {
         !self.entries.is_empty()
     }
 
+    fn status(&self) -> ResyncStatus {
+        ResyncStatus {
+            kind: self.kind,
+            started_us: self.started_us,
+            bytes_done: self.bytes_done,
+            bytes_total: self.bytes_total,
+            references_done: self.references_done,
+        }
+    }
+
     fn drop_table(&mut self) {
         self.generation = self.generation.wrapping_add(1);
         self.entries.clear();
@@ -165,6 +202,11 @@ impl<M: RingStore> Source<M> {
         self.resync
             .as_ref()
             .map(|resync| (resync.bytes_done, resync.bytes_total))
+    }
+
+    /// The resync in progress as `nvmirror status` shows it, if one runs.
+    pub fn resync_status(&self) -> Option<ResyncStatus> {
+        self.resync.as_ref().map(Resync::status)
     }
 
     /// The peer is lost under `degrade`: a new generation, every entry in the ring marked, the
@@ -343,14 +385,23 @@ impl<M: RingStore> Source<M> {
         unreachable!("seq {seq} is a committed entry of an unreleased half")
     }
 
-    /// While degraded, a frozen CP completes on the primary alone once flushed.
+    /// While degraded, a frozen CP completes on the primary alone once flushed and once every
+    /// write of it completed (its mark is durable). Before that, releasing its entries would
+    /// lose the writes whose completion waits for a mark (`committed_through_seq` counts only
+    /// unreleased entries), and a crash would leave blocks on the primary that no durable mark
+    /// names, so the resync would never send them.
     pub(super) fn complete_cp_locally(&mut self, now_us: u64) {
         if self.degrade.is_none() || self.link == LinkState::Ready {
             return;
         }
         let half = 1 - half_of_cp(self.active_cp);
         let state = &self.cps[half];
-        if state.phase == CpPhase::Frozen && state.flush == FlushState::Done {
+        let last_seq =
+            (state.first_seq + u64::from(self.ring.reserved_slots(half))).saturating_sub(1);
+        if state.phase == CpPhase::Frozen
+            && state.flush == FlushState::Done
+            && self.completed_through_seq >= last_seq
+        {
             let cp_number = state.cp_number;
             log::debug!("source: cp {cp_number} completed on the primary alone (degraded)");
             self.complete_cp(now_us, cp_number);
@@ -827,20 +878,12 @@ impl<M: RingStore> Source<M> {
             return;
         }
         resync.last_log_us = now_us;
-        let elapsed_s = now_us.saturating_sub(resync.started_us) as f64 / 1e6;
-        let rate = resync.bytes_done as f64 / elapsed_s.max(1e-6);
-        let left = resync.bytes_total.saturating_sub(resync.bytes_done) as f64;
+        let (percent, mib_s, eta_s) = resync.status().rates(now_us);
         log::info!(
-            "source: resync {:.1}% ({} of {} MiB), {:.1} MiB/s, ETA {:.0} s",
-            100.0 * resync.bytes_done as f64 / resync.bytes_total.max(1) as f64,
+            "source: resync {percent:.1}% ({} of {} MiB), {mib_s:.1} MiB/s, ETA {}",
             resync.bytes_done >> 20,
             resync.bytes_total >> 20,
-            rate / (1 << 20) as f64,
-            if rate > 0.0 {
-                left / rate
-            } else {
-                f64::INFINITY
-            }
+            eta_s.map_or("unknown".to_string(), |s| format!("{s:.0} s"))
         );
     }
 

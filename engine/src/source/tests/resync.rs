@@ -123,32 +123,61 @@ fn degraded_writes_complete_once_marked_and_cps_complete_on_the_primary_alone() 
 }
 
 #[test]
-fn a_degraded_write_completes_although_its_cp_completed_before_its_mark_was_durable() {
+fn a_degraded_cp_waits_for_the_marks_of_its_writes_before_it_completes() {
+    // Found on real processes: a CP frozen and flushed before its writes' marks were durable
+    // completed alone and released their entries; those writes then never completed.
     let mut p = degrade_pair();
     p.connect();
     lose_destination(&mut p);
+    // The new generation is durable; from now on only the marks of new writes are pending.
     run_alone(&mut p);
-    let id = p.write(0, &[7; 4096]);
-    // The primary write and the CP flush complete; the metadata write does not yet.
+    let held = p.write(512, &[7; 4096]);
     p.source.request_cp(p.now_us);
-    for _ in 0..5 {
+    let mut events = Vec::new();
+    let mut metadata_ops = 0;
+    for _ in 0..20 {
         p.source.handle_tick(p.now_us);
+        // The primary completes everything; the metadata device holds every op.
         while let Some(op) = p.source.poll_device_op(p.now_us) {
-            p.primaries[0].submit(op);
+            p.primaries[op.nsid as usize - 1].submit(op);
         }
-        let (source, now) = (&mut p.source, p.now_us);
+        let source = &mut p.source;
+        let now = p.now_us;
         p.primaries[0].poll_completions(&mut |c| source.handle_device_completion(now, c));
+        while let Some(op) = p.source.poll_metadata_op() {
+            p.source_metadata.submit(op);
+            metadata_ops += 1;
+        }
+        events.extend(events_of(&mut p));
     }
-    let events = events_of(&mut p);
+    assert!(metadata_ops > 0, "the write's mark is being written");
     assert!(
-        events
+        !completed(&events, held),
+        "completed before its mark: {events:?}"
+    );
+    assert!(
+        !events
             .iter()
             .any(|e| matches!(e, SourceEvent::CpCompleted { .. })),
+        "the CP completed before its write did: {events:?}"
+    );
+    // The mark lands (the harness's device passes finish the batch in two runs): the write
+    // completes, then the CP.
+    let events = [run_alone(&mut p), run_alone(&mut p), run_alone(&mut p)].concat();
+    let write_at = events
+        .iter()
+        .position(|e| *e == SourceEvent::WriteCompleted(held));
+    let cp_at = events
+        .iter()
+        .position(|e| matches!(e, SourceEvent::CpCompleted { .. }));
+    assert!(
+        matches!((write_at, cp_at), (Some(w), Some(c)) if w < c),
         "{events:?}"
     );
-    assert!(!completed(&events, id), "not before its mark is durable");
-    let events = run_alone(&mut p);
-    assert!(completed(&events, id), "{events:?}");
+    assert_eq!(
+        &p.primaries[0].bytes()[512 * 512..512 * 512 + 4096],
+        &[7; 4096]
+    );
 }
 
 #[test]
