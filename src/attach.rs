@@ -14,6 +14,7 @@ use nvmirror_runtime::bdev::NamespaceDevice;
 
 use crate::config::{Config, Role};
 use crate::setup::open_ring;
+use nvmirror_engine::generation::FLAG_RAN_AS_SOURCE;
 
 /// Where this node's source ring would be, if it ever ran as the volume's source.
 fn former_source_rings(config: &Config) -> Vec<PathBuf> {
@@ -36,6 +37,10 @@ pub fn attach_former_source(
     metadata: &mut NodeMetadata,
     device: &mut dyn NamespaceDevice,
 ) -> Result<usize, String> {
+    // Only this node's own former ring: another node's source ring may share the directory.
+    if metadata.generations().flags & FLAG_RAN_AS_SOURCE == 0 {
+        return Ok(0);
+    }
     let Some(path) = former_source_rings(config)
         .into_iter()
         .find(|path| path.exists())
@@ -53,7 +58,38 @@ pub fn attach_former_source(
         let _ = metadata.mark(entry.nsid, entry.lba, length);
         bytes += length;
     }
-    // Start-up may wait on the device: nothing is served yet.
+    persist(metadata, device)?;
+    std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let _ = metadata.set_flag(FLAG_RAN_AS_SOURCE, false);
+    persist(metadata, device)?;
+    log::warn!(
+        "attach: this node was the volume's source: {} entries ({} KiB) of its ring {} may never \
+         have reached the other side; their extents are marked for the resync and the ring is retired",
+        entries.len(),
+        bytes.div_ceil(1024),
+        path.display()
+    );
+    Ok(entries.len())
+}
+
+/// A node opening as a source records it, so a later start as a destination attaches its ring.
+pub fn note_running_as_source(
+    metadata: &mut NodeMetadata,
+    device: &mut dyn NamespaceDevice,
+) -> Result<(), String> {
+    if metadata.generations().flags & FLAG_RAN_AS_SOURCE == 0 {
+        let _ = metadata.set_flag(FLAG_RAN_AS_SOURCE, true);
+        persist(metadata, device)?;
+    }
+    Ok(())
+}
+
+/// Writes `metadata`'s changes through `device` and waits until they are durable (start-up and
+/// offline commands only: nothing is served meanwhile).
+pub fn persist(
+    metadata: &mut NodeMetadata,
+    device: &mut dyn NamespaceDevice,
+) -> Result<(), String> {
     while !metadata.is_durable() {
         let mut work = 0;
         while let Some(op) = metadata.poll_device_op() {
@@ -70,13 +106,30 @@ pub fn attach_former_source(
             }
         }
     }
-    std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    log::warn!(
-        "attach: this node was the volume's source: {} entries ({} KiB) of its ring {} may never \
-         have reached the other side; their extents are marked for the resync and the ring is retired",
-        entries.len(),
-        bytes.div_ceil(1024),
-        path.display()
+    Ok(())
+}
+
+/// `nvmirror discard-changes --config FILE`: after a split brain, the operator gives up this
+/// (stopped) node's changes: its metadata forgets its generations and bitmap, so when it is next
+/// attached as a destination the handshake gives it a full sync from the other side.
+pub fn discard_changes(config: &Config) -> Result<(), String> {
+    let devices = crate::setup::open_namespaces(config)?;
+    let mut file = crate::setup::open_metadata(config, &devices)?;
+    let before = *file.metadata.generations();
+    let _ = file.metadata.discard_data();
+    persist(&mut file.metadata, &mut *file.device)?;
+    println!(
+        "nvmirror discard-changes: node {} forgot generation {} (history {:?}); it holds no data of \
+         volume '{}' now and takes a full sync from its peer when next attached as a destination",
+        nvmirror_engine::generation::Hex(before.node_id),
+        nvmirror_engine::generation::Hex(before.current),
+        before
+            .history
+            .iter()
+            .filter(|&&g| g != 0)
+            .map(|&g| nvmirror_engine::generation::Hex(g).to_string())
+            .collect::<Vec<_>>(),
+        config.volume
     );
-    Ok(entries.len())
+    Ok(())
 }

@@ -50,6 +50,12 @@ usage:
                                     before it is on both sides' namespaces
   nvmirror set-policy suspend|fail|degrade [--socket PATH | --config FILE]
                                     change a running source's peer-loss policy
+  nvmirror attach ADDR:PORT [--socket PATH | --config FILE]
+                                    a running source replicates to the destination at ADDR:PORT from now on
+                                    (e.g. the old source, started as a destination after a promotion)
+  nvmirror discard-changes --config FILE
+                                    after a split brain: this (stopped) node forgets its data's generations,
+                                    so it takes a full sync from the other side when next attached
   nvmirror rpc METHOD ['{\"param\": value}'] [--socket PATH | --config FILE]
                                     call any management method (rpc_get_methods lists them)
   nvmirror version
@@ -114,9 +120,14 @@ fn run(args: &[String]) -> Result<(), String> {
             options.finish()?;
             promote::promote_command(&Config::load(&path).map_err(|e| e.to_string())?)
         }
-        Some(command @ ("status" | "stats" | "cp" | "set-policy" | "rpc")) => {
+        Some(command @ ("status" | "stats" | "cp" | "set-policy" | "attach" | "rpc")) => {
             let command = command.to_string();
             manage::run_client(&command, &mut options)
+        }
+        Some("discard-changes") => {
+            let path = options.required("--config")?;
+            options.finish()?;
+            attach::discard_changes(&Config::load(&path).map_err(|e| e.to_string())?)
         }
         Some("version") => {
             println!(

@@ -76,6 +76,12 @@ pub fn run_client(command: &str, options: &mut Options) -> Result<(), String> {
                 json!({ "policy": policy }),
             )
         }
+        "attach" => {
+            let peer = options
+                .positional()
+                .ok_or("nvmirror attach ADDR:PORT [--socket PATH | --config FILE]")?;
+            ("nvmirror_attach".to_string(), json!({ "peer": peer }))
+        }
         "rpc" => {
             let method = options
                 .positional()

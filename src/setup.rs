@@ -159,7 +159,8 @@ pub fn open_source(config: &Config) -> Result<Opened<SourceEngine>, String> {
     };
     let ring = open_ring(config)?;
     let primaries = open_namespaces(config)?;
-    let metadata = open_metadata(config, &primaries)?;
+    let mut metadata = open_metadata(config, &primaries)?;
+    crate::attach::note_running_as_source(&mut metadata.metadata, &mut *metadata.device)?;
     let (source, recovery) = Source::open(
         source_config,
         ring,

@@ -255,3 +255,67 @@ fn promote_online_then_fail_back_resyncing_only_what_differs() {
         }
     }
 }
+
+fn run(args: &[&str]) -> std::process::Output {
+    let mut command = Command::new(BIN);
+    command.args(args);
+    run_to_end(command)
+}
+
+#[test]
+fn after_a_split_brain_discard_changes_lets_one_side_take_a_full_sync() {
+    let scratch = Scratch::new("discard");
+    let target_port = free_port();
+    let (destination, source) = write_pair(&scratch, ("discard", "discard"), 600_000);
+    let mut text = std::fs::read_to_string(&source).unwrap().replace(
+        "ring_size_mib = 8\n",
+        "ring_size_mib = 8\npeer_loss_policy = \"degrade\"\npeer_timeout_ms = 500\n",
+    );
+    text.push_str(&target_section(target_port, NQN, "1, 2"));
+    std::fs::write(&source, text).unwrap();
+    let dest_arg = destination.to_str().unwrap();
+    // One settled pair, and a write the mirror gets.
+    let mut destination_node = start_destination(&destination);
+    let log = scratch.path("source-1.log");
+    let (mut source_node, _lines) = start_source(&source, &[], "info", &log);
+    assert!(perf(target_port, &["--pattern", "write", "--time-s", "1"])
+        .status
+        .success());
+    assert!(perf(
+        target_port,
+        &["--nsid", "2", "--pattern", "write", "--time-s", "1"]
+    )
+    .status
+    .success());
+    term(&mut source_node);
+    term(&mut destination_node);
+    // Both move on alone: the destination is promoted, the source degrades without it.
+    assert!(run(&["promote", "--config", dest_arg]).status.success());
+    let log = scratch.path("source-2.log");
+    let (mut source_node, _lines) = spawn(&source, &log);
+    wait_log(&log, "degraded: writes go on without the destination");
+    term(&mut source_node);
+    // A split brain: refused.
+    let _destination_node = start_destination(&destination);
+    let log = scratch.path("source-3.log");
+    let (mut source_node, _lines) = spawn(&source, &log);
+    wait_log(&log, "split brain");
+    let _ = source_node.0.wait();
+    drop(_destination_node);
+    // The operator gives up the destination's changes: it takes a full sync from the source.
+    let discarded = run(&["discard-changes", "--config", dest_arg]);
+    let said = String::from_utf8_lossy(&discarded.stdout);
+    assert!(
+        discarded.status.success() && said.contains("takes a full sync"),
+        "{said}{}",
+        String::from_utf8_lossy(&discarded.stderr)
+    );
+    let mut destination_node = start_destination(&destination);
+    let log = scratch.path("source-4.log");
+    let (mut source_node, _lines) = spawn(&source, &log);
+    let text = wait_log(&log, "resync done");
+    assert!(text.contains("every extent (full sync)"), "{text}");
+    term(&mut source_node);
+    term(&mut destination_node);
+    assert_images_equal(&scratch);
+}

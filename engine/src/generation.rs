@@ -36,9 +36,14 @@ pub const FLAG_ASSUME_IDENTICAL: u32 = 1 << 1;
 /// points in time (a consistent image only once the resync is done), so it is not promoted
 /// unless the operator forces it. Set durably before the first resync block is written.
 pub const FLAG_RESYNC_TARGET: u32 = 1 << 2;
+/// This node last ran as the volume's source: started as a destination, it attaches (its former
+/// source ring's entries are marked for the resync, then the ring is retired).
+pub const FLAG_RAN_AS_SOURCE: u32 = 1 << 3;
 /// Every flag a decoder accepts.
-pub const FLAGS_KNOWN: u32 =
-    FLAG_ASSUME_IDENTICAL_CONSUMED | FLAG_ASSUME_IDENTICAL | FLAG_RESYNC_TARGET;
+pub const FLAGS_KNOWN: u32 = FLAG_ASSUME_IDENTICAL_CONSUMED
+    | FLAG_ASSUME_IDENTICAL
+    | FLAG_RESYNC_TARGET
+    | FLAG_RAN_AS_SOURCE;
 
 /// A node's generation identity (what the handshake compares).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -654,6 +654,20 @@ impl NodeMetadata {
         self.change_header()
     }
 
+    /// The operator discards this node's data after a split brain: from now on it holds no data
+    /// of the volume (its generations are forgotten, its bitmap cleared; its node id stays), so
+    /// the next handshake gives it a full sync from its peer. Returns the change's sequence.
+    pub fn discard_data(&mut self) -> u64 {
+        let consumed = self.generations.flags & FLAG_ASSUME_IDENTICAL_CONSUMED;
+        self.generations = Generations::fresh(self.generations.node_id);
+        self.generations.flags = consumed;
+        self.bits.fill(0);
+        for page in 0..self.page_count as u32 {
+            self.dirty_page(page);
+        }
+        self.change_header()
+    }
+
     /// Sets or clears a persistent flag ([`crate::generation::FLAG_RESYNC_TARGET`]); returns the
     /// change's sequence.
     pub fn set_flag(&mut self, flag: u32, on: bool) -> u64 {

@@ -141,6 +141,27 @@ pub struct Link {
 
 impl Link {
     /// A source's link: dials `peer` now and again after every failure.
+    /// A source's link dials `peer` from now on (the operator attached another destination):
+    /// the current connection, if any, is closed and the next dial is at once.
+    pub fn set_peer<E: LinkEndpoint>(&mut self, now_us: u64, endpoint: &mut E, peer: SocketAddr) {
+        let LinkRole::Dial {
+            peer: current,
+            next_dial_us,
+            backoff_us,
+        } = &mut self.role
+        else {
+            panic!("only a source's link dials");
+        };
+        *current = peer;
+        *next_dial_us = now_us;
+        *backoff_us = REDIAL_BACKOFF_US_MIN;
+        self.close(
+            now_us,
+            endpoint,
+            format!("the destination is now {peer} (operator)"),
+        );
+    }
+
     pub fn dial(peer: SocketAddr, message_bytes_max: usize) -> Self {
         Self::new(
             LinkRole::Dial {

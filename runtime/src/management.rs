@@ -423,6 +423,7 @@ impl Methods for NodeMethods {
             "nvmirror_cp",
             "nvmirror_set_policy",
             "nvmirror_promote",
+            "nvmirror_attach",
         ]
     }
 
@@ -438,6 +439,23 @@ impl Methods for NodeMethods {
             }
             "nvmirror_cp" => self.cp(params),
             "nvmirror_set_policy" => self.set_policy(params),
+            "nvmirror_attach" => {
+                only_params(params, &["peer"])?;
+                let peer: std::net::SocketAddr = params_object(params)?
+                    .and_then(|map| map.get("peer"))
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| RpcError::invalid_params("'peer' (\"ADDR:PORT\") is required"))?
+                    .parse()
+                    .map_err(|_| {
+                        RpcError::invalid_params("'peer' is not an address like 127.0.0.1:4800")
+                    })?;
+                let source = self.source()?;
+                source
+                    .commands
+                    .send(Command::Attach(peer))
+                    .map_err(|e| RpcError::new(INTERNAL_ERROR, e))?;
+                Ok(json!({"peer": peer.to_string()}))
+            }
             "nvmirror_promote" => {
                 no_params(params)?;
                 let destination = self

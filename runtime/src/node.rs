@@ -68,6 +68,9 @@ pub enum Command {
     /// Serve hosts now, without waiting for a handshake (source): the operator's decision that
     /// this node is the pair's authority, e.g. right after its promotion.
     Settle,
+    /// Replicate to the destination at this address from now on (source): the operator attached
+    /// another node (e.g. the old source, after a promotion, as the new destination).
+    Attach(SocketAddr),
 }
 
 /// Commands queued for a node at most; a full mailbox refuses more.
@@ -463,6 +466,10 @@ impl<F: FrontEnd> Node for SourceNode<F> {
                 log::warn!("source: serving hosts without a handshake (operator)");
                 self.settle();
             }
+            Command::Attach(peer) => {
+                log::warn!("source: replicating to {peer} from now on (operator)");
+                self.link.set_peer(now_us, &mut self.volume.source, peer);
+            }
         }
     }
 }
@@ -654,7 +661,8 @@ impl Node for DestinationNode {
             Command::RequestCp
             | Command::Finish
             | Command::SetPeerLossPolicy(_)
-            | Command::Settle => {}
+            | Command::Settle
+            | Command::Attach(_) => {}
         }
     }
 }
