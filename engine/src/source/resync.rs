@@ -249,15 +249,7 @@ impl<M: RingStore> Source<M> {
         let mut waiting =
             VecDeque::with_capacity(2 * self.ring.geometry().half_header_slots as usize);
         for seq in first_seq..=through {
-            let header = self.entry_header_of_seq(seq);
-            let mark = self.metadata.mark(
-                header.nsid,
-                header.lba,
-                u64::from(header.length_bytes).max(1),
-            );
-            if mark.seq != 0 {
-                waiting.push_back((seq, mark.seq));
-            }
+            self.mark_entry(seq, &mut waiting);
         }
         self.degrade = Some(Degrade {
             marked_through_seq: through.max(first_seq.saturating_sub(1)),
@@ -314,15 +306,7 @@ impl<M: RingStore> Source<M> {
         };
         let through = self.committed_through_seq();
         for seq in degrade.marked_through_seq + 1..=through {
-            let header = self.entry_header_of_seq(seq);
-            let mark = self.metadata.mark(
-                header.nsid,
-                header.lba,
-                u64::from(header.length_bytes).max(1),
-            );
-            if mark.seq != 0 {
-                degrade.waiting.push_back((seq, mark.seq));
-            }
+            let header = self.mark_entry(seq, &mut degrade.waiting);
             self.forget_references(header.nsid, header.offset_bytes(), header.length_bytes);
         }
         degrade.marked_through_seq = degrade.marked_through_seq.max(through);
@@ -349,6 +333,24 @@ impl<M: RingStore> Source<M> {
             self.completed_through_seq = self.completed_through_seq.max(complete_through);
         }
         self.degrade = Some(degrade);
+    }
+
+    /// Marks the extents of entry `seq`; a mark not yet durable joins `waiting`.
+    fn mark_entry(
+        &mut self,
+        seq: u64,
+        waiting: &mut VecDeque<(u64, u64)>,
+    ) -> crate::ring::EntryHeader {
+        let header = self.entry_header_of_seq(seq);
+        let mark = self.metadata.mark(
+            header.nsid,
+            header.lba,
+            u64::from(header.length_bytes).max(1),
+        );
+        if mark.seq != 0 {
+            waiting.push_back((seq, mark.seq));
+        }
+        header
     }
 
     /// A block's content changed: the destination's copy of it is not current any more.
