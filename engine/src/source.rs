@@ -234,6 +234,8 @@ pub struct Source<M> {
     degrade: Option<resync::Degrade>,
     /// The destination is being resynced.
     resync: Option<resync::Resync>,
+    /// The table generation the next resync starts at: past every earlier resync's tables.
+    resync_generation_next: u32,
     /// Blocks whose latest content the destination holds in a transfer it acknowledged before
     /// it was lost, sorted: ((nsid, block), (transfer, block number)).
     degraded_references: Vec<((u32, u64), (crate::transfer::TransferId, u32))>,
@@ -296,6 +298,7 @@ impl<M: RingStore> Source<M> {
             settle_seq: 0,
             degrade: None,
             resync: None,
+            resync_generation_next: 0,
             degraded_references: Vec::new(),
             applied_references: std::collections::HashSet::new(),
             random_state: config.generation_seed,

@@ -55,6 +55,25 @@ const RECEIVE_TIMEOUT_US: u64 = 5000;
 /// The largest virtual time one step advances.
 const STEP_US_MAX: u64 = 20;
 
+/// The virtual time, for the debug logger.
+static NOW_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// `SIM_DEBUG=1`: the engine's log lines on stderr, stamped with the virtual time.
+struct DebugLogger;
+
+impl log::Log for DebugLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Info
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            let now = NOW_US.load(std::sync::atomic::Ordering::Relaxed);
+            eprintln!("DEBUG t {now}: {}", record.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
 /// xorshift64*: small, seeded, good enough for fault schedules.
 struct Rng(u64);
 
@@ -162,6 +181,7 @@ impl SimDevice {
 
     fn submit(&mut self, seed: u64, op: DeviceOp<'_>, now_us: u64, rng: &mut Rng) {
         let (start, end) = op.request.range();
+        let nsid = op.nsid;
         assert_eq!(start % SECTOR_SIZE as u64, 0);
         assert_eq!(end % SECTOR_SIZE as u64, 0);
         assert!(end <= NAMESPACE_BYTES);
@@ -195,6 +215,18 @@ impl SimDevice {
         };
         if let Pending::Read { .. } | Pending::Write { .. } = pending {
             self.check_overlap(seed, start, end, &pending);
+        }
+        if let (Ok(watch), Pending::Write { data, .. }) = (std::env::var("SIM_WATCH"), &pending) {
+            let (watched, sector) = watch.split_once(':').expect("SIM_WATCH=nsid:sector");
+            let sector: usize = sector.parse().unwrap();
+            if nsid.to_string() == watched && (start..end).contains(&(sector * SECTOR_SIZE)) {
+                let at = sector * SECTOR_SIZE - start;
+                eprintln!(
+                    "DEBUG t {now_us}: {} write of sector {sector} (bytes {start}..{end}): {:?}",
+                    self.name,
+                    identify(&data[at..at + SECTOR_SIZE], sector as u64)
+                );
+            }
         }
         if let Pending::Write {
             start,
@@ -1352,6 +1384,9 @@ impl Sim {
         while let Some(event) = self.destination().poll_event() {
             match event {
                 DestinationEvent::CpApplied { cp_number } => {
+                    if std::env::var("SIM_DEBUG").is_ok() {
+                        eprintln!("DEBUG t {}: destination applied cp {cp_number}", self.now_us);
+                    }
                     self.model.advance_image(self.seed, cp_number);
                     if !self.destination_is_resync_target() {
                         self.check_point_in_time(cp_number, "CpApplied");
@@ -1416,6 +1451,9 @@ impl Sim {
                 SourceEvent::LinkRejected(text) => panic!("seed {}: rejected: {text}", self.seed),
                 SourceEvent::ResyncDone { .. } => self.on_resync_done(),
                 SourceEvent::CpCompleted { cp_number, .. } => {
+                    if std::env::var("SIM_DEBUG").is_ok() {
+                        eprintln!("DEBUG t {}: source completed cp {cp_number}", self.now_us);
+                    }
                     self.totals.cps_completed += 1;
                     if self.model.image_cp < cp_number {
                         // Completed on the primary alone: only a degraded source does that.
@@ -1579,6 +1617,9 @@ impl Sim {
             self.totals.resync_crashes += 1;
         }
         self.cut_link();
+        if std::env::var("SIM_DEBUG").is_ok() {
+            eprintln!("DEBUG t {}: destination crashes", self.now_us);
+        }
         let mut ring = self.destination.take().unwrap().into_memory();
         for mirror in &mut self.mirrors {
             mirror.crash(&mut self.rng);
@@ -1591,6 +1632,9 @@ impl Sim {
         if resync_settles && self.rng.below(2) == 0 {
             ring = vec![0; RING_BYTES_MIN as usize];
             self.totals.lost_logs += 1;
+            if std::env::var("SIM_DEBUG").is_ok() {
+                eprintln!("DEBUG t {}: destination restarts without its log", self.now_us);
+            }
         }
         self.destination =
             Some(Destination::open(self.destination_config, ring, &SIZES, metadata).unwrap());
@@ -1600,6 +1644,7 @@ impl Sim {
     fn step(&mut self, writes: bool) {
         self.now_us += 1 + self.rng.below(STEP_US_MAX);
         let now = self.now_us;
+        NOW_US.store(now, std::sync::atomic::Ordering::Relaxed);
         if !self.link_up && now >= self.reconnect_at_us {
             self.link_up = true;
             self.connections += 1;
@@ -1750,11 +1795,17 @@ impl Sim {
                 .chunks(SECTOR_SIZE)
                 .zip(mirror.chunks(SECTOR_SIZE))
                 .position(|(a, b)| a != b);
-            assert!(
-                differs.is_none(),
-                "seed {}: ns {nsid} mirror differs from primary at sector {differs:?}",
-                self.seed
-            );
+            if let Some(sector) = differs {
+                let range = sector_range(sector);
+                panic!(
+                    "seed {}: ns {nsid} mirror differs from primary at sector {sector}: mirror \
+                     {:?}, primary {:?} (history {:?})",
+                    self.seed,
+                    identify(&mirror[range.clone()], sector as u64),
+                    identify(&primary[range], sector as u64),
+                    self.model.describe(nsid, sector)
+                );
+            }
             self.model
                 .check(nsid, primary, &format!("seed {} primary", self.seed));
             self.model.check_image(
@@ -2003,6 +2054,10 @@ fn seeded_simulation() {
         (_, Ok(count)) => (1..=count.parse().expect("SIM_SEEDS is a number")).collect(),
         _ => (1..=50).collect(),
     };
+    if std::env::var("SIM_DEBUG").is_ok() {
+        let _ = log::set_logger(&DebugLogger);
+        log::set_max_level(log::LevelFilter::Info);
+    }
     // SIM_KEEP_GOING: run every seed and list the failing ones at the end.
     let keep_going = std::env::var("SIM_KEEP_GOING").is_ok();
     let mut totals = Totals::default();

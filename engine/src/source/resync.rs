@@ -88,7 +88,15 @@ pub(super) struct Resync {
 }
 
 impl Resync {
-    fn new(kind: ResyncKind, now_us: u64, bytes_total: u64, rate_bytes_per_s: u64) -> Self {
+    /// `generation`: the first table generation, past every one an earlier resync used (its
+    /// reads may still be in flight).
+    fn new(
+        kind: ResyncKind,
+        now_us: u64,
+        bytes_total: u64,
+        rate_bytes_per_s: u64,
+        generation: u32,
+    ) -> Self {
         Resync {
             kind,
             cursor_bit: 0,
@@ -100,7 +108,7 @@ impl Resync {
             reads_submitted: 0,
             reads_completed: 0,
             read_failed: false,
-            generation: 0,
+            generation,
             awaiting: None,
             next_number: 1,
             retry_at_us: 0,
@@ -347,8 +355,18 @@ impl<M: RingStore> Source<M> {
         }
     }
 
+    /// Ends the resync object (done, dropped, or replaced by a new one). Reads of its tables may
+    /// still be in flight: the next resync's tables take later generations, so those reads
+    /// never fill (or count towards) a table of the new one.
+    pub(super) fn retire_resync(&mut self) -> Option<Resync> {
+        let resync = self.resync.take()?;
+        self.resync_generation_next = resync.generation.wrapping_add(1);
+        Some(resync)
+    }
+
     /// The handshake settled on a resync: the bitmap (or everything) goes to the destination.
     pub(super) fn start_resync(&mut self, now_us: u64, kind: ResyncKind) {
+        let _ = self.retire_resync();
         if kind == ResyncKind::Full {
             let _ = self.metadata.mark_all();
         }
@@ -364,6 +382,7 @@ impl<M: RingStore> Source<M> {
             now_us,
             bytes_total,
             self.config.resync_rate_bytes_per_s,
+            self.resync_generation_next,
         );
         if kind == ResyncKind::Full {
             self.degraded_references.clear();
@@ -728,7 +747,7 @@ impl<M: RingStore> Source<M> {
         generation: u64,
     ) -> Result<(), LinkError> {
         let expected = self.metadata.generations().current;
-        let Some(resync) = self.resync.take() else {
+        let Some(resync) = self.retire_resync() else {
             return Err(ProtocolError::Resync {
                 what: "a ResyncDoneAck without a resync",
             }

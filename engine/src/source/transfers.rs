@@ -138,7 +138,7 @@ impl<M: RingStore> Source<M> {
         }
         if let Some(kind) = settlement.resync {
             self.start_resync(now_us, kind);
-        } else if self.resync.take().is_some() {
+        } else if self.retire_resync().is_some() {
             log::warn!("source: the destination is in sync again; the resync is dropped");
         }
         // Transfers flow once every generation change of ours is durable (`handle_tick`).

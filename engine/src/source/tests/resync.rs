@@ -331,3 +331,47 @@ fn a_half_resynced_destination_is_not_promoted() {
     let refused = p.destination.promote(PROMOTED_GENERATION).err().unwrap();
     assert!(refused.to_string().contains("not promoted"), "{refused}");
 }
+
+/// Found by the simulation (seed 201): a resync that ended with its data reads still in flight
+/// (the link dropped) was replaced by a new one whose tables started again at generation 0, so
+/// the old reads counted towards the new table and filled its blocks: a table went out with
+/// blocks its own reads had not filled (zeroes in the simulation), or, as here, never went out
+/// (more reads counted than it has).
+#[test]
+fn reads_of_an_earlier_resync_never_fill_a_later_table() {
+    let mut p = degrade_pair();
+    p.connect();
+    lose_destination(&mut p);
+    for block in 0..16u64 {
+        p.write(block * 8, &[0x60 + block as u8; 4096]);
+    }
+    run_alone(&mut p);
+    p.source.request_cp(p.now_us);
+    run_alone(&mut p);
+    // The first table's reads stall on the primary; the link drops and comes back meanwhile.
+    p.primaries[0].stalled = true;
+    p.destination.handle_connected(p.now_us);
+    p.source.handle_connected(p.now_us);
+    p.exchange();
+    assert!(p.source.resync_progress().is_some());
+    p.source.handle_disconnected(p.now_us);
+    p.destination.handle_disconnected(p.now_us);
+    p.destination.handle_connected(p.now_us);
+    p.source.handle_connected(p.now_us);
+    p.exchange();
+    p.primaries[0].stalled = false;
+    let mut done = false;
+    for _ in 0..20 {
+        done |= p
+            .exchange()
+            .iter()
+            .any(|e| matches!(e, SourceEvent::ResyncDone { .. }));
+        if done {
+            break;
+        }
+    }
+    assert!(done, "the resync ends");
+    p.cp();
+    p.cp();
+    assert_mirror_is_primary(&p);
+}
