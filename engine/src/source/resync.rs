@@ -341,9 +341,12 @@ impl<M: RingStore> Source<M> {
         unreachable!("seq {seq} is a committed entry of an unreleased half")
     }
 
-    /// While degraded, a frozen CP completes on the primary alone once flushed.
+    /// While degraded, a frozen CP completes on the primary alone once flushed. Not while a
+    /// handshake is under way: the Hello told the destination our last completed CP, and the
+    /// HelloAck must find it unchanged (the CP then goes to the destination as any other).
     pub(super) fn complete_cp_locally(&mut self, now_us: u64) {
-        if self.degrade.is_none() || self.link == LinkState::Ready {
+        if self.degrade.is_none() || !matches!(self.link, LinkState::Down | LinkState::Rejected)
+        {
             return;
         }
         let half = 1 - half_of_cp(self.active_cp);

@@ -375,3 +375,61 @@ fn reads_of_an_earlier_resync_never_fill_a_later_table() {
     p.cp();
     assert_mirror_is_primary(&p);
 }
+
+/// Found by the simulation (seed 233): a degraded source completed a frozen CP on the primary
+/// alone after its Hello had told the destination its last completed CP, so the HelloAck (the
+/// destination adopting the Hello's CP) no longer matched: a protocol error, and the resync
+/// could not start while CPs kept completing between Hello and HelloAck.
+#[test]
+fn no_cp_completes_on_the_primary_alone_during_a_handshake() {
+    let mut p = degrade_pair();
+    p.connect();
+    lose_destination(&mut p);
+    p.write(0, &[0x41; 4096]);
+    run_alone(&mut p);
+    // The CP freezes; its primary flush stalls until the Hello went out.
+    p.primaries[0].stalled = true;
+    p.source.request_cp(p.now_us);
+    p.source.handle_tick(p.now_us);
+    p.devices();
+    p.destination.handle_connected(p.now_us);
+    p.source.handle_connected(p.now_us);
+    let hello = p
+        .source
+        .out
+        .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
+    for message in split(&hello) {
+        p.destination.handle_message(p.now_us, message).unwrap();
+    }
+    p.devices();
+    let hello_ack = drain_destination(&mut p.destination);
+    // The flush completes before the HelloAck arrives.
+    p.primaries[0].stalled = false;
+    for _ in 0..5 {
+        p.source.handle_tick(p.now_us);
+        p.devices();
+    }
+    let early: Vec<SourceEvent> = events_of(&mut p);
+    assert!(
+        !early
+            .iter()
+            .any(|e| matches!(e, SourceEvent::CpCompleted { .. })),
+        "{early:?}"
+    );
+    for message in split(&hello_ack) {
+        p.source.handle_message(p.now_us, message).unwrap();
+    }
+    let mut done = false;
+    for _ in 0..20 {
+        done |= p
+            .exchange()
+            .iter()
+            .any(|e| matches!(e, SourceEvent::ResyncDone { .. }));
+        if done {
+            break;
+        }
+    }
+    assert!(done, "the resync ends");
+    p.cp();
+    assert_mirror_is_primary(&p);
+}
