@@ -878,8 +878,9 @@ struct Sim {
     /// The pair starts fresh without `assume_identical` over a primary holding data: the first
     /// handshake settles on the initial full sync.
     full_sync: bool,
-    /// The source degraded or a resync started, and no `ResyncDone` came since: the quiesced
-    /// pair must end with one.
+    /// A write completed degraded, a CP completed on the primary alone, or a resync started,
+    /// and no `ResyncDone` came since: the quiesced pair must end with one. (A source that
+    /// degraded and crashed before anything of it was durable comes back in sync.)
     resync_owed: bool,
     /// The current source process is degraded (as of its last drained event).
     degraded: bool,
@@ -1446,6 +1447,7 @@ impl Sim {
                     record.completed = true;
                     record.degraded = degraded;
                     self.totals.degraded_writes += u64::from(degraded);
+                    self.resync_owed |= degraded;
                     self.completions += 1;
                 }
                 SourceEvent::LinkRejected(text) => panic!("seed {}: rejected: {text}", self.seed),
@@ -1465,6 +1467,7 @@ impl Sim {
                         );
                         self.model.advance_image(self.seed, cp_number);
                         self.totals.local_cps += 1;
+                        self.resync_owed = true;
                     } else if self.model.image_cp == cp_number
                         && !self.destination_is_resync_target()
                     {
@@ -1498,7 +1501,7 @@ impl Sim {
             self.totals.degrades += 1;
         }
         self.degraded = degraded;
-        self.resync_owed |= degraded || source.resync_progress().is_some();
+        self.resync_owed |= source.resync_progress().is_some();
         self.drain_destination_events();
     }
 

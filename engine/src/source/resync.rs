@@ -85,6 +85,10 @@ pub(super) struct Resync {
     last_log_us: u64,
     /// Rate limit: the bytes sent may not run ahead of `rate × elapsed`.
     rate_bytes_per_s: u64,
+    /// Every entry a resync read may have seen on the primary (and every degraded write) has a
+    /// seq up to this one: ResyncDone waits until all of them are in completed CPs, so the mirror
+    /// it declares consistent is the primary as of a CP end, holding every completed write.
+    seen_through_seq: u64,
 }
 
 impl Resync {
@@ -96,6 +100,7 @@ impl Resync {
         bytes_total: u64,
         rate_bytes_per_s: u64,
         generation: u32,
+        seen_through_seq: u64,
     ) -> Self {
         Resync {
             kind,
@@ -118,6 +123,7 @@ impl Resync {
             bytes_done: 0,
             last_log_us: now_us,
             rate_bytes_per_s,
+            seen_through_seq,
         }
     }
 
@@ -174,6 +180,21 @@ impl<M: RingStore> Source<M> {
     /// references the destination can still resolve noted; writes complete once marked.
     pub(super) fn enter_degrade(&mut self, now_us: u64) {
         assert!(self.degrade.is_none());
+        if self.metadata.generations().current == 0 {
+            // No handshake ever settled here. A peer that took our proposal (a first handshake
+            // whose half here was lost in a crash) holds it: the bitmap counts changes since it.
+            // A fresh peer gets a full sync: these devices are no longer identical.
+            let proposed = self.metadata.proposed_generation();
+            log::warn!(
+                "source: degraded before any handshake settled; taking the proposed generation \
+                 {} as the bitmap's base, assume_identical no longer applies",
+                Hex(proposed)
+            );
+            let _ = self.metadata.adopt(proposed, false);
+            let _ = self
+                .metadata
+                .set_flag(crate::generation::FLAG_ASSUME_IDENTICAL_CONSUMED, true);
+        }
         let generations = *self.metadata.generations();
         let generation_seq = if generations.bitmap_base == 0 {
             let generation = self.fresh_generation();
@@ -307,6 +328,22 @@ impl<M: RingStore> Source<M> {
         self.degrade = Some(degrade);
     }
 
+    /// The new generation and the marks of every entry up to `seq` are durable: entries that
+    /// leave the ring then are still known to differ after a crash (entries recovered from the
+    /// ring completed in an earlier process, so their completion says nothing of their marks).
+    fn degrade_marks_durable_through(&self, seq: u64) -> bool {
+        let Some(degrade) = self.degrade.as_ref() else {
+            return false;
+        };
+        let durable = self.metadata.durable_through();
+        durable >= degrade.generation_seq
+            && degrade.marked_through_seq >= seq
+            && degrade
+                .waiting
+                .front()
+                .is_none_or(|&(waiting_seq, mark_seq)| waiting_seq > seq || mark_seq <= durable)
+    }
+
     /// A block's content changed: the destination's copy of it is not current any more.
     fn forget_references(&mut self, nsid: u32, start: u64, length_bytes: u32) {
         if self.degraded_references.is_empty() {
@@ -351,7 +388,11 @@ impl<M: RingStore> Source<M> {
         }
         let half = 1 - half_of_cp(self.active_cp);
         let state = &self.cps[half];
-        if state.phase == CpPhase::Frozen && state.flush == FlushState::Done {
+        let last_seq = state.first_seq + u64::from(self.ring.reserved_slots(half)) - 1;
+        if state.phase == CpPhase::Frozen
+            && state.flush == FlushState::Done
+            && self.degrade_marks_durable_through(last_seq)
+        {
             let cp_number = state.cp_number;
             log::debug!("source: cp {cp_number} completed on the primary alone (degraded)");
             self.complete_cp(now_us, cp_number);
@@ -386,6 +427,7 @@ impl<M: RingStore> Source<M> {
             bytes_total,
             self.config.resync_rate_bytes_per_s,
             self.resync_generation_next,
+            self.ring.next_seq() - 1,
         );
         if kind == ResyncKind::Full {
             self.degraded_references.clear();
@@ -561,6 +603,7 @@ impl<M: RingStore> Source<M> {
             return None;
         }
         let generation = resync.generation;
+        let seen_through_seq = self.ring.next_seq() - 1;
         let id = self.ops.start(
             nsid,
             SourceOp::ResyncRead {
@@ -569,7 +612,10 @@ impl<M: RingStore> Source<M> {
                 block_index,
             },
         );
-        self.resync.as_mut().expect("checked").reads_submitted += 1;
+        let resync = self.resync.as_mut().expect("checked");
+        resync.reads_submitted += 1;
+        // Whatever landed on the primary by now is an entry reserved by now.
+        resync.seen_through_seq = resync.seen_through_seq.max(seen_through_seq);
         Some(DeviceOp {
             id,
             nsid,
@@ -727,9 +773,22 @@ impl<M: RingStore> Source<M> {
         resync.drop_table();
     }
 
-    /// No extent is marked: once the clears are durable, the destination takes our generation.
+    /// No extent is marked: once the clears are durable and every entry the resync may have
+    /// read from the primary is in a completed CP (a CP is asked for), the destination takes our
+    /// generation. Before that, the mirror may hold a resync block newer than the CPs it applied
+    /// (not a point-in-time image) or lack a degraded write still on its way in a transfer.
     fn finish_resync(&mut self, resync: &mut Resync) {
         if self.metadata.marked_count() != 0 || !self.metadata.is_durable() {
+            return;
+        }
+        let unreleased = self.halves_in_order().into_iter().any(|half| {
+            let state = &self.cps[half];
+            state.phase != CpPhase::Free
+                && self.ring.reserved_slots(half) > 0
+                && state.first_seq <= resync.seen_through_seq
+        });
+        if unreleased {
+            self.cp_requested = true;
             return;
         }
         let generation = self.metadata.generations().current;
