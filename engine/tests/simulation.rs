@@ -734,7 +734,11 @@ enum MetadataPending {
 }
 
 impl MetadataDevice {
-    fn formatted(node_id: u64, proposed_generation: u64, extent_bytes: u64) -> (NodeMetadata, Self) {
+    fn formatted(
+        node_id: u64,
+        proposed_generation: u64,
+        extent_bytes: u64,
+    ) -> (NodeMetadata, Self) {
         let metadata =
             NodeMetadata::format(VOLUME, node_id, proposed_generation, &SIZES, extent_bytes)
                 .unwrap();
@@ -748,7 +752,12 @@ impl MetadataDevice {
     }
 
     fn submit(&mut self, op: DeviceOp<'_>, now_us: u64, rng: &mut Rng) {
-        let due_us = now_us + if rng.below(10) == 0 { rng.below(400) } else { rng.below(40) };
+        let due_us = now_us
+            + if rng.below(10) == 0 {
+                rng.below(400)
+            } else {
+                rng.below(40)
+            };
         let pending = match op.request {
             DeviceRequest::Write { offset_bytes, data } => {
                 let at = offset_bytes as usize;
@@ -789,8 +798,9 @@ impl MetadataDevice {
                 MetadataPending::Flush => {
                     // The metadata flushes only once its batch's writes completed: everything
                     // completed is durable now (writes submitted after the flush are not).
-                    let (done, rest): (Vec<_>, Vec<_>) =
-                        std::mem::take(&mut self.volatile).into_iter().partition(|w| w.2);
+                    let (done, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.volatile)
+                        .into_iter()
+                        .partition(|w| w.2);
                     for (at, data, _) in done {
                         self.durable[at..at + data.len()].copy_from_slice(&data);
                     }
@@ -1377,7 +1387,13 @@ impl Sim {
     /// The destination's mirror is a resync target's: mixed points in time by design, so the
     /// point-in-time check does not apply to it.
     fn destination_is_resync_target(&self) -> bool {
-        let flags = self.destination.as_ref().unwrap().metadata().generations().flags;
+        let flags = self
+            .destination
+            .as_ref()
+            .unwrap()
+            .metadata()
+            .generations()
+            .flags;
         flags & FLAG_RESYNC_TARGET != 0
     }
 
@@ -1386,7 +1402,10 @@ impl Sim {
             match event {
                 DestinationEvent::CpApplied { cp_number } => {
                     if std::env::var("SIM_DEBUG").is_ok() {
-                        eprintln!("DEBUG t {}: destination applied cp {cp_number}", self.now_us);
+                        eprintln!(
+                            "DEBUG t {}: destination applied cp {cp_number}",
+                            self.now_us
+                        );
                     }
                     self.model.advance_image(self.seed, cp_number);
                     if !self.destination_is_resync_target() {
@@ -1636,7 +1655,10 @@ impl Sim {
             ring = vec![0; RING_BYTES_MIN as usize];
             self.totals.lost_logs += 1;
             if std::env::var("SIM_DEBUG").is_ok() {
-                eprintln!("DEBUG t {}: destination restarts without its log", self.now_us);
+                eprintln!(
+                    "DEBUG t {}: destination restarts without its log",
+                    self.now_us
+                );
             }
         }
         self.destination =
@@ -1775,7 +1797,12 @@ impl Sim {
         );
         let source = self.source.as_ref().unwrap();
         assert_eq!(source.metadata().marked_count(), 0, "seed {}", self.seed);
-        assert_eq!(source.metadata().generations().bitmap_base, 0, "seed {}", self.seed);
+        assert_eq!(
+            source.metadata().generations().bitmap_base,
+            0,
+            "seed {}",
+            self.seed
+        );
         assert_eq!(
             self.source_metadata.reopen_durable().marked_count(),
             0,
@@ -1889,7 +1916,11 @@ impl Sim {
             }
             Err(error) => panic!("seed {}: promotion failed: {error}", self.seed),
             Ok(promotion) => {
-                assert!(!resync_target, "seed {}: a resync target promoted", self.seed);
+                assert!(
+                    !resync_target,
+                    "seed {}: a resync target promoted",
+                    self.seed
+                );
                 promotion
             }
         };
@@ -1974,7 +2005,10 @@ impl Sim {
                 old.handle_metadata_completion(metadata_completion(id));
             }
         }
-        assert_eq!(self.source_metadata.reopen_durable().generations().current, own);
+        assert_eq!(
+            self.source_metadata.reopen_durable().generations().current,
+            own
+        );
         promoted.handle_disconnected(self.now_us);
         old.handle_disconnected(self.now_us);
         self.expect_refusal(&mut promoted, &mut old, "split brain", &[own, generation]);

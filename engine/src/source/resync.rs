@@ -382,8 +382,7 @@ impl<M: RingStore> Source<M> {
     /// handshake is under way: the Hello told the destination our last completed CP, and the
     /// HelloAck must find it unchanged (the CP then goes to the destination as any other).
     pub(super) fn complete_cp_locally(&mut self, now_us: u64) {
-        if self.degrade.is_none() || !matches!(self.link, LinkState::Down | LinkState::Rejected)
-        {
+        if self.degrade.is_none() || !matches!(self.link, LinkState::Down | LinkState::Rejected) {
             return;
         }
         let half = 1 - half_of_cp(self.active_cp);
