@@ -1407,7 +1407,12 @@ impl Sim {
                             self.now_us
                         );
                     }
-                    self.model.advance_image(self.seed, cp_number);
+                    // A destination that lost its log forgot which CPs it applied: the source
+                    // sends the last one again, the same blocks.
+                    let again = cp_number == self.model.image_cp && self.totals.lost_logs > 0;
+                    if !again {
+                        self.model.advance_image(self.seed, cp_number);
+                    }
                     if !self.destination_is_resync_target() {
                         self.check_point_in_time(cp_number, "CpApplied");
                     }

@@ -214,6 +214,7 @@ impl<M: RingStore> Source<M> {
             );
             0
         };
+        self.generations_seq = self.metadata.last_seq();
         self.counters.degrade_count += 1;
         self.note_references();
         let first_seq = self
@@ -821,7 +822,7 @@ impl<M: RingStore> Source<M> {
             }
             .into());
         }
-        let _ = self.metadata.set_bitmap_base(0);
+        self.generations_seq = self.metadata.set_bitmap_base(0);
         let elapsed_us = now_us.saturating_sub(resync.started_us).max(1);
         log::warn!(
             "source: resync done: {} MiB in {:.1} s ({:.1} MiB/s), {} blocks as references, {} as \
