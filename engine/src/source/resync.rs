@@ -791,6 +791,16 @@ impl<M: RingStore> Source<M> {
             self.cp_requested = true;
             return;
         }
+        // The bitmap stops counting before the destination may take our generation: once it
+        // did (we may not hear it: a lost ack, a crash), a degrade must take a new generation,
+        // or its writes would be marked against a base the destination left and a handshake
+        // would find the pair in sync. A destination that did not take it is resynced in full.
+        if self.metadata.generations().bitmap_base != 0 {
+            self.generations_seq = self.metadata.set_bitmap_base(0);
+        }
+        if !self.metadata.is_durable() {
+            return;
+        }
         let generation = self.metadata.generations().current;
         let control = Control::ResyncDone { generation };
         let length = control.encoded_bytes();
@@ -822,7 +832,18 @@ impl<M: RingStore> Source<M> {
             }
             .into());
         }
-        self.generations_seq = self.metadata.set_bitmap_base(0);
+        self.resync_finished(now_us, &resync);
+        Ok(())
+    }
+
+    /// The destination holds our generation: the resync is over (told as an event, logged).
+    pub(super) fn resync_finished(&mut self, now_us: u64, resync: &Resync) {
+        let generation = self.metadata.generations().current;
+        assert_eq!(
+            self.metadata.generations().bitmap_base,
+            0,
+            "the bitmap's base went before ResyncDone"
+        );
         let elapsed_us = now_us.saturating_sub(resync.started_us).max(1);
         log::warn!(
             "source: resync done: {} MiB in {:.1} s ({:.1} MiB/s), {} blocks as references, {} as \
@@ -838,8 +859,6 @@ impl<M: RingStore> Source<M> {
             bytes: resync.bytes_done,
             duration_us: elapsed_us,
         });
-        let _ = resync.kind;
-        Ok(())
     }
 
     fn log_resync_progress(&mut self, now_us: u64, resync: &mut Resync) {

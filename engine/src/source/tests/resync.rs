@@ -633,3 +633,78 @@ fn a_resync_accepts_a_destination_one_cp_ahead() {
     p.cp();
     assert_mirror_is_primary(&p);
 }
+
+/// Found by the simulation (seed 6979): the destination took our generation at ResyncDone and
+/// crashed before its ResyncDoneAck went out. The next handshake found the pair in sync and
+/// dropped the resync without resetting the bitmap's base, so a later degrade took no new
+/// generation: its writes were marked against a base the destination had left, and the
+/// handshake after it found the pair in sync again, the degraded writes never mirrored.
+#[test]
+fn a_lost_resync_done_ack_leaves_no_stale_bitmap_base() {
+    let mut p = degrade_pair();
+    p.connect();
+    lose_destination(&mut p);
+    p.write(0, &[0x71; 4096]);
+    run_alone(&mut p);
+    p.source.request_cp(p.now_us);
+    run_alone(&mut p);
+    // The resync runs; the ResyncDoneAck is lost with the link.
+    p.destination.handle_connected(p.now_us);
+    p.source.handle_connected(p.now_us);
+    let mut done_sent = false;
+    for _ in 0..200 {
+        p.source.handle_tick(p.now_us);
+        p.devices();
+        let bytes = p
+            .source
+            .out
+            .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
+        for message in split(&bytes) {
+            done_sent |= matches!(wire::decode(message), Ok(wire::Message::ResyncDone { .. }));
+            p.destination.handle_message(p.now_us, message).unwrap();
+        }
+        p.devices();
+        let back = drain_destination(&mut p.destination);
+        if done_sent {
+            break;
+        }
+        for message in split(&back) {
+            p.source.handle_message(p.now_us, message).unwrap();
+        }
+    }
+    assert!(done_sent);
+    p.devices();
+    let _ = drain_destination(&mut p.destination);
+    p.source.handle_disconnected(p.now_us);
+    p.destination.handle_disconnected(p.now_us);
+    assert_eq!(
+        p.source.metadata.generations().current,
+        p.destination.metadata().generations().current
+    );
+    // In sync at the next handshake: the resync is over.
+    let events = reconnect(&mut p);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, SourceEvent::ResyncDone { .. })),
+        "{events:?}"
+    );
+    assert_eq!(p.source.metadata.generations().bitmap_base, 0);
+    // A later outage takes a new generation, and its writes reach the mirror by a resync.
+    let before = p.source.metadata.generations().current;
+    lose_destination(&mut p);
+    assert_ne!(p.source.metadata.generations().current, before);
+    p.write(512, &[0x72; 4096]);
+    run_alone(&mut p);
+    p.source.request_cp(p.now_us);
+    run_alone(&mut p);
+    let events = reconnect(&mut p);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, SourceEvent::ResyncDone { .. })),
+        "{events:?}"
+    );
+    p.cp();
+    assert_mirror_is_primary(&p);
+}
