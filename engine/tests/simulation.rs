@@ -1,34 +1,51 @@
 //! Seeded simulation of a source and a destination wired by an in-memory lossy pipe on virtual
 //! time (engine spec "Tests"; STYLE 10). The workload mixes aligned and unaligned writes and
 //! write-zeroes, holds and aborts reservations, takes random CPs, and injects faults: link drops,
-//! corrupted bytes on the wire, partial sends, out-of-order commits, source crashes (torn
-//! entries, lost unflushed primary writes, in-flight device writes landing or not) and
-//! destination crashes, device errors on reads, writes and flushes of both sides, and frozen
-//! peers: nothing delivered in one or both directions for a while, the connection left open
-//! (a SIGSTOPped process), which the sides' heartbeat and ack deadlines must turn into a lost
-//! peer and a reconnect (a freeze longer than the peer timeout that is not declared is a
-//! failure). A third of the seeds run the `fail` peer-loss policy: writes failed while the
-//! peer is lost must never have completed, and stay in the ring for the mirror.
+//! outages longer than the peer timeout, corrupted bytes on the wire, partial sends,
+//! out-of-order commits, source crashes (torn entries, lost unflushed primary writes, in-flight
+//! device writes landing or not) and destination crashes, device errors on reads, writes and
+//! flushes of both sides, and frozen peers: nothing delivered in one or both directions for a
+//! while, the connection left open (a SIGSTOPped process), which the sides' heartbeat and ack
+//! deadlines must turn into a lost peer and a reconnect (a freeze longer than the peer timeout
+//! that is not declared is a failure). A third of the seeds run the `fail` peer-loss policy:
+//! writes failed while the peer is lost must never have completed, and stay in the ring for the
+//! mirror.
+//!
+//! Another third run `degrade`: a write may then complete without the destination having logged
+//! it only while the source is degraded, and only once every extent it touches is marked in the
+//! durable image of the source's metadata (reopened from its device). CPs complete on the
+//! primary alone; the returning destination is resynced (references first, then data read from
+//! the primary), and both sides crash at every step of it (crashes come often while a resync
+//! runs), a destination now and then without its log (a fresh ring: references fail over to
+//! data). A fifth of all seeds form a fresh pair without `assume_identical` over primaries that
+//! hold data: the initial full sync. Every seed that degraded or resynced must end, once
+//! quiesced, with `ResyncDone`, one generation on both sides, an empty bitmap and the mirror
+//! equal to the primary.
 //!
 //! The devices are asynchronous (`SimDevice`): every op completes after a random virtual delay,
 //! in random order; a write reaches what reads see at submit or at completion (chosen per op);
 //! a flush makes durable only what completed before it was submitted.
 //!
-//! Along the way it asserts the ack rule (a completion only for a write the destination has
-//! logged) and the point in time (invariant 7): whenever a CP is applied on the mirror, each
-//! mirror namespace equals, byte for byte, the image of every write of that CP and the earlier
-//! ones in seq order. After quiescing it asserts mirror == primary == that image and that every
-//! completed write's data is present; a promotion after a source crash must hold every completed
-//! write.
+//! Along the way it asserts the ack rule (above) and the point in time (invariant 7): whenever a
+//! CP is applied on the mirror of a destination that is not a resync target (a resync target's
+//! mirror mixes two points in time by design), each mirror namespace equals, byte for byte, the
+//! image of every write of that CP and the earlier ones in seq order. After quiescing it asserts
+//! mirror == primary == that image and that every completed write's data is present. Then the
+//! source crashes and the destination is promoted (under `degrade`, half the time during or
+//! after an outage): a resync target must refuse; a promoted mirror holds, per block, its last
+//! acknowledged write or a later one, never older (writes acknowledged by a degraded source
+//! alone excepted, until a resync brought them over: the destination never saw them).
 //!
-//! Each side has node metadata (generations, bitmap) on a metadata device whose writes land at
-//! submit and complete in random order (its own crash safety is `metadata`'s property test). The
-//! pair starts fresh with `assume_identical`, so the first handshake settles on the source's
-//! proposed generation; a crash reopens each side's metadata from its device, and the promoted
-//! side's new generation refuses the old source as stale.
+//! Each side has node metadata (generations, bitmap) on a metadata device with a volatile cache:
+//! writes complete after a random delay and become durable only by a flush; a crash keeps or
+//! loses each unflushed sector (its own crash safety is `metadata`'s property test). A crash
+//! reopens each side's metadata from what survived; the promoted side's new generation refuses
+//! the old source as stale, or as a split brain when it took a generation of its own.
 //!
 //! `SIM_SEEDS=N` runs N seeds (default 50); `SIM_SEED=S` runs one seed; `SIM_KEEP_GOING=1` runs
-//! every seed and lists the failing ones at the end; `SIM_DEBUG=1` prints a line per seed.
+//! every seed and lists the failing ones at the end; `SIM_DEBUG=1` prints the engine's log and a
+//! line per seed; `SIM_WATCH=nsid:sector` prints every device write of one sector;
+//! `SIM_TIMING=1` prints each seed's run time by kind.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -49,11 +66,30 @@ const NAMESPACES: usize = 2;
 const SIZES: [u64; NAMESPACES] = [NAMESPACE_BYTES; NAMESPACES];
 const SECTORS: usize = (NAMESPACE_BYTES / SECTOR_SIZE as u64) as usize;
 const STEPS: u64 = 2500;
+/// Steps of a degrade or initial-sync seed: their resyncs and crashes cost more per step (a
+/// full sync starts over at every reconnect), so fewer keep 10,000 seeds within minutes.
+const STEPS_RESYNC: u64 = 1500;
 const QUIESCE_STEPS_MAX: u64 = 100_000;
 const QUEUE_DEPTH: usize = 24;
 const RECEIVE_TIMEOUT_US: u64 = 5000;
 /// The largest virtual time one step advances.
 const STEP_US_MAX: u64 = 20;
+
+/// `SIM_DEBUG` is set (read once: the lookup is not free on hot paths).
+fn debug() -> bool {
+    static DEBUG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DEBUG.get_or_init(|| std::env::var("SIM_DEBUG").is_ok())
+}
+
+/// `SIM_WATCH=nsid:sector`: every device write of that sector is printed.
+fn watched() -> Option<(u32, usize)> {
+    static WATCH: std::sync::OnceLock<Option<(u32, usize)>> = std::sync::OnceLock::new();
+    *WATCH.get_or_init(|| {
+        let watch = std::env::var("SIM_WATCH").ok()?;
+        let (nsid, sector) = watch.split_once(':').expect("SIM_WATCH=nsid:sector");
+        Some((nsid.parse().unwrap(), sector.parse().unwrap()))
+    })
+}
 
 /// The virtual time, for the debug logger.
 static NOW_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -216,10 +252,8 @@ impl SimDevice {
         if let Pending::Read { .. } | Pending::Write { .. } = pending {
             self.check_overlap(seed, start, end, &pending);
         }
-        if let (Ok(watch), Pending::Write { data, .. }) = (std::env::var("SIM_WATCH"), &pending) {
-            let (watched, sector) = watch.split_once(':').expect("SIM_WATCH=nsid:sector");
-            let sector: usize = sector.parse().unwrap();
-            if nsid.to_string() == watched && (start..end).contains(&(sector * SECTOR_SIZE)) {
+        if let (Some((watched, sector)), Pending::Write { data, .. }) = (watched(), &pending) {
+            if nsid == watched && (start..end).contains(&(sector * SECTOR_SIZE)) {
                 let at = sector * SECTOR_SIZE - start;
                 eprintln!(
                     "DEBUG t {now_us}: {} write of sector {sector} (bytes {start}..{end}): {:?}",
@@ -227,14 +261,6 @@ impl SimDevice {
                     identify(&data[at..at + SECTOR_SIZE], sector as u64)
                 );
             }
-        }
-        if let Pending::Write {
-            start,
-            ref data,
-            early: true,
-        } = pending
-        {
-            self.current[start..start + data.len()].copy_from_slice(data);
         }
         // Mostly fast, now and then slow (a device's tail latency).
         let delay = if rng.below(20) == 0 {
@@ -1053,7 +1079,7 @@ impl Sim {
     fn outage(&mut self) {
         self.cut_link();
         let timeout_us = self.config.peer_timeout_us;
-        self.reconnect_at_us = self.now_us + timeout_us + self.rng.below(3 * timeout_us);
+        self.reconnect_at_us = self.now_us + timeout_us + self.rng.below(2 * timeout_us);
     }
 
     /// A peer freezes: nothing is delivered one way or both for a while, the connection stays
@@ -1094,7 +1120,7 @@ impl Sim {
         let source = self.source().poll_link_close();
         let destination = self.destination().poll_link_close();
         if source.is_some() || destination.is_some() {
-            if std::env::var("SIM_DEBUG").is_ok() {
+            if debug() {
                 eprintln!(
                     "DEBUG t {}: closed by a deadline: source {source:?} destination {destination:?}",
                     self.now_us
@@ -1401,7 +1427,7 @@ impl Sim {
         while let Some(event) = self.destination().poll_event() {
             match event {
                 DestinationEvent::CpApplied { cp_number } => {
-                    if std::env::var("SIM_DEBUG").is_ok() {
+                    if debug() {
                         eprintln!(
                             "DEBUG t {}: destination applied cp {cp_number}",
                             self.now_us
@@ -1477,7 +1503,7 @@ impl Sim {
                 SourceEvent::LinkRejected(text) => panic!("seed {}: rejected: {text}", self.seed),
                 SourceEvent::ResyncDone { .. } => self.on_resync_done(),
                 SourceEvent::CpCompleted { cp_number, .. } => {
-                    if std::env::var("SIM_DEBUG").is_ok() {
+                    if debug() {
                         eprintln!("DEBUG t {}: source completed cp {cp_number}", self.now_us);
                     }
                     self.totals.cps_completed += 1;
@@ -1627,7 +1653,7 @@ impl Sim {
         }
         self.process_writes.clear();
         self.totals.crashes += 1;
-        if std::env::var("SIM_DEBUG").is_ok() {
+        if debug() {
             eprintln!(
                 "DEBUG t {}: source crashed; reopened at cp {}",
                 self.now_us,
@@ -1644,7 +1670,7 @@ impl Sim {
             self.totals.resync_crashes += 1;
         }
         self.cut_link();
-        if std::env::var("SIM_DEBUG").is_ok() {
+        if debug() {
             eprintln!("DEBUG t {}: destination crashes", self.now_us);
         }
         let mut ring = self.destination.take().unwrap().into_memory();
@@ -1659,7 +1685,7 @@ impl Sim {
         if resync_settles && self.rng.below(2) == 0 {
             ring = vec![0; RING_BYTES_MIN as usize];
             self.totals.lost_logs += 1;
-            if std::env::var("SIM_DEBUG").is_ok() {
+            if debug() {
                 eprintln!(
                     "DEBUG t {}: destination restarts without its log",
                     self.now_us
@@ -1749,7 +1775,7 @@ impl Sim {
             self.outage();
         }
         // A resync is short: crashes come often while one runs, so every step of it is hit.
-        let crash_rate = if self.resyncing() { 4000 } else { 700 };
+        let crash_rate = if self.resyncing() { 2500 } else { 700 };
         if self.rng.chance(crash_rate) {
             self.crash_source();
         }
@@ -2059,13 +2085,20 @@ impl Sim {
 
 /// Runs one seed; returns what it did.
 fn run_seed(seed: u64) -> Totals {
+    let started = std::time::Instant::now();
     let mut sim = Sim::new(seed);
-    for _ in 0..STEPS {
+    let kind = format!("{:?}/{}", sim.config.peer_loss_policy, sim.full_sync);
+    let steps = if sim.full_sync || sim.config.peer_loss_policy == PeerLossPolicy::Degrade {
+        STEPS_RESYNC
+    } else {
+        STEPS
+    };
+    for _ in 0..steps {
         sim.step(true);
     }
     let before = sim.totals.cps_completed;
     sim.drive_bounded();
-    if std::env::var("SIM_DEBUG").is_ok() {
+    if debug() {
         eprintln!(
             "seed {seed}: policy {:?} full sync {} interval {} depth {}/{} cps {before} then {} \
              now {}us crashes {} dev errors {:?} degrades {} resyncs {}",
@@ -2086,7 +2119,16 @@ fn run_seed(seed: u64) -> Totals {
     sim.check_resync_done();
     assert!(sim.completions > 0, "seed {seed}: nothing completed");
     assert!(sim.totals.cps_completed > 0, "seed {seed}: no CP completed");
-    sim.promote_check()
+    let quiesced = started.elapsed();
+    let totals = sim.promote_check();
+    if std::env::var("SIM_TIMING").is_ok() {
+        eprintln!(
+            "TIMING {kind} {} {}",
+            quiesced.as_micros(),
+            started.elapsed().as_micros()
+        );
+    }
+    totals
 }
 
 #[test]
@@ -2096,7 +2138,7 @@ fn seeded_simulation() {
         (_, Ok(count)) => (1..=count.parse().expect("SIM_SEEDS is a number")).collect(),
         _ => (1..=50).collect(),
     };
-    if std::env::var("SIM_DEBUG").is_ok() {
+    if debug() {
         let _ = log::set_logger(&DebugLogger);
         log::set_max_level(log::LevelFilter::Info);
     }
@@ -2129,6 +2171,27 @@ fn seeded_simulation() {
         assert!(
             totals.freezes > 0 && totals.peers_lost > 0,
             "frozen peers were declared lost: {totals:?}"
+        );
+    }
+    if seeds.len() >= 200 {
+        assert!(
+            totals.degrades > 0
+                && totals.degraded_writes > 0
+                && totals.local_cps > 0
+                && totals.resyncs_done > 0
+                && totals.full_syncs_done > 0,
+            "seeds degraded, resynced and ran the initial full sync: {totals:?}"
+        );
+        assert!(
+            totals.resync_reference_blocks > 0
+                && totals.resync_data_blocks > 0
+                && totals.resync_crashes > 0
+                && totals.lost_logs > 0,
+            "resyncs sent references and data, and crashes hit them: {totals:?}"
+        );
+        assert!(
+            totals.promotions > 0 && totals.refused_promotions > 0,
+            "destinations were promoted, and resync targets refused: {totals:?}"
         );
     }
     // A third of the seeds run the fail policy, and only some of those lose their peer for
