@@ -846,8 +846,12 @@ impl<M: RingStore> Source<M> {
         );
         let elapsed_us = now_us.saturating_sub(resync.started_us).max(1);
         log::warn!(
-            "source: resync done: {} MiB in {:.1} s ({:.1} MiB/s), {} blocks as references, {} as \
+            "source: {} done: {} MiB in {:.1} s ({:.1} MiB/s), {} blocks as references, {} as \
              data; the destination holds generation {}: in sync",
+            match resync.kind {
+                ResyncKind::Bitmap => "resync",
+                ResyncKind::Full => "full sync",
+            },
             resync.bytes_done >> 20,
             elapsed_us as f64 / 1e6,
             resync.bytes_done as f64 / (1 << 20) as f64 / (elapsed_us as f64 / 1e6),
