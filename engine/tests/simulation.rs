@@ -1542,7 +1542,22 @@ impl Sim {
                     self.totals.writes_failed += 1;
                 }
                 SourceEvent::PeerLost(_) => self.totals.peers_lost += 1,
-                SourceEvent::DeviceFault(_) | SourceEvent::LinkReady => {}
+                SourceEvent::LinkReady => {
+                    // A source that crashed after its ResyncDone (before the ack) comes back
+                    // to a destination holding its generation: in sync, the resync over.
+                    let source = self.source.as_ref().unwrap();
+                    let destination = self.destination.as_ref().unwrap();
+                    let same = source.metadata().generations().current
+                        == destination.metadata().generations().current;
+                    if self.resync_owed
+                        && same
+                        && source.resync_progress().is_none()
+                        && !self.destination_is_resync_target()
+                    {
+                        self.on_resync_done();
+                    }
+                }
+                SourceEvent::DeviceFault(_) => {}
             }
         }
         let source = self.source.as_ref().unwrap();
