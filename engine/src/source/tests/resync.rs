@@ -708,3 +708,26 @@ fn a_lost_resync_done_ack_leaves_no_stale_bitmap_base() {
     p.cp();
     assert_mirror_is_primary(&p);
 }
+
+/// Found by the simulation (seed 3315): a degraded source sent its Hello with a new generation
+/// not yet durable; the destination started a resync session on it (resync target, our CP
+/// numbering), the source crashed and came back at the old generation, and the pair met "in
+/// sync" with a destination that had adopted CPs it never applied. The Hello now waits.
+#[test]
+fn the_hello_waits_for_the_generations_it_carries_to_be_durable() {
+    let mut p = degrade_pair();
+    p.connect();
+    lose_destination(&mut p);
+    assert!(p.source.is_degraded());
+    assert!(p.source.metadata.durable_through() < p.source.metadata.last_seq());
+    p.destination.handle_connected(p.now_us);
+    p.source.handle_connected(p.now_us);
+    p.source.handle_tick(p.now_us);
+    assert_eq!(
+        p.source.tx_pending_bytes(),
+        0,
+        "no Hello before the generation is durable"
+    );
+    let events = reconnect(&mut p);
+    assert!(events.contains(&SourceEvent::LinkReady), "{events:?}");
+}
