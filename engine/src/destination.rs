@@ -387,7 +387,9 @@ impl<M: RingStore> Destination<M> {
             if let Err((reason, text)) = self.check_cp(hello) {
                 return Err(self.reject(reason, text));
             }
-        } else if hello.cp_completed < self.ring.superblock().cp_completed {
+        } else if hello.cp_completed + 1 < self.ring.superblock().cp_completed {
+            // One CP ahead is a CP we applied whose CpAck was lost: the source completes it
+            // at the HelloAck, resync or not.
             return Err(self.reject(
                 RejectReason::CpMismatch,
                 format!(

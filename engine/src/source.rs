@@ -231,10 +231,16 @@ pub struct Source<M> {
     metadata: crate::metadata::NodeMetadata,
     /// While `Settling`: the link is ready once the metadata is durable through this.
     settle_seq: u64,
+    /// The metadata sequence of our last change of generations (a Hello waits for it).
+    generations_seq: u64,
+    /// Connected; the Hello waits for `generations_seq` to be durable.
+    hello_pending: bool,
     /// Writes complete without the destination (`degrade`).
     degrade: Option<resync::Degrade>,
     /// The destination is being resynced.
     resync: Option<resync::Resync>,
+    /// The table generation the next resync starts at: past every earlier resync's tables.
+    resync_generation_next: u32,
     /// Blocks whose latest content the destination holds in a transfer it acknowledged before
     /// it was lost, sorted: ((nsid, block), (transfer, block number)).
     degraded_references: Vec<((u32, u64), (crate::transfer::TransferId, u32))>,
@@ -297,8 +303,11 @@ impl<M: RingStore> Source<M> {
             ring,
             metadata,
             settle_seq: 0,
+            generations_seq: 0,
+            hello_pending: false,
             degrade: None,
             resync: None,
+            resync_generation_next: 0,
             degraded_references: Vec::new(),
             applied_references: std::collections::HashSet::new(),
             random_state: config.generation_seed,
@@ -415,17 +424,35 @@ impl<M: RingStore> Source<M> {
         self.reset_session();
         self.liveness.on_connected(now_us, self.sent_bytes);
         self.link = LinkState::HelloSent;
+        self.hello_pending = true;
+        self.maybe_send_hello();
+    }
+
+    /// The Hello goes out once the generations it carries are durable: the destination acts on
+    /// them at once (a resync session marks it a resync target and adopts our CP numbering), so
+    /// a crash must not bring us back at generations it never saw.
+    fn maybe_send_hello(&mut self) {
+        if !self.hello_pending || self.metadata.durable_through() < self.generations_seq {
+            return;
+        }
+        self.hello_pending = false;
         let hello = self.hello();
         let control = Control::Hello(&hello);
         let length = control.encoded_bytes();
-        self.out
+        if self
+            .out
             .push_inline(length, |bytes| control.encode(bytes))
-            .expect("an empty queue holds a Hello");
+            .is_err()
+        {
+            // Heartbeats queued while waiting fill no queue; try again at the next tick.
+            self.hello_pending = true;
+        }
     }
 
     /// The link is down: drop the send queue; everything unacknowledged is resent after the
     /// next HelloAck.
     pub fn handle_disconnected(&mut self, now_us: u64) {
+        self.hello_pending = false;
         self.out.clear();
         self.reset_session();
         self.liveness.on_disconnected();
@@ -533,6 +560,7 @@ impl<M: RingStore> Source<M> {
         self.last_tick_us = now_us;
         let active = half_of_cp(self.active_cp);
         self.cps[active].close_open_transfer();
+        self.maybe_send_hello();
         if self.link == LinkState::Settling && self.metadata.durable_through() >= self.settle_seq {
             self.become_ready(now_us);
         }
@@ -711,7 +739,8 @@ impl<M: RingStore> Source<M> {
     /// does before its first write its peer will not see (the degrade policy). Returns the
     /// metadata sequence to wait for (`metadata().durable_through()`) before acknowledging it.
     pub fn new_generation(&mut self, generation: u64) -> u64 {
-        self.metadata.new_generation(generation)
+        self.generations_seq = self.metadata.new_generation(generation);
+        self.generations_seq
     }
 
     /// Marks the extents of a write the peer will not see (degraded); durable once

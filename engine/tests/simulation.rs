@@ -1,45 +1,63 @@
 //! Seeded simulation of a source and a destination wired by an in-memory lossy pipe on virtual
 //! time (engine spec "Tests"; STYLE 10). The workload mixes aligned and unaligned writes and
 //! write-zeroes, holds and aborts reservations, takes random CPs, and injects faults: link drops,
-//! corrupted bytes on the wire, partial sends, out-of-order commits, source crashes (torn
-//! entries, lost unflushed primary writes, in-flight device writes landing or not) and
-//! destination crashes, device errors on reads, writes and flushes of both sides, and frozen
-//! peers: nothing delivered in one or both directions for a while, the connection left open
-//! (a SIGSTOPped process), which the sides' heartbeat and ack deadlines must turn into a lost
-//! peer and a reconnect (a freeze longer than the peer timeout that is not declared is a
-//! failure). A third of the seeds run the `fail` peer-loss policy: writes failed while the
-//! peer is lost must never have completed, and stay in the ring for the mirror.
+//! outages longer than the peer timeout, corrupted bytes on the wire, partial sends,
+//! out-of-order commits, source crashes (torn entries, lost unflushed primary writes, in-flight
+//! device writes landing or not) and destination crashes, device errors on reads, writes and
+//! flushes of both sides, and frozen peers: nothing delivered in one or both directions for a
+//! while, the connection left open (a SIGSTOPped process), which the sides' heartbeat and ack
+//! deadlines must turn into a lost peer and a reconnect (a freeze longer than the peer timeout
+//! that is not declared is a failure). A third of the seeds run the `fail` peer-loss policy:
+//! writes failed while the peer is lost must never have completed, and stay in the ring for the
+//! mirror.
+//!
+//! Another third run `degrade`: a write may then complete without the destination having logged
+//! it only while the source is degraded, and only once every extent it touches is marked in the
+//! durable image of the source's metadata (reopened from its device). CPs complete on the
+//! primary alone; the returning destination is resynced (references first, then data read from
+//! the primary), and both sides crash at every step of it (crashes come often while a resync
+//! runs), a destination now and then without its log (a fresh ring: references fail over to
+//! data). A fifth of all seeds form a fresh pair without `assume_identical` over primaries that
+//! hold data: the initial full sync. Every seed that degraded or resynced must end, once
+//! quiesced, with `ResyncDone`, one generation on both sides, an empty bitmap and the mirror
+//! equal to the primary.
 //!
 //! The devices are asynchronous (`SimDevice`): every op completes after a random virtual delay,
 //! in random order; a write reaches what reads see at submit or at completion (chosen per op);
 //! a flush makes durable only what completed before it was submitted.
 //!
-//! Along the way it asserts the ack rule (a completion only for a write the destination has
-//! logged) and the point in time (invariant 7): whenever a CP is applied on the mirror, each
-//! mirror namespace equals, byte for byte, the image of every write of that CP and the earlier
-//! ones in seq order. After quiescing it asserts mirror == primary == that image and that every
-//! completed write's data is present; a promotion after a source crash must hold every completed
-//! write.
+//! Along the way it asserts the ack rule (above) and the point in time (invariant 7): whenever a
+//! CP is applied on the mirror of a destination that is not a resync target (a resync target's
+//! mirror mixes two points in time by design), each mirror namespace equals, byte for byte, the
+//! image of every write of that CP and the earlier ones in seq order. After quiescing it asserts
+//! mirror == primary == that image and that every completed write's data is present. Then the
+//! source crashes and the destination is promoted (under `degrade`, half the time during or
+//! after an outage): a resync target must refuse; a promoted mirror holds, per block, its last
+//! acknowledged write or a later one, never older (writes acknowledged by a degraded source
+//! alone excepted, until a resync brought them over: the destination never saw them).
 //!
-//! Each side has node metadata (generations, bitmap) on a metadata device whose writes land at
-//! submit and complete in random order (its own crash safety is `metadata`'s property test). The
-//! pair starts fresh with `assume_identical`, so the first handshake settles on the source's
-//! proposed generation; a crash reopens each side's metadata from its device, and the promoted
-//! side's new generation refuses the old source as stale.
+//! Each side has node metadata (generations, bitmap) on a metadata device with a volatile cache:
+//! writes complete after a random delay and become durable only by a flush; a crash keeps or
+//! loses each unflushed sector (its own crash safety is `metadata`'s property test). A crash
+//! reopens each side's metadata from what survived; the promoted side's new generation refuses
+//! the old source as stale, or as a split brain when it took a generation of its own.
 //!
 //! `SIM_SEEDS=N` runs N seeds (default 50); `SIM_SEED=S` runs one seed; `SIM_KEEP_GOING=1` runs
-//! every seed and lists the failing ones at the end; `SIM_DEBUG=1` prints a line per seed.
+//! every seed and lists the failing ones at the end; `SIM_DEBUG=1` prints the engine's log and a
+//! line per seed; `SIM_WATCH=nsid:sector` prints every device write of one sector;
+//! `SIM_TIMING=1` prints each seed's run time by kind.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use nvmirror_engine::generation::FLAG_RESYNC_TARGET;
 use nvmirror_engine::geometry::{RING_BYTES_MIN, SECTOR_SIZE};
 use nvmirror_engine::metadata::{NodeMetadata, BITMAP_EXTENT_BYTES_DEFAULT};
 use nvmirror_engine::wire::{frame_length, MESSAGE_HEADER_BYTES};
 use nvmirror_engine::{
     CpMode, Destination, DestinationConfig, DestinationEvent, DeviceCompletion, DeviceError,
-    DeviceOp, DeviceOpId, DeviceRequest, PeerLossPolicy, Source, SourceConfig, SourceEvent,
-    WriteRefused, WriteSlot,
+    DeviceOp, DeviceOpId, DeviceRequest, EngineError, PeerLossPolicy, PeerState, Source,
+    SourceConfig, SourceEvent, WriteRefused, WriteSlot,
 };
 
 const VOLUME: [u8; 16] = *b"nvmirror-sim-vol";
@@ -48,11 +66,49 @@ const NAMESPACES: usize = 2;
 const SIZES: [u64; NAMESPACES] = [NAMESPACE_BYTES; NAMESPACES];
 const SECTORS: usize = (NAMESPACE_BYTES / SECTOR_SIZE as u64) as usize;
 const STEPS: u64 = 2500;
+/// Steps of a degrade or initial-sync seed: their resyncs and crashes cost more per step (a
+/// full sync starts over at every reconnect), so fewer keep 10,000 seeds within minutes.
+const STEPS_RESYNC: u64 = 1500;
 const QUIESCE_STEPS_MAX: u64 = 100_000;
 const QUEUE_DEPTH: usize = 24;
 const RECEIVE_TIMEOUT_US: u64 = 5000;
 /// The largest virtual time one step advances.
 const STEP_US_MAX: u64 = 20;
+
+/// `SIM_DEBUG` is set (read once: the lookup is not free on hot paths).
+fn debug() -> bool {
+    static DEBUG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DEBUG.get_or_init(|| std::env::var("SIM_DEBUG").is_ok())
+}
+
+/// `SIM_WATCH=nsid:sector`: every device write of that sector is printed.
+fn watched() -> Option<(u32, usize)> {
+    static WATCH: std::sync::OnceLock<Option<(u32, usize)>> = std::sync::OnceLock::new();
+    *WATCH.get_or_init(|| {
+        let watch = std::env::var("SIM_WATCH").ok()?;
+        let (nsid, sector) = watch.split_once(':').expect("SIM_WATCH=nsid:sector");
+        Some((nsid.parse().unwrap(), sector.parse().unwrap()))
+    })
+}
+
+/// The virtual time, for the debug logger.
+static NOW_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// `SIM_DEBUG=1`: the engine's log lines on stderr, stamped with the virtual time.
+struct DebugLogger;
+
+impl log::Log for DebugLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Info
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            let now = NOW_US.load(std::sync::atomic::Ordering::Relaxed);
+            eprintln!("DEBUG t {now}: {}", record.args());
+        }
+    }
+    fn flush(&self) {}
+}
 
 /// xorshift64*: small, seeded, good enough for fault schedules.
 struct Rng(u64);
@@ -161,6 +217,7 @@ impl SimDevice {
 
     fn submit(&mut self, seed: u64, op: DeviceOp<'_>, now_us: u64, rng: &mut Rng) {
         let (start, end) = op.request.range();
+        let nsid = op.nsid;
         assert_eq!(start % SECTOR_SIZE as u64, 0);
         assert_eq!(end % SECTOR_SIZE as u64, 0);
         assert!(end <= NAMESPACE_BYTES);
@@ -195,13 +252,15 @@ impl SimDevice {
         if let Pending::Read { .. } | Pending::Write { .. } = pending {
             self.check_overlap(seed, start, end, &pending);
         }
-        if let Pending::Write {
-            start,
-            ref data,
-            early: true,
-        } = pending
-        {
-            self.current[start..start + data.len()].copy_from_slice(data);
+        if let (Some((watched, sector)), Pending::Write { data, .. }) = (watched(), &pending) {
+            if nsid == watched && (start..end).contains(&(sector * SECTOR_SIZE)) {
+                let at = sector * SECTOR_SIZE - start;
+                eprintln!(
+                    "DEBUG t {now_us}: {} write of sector {sector} (bytes {start}..{end}): {:?}",
+                    self.name,
+                    identify(&data[at..at + SECTOR_SIZE], sector as u64)
+                );
+            }
         }
         // Mostly fast, now and then slow (a device's tail latency).
         let delay = if rng.below(20) == 0 {
@@ -423,6 +482,9 @@ struct WriteRecord {
     /// The CP its entry belongs to (the source's active CP right after the reservation).
     cp: u64,
     fate: Fate,
+    /// Completed while the source was degraded, and no resync finished since: only the source
+    /// holds it (a promoted destination may lack it; a failover then loses it by design).
+    degraded: bool,
 }
 
 /// What the host did: every write and, per sector, the writes that covered it in issue order
@@ -452,6 +514,7 @@ impl Model {
                 seq: 0,
                 cp: 0,
                 fate: Fate::Live,
+                degraded: false,
             }],
             history: vec![vec![Vec::new(); SECTORS]; NAMESPACES],
             by_cp: HashMap::new(),
@@ -473,11 +536,35 @@ impl Model {
             seq,
             cp,
             fate: Fate::Live,
+            degraded: false,
         });
         for sector in lba..lba + sectors {
             self.history[nsid as usize - 1][sector as usize].push(number);
         }
         self.by_cp.entry(cp).or_default().push(number);
+        number
+    }
+
+    /// Data the primary held before the pair was formed (the initial sync copies it): a completed
+    /// write of CP 0, already in the image. Returns its number (its sectors' pattern).
+    fn preexisting(&mut self, nsid: u32, lba: u64, sectors: u64) -> u64 {
+        let number = self.writes.len() as u64;
+        self.writes.push(WriteRecord {
+            nsid,
+            lba,
+            sectors,
+            zeroes: false,
+            completed: true,
+            seq: 0,
+            cp: 0,
+            fate: Fate::Live,
+            degraded: false,
+        });
+        let image = &mut self.image[nsid as usize - 1];
+        for sector in lba..lba + sectors {
+            self.history[nsid as usize - 1][sector as usize].push(number);
+            sector_pattern(number, sector, &mut image[sector_range(sector as usize)]);
+        }
         number
     }
 
@@ -548,6 +635,12 @@ impl Model {
 
     /// Every sector holds the last completed write covering it, or a later write.
     fn check(&self, nsid: u32, image: &[u8], what: &str) {
+        self.check_counting(nsid, image, what, true);
+    }
+
+    /// [`Model::check`]; `degraded`: writes completed while degraded (not resynced) count as
+    /// completed (false after a failover: the destination never saw them, by design).
+    fn check_counting(&self, nsid: u32, image: &[u8], what: &str, degraded: bool) {
         for (sector, history) in self.history[nsid as usize - 1].iter().enumerate() {
             let history: Vec<u64> = history
                 .iter()
@@ -557,7 +650,10 @@ impl Model {
             let bytes = &image[sector_range(sector)];
             let found = identify(bytes, sector as u64)
                 .unwrap_or_else(|| panic!("{what}: ns {nsid} sector {sector}: garbage"));
-            let completed = |n: &u64| self.writes[*n as usize].completed;
+            let completed = |n: &u64| {
+                let write = &self.writes[*n as usize];
+                write.completed && (degraded || !write.degraded)
+            };
             let allowed = match history.iter().rposition(completed) {
                 Some(from) => &history[from..],
                 None => &history[..],
@@ -593,6 +689,24 @@ struct Totals {
     freezes: u64,
     peers_lost: u64,
     writes_failed: u64,
+    /// Times a source went on without its destination (`degrade`), and writes completed so.
+    degrades: u64,
+    degraded_writes: u64,
+    /// CPs completed on the primary alone.
+    local_cps: u64,
+    /// `ResyncDone` events, and those of them that ended an initial full sync.
+    resyncs_done: u64,
+    full_syncs_done: u64,
+    /// Resync blocks sent as references and as data (every source process's counters).
+    resync_reference_blocks: u64,
+    resync_data_blocks: u64,
+    /// Crashes of either side while a resync was in progress.
+    resync_crashes: u64,
+    /// Destination restarts on a fresh ring (the log lost).
+    lost_logs: u64,
+    promotions: u64,
+    /// Promotions refused because the destination was a resync target.
+    refused_promotions: u64,
 }
 
 impl Totals {
@@ -608,51 +722,142 @@ impl Totals {
         self.freezes += other.freezes;
         self.peers_lost += other.peers_lost;
         self.writes_failed += other.writes_failed;
+        self.degrades += other.degrades;
+        self.degraded_writes += other.degraded_writes;
+        self.local_cps += other.local_cps;
+        self.resyncs_done += other.resyncs_done;
+        self.full_syncs_done += other.full_syncs_done;
+        self.resync_reference_blocks += other.resync_reference_blocks;
+        self.resync_data_blocks += other.resync_data_blocks;
+        self.resync_crashes += other.resync_crashes;
+        self.lost_logs += other.lost_logs;
+        self.promotions += other.promotions;
+        self.refused_promotions += other.refused_promotions;
     }
 }
 
-/// A side's metadata device: writes land at submit; completions wait for `take`.
+/// A side's metadata device with a volatile write cache: a write reaches `image` at submit and
+/// `durable` only through a flush submitted after it completed; completions come after a random
+/// virtual delay, in random order. A crash keeps each sector of every write not yet flushed or
+/// not (a torn page is the metadata's to detect), so an engine that acknowledges before its mark
+/// or generation is durable is caught by a later reopen.
 #[derive(Default)]
 struct MetadataDevice {
     image: Vec<u8>,
-    done: Vec<DeviceOpId>,
+    durable: Vec<u8>,
+    /// Writes not yet durable, in submit order: (offset, bytes, completed).
+    volatile: Vec<(usize, Vec<u8>, bool)>,
+    /// Ops in flight: (id, due time, what it does).
+    inflight: Vec<(DeviceOpId, u64, MetadataPending)>,
+}
+
+#[derive(Clone, Copy)]
+enum MetadataPending {
+    /// The write's bytes at this offset.
+    Write(usize),
+    /// Makes durable every write completed before it.
+    Flush,
 }
 
 impl MetadataDevice {
-    fn formatted(node_id: u64, proposed_generation: u64) -> (NodeMetadata, Self) {
-        let metadata = NodeMetadata::format(
-            VOLUME,
-            node_id,
-            proposed_generation,
-            &SIZES,
-            BITMAP_EXTENT_BYTES_DEFAULT,
-        )
-        .unwrap();
+    fn formatted(
+        node_id: u64,
+        proposed_generation: u64,
+        extent_bytes: u64,
+    ) -> (NodeMetadata, Self) {
+        let metadata =
+            NodeMetadata::format(VOLUME, node_id, proposed_generation, &SIZES, extent_bytes)
+                .unwrap();
+        let image = metadata.image();
         let device = MetadataDevice {
-            image: metadata.image(),
-            done: Vec::new(),
+            durable: image.clone(),
+            image,
+            ..MetadataDevice::default()
         };
         (metadata, device)
     }
 
-    fn submit(&mut self, op: DeviceOp<'_>) {
-        if let DeviceRequest::Write { offset_bytes, data } = op.request {
-            let at = offset_bytes as usize;
-            self.image[at..at + data.len()].copy_from_slice(data);
-        }
-        self.done.push(op.id);
+    fn submit(&mut self, op: DeviceOp<'_>, now_us: u64, rng: &mut Rng) {
+        let due_us = now_us
+            + if rng.below(10) == 0 {
+                rng.below(400)
+            } else {
+                rng.below(40)
+            };
+        let pending = match op.request {
+            DeviceRequest::Write { offset_bytes, data } => {
+                let at = offset_bytes as usize;
+                self.image[at..at + data.len()].copy_from_slice(data);
+                self.volatile.push((at, data.to_vec(), false));
+                MetadataPending::Write(at)
+            }
+            DeviceRequest::Flush => MetadataPending::Flush,
+            _ => panic!("metadata ops are writes and flushes"),
+        };
+        self.inflight.push((op.id, due_us, pending));
     }
 
-    /// The completions, in random order.
-    fn take(&mut self, rng: &mut Rng) -> Vec<DeviceOpId> {
-        let mut done = std::mem::take(&mut self.done);
-        for i in (1..done.len()).rev() {
-            done.swap(i, rng.below(i as u64 + 1) as usize);
+    /// The completions due by `now_us`, in random order.
+    fn take(&mut self, now_us: u64, rng: &mut Rng) -> Vec<DeviceOpId> {
+        let mut due = Vec::new();
+        let mut index = 0;
+        while index < self.inflight.len() {
+            if self.inflight[index].1 <= now_us {
+                due.push(self.inflight.swap_remove(index));
+            } else {
+                index += 1;
+            }
         }
-        done
+        for i in (1..due.len()).rev() {
+            due.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        for &(_, _, pending) in &due {
+            match pending {
+                MetadataPending::Write(at) => {
+                    let write = self
+                        .volatile
+                        .iter_mut()
+                        .find(|w| w.0 == at && !w.2)
+                        .expect("a write in flight is volatile");
+                    write.2 = true;
+                }
+                MetadataPending::Flush => {
+                    // The metadata flushes only once its batch's writes completed: everything
+                    // completed is durable now (writes submitted after the flush are not).
+                    let (done, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.volatile)
+                        .into_iter()
+                        .partition(|w| w.2);
+                    for (at, data, _) in done {
+                        self.durable[at..at + data.len()].copy_from_slice(&data);
+                    }
+                    self.volatile = rest;
+                }
+            }
+        }
+        due.into_iter().map(|(id, _, _)| id).collect()
     }
 
-    /// What the node finds at its next start.
+    /// Power loss: each sector of each write not yet durable lands or not; ops in flight are
+    /// gone.
+    fn crash(&mut self, rng: &mut Rng) {
+        self.inflight.clear();
+        for (at, data, _) in std::mem::take(&mut self.volatile) {
+            for (i, sector) in data.chunks(SECTOR_SIZE).enumerate() {
+                if rng.below(2) == 0 {
+                    let from = at + i * SECTOR_SIZE;
+                    self.durable[from..from + sector.len()].copy_from_slice(sector);
+                }
+            }
+        }
+        self.image.copy_from_slice(&self.durable);
+    }
+
+    /// What the node would find at a start now, had it crashed (what is durable for sure).
+    fn reopen_durable(&self) -> NodeMetadata {
+        NodeMetadata::open(&self.durable, VOLUME, &SIZES).unwrap().0
+    }
+
+    /// What the node finds at its next start after an orderly stop (every write landed).
     fn reopen(&self) -> NodeMetadata {
         NodeMetadata::open(&self.image, VOLUME, &SIZES).unwrap().0
     }
@@ -706,6 +911,15 @@ struct Sim {
     long_freeze: Option<(u64, u64)>,
     /// Connections made so far (the current one's number).
     connections: u64,
+    /// The pair starts fresh without `assume_identical` over a primary holding data: the first
+    /// handshake settles on the initial full sync.
+    full_sync: bool,
+    /// A write completed degraded, a CP completed on the primary alone, or a resync started,
+    /// and no `ResyncDone` came since: the quiesced pair must end with one. (A source that
+    /// degraded and crashed before anything of it was durable comes back in sync.)
+    resync_owed: bool,
+    /// The current source process is degraded (as of its last drained event).
+    degraded: bool,
 }
 
 impl Sim {
@@ -719,11 +933,14 @@ impl Sim {
         let depths = [1, 2, 4, 8, 32];
         // Virtual microseconds: a step is 1..=20 us, so a few hundred steps per timeout.
         let peer_timeout_us = 1000 + rng.below(4000);
-        let peer_loss_policy = if rng.below(3) == 0 {
-            PeerLossPolicy::Fail
-        } else {
-            PeerLossPolicy::Suspend
+        let peer_loss_policy = match rng.below(3) {
+            0 => PeerLossPolicy::Fail,
+            1 => PeerLossPolicy::Degrade,
+            _ => PeerLossPolicy::Suspend,
         };
+        // A fifth of the seeds form a fresh pair over a primary that holds data.
+        let full_sync = rng.below(5) == 0;
+        let extent_bytes = [4096, 16 << 10, BITMAP_EXTENT_BYTES_DEFAULT][rng.below(3) as usize];
         let config = SourceConfig {
             volume_id: VOLUME,
             cp_interval_us: 200 + rng.below(5000),
@@ -733,19 +950,23 @@ impl Sim {
             peer_loss_policy,
             generation_seed: 0x5eed,
             resync_rate_bytes_per_s: 0,
-            assume_identical: true,
+            assume_identical: !full_sync,
         };
         let destination_config = DestinationConfig {
             volume_id: VOLUME,
             device_queue_depth: depths[rng.below(depths.len() as u64) as usize],
             peer_timeout_us,
-            assume_identical: true,
+            assume_identical: !full_sync,
         };
-        let (source_metadata, source_metadata_device) =
-            MetadataDevice::formatted(1 + rng.below(1 << 62), 1 + rng.below(u64::MAX - 1));
+        let (source_metadata, source_metadata_device) = MetadataDevice::formatted(
+            1 + rng.below(1 << 62),
+            1 + rng.below(u64::MAX - 1),
+            extent_bytes,
+        );
         let (destination_metadata, destination_metadata_device) = MetadataDevice::formatted(
             (1 << 62) + 1 + rng.below(1 << 62),
             1 + rng.below(u64::MAX - 1),
+            extent_bytes,
         );
         let device_fault_rates = if rng.below(3) == 0 {
             FaultRates::NONE
@@ -769,7 +990,7 @@ impl Sim {
             destination_metadata,
         )
         .unwrap();
-        Self {
+        let mut sim = Self {
             seed,
             rng,
             now_us: 0,
@@ -803,6 +1024,30 @@ impl Sim {
             frozen_until_us: [0; 2],
             long_freeze: None,
             connections: 0,
+            full_sync,
+            resync_owed: full_sync,
+            degraded: false,
+        };
+        if full_sync {
+            sim.preexisting_data();
+        }
+        sim
+    }
+
+    /// Writes of before the pair, on the primaries only (durable): the initial sync copies them.
+    fn preexisting_data(&mut self) {
+        for _ in 0..1 + self.rng.below(12) {
+            let nsid = 1 + self.rng.below(NAMESPACES as u64) as u32;
+            let sectors = 1 + self.rng.below(128);
+            let lba = self.rng.below(SECTORS as u64 - sectors);
+            let number = self.model.preexisting(nsid, lba, sectors);
+            let primary = &mut self.primaries[nsid as usize - 1];
+            for sector in lba..lba + sectors {
+                let range = sector_range(sector as usize);
+                sector_pattern(number, sector, &mut primary.durable[range.clone()]);
+                primary.current[range.clone()].copy_from_slice(&primary.durable[range.clone()]);
+                primary.completed[range.clone()].copy_from_slice(&primary.durable[range]);
+            }
         }
     }
 
@@ -827,6 +1072,14 @@ impl Sim {
         self.frozen_until_us = [0; 2];
         self.long_freeze = None;
         self.reconnect_at_us = self.now_us + 10 + self.rng.below(500);
+    }
+
+    /// The link goes down for longer than the peer timeout: the source declares the destination
+    /// lost (and, under `degrade`, goes on alone and completes CPs on the primary alone).
+    fn outage(&mut self) {
+        self.cut_link();
+        let timeout_us = self.config.peer_timeout_us;
+        self.reconnect_at_us = self.now_us + timeout_us + self.rng.below(2 * timeout_us);
     }
 
     /// A peer freezes: nothing is delivered one way or both for a while, the connection stays
@@ -867,7 +1120,7 @@ impl Sim {
         let source = self.source().poll_link_close();
         let destination = self.destination().poll_link_close();
         if source.is_some() || destination.is_some() {
-            if std::env::var("SIM_DEBUG").is_ok() {
+            if debug() {
                 eprintln!(
                     "DEBUG t {}: closed by a deadline: source {source:?} destination {destination:?}",
                     self.now_us
@@ -993,11 +1246,12 @@ impl Sim {
                 work += 1;
             }
             while let Some(op) = source.poll_metadata_op() {
-                self.source_metadata.submit(op);
+                self.source_metadata.submit(op, now, &mut self.rng);
                 work += 1;
             }
-            for id in self.source_metadata.take(&mut self.rng) {
+            for id in self.source_metadata.take(now, &mut self.rng) {
                 source.handle_metadata_completion(metadata_completion(id));
+                work += 1;
             }
             let destination = self.destination.as_mut().unwrap();
             while let Some(op) = destination.poll_device_op(now) {
@@ -1005,11 +1259,12 @@ impl Sim {
                 work += 1;
             }
             while let Some(op) = destination.poll_metadata_op() {
-                self.destination_metadata.submit(op);
+                self.destination_metadata.submit(op, now, &mut self.rng);
                 work += 1;
             }
-            for id in self.destination_metadata.take(&mut self.rng) {
+            for id in self.destination_metadata.take(now, &mut self.rng) {
                 destination.handle_metadata_completion(metadata_completion(id));
+                work += 1;
             }
             for index in 0..NAMESPACES {
                 for (id, result) in self.primaries[index].take_due(now, &mut self.rng, rates) {
@@ -1155,12 +1410,38 @@ impl Sim {
         self.model.cps_checked += 1;
     }
 
+    /// The destination's mirror is a resync target's: mixed points in time by design, so the
+    /// point-in-time check does not apply to it.
+    fn destination_is_resync_target(&self) -> bool {
+        let flags = self
+            .destination
+            .as_ref()
+            .unwrap()
+            .metadata()
+            .generations()
+            .flags;
+        flags & FLAG_RESYNC_TARGET != 0
+    }
+
     fn drain_destination_events(&mut self) {
         while let Some(event) = self.destination().poll_event() {
             match event {
                 DestinationEvent::CpApplied { cp_number } => {
-                    self.model.advance_image(self.seed, cp_number);
-                    self.check_point_in_time(cp_number, "CpApplied");
+                    if debug() {
+                        eprintln!(
+                            "DEBUG t {}: destination applied cp {cp_number}",
+                            self.now_us
+                        );
+                    }
+                    // A destination that lost its log forgot which CPs it applied: the source
+                    // sends the last one again, the same blocks.
+                    let again = cp_number == self.model.image_cp && self.totals.lost_logs > 0;
+                    if !again {
+                        self.model.advance_image(self.seed, cp_number);
+                    }
+                    if !self.destination_is_resync_target() {
+                        self.check_point_in_time(cp_number, "CpApplied");
+                    }
                 }
                 DestinationEvent::PeerRejected(text) => {
                     panic!(
@@ -1174,37 +1455,72 @@ impl Sim {
         }
     }
 
+    /// The ack rule for write `number`, completed now: the destination logged it, or the source
+    /// is degraded and every extent of the write is marked in the durable image of its metadata.
+    fn check_ack(&self, seq: u64, number: u64, durable: &mut Option<NodeMetadata>) -> bool {
+        let source = self.source.as_ref().unwrap();
+        if !source.is_degraded() {
+            let logged = self.destination.as_ref().unwrap().logged_seq_max();
+            assert!(
+                logged.is_some_and(|logged| logged >= seq),
+                "seed {}: write {seq} completed, destination logged {logged:?}, not degraded",
+                self.seed
+            );
+            return false;
+        }
+        assert_eq!(self.config.peer_loss_policy, PeerLossPolicy::Degrade);
+        let metadata = durable.get_or_insert_with(|| self.source_metadata.reopen_durable());
+        let record = &self.model.writes[number as usize];
+        for lba in record.lba..record.lba + record.sectors {
+            assert!(
+                metadata.is_marked(record.nsid, lba * SECTOR_SIZE as u64),
+                "seed {}: degraded write {seq} (ns {} lba {lba}) completed before its mark was \
+                 durable",
+                self.seed,
+                record.nsid
+            );
+        }
+        true
+    }
+
     fn drain_source_events(&mut self) {
+        let mut durable = None;
         while let Some(event) = self.source().poll_event() {
             match event {
                 SourceEvent::WriteCompleted(id) => {
-                    // The ack rule: the destination logged this write before it completed.
-                    let logged = self.destination.as_ref().unwrap().logged_seq_max();
-                    assert!(
-                        logged.is_some_and(|seq| seq >= id.0),
-                        "seed {}: write {} completed, destination logged {logged:?}",
-                        self.seed,
-                        id.0
-                    );
                     let number = self.pending.remove(&id.0).unwrap_or_else(|| {
                         panic!("seed {}: unknown completion {}", self.seed, id.0)
                     });
+                    let degraded = self.check_ack(id.0, number, &mut durable);
                     let record = &mut self.model.writes[number as usize];
                     assert!(!record.completed);
                     record.completed = true;
+                    record.degraded = degraded;
+                    self.totals.degraded_writes += u64::from(degraded);
+                    self.resync_owed |= degraded;
                     self.completions += 1;
                 }
                 SourceEvent::LinkRejected(text) => panic!("seed {}: rejected: {text}", self.seed),
-                SourceEvent::ResyncDone { .. } => panic!("seed {}: no seed degrades", self.seed),
+                SourceEvent::ResyncDone { .. } => self.on_resync_done(),
                 SourceEvent::CpCompleted { cp_number, .. } => {
+                    if debug() {
+                        eprintln!("DEBUG t {}: source completed cp {cp_number}", self.now_us);
+                    }
                     self.totals.cps_completed += 1;
-                    assert!(
-                        self.model.image_cp >= cp_number,
-                        "seed {}: source completed CP {cp_number}, destination applied {}",
-                        self.seed,
-                        self.model.image_cp
-                    );
-                    if self.model.image_cp == cp_number {
+                    if self.model.image_cp < cp_number {
+                        // Completed on the primary alone: only a degraded source does that.
+                        assert!(
+                            self.source.as_ref().unwrap().is_degraded(),
+                            "seed {}: source completed CP {cp_number}, destination applied {}",
+                            self.seed,
+                            self.model.image_cp
+                        );
+                        self.model.advance_image(self.seed, cp_number);
+                        self.totals.local_cps += 1;
+                        self.resync_owed = true;
+                    } else if self.model.image_cp == cp_number
+                        && !self.destination_is_resync_target()
+                    {
                         self.check_point_in_time(cp_number, "CpCompleted");
                     }
                 }
@@ -1226,16 +1542,86 @@ impl Sim {
                     self.totals.writes_failed += 1;
                 }
                 SourceEvent::PeerLost(_) => self.totals.peers_lost += 1,
-                SourceEvent::DeviceFault(_) | SourceEvent::LinkReady => {}
+                SourceEvent::LinkReady => {
+                    // A source that crashed after its ResyncDone (before the ack) comes back
+                    // to a destination holding its generation: in sync, the resync over.
+                    let source = self.source.as_ref().unwrap();
+                    let destination = self.destination.as_ref().unwrap();
+                    let same = source.metadata().generations().current
+                        == destination.metadata().generations().current;
+                    if self.resync_owed
+                        && same
+                        && source.resync_progress().is_none()
+                        && !self.destination_is_resync_target()
+                    {
+                        self.on_resync_done();
+                    }
+                }
+                SourceEvent::DeviceFault(_) => {}
             }
         }
+        let source = self.source.as_ref().unwrap();
+        let degraded = source.is_degraded();
+        if degraded && !self.degraded {
+            self.totals.degrades += 1;
+        }
+        self.degraded = degraded;
+        self.resync_owed |= source.resync_progress().is_some();
         self.drain_destination_events();
+    }
+
+    /// The resync finished: the destination holds the source's generation and is no resync
+    /// target; the bitmap counts nothing; every degraded write is on the destination now.
+    fn on_resync_done(&mut self) {
+        let source = self.source.as_ref().unwrap();
+        let destination = self.destination.as_ref().unwrap();
+        let ours = source.metadata().generations();
+        let theirs = destination.metadata().generations();
+        assert_eq!(
+            ours.current, theirs.current,
+            "seed {}: resync done, generations differ",
+            self.seed
+        );
+        assert_eq!(theirs.flags & FLAG_RESYNC_TARGET, 0, "seed {}", self.seed);
+        assert_eq!(
+            source.metadata().marked_count(),
+            0,
+            "seed {}: resync done with marked extents",
+            self.seed
+        );
+        assert!(!source.is_degraded());
+        for write in &mut self.model.writes {
+            write.degraded = false;
+        }
+        self.resync_owed = false;
+        self.totals.resyncs_done += 1;
+        if self.full_sync && self.totals.full_syncs_done == 0 {
+            self.totals.full_syncs_done = 1;
+        }
     }
 
     /// The source process dies with its primaries' power: unflushed sectors and writes in
     /// flight survive or not; the ring (NVRAM) keeps its committed prefix.
+    /// Adds the current source process's resync counters to the totals (a crash loses them).
+    fn harvest_source_counters(&mut self) {
+        let counters = self.source.as_ref().unwrap().counters();
+        self.totals.resync_reference_blocks += counters.resync_reference_blocks;
+        self.totals.resync_data_blocks += counters.resync_data_blocks;
+        self.totals.references += counters.cp_reference_count;
+    }
+
+    /// A resync runs or is owed (crashes then hit its steps).
+    fn resyncing(&self) -> bool {
+        self.source.as_ref().unwrap().resync_progress().is_some()
+            || self.destination_is_resync_target()
+    }
+
     fn crash_source(&mut self) {
+        if self.resyncing() {
+            self.totals.resync_crashes += 1;
+        }
         self.cut_link();
+        self.harvest_source_counters();
         let ring = self.source.take().unwrap().into_memory();
         let held_low = self.held.iter().map(|(slot, _)| slot.id().0).min();
         // An aborted reservation not yet completed may or may not have been committed yet.
@@ -1252,8 +1638,10 @@ impl Sim {
         for primary in &mut self.primaries {
             primary.crash(&mut self.rng);
         }
+        self.source_metadata.crash(&mut self.rng);
         let metadata = self.source_metadata.reopen();
         let (source, _) = Source::open(self.config, ring, &SIZES, metadata, self.now_us).unwrap();
+        self.degraded = false;
         // The recovered log ends at the seq before the first entry never committed.
         let end = source.read_gate(1, 0, SECTOR_SIZE as u64).unwrap();
         self.source = Some(source);
@@ -1280,7 +1668,7 @@ impl Sim {
         }
         self.process_writes.clear();
         self.totals.crashes += 1;
-        if std::env::var("SIM_DEBUG").is_ok() {
+        if debug() {
             eprintln!(
                 "DEBUG t {}: source crashed; reopened at cp {}",
                 self.now_us,
@@ -1289,13 +1677,36 @@ impl Sim {
         }
     }
 
+    /// The destination process dies with its mirrors' power. During a resync (or once the
+    /// source moved on, so the next handshake settles on one) it may come back without its log
+    /// (a fresh ring: a reboot of a volatile medium): references into it then fail over to data.
     fn crash_destination(&mut self) {
+        if self.resyncing() {
+            self.totals.resync_crashes += 1;
+        }
         self.cut_link();
-        let ring = self.destination.take().unwrap().into_memory();
+        if debug() {
+            eprintln!("DEBUG t {}: destination crashes", self.now_us);
+        }
+        let mut ring = self.destination.take().unwrap().into_memory();
         for mirror in &mut self.mirrors {
             mirror.crash(&mut self.rng);
         }
+        self.destination_metadata.crash(&mut self.rng);
         let metadata = self.destination_metadata.reopen();
+        let source_generation = self.source_metadata.reopen_durable().generations().current;
+        let resync_settles = metadata.generations().flags & FLAG_RESYNC_TARGET != 0
+            || source_generation != metadata.generations().current;
+        if resync_settles && self.rng.below(2) == 0 {
+            ring = vec![0; RING_BYTES_MIN as usize];
+            self.totals.lost_logs += 1;
+            if debug() {
+                eprintln!(
+                    "DEBUG t {}: destination restarts without its log",
+                    self.now_us
+                );
+            }
+        }
         self.destination =
             Some(Destination::open(self.destination_config, ring, &SIZES, metadata).unwrap());
         self.totals.crashes += 1;
@@ -1304,6 +1715,7 @@ impl Sim {
     fn step(&mut self, writes: bool) {
         self.now_us += 1 + self.rng.below(STEP_US_MAX);
         let now = self.now_us;
+        NOW_US.store(now, std::sync::atomic::Ordering::Relaxed);
         if !self.link_up && now >= self.reconnect_at_us {
             self.link_up = true;
             self.connections += 1;
@@ -1326,7 +1738,10 @@ impl Sim {
             self.commit_held(true);
             self.source().request_cp(now);
         }
+        // Events are drained after every tick and message, so the ack rule sees the source's
+        // degrade state as it was when the write completed.
         self.source().handle_tick(now);
+        self.drain_source_events();
         self.destination().handle_tick(now);
         self.close_if_asked();
         self.run_devices();
@@ -1339,6 +1754,7 @@ impl Sim {
             self.deliver(false);
         }
         self.source().handle_tick(now);
+        self.drain_source_events();
         self.close_if_asked();
         self.run_devices();
         self.drain_source_events();
@@ -1370,10 +1786,15 @@ impl Sim {
         if self.rng.chance(1500) {
             self.cut_link();
         }
-        if self.rng.chance(700) {
+        if self.rng.chance(300) {
+            self.outage();
+        }
+        // A resync is short: crashes come often while one runs, so every step of it is hit.
+        let crash_rate = if self.resyncing() { 2500 } else { 700 };
+        if self.rng.chance(crash_rate) {
             self.crash_source();
         }
-        if self.rng.chance(700) {
+        if self.rng.chance(crash_rate) {
             self.crash_destination();
         }
         if self.rng.chance(400) {
@@ -1389,7 +1810,7 @@ impl Sim {
             let idle = self.source.as_ref().unwrap().is_idle()
                 && self.destination.as_ref().unwrap().tx_pending_bytes() == 0
                 && self.destination.as_ref().unwrap().device_ops_idle();
-            if idle && self.pending.is_empty() && self.link_up {
+            if idle && self.pending.is_empty() && self.link_up && self.in_sync() {
                 return;
             }
         }
@@ -1397,6 +1818,42 @@ impl Sim {
             "seed {}: no quiescence after {QUIESCE_STEPS_MAX} steps ({} pending)",
             self.seed,
             self.pending.len()
+        );
+    }
+
+    /// Connected, not degraded, no resync running, one generation on both sides.
+    fn in_sync(&self) -> bool {
+        let source = self.source.as_ref().unwrap();
+        let destination = self.destination.as_ref().unwrap();
+        matches!(source.peer_state(), PeerState::Connected { .. })
+            && !source.is_degraded()
+            && source.resync_progress().is_none()
+            && !self.destination_is_resync_target()
+            && source.metadata().generations().current
+                == destination.metadata().generations().current
+    }
+
+    /// After quiescing: whatever degraded or resynced ended with `ResyncDone`, the bitmap
+    /// counts nothing (durably), and the destination holds the source's generation.
+    fn check_resync_done(&self) {
+        assert!(
+            !self.resync_owed,
+            "seed {}: the source degraded or resynced, and no ResyncDone came",
+            self.seed
+        );
+        let source = self.source.as_ref().unwrap();
+        assert_eq!(source.metadata().marked_count(), 0, "seed {}", self.seed);
+        assert_eq!(
+            source.metadata().generations().bitmap_base,
+            0,
+            "seed {}",
+            self.seed
+        );
+        assert_eq!(
+            self.source_metadata.reopen_durable().marked_count(),
+            0,
+            "seed {}: the cleared bitmap is durable",
+            self.seed
         );
     }
 
@@ -1414,11 +1871,17 @@ impl Sim {
                 .chunks(SECTOR_SIZE)
                 .zip(mirror.chunks(SECTOR_SIZE))
                 .position(|(a, b)| a != b);
-            assert!(
-                differs.is_none(),
-                "seed {}: ns {nsid} mirror differs from primary at sector {differs:?}",
-                self.seed
-            );
+            if let Some(sector) = differs {
+                let range = sector_range(sector);
+                panic!(
+                    "seed {}: ns {nsid} mirror differs from primary at sector {sector}: mirror \
+                     {:?}, primary {:?} (history {:?})",
+                    self.seed,
+                    identify(&mirror[range.clone()], sector as u64),
+                    identify(&primary[range], sector as u64),
+                    self.model.describe(nsid, sector)
+                );
+            }
             self.model
                 .check(nsid, primary, &format!("seed {} primary", self.seed));
             self.model.check_image(
@@ -1431,20 +1894,34 @@ impl Sim {
 
     /// Source crash, then failover: the promoted mirror holds every completed write (the
     /// promotion's replay and flush go through the asynchronous mirrors), and the old source
-    /// is refused as stale.
-    fn promote_check(mut self) {
+    /// is refused as stale. Under `degrade`, half the seeds fail over during or after an outage:
+    /// a destination still lost holds every write but the degraded ones (only the source has
+    /// those, by design), a resync target refuses promotion, a resynced one holds them all; the
+    /// old source that moved on is refused as a split brain. Returns the seed's totals.
+    fn promote_check(mut self) -> Totals {
         self.faults = false;
-        for _ in 0..300 {
-            self.step(true);
+        if self.config.peer_loss_policy == PeerLossPolicy::Degrade && self.rng.below(2) == 0 {
+            self.outage();
+            let until_us = self.now_us + self.rng.below(self.reconnect_at_us - self.now_us + 2000);
+            while self.now_us < until_us {
+                self.step(true);
+            }
+        } else {
+            for _ in 0..300 {
+                self.step(true);
+            }
         }
         self.cut_link();
+        self.harvest_source_counters();
         let source_ring = self.source.take().unwrap().into_memory();
+        self.source_metadata.crash(&mut self.rng);
         let mut destination = self.destination.take().unwrap();
         if self.rng.below(2) == 0 {
             let ring = destination.into_memory();
             for mirror in &mut self.mirrors {
                 mirror.crash(&mut self.rng);
             }
+            self.destination_metadata.crash(&mut self.rng);
             let metadata = self.destination_metadata.reopen();
             destination =
                 Destination::open(self.destination_config, ring, &SIZES, metadata).unwrap();
@@ -1467,8 +1944,32 @@ impl Sim {
             }
             assert!(destination.device_ops_idle(), "seed {}", self.seed);
         }
+        self.totals.cps_checked = self.model.cps_checked;
+        self.totals.device_errors = self
+            .primaries
+            .iter()
+            .chain(&self.mirrors)
+            .map(|device| device.errors)
+            .sum();
         let generation = 1 + self.rng.below(u64::MAX - 1);
-        let mut promotion = destination.promote(generation).unwrap();
+        let resync_target = destination.metadata().generations().flags & FLAG_RESYNC_TARGET != 0;
+        let mut promotion = match destination.promote(generation) {
+            Err(EngineError::ResyncTarget { .. }) => {
+                // A half-resynced mirror mixes two points in time: it is never promoted.
+                assert!(resync_target, "seed {}: refused, not a target", self.seed);
+                self.totals.refused_promotions += 1;
+                return self.totals;
+            }
+            Err(error) => panic!("seed {}: promotion failed: {error}", self.seed),
+            Ok(promotion) => {
+                assert!(
+                    !resync_target,
+                    "seed {}: a resync target promoted",
+                    self.seed
+                );
+                promotion
+            }
+        };
         for _ in 0..100_000 {
             if promotion.is_done() {
                 break;
@@ -1484,28 +1985,33 @@ impl Sim {
                 }
             }
             while let Some(op) = promotion.poll_metadata_op() {
-                self.destination_metadata.submit(op);
+                self.destination_metadata.submit(op, now, &mut self.rng);
             }
-            for id in self.destination_metadata.take(&mut self.rng) {
+            for id in self.destination_metadata.take(now, &mut self.rng) {
                 promotion.handle_metadata_completion(metadata_completion(id));
             }
         }
         assert!(promotion.is_done(), "seed {}: promotion stuck", self.seed);
         let (report, promoted_ring, _) = promotion.finish().unwrap();
         assert_eq!(report.generation, generation);
+        self.totals.promotions += 1;
+        // Per block: the last acknowledged write or a later one, never older (writes only the
+        // degraded source acknowledged excepted: the destination never saw them).
         for nsid in 1..=NAMESPACES as u32 {
-            self.model.check(
+            self.model.check_counting(
                 nsid,
                 self.mirrors[nsid as usize - 1].contents(),
                 &format!("seed {} promoted mirror", self.seed),
+                false,
             );
         }
-        // The old source comes back: the promoted side refuses it as stale.
+        // The old source comes back: the promoted side refuses it as stale, or, when it took a
+        // generation of its own while degraded, as a split brain.
         let mut promoted = Destination::open(
             self.destination_config,
             promoted_ring,
             &SIZES,
-            self.destination_metadata.reopen(),
+            self.destination_metadata.reopen_durable(),
         )
         .unwrap();
         assert_eq!(promoted.metadata().generations().current, generation);
@@ -1517,6 +2023,53 @@ impl Sim {
             self.now_us,
         )
         .unwrap();
+        let common = promoted.metadata().generations().history[0];
+        let moved_on = old.metadata().generations().current != common;
+        if moved_on {
+            assert_eq!(self.config.peer_loss_policy, PeerLossPolicy::Degrade);
+            let own = old.metadata().generations().current;
+            self.expect_refusal(&mut promoted, &mut old, "split brain", &[own, generation]);
+            return self.totals;
+        }
+        self.expect_refusal(&mut promoted, &mut old, "stale source", &[generation]);
+        // The old source takes a generation of its own too (as the degrade policy would before an
+        // unreplicated write): both moved on since the common generation, a split brain, refused
+        // by the promoted side on a new link.
+        let own = loop {
+            let candidate = 1 + self.rng.below(u64::MAX - 1);
+            if candidate != generation && candidate != common {
+                break candidate;
+            }
+        };
+        let seq = old.new_generation(own);
+        while old.metadata().durable_through() < seq {
+            self.now_us += 10;
+            while let Some(op) = old.poll_metadata_op() {
+                self.source_metadata.submit(op, self.now_us, &mut self.rng);
+            }
+            for id in self.source_metadata.take(self.now_us, &mut self.rng) {
+                old.handle_metadata_completion(metadata_completion(id));
+            }
+        }
+        assert_eq!(
+            self.source_metadata.reopen_durable().generations().current,
+            own
+        );
+        promoted.handle_disconnected(self.now_us);
+        old.handle_disconnected(self.now_us);
+        self.expect_refusal(&mut promoted, &mut old, "split brain", &[own, generation]);
+        self.totals
+    }
+
+    /// On a new link, the promoted side refuses the old source's Hello naming `what` and the
+    /// generations.
+    fn expect_refusal(
+        &self,
+        promoted: &mut SimDestination,
+        old: &mut SimSource,
+        what: &str,
+        generations: &[u64],
+    ) {
         promoted.handle_connected(self.now_us);
         old.handle_connected(self.now_us);
         let mut slices = Vec::new();
@@ -1527,54 +2080,19 @@ impl Sim {
             promoted
                 .handle_message(self.now_us, &hello[..length])
                 .is_err(),
-            "seed {}: the promoted side accepted the stale source",
+            "seed {}: the promoted side accepted the old source",
             self.seed
         );
-        assert!(
-            matches!(promoted.poll_event(), Some(DestinationEvent::PeerRejected(text)) if text.contains("stale source") && text.contains(&format!("{generation:016x}"))),
-            "seed {}: the stale source is rejected as stale",
-            self.seed
-        );
-        // The old source takes a generation of its own too (as the degrade policy would before an
-        // unreplicated write): both moved on since the common generation, a split brain, refused
-        // by the promoted side on a new link.
-        let common = promoted.metadata().generations().history[0];
-        assert_eq!(
-            old.metadata().generations().current,
-            common,
-            "seed {}",
-            self.seed
-        );
-        let own = loop {
-            let candidate = 1 + self.rng.below(u64::MAX - 1);
-            if candidate != generation && candidate != common {
-                break candidate;
-            }
+        let event = promoted.poll_event();
+        let named = |text: &str| {
+            text.contains(what)
+                && generations
+                    .iter()
+                    .all(|g| text.contains(&format!("{g:016x}")))
         };
-        let seq = old.new_generation(own);
-        while old.metadata().durable_through() < seq {
-            while let Some(op) = old.poll_metadata_op() {
-                self.source_metadata.submit(op);
-            }
-            for id in self.source_metadata.take(&mut self.rng) {
-                old.handle_metadata_completion(metadata_completion(id));
-            }
-        }
-        assert_eq!(self.source_metadata.reopen().generations().current, own);
-        promoted.handle_disconnected(self.now_us);
-        old.handle_disconnected(self.now_us);
-        promoted.handle_connected(self.now_us);
-        old.handle_connected(self.now_us);
-        let mut slices = Vec::new();
-        old.tx_iovecs(&mut slices, usize::MAX);
-        let hello: Vec<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
-        let length = frame_length(&hello).unwrap().unwrap();
-        assert!(promoted
-            .handle_message(self.now_us, &hello[..length])
-            .is_err());
         assert!(
-            matches!(promoted.poll_event(), Some(DestinationEvent::PeerRejected(text)) if text.contains("split brain") && text.contains(&format!("{own:016x}")) && text.contains(&format!("{generation:016x}"))),
-            "seed {}: a split brain is refused",
+            matches!(&event, Some(DestinationEvent::PeerRejected(text)) if named(text)),
+            "seed {}: the old source is refused as {what}: {event:?}",
             self.seed
         );
     }
@@ -1582,28 +2100,49 @@ impl Sim {
 
 /// Runs one seed; returns what it did.
 fn run_seed(seed: u64) -> Totals {
+    let started = std::time::Instant::now();
     let mut sim = Sim::new(seed);
-    for _ in 0..STEPS {
+    let kind = format!("{:?}/{}", sim.config.peer_loss_policy, sim.full_sync);
+    let steps = if sim.full_sync || sim.config.peer_loss_policy == PeerLossPolicy::Degrade {
+        STEPS_RESYNC
+    } else {
+        STEPS
+    };
+    for _ in 0..steps {
         sim.step(true);
     }
     let before = sim.totals.cps_completed;
     sim.drive_bounded();
-    if std::env::var("SIM_DEBUG").is_ok() {
-        eprintln!("seed {seed}: interval {} depth {}/{} cps {before} then {} now {}us crashes {} dev errors {:?}", sim.config.cp_interval_us, sim.config.device_queue_depth, sim.destination_config.device_queue_depth, sim.totals.cps_completed, sim.now_us, sim.totals.crashes, sim.device_fault_rates.0);
+    if debug() {
+        eprintln!(
+            "seed {seed}: policy {:?} full sync {} interval {} depth {}/{} cps {before} then {} \
+             now {}us crashes {} dev errors {:?} degrades {} resyncs {}",
+            sim.config.peer_loss_policy,
+            sim.full_sync,
+            sim.config.cp_interval_us,
+            sim.config.device_queue_depth,
+            sim.destination_config.device_queue_depth,
+            sim.totals.cps_completed,
+            sim.now_us,
+            sim.totals.crashes,
+            sim.device_fault_rates.0,
+            sim.totals.degrades,
+            sim.totals.resyncs_done
+        );
     }
     sim.check_mirror();
+    sim.check_resync_done();
     assert!(sim.completions > 0, "seed {seed}: nothing completed");
     assert!(sim.totals.cps_completed > 0, "seed {seed}: no CP completed");
-    let mut totals = sim.totals;
-    totals.references = sim.source.as_ref().unwrap().counters().cp_reference_count;
-    totals.cps_checked = sim.model.cps_checked;
-    totals.device_errors = sim
-        .primaries
-        .iter()
-        .chain(&sim.mirrors)
-        .map(|device| device.errors)
-        .sum();
-    sim.promote_check();
+    let quiesced = started.elapsed();
+    let totals = sim.promote_check();
+    if std::env::var("SIM_TIMING").is_ok() {
+        eprintln!(
+            "TIMING {kind} {} {}",
+            quiesced.as_micros(),
+            started.elapsed().as_micros()
+        );
+    }
     totals
 }
 
@@ -1614,6 +2153,10 @@ fn seeded_simulation() {
         (_, Ok(count)) => (1..=count.parse().expect("SIM_SEEDS is a number")).collect(),
         _ => (1..=50).collect(),
     };
+    if debug() {
+        let _ = log::set_logger(&DebugLogger);
+        log::set_max_level(log::LevelFilter::Info);
+    }
     // SIM_KEEP_GOING: run every seed and list the failing ones at the end.
     let keep_going = std::env::var("SIM_KEEP_GOING").is_ok();
     let mut totals = Totals::default();
@@ -1643,6 +2186,27 @@ fn seeded_simulation() {
         assert!(
             totals.freezes > 0 && totals.peers_lost > 0,
             "frozen peers were declared lost: {totals:?}"
+        );
+    }
+    if seeds.len() >= 200 {
+        assert!(
+            totals.degrades > 0
+                && totals.degraded_writes > 0
+                && totals.local_cps > 0
+                && totals.resyncs_done > 0
+                && totals.full_syncs_done > 0,
+            "seeds degraded, resynced and ran the initial full sync: {totals:?}"
+        );
+        assert!(
+            totals.resync_reference_blocks > 0
+                && totals.resync_data_blocks > 0
+                && totals.resync_crashes > 0
+                && totals.lost_logs > 0,
+            "resyncs sent references and data, and crashes hit them: {totals:?}"
+        );
+        assert!(
+            totals.promotions > 0 && totals.refused_promotions > 0,
+            "destinations were promoted, and resync targets refused: {totals:?}"
         );
     }
     // A third of the seeds run the fail policy, and only some of those lose their peer for

@@ -116,10 +116,23 @@ pub(super) struct Resync {
     last_log_us: u64,
     /// Rate limit: the bytes sent may not run ahead of `rate × elapsed`.
     rate_bytes_per_s: u64,
+    /// Every entry a resync read may have seen on the primary (and every degraded write) has a
+    /// seq up to this one: ResyncDone waits until all of them are in completed CPs, so the mirror
+    /// it declares consistent is the primary as of a CP end, holding every completed write.
+    seen_through_seq: u64,
 }
 
 impl Resync {
-    fn new(kind: ResyncKind, now_us: u64, bytes_total: u64, rate_bytes_per_s: u64) -> Self {
+    /// `generation`: the first table generation, past every one an earlier resync used (its
+    /// reads may still be in flight).
+    fn new(
+        kind: ResyncKind,
+        now_us: u64,
+        bytes_total: u64,
+        rate_bytes_per_s: u64,
+        generation: u32,
+        seen_through_seq: u64,
+    ) -> Self {
         Resync {
             kind,
             cursor_bit: 0,
@@ -132,7 +145,7 @@ impl Resync {
             reads_submitted: 0,
             reads_completed: 0,
             read_failed: false,
-            generation: 0,
+            generation,
             awaiting: None,
             next_number: 1,
             retry_at_us: 0,
@@ -142,6 +155,7 @@ impl Resync {
             bytes_done: 0,
             last_log_us: now_us,
             rate_bytes_per_s,
+            seen_through_seq,
         }
     }
 
@@ -213,6 +227,21 @@ impl<M: RingStore> Source<M> {
     /// references the destination can still resolve noted; writes complete once marked.
     pub(super) fn enter_degrade(&mut self, now_us: u64) {
         assert!(self.degrade.is_none());
+        if self.metadata.generations().current == 0 {
+            // No handshake ever settled here. A peer that took our proposal (a first handshake
+            // whose half here was lost in a crash) holds it: the bitmap counts changes since it.
+            // A fresh peer gets a full sync: these devices are no longer identical.
+            let proposed = self.metadata.proposed_generation();
+            log::warn!(
+                "source: degraded before any handshake settled; taking the proposed generation \
+                 {} as the bitmap's base, assume_identical no longer applies",
+                Hex(proposed)
+            );
+            let _ = self.metadata.adopt(proposed, false);
+            let _ = self
+                .metadata
+                .set_flag(crate::generation::FLAG_ASSUME_IDENTICAL_CONSUMED, true);
+        }
         let generations = *self.metadata.generations();
         let generation_seq = if generations.bitmap_base == 0 {
             let generation = self.fresh_generation();
@@ -232,6 +261,7 @@ impl<M: RingStore> Source<M> {
             );
             0
         };
+        self.generations_seq = self.metadata.last_seq();
         self.counters.degrade_count += 1;
         self.note_references();
         let first_seq = self
@@ -353,6 +383,22 @@ impl<M: RingStore> Source<M> {
         header
     }
 
+    /// The new generation and the marks of every entry up to `seq` are durable: entries that
+    /// leave the ring then are still known to differ after a crash (entries recovered from the
+    /// ring completed in an earlier process, so their completion says nothing of their marks).
+    fn degrade_marks_durable_through(&self, seq: u64) -> bool {
+        let Some(degrade) = self.degrade.as_ref() else {
+            return false;
+        };
+        let durable = self.metadata.durable_through();
+        durable >= degrade.generation_seq
+            && degrade.marked_through_seq >= seq
+            && degrade
+                .waiting
+                .front()
+                .is_none_or(|&(waiting_seq, mark_seq)| waiting_seq > seq || mark_seq <= durable)
+    }
+
     /// A block's content changed: the destination's copy of it is not current any more.
     fn forget_references(&mut self, nsid: u32, start: u64, length_bytes: u32) {
         if self.degraded_references.is_empty() {
@@ -387,22 +433,22 @@ impl<M: RingStore> Source<M> {
         unreachable!("seq {seq} is a committed entry of an unreleased half")
     }
 
-    /// While degraded, a frozen CP completes on the primary alone once flushed and once every
-    /// write of it completed (its mark is durable). Before that, releasing its entries would
-    /// lose the writes whose completion waits for a mark (`committed_through_seq` counts only
-    /// unreleased entries), and a crash would leave blocks on the primary that no durable mark
-    /// names, so the resync would never send them.
+    /// While degraded, a frozen CP completes on the primary alone once flushed and once the new
+    /// generation and every mark of its entries are durable: releasing its entries earlier would
+    /// leave blocks on the primary that no durable mark names after a crash (and lose the
+    /// completions still waiting for a mark). Not while a handshake is under way: the Hello told
+    /// the destination our last completed CP, and the HelloAck must find it unchanged (the CP then
+    /// goes to the destination as any other).
     pub(super) fn complete_cp_locally(&mut self, now_us: u64) {
-        if self.degrade.is_none() || self.link == LinkState::Ready {
+        if self.degrade.is_none() || !matches!(self.link, LinkState::Down | LinkState::Rejected) {
             return;
         }
         let half = 1 - half_of_cp(self.active_cp);
         let state = &self.cps[half];
-        let last_seq =
-            (state.first_seq + u64::from(self.ring.reserved_slots(half))).saturating_sub(1);
+        let last_seq = state.first_seq + u64::from(self.ring.reserved_slots(half)) - 1;
         if state.phase == CpPhase::Frozen
             && state.flush == FlushState::Done
-            && self.completed_through_seq >= last_seq
+            && self.degrade_marks_durable_through(last_seq)
         {
             let cp_number = state.cp_number;
             log::debug!("source: cp {cp_number} completed on the primary alone (degraded)");
@@ -410,8 +456,18 @@ impl<M: RingStore> Source<M> {
         }
     }
 
+    /// Ends the resync object (done, dropped, or replaced by a new one). Reads of its tables may
+    /// still be in flight: the next resync's tables take later generations, so those reads
+    /// never fill (or count towards) a table of the new one.
+    pub(super) fn retire_resync(&mut self) -> Option<Resync> {
+        let resync = self.resync.take()?;
+        self.resync_generation_next = resync.generation.wrapping_add(1);
+        Some(resync)
+    }
+
     /// The handshake settled on a resync: the bitmap (or everything) goes to the destination.
     pub(super) fn start_resync(&mut self, now_us: u64, kind: ResyncKind) {
+        let _ = self.retire_resync();
         if kind == ResyncKind::Full {
             let _ = self.metadata.mark_all();
         }
@@ -427,6 +483,8 @@ impl<M: RingStore> Source<M> {
             now_us,
             bytes_total,
             self.config.resync_rate_bytes_per_s,
+            self.resync_generation_next,
+            self.ring.next_seq() - 1,
         );
         if kind == ResyncKind::Full {
             self.degraded_references.clear();
@@ -604,6 +662,7 @@ impl<M: RingStore> Source<M> {
             return None;
         }
         let generation = resync.generation;
+        let seen_through_seq = self.ring.next_seq() - 1;
         let id = self.ops.start(
             nsid,
             SourceOp::ResyncRead {
@@ -612,7 +671,10 @@ impl<M: RingStore> Source<M> {
                 block_index,
             },
         );
-        self.resync.as_mut().expect("checked").reads_submitted += 1;
+        let resync = self.resync.as_mut().expect("checked");
+        resync.reads_submitted += 1;
+        // Whatever landed on the primary by now is an entry reserved by now.
+        resync.seen_through_seq = resync.seen_through_seq.max(seen_through_seq);
         Some(DeviceOp {
             id,
             nsid,
@@ -819,9 +881,32 @@ impl<M: RingStore> Source<M> {
         resync.drop_table();
     }
 
-    /// No extent is marked: once the clears are durable, the destination takes our generation.
+    /// No extent is marked: once the clears are durable and every entry the resync may have
+    /// read from the primary is in a completed CP (a CP is asked for), the destination takes our
+    /// generation. Before that, the mirror may hold a resync block newer than the CPs it applied
+    /// (not a point-in-time image) or lack a degraded write still on its way in a transfer.
     fn finish_resync(&mut self, resync: &mut Resync) {
         if self.metadata.marked_count() != 0 || !self.metadata.is_durable() {
+            return;
+        }
+        let unreleased = self.halves_in_order().into_iter().any(|half| {
+            let state = &self.cps[half];
+            state.phase != CpPhase::Free
+                && self.ring.reserved_slots(half) > 0
+                && state.first_seq <= resync.seen_through_seq
+        });
+        if unreleased {
+            self.cp_requested = true;
+            return;
+        }
+        // The bitmap stops counting before the destination may take our generation: once it
+        // did (we may not hear it: a lost ack, a crash), a degrade must take a new generation,
+        // or its writes would be marked against a base the destination left and a handshake
+        // would find the pair in sync. A destination that did not take it is resynced in full.
+        if self.metadata.generations().bitmap_base != 0 {
+            self.generations_seq = self.metadata.set_bitmap_base(0);
+        }
+        if !self.metadata.is_durable() {
             return;
         }
         let generation = self.metadata.generations().current;
@@ -842,7 +927,7 @@ impl<M: RingStore> Source<M> {
         generation: u64,
     ) -> Result<(), LinkError> {
         let expected = self.metadata.generations().current;
-        let Some(resync) = self.resync.take() else {
+        let Some(resync) = self.retire_resync() else {
             return Err(ProtocolError::Resync {
                 what: "a ResyncDoneAck without a resync",
             }
@@ -855,11 +940,26 @@ impl<M: RingStore> Source<M> {
             }
             .into());
         }
-        let _ = self.metadata.set_bitmap_base(0);
+        self.resync_finished(now_us, &resync);
+        Ok(())
+    }
+
+    /// The destination holds our generation: the resync is over (told as an event, logged).
+    pub(super) fn resync_finished(&mut self, now_us: u64, resync: &Resync) {
+        let generation = self.metadata.generations().current;
+        assert_eq!(
+            self.metadata.generations().bitmap_base,
+            0,
+            "the bitmap's base went before ResyncDone"
+        );
         let elapsed_us = now_us.saturating_sub(resync.started_us).max(1);
         log::warn!(
-            "source: resync done: {} MiB in {:.1} s ({:.1} MiB/s), {} blocks as references, {} as \
+            "source: {} done: {} MiB in {:.1} s ({:.1} MiB/s), {} blocks as references, {} as \
              data; the destination holds generation {}: in sync",
+            match resync.kind {
+                ResyncKind::Bitmap => "resync",
+                ResyncKind::Full => "full sync",
+            },
             resync.bytes_done >> 20,
             elapsed_us as f64 / 1e6,
             resync.bytes_done as f64 / (1 << 20) as f64 / (elapsed_us as f64 / 1e6),
@@ -871,8 +971,6 @@ impl<M: RingStore> Source<M> {
             bytes: resync.bytes_done,
             duration_us: elapsed_us,
         });
-        let _ = resync.kind;
-        Ok(())
     }
 
     fn log_resync_progress(&mut self, now_us: u64, resync: &mut Resync) {

@@ -138,8 +138,9 @@ impl<M: RingStore> Source<M> {
         }
         if let Some(kind) = settlement.resync {
             self.start_resync(now_us, kind);
-        } else if self.resync.take().is_some() {
-            log::warn!("source: the destination is in sync again; the resync is dropped");
+        } else if let Some(resync) = self.retire_resync() {
+            // It took our generation at a ResyncDone whose ack we never heard.
+            self.resync_finished(now_us, &resync);
         }
         // Transfers flow once every generation change of ours is durable (`handle_tick`).
         self.link = LinkState::Settling;

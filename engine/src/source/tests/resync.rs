@@ -389,3 +389,403 @@ fn a_half_resynced_destination_is_not_promoted() {
     let refused = p.destination.promote(PROMOTED_GENERATION).err().unwrap();
     assert!(refused.to_string().contains("not promoted"), "{refused}");
 }
+
+/// Found by the simulation (seed 201): a resync that ended with its data reads still in flight
+/// (the link dropped) was replaced by a new one whose tables started again at generation 0, so
+/// the old reads counted towards the new table and filled its blocks: a table went out with
+/// blocks its own reads had not filled (zeroes in the simulation), or, as here, never went out
+/// (more reads counted than it has).
+#[test]
+fn reads_of_an_earlier_resync_never_fill_a_later_table() {
+    let mut p = degrade_pair();
+    p.connect();
+    lose_destination(&mut p);
+    for block in 0..16u64 {
+        p.write(block * 8, &[0x60 + block as u8; 4096]);
+    }
+    run_alone(&mut p);
+    p.source.request_cp(p.now_us);
+    run_alone(&mut p);
+    // The first table's reads stall on the primary; the link drops and comes back meanwhile.
+    p.primaries[0].stalled = true;
+    p.destination.handle_connected(p.now_us);
+    p.source.handle_connected(p.now_us);
+    p.exchange();
+    assert!(p.source.resync_progress().is_some());
+    p.source.handle_disconnected(p.now_us);
+    p.destination.handle_disconnected(p.now_us);
+    p.destination.handle_connected(p.now_us);
+    p.source.handle_connected(p.now_us);
+    p.exchange();
+    p.primaries[0].stalled = false;
+    let mut done = false;
+    for _ in 0..20 {
+        done |= p
+            .exchange()
+            .iter()
+            .any(|e| matches!(e, SourceEvent::ResyncDone { .. }));
+        if done {
+            break;
+        }
+    }
+    assert!(done, "the resync ends");
+    p.cp();
+    p.cp();
+    assert_mirror_is_primary(&p);
+}
+
+/// Found by the simulation (seed 233): a degraded source completed a frozen CP on the primary
+/// alone after its Hello had told the destination its last completed CP, so the HelloAck (the
+/// destination adopting the Hello's CP) no longer matched: a protocol error, and the resync
+/// could not start while CPs kept completing between Hello and HelloAck.
+#[test]
+fn no_cp_completes_on_the_primary_alone_during_a_handshake() {
+    let mut p = degrade_pair();
+    p.connect();
+    lose_destination(&mut p);
+    p.write(0, &[0x41; 4096]);
+    run_alone(&mut p);
+    // The CP freezes; its primary flush stalls until the Hello went out.
+    p.primaries[0].stalled = true;
+    p.source.request_cp(p.now_us);
+    p.source.handle_tick(p.now_us);
+    p.devices();
+    p.destination.handle_connected(p.now_us);
+    p.source.handle_connected(p.now_us);
+    let hello = p
+        .source
+        .out
+        .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
+    for message in split(&hello) {
+        p.destination.handle_message(p.now_us, message).unwrap();
+    }
+    p.devices();
+    let hello_ack = drain_destination(&mut p.destination);
+    // The flush completes before the HelloAck arrives.
+    p.primaries[0].stalled = false;
+    for _ in 0..5 {
+        p.source.handle_tick(p.now_us);
+        p.devices();
+    }
+    let early: Vec<SourceEvent> = events_of(&mut p);
+    assert!(
+        !early
+            .iter()
+            .any(|e| matches!(e, SourceEvent::CpCompleted { .. })),
+        "{early:?}"
+    );
+    for message in split(&hello_ack) {
+        p.source.handle_message(p.now_us, message).unwrap();
+    }
+    let mut done = false;
+    for _ in 0..20 {
+        done |= p
+            .exchange()
+            .iter()
+            .any(|e| matches!(e, SourceEvent::ResyncDone { .. }));
+        if done {
+            break;
+        }
+    }
+    assert!(done, "the resync ends");
+    p.cp();
+    assert_mirror_is_primary(&p);
+}
+
+/// Found by the simulation (seeds 447, 567, ...): ResyncDone went out as soon as the last
+/// marked extent was acknowledged, while the entries whose data the resync had read from the
+/// primary were still in CPs not yet completed: the destination, no resync target any more,
+/// held blocks newer than the CPs it had applied (no point-in-time image), and could lack a
+/// degraded write still on its way in a transfer.
+#[test]
+fn resync_done_waits_for_the_cps_of_every_entry_the_resync_read() {
+    let mut p = degrade_pair();
+    p.connect();
+    lose_destination(&mut p);
+    // A degraded write that stays in the active CP (no CP before the peer returns).
+    let alone = p.write(0, &[0x5C; 4096]);
+    assert!(completed(&run_alone(&mut p), alone));
+    let events = reconnect(&mut p);
+    let cp_at = events
+        .iter()
+        .position(|e| matches!(e, SourceEvent::CpCompleted { .. }));
+    let done_at = events
+        .iter()
+        .position(|e| matches!(e, SourceEvent::ResyncDone { .. }));
+    assert!(
+        matches!((cp_at, done_at), (Some(cp), Some(done)) if cp < done),
+        "the CP of the write read by the resync completes before ResyncDone: {events:?}"
+    );
+    assert_mirror_is_primary(&p);
+}
+
+/// Found by the simulation (seed 736): a degraded source completed a CP on the primary alone
+/// before its new generation was durable; a crash then brought it back at the old generation
+/// with a CP the destination never saw (refused as needing a full resync), and the released
+/// entries' marks could be lost too.
+#[test]
+fn a_cp_completes_on_the_primary_alone_only_once_its_marks_are_durable() {
+    let mut p = degrade_pair();
+    p.connect();
+    p.write(0, &[0x11; 4096]);
+    p.exchange();
+    lose_destination(&mut p);
+    p.write(64, &[0x22; 4096]);
+    p.source.request_cp(p.now_us);
+    // Primary ops complete, metadata ops are submitted but never answered.
+    let mut events = Vec::new();
+    for _ in 0..20 {
+        p.source.handle_tick(p.now_us);
+        while let Some(op) = p.source.poll_device_op(p.now_us) {
+            p.primaries[op.nsid as usize - 1].submit(op);
+        }
+        while let Some(op) = p.source.poll_metadata_op() {
+            p.source_metadata.submit(op);
+        }
+        let source = &mut p.source;
+        for device in &mut p.primaries {
+            device.poll_completions(&mut |c| source.handle_device_completion(p.now_us, c));
+        }
+        events.extend(events_of(&mut p));
+    }
+    assert!(
+        !events.iter().any(|e| matches!(
+            e,
+            SourceEvent::CpCompleted { .. } | SourceEvent::WriteCompleted(_)
+        )),
+        "nothing completes before the generation and marks are durable: {events:?}"
+    );
+    let source = &mut p.source;
+    p.source_metadata
+        .poll_completions(&mut |c| source.handle_metadata_completion(c));
+    let events = run_alone(&mut p);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, SourceEvent::CpCompleted { .. })),
+        "{events:?}"
+    );
+}
+
+/// Found by the simulation (seed 1166): a source lost its peer before any handshake settled
+/// (generation 0) and took a generation with no history: a destination holding the source's
+/// proposal (its half of an interrupted first handshake) shared no history with it, and a fresh
+/// destination would have been accepted as identical under `assume_identical` without the
+/// degraded writes.
+#[test]
+fn a_source_degraded_before_any_handshake_resyncs_a_fresh_destination_in_full() {
+    let mut p = degrade_pair();
+    p.source.config.assume_identical = true;
+    p.destination.assume_identical = true;
+    // Never connected: the destination is lost after the peer timeout.
+    p.now_us += 2 * PEER_TIMEOUT_US;
+    p.source.handle_tick(p.now_us);
+    assert!(p.source.is_degraded());
+    let alone = p.write(8, &[0x99; 4096]);
+    assert!(completed(&run_alone(&mut p), alone));
+    let generations = *p.source.metadata.generations();
+    assert_eq!(
+        generations.history[0],
+        p.source.metadata.proposed_generation()
+    );
+    let events = reconnect(&mut p);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, SourceEvent::ResyncDone { .. })),
+        "{events:?}"
+    );
+    assert_eq!(
+        p.source.counters().resync_bytes_done,
+        NAMESPACE_BYTES as u64,
+        "a full sync, not an assumed identical pair"
+    );
+    p.cp();
+    assert_mirror_is_primary(&p);
+}
+
+/// Found by the simulation (seed 369): the destination applied a CP whose CpAck was lost, then
+/// the source crashed; the handshake settled on a resync and the destination refused the
+/// source as behind it, although one CP ahead is exactly the lost-CpAck case the source
+/// completes at the HelloAck.
+#[test]
+fn a_resync_accepts_a_destination_one_cp_ahead() {
+    let mut p = pair(CpMode::References);
+    p.source.config.assume_identical = false;
+    p.destination.assume_identical = false;
+    p.destination.handle_connected(0);
+    p.source.handle_connected(0);
+    let events = reconnect(&mut p);
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, SourceEvent::ResyncDone { .. })));
+    // A second resync is owed: the source takes a generation the destination lacks (as after
+    // a degrade), then a CP is applied over there and its CpAck lost.
+    p.source.handle_disconnected(p.now_us);
+    p.destination.handle_disconnected(p.now_us);
+    let seq = p.source.new_generation(0x4242);
+    p.devices();
+    assert!(p.source.metadata.durable_through() >= seq);
+    let _ = p.source.metadata.mark(1, 0, 4096);
+    p.devices();
+    // The resync's ResyncDone waits for this write's CP, which never completes here.
+    p.write(0, &[0x33; 4096]);
+    p.destination.handle_connected(p.now_us);
+    p.source.handle_connected(p.now_us);
+    p.source.request_cp(p.now_us);
+    for _ in 0..50 {
+        p.source.handle_tick(p.now_us);
+        p.devices();
+        let bytes = p
+            .source
+            .out
+            .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
+        for message in split(&bytes) {
+            p.destination.handle_message(p.now_us, message).unwrap();
+        }
+        p.devices();
+        let back = drain_destination(&mut p.destination);
+        for message in split(&back) {
+            if !matches!(wire::decode(message), Ok(wire::Message::CpAck { .. })) {
+                p.source.handle_message(p.now_us, message).unwrap();
+            }
+        }
+    }
+    assert_eq!(
+        p.destination.cp_completed(),
+        p.source.cp_completed() + 1,
+        "the CpAck was lost"
+    );
+    // The source crashes (its ring and metadata survive) and comes back: a resync again.
+    p.source.handle_disconnected(p.now_us);
+    p.destination.handle_disconnected(p.now_us);
+    assert!(p.source.resync_progress().is_some(), "still resyncing");
+    let config = p.source.config;
+    let placeholder = Source::open(
+        config,
+        vec![0; RING_BYTES_MIN as usize],
+        &[NAMESPACE_BYTES as u64],
+        reopen_metadata(&p.source_metadata),
+        p.now_us,
+    )
+    .unwrap()
+    .0;
+    let ring = std::mem::replace(&mut p.source, placeholder).into_memory();
+    p.source = Source::open(
+        config,
+        ring,
+        &[NAMESPACE_BYTES as u64],
+        reopen_metadata(&p.source_metadata),
+        p.now_us,
+    )
+    .unwrap()
+    .0;
+    let events = reconnect(&mut p);
+    assert!(events.contains(&SourceEvent::LinkReady), "{events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, SourceEvent::ResyncDone { .. })),
+        "{events:?}"
+    );
+    p.cp();
+    assert_mirror_is_primary(&p);
+}
+
+/// Found by the simulation (seed 6979): the destination took our generation at ResyncDone and
+/// crashed before its ResyncDoneAck went out. The next handshake found the pair in sync and
+/// dropped the resync without resetting the bitmap's base, so a later degrade took no new
+/// generation: its writes were marked against a base the destination had left, and the
+/// handshake after it found the pair in sync again, the degraded writes never mirrored.
+#[test]
+fn a_lost_resync_done_ack_leaves_no_stale_bitmap_base() {
+    let mut p = degrade_pair();
+    p.connect();
+    lose_destination(&mut p);
+    p.write(0, &[0x71; 4096]);
+    run_alone(&mut p);
+    p.source.request_cp(p.now_us);
+    run_alone(&mut p);
+    // The resync runs; the ResyncDoneAck is lost with the link.
+    p.destination.handle_connected(p.now_us);
+    p.source.handle_connected(p.now_us);
+    let mut done_sent = false;
+    for _ in 0..200 {
+        p.source.handle_tick(p.now_us);
+        p.devices();
+        let bytes = p
+            .source
+            .out
+            .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
+        for message in split(&bytes) {
+            done_sent |= matches!(wire::decode(message), Ok(wire::Message::ResyncDone { .. }));
+            p.destination.handle_message(p.now_us, message).unwrap();
+        }
+        p.devices();
+        let back = drain_destination(&mut p.destination);
+        if done_sent {
+            break;
+        }
+        for message in split(&back) {
+            p.source.handle_message(p.now_us, message).unwrap();
+        }
+    }
+    assert!(done_sent);
+    p.devices();
+    let _ = drain_destination(&mut p.destination);
+    p.source.handle_disconnected(p.now_us);
+    p.destination.handle_disconnected(p.now_us);
+    assert_eq!(
+        p.source.metadata.generations().current,
+        p.destination.metadata().generations().current
+    );
+    // In sync at the next handshake: the resync is over.
+    let events = reconnect(&mut p);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, SourceEvent::ResyncDone { .. })),
+        "{events:?}"
+    );
+    assert_eq!(p.source.metadata.generations().bitmap_base, 0);
+    // A later outage takes a new generation, and its writes reach the mirror by a resync.
+    let before = p.source.metadata.generations().current;
+    lose_destination(&mut p);
+    assert_ne!(p.source.metadata.generations().current, before);
+    p.write(512, &[0x72; 4096]);
+    run_alone(&mut p);
+    p.source.request_cp(p.now_us);
+    run_alone(&mut p);
+    let events = reconnect(&mut p);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, SourceEvent::ResyncDone { .. })),
+        "{events:?}"
+    );
+    p.cp();
+    assert_mirror_is_primary(&p);
+}
+
+/// Found by the simulation (seed 3315): a degraded source sent its Hello with a new generation
+/// not yet durable; the destination started a resync session on it (resync target, our CP
+/// numbering), the source crashed and came back at the old generation, and the pair met "in
+/// sync" with a destination that had adopted CPs it never applied. The Hello now waits.
+#[test]
+fn the_hello_waits_for_the_generations_it_carries_to_be_durable() {
+    let mut p = degrade_pair();
+    p.connect();
+    lose_destination(&mut p);
+    assert!(p.source.is_degraded());
+    assert!(p.source.metadata.durable_through() < p.source.metadata.last_seq());
+    p.destination.handle_connected(p.now_us);
+    p.source.handle_connected(p.now_us);
+    p.source.handle_tick(p.now_us);
+    assert_eq!(
+        p.source.tx_pending_bytes(),
+        0,
+        "no Hello before the generation is durable"
+    );
+    let events = reconnect(&mut p);
+    assert!(events.contains(&SourceEvent::LinkReady), "{events:?}");
+}
