@@ -237,8 +237,9 @@ fn promote_online_then_fail_back_resyncing_only_what_differs() {
     // Only what differs: far less than the volume (2 × 16 MiB).
     let line = log.lines().find(|l| l.contains("resync done")).unwrap();
     let mib: u64 = line
-        .split("resync done: ")
+        .split("resync done (")
         .nth(1)
+        .and_then(|rest| rest.split("): ").nth(1))
         .and_then(|rest| rest.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{line}"));

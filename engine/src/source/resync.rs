@@ -954,10 +954,10 @@ impl<M: RingStore> Source<M> {
         );
         let elapsed_us = now_us.saturating_sub(resync.started_us).max(1);
         log::warn!(
-            "source: {} done: {} MiB in {:.1} s ({:.1} MiB/s), {} blocks as references, {} as \
-             data; the destination holds generation {}: in sync",
+            "source: resync done ({}): {} MiB in {:.1} s ({:.1} MiB/s), {} blocks as references, \
+             {} as data; the destination holds generation {}: in sync",
             match resync.kind {
-                ResyncKind::Bitmap => "resync",
+                ResyncKind::Bitmap => "the marked extents",
                 ResyncKind::Full => "full sync",
             },
             resync.bytes_done >> 20,
