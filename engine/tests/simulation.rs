@@ -36,6 +36,18 @@
 //! acknowledged write or a later one, never older (writes acknowledged by a degraded source
 //! alone excepted, until a resync brought them over: the destination never saw them).
 //!
+//! Half of the seeds whose promotion left the old source merely stale then fail back: the
+//! promoted node runs as the source over its former mirrors (a fresh ring, its metadata reopened:
+//! the promoted generation, whose bitmap counts changes since the old one), and the old source's
+//! node (its primaries crashed with it) as its destination over its former primaries, on its own
+//! metadata with the extents of its old ring's entries newer than its last completed CP marked
+//! durably before it opens (what attach does: writes it took that may never have reached the
+//! other side), on a fresh ring. The same harness drives the new pair (the devices and metadata
+//! swap roles): host writes on the new source, which runs alone a while first, and every fault
+//! above, crashes of either side included; once quiesced it must have ended its resync with
+//! `ResyncDone`: one generation, no marks on either side (durably), the new mirror equal to the
+//! new primary byte for byte, holding every write either pair acknowledged (or a later one).
+//!
 //! Each side has node metadata (generations, bitmap) on a metadata device with a volatile cache:
 //! writes complete after a random delay and become durable only by a flush; a crash keeps or
 //! loses each unflushed sector (its own crash safety is `metadata`'s property test). A crash
@@ -53,6 +65,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use nvmirror_engine::generation::FLAG_RESYNC_TARGET;
 use nvmirror_engine::geometry::{RING_BYTES_MIN, SECTOR_SIZE};
 use nvmirror_engine::metadata::{NodeMetadata, BITMAP_EXTENT_BYTES_DEFAULT};
+use nvmirror_engine::ring::NvramRing;
 use nvmirror_engine::wire::{frame_length, MESSAGE_HEADER_BYTES};
 use nvmirror_engine::{
     CpMode, Destination, DestinationConfig, DestinationEvent, DeviceCompletion, DeviceError,
@@ -70,6 +83,8 @@ const STEPS: u64 = 2500;
 /// full sync starts over at every reconnect), so fewer keep 10,000 seeds within minutes.
 const STEPS_RESYNC: u64 = 1500;
 const QUIESCE_STEPS_MAX: u64 = 100_000;
+/// Steps of the failback pair before it is quiesced.
+const STEPS_FAILBACK: u64 = 800;
 const QUEUE_DEPTH: usize = 24;
 const RECEIVE_TIMEOUT_US: u64 = 5000;
 /// The largest virtual time one step advances.
@@ -707,6 +722,10 @@ struct Totals {
     promotions: u64,
     /// Promotions refused because the destination was a resync target.
     refused_promotions: u64,
+    /// Failbacks resynced to the end: the old source's node as the promoted node's destination.
+    failbacks: u64,
+    /// Extents the old source's ring marked on its node for a failback.
+    failback_ring_marks: u64,
 }
 
 impl Totals {
@@ -733,6 +752,8 @@ impl Totals {
         self.lost_logs += other.lost_logs;
         self.promotions += other.promotions;
         self.refused_promotions += other.refused_promotions;
+        self.failbacks += other.failbacks;
+        self.failback_ring_marks += other.failback_ring_marks;
     }
 }
 
@@ -1249,9 +1270,15 @@ impl Sim {
                 self.source_metadata.submit(op, now, &mut self.rng);
                 work += 1;
             }
-            for id in self.source_metadata.take(now, &mut self.rng) {
+            let metadata_done = self.source_metadata.take(now, &mut self.rng);
+            for &id in &metadata_done {
                 source.handle_metadata_completion(metadata_completion(id));
                 work += 1;
+            }
+            if !metadata_done.is_empty() {
+                // A durable mark completes degraded writes now, while the source is degraded:
+                // the ack rule must see them before a handshake ends the degrade.
+                self.drain_source_events();
             }
             let destination = self.destination.as_mut().unwrap();
             while let Some(op) = destination.poll_device_op(now) {
@@ -1267,12 +1294,16 @@ impl Sim {
                 work += 1;
             }
             for index in 0..NAMESPACES {
-                for (id, result) in self.primaries[index].take_due(now, &mut self.rng, rates) {
+                let done = self.primaries[index].take_due(now, &mut self.rng, rates);
+                for (id, result) in &done {
                     self.source
                         .as_mut()
                         .unwrap()
-                        .handle_device_completion(now, completion(id, &result));
+                        .handle_device_completion(now, completion(*id, result));
                     work += 1;
+                }
+                if !done.is_empty() {
+                    self.drain_source_events();
                 }
                 for (id, result) in self.mirrors[index].take_due(now, &mut self.rng, rates) {
                     self.destination
@@ -1897,7 +1928,8 @@ impl Sim {
     /// is refused as stale. Under `degrade`, half the seeds fail over during or after an outage:
     /// a destination still lost holds every write but the degraded ones (only the source has
     /// those, by design), a resync target refuses promotion, a resynced one holds them all; the
-    /// old source that moved on is refused as a split brain. Returns the seed's totals.
+    /// old source that moved on is refused as a split brain; a stale one, half the time, fails
+    /// back (`failback`). Returns the seed's totals.
     fn promote_check(mut self) -> Totals {
         self.faults = false;
         if self.config.peer_loss_policy == PeerLossPolicy::Degrade && self.rng.below(2) == 0 {
@@ -2015,6 +2047,7 @@ impl Sim {
         )
         .unwrap();
         assert_eq!(promoted.metadata().generations().current, generation);
+        let old_ring = source_ring.clone();
         let (mut old, _) = Source::open(
             self.config,
             source_ring,
@@ -2032,6 +2065,11 @@ impl Sim {
             return self.totals;
         }
         self.expect_refusal(&mut promoted, &mut old, "stale source", &[generation]);
+        if self.rng.below(2) == 0 {
+            // Refused, the old source stops; the operator attaches it to the promoted side.
+            drop((old, promoted));
+            return self.failback(old_ring);
+        }
         // The old source takes a generation of its own too (as the degrade policy would before an
         // unreplicated write): both moved on since the common generation, a split brain, refused
         // by the promoted side on a new link.
@@ -2058,6 +2096,149 @@ impl Sim {
         promoted.handle_disconnected(self.now_us);
         old.handle_disconnected(self.now_us);
         self.expect_refusal(&mut promoted, &mut old, "split brain", &[own, generation]);
+        self.totals
+    }
+
+    /// Failback: the promoted node (its former mirrors now its primaries, its metadata carrying
+    /// the promoted generation) runs as a source on a fresh ring; the old source's node (power
+    /// lost with its process: its primaries crash) starts as its destination over its former
+    /// primaries, on its own metadata with the extents of its old ring's entries (newer than its
+    /// last completed CP) marked and durable, on a fresh ring. The new pair runs the harness
+    /// (writes, faults, crashes of either side) and is quiesced: the resync ended with
+    /// `ResyncDone`, one generation, no marks on either side, mirror == primary, and every write
+    /// either pair acknowledged is there (or a later one).
+    fn failback(mut self, old_ring: Vec<u8>) -> Totals {
+        for primary in &mut self.primaries {
+            primary.crash(&mut self.rng);
+        }
+        let (_, entries) = NvramRing::open(old_ring).unwrap();
+        let mut metadata = self.source_metadata.reopen();
+        for entry in &entries {
+            let _ = metadata.mark(entry.nsid, entry.lba, u64::from(entry.length_bytes).max(1));
+        }
+        while !metadata.is_durable() {
+            self.now_us += 10;
+            while let Some(op) = metadata.poll_device_op() {
+                self.source_metadata.submit(op, self.now_us, &mut self.rng);
+            }
+            for id in self.source_metadata.take(self.now_us, &mut self.rng) {
+                metadata.handle_device_completion(metadata_completion(id));
+            }
+        }
+        let durable = self.source_metadata.reopen_durable();
+        for entry in &entries {
+            assert!(
+                durable.is_marked(entry.nsid, entry.lba * SECTOR_SIZE as u64),
+                "seed {}: the old ring's marks are durable",
+                self.seed
+            );
+        }
+        self.totals.failback_ring_marks += metadata.marked_count();
+        // The roles swap: the old source's node is the destination now.
+        std::mem::swap(&mut self.primaries, &mut self.mirrors);
+        std::mem::swap(&mut self.source_metadata, &mut self.destination_metadata);
+        for (device, (name, overlap)) in self
+            .primaries
+            .iter_mut()
+            .map(|d| (d, ("primary", false)))
+            .chain(self.mirrors.iter_mut().map(|d| (d, ("mirror", true))))
+        {
+            assert!(device.inflight.is_empty(), "seed {}", self.seed);
+            device.name = name;
+            device.overlap_same_bytes_ok = overlap;
+        }
+        let generation = self.source_metadata.reopen().generations().current;
+        let (source, report) = Source::open(
+            self.config,
+            vec![0; RING_BYTES_MIN as usize],
+            &SIZES,
+            self.source_metadata.reopen(),
+            self.now_us,
+        )
+        .unwrap();
+        assert!(report.formatted);
+        let destination = Destination::open(
+            self.destination_config,
+            vec![0; RING_BYTES_MIN as usize],
+            &SIZES,
+            metadata,
+        )
+        .unwrap();
+        self.source = Some(source);
+        self.destination = Some(destination);
+        self.held.clear();
+        self.pending.clear();
+        self.aborted.clear();
+        self.process_writes.clear();
+        self.degraded = false;
+        self.full_sync = false;
+        self.resync_owed = true;
+        // The model goes on from the promoted image (every earlier write is in its history);
+        // CPs count from the new source's fresh ring.
+        for write in &mut self.model.writes {
+            if write.degraded {
+                // Only the old source had it, and the failback resyncs over it.
+                write.completed = false;
+                write.degraded = false;
+            }
+        }
+        self.model.by_cp.clear();
+        self.model.image_cp = self.source.as_ref().unwrap().cp_completed();
+        for (image, primary) in self.model.image.iter_mut().zip(&self.primaries) {
+            image.copy_from_slice(primary.contents());
+        }
+        // The new source runs alone a while before the old node is attached.
+        self.reconnect_at_us = self.now_us + self.rng.below(2 * self.config.peer_timeout_us) + 10;
+        self.faults = true;
+        let resyncs_before = self.totals.resyncs_done;
+        for _ in 0..STEPS_FAILBACK {
+            self.step(true);
+        }
+        self.drive_bounded();
+        self.check_mirror();
+        self.check_resync_done();
+        assert!(
+            self.totals.resyncs_done > resyncs_before,
+            "seed {}: failback without a resync",
+            self.seed
+        );
+        let source = self.source.as_ref().unwrap();
+        let destination = self.destination.as_ref().unwrap();
+        let current = source.metadata().generations().current;
+        assert_eq!(current, destination.metadata().generations().current);
+        assert!(
+            current == generation || self.config.peer_loss_policy == PeerLossPolicy::Degrade,
+            "seed {}: only a degraded source takes a generation",
+            self.seed
+        );
+        assert_eq!(
+            destination.metadata().marked_count(),
+            0,
+            "seed {}",
+            self.seed
+        );
+        assert_eq!(
+            self.destination_metadata.reopen_durable().marked_count(),
+            0,
+            "seed {}: the failback's destination bitmap is cleared durably",
+            self.seed
+        );
+        for nsid in 1..=NAMESPACES as u32 {
+            self.model.check(
+                nsid,
+                self.mirrors[nsid as usize - 1].contents(),
+                &format!("seed {} failback mirror", self.seed),
+            );
+        }
+        self.harvest_source_counters();
+        self.totals.cps_checked = self.model.cps_checked;
+        self.totals.device_errors = self
+            .primaries
+            .iter()
+            .chain(&self.mirrors)
+            .map(|device| device.errors)
+            .sum();
+        self.totals.failbacks += 1;
         self.totals
     }
 
@@ -2207,6 +2388,10 @@ fn seeded_simulation() {
         assert!(
             totals.promotions > 0 && totals.refused_promotions > 0,
             "destinations were promoted, and resync targets refused: {totals:?}"
+        );
+        assert!(
+            totals.failbacks > 0 && totals.failback_ring_marks > 0,
+            "old sources failed back, their rings' writes marked: {totals:?}"
         );
     }
     // A third of the seeds run the fail policy, and only some of those lose their peer for

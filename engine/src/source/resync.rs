@@ -653,6 +653,16 @@ impl<M: RingStore> Source<M> {
         if resync.awaiting.is_some() || resync.reads_submitted == resync.data.len() {
             return None;
         }
+        // A CP the destination already applied (its CpAck lost) is never sent again: until its
+        // entries landed on the primary and it completed, a read could find older content there
+        // (a recovered entry not yet applied again) and its table overwrite the newer block.
+        if self
+            .cps
+            .iter()
+            .any(|state| state.mirrored && state.phase != CpPhase::Free)
+        {
+            return None;
+        }
         let index = resync.reads_submitted;
         let (nsid, block_index) = resync.data[index];
         let start = block_index * BLOCK_SIZE as u64;

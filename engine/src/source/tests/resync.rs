@@ -692,6 +692,112 @@ fn a_resync_accepts_a_destination_one_cp_ahead() {
     assert_mirror_is_primary(&p);
 }
 
+/// Found by the simulation's failback (seed 1195 of 5000): the destination applied a CP whose
+/// CpAck was lost, the source crashed and reopened with that CP's entries to land on the
+/// primary again; the handshake takes the CP as mirrored (never sent again), and a resync read
+/// of a block it wrote, issued before its entry landed again, sent the block's older content in
+/// a table that overwrote the mirror's newer one. Resync reads wait until such a CP completed.
+#[test]
+fn resync_reads_wait_for_a_cp_the_destination_applied_to_land_on_the_primary() {
+    let mut p = pair(CpMode::References);
+    p.connect();
+    p.source.handle_disconnected(p.now_us);
+    p.destination.handle_disconnected(p.now_us);
+    let seq = p.source.new_generation(0x4343);
+    p.devices();
+    assert!(p.source.metadata.durable_through() >= seq);
+    // A whole extent marked: its blocks beyond the write are read from the primary.
+    let _ = p.source.metadata.mark(1, 0, BITMAP_EXTENT_BYTES_DEFAULT);
+    p.devices();
+    // The extent's last block: reads go in block order, and a read overlapping the write in
+    // flight waits (the earlier blocks' reads would not).
+    p.write(
+        BITMAP_EXTENT_BYTES_DEFAULT / crate::geometry::SECTOR_SIZE as u64 - 8,
+        &[0x44; 4096],
+    );
+    p.destination.handle_connected(p.now_us);
+    p.source.handle_connected(p.now_us);
+    p.source.request_cp(p.now_us);
+    for _ in 0..50 {
+        p.source.handle_tick(p.now_us);
+        p.devices();
+        let bytes = p
+            .source
+            .out
+            .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
+        for message in split(&bytes) {
+            p.destination.handle_message(p.now_us, message).unwrap();
+        }
+        p.devices();
+        let back = drain_destination(&mut p.destination);
+        for message in split(&back) {
+            if !matches!(wire::decode(message), Ok(wire::Message::CpAck { .. })) {
+                p.source.handle_message(p.now_us, message).unwrap();
+            }
+        }
+    }
+    assert_eq!(
+        p.destination.cp_completed(),
+        p.source.cp_completed() + 1,
+        "the CpAck was lost"
+    );
+    p.source.handle_disconnected(p.now_us);
+    p.destination.handle_disconnected(p.now_us);
+    let config = p.source.config;
+    let placeholder = Source::open(
+        config,
+        vec![0; RING_BYTES_MIN as usize],
+        &[NAMESPACE_BYTES as u64],
+        reopen_metadata(&p.source_metadata),
+        p.now_us,
+    )
+    .unwrap()
+    .0;
+    let ring = std::mem::replace(&mut p.source, placeholder).into_memory();
+    p.source = Source::open(
+        config,
+        ring,
+        &[NAMESPACE_BYTES as u64],
+        reopen_metadata(&p.source_metadata),
+        p.now_us,
+    )
+    .unwrap()
+    .0;
+    // The recovered entry does not land on the primary yet; the extent is marked again (as a
+    // failback's destination's ResyncMarks do at every session).
+    p.primaries[0].stalled = true;
+    let _ = p.source.metadata.mark(1, 0, BITMAP_EXTENT_BYTES_DEFAULT);
+    p.devices();
+    p.destination.handle_connected(p.now_us);
+    p.source.handle_connected(p.now_us);
+    let events = p.exchange();
+    assert!(events.contains(&SourceEvent::LinkReady), "{events:?}");
+    assert!(p.source.resync_progress().is_some(), "a resync runs");
+    assert!(
+        !p.primaries[0]
+            .kinds
+            .values()
+            .any(|&kind| kind == DeviceOpKind::Read),
+        "no resync read before the mirrored CP landed on the primary"
+    );
+    p.primaries[0].stalled = false;
+    let mut events = Vec::new();
+    for _ in 0..20 {
+        events.extend(p.exchange());
+        if p.source.resync_progress().is_none() {
+            break;
+        }
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, SourceEvent::ResyncDone { .. })),
+        "{events:?}"
+    );
+    p.cp();
+    assert_mirror_is_primary(&p);
+}
+
 /// Found by the simulation (seed 6979): the destination took our generation at ResyncDone and
 /// crashed before its ResyncDoneAck went out. The next handshake found the pair in sync and
 /// dropped the resync without resetting the bitmap's base, so a later degrade took no new
