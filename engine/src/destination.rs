@@ -669,14 +669,7 @@ impl<M: RingStore> Destination<M> {
         let queued_before = self.pending.len();
         let mut writes = 0;
         for (entry, data) in table.descriptors() {
-            let offset_bytes = entry
-                .block_index
-                .checked_mul(BLOCK_SIZE as u64)
-                .ok_or(ProtocolError::BlockIndexOverflow)?;
-            if let Err(error) = self.check_extent(entry.nsid, offset_bytes, BLOCK_SIZE as u64) {
-                self.unqueue_from(queued_before);
-                return Err(error);
-            }
+            let offset_bytes = self.table_entry_offset(&entry, queued_before)?;
             let from = match entry.descriptor {
                 Descriptor::Reference {
                     transfer_id,
@@ -704,14 +697,7 @@ impl<M: RingStore> Destination<M> {
                 }
                 Descriptor::Data => {
                     self.counters.cp_data_blocks += 1;
-                    let block = self
-                        .staging_free
-                        .pop()
-                        .expect("a window of tables fits the staging blocks");
-                    let at = usize::from(block) * BLOCK_SIZE;
-                    self.staging[at..at + BLOCK_SIZE]
-                        .copy_from_slice(data.expect("Data descriptors carry a block"));
-                    MirrorSource::Staged { block }
+                    self.stage_data_block(data.expect("Data descriptors carry a block"))
                 }
                 Descriptor::Zeroes => {
                     self.counters.cp_zeroes_count += 1;
@@ -736,6 +722,40 @@ impl<M: RingStore> Destination<M> {
         self.descriptors_applied += u64::from(table.count);
         self.ack_done_tables();
         Ok(())
+    }
+
+    /// The byte offset of a table entry's block, checked against the namespaces. A bad entry
+    /// drops the mirror writes its table queued so far (from `queued_before`, freeing their
+    /// staging blocks) before the error ends the connection.
+    fn table_entry_offset(
+        &mut self,
+        entry: &crate::cp::DescriptorEntry,
+        queued_before: usize,
+    ) -> Result<u64, LinkError> {
+        let offset = entry
+            .block_index
+            .checked_mul(BLOCK_SIZE as u64)
+            .ok_or_else(|| LinkError::from(ProtocolError::BlockIndexOverflow))
+            .and_then(|offset| {
+                self.check_extent(entry.nsid, offset, BLOCK_SIZE as u64)
+                    .map(|()| offset)
+            });
+        if offset.is_err() {
+            self.unqueue_from(queued_before);
+        }
+        offset
+    }
+
+    /// A Data descriptor's block, copied into a free staging block until its mirror write
+    /// completes (the source keeps at most a window of tables unacknowledged, so one is free).
+    fn stage_data_block(&mut self, data: &[u8]) -> MirrorSource {
+        let block = self
+            .staging_free
+            .pop()
+            .expect("a window of tables fits the staging blocks");
+        let at = usize::from(block) * BLOCK_SIZE;
+        self.staging[at..at + BLOCK_SIZE].copy_from_slice(data);
+        MirrorSource::Staged { block }
     }
 
     /// Drops the queued mirror writes from position `from` on, freeing their staging blocks.

@@ -12,7 +12,6 @@ use crate::cp::Descriptor;
 use crate::device::{DeviceOp, DeviceRequest};
 use crate::error::{LinkError, ProtocolError};
 use crate::generation::{Hex, FLAG_RESYNC_TARGET};
-use crate::geometry::BLOCK_SIZE;
 use crate::ring::RingStore;
 use crate::wire::{
     encode_resync_marks, resync_marks_bytes, Control, DescriptorTableMessage,
@@ -126,14 +125,7 @@ impl<M: RingStore> Destination<M> {
         let mut writes = 0;
         let mut references_missing = false;
         for (entry, data) in table.descriptors() {
-            let offset_bytes = entry
-                .block_index
-                .checked_mul(BLOCK_SIZE as u64)
-                .ok_or(ProtocolError::BlockIndexOverflow)?;
-            if let Err(error) = self.check_extent(entry.nsid, offset_bytes, BLOCK_SIZE as u64) {
-                self.unqueue_from(queued_before);
-                return Err(error);
-            }
+            let offset_bytes = self.table_entry_offset(&entry, queued_before)?;
             let from = match entry.descriptor {
                 Descriptor::Reference {
                     transfer_id,
@@ -146,14 +138,7 @@ impl<M: RingStore> Destination<M> {
                     }
                 },
                 Descriptor::Data => {
-                    let block = self
-                        .staging_free
-                        .pop()
-                        .expect("one resync table fits the staging blocks");
-                    let at = usize::from(block) * BLOCK_SIZE;
-                    self.staging[at..at + BLOCK_SIZE]
-                        .copy_from_slice(data.expect("Data descriptors carry a block"));
-                    MirrorSource::Staged { block }
+                    self.stage_data_block(data.expect("Data descriptors carry a block"))
                 }
                 Descriptor::Zeroes => MirrorSource::Zeroes,
             };

@@ -355,6 +355,17 @@ impl<M: RingStore> Source<M> {
                 .waiting
                 .front()
                 .map_or(degrade.marked_through_seq, |&(seq, _)| seq - 1);
+            // Invariant 9: a write completes without the destination only once its extents'
+            // marks (and the new generation) are durable.
+            assert!(
+                complete_through <= degrade.marked_through_seq
+                    && durable >= degrade.generation_seq
+                    && degrade
+                        .waiting
+                        .front()
+                        .is_none_or(|&(_, mark_seq)| mark_seq > durable),
+                "a degraded write completes only once durably marked (invariant 9)"
+            );
             for seq in self.completed_through_seq + 1..=complete_through {
                 self.events
                     .push_back(SourceEvent::WriteCompleted(WriteId(seq)));
