@@ -52,6 +52,27 @@ fn run_alone(p: &mut Pair) -> Vec<SourceEvent> {
     events
 }
 
+/// One lockstep round: a tick, the source's bytes to the destination, and the destination's
+/// answers back, except those `lost` says never arrived.
+fn lockstep(p: &mut Pair, lost: impl Fn(&wire::Message<'_>) -> bool) {
+    p.source.handle_tick(p.now_us);
+    p.devices();
+    let bytes = p
+        .source
+        .out
+        .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
+    for message in split(&bytes) {
+        p.destination.handle_message(p.now_us, message).unwrap();
+    }
+    p.devices();
+    let back = drain_destination(&mut p.destination);
+    for message in split(&back) {
+        if !lost(&wire::decode(message).unwrap()) {
+            p.source.handle_message(p.now_us, message).unwrap();
+        }
+    }
+}
+
 fn completed(events: &[SourceEvent], id: WriteId) -> bool {
     events.contains(&SourceEvent::WriteCompleted(id))
 }
@@ -364,20 +385,7 @@ fn a_half_resynced_destination_is_not_promoted() {
     p.destination.handle_connected(p.now_us);
     p.source.handle_connected(p.now_us);
     for _ in 0..3 {
-        p.source.handle_tick(p.now_us);
-        p.devices();
-        let bytes = p
-            .source
-            .out
-            .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
-        for message in split(&bytes) {
-            p.destination.handle_message(p.now_us, message).unwrap();
-        }
-        p.devices();
-        let back = drain_destination(&mut p.destination);
-        for message in split(&back) {
-            p.source.handle_message(p.now_us, message).unwrap();
-        }
+        lockstep(&mut p, |_| false);
     }
     assert!(p.source.resync_progress().is_some(), "still resyncing");
     p.destination.handle_disconnected(p.now_us);
@@ -634,22 +642,9 @@ fn a_resync_accepts_a_destination_one_cp_ahead() {
     p.source.handle_connected(p.now_us);
     p.source.request_cp(p.now_us);
     for _ in 0..50 {
-        p.source.handle_tick(p.now_us);
-        p.devices();
-        let bytes = p
-            .source
-            .out
-            .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
-        for message in split(&bytes) {
-            p.destination.handle_message(p.now_us, message).unwrap();
-        }
-        p.devices();
-        let back = drain_destination(&mut p.destination);
-        for message in split(&back) {
-            if !matches!(wire::decode(message), Ok(wire::Message::CpAck { .. })) {
-                p.source.handle_message(p.now_us, message).unwrap();
-            }
-        }
+        lockstep(&mut p, |message| {
+            matches!(message, wire::Message::CpAck { .. })
+        });
     }
     assert_eq!(
         p.destination.cp_completed(),
@@ -719,22 +714,9 @@ fn resync_reads_wait_for_a_cp_the_destination_applied_to_land_on_the_primary() {
     p.source.handle_connected(p.now_us);
     p.source.request_cp(p.now_us);
     for _ in 0..50 {
-        p.source.handle_tick(p.now_us);
-        p.devices();
-        let bytes = p
-            .source
-            .out
-            .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
-        for message in split(&bytes) {
-            p.destination.handle_message(p.now_us, message).unwrap();
-        }
-        p.devices();
-        let back = drain_destination(&mut p.destination);
-        for message in split(&back) {
-            if !matches!(wire::decode(message), Ok(wire::Message::CpAck { .. })) {
-                p.source.handle_message(p.now_us, message).unwrap();
-            }
-        }
+        lockstep(&mut p, |message| {
+            matches!(message, wire::Message::CpAck { .. })
+        });
     }
     assert_eq!(
         p.destination.cp_completed(),
