@@ -137,6 +137,9 @@ pub enum NamespaceConfig {
         #[serde(default, rename = "fault")]
         faults: Vec<FaultConfig>,
     },
+    /// An SPDK bdev (malloc, NVMe, AIO, ...) by name: only in the SPDK runtime (`nvmirror spdk`,
+    /// built with `--features spdk`), where `bdev_nvmirror_create` opens and claims it.
+    Bdev { bdev: String },
 }
 
 /// `op` of a `[[namespace.fault]]`: which op kinds the rule applies to.
@@ -234,8 +237,15 @@ impl NamespaceConfig {
                 }
                 Ok(())
             }
+            NamespaceConfig::Bdev { bdev } if bdev.is_empty() => {
+                Err(bad(format!("{key}.bdev"), "must name an SPDK bdev"))
+            }
+            NamespaceConfig::Bdev { .. } => Ok(()),
             NamespaceConfig::Faulty { base, faults } => {
-                if matches!(**base, NamespaceConfig::Faulty { .. }) {
+                if matches!(
+                    **base,
+                    NamespaceConfig::Faulty { .. } | NamespaceConfig::Bdev { .. }
+                ) {
                     return Err(bad(
                         format!("{key}.base"),
                         "must be a malloc or file namespace",

@@ -14,6 +14,8 @@ mod manage;
 mod promote;
 mod serve;
 mod setup;
+#[cfg(feature = "spdk")]
+mod spdk_app;
 mod workload;
 
 use std::path::PathBuf;
@@ -58,9 +60,27 @@ usage:
                                     so it takes a full sync from the other side when next attached
   nvmirror rpc METHOD ['{\"param\": value}'] [--socket PATH | --config FILE]
                                     call any management method (rpc_get_methods lists them)
+  nvmirror spdk [SPDK app options: -m MASK -s MIB -c CONFIG.json -r RPC_SOCKET ...]
+                                    the SPDK runtime (built with --features spdk): SPDK's nvmf target with the
+                                    bdev_nvmirror module; volumes come from bdev_nvmirror_create (JSON config or rpc.py)
   nvmirror version
 Signals: SIGINT/SIGTERM stop (a source first takes a last CP; counters are printed),\nSIGUSR1 prints the counters, SIGUSR2 starts a consistency point.
 Logging: RUST_LOG=debug|info|warn (default info).";
+
+/// `nvmirror spdk [SPDK options]`: the SPDK runtime, when built with it.
+#[cfg(feature = "spdk")]
+fn run_spdk(args: &[String]) -> Result<(), String> {
+    spdk_app::run(args)
+}
+
+#[cfg(not(feature = "spdk"))]
+fn run_spdk(_args: &[String]) -> Result<(), String> {
+    Err(
+        "this nvmirror was built without the SPDK runtime: build with `cargo build --release \
+         --features spdk` and SPDK_DIR pointing at an installed SPDK (see the README)"
+            .into(),
+    )
+}
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
@@ -77,6 +97,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &[String]) -> Result<(), String> {
+    if args.first().map(String::as_str) == Some("spdk") {
+        return run_spdk(&args[1..]);
+    }
     let mut options = Options::parse(args)?;
     match options.command.as_deref() {
         None => {

@@ -52,6 +52,7 @@ fn open_namespace(namespace: &NamespaceConfig, queue_depth: u32) -> Result<Devic
             queue_depth,
         )
         .map_err(|e| format!("{}: {e}", path.display()))?,
+        NamespaceConfig::Bdev { bdev } => open_bdev(bdev)?,
         NamespaceConfig::Faulty { base, faults } => {
             let rules = faults
                 .iter()
@@ -61,6 +62,20 @@ fn open_namespace(namespace: &NamespaceConfig, queue_depth: u32) -> Result<Devic
             Box::new(FaultyDevice::new(open_namespace(base, queue_depth)?, rules))
         }
     })
+}
+
+/// An SPDK bdev as a namespace, on the SPDK runtime's thread.
+#[cfg(feature = "spdk")]
+fn open_bdev(name: &str) -> Result<Device, String> {
+    Ok(Box::new(nvmirror_spdk::bdev::BdevDevice::open(name)?))
+}
+
+#[cfg(not(feature = "spdk"))]
+fn open_bdev(name: &str) -> Result<Device, String> {
+    Err(format!(
+        "kind = \"bdev\" ({name}) is an SPDK bdev: only the SPDK runtime serves it (build with \
+         --features spdk and run `nvmirror spdk -c CONFIG.json` with bdev_nvmirror_create)"
+    ))
 }
 
 /// Maps the node's NVRAM ring on its configured medium, or by default on hugepages (a regular
@@ -142,6 +157,11 @@ pub fn open_metadata(config: &Config, devices: &[Device]) -> Result<MetadataFile
 pub type Opened<E> = (E, Vec<Device>, Device);
 
 pub fn open_source(config: &Config) -> Result<Opened<SourceEngine>, String> {
+    open_source_on(config, open_ring(config)?)
+}
+
+/// A source on a ring the caller mapped (the SPDK runtime registers it for DMA first).
+pub fn open_source_on(config: &Config, ring: RingMemory) -> Result<Opened<SourceEngine>, String> {
     let source_config = SourceConfig {
         volume_id: config.volume_id(),
         cp_interval_us: config.cp_interval_ms * 1000,
@@ -157,7 +177,6 @@ pub fn open_source(config: &Config) -> Result<Opened<SourceEngine>, String> {
         resync_rate_bytes_per_s: config.resync_rate_mib_s * (1 << 20),
         assume_identical: config.assume_identical,
     };
-    let ring = open_ring(config)?;
     let primaries = open_namespaces(config)?;
     let mut metadata = open_metadata(config, &primaries)?;
     crate::attach::note_running_as_source(&mut metadata.metadata, &mut *metadata.device)?;
@@ -195,7 +214,14 @@ pub fn open_source(config: &Config) -> Result<Opened<SourceEngine>, String> {
 pub fn open_destination(
     config: &Config,
 ) -> Result<Opened<nvmirror_runtime::node::DestinationEngine>, String> {
-    let ring = open_ring(config)?;
+    open_destination_on(config, open_ring(config)?)
+}
+
+/// A destination on a ring the caller mapped (the SPDK runtime registers it for DMA first).
+pub fn open_destination_on(
+    config: &Config,
+    ring: RingMemory,
+) -> Result<Opened<nvmirror_runtime::node::DestinationEngine>, String> {
     let mirrors = open_namespaces(config)?;
     let mut metadata = open_metadata(config, &mirrors)?;
     crate::attach::attach_former_source(config, &mut metadata.metadata, &mut *metadata.device)?;

@@ -18,6 +18,7 @@ use std::fmt::Display;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::reactor::{Period, ACCEPT_POLL_PERIOD_US};
@@ -63,6 +64,104 @@ pub trait LinkEndpoint {
     /// The handshake succeeded on this connection (a dialing link then resets its back-off).
     fn session_ready(&self) -> bool {
         false
+    }
+}
+
+/// One connection of the link as a runtime provides it: a non-blocking byte stream. The
+/// embedded runtime's is a kernel TCP socket ([`TcpTransport`]); the SPDK runtime's is a socket
+/// of SPDK's sock layer. Reads and writes never block: `WouldBlock` when there is nothing to
+/// read or no room to write.
+pub trait LinkStream: Send {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    fn write_vectored(&mut self, slices: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// The fd a sleeping reactor waits on (none: the stream is found ready by polling alone).
+    fn raw_fd(&self) -> Option<RawFd>;
+    fn peer_addr(&self) -> Option<SocketAddr>;
+    /// Ends the connection in both directions.
+    fn shutdown(&mut self);
+}
+
+/// Where a destination's link takes connections from: `accept` answers `WouldBlock` when no
+/// connection waits.
+pub trait LinkListener: Send {
+    fn accept(&mut self) -> io::Result<(Box<dyn LinkStream>, SocketAddr)>;
+    fn local_addr(&self) -> Option<SocketAddr>;
+    fn raw_fd(&self) -> Option<RawFd>;
+}
+
+/// How a link opens connections: the same wire protocol over the embedded runtime's kernel
+/// sockets or SPDK's sock layer, so mixed runtimes interoperate.
+pub trait Transport: Send + Sync {
+    /// Dials `peer`, waiting at most `timeout`; the stream it gives is non-blocking.
+    fn connect(&self, peer: SocketAddr, timeout: Duration) -> io::Result<Box<dyn LinkStream>>;
+    fn listen(&self, address: SocketAddr) -> io::Result<Box<dyn LinkListener>>;
+}
+
+/// Kernel TCP sockets: the embedded runtime's transport.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TcpTransport;
+
+impl TcpTransport {
+    pub fn shared() -> Arc<dyn Transport> {
+        Arc::new(TcpTransport)
+    }
+
+    /// A connected socket made non-blocking and tuned (no Nagle, SPDK-sized buffers). A socket
+    /// that cannot be made non-blocking would stall the whole reactor: it is refused.
+    fn prepare(stream: TcpStream, peer: SocketAddr) -> io::Result<Box<dyn LinkStream>> {
+        stream.set_nonblocking(true).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot make the connection to {peer} non-blocking: {e}"),
+            )
+        })?;
+        if let Err(e) = tune_socket(&stream) {
+            log::warn!("link: cannot tune the socket to {peer}: {e}");
+        }
+        Ok(Box::new(stream))
+    }
+}
+
+impl Transport for TcpTransport {
+    fn connect(&self, peer: SocketAddr, timeout: Duration) -> io::Result<Box<dyn LinkStream>> {
+        Self::prepare(TcpStream::connect_timeout(&peer, timeout)?, peer)
+    }
+
+    fn listen(&self, address: SocketAddr) -> io::Result<Box<dyn LinkListener>> {
+        let listener = TcpListener::bind(address)?;
+        listener.set_nonblocking(true)?;
+        Ok(Box::new(listener))
+    }
+}
+
+impl LinkStream for TcpStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        Read::read(self, buf)
+    }
+    fn write_vectored(&mut self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+        Write::write_vectored(self, slices)
+    }
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
+    }
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        TcpStream::peer_addr(self).ok()
+    }
+    fn shutdown(&mut self) {
+        let _ = TcpStream::shutdown(self, std::net::Shutdown::Both);
+    }
+}
+
+impl LinkListener for TcpListener {
+    fn accept(&mut self) -> io::Result<(Box<dyn LinkStream>, SocketAddr)> {
+        let (stream, from) = TcpListener::accept(self)?;
+        Ok((TcpTransport::prepare(stream, from)?, from))
+    }
+    fn local_addr(&self) -> Option<SocketAddr> {
+        TcpListener::local_addr(self).ok()
+    }
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
     }
 }
 
@@ -112,7 +211,7 @@ pub enum LinkRole {
         backoff_us: u64,
     },
     Accept {
-        listener: TcpListener,
+        listener: Box<dyn LinkListener>,
         accept: Period,
     },
 }
@@ -128,7 +227,8 @@ pub struct LinkCounters {
 
 pub struct Link {
     role: LinkRole,
-    stream: Option<TcpStream>,
+    transport: Arc<dyn Transport>,
+    stream: Option<Box<dyn LinkStream>>,
     recv_buffer: Vec<u8>,
     recv_filled: usize,
     /// Where the first unhandled byte of the receive buffer is.
@@ -163,7 +263,17 @@ impl Link {
     }
 
     pub fn dial(peer: SocketAddr, message_bytes_max: usize) -> Self {
+        Self::dial_over(TcpTransport::shared(), peer, message_bytes_max)
+    }
+
+    /// A source's link over `transport`.
+    pub fn dial_over(
+        transport: Arc<dyn Transport>,
+        peer: SocketAddr,
+        message_bytes_max: usize,
+    ) -> Self {
         Self::new(
+            transport,
             LinkRole::Dial {
                 peer,
                 next_dial_us: 0,
@@ -175,14 +285,23 @@ impl Link {
 
     /// A destination's link: accepts on `listen`.
     pub fn accept(listen: SocketAddr, message_bytes_max: usize) -> io::Result<Self> {
-        let listener = TcpListener::bind(listen).map_err(|e| {
+        Self::accept_over(TcpTransport::shared(), listen, message_bytes_max)
+    }
+
+    /// A destination's link over `transport`.
+    pub fn accept_over(
+        transport: Arc<dyn Transport>,
+        listen: SocketAddr,
+        message_bytes_max: usize,
+    ) -> io::Result<Self> {
+        let listener = transport.listen(listen).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("cannot listen for the source on {listen}: {e}"),
             )
         })?;
-        listener.set_nonblocking(true)?;
         Ok(Self::new(
+            transport,
             LinkRole::Accept {
                 listener,
                 accept: Period::new(ACCEPT_POLL_PERIOD_US),
@@ -191,9 +310,10 @@ impl Link {
         ))
     }
 
-    fn new(role: LinkRole, message_bytes_max: usize) -> Self {
+    fn new(transport: Arc<dyn Transport>, role: LinkRole, message_bytes_max: usize) -> Self {
         Link {
             role,
+            transport,
             stream: None,
             // Twice the largest message: a whole one plus the start of the next always fit.
             recv_buffer: vec![0; 2 * message_bytes_max],
@@ -212,17 +332,15 @@ impl Link {
     /// The address the destination listens on (useful with port 0).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         match &self.role {
-            LinkRole::Accept { listener, .. } => listener.local_addr().ok(),
+            LinkRole::Accept { listener, .. } => listener.local_addr(),
             LinkRole::Dial { .. } => None,
         }
     }
 
     pub fn wait_fds(&self, out: &mut Vec<RawFd>) {
-        if let Some(stream) = &self.stream {
-            out.push(stream.as_raw_fd());
-        }
+        out.extend(self.stream.as_ref().and_then(|stream| stream.raw_fd()));
         if let LinkRole::Accept { listener, .. } = &self.role {
-            out.push(listener.as_raw_fd());
+            out.extend(listener.raw_fd());
         }
     }
 
@@ -326,7 +444,10 @@ impl Link {
                 let wait_us = *backoff_us;
                 *next_dial_us = now_us + wait_us;
                 *backoff_us = (wait_us * 2).min(REDIAL_BACKOFF_US_MAX);
-                match TcpStream::connect_timeout(&peer, Duration::from_millis(DIAL_TIMEOUT_MS)) {
+                match self
+                    .transport
+                    .connect(peer, Duration::from_millis(DIAL_TIMEOUT_MS))
+                {
                     Ok(stream) => {
                         self.attach(now_us, stream, peer, endpoint);
                         1
@@ -352,19 +473,10 @@ impl Link {
     fn attach<E: LinkEndpoint>(
         &mut self,
         now_us: u64,
-        stream: TcpStream,
+        stream: Box<dyn LinkStream>,
         peer: SocketAddr,
         endpoint: &mut E,
     ) {
-        // A blocking socket would stall the whole reactor: without non-blocking mode the
-        // connection is dropped (the source redials after its back-off).
-        if let Err(e) = stream.set_nonblocking(true) {
-            log::warn!("link: dropping the connection to {peer}: cannot make it non-blocking: {e}");
-            return;
-        }
-        if let Err(e) = tune_socket(&stream) {
-            log::warn!("link: cannot tune the socket to {peer}: {e}");
-        }
         log::info!("link: connected to {peer}");
         self.last_error = None;
         self.stream = Some(stream);
@@ -377,12 +489,12 @@ impl Link {
 
     /// Closes the connection after an error, says why once, and lets the core forget its in-flight state.
     pub fn close<E: LinkEndpoint>(&mut self, now_us: u64, endpoint: &mut E, reason: String) {
-        if let Some(stream) = self.stream.take() {
+        if let Some(mut stream) = self.stream.take() {
             log::warn!(
                 "link: closing connection to {:?}: {reason}",
-                stream.peer_addr().ok()
+                stream.peer_addr()
             );
-            let _ = stream.shutdown(std::net::Shutdown::Both);
+            stream.shutdown();
             self.counters.disconnects += 1;
             self.recv_filled = 0;
             self.recv_start = 0;

@@ -300,41 +300,8 @@ impl NodeMethods {
     fn status(&self) -> Result<Value, RpcError> {
         let mut nodes = Vec::new();
         for node in &self.nodes {
-            let control = &node.control;
             let counters = fresh_counters(node)?;
-            let link = *control.link.lock().unwrap();
-            let peer_status = *control.peer.lock().unwrap();
-            let peer = peer_status.map(|peer| {
-                let (state, since_us, reason) = match peer.state {
-                    PeerState::Connected { since_us } => ("connected", since_us, None),
-                    PeerState::Disconnected { since_us } => ("disconnected", since_us, None),
-                    PeerState::Lost { since_us, reason } => {
-                        ("lost", since_us, Some(reason.to_string()))
-                    }
-                };
-                json!({"state": state, "since_us": since_us, "reason": reason,
-                       "policy": peer.policy.name()})
-            });
-            let generations = control.generations.lock().unwrap().map(generations_json);
-            let mut fields = json!({
-                "role": node.role,
-                "peer": peer,
-                "link_connected": link.connected,
-                "link_connects": link.connects,
-                "link_disconnects": link.disconnects,
-                "cp_completed": control.cp_completed.load(Ordering::Acquire),
-                "ring_used_bytes": counters.ring_used_bytes,
-                "ring_size_bytes": counters.ring_size_bytes,
-                "device_error_count": counters.device_error_count,
-                "cp_failure_count": counters.cp_failure_count,
-                "refused": control.rejected.lock().unwrap().clone(),
-                "generations": generations,
-            });
-            if let Some(peer) = peer_status {
-                fields["degraded"] = json!(peer.degraded);
-                fields["resync"] = resync_json(&peer, &counters);
-            }
-            nodes.push(fields);
+            nodes.push(node_status_json(node.role, &node.control, &counters));
         }
         let promote_error = LAST_PROMOTE_ERROR.lock().unwrap().clone();
         Ok(json!({"volume": self.volume, "nodes": nodes, "promote_error": promote_error}))
@@ -483,6 +450,42 @@ impl Methods for NodeMethods {
             )),
         }
     }
+}
+
+/// One node's status as `nvmirror_get_status` shows it (both runtimes), from its published
+/// state and fresh counters.
+pub fn node_status_json(role: &str, control: &NodeControl, counters: &Counters) -> Value {
+    let link = *control.link.lock().unwrap();
+    let peer_status = *control.peer.lock().unwrap();
+    let peer = peer_status.map(|peer| {
+        let (state, since_us, reason) = match peer.state {
+            PeerState::Connected { since_us } => ("connected", since_us, None),
+            PeerState::Disconnected { since_us } => ("disconnected", since_us, None),
+            PeerState::Lost { since_us, reason } => ("lost", since_us, Some(reason.to_string())),
+        };
+        json!({"state": state, "since_us": since_us, "reason": reason,
+               "policy": peer.policy.name()})
+    });
+    let generations = control.generations.lock().unwrap().map(generations_json);
+    let mut fields = json!({
+        "role": role,
+        "peer": peer,
+        "link_connected": link.connected,
+        "link_connects": link.connects,
+        "link_disconnects": link.disconnects,
+        "cp_completed": control.cp_completed.load(Ordering::Acquire),
+        "ring_used_bytes": counters.ring_used_bytes,
+        "ring_size_bytes": counters.ring_size_bytes,
+        "device_error_count": counters.device_error_count,
+        "cp_failure_count": counters.cp_failure_count,
+        "refused": control.rejected.lock().unwrap().clone(),
+        "generations": generations,
+    });
+    if let Some(peer) = peer_status {
+        fields["degraded"] = json!(peer.degraded);
+        fields["resync"] = resync_json(&peer, counters);
+    }
+    fields
 }
 
 /// A node's generations as status shows them: hex ids (as the log prints them), 0 for none.

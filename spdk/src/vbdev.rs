@@ -1,0 +1,548 @@
+//! `bdev_nvmirror`: the replicated virtual bdev, shaped like SPDK's passthru and raid vbdevs
+//! but with the engine in the I/O path. SPDK's nvmf target (or bdevperf, or any bdev user)
+//! submits to it; every write goes through the engine's source (NVRAM ring, data transfer,
+//! synchronous ack from the destination, later a CP), a read reaches the primary once the
+//! writes it must see landed there.
+//!
+//! I/O arrives on whatever SPDK thread the user's channel belongs to (an nvmf poll group). It is
+//! handed to the node's thread with one SPDK message (none when it already runs there), queued
+//! in the volume's [`Inbox`], taken by [`BdevFrontEnd`] on the node's poll, and completed back
+//! on its own thread. Until the node's role is settled (the handshake compared generations) the
+//! front end does not exist and I/O waits in the inbox: a stale former source answers nothing.
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, Mutex};
+
+use nvmirror_engine::geometry::{SECTOR_SIZE, WRITE_BYTES_MAX, WRITE_ZEROES_BYTES_MAX};
+use nvmirror_nvmf::pdu::nvme::{GenericStatus, PathStatus};
+use nvmirror_nvmf::{Backend, BackendError, IoToken};
+use nvmirror_runtime::node::{FrontEnd, Volume};
+
+use crate::sys;
+use crate::thread::Thread;
+
+use sys::spdk_bdev_io_type as io_type;
+
+/// A bdev I/O pointer that crosses to the node's thread (SPDK I/O may complete on any
+/// thread only through a message to its own, which [`complete`] does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct IoPtr(*mut sys::spdk_bdev_io);
+
+// SAFETY: the pointer is only a handle while it travels; it is dereferenced through SPDK's API
+// on the node's thread (submission) and completed on the I/O's own thread.
+unsafe impl Send for IoPtr {}
+
+/// I/O of a volume's bdevs waiting for the node's poll: (nsid, I/O).
+#[derive(Clone, Default)]
+pub struct Inbox(Arc<Mutex<VecDeque<(u32, IoPtr)>>>);
+
+impl Inbox {
+    fn push(&self, nsid: u32, io: IoPtr) {
+        self.0.lock().unwrap().push_back((nsid, io));
+    }
+
+    fn take_all(&self, into: &mut VecDeque<(u32, IoPtr)>) {
+        let mut inbox = self.0.lock().unwrap();
+        if into.is_empty() {
+            std::mem::swap(&mut *inbox, into);
+        } else {
+            into.extend(inbox.drain(..));
+        }
+    }
+
+    /// Fails every waiting I/O (the volume is being deleted).
+    pub fn fail_all(&self) {
+        let waiting: Vec<_> = self.0.lock().unwrap().drain(..).collect();
+        for (_, io) in waiting {
+            complete(io, Completion::Aborted);
+        }
+    }
+}
+
+/// How an I/O ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Completion {
+    Success,
+    Nvme { sct: u8, sc: u8 },
+    Aborted,
+    Failed,
+}
+
+impl Completion {
+    fn from_error(error: BackendError) -> Completion {
+        match error {
+            BackendError::InvalidNamespace => Completion::Nvme {
+                sct: 0,
+                sc: GenericStatus::InvalidNamespaceOrFormat as u8,
+            },
+            BackendError::OutOfRange => Completion::Nvme {
+                sct: 0,
+                sc: GenericStatus::LbaOutOfRange as u8,
+            },
+            BackendError::Io => Completion::Nvme {
+                sct: 0,
+                sc: GenericStatus::InternalError as u8,
+            },
+            BackendError::PathInaccessible => Completion::Nvme {
+                sct: 3,
+                sc: PathStatus::AsymmetricAccessInaccessible as u8,
+            },
+            BackendError::Busy => unreachable!("Busy is retried, never reported"),
+        }
+    }
+
+    fn encode(self) -> [u8; 4] {
+        match self {
+            Completion::Success => [0, 0, 0, 0],
+            Completion::Nvme { sct, sc } => [1, sct, sc, 0],
+            Completion::Aborted => [2, 0, 0, 0],
+            Completion::Failed => [3, 0, 0, 0],
+        }
+    }
+
+    fn decode(bytes: [u8; 4]) -> Completion {
+        match bytes[0] {
+            0 => Completion::Success,
+            1 => Completion::Nvme {
+                sct: bytes[1],
+                sc: bytes[2],
+            },
+            2 => Completion::Aborted,
+            _ => Completion::Failed,
+        }
+    }
+}
+
+unsafe extern "C" fn complete_here(ctx: *mut c_void) {
+    let io = ctx as *mut sys::spdk_bdev_io;
+    // SAFETY: the I/O's driver context (NVMIRROR_BDEV_IO_CTX_BYTES >= 4) holds its encoded
+    // completion, written by `complete` before the message was sent.
+    let bytes = unsafe { *(sys::nvmirror_bdev_io_driver_ctx(io) as *const [u8; 4]) };
+    // SAFETY: on the I/O's own thread; the I/O is completed once.
+    unsafe {
+        match Completion::decode(bytes) {
+            Completion::Success => sys::spdk_bdev_io_complete(
+                io,
+                sys::spdk_bdev_io_status::SPDK_BDEV_IO_STATUS_SUCCESS,
+            ),
+            Completion::Nvme { sct, sc } => {
+                sys::spdk_bdev_io_complete_nvme_status(io, 0, i32::from(sct), i32::from(sc))
+            }
+            Completion::Aborted => sys::spdk_bdev_io_complete(
+                io,
+                sys::spdk_bdev_io_status::SPDK_BDEV_IO_STATUS_ABORTED,
+            ),
+            Completion::Failed => {
+                sys::spdk_bdev_io_complete(io, sys::spdk_bdev_io_status::SPDK_BDEV_IO_STATUS_FAILED)
+            }
+        }
+    }
+}
+
+/// Completes `io` on its own thread (at once when that is the current one).
+fn complete(io: IoPtr, completion: Completion) {
+    // SAFETY: a live I/O of ours; its driver context is ours until it completes.
+    let (ctx, thread) = unsafe {
+        (
+            sys::nvmirror_bdev_io_driver_ctx(io.0) as *mut [u8; 4],
+            sys::spdk_bdev_io_get_thread(io.0),
+        )
+    };
+    // SAFETY: see above: 4 bytes of the driver context are ours.
+    unsafe { *ctx = completion.encode() };
+    if Thread::from_ptr(thread).is_current() {
+        // SAFETY: on the I/O's thread.
+        unsafe { complete_here(io.0.cast()) };
+        return;
+    }
+    // SAFETY: the thread is the I/O's, alive while the I/O is; complete_here runs there once.
+    let rc = unsafe { sys::spdk_thread_send_msg(thread, Some(complete_here), io.0.cast()) };
+    assert_eq!(
+        rc, 0,
+        "SPDK's message pool is exhausted: an I/O cannot complete"
+    );
+}
+
+/// One exported namespace: the SPDK bdev and what its callbacks reach.
+struct Exported {
+    bdev: sys::spdk_bdev,
+    nsid: u32,
+    inbox: Inbox,
+    node_thread: Thread,
+    /// Kept for the bdev's name and product name pointers.
+    _name: CString,
+    _product: CString,
+}
+
+fn exported(io: *mut sys::spdk_bdev_io) -> &'static Exported {
+    // SAFETY: every bdev of this module has its Exported (alive until the io device is
+    // unregistered, after the last I/O) as its ctxt.
+    unsafe { &*(sys::nvmirror_bdev_io_ctxt(io) as *const Exported) }
+}
+
+unsafe extern "C" fn forward_here(ctx: *mut c_void) {
+    let io = ctx as *mut sys::spdk_bdev_io;
+    let exported = exported(io);
+    exported.inbox.push(exported.nsid, IoPtr(io));
+}
+
+/// Hands `io` to the node's thread.
+fn forward(io: *mut sys::spdk_bdev_io) {
+    let exported = exported(io);
+    if exported.node_thread.is_current() {
+        exported.inbox.push(exported.nsid, IoPtr(io));
+        return;
+    }
+    // SAFETY: the node's thread outlives its bdevs; forward_here runs there once.
+    let rc = unsafe {
+        sys::spdk_thread_send_msg(exported.node_thread.as_ptr(), Some(forward_here), io.cast())
+    };
+    if rc != 0 {
+        complete(IoPtr(io), Completion::Failed);
+    }
+}
+
+unsafe extern "C" fn read_buffer_ready(
+    _ch: *mut sys::spdk_io_channel,
+    io: *mut sys::spdk_bdev_io,
+    success: bool,
+) {
+    if success {
+        forward(io);
+    } else {
+        complete(IoPtr(io), Completion::Failed);
+    }
+}
+
+unsafe extern "C" fn submit_request(_ch: *mut sys::spdk_io_channel, io: *mut sys::spdk_bdev_io) {
+    let mut rw = sys::nvmirror_bdev_io_rw::default();
+    // SAFETY: a live I/O submitted to us.
+    unsafe { sys::nvmirror_bdev_io_rw(io, &mut rw) };
+    if u32::from(rw.type_) == io_type::SPDK_BDEV_IO_TYPE_READ {
+        // A read needs its buffer before the engine copies into it.
+        // SAFETY: a live read; the callback runs once (at once if it has buffers).
+        unsafe {
+            sys::spdk_bdev_io_get_buf(
+                io,
+                Some(read_buffer_ready),
+                rw.num_blocks * SECTOR_SIZE as u64,
+            )
+        };
+    } else {
+        forward(io);
+    }
+}
+
+unsafe extern "C" fn io_type_supported(_ctx: *mut c_void, kind: io_type::Type) -> bool {
+    matches!(
+        kind,
+        io_type::SPDK_BDEV_IO_TYPE_READ
+            | io_type::SPDK_BDEV_IO_TYPE_WRITE
+            | io_type::SPDK_BDEV_IO_TYPE_FLUSH
+            | io_type::SPDK_BDEV_IO_TYPE_WRITE_ZEROES
+            | io_type::SPDK_BDEV_IO_TYPE_RESET
+    )
+}
+
+unsafe extern "C" fn get_io_channel(ctx: *mut c_void) -> *mut sys::spdk_io_channel {
+    // SAFETY: ctx is our Exported, registered as an io device.
+    unsafe { sys::spdk_get_io_channel(ctx) }
+}
+
+unsafe extern "C" fn channel_create(_device: *mut c_void, _ctx: *mut c_void) -> i32 {
+    0
+}
+
+unsafe extern "C" fn channel_destroy(_device: *mut c_void, _ctx: *mut c_void) {}
+
+unsafe extern "C" fn device_unregistered(ctx: *mut c_void) {
+    // SAFETY: the Exported leaked by `export`, freed once its io device is gone.
+    drop(unsafe { Box::from_raw(ctx as *mut Exported) });
+}
+
+unsafe extern "C" fn destruct(ctx: *mut c_void) -> i32 {
+    // SAFETY: ctx is our Exported; it is freed when the io device is unregistered.
+    unsafe { sys::spdk_io_device_unregister(ctx, Some(device_unregistered)) };
+    0
+}
+
+static FN_TABLE: sys::spdk_bdev_fn_table = sys::spdk_bdev_fn_table {
+    destruct: Some(destruct),
+    submit_request: Some(submit_request),
+    io_type_supported: Some(io_type_supported),
+    get_io_channel: Some(get_io_channel),
+    dump_info_json: None,
+    write_config_json: None,
+    get_spin_time: None,
+    get_module_ctx: None,
+    get_memory_domains: None,
+    get_memory_domain_types: None,
+    reset_device_stat: None,
+    dump_device_stat_json: None,
+    accel_sequence_supported: None,
+};
+
+/// What a replicated bdev looks like to its users.
+pub struct BdevSpec {
+    pub name: String,
+    pub nsid: u32,
+    pub size_bytes: u64,
+    pub uuid: [u8; 16],
+    /// Identify's volatile write cache: set when the ring medium needs a Flush for an
+    /// acknowledged write to survive what the README's table says.
+    pub write_cache: bool,
+}
+
+/// A registered replicated bdev; [`ExportedBdev::unregister`] removes it.
+pub struct ExportedBdev {
+    exported: *mut Exported,
+    name: String,
+}
+
+impl ExportedBdev {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Unregisters the bdev (its users see it removed); SPDK destructs it once its I/O drained.
+    pub fn unregister(self) {
+        // SAFETY: the bdev is registered and unregistered once, on the app thread.
+        unsafe {
+            sys::spdk_bdev_unregister(&mut (*self.exported).bdev, None, std::ptr::null_mut())
+        };
+    }
+}
+
+/// Registers a replicated bdev whose I/O goes to `inbox`, on the current (node's) thread.
+pub fn export(spec: &BdevSpec, inbox: &Inbox) -> Result<ExportedBdev, String> {
+    let node_thread = Thread::current().ok_or("not on an SPDK thread")?;
+    let name = CString::new(spec.name.as_str()).map_err(|e| e.to_string())?;
+    let product = CString::new("nvmirror replicated volume").expect("no NUL");
+    let mut bdev = sys::spdk_bdev {
+        name: name.as_ptr() as *mut _,
+        product_name: product.as_ptr() as *mut _,
+        write_cache: i32::from(spec.write_cache),
+        blocklen: SECTOR_SIZE as u32,
+        blockcnt: spec.size_bytes / SECTOR_SIZE as u64,
+        max_rw_size: (WRITE_BYTES_MAX / SECTOR_SIZE) as u32,
+        max_write_zeroes: (WRITE_ZEROES_BYTES_MAX / SECTOR_SIZE as u64) as u32,
+        fn_table: &FN_TABLE,
+        // SAFETY: the module is nvmirror's, registered when the program loaded.
+        module: unsafe { sys::nvmirror_bdev_module() },
+        ..Default::default()
+    };
+    bdev.uuid.u.raw = spec.uuid;
+    let exported = Box::into_raw(Box::new(Exported {
+        bdev,
+        nsid: spec.nsid,
+        inbox: inbox.clone(),
+        node_thread,
+        _name: name,
+        _product: product,
+    }));
+    // SAFETY: exported is a stable heap address; it is the bdev's ctxt and the io device,
+    // freed only when the io device is unregistered (after destruct).
+    unsafe {
+        (*exported).bdev.ctxt = exported.cast();
+        sys::spdk_io_device_register(
+            exported.cast(),
+            Some(channel_create),
+            Some(channel_destroy),
+            0,
+            (*exported)._name.as_ptr(),
+        );
+        let rc = sys::spdk_bdev_register(&mut (*exported).bdev);
+        if rc != 0 {
+            sys::spdk_io_device_unregister(exported.cast(), Some(device_unregistered));
+            return Err(format!(
+                "cannot register bdev {}: {}",
+                spec.name,
+                std::io::Error::from_raw_os_error(-rc)
+            ));
+        }
+    }
+    Ok(ExportedBdev {
+        exported,
+        name: spec.name.clone(),
+    })
+}
+
+/// What an I/O in flight in the engine waits for.
+#[derive(Debug, Clone, Copy)]
+enum Waiting {
+    Write(IoPtr),
+    Read(IoPtr, usize),
+    Other(IoPtr),
+}
+
+/// The replicated bdevs' I/O as a source's front end: bdev I/O in, engine completions out.
+pub struct BdevFrontEnd {
+    inbox: Inbox,
+    pending: VecDeque<(u32, IoPtr)>,
+    waiting: HashMap<u64, Waiting>,
+    scratch: Vec<u8>,
+}
+
+impl BdevFrontEnd {
+    pub fn new(inbox: Inbox) -> BdevFrontEnd {
+        BdevFrontEnd {
+            inbox,
+            pending: VecDeque::new(),
+            waiting: HashMap::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Starts one I/O: `false` when the volume is busy (it stays first in line).
+    fn start(&mut self, now_us: u64, volume: &mut Volume, nsid: u32, io: IoPtr) -> bool {
+        let mut rw = sys::nvmirror_bdev_io_rw::default();
+        // SAFETY: a live I/O of ours.
+        unsafe { sys::nvmirror_bdev_io_rw(io.0, &mut rw) };
+        let lba = rw.offset_blocks;
+        let length = rw.num_blocks * SECTOR_SIZE as u64;
+        let iovs = if rw.iovs.is_null() {
+            &[][..]
+        } else {
+            // SAFETY: SPDK gives a read or write `iovcnt` iovecs (a read's after get_buf).
+            unsafe { std::slice::from_raw_parts(rw.iovs, rw.iovcnt as usize) }
+        };
+        let started = match u32::from(rw.type_) {
+            io_type::SPDK_BDEV_IO_TYPE_WRITE => {
+                match volume.reserve_write(now_us, nsid, lba, length as u32) {
+                    Ok(slot) => {
+                        let mut offset = 0;
+                        for iov in iovs {
+                            // SAFETY: the iovec describes the write's data, alive until completion.
+                            let data = unsafe {
+                                std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len)
+                            };
+                            volume.fill_write(&slot, offset, data);
+                            offset += data.len();
+                        }
+                        let token = volume.commit_write(now_us, slot);
+                        Ok(Some((token, Waiting::Write(io))))
+                    }
+                    Err(error) => Err(error),
+                }
+            }
+            io_type::SPDK_BDEV_IO_TYPE_READ => {
+                match Backend::start_read(volume, now_us, nsid, lba, length as u32) {
+                    Ok(Some(token)) => Ok(Some((token, Waiting::Read(io, length as usize)))),
+                    Ok(None) => {
+                        self.scratch.resize(length as usize, 0);
+                        let result = Backend::read(volume, nsid, lba, &mut self.scratch);
+                        result.map(|()| {
+                            scatter(&self.scratch, iovs);
+                            None
+                        })
+                    }
+                    Err(error) => Err(error),
+                }
+            }
+            io_type::SPDK_BDEV_IO_TYPE_FLUSH => volume
+                .flush(now_us, nsid)
+                .map(|token| Some((token, Waiting::Other(io)))),
+            io_type::SPDK_BDEV_IO_TYPE_WRITE_ZEROES => volume
+                .write_zeroes(now_us, nsid, lba, length)
+                .map(|token| Some((token, Waiting::Other(io)))),
+            // No command is queued anywhere but in the engine, which completes them all.
+            io_type::SPDK_BDEV_IO_TYPE_RESET => Ok(None),
+            _ => {
+                complete(io, Completion::Failed);
+                return true;
+            }
+        };
+        match started {
+            Ok(Some((token, waiting))) => {
+                self.waiting.insert(token.0, waiting);
+            }
+            Ok(None) => complete(io, Completion::Success),
+            Err(BackendError::Busy) => return false,
+            Err(error) => complete(io, Completion::from_error(error)),
+        }
+        true
+    }
+
+    fn finish(&mut self, volume: &mut Volume, token: IoToken, result: Result<(), BackendError>) {
+        let Some(waiting) = self.waiting.remove(&token.0) else {
+            log::error!("nvmirror bdev: completion of unknown token {}", token.0);
+            return;
+        };
+        match waiting {
+            Waiting::Write(io) | Waiting::Other(io) => complete(io, completion_of(result)),
+            Waiting::Read(io, length) => {
+                self.scratch.resize(length, 0);
+                let result = Backend::finish_read(volume, token, &mut self.scratch);
+                if result.is_ok() {
+                    let mut rw = sys::nvmirror_bdev_io_rw::default();
+                    // SAFETY: a live I/O of ours.
+                    unsafe { sys::nvmirror_bdev_io_rw(io.0, &mut rw) };
+                    // SAFETY: the read's iovecs (from get_buf), alive until completion.
+                    let iovs = unsafe { std::slice::from_raw_parts(rw.iovs, rw.iovcnt as usize) };
+                    scatter(&self.scratch, iovs);
+                }
+                complete(io, completion_of(result));
+            }
+        }
+    }
+}
+
+fn completion_of(result: Result<(), BackendError>) -> Completion {
+    match result {
+        Ok(()) => Completion::Success,
+        Err(error) => Completion::from_error(error),
+    }
+}
+
+/// Copies `data` into the iovecs of a read.
+fn scatter(data: &[u8], iovs: &[sys::iovec]) {
+    let mut offset = 0;
+    for iov in iovs {
+        let take = iov.iov_len.min(data.len() - offset);
+        // SAFETY: the iovec is a writable buffer of iov_len bytes, ours until completion.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data[offset..].as_ptr(), iov.iov_base as *mut u8, take)
+        };
+        offset += take;
+        if offset == data.len() {
+            break;
+        }
+    }
+}
+
+impl FrontEnd for BdevFrontEnd {
+    fn poll(&mut self, now_us: u64, volume: &mut Volume) -> usize {
+        let mut work = 0;
+        while let Some((token, result)) = volume.poll_completion() {
+            self.finish(volume, token, result);
+            work += 1;
+        }
+        self.inbox.take_all(&mut self.pending);
+        while let Some(&(nsid, io)) = self.pending.front() {
+            if !self.start(now_us, volume, nsid, io) {
+                break;
+            }
+            self.pending.pop_front();
+            work += 1;
+        }
+        work
+    }
+
+    fn next_deadline_us(&self) -> Option<u64> {
+        (!self.pending.is_empty()).then_some(0)
+    }
+}
+
+impl Drop for BdevFrontEnd {
+    fn drop(&mut self) {
+        for (_, io) in self.pending.drain(..) {
+            complete(io, Completion::Aborted);
+        }
+        for (_, waiting) in self.waiting.drain() {
+            let (Waiting::Write(io) | Waiting::Read(io, _) | Waiting::Other(io)) = waiting;
+            complete(io, Completion::Aborted);
+        }
+        self.inbox.fail_all();
+    }
+}

@@ -1,0 +1,593 @@
+//! `nvmirror spdk`: the SPDK runtime (built with `--features spdk`). SPDK's application runs
+//! with SPDK's own options (`-m`, `-s`, `-c CONFIG.json`, `-r RPC_SOCKET`, ...), its nvmf
+//! target included; nvmirror adds the `bdev_nvmirror` module and these JSON-RPC methods:
+//!
+//! - `bdev_nvmirror_create {name, role, volume, peer | listen, namespace: [{kind: "bdev",
+//!   bdev: NAME}], ...}`: the same keys as a node's TOML config. A source exports one
+//!   replicated bdev per namespace (`name`, or `name`n1, n2, ... for several), which
+//!   `nvmf_subsystem_add_ns` hands to hosts; a destination exports none (its mirrors are
+//!   claimed so nothing else writes them).
+//! - `bdev_nvmirror_delete {name}`, `bdev_nvmirror_get_bdevs [{name}]`.
+//! - `nvmirror_get_stats {name}`, `nvmirror_cp {name, wait, timeout_ms}`,
+//!   `nvmirror_set_policy {name, policy}`, `nvmirror_attach {name, peer}`,
+//!   `nvmirror_checksum {name}` (size and CRC32C of each namespace's device: primary or mirror).
+//!
+//! Each volume's node is polled on the app thread by an SPDK poller; its link runs over SPDK's
+//! sock layer; its namespaces are SPDK bdevs.
+
+use std::cell::RefCell;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use nvmirror_engine::liveness::PeerLossPolicy;
+use nvmirror_nvmf::Backend;
+use nvmirror_runtime::management::node_status_json;
+use nvmirror_runtime::node::{Command, DestinationNode, Node, NodeControl, SourceNode};
+use nvmirror_runtime::reactor::monotonic_us;
+use nvmirror_spdk::app::{self, Outcome};
+use nvmirror_spdk::dma::Registered;
+use nvmirror_spdk::rpc::{self, Responder, INTERNAL_ERROR, INVALID_PARAMS};
+use nvmirror_spdk::runner::RunningNode;
+use nvmirror_spdk::sock::SockTransport;
+use nvmirror_spdk::vbdev::{self, BdevFrontEnd, BdevSpec, ExportedBdev, Inbox};
+use serde_json::{json, Map, Value};
+
+use crate::config::{Config, NamespaceConfig, Role};
+use crate::setup;
+
+type RpcResult = Result<Value, (i32, String)>;
+
+/// How long a shutdown waits for each source's last CP.
+const SHUTDOWN_CP_TIMEOUT_US: u64 = 10_000_000;
+/// `nvmirror_cp` with `wait` gives up after this long unless `timeout_ms` says otherwise.
+const CP_WAIT_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+
+enum Running {
+    Source(RunningNode<SourceNode<BdevFrontEnd>>),
+    Destination(RunningNode<DestinationNode>),
+}
+
+impl Running {
+    fn control(&self) -> &Arc<NodeControl> {
+        match self {
+            Running::Source(node) => &node.control,
+            Running::Destination(node) => &node.control,
+        }
+    }
+
+    fn role(&self) -> &'static str {
+        match self {
+            Running::Source(_) => "source",
+            Running::Destination(_) => "destination",
+        }
+    }
+
+    /// Publishes the node's counters now (the caller is on the node's thread).
+    fn publish(&self) -> nvmirror_engine::counters::Counters {
+        let now = monotonic_us();
+        match self {
+            Running::Source(node) => node.with(|n| n.handle_command(now, Command::PublishCounters)),
+            Running::Destination(node) => {
+                node.with(|n| n.handle_command(now, Command::PublishCounters))
+            }
+        }
+        self.control()
+            .counters
+            .lock()
+            .unwrap()
+            .expect("published just now")
+    }
+}
+
+/// One volume of this process. Fields drop in order: the node (and its ring) before the ring's
+/// DMA registration.
+struct Volume {
+    name: String,
+    config: Config,
+    /// The create params, for `save_config`-style listing.
+    params: Value,
+    running: Running,
+    exported: Vec<ExportedBdev>,
+    inbox: Inbox,
+    _registration: Option<Registered>,
+}
+
+thread_local! {
+    static VOLUMES: RefCell<Vec<Volume>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs the SPDK application with `args` (SPDK's options, after the `spdk` command word).
+pub fn run(args: &[String]) -> Result<(), String> {
+    for (method, handler) in METHODS {
+        // RUNTIME only: a JSON config calls STARTUP methods before the bdev subsystem exists.
+        rpc::register(method, rpc::RUNTIME, *handler);
+    }
+    let mut argv = vec!["nvmirror spdk".to_string()];
+    argv.extend(args.iter().cloned());
+    let outcome = app::run("nvmirror", &argv, || {
+        app::on_shutdown(shutdown);
+        let count = VOLUMES.with(|volumes| volumes.borrow().len());
+        log::info!(
+            "nvmirror on {} ready: {count} volume(s) from the JSON config; bdev_nvmirror_create adds more",
+            nvmirror_spdk::spdk_version()
+        );
+    })?;
+    match outcome {
+        Outcome::Help => {
+            println!(
+                "\nnvmirror's methods (rpc.py --plugin nvmirror_rpc ...): {}",
+                METHODS
+                    .iter()
+                    .map(|(m, _)| *m)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(())
+        }
+        Outcome::Stopped(0) => Ok(()),
+        Outcome::Stopped(rc) => Err(format!("the SPDK application stopped with {rc}")),
+    }
+}
+
+const METHODS: &[(&str, rpc::Handler)] = &[
+    ("bdev_nvmirror_create", |p, r| r.answer(create(p))),
+    ("bdev_nvmirror_delete", |p, r| r.answer(delete(p))),
+    ("bdev_nvmirror_get_bdevs", |p, r| r.answer(get_bdevs(p))),
+    ("nvmirror_get_stats", |p, r| r.answer(get_stats(p))),
+    ("nvmirror_set_policy", |p, r| r.answer(set_policy(p))),
+    ("nvmirror_attach", |p, r| r.answer(attach(p))),
+    ("nvmirror_cp", cp),
+    ("nvmirror_checksum", checksum),
+];
+
+fn invalid(message: impl Into<String>) -> (i32, String) {
+    (INVALID_PARAMS, message.into())
+}
+
+fn internal(message: impl Into<String>) -> (i32, String) {
+    (INTERNAL_ERROR, message.into())
+}
+
+/// The params object, with only `known` keys.
+fn object(params: Option<Value>, known: &[&str]) -> Result<Map<String, Value>, (i32, String)> {
+    let map = match params {
+        None => Map::new(),
+        Some(Value::Object(map)) => map,
+        Some(_) => return Err(invalid("params must be an object")),
+    };
+    if let Some(unknown) = map.keys().find(|key| !known.contains(&key.as_str())) {
+        return Err(invalid(format!(
+            "unknown param '{unknown}' (known: {})",
+            known.join(", ")
+        )));
+    }
+    Ok(map)
+}
+
+fn required_str(map: &Map<String, Value>, key: &str) -> Result<String, (i32, String)> {
+    map.get(key)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| invalid(format!("'{key}' (a string) is required")))
+}
+
+/// Runs `f` on the volume named in params.
+fn with_volume<R>(
+    name: &str,
+    f: impl FnOnce(&Volume) -> Result<R, (i32, String)>,
+) -> Result<R, (i32, String)> {
+    VOLUMES.with(|volumes| {
+        let volumes = volumes.borrow();
+        let volume = volumes
+            .iter()
+            .find(|volume| volume.name == name)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "no nvmirror volume '{name}' (bdev_nvmirror_get_bdevs lists them)"
+                ))
+            })?;
+        f(volume)
+    })
+}
+
+fn create(params: Option<Value>) -> RpcResult {
+    let params = params.ok_or_else(|| invalid("params are required"))?;
+    let Value::Object(mut map) = params.clone() else {
+        return Err(invalid("params must be an object"));
+    };
+    let name = map
+        .remove("name")
+        .and_then(|name| name.as_str().map(str::to_string))
+        .ok_or_else(|| invalid("'name' (a string) is required"))?;
+    if VOLUMES.with(|volumes| volumes.borrow().iter().any(|volume| volume.name == name)) {
+        return Err(invalid(format!("nvmirror volume '{name}' exists")));
+    }
+    let config: Config = serde_json::from_value(Value::Object(map))
+        .map_err(|e| invalid(format!("bdev_nvmirror_create: {e}")))?;
+    config
+        .validate()
+        .map_err(|e| invalid(format!("bdev_nvmirror_create: {e}")))?;
+    if config.target.is_some() {
+        return Err(invalid(
+            "'target': the SPDK runtime exports through SPDK's nvmf target (nvmf_subsystem_add_ns with the nvmirror bdev)",
+        ));
+    }
+    if let Some(index) = config
+        .namespaces
+        .iter()
+        .position(|namespace| !matches!(namespace, NamespaceConfig::Bdev { .. }))
+    {
+        return Err(invalid(format!(
+            "namespace[{index}]: the SPDK runtime's namespaces are SPDK bdevs (kind = \"bdev\", bdev = NAME)"
+        )));
+    }
+    let ring = setup::open_ring(&config).map_err(internal)?;
+    let registration = match Registered::new(ring.as_ref()) {
+        Ok(registration) => Some(registration),
+        Err(reason) => {
+            log::warn!(
+                "{name}: the NVRAM ring is not registered with SPDK ({reason}): writes to devices are copied into DMA buffers"
+            );
+            None
+        }
+    };
+    let control = NodeControl::new().map_err(|e| internal(format!("node mailbox: {e}")))?;
+    let inbox = Inbox::default();
+    let mut exported = Vec::new();
+    let running = match config.role {
+        Role::Source => {
+            let (source, primaries, metadata_device) =
+                setup::open_source_on(&config, ring).map_err(internal)?;
+            let peer = config.peer.expect("validated: a source has a peer");
+            let front_inbox = inbox.clone();
+            let node = SourceNode::over(
+                Arc::new(SockTransport),
+                source,
+                primaries,
+                metadata_device,
+                peer,
+                Box::new(move |_| Ok(BdevFrontEnd::new(front_inbox))),
+                control.clone(),
+            );
+            let count = config.namespaces.len() as u32;
+            for nsid in 1..=count {
+                let info = node.volume.namespace(nsid).expect("an opened namespace");
+                let spec = BdevSpec {
+                    name: if count == 1 {
+                        name.clone()
+                    } else {
+                        format!("{name}n{nsid}")
+                    },
+                    nsid,
+                    size_bytes: info.size_bytes,
+                    uuid: info.uuid,
+                    write_cache: config.volatile_write_cache(),
+                };
+                match vbdev::export(&spec, &inbox) {
+                    Ok(bdev) => exported.push(bdev),
+                    Err(reason) => {
+                        exported.into_iter().for_each(ExportedBdev::unregister);
+                        return Err(internal(reason));
+                    }
+                }
+            }
+            Running::Source(
+                RunningNode::start(&format!("nvmirror_{name}"), node, control).map_err(internal)?,
+            )
+        }
+        Role::Destination => {
+            let (destination, mirrors, metadata_device) =
+                setup::open_destination_on(&config, ring).map_err(internal)?;
+            let listen = config.listen.expect("validated: a destination listens");
+            let node = DestinationNode::over(
+                Arc::new(SockTransport),
+                destination,
+                mirrors,
+                metadata_device,
+                listen,
+                control.clone(),
+            )
+            .map_err(|e| internal(e.to_string()))?;
+            Running::Destination(
+                RunningNode::start(&format!("nvmirror_{name}"), node, control).map_err(internal)?,
+            )
+        }
+    };
+    log::info!(
+        "{name}: {} of volume {} on {}{}",
+        running.role(),
+        config.volume,
+        bdev_names(&config).join(", "),
+        if exported.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; exports {}",
+                exported
+                    .iter()
+                    .map(|b| b.name().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    );
+    VOLUMES.with(|volumes| {
+        volumes.borrow_mut().push(Volume {
+            name: name.clone(),
+            config,
+            params,
+            running,
+            exported,
+            inbox,
+            _registration: registration,
+        })
+    });
+    Ok(json!(name))
+}
+
+fn bdev_names(config: &Config) -> Vec<String> {
+    config
+        .namespaces
+        .iter()
+        .filter_map(|namespace| match namespace {
+            NamespaceConfig::Bdev { bdev } => Some(bdev.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Stops a volume's node, fails what still waits and unregisters its bdevs.
+fn remove(volume: Volume) {
+    let Volume {
+        name,
+        running,
+        exported,
+        inbox,
+        ..
+    } = volume;
+    match running {
+        Running::Source(node) => drop(node.stop()),
+        Running::Destination(node) => drop(node.stop()),
+    }
+    inbox.fail_all();
+    for bdev in exported {
+        bdev.unregister();
+    }
+    log::info!("{name}: deleted");
+}
+
+fn delete(params: Option<Value>) -> RpcResult {
+    let map = object(params, &["name"])?;
+    let name = required_str(&map, "name")?;
+    let volume = VOLUMES.with(|volumes| {
+        let mut volumes = volumes.borrow_mut();
+        let index = volumes.iter().position(|volume| volume.name == name);
+        index.map(|index| volumes.remove(index))
+    });
+    let volume = volume.ok_or_else(|| invalid(format!("no nvmirror volume '{name}'")))?;
+    remove(volume);
+    Ok(json!(true))
+}
+
+fn get_bdevs(params: Option<Value>) -> RpcResult {
+    let map = object(params, &["name"])?;
+    let only = map.get("name").and_then(Value::as_str).map(str::to_string);
+    VOLUMES.with(|volumes| {
+        let volumes = volumes.borrow();
+        let mut out = Vec::new();
+        for volume in volumes.iter() {
+            if only.as_ref().is_some_and(|name| *name != volume.name) {
+                continue;
+            }
+            let counters = volume.running.publish();
+            let control = volume.running.control();
+            let mut status = node_status_json(volume.running.role(), control, &counters);
+            status["name"] = json!(volume.name);
+            status["volume"] = json!(volume.config.volume);
+            status["settled"] = json!(control.settled.load(Ordering::Acquire));
+            status["base_bdevs"] = json!(bdev_names(&volume.config));
+            status["bdevs"] = json!(volume
+                .exported
+                .iter()
+                .map(|bdev| bdev.name().to_string())
+                .collect::<Vec<_>>());
+            status["params"] = volume.params.clone();
+            out.push(status);
+        }
+        if let Some(name) = only {
+            if out.is_empty() {
+                return Err(invalid(format!("no nvmirror volume '{name}'")));
+            }
+        }
+        Ok(Value::Array(out))
+    })
+}
+
+fn get_stats(params: Option<Value>) -> RpcResult {
+    let map = object(params, &["name"])?;
+    let name = required_str(&map, "name")?;
+    with_volume(&name, |volume| {
+        let counters = volume.running.publish();
+        let fields: Value =
+            serde_json::from_str(&counters.to_json()).map_err(|e| internal(e.to_string()))?;
+        Ok(json!({"name": name, "role": volume.running.role(), "counters": fields}))
+    })
+}
+
+fn send_to_source(volume: &Volume, command: Command) -> Result<(), (i32, String)> {
+    match &volume.running {
+        Running::Source(node) => {
+            node.with(|n| n.handle_command(monotonic_us(), command));
+            Ok(())
+        }
+        Running::Destination(_) => Err(invalid(format!(
+            "'{}' is a destination: only a source takes this",
+            volume.name
+        ))),
+    }
+}
+
+fn set_policy(params: Option<Value>) -> RpcResult {
+    let map = object(params, &["name", "policy"])?;
+    let name = required_str(&map, "name")?;
+    let policy = match required_str(&map, "policy")?.as_str() {
+        "suspend" => PeerLossPolicy::Suspend,
+        "fail" => PeerLossPolicy::Fail,
+        "degrade" => PeerLossPolicy::Degrade,
+        other => {
+            return Err(invalid(format!(
+                "policy '{other}': one of suspend, fail, degrade"
+            )))
+        }
+    };
+    with_volume(&name, |volume| {
+        send_to_source(volume, Command::SetPeerLossPolicy(policy))
+    })?;
+    Ok(json!({"policy": policy.name()}))
+}
+
+fn attach(params: Option<Value>) -> RpcResult {
+    let map = object(params, &["name", "peer"])?;
+    let name = required_str(&map, "name")?;
+    let peer: std::net::SocketAddr = required_str(&map, "peer")?
+        .parse()
+        .map_err(|_| invalid("'peer' is not an address like 127.0.0.1:4800"))?;
+    with_volume(&name, |volume| {
+        send_to_source(volume, Command::Attach(peer))
+    })?;
+    Ok(json!({"peer": peer.to_string()}))
+}
+
+/// `nvmirror_cp {name, wait, timeout_ms}`: starts a CP; with `wait`, answers once every write
+/// completed before the request is durable on both sides.
+fn cp(params: Option<Value>, responder: Responder) {
+    let started = (|| {
+        let map = object(params, &["name", "wait", "timeout_ms"])?;
+        let name = required_str(&map, "name")?;
+        let wait = map.get("wait").and_then(Value::as_bool).unwrap_or(false);
+        let timeout_ms = map
+            .get("timeout_ms")
+            .and_then(Value::as_u64)
+            .unwrap_or(CP_WAIT_TIMEOUT_MS_DEFAULT);
+        let control = with_volume(&name, |volume| {
+            send_to_source(volume, Command::RequestCp)?;
+            Ok(volume.running.control().clone())
+        })?;
+        Ok::<_, (i32, String)>((wait, timeout_ms, control))
+    })();
+    let (wait, timeout_ms, control) = match started {
+        Ok(started) => started,
+        Err((code, message)) => return responder.error(code, &message),
+    };
+    let needed = control.cp_requested_number.load(Ordering::Acquire);
+    if !wait {
+        return responder.ok(json!({"requested": true, "cp_number": needed}));
+    }
+    let deadline = monotonic_us() + timeout_ms * 1000;
+    let mut responder = Some(responder);
+    let registered = nvmirror_spdk::thread::poll_until(move || {
+        let durable = control.cp_durable_number.load(Ordering::Acquire);
+        if durable >= needed {
+            responder
+                .take()
+                .expect("answered once")
+                .ok(json!({"requested": true, "cp_number": durable}));
+            return true;
+        }
+        if monotonic_us() >= deadline {
+            responder.take().expect("answered once").error(
+                INTERNAL_ERROR,
+                &format!("no CP completed within {timeout_ms} ms (is the destination reachable?); the writes stay in the NVRAM ring"),
+            );
+            return true;
+        }
+        false
+    });
+    if let Err(reason) = registered {
+        log::error!("nvmirror_cp: {reason}");
+    }
+}
+
+/// `nvmirror_checksum {name}`: size and CRC32C of every namespace device of the volume.
+fn checksum(params: Option<Value>, responder: Responder) {
+    let bdevs = (|| {
+        let map = object(params, &["name"])?;
+        let name = required_str(&map, "name")?;
+        with_volume(&name, |volume| {
+            Ok((name.clone(), bdev_names(&volume.config)))
+        })
+    })();
+    let (name, bdevs) = match bdevs {
+        Ok(found) => found,
+        Err((code, message)) => return responder.error(code, &message),
+    };
+    next_checksum(name, bdevs, Vec::new(), responder);
+}
+
+fn next_checksum(name: String, mut bdevs: Vec<String>, mut done: Vec<Value>, responder: Responder) {
+    if bdevs.is_empty() {
+        return responder.ok(json!({"name": name, "namespaces": done}));
+    }
+    let bdev = bdevs.remove(0);
+    let nsid = done.len() + 1;
+    let responder = RefCell::new(Some(responder));
+    let reading = bdev.clone();
+    let started = nvmirror_spdk::bdev::checksum(&reading, move |result| {
+        let responder = responder.borrow_mut().take().expect("once");
+        match result {
+            Ok((bytes, crc)) => {
+                done.push(json!({"nsid": nsid, "bdev": bdev, "bytes": bytes, "crc32c": format!("{crc:08x}")}));
+                next_checksum(name, bdevs, done, responder);
+            }
+            Err(reason) => responder.error(INTERNAL_ERROR, &reason),
+        }
+    });
+    if let Err(reason) = started {
+        log::error!("nvmirror_checksum: {reason}");
+    }
+}
+
+/// At shutdown: sources take a last CP (at most [`SHUTDOWN_CP_TIMEOUT_US`]), then every volume
+/// is removed and SPDK's subsystems finish.
+fn shutdown(end: Box<dyn FnOnce()>) {
+    let sources: Vec<Arc<NodeControl>> = VOLUMES.with(|volumes| {
+        volumes
+            .borrow()
+            .iter()
+            .filter_map(|volume| match &volume.running {
+                Running::Source(node) => {
+                    node.with(|n| n.handle_command(monotonic_us(), Command::Finish));
+                    Some(node.control.clone())
+                }
+                Running::Destination(_) => None,
+            })
+            .collect()
+    });
+    log::info!(
+        "nvmirror: stopping; {} source(s) take a last CP",
+        sources.len()
+    );
+    let deadline = monotonic_us() + SHUTDOWN_CP_TIMEOUT_US;
+    let mut end = Some(end);
+    let finish = move || {
+        let synced = sources
+            .iter()
+            .all(|control| control.synced.load(Ordering::Acquire));
+        if !synced && monotonic_us() < deadline {
+            return false;
+        }
+        if !synced {
+            log::warn!(
+                "nvmirror: no last CP within {} s: unsynced writes stay in the NVRAM ring and are resent at the next start",
+                SHUTDOWN_CP_TIMEOUT_US / 1_000_000
+            );
+        }
+        let volumes = VOLUMES.with(|volumes| std::mem::take(&mut *volumes.borrow_mut()));
+        volumes.into_iter().for_each(remove);
+        (end.take().expect("once"))();
+        true
+    };
+    if let Err(reason) = nvmirror_spdk::thread::poll_until(finish) {
+        log::error!("nvmirror: {reason}; stopping at once");
+    }
+}
