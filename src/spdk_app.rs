@@ -336,8 +336,9 @@ fn bdev_names(config: &Config) -> Vec<String> {
         .collect()
 }
 
-/// Stops a volume's node, fails what still waits and unregisters its bdevs.
-fn remove(volume: Volume) {
+/// Stops a volume's node and fails what still waits or comes; `unregister`: removes its bdevs
+/// too (at shutdown SPDK's bdev layer does that after the nvmf target let go of them).
+fn remove(volume: Volume, unregister: bool) {
     let Volume {
         name,
         running,
@@ -349,11 +350,13 @@ fn remove(volume: Volume) {
         Running::Source(node) => drop(node.stop()),
         Running::Destination(node) => drop(node.stop()),
     }
-    inbox.fail_all();
-    for bdev in exported {
-        bdev.unregister();
+    inbox.close();
+    if unregister {
+        for bdev in exported {
+            bdev.unregister();
+        }
     }
-    log::info!("{name}: deleted");
+    log::info!("{name}: stopped");
 }
 
 fn delete(params: Option<Value>) -> RpcResult {
@@ -365,7 +368,7 @@ fn delete(params: Option<Value>) -> RpcResult {
         index.map(|index| volumes.remove(index))
     });
     let volume = volume.ok_or_else(|| invalid(format!("no nvmirror volume '{name}'")))?;
-    remove(volume);
+    remove(volume, true);
     Ok(json!(true))
 }
 
@@ -583,7 +586,7 @@ fn shutdown(end: Box<dyn FnOnce()>) {
             );
         }
         let volumes = VOLUMES.with(|volumes| std::mem::take(&mut *volumes.borrow_mut()));
-        volumes.into_iter().for_each(remove);
+        volumes.into_iter().for_each(|volume| remove(volume, false));
         (end.take().expect("once"))();
         true
     };

@@ -33,27 +33,44 @@ struct IoPtr(*mut sys::spdk_bdev_io);
 // on the node's thread (submission) and completed on the I/O's own thread.
 unsafe impl Send for IoPtr {}
 
-/// I/O of a volume's bdevs waiting for the node's poll: (nsid, I/O).
+/// I/O of a volume's bdevs waiting for the node's poll: (nsid, I/O). Once closed (the node
+/// stopped) an I/O is failed at once instead.
 #[derive(Clone, Default)]
-pub struct Inbox(Arc<Mutex<VecDeque<(u32, IoPtr)>>>);
+pub struct Inbox(Arc<Mutex<InboxState>>);
+
+#[derive(Default)]
+struct InboxState {
+    waiting: VecDeque<(u32, IoPtr)>,
+    closed: bool,
+}
 
 impl Inbox {
     fn push(&self, nsid: u32, io: IoPtr) {
-        self.0.lock().unwrap().push_back((nsid, io));
+        let mut inbox = self.0.lock().unwrap();
+        if inbox.closed {
+            drop(inbox);
+            complete(io, Completion::Aborted);
+            return;
+        }
+        inbox.waiting.push_back((nsid, io));
     }
 
     fn take_all(&self, into: &mut VecDeque<(u32, IoPtr)>) {
         let mut inbox = self.0.lock().unwrap();
         if into.is_empty() {
-            std::mem::swap(&mut *inbox, into);
+            std::mem::swap(&mut inbox.waiting, into);
         } else {
-            into.extend(inbox.drain(..));
+            into.extend(inbox.waiting.drain(..));
         }
     }
 
-    /// Fails every waiting I/O (the volume is being deleted).
-    pub fn fail_all(&self) {
-        let waiting: Vec<_> = self.0.lock().unwrap().drain(..).collect();
+    /// Fails every waiting I/O and every later one (the volume's node stopped).
+    pub fn close(&self) {
+        let waiting: Vec<_> = {
+            let mut inbox = self.0.lock().unwrap();
+            inbox.closed = true;
+            inbox.waiting.drain(..).collect()
+        };
         for (_, io) in waiting {
             complete(io, Completion::Aborted);
         }
@@ -543,6 +560,6 @@ impl Drop for BdevFrontEnd {
             let (Waiting::Write(io) | Waiting::Read(io, _) | Waiting::Other(io)) = waiting;
             complete(io, Completion::Aborted);
         }
-        self.inbox.fail_all();
+        self.inbox.close();
     }
 }

@@ -1,0 +1,600 @@
+//! The SPDK runtime, judged by SPDK's own tools: two SPDK-runtime engines (`nvmirror spdk`) on
+//! SPDK malloc bdevs, SPDK's nvmf target exporting the nvmirror bdev to spdk_nvme_perf,
+//! bdevperf's verify workload and our perf tool, CPs, the mirror equal to the primary, the
+//! RPC methods (directly and through rpc.py's plugin), and mixed runtimes (an SPDK source with
+//! an embedded destination and the reverse).
+//!
+//! Built without `--features spdk` the file is one skipping test. With it, SPDK must be there
+//! (`SPDK_DIR`, as for the build): nothing here skips.
+
+#[cfg(not(feature = "spdk"))]
+#[test]
+fn spdk_runtime() {
+    eprintln!(
+        "skipped: the SPDK runtime's tests need `cargo test --workspace --release --features spdk` with SPDK_DIR naming an installed SPDK"
+    );
+}
+
+#[cfg(feature = "spdk")]
+mod common;
+
+#[cfg(feature = "spdk")]
+mod with_spdk {
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use serde_json::{json, Value};
+
+    use crate::common::{
+        free_port, perf_at, run_to_end, start_destination, start_source, target_section, Process,
+        Scratch, BIN,
+    };
+
+    const NAMESPACE_MIB: u64 = 64;
+
+    /// The tests take turns: each runs SPDK processes pinned to both cores and hugepage memory.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+        ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+    const NQN: &str = "nqn.2026-12.io.nvmirror:spdk-test";
+
+    fn spdk_dir() -> PathBuf {
+        let dir = std::env::var_os("SPDK_DIR")
+            .map(PathBuf::from)
+            .or_else(|| option_env!("SPDK_DIR").map(PathBuf::from))
+            .expect("SPDK_DIR names the installed SPDK (the build found it there)");
+        for tool in [
+            "build/bin/spdk_nvme_perf",
+            "build/examples/bdevperf",
+            "scripts/rpc.py",
+        ] {
+            assert!(
+                dir.join(tool).exists(),
+                "{} is missing: SPDK_DIR must be a built SPDK tree",
+                dir.join(tool).display()
+            );
+        }
+        dir
+    }
+
+    /// An `nvmirror spdk` process and its RPC socket.
+    struct SpdkApp {
+        process: Process,
+        socket: PathBuf,
+        log: PathBuf,
+    }
+
+    impl SpdkApp {
+        /// Starts `nvmirror spdk` on `core_mask` with `config` and waits for its RPC server.
+        fn start(
+            scratch: &Scratch,
+            name: &str,
+            core_mask: &str,
+            shm_id: u32,
+            config: &Value,
+        ) -> SpdkApp {
+            let config_path = scratch.path(&format!("{name}.json"));
+            std::fs::write(&config_path, serde_json::to_string_pretty(config).unwrap()).unwrap();
+            let socket = scratch.path(&format!("{name}.sock"));
+            let log = scratch.path(&format!("{name}.log"));
+            let child = Command::new(BIN)
+                .args([
+                    "spdk",
+                    "-m",
+                    core_mask,
+                    "-s",
+                    "256",
+                    "-i",
+                    &shm_id.to_string(),
+                ])
+                // SPDK's tools run on the same cores in these tests.
+                .arg("--disable-cpumask-locks")
+                .args([
+                    "-c",
+                    config_path.to_str().unwrap(),
+                    "-r",
+                    socket.to_str().unwrap(),
+                ])
+                .stdout(std::fs::File::create(&log).unwrap())
+                .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
+                .spawn()
+                .expect("start nvmirror spdk");
+            let mut app = SpdkApp {
+                process: Process(child),
+                socket,
+                log,
+            };
+            let started = Instant::now();
+            while app.try_rpc("rpc_get_methods", Value::Null).is_err() {
+                if let Some(status) = app.process.0.try_wait().unwrap() {
+                    panic!(
+                        "nvmirror spdk ({name}) exited with {status}:\n{}",
+                        app.log_text()
+                    );
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "nvmirror spdk ({name}) did not answer RPCs:\n{}",
+                    app.log_text()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            app
+        }
+
+        fn log_text(&self) -> String {
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        }
+
+        fn try_rpc(&self, method: &str, params: Value) -> Result<Value, String> {
+            nvmirror_runtime::management::call(&self.socket, method, params)
+        }
+
+        fn rpc(&self, method: &str, params: Value) -> Value {
+            self.try_rpc(method, params.clone())
+                .unwrap_or_else(|e| panic!("{method} {params}: {e}\nlog:\n{}", self.log_text()))
+        }
+
+        /// Waits until volume `name` is settled (its handshake compared generations).
+        fn wait_settled(&self, name: &str) {
+            let started = Instant::now();
+            loop {
+                let bdevs = self.rpc("bdev_nvmirror_get_bdevs", json!({"name": name}));
+                if bdevs[0]["settled"] == json!(true) {
+                    return;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "{name} never settled: {bdevs}\n{}",
+                    self.log_text()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+
+        /// Size and CRC32C of volume `name`'s first namespace device.
+        fn checksum(&self, name: &str) -> (u64, String) {
+            let sums = self.rpc("nvmirror_checksum", json!({"name": name}));
+            let first = &sums["namespaces"][0];
+            (
+                first["bytes"].as_u64().unwrap(),
+                first["crc32c"].as_str().unwrap().to_string(),
+            )
+        }
+
+        /// SIGTERM; it must stop cleanly.
+        fn stop(self) {
+            let log = self.log.clone();
+            let status = self.terminate();
+            assert!(
+                status.success(),
+                "nvmirror spdk exited with {status}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+
+        /// SIGTERM, and the exit status.
+        fn terminate(mut self) -> std::process::ExitStatus {
+            let pid = self.process.0.id().to_string();
+            assert!(Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success());
+            let started = Instant::now();
+            loop {
+                if let Some(status) = self.process.0.try_wait().unwrap() {
+                    return status;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "nvmirror spdk did not stop on SIGTERM:\n{}",
+                    self.log_text()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    fn malloc(name: &str) -> Value {
+        json!({"method": "bdev_malloc_create",
+               "params": {"name": name, "num_blocks": NAMESPACE_MIB * 2048, "block_size": 512}})
+    }
+
+    /// `bdev_nvmirror_create` of a volume on bdev `base`, its ring and metadata in `scratch`.
+    fn nvmirror(
+        scratch: &Scratch,
+        name: &str,
+        role: &str,
+        volume: &str,
+        address: (&str, u16),
+        base: &str,
+    ) -> Value {
+        let dir = scratch.0.display().to_string();
+        json!({"method": "bdev_nvmirror_create", "params": {
+            "name": name, "role": role, "volume": volume,
+            address.0: format!("127.0.0.1:{}", address.1),
+            "namespace": [{"kind": "bdev", "bdev": base}],
+            "ring_size_mib": 16, "hugepage_dir": dir, "fallback_dir": dir,
+            "metadata_path": format!("{dir}/{name}.meta"),
+            "cp_interval_ms": 200,
+            "assume_identical": true,
+        }})
+    }
+
+    fn bdev_config(methods: Vec<Value>) -> Value {
+        let mut config = methods;
+        // Base bdevs are registered once examined: nvmirror opens them after that.
+        config.insert(config.len() - 1, json!({"method": "bdev_wait_for_examine"}));
+        json!({"subsystem": "bdev", "config": config})
+    }
+
+    fn nvmf_config(bdev: &str, port: u16) -> Value {
+        json!({"subsystem": "nvmf", "config": [
+            {"method": "nvmf_create_transport", "params": {"trtype": "TCP"}},
+            {"method": "nvmf_create_subsystem", "params": {"nqn": NQN, "allow_any_host": true, "serial_number": "NVMIRROR0SPDK"}},
+            {"method": "nvmf_subsystem_add_ns", "params": {"nqn": NQN, "namespace": {"bdev_name": bdev}}},
+            {"method": "nvmf_subsystem_add_listener", "params": {"nqn": NQN, "listen_address":
+                {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port.to_string()}}},
+        ]})
+    }
+
+    fn spdk_tool(spdk: &Path, tool: &str) -> Command {
+        let mut command = Command::new(spdk.join(tool));
+        command.env("LD_LIBRARY_PATH", spdk.join("build/lib"));
+        command
+    }
+
+    fn output_text(output: &std::process::Output) -> String {
+        format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    }
+
+    /// The IOPS of an spdk_nvme_perf run's "Total" line.
+    fn perf_total_iops(text: &str) -> f64 {
+        let line = text
+            .lines()
+            .find(|line| line.starts_with("Total"))
+            .unwrap_or_else(|| panic!("no Total line:\n{text}"));
+        line.split(':')
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    fn crc32c_of_file(path: &Path) -> (u64, String) {
+        let bytes = std::fs::read(path).unwrap();
+        (
+            bytes.len() as u64,
+            format!("{:08x}", crc32c::crc32c(&bytes)),
+        )
+    }
+
+    fn zero_crc() -> String {
+        format!(
+            "{:08x}",
+            crc32c::crc32c(&vec![0u8; (NAMESPACE_MIB << 20) as usize])
+        )
+    }
+
+    /// Our perf tool, verifying, at `port`.
+    fn verified_perf(port: u16, pattern: &str, seconds: &str) {
+        let mut perf = perf_at(port, NQN);
+        perf.args([
+            "--pattern",
+            pattern,
+            "--verify",
+            "--time-s",
+            seconds,
+            "--warmup-s",
+            "0",
+        ]);
+        perf.args(["--queue-depth", "16", "--io-size", "4096", "--json"]);
+        let output = run_to_end(perf);
+        assert!(
+            output.status.success(),
+            "nvmirror-perf --verify failed:\n{}",
+            output_text(&output)
+        );
+    }
+
+    #[test]
+    fn two_spdk_engines_replicate_what_spdk_tools_write() {
+        let _turn = one_at_a_time();
+        let spdk = spdk_dir();
+        let scratch = Scratch::new("spdk-pair");
+        let (link_port, nvmf_port) = (free_port(), free_port());
+        let destination = SpdkApp::start(
+            &scratch,
+            "destination",
+            "0x2",
+            71,
+            &json!({"subsystems": [
+                bdev_config(vec![malloc("Mirror0"), nvmirror(&scratch, "mirror0", "destination", "spdkpair", ("listen", link_port), "Mirror0")]),
+            ]}),
+        );
+        let source = SpdkApp::start(
+            &scratch,
+            "source",
+            "0x1",
+            72,
+            &json!({"subsystems": [
+                bdev_config(vec![malloc("Malloc0"), nvmirror(&scratch, "nvmirror0", "source", "spdkpair", ("peer", link_port), "Malloc0")]),
+                nvmf_config("nvmirror0", nvmf_port),
+            ]}),
+        );
+        source.wait_settled("nvmirror0");
+        let bdevs = source.rpc("bdev_nvmirror_get_bdevs", Value::Null);
+        assert_eq!(bdevs[0]["bdevs"], json!(["nvmirror0"]), "{bdevs}");
+        assert_eq!(bdevs[0]["link_connected"], json!(true), "{bdevs}");
+
+        // SPDK's perf through SPDK's nvmf target exporting the nvmirror bdev.
+        let transport =
+            format!("trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:{nvmf_port} subnqn:{NQN}");
+        let mut perf = spdk_tool(&spdk, "build/bin/spdk_nvme_perf");
+        perf.args(["-c", "0x2", "-i", "73", "-r", &transport]);
+        perf.args(["-q", "16", "-o", "4096", "-w", "randwrite", "-t", "3"]);
+        let output = run_to_end(perf);
+        let text = output_text(&output);
+        assert!(output.status.success(), "spdk_nvme_perf failed:\n{text}");
+        assert!(perf_total_iops(&text) > 0.0, "{text}");
+
+        // bdevperf's verify workload over NVMe/TCP: every block it reads back is what it wrote.
+        let bdevperf_config = scratch.path("bdevperf.json");
+        std::fs::write(&bdevperf_config, json!({"subsystems": [{"subsystem": "bdev", "config": [
+            {"method": "bdev_nvme_attach_controller", "params": {"name": "Nvme0", "trtype": "TCP",
+             "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": nvmf_port.to_string(), "subnqn": NQN}},
+        ]}]}).to_string()).unwrap();
+        let mut bdevperf = spdk_tool(&spdk, "build/examples/bdevperf");
+        bdevperf.args([
+            "--json",
+            bdevperf_config.to_str().unwrap(),
+            "-m",
+            "0x2",
+            "-i",
+            "74",
+        ]);
+        bdevperf.args(["-r", scratch.path("bdevperf.sock").to_str().unwrap()]);
+        bdevperf.args(["-q", "16", "-o", "4096", "-w", "verify", "-t", "3"]);
+        let output = run_to_end(bdevperf);
+        let text = output_text(&output);
+        assert!(
+            output.status.success(),
+            "bdevperf -w verify failed:\n{text}"
+        );
+        assert!(text.contains("Nvme0n1"), "bdevperf ran no job:\n{text}");
+
+        // Our perf tool, verifying too.
+        verified_perf(nvmf_port, "randwrite", "2");
+
+        // A CP makes everything written durable on both sides: the mirror equals the primary.
+        let cp = source.rpc("nvmirror_cp", json!({"name": "nvmirror0", "wait": true}));
+        assert!(cp["cp_number"].as_u64().unwrap() > 0, "{cp}");
+        let primary = source.checksum("nvmirror0");
+        let mirror = destination.checksum("mirror0");
+        assert_eq!(primary.0, NAMESPACE_MIB << 20);
+        assert_ne!(primary.1, zero_crc(), "nothing reached the primary");
+        assert_eq!(
+            primary, mirror,
+            "the mirror differs from the primary after a CP"
+        );
+
+        // The management methods.
+        let stats = source.rpc("nvmirror_get_stats", json!({"name": "nvmirror0"}));
+        assert!(
+            stats["counters"]["host_bytes_written"].as_u64().unwrap() > 0,
+            "{stats}"
+        );
+        assert!(
+            stats["counters"]["cp_count"].as_u64().unwrap() > 0,
+            "{stats}"
+        );
+        let policy = source.rpc(
+            "nvmirror_set_policy",
+            json!({"name": "nvmirror0", "policy": "degrade"}),
+        );
+        assert_eq!(policy["policy"], json!("degrade"));
+        let refused = source
+            .try_rpc(
+                "bdev_nvmirror_create",
+                nvmirror(
+                    &scratch,
+                    "nvmirror1",
+                    "source",
+                    "other",
+                    ("peer", link_port),
+                    "NoSuchBdev",
+                )["params"]
+                    .clone(),
+            )
+            .unwrap_err();
+        assert!(refused.contains("cannot open bdev NoSuchBdev"), "{refused}");
+        let refused = source
+            .try_rpc(
+                "bdev_nvmirror_create",
+                nvmirror(
+                    &scratch,
+                    "nvmirror0",
+                    "source",
+                    "spdkpair",
+                    ("peer", link_port),
+                    "Malloc0",
+                )["params"]
+                    .clone(),
+            )
+            .unwrap_err();
+        assert!(refused.contains("exists"), "{refused}");
+        let refused = source
+            .try_rpc(
+                "bdev_nvmirror_create",
+                json!({"name": "x", "role": "source", "volume": "v", "namespace": []}),
+            )
+            .unwrap_err();
+        assert!(
+            refused.contains("peer"),
+            "a source without a peer: {refused}"
+        );
+
+        // rpc.py with the plugin module.
+        let plugin_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("spdk/scripts");
+        let output = Command::new("python3")
+            .arg(spdk.join("scripts/rpc.py"))
+            .args([
+                "-s",
+                source.socket.to_str().unwrap(),
+                "--plugin",
+                "nvmirror_rpc",
+            ])
+            .args(["nvmirror_cp", "nvmirror0", "--wait"])
+            .env(
+                "PYTHONPATH",
+                format!("{}:{}", plugin_dir.display(), spdk.join("python").display()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "rpc.py --plugin nvmirror_rpc nvmirror_cp:\n{}",
+            output_text(&output)
+        );
+        let reply: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert!(reply["cp_number"].as_u64().unwrap() >= cp["cp_number"].as_u64().unwrap());
+
+        // SIGTERM: the source takes a last CP and stops cleanly; the destination's volume is
+        // deleted through the plugin and its bdev claim released.
+        let source_log = source.log.clone();
+        let status = source.terminate();
+        let log = std::fs::read_to_string(&source_log).unwrap();
+        assert!(status.success(), "source exited with {status}:\n{log}");
+        assert!(log.contains("take a last CP"), "{log}");
+        let output = Command::new("python3")
+            .arg(spdk.join("scripts/rpc.py"))
+            .args([
+                "-s",
+                destination.socket.to_str().unwrap(),
+                "--plugin",
+                "nvmirror_rpc",
+            ])
+            .args(["bdev_nvmirror_delete", "mirror0"])
+            .env(
+                "PYTHONPATH",
+                format!("{}:{}", plugin_dir.display(), spdk.join("python").display()),
+            )
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "bdev_nvmirror_delete:\n{}",
+            output_text(&output)
+        );
+        assert_eq!(
+            destination.rpc("bdev_nvmirror_get_bdevs", Value::Null),
+            json!([])
+        );
+        destination.stop();
+    }
+
+    /// An embedded node's TOML config on a 64 MiB file namespace.
+    fn embedded_config(
+        scratch: &Scratch,
+        role: &str,
+        volume: &str,
+        link_port: u16,
+        target: Option<u16>,
+    ) -> PathBuf {
+        let dir = scratch.0.display();
+        let address = if role == "source" { "peer" } else { "listen" };
+        let mut text = format!(
+            "role = \"{role}\"\nvolume = \"{volume}\"\n{address} = \"127.0.0.1:{link_port}\"\n\
+             hugepage_dir = \"{dir}\"\nfallback_dir = \"{dir}\"\nring_size_mib = 16\ncp_interval_ms = 200\n\
+             cores = [1]\nrpc_socket = \"{dir}/{role}-embedded.sock\"\nmetadata_path = \"{dir}/{role}-embedded.meta\"\n\
+             assume_identical = true\n\
+             [[namespace]]\nkind = \"file\"\npath = \"{dir}/{role}.img\"\nsize_mib = {NAMESPACE_MIB}\n"
+        );
+        if let Some(port) = target {
+            text.push_str(&target_section(port, NQN, "1"));
+        }
+        let path = scratch.path(&format!("{role}-embedded.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn an_spdk_source_replicates_to_an_embedded_destination_and_the_reverse() {
+        let _turn = one_at_a_time();
+        spdk_dir();
+        // SPDK source, embedded destination.
+        let scratch = Scratch::new("spdk-mixed-a");
+        let (link_port, nvmf_port) = (free_port(), free_port());
+        let embedded = embedded_config(&scratch, "destination", "mixed", link_port, None);
+        let destination = start_destination(&embedded);
+        let source = SpdkApp::start(
+            &scratch,
+            "source",
+            "0x1",
+            81,
+            &json!({"subsystems": [
+                bdev_config(vec![malloc("Malloc0"), nvmirror(&scratch, "nvmirror0", "source", "mixed", ("peer", link_port), "Malloc0")]),
+                nvmf_config("nvmirror0", nvmf_port),
+            ]}),
+        );
+        source.wait_settled("nvmirror0");
+        verified_perf(nvmf_port, "randwrite", "2");
+        source.rpc("nvmirror_cp", json!({"name": "nvmirror0", "wait": true}));
+        let primary = source.checksum("nvmirror0");
+        assert_ne!(primary.1, zero_crc(), "nothing reached the primary");
+        assert_eq!(
+            crc32c_of_file(&scratch.path("destination.img")),
+            primary,
+            "the embedded destination's mirror differs from the SPDK source's primary"
+        );
+        source.stop();
+        drop(destination);
+
+        // Embedded source, SPDK destination.
+        let scratch = Scratch::new("spdk-mixed-b");
+        let (link_port, target_port) = (free_port(), free_port());
+        let destination = SpdkApp::start(
+            &scratch,
+            "destination",
+            "0x1",
+            82,
+            &json!({"subsystems": [
+                bdev_config(vec![malloc("Mirror0"), nvmirror(&scratch, "mirror0", "destination", "mixed", ("listen", link_port), "Mirror0")]),
+            ]}),
+        );
+        let embedded = embedded_config(&scratch, "source", "mixed", link_port, Some(target_port));
+        let (_source, _lines) =
+            start_source(&embedded, &[], "info", &scratch.path("source-embedded.log"));
+        verified_perf(target_port, "randwrite", "2");
+        let reply = nvmirror_runtime::management::call(
+            &scratch.path("source-embedded.sock"),
+            "nvmirror_cp",
+            json!({"wait": true}),
+        )
+        .unwrap();
+        assert!(reply["cp_number"].as_u64().unwrap() > 0, "{reply}");
+        let primary = crc32c_of_file(&scratch.path("source.img"));
+        assert_ne!(primary.1, zero_crc(), "nothing reached the primary");
+        assert_eq!(
+            destination.checksum("mirror0"),
+            primary,
+            "the SPDK destination's mirror differs from the embedded source's primary"
+        );
+        destination.stop();
+    }
+}
