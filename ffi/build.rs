@@ -157,7 +157,7 @@ fn main() {
         )
         .allowlist_function("nvmirror_.*")
         .allowlist_type("spdk_bdev_io_status|spdk_bdev_io_type|spdk_app_parse_args_rvals|spdk_thread_poller_rc")
-        .allowlist_var("SPDK_(BDEV_IO|POLLER|RPC|JSONRPC|ENV|MALLOC|SOCK)_.*")
+        .allowlist_var("SPDK_(BDEV_IO|POLLER|RPC|JSONRPC|ENV|MALLOC|SOCK)_.*|NVMIRROR_.*")
         // Packed or union-laden structs we only pass by pointer (their fields go through the shim).
         .opaque_type("spdk_bdev_ext_io_opts|spdk_bdev_io|spdk_nvme_.*|spdk_nvmf_.*")
         .default_enum_style(bindgen::EnumVariation::ModuleConsts)

@@ -5,9 +5,10 @@
 //! writes it must see landed there.
 //!
 //! I/O arrives on whatever SPDK thread the user's channel belongs to (an nvmf poll group). It is
-//! handed to the node's thread with one SPDK message (none when it already runs there), queued
-//! in the volume's [`Inbox`], taken by [`BdevFrontEnd`] on the node's poll, and completed back
-//! on its own thread. Until the node's role is settled (the handshake compared generations) the
+//! queued in the volume's [`Inbox`] (a short mutex, no SPDK message per I/O), taken by
+//! [`BdevFrontEnd`] on the node's poll, and its completion queued in its channel's outbox,
+//! which a poller of that channel's thread drains: SPDK completes an I/O only on its own
+//! thread, and a batch per poll costs less than a message per I/O. Until the node's role is settled (the handshake compared generations) the
 //! front end does not exist and I/O waits in the inbox: a stale former source answers nothing.
 
 use std::collections::{HashMap, VecDeque};
@@ -20,7 +21,7 @@ use nvmirror_nvmf::{Backend, BackendError, IoToken};
 use nvmirror_runtime::node::{FrontEnd, Volume};
 
 use crate::sys;
-use crate::thread::Thread;
+use crate::thread::{Poller, Thread};
 
 use sys::spdk_bdev_io_type as io_type;
 
@@ -131,14 +132,33 @@ impl Completion {
     }
 }
 
-unsafe extern "C" fn complete_here(ctx: *mut c_void) {
-    let io = ctx as *mut sys::spdk_bdev_io;
-    // SAFETY: the I/O's driver context (NVMIRROR_BDEV_IO_CTX_BYTES >= 4) holds its encoded
-    // completion, written by `complete` before the message was sent.
-    let bytes = unsafe { *(sys::nvmirror_bdev_io_driver_ctx(io) as *const [u8; 4]) };
-    // SAFETY: on the I/O's own thread; the I/O is completed once.
+/// Completions of one channel's I/O, drained on the channel's thread.
+type Outbox = Mutex<Vec<(IoPtr, Completion)>>;
+
+/// What the module keeps in each I/O's driver context (NVMIRROR_BDEV_IO_CTX_BYTES = 16).
+#[repr(C)]
+struct IoContext {
+    completion: [u8; 4],
+    _pad: [u8; 4],
+    /// The outbox of the channel the I/O was submitted on (alive while the I/O is).
+    outbox: *const Outbox,
+}
+
+const _: () = assert!(std::mem::size_of::<IoContext>() == sys::NVMIRROR_BDEV_IO_CTX_BYTES as usize);
+
+fn io_context(io: *mut sys::spdk_bdev_io) -> *mut IoContext {
+    // SAFETY: a live I/O of this module: its driver context is ours until it completes.
+    unsafe { sys::nvmirror_bdev_io_driver_ctx(io) as *mut IoContext }
+}
+
+/// Completes `io` with `completion` (on the I/O's own thread).
+///
+/// # Safety
+/// The caller runs on the I/O's thread; the I/O is live and completed once.
+unsafe fn complete_on_thread(io: *mut sys::spdk_bdev_io, completion: Completion) {
+    // SAFETY: per the contract.
     unsafe {
-        match Completion::decode(bytes) {
+        match completion {
             Completion::Success => sys::spdk_bdev_io_complete(
                 io,
                 sys::spdk_bdev_io_status::SPDK_BDEV_IO_STATUS_SUCCESS,
@@ -157,28 +177,42 @@ unsafe extern "C" fn complete_here(ctx: *mut c_void) {
     }
 }
 
-/// Completes `io` on its own thread (at once when that is the current one).
+unsafe extern "C" fn complete_message(ctx: *mut c_void) {
+    let io = ctx as *mut sys::spdk_bdev_io;
+    // SAFETY: the I/O's context holds the completion `complete` wrote before sending this
+    // message to the I/O's thread, where it runs once.
+    unsafe {
+        let completion = Completion::decode((*io_context(io)).completion);
+        complete_on_thread(io, completion);
+    }
+}
+
+/// Completes `io` on its own thread: at once when that is the current one, else through its
+/// channel's outbox.
 fn complete(io: IoPtr, completion: Completion) {
-    // SAFETY: a live I/O of ours; its driver context is ours until it completes.
-    let (ctx, thread) = unsafe {
-        (
-            sys::nvmirror_bdev_io_driver_ctx(io.0) as *mut [u8; 4],
-            sys::spdk_bdev_io_get_thread(io.0),
-        )
-    };
-    // SAFETY: see above: 4 bytes of the driver context are ours.
-    unsafe { *ctx = completion.encode() };
+    // SAFETY: a live I/O of ours.
+    let thread = unsafe { sys::spdk_bdev_io_get_thread(io.0) };
     if Thread::from_ptr(thread).is_current() {
-        // SAFETY: on the I/O's thread.
-        unsafe { complete_here(io.0.cast()) };
+        // SAFETY: on the I/O's thread; completed once (the caller's contract).
+        unsafe { complete_on_thread(io.0, completion) };
         return;
     }
-    // SAFETY: the thread is the I/O's, alive while the I/O is; complete_here runs there once.
-    let rc = unsafe { sys::spdk_thread_send_msg(thread, Some(complete_here), io.0.cast()) };
-    assert_eq!(
-        rc, 0,
-        "SPDK's message pool is exhausted: an I/O cannot complete"
-    );
+    let context = io_context(io.0);
+    // SAFETY: the context is ours while the I/O lives; its outbox belongs to the I/O's channel,
+    // which SPDK keeps until the channel's I/O completed.
+    unsafe {
+        match (*context).outbox.as_ref() {
+            Some(outbox) => outbox.lock().unwrap().push((io, completion)),
+            None => {
+                (*context).completion = completion.encode();
+                let rc = sys::spdk_thread_send_msg(thread, Some(complete_message), io.0.cast());
+                assert_eq!(
+                    rc, 0,
+                    "SPDK's message pool is exhausted: an I/O cannot complete"
+                );
+            }
+        }
+    }
 }
 
 /// One exported namespace: the SPDK bdev and what its callbacks reach.
@@ -186,7 +220,6 @@ struct Exported {
     bdev: sys::spdk_bdev,
     nsid: u32,
     inbox: Inbox,
-    node_thread: Thread,
     /// Kept for the bdev's name and product name pointers.
     _name: CString,
     _product: CString,
@@ -198,26 +231,10 @@ fn exported(io: *mut sys::spdk_bdev_io) -> &'static Exported {
     unsafe { &*(sys::nvmirror_bdev_io_ctxt(io) as *const Exported) }
 }
 
-unsafe extern "C" fn forward_here(ctx: *mut c_void) {
-    let io = ctx as *mut sys::spdk_bdev_io;
-    let exported = exported(io);
-    exported.inbox.push(exported.nsid, IoPtr(io));
-}
-
-/// Hands `io` to the node's thread.
+/// Hands `io` to the node (its next poll takes it from the inbox).
 fn forward(io: *mut sys::spdk_bdev_io) {
     let exported = exported(io);
-    if exported.node_thread.is_current() {
-        exported.inbox.push(exported.nsid, IoPtr(io));
-        return;
-    }
-    // SAFETY: the node's thread outlives its bdevs; forward_here runs there once.
-    let rc = unsafe {
-        sys::spdk_thread_send_msg(exported.node_thread.as_ptr(), Some(forward_here), io.cast())
-    };
-    if rc != 0 {
-        complete(IoPtr(io), Completion::Failed);
-    }
+    exported.inbox.push(exported.nsid, IoPtr(io));
 }
 
 unsafe extern "C" fn read_buffer_ready(
@@ -232,7 +249,17 @@ unsafe extern "C" fn read_buffer_ready(
     }
 }
 
-unsafe extern "C" fn submit_request(_ch: *mut sys::spdk_io_channel, io: *mut sys::spdk_bdev_io) {
+unsafe extern "C" fn submit_request(ch: *mut sys::spdk_io_channel, io: *mut sys::spdk_bdev_io) {
+    // SAFETY: ch is a channel of our io device: its context holds the ChannelState pointer
+    // written by channel_create; the I/O's context is ours until it completes.
+    unsafe {
+        let state = *(sys::nvmirror_io_channel_get_ctx(ch) as *const *const ChannelState);
+        *io_context(io) = IoContext {
+            completion: [0; 4],
+            _pad: [0; 4],
+            outbox: &(*state).outbox,
+        };
+    }
     let mut rw = sys::nvmirror_bdev_io_rw::default();
     // SAFETY: a live I/O submitted to us.
     unsafe { sys::nvmirror_bdev_io_rw(io, &mut rw) };
@@ -267,11 +294,60 @@ unsafe extern "C" fn get_io_channel(ctx: *mut c_void) -> *mut sys::spdk_io_chann
     unsafe { sys::spdk_get_io_channel(ctx) }
 }
 
-unsafe extern "C" fn channel_create(_device: *mut c_void, _ctx: *mut c_void) -> i32 {
-    0
+/// A channel of a replicated bdev (one per SPDK thread that submits to it): the outbox of its
+/// I/O's completions and the poller that completes them on this thread.
+struct ChannelState {
+    outbox: Outbox,
+    poller: Option<Poller>,
 }
 
-unsafe extern "C" fn channel_destroy(_device: *mut c_void, _ctx: *mut c_void) {}
+unsafe extern "C" fn channel_create(_device: *mut c_void, ctx: *mut c_void) -> i32 {
+    let state = Box::into_raw(Box::new(ChannelState {
+        outbox: Mutex::new(Vec::new()),
+        poller: None,
+    }));
+    let address = state as usize;
+    let poller = Poller::register("nvmirror_completions", 0, move || {
+        // SAFETY: the state lives until channel_destroy, which drops this poller first; the
+        // poller runs on this channel's thread only.
+        let state = unsafe { &*(address as *const ChannelState) };
+        let done = std::mem::take(&mut *state.outbox.lock().unwrap());
+        for &(io, completion) in &done {
+            // SAFETY: an I/O of this channel, on its thread, completed once (taken from the outbox).
+            unsafe { complete_on_thread(io.0, completion) };
+        }
+        done.len()
+    });
+    match poller {
+        Ok(poller) => {
+            // SAFETY: state is ours (leaked above); ctx holds a pointer's worth of bytes
+            // (the io device was registered with that context size).
+            unsafe {
+                (*state).poller = Some(poller);
+                *(ctx as *mut *mut ChannelState) = state;
+            }
+            0
+        }
+        Err(reason) => {
+            log::error!("nvmirror bdev channel: {reason}");
+            // SAFETY: not shared with anything yet.
+            drop(unsafe { Box::from_raw(state) });
+            -libc::ENOMEM
+        }
+    }
+}
+
+unsafe extern "C" fn channel_destroy(_device: *mut c_void, ctx: *mut c_void) {
+    // SAFETY: ctx holds the ChannelState written by channel_create; SPDK destroys a channel
+    // once, after its I/O completed, on its thread.
+    let mut state = unsafe { Box::from_raw(*(ctx as *mut *mut ChannelState)) };
+    state.poller.take();
+    let left = std::mem::take(&mut *state.outbox.lock().unwrap());
+    for (io, completion) in left {
+        // SAFETY: on the channel's thread; each completed once.
+        unsafe { complete_on_thread(io.0, completion) };
+    }
+}
 
 unsafe extern "C" fn device_unregistered(ctx: *mut c_void) {
     // SAFETY: the Exported leaked by `export`, freed once its io device is gone.
@@ -333,7 +409,7 @@ impl ExportedBdev {
 
 /// Registers a replicated bdev whose I/O goes to `inbox`, on the current (node's) thread.
 pub fn export(spec: &BdevSpec, inbox: &Inbox) -> Result<ExportedBdev, String> {
-    let node_thread = Thread::current().ok_or("not on an SPDK thread")?;
+    Thread::current().ok_or("not on an SPDK thread")?;
     let name = CString::new(spec.name.as_str()).map_err(|e| e.to_string())?;
     let product = CString::new("nvmirror replicated volume").expect("no NUL");
     let mut bdev = sys::spdk_bdev {
@@ -354,7 +430,6 @@ pub fn export(spec: &BdevSpec, inbox: &Inbox) -> Result<ExportedBdev, String> {
         bdev,
         nsid: spec.nsid,
         inbox: inbox.clone(),
-        node_thread,
         _name: name,
         _product: product,
     }));
@@ -366,7 +441,7 @@ pub fn export(spec: &BdevSpec, inbox: &Inbox) -> Result<ExportedBdev, String> {
             exported.cast(),
             Some(channel_create),
             Some(channel_destroy),
-            0,
+            std::mem::size_of::<*mut ChannelState>() as u32,
             (*exported)._name.as_ptr(),
         );
         let rc = sys::spdk_bdev_register(&mut (*exported).bdev);
