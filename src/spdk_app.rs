@@ -138,6 +138,7 @@ const METHODS: &[(&str, rpc::Handler)] = &[
     ("nvmirror_attach", |p, r| r.answer(attach(p))),
     ("nvmirror_cp", cp),
     ("nvmirror_checksum", checksum),
+    ("nvmirror_promote", promote),
 ];
 
 fn invalid(message: impl Into<String>) -> (i32, String) {
@@ -221,6 +222,14 @@ fn create(params: Option<Value>) -> RpcResult {
             "namespace[{index}]: the SPDK runtime's namespaces are SPDK bdevs (kind = \"bdev\", bdev = NAME)"
         )));
     }
+    let volume = start_volume(name.clone(), config, params)?;
+    VOLUMES.with(|volumes| volumes.borrow_mut().push(volume));
+    Ok(json!(name))
+}
+
+/// Opens a volume's ring, devices and metadata, builds its node and starts polling it; a
+/// source also exports its bdevs.
+fn start_volume(name: String, config: Config, params: Value) -> Result<Volume, (i32, String)> {
     let ring = setup::open_ring(&config).map_err(internal)?;
     let registration = match Registered::new(ring.as_ref()) {
         Ok(registration) => Some(registration),
@@ -311,18 +320,15 @@ fn create(params: Option<Value>) -> RpcResult {
             )
         }
     );
-    VOLUMES.with(|volumes| {
-        volumes.borrow_mut().push(Volume {
-            name: name.clone(),
-            config,
-            params,
-            running,
-            exported,
-            inbox,
-            _registration: registration,
-        })
-    });
-    Ok(json!(name))
+    Ok(Volume {
+        name,
+        config,
+        params,
+        running,
+        exported,
+        inbox,
+        _registration: registration,
+    })
 }
 
 fn bdev_names(config: &Config) -> Vec<String> {
@@ -592,5 +598,161 @@ fn shutdown(end: Box<dyn FnOnce()>) {
     };
     if let Err(reason) = nvmirror_spdk::thread::poll_until(finish) {
         log::error!("nvmirror: {reason}; stopping at once");
+    }
+}
+
+/// `nvmirror_promote {name, peer}`: failover of a destination whose source is lost. Its node
+/// stops taking the source, replays the log entries newer than its last CP onto its mirror,
+/// takes a new generation (durable before the log records the replay, so the stale former
+/// source is refused if it comes back) and serves the volume as its source: it exports its
+/// bdev(s) under the volume's name and replicates to `peer` (default: the config's
+/// `promote_peer`), under the `degrade` policy unless the config says otherwise, so writes go
+/// on while no destination is attached. The answer comes once the new source serves.
+fn promote(params: Option<Value>, responder: Responder) {
+    let prepared = (|| {
+        let map = object(params, &["name", "peer"])?;
+        let name = required_str(&map, "name")?;
+        let volume = VOLUMES.with(|volumes| {
+            let mut volumes = volumes.borrow_mut();
+            let index = volumes.iter().position(|volume| volume.name == name);
+            index.map(|index| volumes.remove(index))
+        });
+        let volume = volume.ok_or_else(|| invalid(format!("no nvmirror volume '{name}'")))?;
+        let peer = match map.get("peer").and_then(Value::as_str) {
+            Some(peer) => Some(
+                peer.parse()
+                    .map_err(|_| invalid("'peer' is not an address like 127.0.0.1:4800")),
+            ),
+            None => volume.config.promote_peer.map(Ok),
+        };
+        let give_back = |volume: Volume, error: (i32, String)| {
+            VOLUMES.with(|volumes| volumes.borrow_mut().push(volume));
+            Err(error)
+        };
+        if volume.running.role() != "destination" {
+            return give_back(volume, invalid(format!("'{name}' is a source already")));
+        }
+        let peer: std::net::SocketAddr = match peer {
+            Some(Ok(peer)) => peer,
+            Some(Err(error)) => return give_back(volume, error),
+            None => {
+                return give_back(
+                    volume,
+                    invalid("'peer' (where the new destination will listen) is required: no promote_peer in the config"),
+                )
+            }
+        };
+        Ok((name, volume, peer))
+    })();
+    let (name, volume, peer) = match prepared {
+        Ok(prepared) => prepared,
+        Err((code, message)) => return responder.error(code, &message),
+    };
+    let config = volume.config.clone();
+    let mut params = volume.params.clone();
+    remove(volume, false);
+    let source_config = Config {
+        role: Role::Source,
+        listen: None,
+        peer: Some(peer),
+        promote_peer: None,
+        peer_loss_policy: Some(
+            config
+                .peer_loss_policy
+                .unwrap_or(crate::config::PeerLossPolicyConfig::Degrade),
+        ),
+        ..config.clone()
+    };
+    params["role"] = json!("source");
+    params["peer"] = json!(peer.to_string());
+    if let Some(map) = params.as_object_mut() {
+        map.remove("listen");
+        map.remove("promote_peer");
+    }
+    let started = (|| {
+        let (destination, mirrors, metadata_device) =
+            setup::open_destination(&config).map_err(internal)?;
+        let generation = nvmirror_runtime::metadata_file::random_nonzero_u64()
+            .map_err(|e| internal(format!("promote: random generation: {e}")))?;
+        let promotion = destination
+            .promote(generation)
+            .map_err(|e| internal(format!("promote: {e}")))?;
+        Ok::<_, (i32, String)>((promotion, mirrors, metadata_device))
+    })();
+    let (promotion, mut mirrors, metadata_device) = match started {
+        Ok(started) => started,
+        Err((code, message)) => {
+            log::error!("{name}: promotion refused: {message}; the volume is stopped (create it again as a destination)");
+            return responder.error(code, &message);
+        }
+    };
+    let mut responder = Some(responder);
+    let mut slot = Some(promotion);
+    let mut metadata_slot = Some(metadata_device);
+    let mut done = move || {
+        use nvmirror_engine::device::BlockDevice;
+        let promotion = slot.as_mut().expect("polled until finished");
+        while let Some(op) = promotion.poll_device_op() {
+            mirrors[op.nsid as usize - 1].submit(op);
+        }
+        let metadata_device = metadata_slot.as_mut().expect("polled until finished");
+        while let Some(op) = promotion.poll_metadata_op() {
+            metadata_device.submit(op);
+        }
+        for mirror in mirrors.iter_mut() {
+            mirror.poll_completions(&mut |c| promotion.handle_device_completion(c));
+        }
+        metadata_device.poll_completions(&mut |c| promotion.handle_metadata_completion(c));
+        if !promotion.is_done() {
+            return false;
+        }
+        let responder = responder.take().expect("answered once");
+        // The devices, the metadata file and the ring go before the source opens them again.
+        mirrors.clear();
+        metadata_slot.take();
+        let finished = slot.take().expect("finished once").finish();
+        let report = match finished {
+            Ok((report, _ring, _metadata)) => report,
+            Err(e) => {
+                responder.error(INTERNAL_ERROR, &format!("promote: {e}"));
+                return true;
+            }
+        };
+        log::info!(
+            "{name}: promoted: {} log entries ({} bytes) newer than CP {} replayed onto the mirror; generation is now {} (was {})",
+            report.entries_replayed,
+            report.bytes_replayed,
+            report.cp_completed,
+            nvmirror_engine::generation::Hex(report.generation),
+            nvmirror_engine::generation::Hex(report.previous_generation)
+        );
+        match start_volume(name.clone(), source_config.clone(), params.clone()) {
+            Ok(volume) => {
+                // The operator's decision: this node is the pair's authority now.
+                if let Running::Source(node) = &volume.running {
+                    node.with(|n| n.handle_command(monotonic_us(), Command::Settle));
+                }
+                let bdevs: Vec<String> = volume
+                    .exported
+                    .iter()
+                    .map(|b| b.name().to_string())
+                    .collect();
+                VOLUMES.with(|volumes| volumes.borrow_mut().push(volume));
+                responder.ok(json!({
+                    "name": name, "role": "source", "bdevs": bdevs,
+                    "generation": nvmirror_engine::generation::Hex(report.generation).to_string(),
+                    "entries_replayed": report.entries_replayed,
+                    "peer": peer.to_string(),
+                }));
+            }
+            Err((code, message)) => responder.error(
+                code,
+                &format!("promoted, but the source did not start: {message}"),
+            ),
+        }
+        true
+    };
+    if let Err(reason) = nvmirror_spdk::thread::poll_until(move || done()) {
+        log::error!("nvmirror_promote: {reason}");
     }
 }

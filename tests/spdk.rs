@@ -474,13 +474,41 @@ mod with_spdk {
         let reply: Value = serde_json::from_slice(&output.stdout).unwrap();
         assert!(reply["cp_number"].as_u64().unwrap() >= cp["cp_number"].as_u64().unwrap());
 
-        // SIGTERM: the source takes a last CP and stops cleanly; the destination's volume is
-        // deleted through the plugin and its bdev claim released.
+        // SIGTERM: the source takes a last CP and stops cleanly.
         let source_log = source.log.clone();
         let status = source.terminate();
         let log = std::fs::read_to_string(&source_log).unwrap();
         assert!(status.success(), "source exited with {status}:\n{log}");
         assert!(log.contains("take a last CP"), "{log}");
+
+        // Failover: the destination, its source gone, is promoted online and serves the
+        // volume as its source (exporting its mirror as the bdev, the image as of the last CP),
+        // under a new generation.
+        let before = destination.rpc("bdev_nvmirror_get_bdevs", json!({"name": "mirror0"}));
+        let promoted = destination.rpc(
+            "nvmirror_promote",
+            json!({"name": "mirror0", "peer": format!("127.0.0.1:{}", free_port())}),
+        );
+        assert_eq!(promoted["role"], json!("source"), "{promoted}");
+        assert_eq!(promoted["bdevs"], json!(["mirror0"]), "{promoted}");
+        let after = destination.rpc("bdev_nvmirror_get_bdevs", json!({"name": "mirror0"}));
+        assert_eq!(after[0]["role"], json!("source"), "{after}");
+        assert_eq!(after[0]["settled"], json!(true), "{after}");
+        assert_ne!(
+            after[0]["generations"]["current"], before[0]["generations"]["current"],
+            "a promotion takes a new generation"
+        );
+        assert_eq!(
+            destination.checksum("mirror0"),
+            primary,
+            "the promoted image is the primary's"
+        );
+        let bdevs = destination.rpc("bdev_get_bdevs", json!({"name": "mirror0"}));
+        assert_eq!(
+            bdevs[0]["product_name"],
+            json!("nvmirror replicated volume"),
+            "{bdevs}"
+        );
         let output = Command::new("python3")
             .arg(spdk.join("scripts/rpc.py"))
             .args([
