@@ -689,7 +689,7 @@ fn promote(params: Option<Value>, responder: Responder) {
     let mut responder = Some(responder);
     let mut slot = Some(promotion);
     let mut metadata_slot = Some(metadata_device);
-    let mut done = move || {
+    let done = move || {
         use nvmirror_engine::device::BlockDevice;
         let promotion = slot.as_mut().expect("polled until finished");
         while let Some(op) = promotion.poll_device_op() {
@@ -752,7 +752,7 @@ fn promote(params: Option<Value>, responder: Responder) {
         }
         true
     };
-    if let Err(reason) = nvmirror_spdk::thread::poll_until(move || done()) {
+    if let Err(reason) = nvmirror_spdk::thread::poll_until(done) {
         log::error!("nvmirror_promote: {reason}");
     }
 }
