@@ -593,6 +593,15 @@ fn shutdown(end: Box<dyn FnOnce()>) {
         }
         let volumes = VOLUMES.with(|volumes| std::mem::take(&mut *volumes.borrow_mut()));
         volumes.into_iter().for_each(|volume| remove(volume, false));
+        // The waiter poller (running this) goes once this call returns: SPDK's app thread
+        // exits only when its pollers are gone.
+        if let Some(thread) = nvmirror_spdk::thread::Thread::current() {
+            if let Err(reason) =
+                nvmirror_spdk::thread::send(thread, nvmirror_spdk::thread::stop_waiting)
+            {
+                log::warn!("nvmirror: {reason}");
+            }
+        }
         (end.take().expect("once"))();
         true
     };

@@ -206,6 +206,12 @@ mod with_spdk {
                "params": {"name": name, "num_blocks": NAMESPACE_MIB * 2048, "block_size": 512}})
     }
 
+    /// An AIO bdev `name` on `file` (512-byte blocks).
+    fn aio_file(file: &Path, name: &str) -> Value {
+        json!({"method": "bdev_aio_create",
+               "params": {"name": name, "filename": file.display().to_string(), "block_size": 512}})
+    }
+
     /// `bdev_nvmirror_create` of a volume on bdev `base`, its ring and metadata in `scratch`.
     fn nvmirror(
         scratch: &Scratch,
@@ -316,13 +322,20 @@ mod with_spdk {
         let spdk = spdk_dir();
         let scratch = Scratch::new("spdk-pair");
         let (link_port, nvmf_port) = (free_port(), free_port());
+        // The destination's mirror is an AIO bdev on a file (any SPDK bdev serves), the
+        // source's primary a malloc bdev.
+        let mirror_file = scratch.path("mirror.img");
+        std::fs::File::create(&mirror_file)
+            .unwrap()
+            .set_len(NAMESPACE_MIB << 20)
+            .unwrap();
         let destination = SpdkApp::start(
             &scratch,
             "destination",
             "0x2",
             71,
             &json!({"subsystems": [
-                bdev_config(vec![malloc("Mirror0"), nvmirror(&scratch, "mirror0", "destination", "spdkpair", ("listen", link_port), "Mirror0")]),
+                bdev_config(vec![aio_file(&mirror_file, "Mirror0"), nvmirror(&scratch, "mirror0", "destination", "spdkpair", ("listen", link_port), "Mirror0")]),
             ]}),
         );
         let source = SpdkApp::start(
@@ -389,6 +402,11 @@ mod with_spdk {
         assert_eq!(
             primary, mirror,
             "the mirror differs from the primary after a CP"
+        );
+        assert_eq!(
+            crc32c_of_file(&mirror_file),
+            primary,
+            "the AIO bdev's file holds the mirror"
         );
 
         // The management methods.

@@ -592,12 +592,15 @@ impl<F: FrontEnd> SourceNode<F> {
         if (self.finishing || self.front_end.is_finished())
             && !self.control.synced.load(Ordering::Acquire)
         {
-            if !self.final_cp_requested {
-                self.volume.source.request_cp(now_us);
-                self.final_cp_requested = true;
-            } else if self.volume.source.is_idle() {
+            if self.final_cp_requested && self.volume.source.is_idle() {
                 self.publish_counters();
                 self.control.synced.store(true, Ordering::Release);
+            } else {
+                // Asked again on every poll until idle: writes that hosts sent after the first
+                // request (a front end still open while the node winds down) get a CP of their
+                // own instead of leaving the last CP waiting for ever.
+                self.volume.source.request_cp(now_us);
+                self.final_cp_requested = true;
             }
         }
     }
