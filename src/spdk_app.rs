@@ -365,16 +365,20 @@ fn remove(volume: Volume, unregister: bool) {
     log::info!("{name}: stopped");
 }
 
-fn delete(params: Option<Value>) -> RpcResult {
-    let map = object(params, &["name"])?;
-    let name = required_str(&map, "name")?;
+/// Takes volume `name` out of the registry.
+fn take_volume(name: &str) -> Result<Volume, (i32, String)> {
     let volume = VOLUMES.with(|volumes| {
         let mut volumes = volumes.borrow_mut();
         let index = volumes.iter().position(|volume| volume.name == name);
         index.map(|index| volumes.remove(index))
     });
-    let volume = volume.ok_or_else(|| invalid(format!("no nvmirror volume '{name}'")))?;
-    remove(volume, true);
+    volume.ok_or_else(|| invalid(format!("no nvmirror volume '{name}'")))
+}
+
+fn delete(params: Option<Value>) -> RpcResult {
+    let map = object(params, &["name"])?;
+    let name = required_str(&map, "name")?;
+    remove(take_volume(&name)?, true);
     Ok(json!(true))
 }
 
@@ -621,12 +625,7 @@ fn promote(params: Option<Value>, responder: Responder) {
     let prepared = (|| {
         let map = object(params, &["name", "peer"])?;
         let name = required_str(&map, "name")?;
-        let volume = VOLUMES.with(|volumes| {
-            let mut volumes = volumes.borrow_mut();
-            let index = volumes.iter().position(|volume| volume.name == name);
-            index.map(|index| volumes.remove(index))
-        });
-        let volume = volume.ok_or_else(|| invalid(format!("no nvmirror volume '{name}'")))?;
+        let volume = take_volume(&name)?;
         let peer = match map.get("peer").and_then(Value::as_str) {
             Some(peer) => Some(
                 peer.parse()

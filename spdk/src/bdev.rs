@@ -29,6 +29,8 @@ pub struct OpenBdev {
     desc: *mut sys::spdk_bdev_desc,
     bdev: *mut sys::spdk_bdev,
     channel: *mut sys::spdk_io_channel,
+    /// Opened for writing and claimed (a namespace), or read-only beside the claimer.
+    claimed: bool,
 }
 
 unsafe extern "C" fn bdev_event(
@@ -59,6 +61,15 @@ pub(crate) unsafe fn bdev_name(bdev: *const sys::spdk_bdev) -> String {
 impl OpenBdev {
     /// Opens `name` for writing on the current SPDK thread and claims it for nvmirror.
     pub fn open(name: &str) -> Result<OpenBdev, String> {
+        Self::open_as(name, true)
+    }
+
+    /// Opens `name` read-only, beside whoever claimed it (a whole-device checksum).
+    pub fn open_read_only(name: &str) -> Result<OpenBdev, String> {
+        Self::open_as(name, false)
+    }
+
+    fn open_as(name: &str, claim: bool) -> Result<OpenBdev, String> {
         if crate::thread::Thread::current().is_none() {
             return Err(format!("bdev {name}: not on an SPDK thread"));
         }
@@ -68,7 +79,7 @@ impl OpenBdev {
         let rc = unsafe {
             sys::spdk_bdev_open_ext(
                 cname.as_ptr(),
-                true,
+                claim,
                 Some(bdev_event),
                 std::ptr::null_mut(),
                 &mut desc,
@@ -82,32 +93,32 @@ impl OpenBdev {
         }
         // SAFETY: desc is an open descriptor.
         let bdev = unsafe { sys::spdk_bdev_desc_get_bdev(desc) };
-        // SAFETY: bdev and desc are live; the module is nvmirror's, registered at load.
-        let rc =
-            unsafe { sys::spdk_bdev_module_claim_bdev(bdev, desc, sys::nvmirror_bdev_module()) };
-        if rc != 0 {
-            // SAFETY: opened above, closed once.
-            unsafe { sys::spdk_bdev_close(desc) };
-            return Err(format!(
-                "bdev {name} is claimed by another module (used by another bdev or nvmirror volume)"
-            ));
+        if claim {
+            // SAFETY: bdev and desc are live; the module is nvmirror's, registered at load.
+            let rc = unsafe {
+                sys::spdk_bdev_module_claim_bdev(bdev, desc, sys::nvmirror_bdev_module())
+            };
+            if rc != 0 {
+                // SAFETY: opened above, closed once.
+                unsafe { sys::spdk_bdev_close(desc) };
+                return Err(format!(
+                    "bdev {name} is claimed by another module (used by another bdev or nvmirror volume)"
+                ));
+            }
         }
         // SAFETY: desc is open; the channel belongs to the current thread.
         let channel = unsafe { sys::spdk_bdev_get_io_channel(desc) };
-        if channel.is_null() {
-            // SAFETY: claimed and opened above.
-            unsafe {
-                sys::spdk_bdev_module_release_bdev(bdev);
-                sys::spdk_bdev_close(desc);
-            }
-            return Err(format!("bdev {name}: no I/O channel"));
-        }
-        Ok(OpenBdev {
+        let open = OpenBdev {
             name: name.into(),
             desc,
             bdev,
             channel,
-        })
+            claimed: claim,
+        };
+        if channel.is_null() {
+            return Err(format!("bdev {name}: no I/O channel"));
+        }
+        Ok(open)
     }
 
     pub fn name(&self) -> &str {
@@ -136,11 +147,15 @@ impl OpenBdev {
 
 impl Drop for OpenBdev {
     fn drop(&mut self) {
-        // SAFETY: opened, claimed and given a channel on this thread by `open`; each released
-        // once, channel first.
+        // SAFETY: opened (claimed when `claimed`) and given a channel on this thread by
+        // `open_as`; each released once, channel first.
         unsafe {
-            sys::spdk_put_io_channel(self.channel);
-            sys::spdk_bdev_module_release_bdev(self.bdev);
+            if !self.channel.is_null() {
+                sys::spdk_put_io_channel(self.channel);
+            }
+            if self.claimed {
+                sys::spdk_bdev_module_release_bdev(self.bdev);
+            }
             sys::spdk_bdev_close(self.desc);
         }
     }
@@ -482,9 +497,7 @@ type ChecksumDone = Box<dyn FnOnce(Result<(u64, u32), String>)>;
 
 /// A whole-bdev read computing a CRC32C, one chunk in flight at a time.
 struct Checksum {
-    name: String,
-    desc: *mut sys::spdk_bdev_desc,
-    channel: *mut sys::spdk_io_channel,
+    bdev: OpenBdev,
     buf: DmaBuf,
     offset: u64,
     size: u64,
@@ -502,8 +515,12 @@ impl Checksum {
             return (*self).finish(result);
         }
         let length = (self.size - self.offset).min(CHECKSUM_CHUNK_BYTES as u64);
-        let (desc, channel, buf, offset) =
-            (self.desc, self.channel, self.buf.as_ptr(), self.offset);
+        let (desc, channel, buf, offset) = (
+            self.bdev.desc,
+            self.bdev.channel,
+            self.buf.as_ptr(),
+            self.offset,
+        );
         let ctx = Box::into_raw(self);
         // SAFETY: a read-only descriptor and its channel on this thread; buf (owned by the
         // state, leaked to the callback) holds at least `length` bytes.
@@ -523,7 +540,7 @@ impl Checksum {
             let state = unsafe { Box::from_raw(ctx) };
             let reason = format!(
                 "bdev {}: read at {offset} refused: {}",
-                state.name,
+                state.bdev.name,
                 std::io::Error::from_raw_os_error(-rc)
             );
             (*state).finish(Err(reason));
@@ -531,12 +548,10 @@ impl Checksum {
     }
 
     fn finish(mut self, result: Result<(u64, u32), String>) {
-        // SAFETY: the channel and descriptor were opened by `checksum` on this thread; released once.
-        unsafe {
-            sys::spdk_put_io_channel(self.channel);
-            sys::spdk_bdev_close(self.desc);
-        }
-        if let Some(done) = self.done.take() {
+        let done = self.done.take();
+        // The descriptor closes before the caller hears the result.
+        drop(self);
+        if let Some(done) = done {
             done(result);
         }
     }
@@ -552,7 +567,7 @@ unsafe extern "C" fn checksum_chunk_done(
     // SAFETY: the finished I/O is ours to free.
     unsafe { sys::spdk_bdev_free_io(bdev_io) };
     if !success {
-        let reason = format!("bdev {}: read at {} failed", state.name, state.offset);
+        let reason = format!("bdev {}: read at {} failed", state.bdev.name, state.offset);
         return (*state).finish(Err(reason));
     }
     let length = (state.size - state.offset).min(CHECKSUM_CHUNK_BYTES as u64) as usize;
@@ -568,56 +583,11 @@ pub fn checksum(
     name: &str,
     done: impl FnOnce(Result<(u64, u32), String>) + 'static,
 ) -> Result<(), String> {
-    if crate::thread::Thread::current().is_none() {
-        return Err("not on an SPDK thread".into());
-    }
-    let cname = CString::new(name).map_err(|e| e.to_string())?;
-    let mut desc = std::ptr::null_mut();
-    // SAFETY: on an SPDK thread; read-only open, desc written on success.
-    let rc = unsafe {
-        sys::spdk_bdev_open_ext(
-            cname.as_ptr(),
-            false,
-            Some(bdev_event),
-            std::ptr::null_mut(),
-            &mut desc,
-        )
-    };
-    if rc != 0 {
-        return Err(format!(
-            "cannot open bdev {name}: {}",
-            std::io::Error::from_raw_os_error(-rc)
-        ));
-    }
-    // SAFETY: desc is open.
-    let (bdev, channel) = unsafe {
-        let bdev = sys::spdk_bdev_desc_get_bdev(desc);
-        (bdev, sys::spdk_bdev_get_io_channel(desc))
-    };
-    let fail = |reason: String| {
-        // SAFETY: opened above; closed once.
-        unsafe { sys::spdk_bdev_close(desc) };
-        Err(reason)
-    };
-    if channel.is_null() {
-        return fail(format!("bdev {name}: no I/O channel"));
-    }
-    // SAFETY: the bdev is open.
-    let size = unsafe {
-        u64::from(sys::spdk_bdev_get_block_size(bdev)) * sys::spdk_bdev_get_num_blocks(bdev)
-    };
-    let buf = match DmaBuf::new(CHECKSUM_CHUNK_BYTES) {
-        Ok(buf) => buf,
-        Err(reason) => {
-            // SAFETY: the channel was taken above on this thread.
-            unsafe { sys::spdk_put_io_channel(channel) };
-            return fail(reason);
-        }
-    };
+    let bdev = OpenBdev::open_read_only(name)?;
+    let size = bdev.size_bytes();
+    let buf = DmaBuf::new(CHECKSUM_CHUNK_BYTES)?;
     Box::new(Checksum {
-        name: name.into(),
-        desc,
-        channel,
+        bdev,
         buf,
         offset: 0,
         size,

@@ -28,6 +28,15 @@ struct Sock {
 // never do.
 unsafe impl Send for Sock {}
 
+/// Why an SPDK sock call that returned no socket failed: errno, else `kind`.
+fn no_socket(kind: io::ErrorKind, call: &str) -> io::Error {
+    let error = io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(0) | None => io::Error::new(kind, format!("{call} failed")),
+        _ => error,
+    }
+}
+
 /// The error of an SPDK sock call: `rc` is -1 with errno set, or a negative errno.
 fn sock_error(rc: isize) -> io::Error {
     if rc == -1 {
@@ -114,13 +123,10 @@ impl Transport for SockTransport {
         let sock =
             unsafe { sys::spdk_sock_connect_ext(ip.as_ptr(), port, std::ptr::null(), &mut opts) };
         if sock.is_null() {
-            let error = io::Error::last_os_error();
-            return Err(match error.raw_os_error() {
-                Some(0) | None => {
-                    io::Error::new(io::ErrorKind::ConnectionRefused, "spdk_sock_connect failed")
-                }
-                _ => error,
-            });
+            return Err(no_socket(
+                io::ErrorKind::ConnectionRefused,
+                "spdk_sock_connect",
+            ));
         }
         Ok(Box::new(Sock {
             sock,
@@ -133,13 +139,7 @@ impl Transport for SockTransport {
         // SAFETY: ip is a NUL-terminated string alive for the call; no impl name (default).
         let sock = unsafe { sys::spdk_sock_listen(ip.as_ptr(), port, std::ptr::null()) };
         if sock.is_null() {
-            let error = io::Error::last_os_error();
-            return Err(match error.raw_os_error() {
-                Some(0) | None => {
-                    io::Error::new(io::ErrorKind::AddrInUse, "spdk_sock_listen failed")
-                }
-                _ => error,
-            });
+            return Err(no_socket(io::ErrorKind::AddrInUse, "spdk_sock_listen"));
         }
         let local = listen_address(sock).or(Some(address));
         Ok(Box::new(Listener {
