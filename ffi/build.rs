@@ -29,6 +29,66 @@ const LOAD_LIBS: &[&str] = &[
     "spdk_env_dpdk_rpc",
 ];
 
+/// The SPDK functions nvmirror calls: only these are bound (with the types they need).
+const FUNCTIONS: &[&str] = &[
+    "spdk_app_fini",
+    "spdk_app_opts_init",
+    "spdk_app_parse_args",
+    "spdk_app_start",
+    "spdk_app_stop",
+    "spdk_bdev_close",
+    "spdk_bdev_desc_get_bdev",
+    "spdk_bdev_flush",
+    "spdk_bdev_free_io",
+    "spdk_bdev_get_block_size",
+    "spdk_bdev_get_io_channel",
+    "spdk_bdev_get_name",
+    "spdk_bdev_get_num_blocks",
+    "spdk_bdev_io_complete",
+    "spdk_bdev_io_complete_nvme_status",
+    "spdk_bdev_io_get_buf",
+    "spdk_bdev_io_get_thread",
+    "spdk_bdev_io_type_supported",
+    "spdk_bdev_module_claim_bdev",
+    "spdk_bdev_module_release_bdev",
+    "spdk_bdev_open_ext",
+    "spdk_bdev_read",
+    "spdk_bdev_register",
+    "spdk_bdev_unregister",
+    "spdk_bdev_write",
+    "spdk_bdev_write_zeroes",
+    "spdk_dma_free",
+    "spdk_dma_zmalloc",
+    "spdk_get_io_channel",
+    "spdk_get_thread",
+    "spdk_io_device_register",
+    "spdk_io_device_unregister",
+    "spdk_json_write_val_raw",
+    "spdk_jsonrpc_begin_result",
+    "spdk_jsonrpc_end_result",
+    "spdk_jsonrpc_send_error_response",
+    "spdk_mem_register",
+    "spdk_mem_unregister",
+    "spdk_poller_register_named",
+    "spdk_poller_unregister",
+    "spdk_put_io_channel",
+    "spdk_rpc_register_method",
+    "spdk_sock_accept",
+    "spdk_sock_close",
+    "spdk_sock_connect_ext",
+    "spdk_sock_get_default_opts",
+    "spdk_sock_getaddr",
+    "spdk_sock_group_add_sock",
+    "spdk_sock_group_close",
+    "spdk_sock_group_create",
+    "spdk_sock_group_poll",
+    "spdk_sock_group_remove_sock",
+    "spdk_sock_listen",
+    "spdk_sock_recv",
+    "spdk_sock_writev",
+    "spdk_thread_send_msg",
+];
+
 /// The pkg-config packages whose libraries we call.
 const PACKAGES: &[&str] = &[
     "spdk_event",
@@ -152,11 +212,11 @@ fn main() {
     let mut builder = bindgen::Builder::default()
         .header("wrapper.h")
         .clang_arg("-I.")
-        .allowlist_function(
-            "spdk_(app|thread|poller|bdev|io_device|get_io_channel|put_io_channel|io_channel|sock|rpc|jsonrpc|json|dma|zmalloc|free|mem_register|mem_unregister|get_ticks|get_thread|log_set).*",
-        )
+        .allowlist_function(FUNCTIONS.join("|"))
         .allowlist_function("nvmirror_.*")
-        .allowlist_type("spdk_bdev_io_status|spdk_bdev_io_type|spdk_app_parse_args_rvals|spdk_thread_poller_rc")
+        .allowlist_type(
+            "spdk_bdev_io_status|spdk_bdev_io_type|spdk_app_parse_args_rvals|spdk_thread_poller_rc|spdk_bdev_fn_table|spdk_bdev",
+        )
         .allowlist_var("SPDK_(BDEV_IO|POLLER|RPC|JSONRPC|ENV|MALLOC|SOCK)_.*|NVMIRROR_.*")
         // Packed or union-laden structs we only pass by pointer (their fields go through the shim).
         .opaque_type("spdk_bdev_ext_io_opts|spdk_bdev_io|spdk_nvme_.*|spdk_nvmf_.*")
