@@ -203,8 +203,19 @@ fn create(params: Option<Value>) -> RpcResult {
     if VOLUMES.with(|volumes| volumes.borrow().iter().any(|volume| volume.name == name)) {
         return Err(invalid(format!("nvmirror volume '{name}' exists")));
     }
-    let config: Config = serde_json::from_value(Value::Object(map))
+    if map.contains_key("cores") || map.contains_key("idle") {
+        return Err(invalid(
+            "'cores' and 'idle' are the embedded runtime's: SPDK's reactors run where its -m core mask says",
+        ));
+    }
+    let mut config: Config = serde_json::from_value(Value::Object(map))
         .map_err(|e| invalid(format!("bdev_nvmirror_create: {e}")))?;
+    // Unused here (SPDK places its threads), and checked against this process's CPUs: one
+    // it may run on.
+    let cpus = crate::cores::CpuSet::of_this_process();
+    if let Some(&core) = cpus.allowed.first().or(cpus.online.first()) {
+        config.cores = vec![core];
+    }
     config
         .validate()
         .map_err(|e| invalid(format!("bdev_nvmirror_create: {e}")))?;
