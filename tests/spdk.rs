@@ -329,15 +329,6 @@ mod with_spdk {
             .unwrap()
             .set_len(NAMESPACE_MIB << 20)
             .unwrap();
-        let destination = SpdkApp::start(
-            &scratch,
-            "destination",
-            "0x2",
-            71,
-            &json!({"subsystems": [
-                bdev_config(vec![aio_file(&mirror_file, "Mirror0"), nvmirror(&scratch, "mirror0", "destination", "spdkpair", ("listen", link_port), "Mirror0")]),
-            ]}),
-        );
         let source = SpdkApp::start(
             &scratch,
             "source",
@@ -346,6 +337,32 @@ mod with_spdk {
             &json!({"subsystems": [
                 bdev_config(vec![malloc("Malloc0"), nvmirror(&scratch, "nvmirror0", "source", "spdkpair", ("peer", link_port), "Malloc0")]),
                 nvmf_config("nvmirror0", nvmf_port),
+            ]}),
+        );
+        // No destination yet: the source's role is not settled, so its bdev serves nothing and
+        // answers the path error hosts retry on (Asymmetric Access Inaccessible, DNR clear).
+        let mut early = perf_at(nvmf_port, NQN);
+        early.args(["--pattern", "randwrite", "--time-s", "1", "--warmup-s", "0"]);
+        early.args(["--queue-depth", "1", "--io-size", "4096"]);
+        let output = run_to_end(early);
+        let text = output_text(&output);
+        assert!(
+            !output.status.success(),
+            "writes before the handshake: {text}"
+        );
+        assert!(
+            text.contains("Asymmetric Access Inaccessible"),
+            "writes before the handshake get a path error:\n{text}"
+        );
+        let bdevs = source.rpc("bdev_nvmirror_get_bdevs", json!({"name": "nvmirror0"}));
+        assert_eq!(bdevs[0]["settled"], json!(false), "{bdevs}");
+        let destination = SpdkApp::start(
+            &scratch,
+            "destination",
+            "0x2",
+            71,
+            &json!({"subsystems": [
+                bdev_config(vec![aio_file(&mirror_file, "Mirror0"), nvmirror(&scratch, "mirror0", "destination", "spdkpair", ("listen", link_port), "Mirror0")]),
             ]}),
         );
         source.wait_settled("nvmirror0");

@@ -8,8 +8,11 @@
 //! queued in the volume's [`Inbox`] (a short mutex, no SPDK message per I/O), taken by
 //! [`BdevFrontEnd`] on the node's poll, and its completion queued in its channel's outbox,
 //! which a poller of that channel's thread drains: SPDK completes an I/O only on its own
-//! thread, and a batch per poll costs less than a message per I/O. Until the node's role is settled (the handshake compared generations) the
-//! front end does not exist and I/O waits in the inbox: a stale former source answers nothing.
+//! thread, and a batch per poll costs less than a message per I/O.
+//!
+//! Until the node's role is settled (the handshake compared generations) the front end does not
+//! exist and I/O is answered with a path error (Asymmetric Access Inaccessible, DNR clear): a
+//! stale former source serves nothing, and hosts retry.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_void, CString};
@@ -42,18 +45,36 @@ pub struct Inbox(Arc<Mutex<InboxState>>);
 #[derive(Default)]
 struct InboxState {
     waiting: VecDeque<(u32, IoPtr)>,
+    /// The node's role is settled and its front end takes I/O.
+    serving: bool,
     closed: bool,
 }
 
 impl Inbox {
     fn push(&self, nsid: u32, io: IoPtr) {
         let mut inbox = self.0.lock().unwrap();
-        if inbox.closed {
+        if inbox.closed || !inbox.serving {
+            let serving = inbox.serving;
             drop(inbox);
-            complete(io, Completion::Aborted);
+            // Before the handshake settled the node's role (a stale or split source must not
+            // answer), an I/O gets the path error a host's multipath retries elsewhere or later
+            // (DNR clear), as the embedded runtime's missing listener refuses the connection.
+            complete(
+                io,
+                if serving {
+                    Completion::Aborted
+                } else {
+                    Completion::from_error(BackendError::PathInaccessible)
+                },
+            );
             return;
         }
         inbox.waiting.push_back((nsid, io));
+    }
+
+    /// The node serves: I/O queues for its front end from now on.
+    fn serve(&self) {
+        self.0.lock().unwrap().serving = true;
     }
 
     fn take_all(&self, into: &mut VecDeque<(u32, IoPtr)>) {
@@ -477,7 +498,9 @@ pub struct BdevFrontEnd {
 }
 
 impl BdevFrontEnd {
+    /// The front end of a settled source: its bdevs' I/O is taken from now on.
     pub fn new(inbox: Inbox) -> BdevFrontEnd {
+        inbox.serve();
         BdevFrontEnd {
             inbox,
             pending: VecDeque::new(),
