@@ -119,18 +119,13 @@ pub struct DirtyMapFull;
 
 /// (nsid, block_index) -> [`BufferDescriptor`] for one CP: an open-addressing table allocated
 /// at start, iterated in first-dirtied order by the CP planner.
-///
-/// Each table slot holds the key's index and the high half of its hash, so a probe that passes
-/// other keys' slots compares hashes in the table it already loaded instead of reading their
-/// keys (a random miss each, on a map of tens of thousands of blocks: a host write notes one or
-/// more blocks on the reactor's write path).
 #[derive(Debug)]
 pub struct DirtyMap {
     keys: Vec<(u32, u64)>,
     values: Vec<BufferDescriptor>,
     positions: Vec<u32>,
-    /// Per slot: the hash's high 32 bits << 32 | key index + 1; 0 = empty.
-    table: Vec<u64>,
+    /// Key index + 1 per slot; 0 = empty.
+    table: Vec<u32>,
 }
 
 impl DirtyMap {
@@ -215,32 +210,25 @@ impl DirtyMap {
                 self.keys.push((nsid, block_index));
                 self.values.push(descriptor);
                 self.positions.push(position as u32);
-                let tag = Self::hash(nsid, block_index) >> 32 << 32;
-                self.table[position] = tag | self.keys.len() as u64;
+                self.table[position] = self.keys.len() as u32;
             }
         }
-    }
-
-    fn hash(nsid: u32, block_index: u64) -> u64 {
-        (u64::from(nsid) << 48 ^ block_index).wrapping_mul(0x9E37_79B9_7F4A_7C15)
     }
 
     /// (slot position, key index if present).
     fn probe(&self, nsid: u32, block_index: u64) -> (usize, Option<usize>) {
         let mask = self.table.len() - 1;
-        let hash = Self::hash(nsid, block_index);
-        let tag = hash >> 32;
-        let mut position = tag as usize & mask;
+        let hash = (u64::from(nsid) << 48 ^ block_index).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut position = (hash >> 32) as usize & mask;
         loop {
             match self.table[position] {
                 0 => return (position, None),
-                stored if stored >> 32 == tag => {
-                    let index = (stored & u64::from(u32::MAX)) as usize - 1;
+                stored => {
+                    let index = stored as usize - 1;
                     if self.keys[index] == (nsid, block_index) {
                         return (position, Some(index));
                     }
                 }
-                _ => {}
             }
             position = (position + 1) & mask;
         }
