@@ -385,10 +385,10 @@ impl<F: FrontEnd> SourceNode<F> {
     }
 }
 
-impl<F: FrontEnd> Poller for SourceNode<F> {
-    /// One reactor pass, ordered so a write needs as few passes as possible: acknowledgements
-    /// in, completions to the front end, new host I/O in, transfers closed and sent.
-    fn poll(&mut self, now_us: u64) -> usize {
+impl<F: FrontEnd> SourceNode<F> {
+    /// The first half of a pass, what a host write waits for: acknowledgements in, completions
+    /// to the front end, new host I/O in, transfers closed and sent.
+    pub fn poll_replication(&mut self, now_us: u64) -> usize {
         self.now_us = now_us;
         let mut work = self.link.poll(now_us, &mut self.volume.source);
         work += self.drain_events();
@@ -397,7 +397,15 @@ impl<F: FrontEnd> Poller for SourceNode<F> {
         work += self
             .link
             .close_if_requested(now_us, &mut self.volume.source);
-        work += self.pump_metadata();
+        work + self.link.send(now_us, &mut self.volume.source)
+    }
+
+    /// The second half, what no acknowledgement waits for: metadata and primary device ops
+    /// (a write completes once it is in both logs, not on the primary), counters, and what
+    /// device completions queued for the destination.
+    pub fn poll_devices(&mut self, now_us: u64) -> usize {
+        self.now_us = now_us;
+        let mut work = self.pump_metadata();
         if self.front_end.is_some() {
             work += self.volume.pump_devices(now_us);
         } else {
@@ -406,6 +414,14 @@ impl<F: FrontEnd> Poller for SourceNode<F> {
         work += self.drain_events();
         self.poll_control(now_us);
         work + self.link.send(now_us, &mut self.volume.source)
+    }
+}
+
+impl<F: FrontEnd> Poller for SourceNode<F> {
+    /// One reactor pass, ordered so a write needs as few passes as possible: the transfers of
+    /// new writes are on the socket before the primary writes start.
+    fn poll(&mut self, now_us: u64) -> usize {
+        self.poll_replication(now_us) + self.poll_devices(now_us)
     }
 
     fn wait_fds(&self, out: &mut Vec<RawFd>) {
@@ -738,8 +754,13 @@ pub struct PairNode<F: FrontEnd> {
 }
 
 impl<F: FrontEnd> Poller for PairNode<F> {
+    /// The destination takes the source's transfers (on the loopback socket the moment they
+    /// were sent) before either side writes its namespaces, so the acknowledgement is on the
+    /// wire before the primary writes and the next pass completes the host writes first.
     fn poll(&mut self, now_us: u64) -> usize {
-        self.source.poll(now_us) + self.destination.poll(now_us)
+        let mut work = self.source.poll_replication(now_us);
+        work += self.destination.poll(now_us);
+        work + self.source.poll_devices(now_us)
     }
 
     fn wait_fds(&self, out: &mut Vec<RawFd>) {
