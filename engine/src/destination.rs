@@ -608,8 +608,7 @@ impl<M: RingStore> Destination<M> {
                 }
                 .into());
             }
-            // Read back at the CP only (the mirror write): stored past the cache.
-            self.ring.store_data_cold(&slot, data);
+            self.ring.store_data(&slot, 0, data);
             self.ring.commit_with_crc(&slot, entry.data_crc);
             base.get_or_insert(round_down(u64::from(entry.data_offset), BLOCK_SIZE as u64) as u32);
         }

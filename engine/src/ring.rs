@@ -364,18 +364,9 @@ impl HalfState {
 }
 
 /// Memory an NVRAM ring can live in (the runtime's mapping, a `Vec<u8>` in tests).
-pub trait RingStore: AsRef<[u8]> + AsMut<[u8]> {
-    /// Copies `data` to `offset` for bytes read back only much later (the destination's log,
-    /// read at the next CP): a store may bypass the cache, which spares reading every line it
-    /// overwrites. Ordered for other threads by the next [`RingStore::order_stores`].
-    fn store_cold(&mut self, offset: usize, data: &[u8]) {
-        self.as_mut()[offset..offset + data.len()].copy_from_slice(data);
-    }
-    /// Orders every [`RingStore::store_cold`] before the stores that follow.
-    fn order_stores(&mut self) {}
-}
+pub trait RingStore: AsRef<[u8]> + AsMut<[u8]> {}
 
-impl RingStore for Vec<u8> {}
+impl<T: AsRef<[u8]> + AsMut<[u8]>> RingStore for T {}
 
 /// The NVRAM ring over memory `M` (the runtime's mapping, or a `Vec<u8>` in tests).
 pub struct NvramRing<M> {
@@ -643,19 +634,6 @@ impl<M: RingStore> NvramRing<M> {
         self.data_mut(slot)[offset..offset + data.len()].copy_from_slice(data);
     }
 
-    /// [`NvramRing::store_data`] of a whole entry's data read back only at the next CP (the
-    /// destination's log): [`RingStore::store_cold`]. [`NvramRing::commit_with_crc`] orders it.
-    pub fn store_data_cold(&mut self, slot: &EntrySlot, data: &[u8]) {
-        assert_eq!(
-            data.len(),
-            slot.header.data_bytes() as usize,
-            "a cold store fills the entry"
-        );
-        let start = (self.geometry.data_area_offset(slot.half) + u64::from(slot.header.data_offset))
-            as usize;
-        self.memory.store_cold(start, data);
-    }
-
     pub fn data_mut(&mut self, slot: &EntrySlot) -> &mut [u8] {
         let start = (self.geometry.data_area_offset(slot.half) + u64::from(slot.header.data_offset))
             as usize;
@@ -696,8 +674,6 @@ impl<M: RingStore> NvramRing<M> {
         header.data_crc = data_crc;
         let mut bytes = [0; ENTRY_HEADER_BYTES];
         header.encode(&mut bytes);
-        // The data (maybe stored past the cache) is in place before the header that seals it.
-        self.memory.order_stores();
         let header_start = self.geometry.header_offset(slot.half, slot.slot) as usize;
         self.memory.as_mut()[header_start..header_start + ENTRY_HEADER_BYTES]
             .copy_from_slice(&bytes);

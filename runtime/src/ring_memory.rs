@@ -195,8 +195,6 @@ pub struct RingMemory {
     path: Option<PathBuf>,
     /// Holds the exclusive flock for as long as the mapping exists.
     _file: Option<File>,
-    /// Streamed stores not yet fenced ([`nvmirror_engine::ring::RingStore::order_stores`]).
-    cold_stores_unordered: bool,
 }
 
 impl RingMemory {
@@ -306,7 +304,6 @@ impl RingMemory {
             medium: RingMedium::Anonymous,
             path: None,
             _file: None,
-            cold_stores_unordered: false,
         })
     }
 
@@ -409,7 +406,6 @@ impl RingMemory {
             medium,
             path: Some(path.to_path_buf()),
             _file: Some(file),
-            cold_stores_unordered: false,
         })
     }
 
@@ -417,22 +413,6 @@ impl RingMemory {
         match &self.path {
             Some(path) => with_path(path, error),
             None => error,
-        }
-    }
-}
-
-/// Cold stores stream past the cache ([`crate::stream::stream_copy_unfenced`]); a seal's
-/// fence orders them.
-impl nvmirror_engine::ring::RingStore for RingMemory {
-    fn store_cold(&mut self, offset: usize, data: &[u8]) {
-        crate::stream::stream_copy_unfenced(&mut self.as_mut()[offset..offset + data.len()], data);
-        self.cold_stores_unordered = true;
-    }
-
-    fn order_stores(&mut self) {
-        if self.cold_stores_unordered {
-            crate::stream::store_fence();
-            self.cold_stores_unordered = false;
         }
     }
 }
@@ -739,23 +719,6 @@ mod tests {
         // What was written back is what the file holds.
         let on_disk = fs::read(&path).unwrap();
         assert!(on_disk[..8 * PAGE].iter().all(|byte| *byte == 0xa5));
-    }
-
-    #[test]
-    fn cold_stores_land_exactly_and_are_ordered_by_the_next_seal() {
-        use nvmirror_engine::ring::RingStore;
-        let mut ring = RingMemory::anonymous(3 * 4096).unwrap();
-        let data: Vec<u8> = (0..8192u32).map(|i| (i * 31 + 7) as u8).collect();
-        ring.store_cold(4096, &data);
-        // An odd offset takes the plain copy, with the same result.
-        ring.store_cold(1, &data[..512]);
-        assert!(ring.cold_stores_unordered);
-        ring.order_stores();
-        assert!(!ring.cold_stores_unordered);
-        assert_eq!(&ring.as_ref()[4096..4096 + 8192], &data[..]);
-        assert_eq!(&ring.as_ref()[1..513], &data[..512]);
-        assert_eq!(ring.as_ref()[0], 0);
-        assert!(ring.as_ref()[513..4096].iter().all(|byte| *byte == 0));
     }
 
     #[test]
