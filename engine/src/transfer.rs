@@ -132,7 +132,12 @@ impl DirtyMap {
     /// A map for up to `capacity` dirty blocks.
     pub fn with_capacity(capacity: usize) -> Self {
         assert!(capacity > 0 && capacity < u32::MAX as usize / 4);
-        let slots = (capacity * 2).next_power_of_two();
+        // At most two thirds full: probe chains stay short when the map fills, and the table
+        // (touched at a random slot by every write) stays half the size a 2x sizing gave it on
+        // the default ring (64K slots for 40K blocks, not 128K).
+        // More slots than keys always: a probe always ends at an empty one.
+        let slots = (capacity + capacity / 2 + 1).next_power_of_two();
+        assert!(slots > capacity);
         Self {
             keys: Vec::with_capacity(capacity),
             values: Vec::with_capacity(capacity),
@@ -367,6 +372,14 @@ mod tests {
             map.clear();
             assert!(map.is_empty());
         }
+    }
+
+    #[test]
+    fn a_map_of_one_block_still_answers_for_others() {
+        let mut map = DirtyMap::with_capacity(1);
+        map.note_write(&write(0, 4096, 0, 0)).unwrap();
+        assert_eq!(map.lookup(1, 1), None);
+        assert_eq!(map.note_write(&write(8, 4096, 0, 0)), Err(DirtyMapFull));
     }
 
     #[test]
