@@ -29,9 +29,8 @@ use crate::send::SendItem;
 pub const RECV_BUFFER_BYTES: usize = 256 * 1024;
 /// The queue depth whose 4 KiB in-capsule writes [`RECV_BUFFER_BYTES`] takes in one read.
 pub const RECV_BATCH_WRITES: usize = 32;
-const _: () = assert!(
-    RECV_BUFFER_BYTES >= RECV_BATCH_WRITES * (crate::pdu::HEADER_BYTES_MAX + 4096)
-);
+const _: () =
+    assert!(RECV_BUFFER_BYTES >= RECV_BATCH_WRITES * (crate::pdu::HEADER_BYTES_MAX + 4096));
 /// How long a closing connection may take to flush its TermReq before the socket is dropped.
 pub const CLOSE_LINGER_US: u64 = 1_000_000;
 /// How long a new connection may take to send its ICReq.
