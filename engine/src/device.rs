@@ -273,11 +273,15 @@ impl<P: Copy> InflightOps<P> {
         Some((nsid, purpose))
     }
 
-    /// Every op in flight with its namespace.
+    /// Every op in flight with its namespace. Slots are reused last-freed first, so the live
+    /// ones gather at the front and the scan stops at the last of them (the source checks every
+    /// primary write against the ops in flight).
     pub fn iter(&self) -> impl Iterator<Item = (u32, &P)> + '_ {
+        let live: u32 = self.per_namespace.iter().sum();
         self.slots
             .iter()
             .filter_map(|(_, entry)| entry.as_ref().map(|(nsid, purpose)| (*nsid, purpose)))
+            .take(live as usize)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -391,6 +395,27 @@ mod tests {
             assert!(ops.finish(id).is_some());
         }
         assert!(ops.is_empty());
+    }
+
+    #[test]
+    fn inflight_iteration_yields_exactly_the_live_ops_wherever_their_slots_are() {
+        let mut ops = InflightOps::<u32>::new(2, 8);
+        let ids: Vec<_> = (0..16).map(|i| ops.start(1 + i % 2, i)).collect();
+        // Free every third, so live slots sit behind freed ones.
+        for id in ids.iter().step_by(3) {
+            assert!(ops.finish(*id).is_some());
+        }
+        let mut live: Vec<u32> = ops.iter().map(|(_, &purpose)| purpose).collect();
+        live.sort_unstable();
+        let expected: Vec<u32> = (0..16).filter(|i| i % 3 != 0).collect();
+        assert_eq!(live, expected);
+        // Reused slots come back into the iteration, freed ones leave it.
+        let e = ops.start(1, 100);
+        assert!(ops
+            .iter()
+            .any(|(nsid, &purpose)| nsid == 1 && purpose == 100));
+        assert!(ops.finish(e).is_some());
+        assert_eq!(ops.iter().count(), expected.len());
     }
 
     #[test]

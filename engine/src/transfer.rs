@@ -132,7 +132,12 @@ impl DirtyMap {
     /// A map for up to `capacity` dirty blocks.
     pub fn with_capacity(capacity: usize) -> Self {
         assert!(capacity > 0 && capacity < u32::MAX as usize / 4);
-        let slots = (capacity * 2).next_power_of_two();
+        // At most two thirds full: probe chains stay short when the map fills, and the table
+        // (touched at a random slot by every write) stays half the size a 2x sizing gave it on
+        // the default ring (64K slots for 40K blocks, not 128K).
+        // More slots than keys always: a probe always ends at an empty one.
+        let slots = (capacity + capacity / 2 + 1).next_power_of_two();
+        assert!(slots > capacity);
         Self {
             keys: Vec::with_capacity(capacity),
             values: Vec::with_capacity(capacity),
@@ -331,6 +336,50 @@ mod tests {
         };
         map.note_write(&zeroes).unwrap();
         assert_eq!(map.lookup(1, 1), Some(BufferDescriptor::Zeroes));
+    }
+
+    #[test]
+    fn a_full_map_finds_every_block_as_a_model_map_does() {
+        // Filled to capacity (the table's highest load), across namespaces and twice over after
+        // a clear: every probe chain passes other keys' slots.
+        let capacity = 1000;
+        let mut map = DirtyMap::with_capacity(capacity);
+        for round in 0..2u64 {
+            let mut model = std::collections::HashMap::new();
+            for i in 0..capacity as u64 {
+                let nsid = 1 + (i % 3) as u32;
+                let block_index = (i * 7919 + round * 13) % 100_003;
+                let whole = LoggedWrite {
+                    nsid,
+                    ..write(block_index * 8, 4096, i as u32, 0)
+                };
+                map.note_write(&whole).unwrap();
+                model.insert((nsid, block_index), i as u32);
+            }
+            assert_eq!(map.len(), model.len());
+            assert_eq!(map.free(), 0);
+            for (&(nsid, block_index), &table_index) in &model {
+                assert_eq!(
+                    map.lookup(nsid, block_index),
+                    Some(BufferDescriptor::Whole {
+                        table_index,
+                        block_number: 0
+                    })
+                );
+            }
+            assert_eq!(map.lookup(4, 0), None);
+            assert_eq!(map.lookup(1, 100_003), None);
+            map.clear();
+            assert!(map.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_map_of_one_block_still_answers_for_others() {
+        let mut map = DirtyMap::with_capacity(1);
+        map.note_write(&write(0, 4096, 0, 0)).unwrap();
+        assert_eq!(map.lookup(1, 1), None);
+        assert_eq!(map.note_write(&write(8, 4096, 0, 0)), Err(DirtyMapFull));
     }
 
     #[test]

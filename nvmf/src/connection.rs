@@ -21,8 +21,16 @@ use crate::poll_group::Context;
 use crate::request::{Request, RequestState};
 use crate::send::SendItem;
 
-/// Receive staging buffer: room for many small PDUs per read.
-pub const RECV_BUFFER_BYTES: usize = 64 * 1024;
+/// Receive staging buffer: room for many small PDUs per read. One read per pass, so this bounds
+/// the writes a pass takes in: a queue of [`RECV_BATCH_WRITES`] 4 KiB in-capsule writes (a
+/// capsule header and 4 KiB each) fits whole, and their transfer, acknowledgement and responses
+/// are one syscall each for all of them. At 64 KiB a QD 32 host's writes took two passes, and
+/// every per-pass syscall was paid twice.
+pub const RECV_BUFFER_BYTES: usize = 256 * 1024;
+/// The queue depth whose 4 KiB in-capsule writes [`RECV_BUFFER_BYTES`] takes in one read.
+pub const RECV_BATCH_WRITES: usize = 32;
+const _: () =
+    assert!(RECV_BUFFER_BYTES >= RECV_BATCH_WRITES * (crate::pdu::HEADER_BYTES_MAX + 4096));
 /// How long a closing connection may take to flush its TermReq before the socket is dropped.
 pub const CLOSE_LINGER_US: u64 = 1_000_000;
 /// How long a new connection may take to send its ICReq.

@@ -105,12 +105,7 @@ impl<B: Backend> PollGroup<B> {
     pub fn poll(&mut self, now_us: u64, backend: &mut B) -> usize {
         // Completions the backend finished since the last pass go out before any socket is read:
         // a response waits for no receive syscall.
-        let mut work = self.dispatch_completions(backend);
-        if work > 0 {
-            for connection in self.slots.iter_mut().filter_map(|s| s.connection.as_mut()) {
-                connection.flush(now_us);
-            }
-        }
+        let mut work = self.poll_completions(now_us, backend);
         for slot_index in 0..self.slots.len() {
             let slot = &mut self.slots[slot_index];
             let Some(connection) = slot.connection.as_mut() else {
@@ -157,6 +152,19 @@ impl<B: Backend> PollGroup<B> {
                 self.connection_count -= 1;
                 self.tokens.retain(|_, (owner, _)| *owner != key);
                 work += 1;
+            }
+        }
+        work
+    }
+
+    /// Dispatches the backend's finished operations to their commands and flushes the
+    /// responses, without reading any socket: for a runtime that just completed writes (their
+    /// acknowledgement came) and wants them on the wire before its next full pass.
+    pub fn poll_completions(&mut self, now_us: u64, backend: &mut B) -> usize {
+        let work = self.dispatch_completions(backend);
+        if work > 0 {
+            for connection in self.slots.iter_mut().filter_map(|s| s.connection.as_mut()) {
+                connection.flush(now_us);
             }
         }
         work

@@ -197,6 +197,11 @@ pub trait FrontEnd {
     /// Issues (and re-issues after back-pressure) host I/O against the volume API and collects
     /// completions with [`Volume::pop_completed`]. Returns work done.
     fn poll(&mut self, now_us: u64, volume: &mut Volume) -> usize;
+    /// Answers the host I/O that completed since the last poll, taking no new I/O in (a
+    /// front end with nothing cheaper than [`FrontEnd::poll`] leaves them to it).
+    fn poll_completions(&mut self, _now_us: u64, _volume: &mut Volume) -> usize {
+        0
+    }
     fn wait_fds(&self, _out: &mut Vec<RawFd>) {}
     /// Mailboxes the front end drains (see [`Poller::doorbells`]).
     fn doorbells(&self, _out: &mut Vec<Arc<dyn Doorbell>>) {}
@@ -216,6 +221,12 @@ impl<F: FrontEnd> FrontEnd for Option<F> {
         match self {
             Some(front_end) => front_end.poll(now_us, volume),
             None => NoFrontEnd.poll(now_us, volume),
+        }
+    }
+    fn poll_completions(&mut self, now_us: u64, volume: &mut Volume) -> usize {
+        match self {
+            Some(front_end) => front_end.poll_completions(now_us, volume),
+            None => 0,
         }
     }
     fn wait_fds(&self, out: &mut Vec<RawFd>) {
@@ -406,10 +417,10 @@ impl<F: FrontEnd> SourceNode<F> {
     }
 }
 
-impl<F: FrontEnd> Poller for SourceNode<F> {
-    /// One reactor pass, ordered so a write needs as few passes as possible: acknowledgements
-    /// in, completions to the front end, new host I/O in, transfers closed and sent.
-    fn poll(&mut self, now_us: u64) -> usize {
+impl<F: FrontEnd> SourceNode<F> {
+    /// The first half of a pass, what a host write waits for: acknowledgements in, completions
+    /// to the front end, new host I/O in, transfers closed and sent.
+    pub fn poll_replication(&mut self, now_us: u64) -> usize {
         self.now_us = now_us;
         let mut work = self.link.poll(now_us, &mut self.volume.source);
         work += self.drain_events();
@@ -418,7 +429,26 @@ impl<F: FrontEnd> Poller for SourceNode<F> {
         work += self
             .link
             .close_if_requested(now_us, &mut self.volume.source);
-        work += self.pump_metadata();
+        work + self.link.send(now_us, &mut self.volume.source)
+    }
+
+    /// Between the halves when the destination just ran on this thread: its TransferAcks are on
+    /// the loopback socket already, so the writes they complete are answered in this pass.
+    pub fn poll_acknowledgements(&mut self, now_us: u64) -> usize {
+        if !self.volume.source.awaits_transfer_acks() {
+            return 0;
+        }
+        let mut work = self.link.poll(now_us, &mut self.volume.source);
+        work += self.drain_events();
+        work + self.front_end.poll_completions(now_us, &mut self.volume)
+    }
+
+    /// The second half, what no acknowledgement waits for: metadata and primary device ops
+    /// (a write completes once it is in both logs, not on the primary), counters, and what
+    /// device completions queued for the destination.
+    pub fn poll_devices(&mut self, now_us: u64) -> usize {
+        self.now_us = now_us;
+        let mut work = self.pump_metadata();
         if self.front_end.is_some() {
             work += self.volume.pump_devices(now_us);
         } else {
@@ -427,6 +457,14 @@ impl<F: FrontEnd> Poller for SourceNode<F> {
         work += self.drain_events();
         self.poll_control(now_us);
         work + self.link.send(now_us, &mut self.volume.source)
+    }
+}
+
+impl<F: FrontEnd> Poller for SourceNode<F> {
+    /// One reactor pass, ordered so a write needs as few passes as possible: the transfers of
+    /// new writes are on the socket before the primary writes start.
+    fn poll(&mut self, now_us: u64) -> usize {
+        self.poll_replication(now_us) + self.poll_devices(now_us)
     }
 
     fn wait_fds(&self, out: &mut Vec<RawFd>) {
@@ -781,8 +819,15 @@ pub struct PairNode<F: FrontEnd> {
 }
 
 impl<F: FrontEnd> Poller for PairNode<F> {
+    /// The destination takes the source's transfers (on the loopback socket the moment they
+    /// were sent) and the source its acknowledgements, and the writes they complete are
+    /// answered, before the source writes its primaries: a host write is acknowledged in the
+    /// pass that received it.
     fn poll(&mut self, now_us: u64) -> usize {
-        self.source.poll(now_us) + self.destination.poll(now_us)
+        let mut work = self.source.poll_replication(now_us);
+        work += self.destination.poll(now_us);
+        work += self.source.poll_acknowledgements(now_us);
+        work + self.source.poll_devices(now_us)
     }
 
     fn wait_fds(&self, out: &mut Vec<RawFd>) {

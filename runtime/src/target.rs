@@ -63,6 +63,11 @@ impl<B: RemoteRouting> TargetServer<B> {
         work + self.group.poll(now_us, backend)
     }
 
+    /// Responses of the commands whose backend operations finished, sent now (no socket read).
+    pub fn poll_completions(&mut self, now_us: u64, backend: &mut B) -> usize {
+        self.group.poll_completions(now_us, backend)
+    }
+
     pub fn wait_fds(&self, out: &mut Vec<RawFd>) {
         out.extend(self.listeners.iter().map(Listener::raw_fd));
         self.group.raw_fds(out);
@@ -107,6 +112,10 @@ pub type TargetFrontEnd = TargetServer<Volume>;
 impl FrontEnd for TargetFrontEnd {
     fn poll(&mut self, now_us: u64, volume: &mut Volume) -> usize {
         TargetServer::poll(self, now_us, volume)
+    }
+
+    fn poll_completions(&mut self, now_us: u64, volume: &mut Volume) -> usize {
+        TargetServer::poll_completions(self, now_us, volume)
     }
 
     fn wait_fds(&self, out: &mut Vec<RawFd>) {

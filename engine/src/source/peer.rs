@@ -52,7 +52,7 @@ impl<M: RingStore> Source<M> {
     }
 
     /// Transfers sent on this session and not yet acknowledged.
-    fn awaiting_acks(&self) -> bool {
+    pub(super) fn awaiting_acks(&self) -> bool {
         self.link == LinkState::Ready
             && self
                 .cps

@@ -79,6 +79,10 @@ impl<T: SyncIo> BlockDevice for Immediate<T> {
 
     fn poll_completions(&mut self, complete: &mut dyn FnMut(DeviceCompletion<'_>)) -> usize {
         let count = self.done.len();
+        if count > 0 {
+            // One fence for the poll's writes, before any of them is reported done.
+            self.store.order_writes();
+        }
         for index in 0..count {
             let (id, done) = self.done[index];
             let result = match done {

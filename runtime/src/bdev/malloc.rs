@@ -25,6 +25,8 @@ pub enum MallocBacking {
 pub struct MallocDevice {
     memory: MmapMut,
     backing: MallocBacking,
+    /// Streamed writes not ordered yet ([`SyncIo::order_writes`]).
+    unordered_writes: bool,
 }
 
 impl MallocDevice {
@@ -57,6 +59,7 @@ impl MallocDevice {
                     return Ok(MallocDevice {
                         memory,
                         backing: MallocBacking::Hugepages,
+                        unordered_writes: false,
                     })
                 }
                 Err(error) => format!("hugepage mapping failed ({error})"),
@@ -67,6 +70,7 @@ impl MallocDevice {
         Ok(MallocDevice {
             memory,
             backing: MallocBacking::RegularPages,
+            unordered_writes: false,
         })
     }
 
@@ -91,12 +95,21 @@ impl SyncIo for MallocDevice {
     fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> io::Result<()> {
         check_range(offset_bytes, data.len(), self.size_bytes())?;
         let start = offset_bytes as usize;
-        crate::stream::stream_copy(&mut self.memory[start..start + data.len()], data);
+        crate::stream::stream_copy_unfenced(&mut self.memory[start..start + data.len()], data);
+        self.unordered_writes = true;
         Ok(())
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        self.order_writes();
         Ok(())
+    }
+
+    fn order_writes(&mut self) {
+        if self.unordered_writes {
+            crate::stream::store_fence();
+            self.unordered_writes = false;
+        }
     }
 
     fn memory(&self) -> Option<&[u8]> {

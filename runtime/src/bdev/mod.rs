@@ -51,6 +51,10 @@ pub trait SyncIo: Send {
     }
     /// Makes every completed write durable.
     fn flush(&mut self) -> io::Result<()>;
+    /// Orders every write so far before what the caller stores next (the completion it reports,
+    /// which another thread may act on by reading the written memory). A store whose writes are
+    /// ordered already (every syscall-backed one) has nothing to do.
+    fn order_writes(&mut self) {}
     /// The whole namespace as memory, for a store that is memory (reads are then served from
     /// it without a copy).
     fn memory(&self) -> Option<&[u8]> {
