@@ -211,6 +211,26 @@ struct OpContext {
     done: Rc<RefCell<VecDeque<Done>>>,
 }
 
+impl OpContext {
+    /// The op ended: its completion waits for the next poll.
+    fn finish(self, ok: bool) {
+        let OpContext {
+            id,
+            kind,
+            length,
+            buf,
+            done,
+        } = self;
+        done.borrow_mut().push_back(Done {
+            id,
+            kind,
+            length,
+            buf,
+            ok,
+        });
+    }
+}
+
 /// An op SPDK could not take yet (`-ENOMEM`).
 struct Waiting {
     context: Box<OpContext>,
@@ -242,20 +262,7 @@ unsafe extern "C" fn op_done(bdev_io: *mut sys::spdk_bdev_io, success: bool, ctx
     let context = unsafe { Box::from_raw(ctx as *mut OpContext) };
     // SAFETY: SPDK hands the callback its finished I/O to free.
     unsafe { sys::spdk_bdev_free_io(bdev_io) };
-    let OpContext {
-        id,
-        kind,
-        length,
-        buf,
-        done,
-    } = *context;
-    done.borrow_mut().push_back(Done {
-        id,
-        kind,
-        length,
-        buf,
-        ok: success,
-    });
+    (*context).finish(success);
 }
 
 impl BdevDevice {
@@ -356,20 +363,7 @@ impl BdevDevice {
             self.name(),
             std::io::Error::from_raw_os_error(-rc)
         );
-        let OpContext {
-            id,
-            kind,
-            length,
-            buf,
-            done,
-        } = *context;
-        done.borrow_mut().push_back(Done {
-            id,
-            kind,
-            length,
-            buf,
-            ok: false,
-        });
+        (*context).finish(false);
         Ok(())
     }
 

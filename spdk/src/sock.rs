@@ -51,48 +51,34 @@ fn endpoint(address: SocketAddr) -> Result<(CString, i32), io::Error> {
     Ok((ip, i32::from(address.port())))
 }
 
-/// The local address of a listening socket.
-fn listen_address(sock: *mut sys::spdk_sock) -> Option<SocketAddr> {
-    let mut local = [0 as c_char; 64];
-    let mut local_port = 0u16;
-    // SAFETY: the buffer is as long as passed; SPDK writes a NUL-terminated string; a listening
-    // socket has no peer, so none is asked for.
-    let rc = unsafe {
-        sys::spdk_sock_getaddr(
-            sock,
-            local.as_mut_ptr(),
-            local.len() as i32,
-            &mut local_port,
-            std::ptr::null_mut(),
-            0,
-            std::ptr::null_mut(),
-        )
-    };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: SPDK wrote a NUL-terminated string into local.
-    let ip = unsafe { std::ffi::CStr::from_ptr(local.as_ptr()) }
-        .to_string_lossy()
-        .into_owned();
-    format!("{ip}:{local_port}").parse().ok()
-}
-
-/// The (local, peer) addresses of a connected socket.
-fn addresses(sock: *mut sys::spdk_sock) -> Option<(SocketAddr, SocketAddr)> {
+/// The local address of a socket and, when `with_peer` (a connected one), its peer's.
+fn addresses(
+    sock: *mut sys::spdk_sock,
+    with_peer: bool,
+) -> Option<(SocketAddr, Option<SocketAddr>)> {
     let mut local = [0 as c_char; 64];
     let mut peer = [0 as c_char; 64];
     let (mut local_port, mut peer_port) = (0u16, 0u16);
-    // SAFETY: the buffers are as long as passed; SPDK writes NUL-terminated strings.
+    let (peer_buf, peer_len, peer_port_ptr) = if with_peer {
+        (
+            peer.as_mut_ptr(),
+            peer.len() as i32,
+            &mut peer_port as *mut u16,
+        )
+    } else {
+        (std::ptr::null_mut(), 0, std::ptr::null_mut())
+    };
+    // SAFETY: the buffers are as long as passed (none for a listening socket's peer, which
+    // SPDK refuses to report); SPDK writes NUL-terminated strings.
     let rc = unsafe {
         sys::spdk_sock_getaddr(
             sock,
             local.as_mut_ptr(),
             local.len() as i32,
             &mut local_port,
-            peer.as_mut_ptr(),
-            peer.len() as i32,
-            &mut peer_port,
+            peer_buf,
+            peer_len,
+            peer_port_ptr,
         )
     };
     if rc != 0 {
@@ -105,7 +91,11 @@ fn addresses(sock: *mut sys::spdk_sock) -> Option<(SocketAddr, SocketAddr)> {
             .into_owned()
     };
     let local = format!("{}:{local_port}", text(&local)).parse().ok()?;
-    let peer = format!("{}:{peer_port}", text(&peer)).parse().ok()?;
+    let peer = if with_peer {
+        Some(format!("{}:{peer_port}", text(&peer)).parse().ok()?)
+    } else {
+        None
+    };
     Some((local, peer))
 }
 
@@ -141,7 +131,9 @@ impl Transport for SockTransport {
         if sock.is_null() {
             return Err(no_socket(io::ErrorKind::AddrInUse, "spdk_sock_listen"));
         }
-        let local = listen_address(sock).or(Some(address));
+        let local = addresses(sock, false)
+            .map(|(local, _)| local)
+            .or(Some(address));
         Ok(Box::new(Listener {
             sock: Sock { sock, peer: None },
             local,
@@ -176,7 +168,7 @@ impl LinkStream for Sock {
 
     fn peer_addr(&self) -> Option<SocketAddr> {
         self.peer
-            .or_else(|| addresses(self.sock).map(|(_, peer)| peer))
+            .or_else(|| addresses(self.sock, true).and_then(|(_, peer)| peer))
     }
 
     fn shutdown(&mut self) {
@@ -216,7 +208,7 @@ impl LinkListener for Listener {
                 _ => error,
             });
         }
-        let peer = addresses(sock).map(|(_, peer)| peer);
+        let peer = addresses(sock, true).and_then(|(_, peer)| peer);
         let from = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         Ok((Box::new(Sock { sock, peer }), from))
     }
