@@ -31,7 +31,7 @@ void nvmirror_set_module_callbacks(const struct nvmirror_module_callbacks *callb
 void *nvmirror_bdev_io_ctxt(struct spdk_bdev_io *bdev_io);
 void *nvmirror_bdev_io_driver_ctx(struct spdk_bdev_io *bdev_io);
 /* Bytes of per-I/O context the module asks for (in nvmirror_bdev_io_driver_ctx). */
-#define NVMIRROR_BDEV_IO_CTX_BYTES 16
+#define NVMIRROR_BDEV_IO_CTX_BYTES 8
 /* spdk_io_channel_get_ctx, a static inline function. */
 void *nvmirror_io_channel_get_ctx(struct spdk_io_channel *ch);
 

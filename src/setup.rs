@@ -13,6 +13,7 @@ use nvmirror_engine::device::BlockDevice;
 use nvmirror_engine::source::{CpMode, Source, SourceConfig};
 use nvmirror_nvmf::Target;
 use nvmirror_runtime::bdev::{open_file_namespace, FaultyDevice, Immediate, MallocDevice};
+use nvmirror_runtime::link::TcpTransport;
 use nvmirror_runtime::metadata_file::{open_metadata_file, MetadataFile};
 use nvmirror_runtime::node::{
     Command, DestinationNode, Device, FrontEnd, Hosted, Node, NodeControl, PairNode, SourceEngine,
@@ -353,6 +354,7 @@ fn build_source<F: FrontEnd>(
 ) -> Result<SourceNode<F>, String> {
     let (source, primaries, metadata_device) = open_source(config)?;
     Ok(SourceNode::new(
+        TcpTransport::shared(),
         source,
         primaries,
         metadata_device,
@@ -369,6 +371,7 @@ fn build_destination(
     let listen = config.listen.expect("validated: a destination listens");
     let (destination, mirrors, metadata_device) = open_destination(config)?;
     let node = DestinationNode::new(
+        TcpTransport::shared(),
         destination,
         mirrors,
         metadata_device,

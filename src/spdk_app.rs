@@ -260,7 +260,7 @@ fn start_volume(name: String, config: Config, params: Value) -> Result<Volume, (
                 setup::open_source_on(&config, ring).map_err(internal)?;
             let peer = config.peer.expect("validated: a source has a peer");
             let front_inbox = inbox.clone();
-            let node = SourceNode::over(
+            let node = SourceNode::new(
                 Arc::new(SockTransport),
                 source,
                 primaries,
@@ -299,7 +299,7 @@ fn start_volume(name: String, config: Config, params: Value) -> Result<Volume, (
             let (destination, mirrors, metadata_device) =
                 setup::open_destination_on(&config, ring).map_err(internal)?;
             let listen = config.listen.expect("validated: a destination listens");
-            let node = DestinationNode::over(
+            let node = DestinationNode::new(
                 Arc::new(SockTransport),
                 destination,
                 mirrors,

@@ -240,7 +240,6 @@ pub struct Link {
 }
 
 impl Link {
-    /// A source's link: dials `peer` now and again after every failure.
     /// A source's link dials `peer` from now on (the operator attached another destination):
     /// the current connection, if any, is closed and the next dial is at once.
     pub fn set_peer<E: LinkEndpoint>(&mut self, now_us: u64, endpoint: &mut E, peer: SocketAddr) {
@@ -262,16 +261,8 @@ impl Link {
         );
     }
 
-    pub fn dial(peer: SocketAddr, message_bytes_max: usize) -> Self {
-        Self::dial_over(TcpTransport::shared(), peer, message_bytes_max)
-    }
-
-    /// A source's link over `transport`.
-    pub fn dial_over(
-        transport: Arc<dyn Transport>,
-        peer: SocketAddr,
-        message_bytes_max: usize,
-    ) -> Self {
+    /// A source's link: dials `peer` over `transport` now and again after every failure.
+    pub fn dial(transport: Arc<dyn Transport>, peer: SocketAddr, message_bytes_max: usize) -> Self {
         Self::new(
             transport,
             LinkRole::Dial {
@@ -283,13 +274,8 @@ impl Link {
         )
     }
 
-    /// A destination's link: accepts on `listen`.
-    pub fn accept(listen: SocketAddr, message_bytes_max: usize) -> io::Result<Self> {
-        Self::accept_over(TcpTransport::shared(), listen, message_bytes_max)
-    }
-
-    /// A destination's link over `transport`.
-    pub fn accept_over(
+    /// A destination's link: accepts on `listen` over `transport`.
+    pub fn accept(
         transport: Arc<dyn Transport>,
         listen: SocketAddr,
         message_bytes_max: usize,

@@ -19,7 +19,9 @@ use nvmirror_engine::source::{ResyncStatus, Source, SourceEvent};
 use nvmirror_engine::wire;
 
 use crate::bdev::NamespaceDevice;
-use crate::link::{IoVecs, Link, LinkEndpoint, TcpTransport, Transport};
+#[cfg(doc)]
+use crate::link::TcpTransport;
+use crate::link::{IoVecs, Link, LinkEndpoint, Transport};
 use crate::reactor::{Doorbell, Mailbox, Poller};
 use crate::remote::QueuePairHost;
 use crate::ring_memory::RingMemory;
@@ -353,27 +355,9 @@ pub struct SourceNode<F: FrontEnd> {
 }
 
 impl<F: FrontEnd> SourceNode<F> {
+    /// A source whose link runs over `transport` ([`TcpTransport`], or the SPDK runtime's
+    /// sock layer).
     pub fn new(
-        source: SourceEngine,
-        primaries: Vec<Device>,
-        metadata_device: Device,
-        peer: SocketAddr,
-        make_front_end: MakeFrontEnd<F>,
-        control: Arc<NodeControl>,
-    ) -> Self {
-        Self::over(
-            TcpTransport::shared(),
-            source,
-            primaries,
-            metadata_device,
-            peer,
-            make_front_end,
-            control,
-        )
-    }
-
-    /// A source whose link runs over `transport` (the SPDK runtime's sock layer).
-    pub fn over(
         transport: Arc<dyn Transport>,
         source: SourceEngine,
         primaries: Vec<Device>,
@@ -382,7 +366,7 @@ impl<F: FrontEnd> SourceNode<F> {
         make_front_end: MakeFrontEnd<F>,
         control: Arc<NodeControl>,
     ) -> Self {
-        let link = Link::dial_over(transport, peer, wire::MESSAGE_BYTES_MAX);
+        let link = Link::dial(transport, peer, wire::MESSAGE_BYTES_MAX);
         SourceNode {
             volume: Volume::new(source, primaries),
             link,
@@ -656,25 +640,9 @@ pub struct DestinationNode {
 }
 
 impl DestinationNode {
+    /// A destination whose link runs over `transport` ([`TcpTransport`], or the SPDK runtime's
+    /// sock layer).
     pub fn new(
-        destination: DestinationEngine,
-        mirrors: Vec<Device>,
-        metadata_device: Device,
-        listen: SocketAddr,
-        control: Arc<NodeControl>,
-    ) -> std::io::Result<Self> {
-        Self::over(
-            TcpTransport::shared(),
-            destination,
-            mirrors,
-            metadata_device,
-            listen,
-            control,
-        )
-    }
-
-    /// A destination whose link runs over `transport` (the SPDK runtime's sock layer).
-    pub fn over(
         transport: Arc<dyn Transport>,
         destination: DestinationEngine,
         mirrors: Vec<Device>,
@@ -682,7 +650,7 @@ impl DestinationNode {
         listen: SocketAddr,
         control: Arc<NodeControl>,
     ) -> std::io::Result<Self> {
-        let link = Link::accept_over(transport, listen, wire::MESSAGE_BYTES_MAX)?;
+        let link = Link::accept(transport, listen, wire::MESSAGE_BYTES_MAX)?;
         Ok(DestinationNode {
             destination,
             mirrors,

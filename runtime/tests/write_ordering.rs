@@ -26,6 +26,7 @@ use nvmirror_nvmf::pdu::{
 };
 use nvmirror_nvmf::Target;
 use nvmirror_runtime::bdev::read_waiting;
+use nvmirror_runtime::link::TcpTransport;
 use nvmirror_runtime::node::{
     DestinationEngine, DestinationNode, Device, NodeControl, SourceEngine, SourceNode,
 };
@@ -118,6 +119,7 @@ impl Pair {
             .unwrap();
             let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
             let mut destination = DestinationNode::new(
+                TcpTransport::shared(),
                 destination,
                 vec![memory_device()],
                 metadata_device(2, &sizes),
@@ -148,6 +150,7 @@ impl Pair {
             address_sender.send(front_end.local_addrs()[0]).unwrap();
             let peer = destination.local_addr().expect("listening");
             let mut source = SourceNode::new(
+                TcpTransport::shared(),
                 source,
                 vec![memory_device()],
                 metadata_device(1, &sizes),

@@ -236,7 +236,7 @@ struct Waiting {
     context: Box<OpContext>,
     offset_bytes: u64,
     /// Data submitted in place (registered memory), when `context.buf` holds no copy.
-    in_place: Option<(*const u8, usize)>,
+    in_place: Option<*const u8>,
     zeroes: bool,
 }
 
@@ -305,7 +305,7 @@ impl BdevDevice {
         let kind = context.kind;
         let data_ptr = match (&context.buf, in_place) {
             (Some(buf), _) => buf.as_ptr() as *mut c_void,
-            (None, Some((ptr, _))) => ptr as *mut c_void,
+            (None, Some(ptr)) => ptr as *mut c_void,
             (None, None) => std::ptr::null_mut(),
         };
         let ctx = Box::into_raw(context) as *mut c_void;
@@ -392,7 +392,7 @@ impl BlockDevice for BdevDevice {
         let buf = match op.request {
             DeviceRequest::Read { .. } => Some(self.pool.take(length)),
             DeviceRequest::Write { data, .. } if is_registered(data) => {
-                in_place = Some((data.as_ptr(), data.len()));
+                in_place = Some(data.as_ptr());
                 None
             }
             DeviceRequest::Write { data, .. } => Some(self.pool.take(length).map(|mut buf| {
@@ -405,39 +405,27 @@ impl BlockDevice for BdevDevice {
             }
             DeviceRequest::Flush => None,
         };
-        let buf = match buf.transpose() {
-            Ok(buf) => buf,
-            Err(reason) => {
-                log::error!("bdev {}: {kind} at {offset_bytes}: {reason}", self.name());
-                self.done.borrow_mut().push_back(Done {
-                    id: op.id,
-                    kind,
-                    length,
-                    buf: None,
-                    ok: false,
-                });
-                return;
-            }
+        let (buf, failed) = match buf.transpose() {
+            Ok(buf) => (buf, None),
+            Err(reason) => (None, Some(reason)),
         };
+        let context = Box::new(OpContext {
+            id: op.id,
+            kind,
+            length,
+            buf,
+            done: self.done.clone(),
+        });
+        if let Some(reason) = failed {
+            log::error!("bdev {}: {kind} at {offset_bytes}: {reason}", self.name());
+            return (*context).finish(false);
+        }
         if kind == DeviceOpKind::Flush && !self.flush_supported {
             // A bdev without flush has no volatile cache: its completed writes are durable.
-            self.done.borrow_mut().push_back(Done {
-                id: op.id,
-                kind,
-                length: 0,
-                buf: None,
-                ok: true,
-            });
-            return;
+            return (*context).finish(true);
         }
         let waiting = Waiting {
-            context: Box::new(OpContext {
-                id: op.id,
-                kind,
-                length,
-                buf,
-                done: self.done.clone(),
-            }),
+            context,
             offset_bytes,
             in_place,
             zeroes,

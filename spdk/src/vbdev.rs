@@ -19,7 +19,7 @@ use std::ffi::{c_void, CString};
 use std::sync::{Arc, Mutex};
 
 use nvmirror_engine::geometry::{SECTOR_SIZE, WRITE_BYTES_MAX, WRITE_ZEROES_BYTES_MAX};
-use nvmirror_nvmf::pdu::nvme::{GenericStatus, PathStatus};
+use nvmirror_nvmf::io::status_from;
 use nvmirror_nvmf::{Backend, BackendError, IoToken};
 use nvmirror_runtime::node::{FrontEnd, Volume};
 
@@ -28,8 +28,8 @@ use crate::thread::{Poller, Thread};
 
 use sys::spdk_bdev_io_type as io_type;
 
-/// A bdev I/O pointer that crosses to the node's thread (SPDK I/O may complete on any
-/// thread only through a message to its own, which [`complete`] does).
+/// A bdev I/O pointer that crosses to the node's thread and back (SPDK completes an I/O only
+/// on its own thread, which [`complete`] sees to).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct IoPtr(*mut sys::spdk_bdev_io);
 
@@ -109,46 +109,13 @@ enum Completion {
 }
 
 impl Completion {
+    /// The NVMe status of a backend error: the target's one mapping
+    /// ([`nvmirror_nvmf::io::status_from`]).
     fn from_error(error: BackendError) -> Completion {
-        match error {
-            BackendError::InvalidNamespace => Completion::Nvme {
-                sct: 0,
-                sc: GenericStatus::InvalidNamespaceOrFormat as u8,
-            },
-            BackendError::OutOfRange => Completion::Nvme {
-                sct: 0,
-                sc: GenericStatus::LbaOutOfRange as u8,
-            },
-            BackendError::Io => Completion::Nvme {
-                sct: 0,
-                sc: GenericStatus::InternalError as u8,
-            },
-            BackendError::PathInaccessible => Completion::Nvme {
-                sct: 3,
-                sc: PathStatus::AsymmetricAccessInaccessible as u8,
-            },
-            BackendError::Busy => unreachable!("Busy is retried, never reported"),
-        }
-    }
-
-    fn encode(self) -> [u8; 4] {
-        match self {
-            Completion::Success => [0, 0, 0, 0],
-            Completion::Nvme { sct, sc } => [1, sct, sc, 0],
-            Completion::Aborted => [2, 0, 0, 0],
-            Completion::Failed => [3, 0, 0, 0],
-        }
-    }
-
-    fn decode(bytes: [u8; 4]) -> Completion {
-        match bytes[0] {
-            0 => Completion::Success,
-            1 => Completion::Nvme {
-                sct: bytes[1],
-                sc: bytes[2],
-            },
-            2 => Completion::Aborted,
-            _ => Completion::Failed,
+        let status = status_from(error);
+        Completion::Nvme {
+            sct: status.sct.to_bits(),
+            sc: status.sc,
         }
     }
 }
@@ -156,11 +123,9 @@ impl Completion {
 /// Completions of one channel's I/O, drained on the channel's thread.
 type Outbox = Mutex<Vec<(IoPtr, Completion)>>;
 
-/// What the module keeps in each I/O's driver context (NVMIRROR_BDEV_IO_CTX_BYTES = 16).
+/// What the module keeps in each I/O's driver context (NVMIRROR_BDEV_IO_CTX_BYTES).
 #[repr(C)]
 struct IoContext {
-    completion: [u8; 4],
-    _pad: [u8; 4],
     /// The outbox of the channel the I/O was submitted on (alive while the I/O is).
     outbox: *const Outbox,
 }
@@ -198,16 +163,6 @@ unsafe fn complete_on_thread(io: *mut sys::spdk_bdev_io, completion: Completion)
     }
 }
 
-unsafe extern "C" fn complete_message(ctx: *mut c_void) {
-    let io = ctx as *mut sys::spdk_bdev_io;
-    // SAFETY: the I/O's context holds the completion `complete` wrote before sending this
-    // message to the I/O's thread, where it runs once.
-    unsafe {
-        let completion = Completion::decode((*io_context(io)).completion);
-        complete_on_thread(io, completion);
-    }
-}
-
 /// Completes `io` on its own thread: at once when that is the current one, else through its
 /// channel's outbox.
 fn complete(io: IoPtr, completion: Completion) {
@@ -218,22 +173,10 @@ fn complete(io: IoPtr, completion: Completion) {
         unsafe { complete_on_thread(io.0, completion) };
         return;
     }
-    let context = io_context(io.0);
-    // SAFETY: the context is ours while the I/O lives; its outbox belongs to the I/O's channel,
-    // which SPDK keeps until the channel's I/O completed.
-    unsafe {
-        match (*context).outbox.as_ref() {
-            Some(outbox) => outbox.lock().unwrap().push((io, completion)),
-            None => {
-                (*context).completion = completion.encode();
-                let rc = sys::spdk_thread_send_msg(thread, Some(complete_message), io.0.cast());
-                assert_eq!(
-                    rc, 0,
-                    "SPDK's message pool is exhausted: an I/O cannot complete"
-                );
-            }
-        }
-    }
+    // SAFETY: the context is ours while the I/O lives; submit_request set its outbox, which
+    // belongs to the I/O's channel, kept by SPDK until the channel's I/O completed.
+    let outbox = unsafe { &*(*io_context(io.0)).outbox };
+    outbox.lock().unwrap().push((io, completion));
 }
 
 /// One exported namespace: the SPDK bdev and what its callbacks reach.
@@ -276,8 +219,6 @@ unsafe extern "C" fn submit_request(ch: *mut sys::spdk_io_channel, io: *mut sys:
     unsafe {
         let state = *(sys::nvmirror_io_channel_get_ctx(ch) as *const *const ChannelState);
         *io_context(io) = IoContext {
-            completion: [0; 4],
-            _pad: [0; 4],
             outbox: &(*state).outbox,
         };
     }
@@ -484,9 +425,10 @@ pub fn export(spec: &BdevSpec, inbox: &Inbox) -> Result<ExportedBdev, String> {
 /// What an I/O in flight in the engine waits for.
 #[derive(Debug, Clone, Copy)]
 enum Waiting {
-    Write(IoPtr),
+    /// A write, flush or write-zeroes: completes with the engine's result.
+    Result(IoPtr),
+    /// A read of this many bytes: its data is copied into the I/O's buffers first.
     Read(IoPtr, usize),
-    Other(IoPtr),
 }
 
 /// The replicated bdevs' I/O as a source's front end: bdev I/O in, engine completions out.
@@ -536,7 +478,7 @@ impl BdevFrontEnd {
                             offset += data.len();
                         }
                         let token = volume.commit_write(now_us, slot);
-                        Ok(Some((token, Waiting::Write(io))))
+                        Ok(Some((token, Waiting::Result(io))))
                     }
                     Err(error) => Err(error),
                 }
@@ -557,10 +499,10 @@ impl BdevFrontEnd {
             }
             io_type::SPDK_BDEV_IO_TYPE_FLUSH => volume
                 .flush(now_us, nsid)
-                .map(|token| Some((token, Waiting::Other(io)))),
+                .map(|token| Some((token, Waiting::Result(io)))),
             io_type::SPDK_BDEV_IO_TYPE_WRITE_ZEROES => volume
                 .write_zeroes(now_us, nsid, lba, length)
-                .map(|token| Some((token, Waiting::Other(io)))),
+                .map(|token| Some((token, Waiting::Result(io)))),
             // No command is queued anywhere but in the engine, which completes them all.
             io_type::SPDK_BDEV_IO_TYPE_RESET => Ok(None),
             _ => {
@@ -585,7 +527,7 @@ impl BdevFrontEnd {
             return;
         };
         match waiting {
-            Waiting::Write(io) | Waiting::Other(io) => complete(io, completion_of(result)),
+            Waiting::Result(io) => complete(io, completion_of(result)),
             Waiting::Read(io, length) => {
                 self.scratch.resize(length, 0);
                 let result = Backend::finish_read(volume, token, &mut self.scratch);
@@ -655,7 +597,7 @@ impl Drop for BdevFrontEnd {
             complete(io, Completion::Aborted);
         }
         for (_, waiting) in self.waiting.drain() {
-            let (Waiting::Write(io) | Waiting::Read(io, _) | Waiting::Other(io)) = waiting;
+            let (Waiting::Result(io) | Waiting::Read(io, _)) = waiting;
             complete(io, Completion::Aborted);
         }
         self.inbox.close();
