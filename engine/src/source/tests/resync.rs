@@ -13,6 +13,13 @@ fn degrade_pair() -> Pair {
     })
 }
 
+/// Everything the source queued, as bytes (sent or lost by the caller).
+fn source_bytes(p: &mut Pair) -> Vec<u8> {
+    p.source
+        .out
+        .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize))
+}
+
 fn events_of(p: &mut Pair) -> Vec<SourceEvent> {
     std::iter::from_fn(|| p.source.poll_event()).collect()
 }
@@ -21,10 +28,7 @@ fn events_of(p: &mut Pair) -> Vec<SourceEvent> {
 /// timeout: the source declares the destination lost and (degrade) goes on alone.
 fn lose_destination(p: &mut Pair) {
     p.source.handle_tick(p.now_us);
-    let _ = p
-        .source
-        .out
-        .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
+    let _ = source_bytes(p);
     p.source.handle_disconnected(p.now_us);
     p.destination.handle_disconnected(p.now_us);
     p.now_us += 2 * PEER_TIMEOUT_US;
@@ -41,10 +45,7 @@ fn run_alone(p: &mut Pair) -> Vec<SourceEvent> {
         p.source.handle_tick(p.now_us);
         events.extend(events_of(p));
         // Nothing reaches the destination while it is lost.
-        let _ = p
-            .source
-            .out
-            .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
+        let _ = source_bytes(p);
         if !busy {
             break;
         }
@@ -57,10 +58,7 @@ fn run_alone(p: &mut Pair) -> Vec<SourceEvent> {
 fn lockstep(p: &mut Pair, lost: impl Fn(&wire::Message<'_>) -> bool) {
     p.source.handle_tick(p.now_us);
     p.devices();
-    let bytes = p
-        .source
-        .out
-        .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
+    let bytes = source_bytes(p);
     for message in split(&bytes) {
         p.destination.handle_message(p.now_us, message).unwrap();
     }
@@ -460,10 +458,7 @@ fn no_cp_completes_on_the_primary_alone_during_a_handshake() {
     p.devices();
     p.destination.handle_connected(p.now_us);
     p.source.handle_connected(p.now_us);
-    let hello = p
-        .source
-        .out
-        .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
+    let hello = source_bytes(&mut p);
     for message in split(&hello) {
         p.destination.handle_message(p.now_us, message).unwrap();
     }
@@ -801,10 +796,7 @@ fn a_lost_resync_done_ack_leaves_no_stale_bitmap_base() {
     for _ in 0..200 {
         p.source.handle_tick(p.now_us);
         p.devices();
-        let bytes = p
-            .source
-            .out
-            .drain_to_vec(p.source.ring.bytes(0, RING_BYTES_MIN as usize));
+        let bytes = source_bytes(&mut p);
         for message in split(&bytes) {
             done_sent |= matches!(wire::decode(message), Ok(wire::Message::ResyncDone { .. }));
             p.destination.handle_message(p.now_us, message).unwrap();
