@@ -651,6 +651,18 @@ fn promote(params: Option<Value>, responder: Responder) {
         if volume.running.role() != "destination" {
             return give_back(volume, invalid(format!("'{name}' is a source already")));
         }
+        // Refused while it runs, so the destination is not even interrupted (the engine
+        // refuses it again below, should a resync begin in between).
+        let counters = volume.running.publish();
+        let status = node_status_json("destination", volume.running.control(), &counters);
+        if status["generations"]["resync_target"] == json!(true) {
+            return give_back(
+                volume,
+                invalid(format!(
+                    "'{name}' is being resynced from its source: its mirror is not a consistent image, so it is not promoted; it goes on as a destination"
+                )),
+            );
+        }
         let peer: std::net::SocketAddr = match peer {
             Some(Ok(peer)) => peer,
             Some(Err(error)) => return give_back(volume, error),
@@ -668,7 +680,8 @@ fn promote(params: Option<Value>, responder: Responder) {
         Err((code, message)) => return responder.error(code, &message),
     };
     let config = volume.config.clone();
-    let mut params = volume.params.clone();
+    let destination_params = volume.params.clone();
+    let mut params = destination_params.clone();
     remove(volume, false);
     let source_config = Config {
         role: Role::Source,
@@ -701,7 +714,18 @@ fn promote(params: Option<Value>, responder: Responder) {
     let (promotion, mut mirrors, metadata_device) = match started {
         Ok(started) => started,
         Err((code, message)) => {
-            log::error!("{name}: promotion refused: {message}; the volume is stopped (create it again as a destination)");
+            // Nothing changed on disk (the generation is taken only by a promotion that
+            // starts): the node goes on as the destination it was.
+            let message = match start_volume(name.clone(), config.clone(), destination_params) {
+                Ok(volume) => {
+                    VOLUMES.with(|volumes| volumes.borrow_mut().push(volume));
+                    format!("{message}; it goes on as a destination")
+                }
+                Err((_, restart)) => format!(
+                    "{message}; and it could not start again as a destination ({restart}): create it again"
+                ),
+            };
+            log::error!("{name}: promotion refused: {message}");
             return responder.error(code, &message);
         }
     };

@@ -660,4 +660,93 @@ mod with_spdk {
         );
         destination.stop();
     }
+
+    /// `nvmirror_promote` of a destination in the middle of a full sync: refused (its mirror is
+    /// no point-in-time image), and the destination goes on: the sync completes and the mirror
+    /// equals the primary.
+    #[test]
+    fn a_resyncing_spdk_destination_is_not_promoted_and_goes_on() {
+        let _turn = one_at_a_time();
+        spdk_dir();
+        let scratch = Scratch::new("spdk-promote-resync");
+        let link_port = free_port();
+        // Not declared identical: the first handshake starts a full sync, 64 MiB at 16 MiB/s.
+        let slow_full_sync = |mut method: Value| {
+            let params = method["params"].as_object_mut().unwrap();
+            params.remove("assume_identical");
+            params.insert("resync_rate_mib_s".into(), json!(16));
+            method
+        };
+        let app = SpdkApp::start(
+            &scratch,
+            "pair",
+            "0x1",
+            83,
+            &json!({"subsystems": [bdev_config(vec![
+                malloc("Primary0"),
+                malloc("Mirror0"),
+                slow_full_sync(nvmirror(&scratch, "mirror0", "destination", "resync", ("listen", link_port), "Mirror0")),
+                slow_full_sync(nvmirror(&scratch, "nvmirror0", "source", "resync", ("peer", link_port), "Primary0")),
+            ])]}),
+        );
+        let started = Instant::now();
+        loop {
+            let source = app.rpc("bdev_nvmirror_get_bdevs", json!({"name": "nvmirror0"}));
+            let mirror = app.rpc("bdev_nvmirror_get_bdevs", json!({"name": "mirror0"}));
+            if source[0]["resync"]["active"] == json!(true)
+                && mirror[0]["generations"]["resync_target"] == json!(true)
+            {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "no full sync began: {source} {mirror}\n{}",
+                app.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let refused = app
+            .try_rpc(
+                "nvmirror_promote",
+                json!({"name": "mirror0", "peer": format!("127.0.0.1:{}", free_port())}),
+            )
+            .expect_err("a half-resynced mirror was promoted");
+        assert!(
+            refused.contains("not a consistent image, so it is not promoted")
+                && refused.contains("it goes on as a destination"),
+            "{refused}"
+        );
+        let mirror = app.rpc("bdev_nvmirror_get_bdevs", json!({"name": "mirror0"}));
+        assert_eq!(mirror[0]["role"], json!("destination"), "{mirror}");
+        assert_eq!(
+            mirror[0]["bdevs"],
+            json!([]),
+            "a destination exports nothing: {mirror}"
+        );
+        // The sync goes on to its end, uninterrupted.
+        let started = Instant::now();
+        loop {
+            let source = app.rpc("bdev_nvmirror_get_bdevs", json!({"name": "nvmirror0"}));
+            let resync = &source[0]["resync"];
+            if resync["active"] == json!(false) && resync["count"] == json!(1) {
+                assert_eq!(source[0]["link_disconnects"], json!(0), "{source}");
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the full sync did not end: {source}\n{}",
+                app.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mirror = app.rpc("bdev_nvmirror_get_bdevs", json!({"name": "mirror0"}));
+        assert_eq!(
+            mirror[0]["generations"]["resync_target"],
+            json!(false),
+            "{mirror}"
+        );
+        app.rpc("nvmirror_cp", json!({"name": "nvmirror0", "wait": true}));
+        assert_eq!(app.checksum("mirror0"), app.checksum("nvmirror0"));
+        app.stop();
+    }
 }
