@@ -14,6 +14,7 @@ nvmirror_bdev_io_rw(struct spdk_bdev_io *bdev_io, struct nvmirror_bdev_io_rw *ou
 }
 
 static struct nvmirror_module_callbacks g_callbacks;
+static struct spdk_bdev_module nvmirror_if;
 
 void
 nvmirror_set_module_callbacks(const struct nvmirror_module_callbacks *callbacks)
@@ -39,6 +40,15 @@ static int
 module_config_json(struct spdk_json_write_ctx *w)
 {
 	return g_callbacks.config_json ? g_callbacks.config_json(w) : 0;
+}
+
+static void
+module_examine_config(struct spdk_bdev *bdev)
+{
+	if (g_callbacks.examine_config) {
+		g_callbacks.examine_config(bdev);
+	}
+	spdk_bdev_module_examine_done(&nvmirror_if);
 }
 
 static int
@@ -70,6 +80,7 @@ static struct spdk_bdev_module nvmirror_if = {
 	.module_init = module_init,
 	.module_fini = module_fini,
 	.config_json = module_config_json,
+	.examine_config = module_examine_config,
 	.get_ctx_size = module_get_ctx_size,
 };
 

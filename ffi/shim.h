@@ -17,12 +17,14 @@ struct nvmirror_bdev_io_rw {
 void nvmirror_bdev_io_rw(struct spdk_bdev_io *bdev_io, struct nvmirror_bdev_io_rw *out);
 
 /* The bdev module "nvmirror" (SPDK_BDEV_MODULE_REGISTER registers it when the program loads).
- * Its start, end and config callbacks are set by the runtime before the app starts; unset ones
- * do nothing. */
+ * Its callbacks are set by the runtime before the app starts; unset ones do nothing.
+ * examine_config sees every bdev SPDK registers; the shim reports the module's examination
+ * done after it returns, as SPDK requires. */
 struct nvmirror_module_callbacks {
 	int (*module_init)(void);
 	void (*module_fini)(void);
 	int (*config_json)(struct spdk_json_write_ctx *w);
+	void (*examine_config)(struct spdk_bdev *bdev);
 };
 struct spdk_bdev_module *nvmirror_bdev_module(void);
 void nvmirror_set_module_callbacks(const struct nvmirror_module_callbacks *callbacks);

@@ -13,7 +13,10 @@
 //!   `nvmirror_checksum {name}` (size and CRC32C of each namespace's device: primary or mirror).
 //!
 //! Each volume's node is polled on the app thread by an SPDK poller; its link runs over SPDK's
-//! sock layer; its namespaces are SPDK bdevs.
+//! sock layer; its namespaces are SPDK bdevs. A volume whose base bdevs do not exist yet waits
+//! for them (as SPDK's raid and passthru do) and starts once SPDK registers the last one, so a
+//! JSON config may name them in any order; SPDK's `save_config` lists every volume's
+//! `bdev_nvmirror_create` (destinations first).
 
 use std::cell::RefCell;
 use std::sync::atomic::Ordering;
@@ -92,9 +95,34 @@ struct Volume {
     _registration: Option<Registered>,
 }
 
+/// A volume created before its base bdevs exist: it starts once SPDK has them all.
+struct Pending {
+    name: String,
+    config: Config,
+    params: Value,
+    /// Its start is on the way (a message to the app thread).
+    starting: bool,
+    /// Why its last start failed (it waits to be deleted or for its bdevs to come back).
+    error: Option<String>,
+}
+
+impl Pending {
+    fn missing(&self) -> Vec<String> {
+        bdev_names(&self.config)
+            .into_iter()
+            .filter(|bdev| !nvmirror_spdk::module::bdev_exists(bdev))
+            .collect()
+    }
+}
+
 thread_local! {
     static VOLUMES: RefCell<Vec<Volume>> = const { RefCell::new(Vec::new()) };
+    static PENDING: RefCell<Vec<Pending>> = const { RefCell::new(Vec::new()) };
 }
+
+/// The thread the RPC methods run on (SPDK's app thread), where VOLUMES and PENDING live; set
+/// by the first `bdev_nvmirror_create`.
+static APP_THREAD: std::sync::OnceLock<nvmirror_spdk::thread::Thread> = std::sync::OnceLock::new();
 
 /// Runs the SPDK application with `args` (SPDK's options, after the `spdk` command word).
 pub fn run(args: &[String]) -> Result<(), String> {
@@ -102,14 +130,24 @@ pub fn run(args: &[String]) -> Result<(), String> {
         // RUNTIME only: a JSON config calls STARTUP methods before the bdev subsystem exists.
         rpc::register(method, rpc::RUNTIME, *handler);
     }
+    nvmirror_spdk::module::set_hooks(nvmirror_spdk::module::ModuleHooks {
+        config: saved_calls,
+        bdev_registered,
+    })?;
     let mut argv = vec!["nvmirror spdk".to_string()];
     argv.extend(args.iter().cloned());
     let outcome = app::run("nvmirror", &argv, || {
         app::on_shutdown(shutdown);
         let count = VOLUMES.with(|volumes| volumes.borrow().len());
+        let waiting = PENDING.with(|list| list.borrow().len());
         log::info!(
-            "nvmirror on {} ready: {count} volume(s) from the JSON config; bdev_nvmirror_create adds more",
-            nvmirror_spdk::spdk_version()
+            "nvmirror on {} ready: {count} volume(s) from the JSON config{}; bdev_nvmirror_create adds more",
+            nvmirror_spdk::spdk_version(),
+            if waiting > 0 {
+                format!(", {waiting} waiting for base bdevs")
+            } else {
+                String::new()
+            }
         );
     })?;
     match outcome {
@@ -200,7 +238,9 @@ fn create(params: Option<Value>) -> RpcResult {
         .remove("name")
         .and_then(|name| name.as_str().map(str::to_string))
         .ok_or_else(|| invalid("'name' (a string) is required"))?;
-    if VOLUMES.with(|volumes| volumes.borrow().iter().any(|volume| volume.name == name)) {
+    if VOLUMES.with(|volumes| volumes.borrow().iter().any(|volume| volume.name == name))
+        || PENDING.with(|pending| pending.borrow().iter().any(|p| p.name == name))
+    {
         return Err(invalid(format!("nvmirror volume '{name}' exists")));
     }
     if map.contains_key("cores") || map.contains_key("idle") {
@@ -233,9 +273,90 @@ fn create(params: Option<Value>) -> RpcResult {
             "namespace[{index}]: the SPDK runtime's namespaces are SPDK bdevs (kind = \"bdev\", bdev = NAME)"
         )));
     }
-    let volume = start_volume(name.clone(), config, params)?;
+    if let Some(thread) = nvmirror_spdk::thread::Thread::current() {
+        let _ = APP_THREAD.set(thread);
+    }
+    let pending = Pending {
+        name: name.clone(),
+        config,
+        params,
+        starting: false,
+        error: None,
+    };
+    let missing = pending.missing();
+    if !missing.is_empty() {
+        log::info!(
+            "{name}: waiting for base bdev(s) {}: the volume starts once SPDK has them",
+            missing.join(", ")
+        );
+        PENDING.with(|list| list.borrow_mut().push(pending));
+        return Ok(json!(name));
+    }
+    let volume = start_volume(name.clone(), pending.config, pending.params)?;
     VOLUMES.with(|volumes| volumes.borrow_mut().push(volume));
     Ok(json!(name))
+}
+
+/// The module saw a bdev registered (on whatever thread registered it): volumes that waited
+/// for it start on the app thread, once the registration is through.
+fn bdev_registered(_name: &str) {
+    let Some(&thread) = APP_THREAD.get() else {
+        return; // no volume was ever created: none waits
+    };
+    if let Err(reason) = nvmirror_spdk::thread::send(thread, start_ready) {
+        log::error!("nvmirror: cannot start the volumes waiting for bdevs: {reason}");
+    }
+}
+
+/// Starts every waiting volume whose base bdevs all exist now (on the app thread).
+fn start_ready() {
+    let ready: Vec<Pending> = PENDING.with(|list| {
+        let mut list = list.borrow_mut();
+        let (ready, waiting) = std::mem::take(&mut *list)
+            .into_iter()
+            .partition(|p| !p.starting && p.error.is_none() && p.missing().is_empty());
+        *list = waiting;
+        ready
+    });
+    for mut pending in ready {
+        let name = pending.name.clone();
+        pending.starting = true;
+        match start_volume(name.clone(), pending.config.clone(), pending.params.clone()) {
+            Ok(volume) => VOLUMES.with(|volumes| volumes.borrow_mut().push(volume)),
+            Err((_, reason)) => {
+                log::error!(
+                    "{name}: its base bdevs are there, but it did not start: {reason} (bdev_nvmirror_delete it)"
+                );
+                pending.starting = false;
+                pending.error = Some(reason);
+                PENDING.with(|list| list.borrow_mut().push(pending));
+            }
+        }
+    }
+}
+
+/// `save_config`: a `bdev_nvmirror_create` per volume, destinations first (a source in the
+/// same process then finds its destination listening), waiting ones included.
+fn saved_calls() -> Vec<String> {
+    let mut calls: Vec<(bool, Value)> = VOLUMES.with(|volumes| {
+        volumes
+            .borrow()
+            .iter()
+            .map(|v| (v.config.role == Role::Source, v.params.clone()))
+            .collect()
+    });
+    PENDING.with(|list| {
+        calls.extend(
+            list.borrow()
+                .iter()
+                .map(|p| (p.config.role == Role::Source, p.params.clone())),
+        )
+    });
+    calls.sort_by_key(|(source, _)| *source);
+    calls
+        .into_iter()
+        .map(|(_, params)| json!({"method": "bdev_nvmirror_create", "params": params}).to_string())
+        .collect()
 }
 
 /// Opens a volume's ring, devices and metadata, builds its node and starts polling it; a
@@ -389,6 +510,15 @@ fn take_volume(name: &str) -> Result<Volume, (i32, String)> {
 fn delete(params: Option<Value>) -> RpcResult {
     let map = object(params, &["name"])?;
     let name = required_str(&map, "name")?;
+    let waiting = PENDING.with(|list| {
+        let mut list = list.borrow_mut();
+        let index = list.iter().position(|p| p.name == name);
+        index.map(|index| list.remove(index))
+    });
+    if waiting.is_some() {
+        log::info!("{name}: deleted (it waited for its base bdevs)");
+        return Ok(json!(true));
+    }
     remove(take_volume(&name)?, true);
     Ok(json!(true))
 }
@@ -409,6 +539,7 @@ fn get_bdevs(params: Option<Value>) -> RpcResult {
             status["name"] = json!(volume.name);
             status["volume"] = json!(volume.config.volume);
             status["settled"] = json!(control.settled.load(Ordering::Acquire));
+            status["state"] = json!("running");
             status["base_bdevs"] = json!(bdev_names(&volume.config));
             status["bdevs"] = json!(volume
                 .exported
@@ -418,6 +549,25 @@ fn get_bdevs(params: Option<Value>) -> RpcResult {
             status["params"] = volume.params.clone();
             out.push(status);
         }
+        PENDING.with(|list| {
+            for pending in list.borrow().iter() {
+                if only.as_ref().is_some_and(|name| *name != pending.name) {
+                    continue;
+                }
+                out.push(json!({
+                    "name": pending.name,
+                    "volume": pending.config.volume,
+                    "role": if pending.config.role == Role::Source { "source" } else { "destination" },
+                    "settled": false,
+                    "state": if pending.error.is_some() { "failed" } else { "waiting for base bdevs" },
+                    "waiting_for": pending.missing(),
+                    "error": pending.error,
+                    "base_bdevs": bdev_names(&pending.config),
+                    "bdevs": [],
+                    "params": pending.params,
+                }));
+            }
+        });
         if let Some(name) = only {
             if out.is_empty() {
                 return Err(invalid(format!("no nvmirror volume '{name}'")));
@@ -606,6 +756,7 @@ fn shutdown(end: Box<dyn FnOnce()>) {
                 SHUTDOWN_CP_TIMEOUT_US / 1_000_000
             );
         }
+        PENDING.with(|list| list.borrow_mut().clear());
         let volumes = VOLUMES.with(|volumes| std::mem::take(&mut *volumes.borrow_mut()));
         volumes.into_iter().for_each(|volume| remove(volume, false));
         // The waiter poller (running this) goes once this call returns: SPDK's app thread

@@ -235,7 +235,7 @@ mod with_spdk {
 
     fn bdev_config(methods: Vec<Value>) -> Value {
         let mut config = methods;
-        // Base bdevs are registered once examined: nvmirror opens them after that.
+        // As SPDK's own configs do (a volume would also wait for its base bdevs without it).
         config.insert(config.len() - 1, json!({"method": "bdev_wait_for_examine"}));
         json!({"subsystem": "bdev", "config": config})
     }
@@ -748,5 +748,132 @@ mod with_spdk {
         app.rpc("nvmirror_cp", json!({"name": "nvmirror0", "wait": true}));
         assert_eq!(app.checksum("mirror0"), app.checksum("nvmirror0"));
         app.stop();
+    }
+
+    /// Volumes created before their base bdevs exist wait for them (a JSON config in any
+    /// order, as with SPDK's raid), and SPDK's `save_config` lists them so that the saved
+    /// config starts the same pair again.
+    #[test]
+    fn volumes_wait_for_their_base_bdevs_and_save_config_recreates_them() {
+        let _turn = one_at_a_time();
+        let scratch = Scratch::new("spdk-save-config");
+        let (link_port, nvmf_port) = (free_port(), free_port());
+        let destination = nvmirror(
+            &scratch,
+            "mirror0",
+            "destination",
+            "saved",
+            ("listen", link_port),
+            "Mirror0",
+        );
+        let source = nvmirror(
+            &scratch,
+            "nvmirror0",
+            "source",
+            "saved",
+            ("peer", link_port),
+            "Primary0",
+        );
+        // The volumes first, their bdevs after them, and no bdev_wait_for_examine.
+        let app = SpdkApp::start(
+            &scratch,
+            "first",
+            "0x1",
+            84,
+            &json!({"subsystems": [
+                {"subsystem": "bdev", "config": [source.clone(), destination.clone(), malloc("Primary0"), malloc("Mirror0")]},
+                nvmf_config("nvmirror0", nvmf_port),
+            ]}),
+        );
+        app.wait_settled("nvmirror0");
+
+        // Through RPC too: a volume on a bdev that comes later.
+        let later_port = free_port();
+        let later = nvmirror(
+            &scratch,
+            "later0",
+            "destination",
+            "later",
+            ("listen", later_port),
+            "Later0",
+        );
+        assert_eq!(
+            app.rpc("bdev_nvmirror_create", later["params"].clone()),
+            json!("later0")
+        );
+        let waiting = app.rpc("bdev_nvmirror_get_bdevs", json!({"name": "later0"}));
+        assert_eq!(
+            waiting[0]["state"],
+            json!("waiting for base bdevs"),
+            "{waiting}"
+        );
+        assert_eq!(waiting[0]["waiting_for"], json!(["Later0"]), "{waiting}");
+        let refused = app
+            .try_rpc("bdev_nvmirror_create", later["params"].clone())
+            .expect_err("a second volume of the same name");
+        assert!(refused.contains("exists"), "{refused}");
+        app.rpc("bdev_malloc_create", malloc("Later0")["params"].clone());
+        let started = Instant::now();
+        loop {
+            let bdevs = app.rpc("bdev_nvmirror_get_bdevs", json!({"name": "later0"}));
+            if bdevs[0]["state"] == json!("running") {
+                assert_eq!(bdevs[0]["role"], json!("destination"), "{bdevs}");
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "later0 did not start once Later0 existed: {bdevs}\n{}",
+                app.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            app.rpc("bdev_nvmirror_delete", json!({"name": "later0"})),
+            json!(true)
+        );
+
+        verified_perf(nvmf_port, "randwrite", "2");
+        app.rpc("nvmirror_cp", json!({"name": "nvmirror0", "wait": true}));
+        let primary = app.checksum("nvmirror0");
+        assert_ne!(primary.1, zero_crc(), "nothing reached the primary");
+        assert_eq!(app.checksum("mirror0"), primary);
+
+        // What users run: rpc.py save_config (framework_get_config of every subsystem).
+        let spdk = spdk_dir();
+        let output = Command::new("python3")
+            .arg(spdk.join("scripts/rpc.py"))
+            .args(["-s", app.socket.to_str().unwrap(), "save_config"])
+            .env("PYTHONPATH", spdk.join("python"))
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "save_config:\n{}", output_text(&output));
+        let saved: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let bdev_calls = saved["subsystems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["subsystem"] == json!("bdev"))
+            .expect("the bdev subsystem")["config"]
+            .clone();
+        let creates: Vec<&Value> = bdev_calls
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|call| call["method"] == json!("bdev_nvmirror_create"))
+            .collect();
+        assert_eq!(
+            creates,
+            vec![&destination, &source],
+            "save_config lists each volume as created, destinations first: {bdev_calls}"
+        );
+        app.stop();
+
+        // The saved config brings the pair back (rings and metadata files are where they were).
+        let again = SpdkApp::start(&scratch, "again", "0x1", 85, &saved);
+        again.wait_settled("nvmirror0");
+        verified_perf(nvmf_port, "randwrite", "1");
+        again.rpc("nvmirror_cp", json!({"name": "nvmirror0", "wait": true}));
+        assert_eq!(again.checksum("mirror0"), again.checksum("nvmirror0"));
+        again.stop();
     }
 }

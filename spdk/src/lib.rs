@@ -11,6 +11,7 @@
 //! - [`vbdev`]: the `bdev_nvmirror` module: a replicated virtual bdev whose writes go through the
 //!   engine (ring, transfer, synchronous ack, CP); SPDK's nvmf target exports it.
 //! - [`runner`]: a node (source or destination) polled by an SPDK poller.
+//! - [`module`]: the `nvmirror` module's events (`save_config`, bdevs as they are registered).
 //!
 //! Unsafe code lives here and in `spdk-sys` only, each block with the reason it is sound. The
 //! whole crate is empty without the `spdk` feature.
@@ -20,6 +21,7 @@ pub mod app;
 pub mod bdev;
 pub mod dma;
 pub mod json;
+pub mod module;
 pub mod rpc;
 pub mod runner;
 pub mod sock;
