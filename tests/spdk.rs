@@ -441,21 +441,41 @@ mod with_spdk {
             json!({"name": "nvmirror0", "policy": "degrade"}),
         );
         assert_eq!(policy["policy"], json!("degrade"));
+        // A bdev that does not exist (yet): the volume waits for it, and can be deleted.
+        let waiting = nvmirror(
+            &scratch,
+            "nvmirror1",
+            "source",
+            "other",
+            ("peer", link_port),
+            "NoSuchBdev",
+        );
+        assert_eq!(
+            source.rpc("bdev_nvmirror_create", waiting["params"].clone()),
+            json!("nvmirror1")
+        );
+        let bdevs = source.rpc("bdev_nvmirror_get_bdevs", json!({"name": "nvmirror1"}));
+        assert_eq!(bdevs[0]["waiting_for"], json!(["NoSuchBdev"]), "{bdevs}");
+        assert_eq!(
+            source.rpc("bdev_nvmirror_delete", json!({"name": "nvmirror1"})),
+            json!(true)
+        );
+        // One another volume holds: refused.
         let refused = source
             .try_rpc(
                 "bdev_nvmirror_create",
                 nvmirror(
                     &scratch,
-                    "nvmirror1",
+                    "nvmirror2",
                     "source",
                     "other",
                     ("peer", link_port),
-                    "NoSuchBdev",
+                    "Malloc0",
                 )["params"]
                     .clone(),
             )
             .unwrap_err();
-        assert!(refused.contains("cannot open bdev NoSuchBdev"), "{refused}");
+        assert!(refused.contains("bdev Malloc0 is claimed"), "{refused}");
         let refused = source
             .try_rpc(
                 "bdev_nvmirror_create",
@@ -846,7 +866,11 @@ mod with_spdk {
             .env("PYTHONPATH", spdk.join("python"))
             .output()
             .unwrap();
-        assert!(output.status.success(), "save_config:\n{}", output_text(&output));
+        assert!(
+            output.status.success(),
+            "save_config:\n{}",
+            output_text(&output)
+        );
         let saved: Value = serde_json::from_slice(&output.stdout).unwrap();
         let bdev_calls = saved["subsystems"]
             .as_array()

@@ -85,10 +85,21 @@ impl OpenBdev {
                 &mut desc,
             )
         };
+        if rc == -libc::EPERM && claim {
+            // SPDK refuses a writer on a bdev another module claimed.
+            return Err(format!(
+                "bdev {name} is claimed by another module (used by another bdev or nvmirror volume)"
+            ));
+        }
         if rc != 0 {
             return Err(format!(
-                "cannot open bdev {name}: {} (create it first, e.g. bdev_malloc_create)",
-                std::io::Error::from_raw_os_error(-rc)
+                "cannot open bdev {name}: {}{}",
+                std::io::Error::from_raw_os_error(-rc),
+                if rc == -libc::ENODEV {
+                    " (create it first, e.g. bdev_malloc_create)"
+                } else {
+                    ""
+                }
             ));
         }
         // SAFETY: desc is an open descriptor.
