@@ -900,4 +900,89 @@ mod with_spdk {
         assert_eq!(again.checksum("mirror0"), again.checksum("nvmirror0"));
         again.stop();
     }
+
+    /// A volume of two namespaces on SPDK: the source exports `name`n1 and `name`n2, SPDK's
+    /// perf writes both through SPDK's nvmf target, and after a CP each mirror equals its
+    /// primary.
+    #[test]
+    fn a_two_namespace_volume_replicates_both() {
+        let _turn = one_at_a_time();
+        let spdk = spdk_dir();
+        let scratch = Scratch::new("spdk-two-namespaces");
+        let (link_port, nvmf_port) = (free_port(), free_port());
+        let two = |mut method: Value, bdevs: [&str; 2]| {
+            method["params"]["namespace"] =
+                json!(bdevs.map(|bdev| json!({"kind": "bdev", "bdev": bdev})));
+            method
+        };
+        let app = SpdkApp::start(
+            &scratch,
+            "pair",
+            "0x1",
+            86,
+            &json!({"subsystems": [
+                bdev_config(vec![
+                    malloc("Primary1"), malloc("Primary2"), malloc("Mirror1"), malloc("Mirror2"),
+                    two(nvmirror(&scratch, "mirror0", "destination", "two", ("listen", link_port), ""), ["Mirror1", "Mirror2"]),
+                    two(nvmirror(&scratch, "nvmirror0", "source", "two", ("peer", link_port), ""), ["Primary1", "Primary2"]),
+                ]),
+                {"subsystem": "nvmf", "config": [
+                    {"method": "nvmf_create_transport", "params": {"trtype": "TCP"}},
+                    {"method": "nvmf_create_subsystem", "params": {"nqn": NQN, "allow_any_host": true, "serial_number": "NVMIRROR0SPDK"}},
+                    {"method": "nvmf_subsystem_add_ns", "params": {"nqn": NQN, "namespace": {"bdev_name": "nvmirror0n1"}}},
+                    {"method": "nvmf_subsystem_add_ns", "params": {"nqn": NQN, "namespace": {"bdev_name": "nvmirror0n2"}}},
+                    {"method": "nvmf_subsystem_add_listener", "params": {"nqn": NQN, "listen_address":
+                        {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": nvmf_port.to_string()}}},
+                ]},
+            ]}),
+        );
+        app.wait_settled("nvmirror0");
+        let bdevs = app.rpc("bdev_nvmirror_get_bdevs", json!({"name": "nvmirror0"}));
+        assert_eq!(
+            bdevs[0]["bdevs"],
+            json!(["nvmirror0n1", "nvmirror0n2"]),
+            "{bdevs}"
+        );
+        // spdk_nvme_perf spreads its I/O over every namespace of the subsystem.
+        let transport =
+            format!("trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:{nvmf_port} subnqn:{NQN}");
+        let mut perf = spdk_tool(&spdk, "build/bin/spdk_nvme_perf");
+        perf.args(["-c", "0x2", "-i", "87", "-r", &transport]);
+        perf.args(["-q", "16", "-o", "4096", "-w", "randwrite", "-t", "2"]);
+        let output = run_to_end(perf);
+        let text = output_text(&output);
+        assert!(output.status.success(), "spdk_nvme_perf failed:\n{text}");
+        assert!(text.contains("NSID 1") && text.contains("NSID 2"), "{text}");
+        app.rpc("nvmirror_cp", json!({"name": "nvmirror0", "wait": true}));
+        let sums = |name: &str| {
+            let sums = app.rpc("nvmirror_checksum", json!({"name": name}));
+            sums["namespaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| {
+                    (
+                        n["nsid"].as_u64().unwrap(),
+                        n["bytes"].as_u64().unwrap(),
+                        n["crc32c"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let primaries = sums("nvmirror0");
+        assert_eq!(primaries.len(), 2, "{primaries:?}");
+        for (nsid, _, crc) in &primaries {
+            assert_ne!(
+                *crc,
+                zero_crc(),
+                "nothing reached namespace {nsid}'s primary"
+            );
+        }
+        assert_eq!(
+            sums("mirror0"),
+            primaries,
+            "a mirror differs from its primary"
+        );
+        app.stop();
+    }
 }
