@@ -133,6 +133,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     nvmirror_spdk::module::set_hooks(nvmirror_spdk::module::ModuleHooks {
         config: saved_calls,
         bdev_registered,
+        bdev_removed,
     })?;
     let mut argv = vec!["nvmirror spdk".to_string()];
     argv.extend(args.iter().cloned());
@@ -305,6 +306,44 @@ fn bdev_registered(_name: &str) {
     };
     if let Err(reason) = nvmirror_spdk::thread::send(thread, start_ready) {
         log::error!("nvmirror: cannot start the volumes waiting for bdevs: {reason}");
+    }
+}
+
+/// A base bdev is going away (an NVMe SSD hot-removed, a `bdev_*_delete`): as SPDK's passthru
+/// does, each volume on it is deleted, its exported bdevs unregistered (SPDK's nvmf target then
+/// removes their namespaces), so the removal completes instead of waiting for ever on our
+/// descriptors. Every write a source acknowledged is in its ring and on the destination: a
+/// later start replays and resends it.
+fn bdev_removed(name: &str) {
+    let Some(&thread) = APP_THREAD.get() else {
+        return;
+    };
+    let name = name.to_string();
+    let sent = nvmirror_spdk::thread::send(thread, move || {
+        let on_it: Vec<Volume> = VOLUMES.with(|volumes| {
+            let mut volumes = volumes.borrow_mut();
+            let (on_it, others) = std::mem::take(&mut *volumes)
+                .into_iter()
+                .partition(|volume| bdev_names(&volume.config).contains(&name));
+            *volumes = others;
+            on_it
+        });
+        for volume in on_it {
+            let what = match volume.config.role {
+                Role::Source => {
+                    "its primary; every write it acknowledged is in its ring and on its destination"
+                }
+                Role::Destination => "its mirror; its source has lost this destination",
+            };
+            log::error!(
+                "{}: bdev {name} is being removed ({what}): the volume is deleted, its bdevs unregistered",
+                volume.name
+            );
+            remove(volume, true);
+        }
+    });
+    if let Err(reason) = sent {
+        log::error!("nvmirror: base bdev removal: {reason}");
     }
 }
 

@@ -985,4 +985,60 @@ mod with_spdk {
         );
         app.stop();
     }
+
+    /// A base bdev removed under a volume (an SSD pulled, a `bdev_malloc_delete`): the volume
+    /// is deleted and its bdev unregistered, so the removal completes (it waited for ever on
+    /// the volume's descriptor before); the other volume goes on.
+    #[test]
+    fn a_removed_base_bdev_deletes_its_volume() {
+        let _turn = one_at_a_time();
+        spdk_dir();
+        let scratch = Scratch::new("spdk-removed-bdev");
+        let (link_port, nvmf_port) = (free_port(), free_port());
+        let app = SpdkApp::start(
+            &scratch,
+            "pair",
+            "0x1",
+            88,
+            &json!({"subsystems": [
+                bdev_config(vec![
+                    malloc("Primary0"),
+                    malloc("Mirror0"),
+                    nvmirror(&scratch, "mirror0", "destination", "removed", ("listen", link_port), "Mirror0"),
+                    nvmirror(&scratch, "nvmirror0", "source", "removed", ("peer", link_port), "Primary0"),
+                ]),
+                nvmf_config("nvmirror0", nvmf_port),
+            ]}),
+        );
+        app.wait_settled("nvmirror0");
+        verified_perf(nvmf_port, "randwrite", "1");
+        assert_eq!(
+            app.rpc("bdev_malloc_delete", json!({"name": "Primary0"})),
+            json!(true)
+        );
+        let gone = app
+            .try_rpc("bdev_nvmirror_get_bdevs", json!({"name": "nvmirror0"}))
+            .expect_err("the volume on a removed bdev");
+        assert!(gone.contains("no nvmirror volume 'nvmirror0'"), "{gone}");
+        let names = |app: &SpdkApp| -> Vec<String> {
+            app.rpc("bdev_get_bdevs", Value::Null)
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b["name"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(names(&app), vec!["Mirror0".to_string()]);
+        let mirror = app.rpc("bdev_nvmirror_get_bdevs", json!({"name": "mirror0"}));
+        assert_eq!(mirror[0]["state"], json!("running"), "{mirror}");
+        assert_eq!(
+            app.rpc("bdev_malloc_delete", json!({"name": "Mirror0"})),
+            json!(true)
+        );
+        assert_eq!(app.rpc("bdev_nvmirror_get_bdevs", Value::Null), json!([]));
+        assert!(app.log_text().contains(
+            "nvmirror0: bdev Primary0 is being removed (its primary; every write it acknowledged is in its ring and on its destination): the volume is deleted"
+        ));
+        app.stop();
+    }
 }

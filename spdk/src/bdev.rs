@@ -41,9 +41,8 @@ unsafe extern "C" fn bdev_event(
     // SAFETY: SPDK passes a live bdev to its event callback.
     let name = unsafe { bdev_name(bdev) };
     if kind == sys::spdk_bdev_event_type::SPDK_BDEV_EVENT_REMOVE {
-        log::error!(
-            "bdev {name} is being removed under nvmirror: its I/O fails from now on; delete the nvmirror bdev"
-        );
+        log::error!("bdev {name} is being removed under nvmirror");
+        crate::module::base_bdev_removed(&name);
     } else {
         log::info!("bdev {name}: event {kind}");
     }

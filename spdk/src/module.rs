@@ -16,6 +16,9 @@ pub struct ModuleHooks {
     pub config: fn() -> Vec<String>,
     /// A bdev named so was registered (any module's, ours included).
     pub bdev_registered: fn(&str),
+    /// A bdev nvmirror opened is being removed (hot-removed, or deleted by its module): SPDK
+    /// finishes the removal once every descriptor of it is closed.
+    pub bdev_removed: fn(&str),
 }
 
 static HOOKS: OnceLock<ModuleHooks> = OnceLock::new();
@@ -34,6 +37,13 @@ pub fn set_hooks(hooks: ModuleHooks) -> Result<(), String> {
     // SAFETY: the shim copies the struct; the functions are 'static.
     unsafe { sys::nvmirror_set_module_callbacks(&callbacks) };
     Ok(())
+}
+
+/// Reports the removal of a bdev nvmirror opened (from its descriptor's event callback).
+pub(crate) fn base_bdev_removed(name: &str) {
+    if let Some(hooks) = HOOKS.get() {
+        (hooks.bdev_removed)(name);
+    }
 }
 
 /// Whether SPDK has a bdev of this name (registered, perhaps still being examined).
