@@ -167,6 +167,19 @@ mod with_spdk {
             )
         }
 
+        /// A CP of source `nvmirror0` (with wait), then the checksum of its first namespace,
+        /// which destination `mirror0` in the same process must equal.
+        fn assert_pair_mirrored(&self) -> (u64, String) {
+            self.rpc("nvmirror_cp", json!({"name": "nvmirror0", "wait": true}));
+            let primary = self.checksum("nvmirror0");
+            assert_eq!(
+                self.checksum("mirror0"),
+                primary,
+                "the mirror differs from the primary after a CP"
+            );
+            primary
+        }
+
         /// SIGTERM; it must stop cleanly.
         fn stop(self) {
             let log = self.log.clone();
@@ -765,8 +778,7 @@ mod with_spdk {
             json!(false),
             "{mirror}"
         );
-        app.rpc("nvmirror_cp", json!({"name": "nvmirror0", "wait": true}));
-        assert_eq!(app.checksum("mirror0"), app.checksum("nvmirror0"));
+        app.assert_pair_mirrored();
         app.stop();
     }
 
@@ -853,10 +865,8 @@ mod with_spdk {
         );
 
         verified_perf(nvmf_port, "randwrite", "2");
-        app.rpc("nvmirror_cp", json!({"name": "nvmirror0", "wait": true}));
-        let primary = app.checksum("nvmirror0");
+        let primary = app.assert_pair_mirrored();
         assert_ne!(primary.1, zero_crc(), "nothing reached the primary");
-        assert_eq!(app.checksum("mirror0"), primary);
 
         // What users run: rpc.py save_config (framework_get_config of every subsystem).
         let spdk = spdk_dir();
@@ -896,8 +906,7 @@ mod with_spdk {
         let again = SpdkApp::start(&scratch, "again", "0x1", 85, &saved);
         again.wait_settled("nvmirror0");
         verified_perf(nvmf_port, "randwrite", "1");
-        again.rpc("nvmirror_cp", json!({"name": "nvmirror0", "wait": true}));
-        assert_eq!(again.checksum("mirror0"), again.checksum("nvmirror0"));
+        again.assert_pair_mirrored();
         again.stop();
     }
 
