@@ -112,14 +112,15 @@ pub fn persist(
 /// `nvmirror discard-changes --config FILE`: after a split brain, the operator gives up this
 /// (stopped) node's changes: its metadata forgets its generations and bitmap, so when it is next
 /// attached as a destination the handshake gives it a full sync from the other side.
-pub fn discard_changes(config: &Config) -> Result<(), String> {
+/// Returns what it did, in a sentence.
+pub fn discard_changes(config: &Config) -> Result<String, String> {
     let devices = crate::setup::open_namespaces(config)?;
     let mut file = crate::setup::open_metadata(config, &devices)?;
     let before = *file.metadata.generations();
     let _ = file.metadata.discard_data();
     persist(&mut file.metadata, &mut *file.device)?;
-    println!(
-        "nvmirror discard-changes: node {} forgot generation {} (history {:?}); it holds no data of \
+    Ok(format!(
+        "node {} forgot generation {} (history {:?}); it holds no data of \
          volume '{}' now and takes a full sync from its peer when next attached as a destination",
         nvmirror_engine::generation::Hex(before.node_id),
         nvmirror_engine::generation::Hex(before.current),
@@ -130,6 +131,5 @@ pub fn discard_changes(config: &Config) -> Result<(), String> {
             .map(|&g| nvmirror_engine::generation::Hex(g).to_string())
             .collect::<Vec<_>>(),
         config.volume
-    );
-    Ok(())
+    ))
 }

@@ -150,7 +150,9 @@ fn run(args: &[String]) -> Result<(), String> {
         Some("discard-changes") => {
             let path = options.required("--config")?;
             options.finish()?;
-            attach::discard_changes(&Config::load(&path).map_err(|e| e.to_string())?)
+            let said = attach::discard_changes(&Config::load(&path).map_err(|e| e.to_string())?)?;
+            println!("nvmirror discard-changes: {said}");
+            Ok(())
         }
         Some("version") => {
             println!(

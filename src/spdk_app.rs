@@ -11,6 +11,8 @@
 //! - `nvmirror_get_stats {name}`, `nvmirror_cp {name, wait, timeout_ms}`,
 //!   `nvmirror_set_policy {name, policy}`, `nvmirror_attach {name, peer}`,
 //!   `nvmirror_checksum {name}` (size and CRC32C of each namespace's device: primary or mirror).
+//! - `nvmirror_promote {name, peer}` (online failover), `nvmirror_discard_changes {create
+//!   params}` (after a split brain, on a deleted volume's metadata).
 //!
 //! Each volume's node is polled on the app thread by an SPDK poller; its link runs over SPDK's
 //! sock layer; its namespaces are SPDK bdevs. A volume whose base bdevs do not exist yet waits
@@ -178,6 +180,9 @@ const METHODS: &[(&str, rpc::Handler)] = &[
     ("nvmirror_cp", cp),
     ("nvmirror_checksum", checksum),
     ("nvmirror_promote", promote),
+    ("nvmirror_discard_changes", |p, r| {
+        r.answer(discard_changes(p))
+    }),
 ];
 
 fn invalid(message: impl Into<String>) -> (i32, String) {
@@ -230,7 +235,13 @@ fn with_volume<R>(
     })
 }
 
-fn create(params: Option<Value>) -> RpcResult {
+/// A volume's name, config and params from `bdev_nvmirror_create`'s params (the keys of a
+/// node's TOML config plus `name`), checked for the SPDK runtime; `method` names the call in
+/// errors.
+fn volume_config(
+    params: Option<Value>,
+    method: &str,
+) -> Result<(String, Config, Value), (i32, String)> {
     let params = params.ok_or_else(|| invalid("params are required"))?;
     let Value::Object(mut map) = params.clone() else {
         return Err(invalid("params must be an object"));
@@ -239,18 +250,13 @@ fn create(params: Option<Value>) -> RpcResult {
         .remove("name")
         .and_then(|name| name.as_str().map(str::to_string))
         .ok_or_else(|| invalid("'name' (a string) is required"))?;
-    if VOLUMES.with(|volumes| volumes.borrow().iter().any(|volume| volume.name == name))
-        || PENDING.with(|pending| pending.borrow().iter().any(|p| p.name == name))
-    {
-        return Err(invalid(format!("nvmirror volume '{name}' exists")));
-    }
     if map.contains_key("cores") || map.contains_key("idle") {
         return Err(invalid(
             "'cores' and 'idle' are the embedded runtime's: SPDK's reactors run where its -m core mask says",
         ));
     }
     let mut config: Config = serde_json::from_value(Value::Object(map))
-        .map_err(|e| invalid(format!("bdev_nvmirror_create: {e}")))?;
+        .map_err(|e| invalid(format!("{method}: {e}")))?;
     // Unused here (SPDK places its threads), and checked against this process's CPUs: one
     // it may run on.
     let cpus = crate::cores::CpuSet::of_this_process();
@@ -259,7 +265,7 @@ fn create(params: Option<Value>) -> RpcResult {
     }
     config
         .validate()
-        .map_err(|e| invalid(format!("bdev_nvmirror_create: {e}")))?;
+        .map_err(|e| invalid(format!("{method}: {e}")))?;
     if config.target.is_some() {
         return Err(invalid(
             "'target': the SPDK runtime exports through SPDK's nvmf target (nvmf_subsystem_add_ns with the nvmirror bdev)",
@@ -273,6 +279,36 @@ fn create(params: Option<Value>) -> RpcResult {
         return Err(invalid(format!(
             "namespace[{index}]: the SPDK runtime's namespaces are SPDK bdevs (kind = \"bdev\", bdev = NAME)"
         )));
+    }
+    Ok((name, config, params))
+}
+
+/// Whether a volume of this process, running or waiting for its bdevs, is named `name` or
+/// keeps its metadata in `metadata` (that file is in use).
+fn in_use(name: &str, metadata: &std::path::Path) -> Option<String> {
+    let running = VOLUMES.with(|volumes| {
+        volumes
+            .borrow()
+            .iter()
+            .find(|v| v.name == name || v.config.metadata_file() == metadata)
+            .map(|v| v.name.clone())
+    });
+    running.or_else(|| {
+        PENDING.with(|list| {
+            list.borrow()
+                .iter()
+                .find(|p| p.name == name || p.config.metadata_file() == metadata)
+                .map(|p| p.name.clone())
+        })
+    })
+}
+
+fn create(params: Option<Value>) -> RpcResult {
+    let (name, config, params) = volume_config(params, "bdev_nvmirror_create")?;
+    if VOLUMES.with(|volumes| volumes.borrow().iter().any(|volume| volume.name == name))
+        || PENDING.with(|pending| pending.borrow().iter().any(|p| p.name == name))
+    {
+        return Err(invalid(format!("nvmirror volume '{name}' exists")));
     }
     if let Some(thread) = nvmirror_spdk::thread::Thread::current() {
         let _ = APP_THREAD.set(thread);
@@ -296,6 +332,22 @@ fn create(params: Option<Value>) -> RpcResult {
     let volume = start_volume(name.clone(), pending.config, pending.params)?;
     VOLUMES.with(|volumes| volumes.borrow_mut().push(volume));
     Ok(json!(name))
+}
+
+/// `nvmirror_discard_changes {the volume's bdev_nvmirror_create params}`: after a split brain,
+/// the operator gives up this node's changes. The volume must be deleted first
+/// (`bdev_nvmirror_delete`): its metadata forgets its generations and bitmap, so when it is
+/// created again as a destination the handshake gives it a full sync from the other side.
+fn discard_changes(params: Option<Value>) -> RpcResult {
+    let (name, config, _) = volume_config(params, "nvmirror_discard_changes")?;
+    if let Some(user) = in_use(&name, &config.metadata_file()) {
+        return Err(invalid(format!(
+            "nvmirror volume '{user}' uses this name or metadata file: bdev_nvmirror_delete it first"
+        )));
+    }
+    let said = crate::attach::discard_changes(&config).map_err(internal)?;
+    log::warn!("{name}: {said}");
+    Ok(json!({"name": name, "volume": config.volume, "discarded": said}))
 }
 
 /// The module saw a bdev registered (on whatever thread registered it): volumes that waited

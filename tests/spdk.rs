@@ -1050,4 +1050,130 @@ mod with_spdk {
         ));
         app.stop();
     }
+
+    /// `nvmirror_discard_changes` (rpc.py's plugin): refused while the volume runs; on the
+    /// deleted destination it forgets the node's generations, so created again it takes a full
+    /// sync from its source, and ends equal to it.
+    #[test]
+    fn discard_changes_gives_a_deleted_destination_a_full_sync() {
+        let _turn = one_at_a_time();
+        let spdk = spdk_dir();
+        let scratch = Scratch::new("spdk-discard");
+        let (link_port, nvmf_port) = (free_port(), free_port());
+        let destination = nvmirror(
+            &scratch,
+            "mirror0",
+            "destination",
+            "discard",
+            ("listen", link_port),
+            "Mirror0",
+        );
+        let app = SpdkApp::start(
+            &scratch,
+            "pair",
+            "0x1",
+            89,
+            &json!({"subsystems": [
+                bdev_config(vec![
+                    malloc("Primary0"),
+                    malloc("Mirror0"),
+                    destination.clone(),
+                    nvmirror(&scratch, "nvmirror0", "source", "discard", ("peer", link_port), "Primary0"),
+                ]),
+                nvmf_config("nvmirror0", nvmf_port),
+            ]}),
+        );
+        app.wait_settled("nvmirror0");
+        verified_perf(nvmf_port, "randwrite", "1");
+        app.assert_pair_mirrored();
+        let refused = app
+            .try_rpc("nvmirror_discard_changes", destination["params"].clone())
+            .expect_err("discard on a running volume");
+        assert!(
+            refused.contains("bdev_nvmirror_delete it first"),
+            "{refused}"
+        );
+        assert_eq!(
+            app.rpc("bdev_nvmirror_delete", json!({"name": "mirror0"})),
+            json!(true)
+        );
+
+        let params = &destination["params"];
+        let text = |key: &str| params[key].as_str().unwrap().to_string();
+        let output = Command::new("python3")
+            .arg(spdk.join("scripts/rpc.py"))
+            .args([
+                "-s",
+                app.socket.to_str().unwrap(),
+                "--plugin",
+                "nvmirror_rpc",
+            ])
+            .args([
+                "nvmirror_discard_changes",
+                "-b",
+                "mirror0",
+                "-r",
+                "destination",
+            ])
+            .args([
+                "--volume",
+                "discard",
+                "--listen",
+                &text("listen"),
+                "--base-bdev",
+                "Mirror0",
+            ])
+            .args([
+                "--ring-size-mib",
+                "16",
+                "--hugepage-dir",
+                &text("hugepage_dir"),
+            ])
+            .args([
+                "--fallback-dir",
+                &text("fallback_dir"),
+                "--metadata-path",
+                &text("metadata_path"),
+            ])
+            .args(["--cp-interval-ms", "200", "--assume-identical"])
+            .env(
+                "PYTHONPATH",
+                format!(
+                    "{}:{}",
+                    Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("spdk/scripts")
+                        .display(),
+                    spdk.join("python").display()
+                ),
+            )
+            .output()
+            .unwrap();
+        let said = output_text(&output);
+        assert!(output.status.success(), "nvmirror_discard_changes:\n{said}");
+        assert!(said.contains("forgot generation"), "{said}");
+
+        // Created again, it holds no data: the source's handshake gives it a full sync.
+        app.rpc("bdev_nvmirror_create", params.clone());
+        let started = Instant::now();
+        loop {
+            let source = app.rpc("bdev_nvmirror_get_bdevs", json!({"name": "nvmirror0"}));
+            let resync = &source[0]["resync"];
+            if resync["count"] == json!(1) && resync["active"] == json!(false) {
+                assert_eq!(
+                    resync["bytes_total"],
+                    json!(NAMESPACE_MIB << 20),
+                    "a full sync: {source}"
+                );
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no full sync after discard-changes: {source}\n{}",
+                app.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        app.assert_pair_mirrored();
+        app.stop();
+    }
 }

@@ -4,7 +4,8 @@
         $SPDK_DIR/scripts/rpc.py -s /var/tmp/spdk.sock --plugin nvmirror_rpc COMMAND ...
 
 Commands: bdev_nvmirror_create, bdev_nvmirror_delete, bdev_nvmirror_get_bdevs,
-nvmirror_get_stats, nvmirror_cp, nvmirror_set_policy, nvmirror_attach, nvmirror_checksum.
+nvmirror_get_stats, nvmirror_cp, nvmirror_set_policy, nvmirror_attach, nvmirror_checksum,
+nvmirror_promote, nvmirror_discard_changes (the same arguments as bdev_nvmirror_create).
 bdev_nvmirror_create takes the keys of a node's TOML config (role, volume, peer/listen, ...);
 `--extra '{"key": value}'` passes any key the options below do not name.
 """
@@ -14,7 +15,8 @@ import json
 from spdk.rpc.cmd_parser import print_json
 
 
-def bdev_nvmirror_create(args):
+def volume_params(args):
+    """The params of bdev_nvmirror_create (also nvmirror_discard_changes) from the arguments."""
     params = {
         'name': args.name,
         'role': args.role,
@@ -31,7 +33,22 @@ def bdev_nvmirror_create(args):
         params['assume_identical'] = True
     if args.extra:
         params.update(json.loads(args.extra))
-    print_json(args.client.call('bdev_nvmirror_create', params))
+    return params
+
+
+def bdev_nvmirror_create(args):
+    print_json(args.client.call('bdev_nvmirror_create', volume_params(args)))
+
+
+def nvmirror_discard_changes(args):
+    print_json(args.client.call('nvmirror_discard_changes', volume_params(args)))
+
+
+def nvmirror_promote(args):
+    params = {'name': args.name}
+    if args.peer is not None:
+        params['peer'] = args.peer
+    print_json(args.client.call('nvmirror_promote', params))
 
 
 def bdev_nvmirror_delete(args):
@@ -66,9 +83,8 @@ def nvmirror_checksum(args):
     print_json(args.client.call('nvmirror_checksum', {'name': args.name}))
 
 
-def spdk_rpc_plugin_initialize(subparsers):
-    p = subparsers.add_parser('bdev_nvmirror_create',
-                              help='Create an nvmirror volume: a source exports a replicated bdev')
+def add_volume_arguments(p):
+    """bdev_nvmirror_create's arguments (nvmirror_discard_changes takes the same)."""
     p.add_argument('-b', '--name', required=True, help='volume (and exported bdev) name')
     p.add_argument('-r', '--role', required=True, choices=['source', 'destination'])
     p.add_argument('--volume', required=True, help='the replicated volume both sides name')
@@ -89,7 +105,25 @@ def spdk_rpc_plugin_initialize(subparsers):
     p.add_argument('--assume-identical', action='store_true',
                    help='both devices are known identical (freshly zeroed): no initial full sync')
     p.add_argument('--extra', help='more config keys as a JSON object')
+
+
+def spdk_rpc_plugin_initialize(subparsers):
+    p = subparsers.add_parser('bdev_nvmirror_create',
+                              help='Create an nvmirror volume: a source exports a replicated bdev')
+    add_volume_arguments(p)
     p.set_defaults(func=bdev_nvmirror_create)
+
+    p = subparsers.add_parser('nvmirror_promote',
+                              help='Failover: a destination whose source is lost serves as the source')
+    p.add_argument('name')
+    p.add_argument('--peer', help="where the new destination will listen (default: the config's promote_peer)")
+    p.set_defaults(func=nvmirror_promote)
+
+    p = subparsers.add_parser('nvmirror_discard_changes',
+                              help="After a split brain: a deleted volume's node forgets its changes "
+                                   '(created again as a destination, it takes a full sync)')
+    add_volume_arguments(p)
+    p.set_defaults(func=nvmirror_discard_changes)
 
     p = subparsers.add_parser('bdev_nvmirror_delete', help='Delete an nvmirror volume')
     p.add_argument('name')
