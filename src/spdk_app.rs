@@ -24,6 +24,7 @@ use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use nvmirror_engine::generation::FLAG_RESYNC_TARGET;
 use nvmirror_engine::liveness::PeerLossPolicy;
 use nvmirror_nvmf::Backend;
 use nvmirror_runtime::management::node_status_json;
@@ -102,8 +103,6 @@ struct Pending {
     name: String,
     config: Config,
     params: Value,
-    /// Its start is on the way (a message to the app thread).
-    starting: bool,
     /// Why its last start failed (it waits to be deleted or for its bdevs to come back).
     error: Option<String>,
 }
@@ -283,21 +282,21 @@ fn volume_config(
     Ok((name, config, params))
 }
 
-/// Whether a volume of this process, running or waiting for its bdevs, is named `name` or
-/// keeps its metadata in `metadata` (that file is in use).
-fn in_use(name: &str, metadata: &std::path::Path) -> Option<String> {
+/// The first volume of this process, running or waiting for its bdevs, whose name and config
+/// `matches`.
+fn volume_where(matches: impl Fn(&str, &Config) -> bool) -> Option<String> {
     let running = VOLUMES.with(|volumes| {
         volumes
             .borrow()
             .iter()
-            .find(|v| v.name == name || v.config.metadata_file() == metadata)
+            .find(|v| matches(&v.name, &v.config))
             .map(|v| v.name.clone())
     });
     running.or_else(|| {
         PENDING.with(|list| {
             list.borrow()
                 .iter()
-                .find(|p| p.name == name || p.config.metadata_file() == metadata)
+                .find(|p| matches(&p.name, &p.config))
                 .map(|p| p.name.clone())
         })
     })
@@ -305,9 +304,7 @@ fn in_use(name: &str, metadata: &std::path::Path) -> Option<String> {
 
 fn create(params: Option<Value>) -> RpcResult {
     let (name, config, params) = volume_config(params, "bdev_nvmirror_create")?;
-    if VOLUMES.with(|volumes| volumes.borrow().iter().any(|volume| volume.name == name))
-        || PENDING.with(|pending| pending.borrow().iter().any(|p| p.name == name))
-    {
+    if volume_where(|other, _| other == name).is_some() {
         return Err(invalid(format!("nvmirror volume '{name}' exists")));
     }
     if let Some(thread) = nvmirror_spdk::thread::Thread::current() {
@@ -317,7 +314,6 @@ fn create(params: Option<Value>) -> RpcResult {
         name: name.clone(),
         config,
         params,
-        starting: false,
         error: None,
     };
     let missing = pending.missing();
@@ -340,7 +336,8 @@ fn create(params: Option<Value>) -> RpcResult {
 /// created again as a destination the handshake gives it a full sync from the other side.
 fn discard_changes(params: Option<Value>) -> RpcResult {
     let (name, config, _) = volume_config(params, "nvmirror_discard_changes")?;
-    if let Some(user) = in_use(&name, &config.metadata_file()) {
+    let metadata = config.metadata_file();
+    if let Some(user) = volume_where(|other, c| other == name || c.metadata_file() == metadata) {
         return Err(invalid(format!(
             "nvmirror volume '{user}' uses this name or metadata file: bdev_nvmirror_delete it first"
         )));
@@ -405,20 +402,18 @@ fn start_ready() {
         let mut list = list.borrow_mut();
         let (ready, waiting) = std::mem::take(&mut *list)
             .into_iter()
-            .partition(|p| !p.starting && p.error.is_none() && p.missing().is_empty());
+            .partition(|p| p.error.is_none() && p.missing().is_empty());
         *list = waiting;
         ready
     });
     for mut pending in ready {
         let name = pending.name.clone();
-        pending.starting = true;
         match start_volume(name.clone(), pending.config.clone(), pending.params.clone()) {
             Ok(volume) => VOLUMES.with(|volumes| volumes.borrow_mut().push(volume)),
             Err((_, reason)) => {
                 log::error!(
                     "{name}: its base bdevs are there, but it did not start: {reason} (bdev_nvmirror_delete it)"
                 );
-                pending.starting = false;
                 pending.error = Some(reason);
                 PENDING.with(|list| list.borrow_mut().push(pending));
             }
@@ -895,9 +890,9 @@ fn promote(params: Option<Value>, responder: Responder) {
         }
         // Refused while it runs, so the destination is not even interrupted (the engine
         // refuses it again below, should a resync begin in between).
-        let counters = volume.running.publish();
-        let status = node_status_json("destination", volume.running.control(), &counters);
-        if status["generations"]["resync_target"] == json!(true) {
+        volume.running.publish();
+        let generations = *volume.running.control().generations.lock().unwrap();
+        if generations.is_some_and(|g| g.flags & FLAG_RESYNC_TARGET != 0) {
             return give_back(
                 volume,
                 invalid(format!(
