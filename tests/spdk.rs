@@ -263,6 +263,38 @@ mod with_spdk {
         ]})
     }
 
+    /// One app with source `nvmirror0` on malloc Primary0 and its destination `mirror0` on
+    /// Mirror0 (volume `volume`), the source exported on a free port; returned once settled,
+    /// with that port and the destination's `bdev_nvmirror_create` call.
+    fn start_malloc_pair(scratch: &Scratch, shm_id: u32, volume: &str) -> (SpdkApp, u16, Value) {
+        let (link_port, nvmf_port) = (free_port(), free_port());
+        let destination = nvmirror(
+            scratch,
+            "mirror0",
+            "destination",
+            volume,
+            ("listen", link_port),
+            "Mirror0",
+        );
+        let app = SpdkApp::start(
+            scratch,
+            "pair",
+            "0x1",
+            shm_id,
+            &json!({"subsystems": [
+                bdev_config(vec![
+                    malloc("Primary0"),
+                    malloc("Mirror0"),
+                    destination.clone(),
+                    nvmirror(scratch, "nvmirror0", "source", volume, ("peer", link_port), "Primary0"),
+                ]),
+                nvmf_config("nvmirror0", nvmf_port),
+            ]}),
+        );
+        app.wait_settled("nvmirror0");
+        (app, nvmf_port, destination)
+    }
+
     fn spdk_tool(spdk: &Path, tool: &str) -> Command {
         let mut command = Command::new(spdk.join(tool));
         command.env("LD_LIBRARY_PATH", spdk.join("build/lib"));
@@ -1003,23 +1035,7 @@ mod with_spdk {
         let _turn = one_at_a_time();
         spdk_dir();
         let scratch = Scratch::new("spdk-removed-bdev");
-        let (link_port, nvmf_port) = (free_port(), free_port());
-        let app = SpdkApp::start(
-            &scratch,
-            "pair",
-            "0x1",
-            88,
-            &json!({"subsystems": [
-                bdev_config(vec![
-                    malloc("Primary0"),
-                    malloc("Mirror0"),
-                    nvmirror(&scratch, "mirror0", "destination", "removed", ("listen", link_port), "Mirror0"),
-                    nvmirror(&scratch, "nvmirror0", "source", "removed", ("peer", link_port), "Primary0"),
-                ]),
-                nvmf_config("nvmirror0", nvmf_port),
-            ]}),
-        );
-        app.wait_settled("nvmirror0");
+        let (app, nvmf_port, _) = start_malloc_pair(&scratch, 88, "removed");
         verified_perf(nvmf_port, "randwrite", "1");
         assert_eq!(
             app.rpc("bdev_malloc_delete", json!({"name": "Primary0"})),
@@ -1059,31 +1075,7 @@ mod with_spdk {
         let _turn = one_at_a_time();
         let spdk = spdk_dir();
         let scratch = Scratch::new("spdk-discard");
-        let (link_port, nvmf_port) = (free_port(), free_port());
-        let destination = nvmirror(
-            &scratch,
-            "mirror0",
-            "destination",
-            "discard",
-            ("listen", link_port),
-            "Mirror0",
-        );
-        let app = SpdkApp::start(
-            &scratch,
-            "pair",
-            "0x1",
-            89,
-            &json!({"subsystems": [
-                bdev_config(vec![
-                    malloc("Primary0"),
-                    malloc("Mirror0"),
-                    destination.clone(),
-                    nvmirror(&scratch, "nvmirror0", "source", "discard", ("peer", link_port), "Primary0"),
-                ]),
-                nvmf_config("nvmirror0", nvmf_port),
-            ]}),
-        );
-        app.wait_settled("nvmirror0");
+        let (app, nvmf_port, destination) = start_malloc_pair(&scratch, 89, "discard");
         verified_perf(nvmf_port, "randwrite", "1");
         app.assert_pair_mirrored();
         let refused = app
