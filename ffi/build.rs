@@ -24,6 +24,7 @@ const LOAD_LIBS: &[&str] = &[
     "spdk_bdev_malloc",
     "spdk_bdev_aio",
     "spdk_bdev_nvme",
+    "spdk_bdev_delay",
     "spdk_sock_posix",
     "spdk_scheduler_dynamic",
     "spdk_env_dpdk_rpc",

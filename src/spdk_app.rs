@@ -171,7 +171,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
 
 const METHODS: &[(&str, rpc::Handler)] = &[
     ("bdev_nvmirror_create", |p, r| r.answer(create(p))),
-    ("bdev_nvmirror_delete", |p, r| r.answer(delete(p))),
+    ("bdev_nvmirror_delete", delete),
     ("bdev_nvmirror_get_bdevs", |p, r| r.answer(get_bdevs(p))),
     ("nvmirror_get_stats", |p, r| r.answer(get_stats(p))),
     ("nvmirror_set_policy", |p, r| r.answer(set_policy(p))),
@@ -388,7 +388,7 @@ fn bdev_removed(name: &str) {
                 "{}: bdev {name} is being removed ({what}): the volume is deleted, its bdevs unregistered",
                 volume.name
             );
-            remove(volume, true);
+            remove(volume, true, || {});
         }
     });
     if let Err(reason) = sent {
@@ -562,25 +562,89 @@ fn bdev_names(config: &Config) -> Vec<String> {
 
 /// Stops a volume's node and fails what still waits or comes; `unregister`: removes its bdevs
 /// too (at shutdown SPDK's bdev layer does that after the nvmf target let go of them).
-fn remove(volume: Volume, unregister: bool) {
+fn remove(volume: Volume, unregister: bool, then: impl FnOnce() + 'static) {
     let Volume {
         name,
         running,
         exported,
         inbox,
+        _registration: registration,
         ..
     } = volume;
-    match running {
-        Running::Source(node) => drop(node.stop()),
-        Running::Destination(node) => drop(node.stop()),
-    }
+    let node: Box<dyn Node> = match running {
+        Running::Source(node) => Box::new(node.stop()),
+        Running::Destination(node) => Box::new(node.stop()),
+    };
     inbox.close();
     if unregister {
         for bdev in exported {
             bdev.unregister();
         }
     }
-    log::info!("{name}: stopped");
+    retire(name, node, registration, then);
+}
+
+/// How long a stopped node waits for its device ops before it is leaked rather than freed.
+const RETIRE_TIMEOUT_US: u64 = 10_000_000;
+
+thread_local! {
+    /// Stopped nodes waiting for their device ops (shutdown waits for them).
+    static RETIRING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Drops a stopped node once its device ops completed, then its ring's DMA registration, then
+/// runs `then`. SPDK completes a bdev op on the node's thread, after this call returns: a node
+/// dropped with ops in flight would free the bdev channel, DMA buffers and ring memory that
+/// those ops still use (seen as heap corruption at shutdown when a CP's mirror writes were in
+/// flight). Ops that never complete leave the node leaked, never freed under them.
+fn retire(
+    name: String,
+    node: Box<dyn Node>,
+    registration: Option<Registered>,
+    then: impl FnOnce() + 'static,
+) {
+    RETIRING.with(|count| count.set(count.get() + 1));
+    let volume = name.clone();
+    let deadline = monotonic_us() + RETIRE_TIMEOUT_US;
+    let mut held = Some((node, registration));
+    let mut then = Some(then);
+    let mut said = false;
+    let mut finish = move || {
+        let (node, _) = held.as_mut().expect("held until finished");
+        node.reap_device_completions();
+        let left = node.device_ops_in_flight();
+        if left > 0 && monotonic_us() < deadline {
+            if !said {
+                log::info!("{name}: stopping: waiting for {left} device op(s) in flight");
+                said = true;
+            }
+            return false;
+        }
+        let (node, registration) = held.take().expect("finished once");
+        if left > 0 {
+            log::error!(
+                "{name}: {left} device op(s) did not complete within {} s: the node's memory is leaked, not freed under them",
+                RETIRE_TIMEOUT_US / 1_000_000
+            );
+            std::mem::forget(node);
+            std::mem::forget(registration);
+        } else {
+            drop(node);
+            drop(registration);
+            log::info!("{name}: stopped");
+        }
+        RETIRING.with(|count| count.set(count.get() - 1));
+        (then.take().expect("finished once"))();
+        true
+    };
+    if finish() {
+        return;
+    }
+    if let Err(reason) = nvmirror_spdk::thread::poll_until(finish) {
+        // No waiter poller: leaking the node is the only safe choice left.
+        log::error!("{volume}: cannot wait for its device ops ({reason}): the node is leaked");
+        RETIRING.with(|count| count.set(count.get() - 1));
+    }
 }
 
 /// Takes volume `name` out of the registry.
@@ -593,20 +657,28 @@ fn take_volume(name: &str) -> Result<Volume, (i32, String)> {
     volume.ok_or_else(|| invalid(format!("no nvmirror volume '{name}'")))
 }
 
-fn delete(params: Option<Value>) -> RpcResult {
-    let map = object(params, &["name"])?;
-    let name = required_str(&map, "name")?;
-    let waiting = PENDING.with(|list| {
-        let mut list = list.borrow_mut();
-        let index = list.iter().position(|p| p.name == name);
-        index.map(|index| list.remove(index))
-    });
-    if waiting.is_some() {
-        log::info!("{name}: deleted (it waited for its base bdevs)");
-        return Ok(json!(true));
+/// `bdev_nvmirror_delete {name}`: answered once the volume's node let go of its bdevs (so a
+/// create right after may claim them again).
+fn delete(params: Option<Value>, responder: Responder) {
+    let volume = (|| {
+        let map = object(params, &["name"])?;
+        let name = required_str(&map, "name")?;
+        let waiting = PENDING.with(|list| {
+            let mut list = list.borrow_mut();
+            let index = list.iter().position(|p| p.name == name);
+            index.map(|index| list.remove(index))
+        });
+        if waiting.is_some() {
+            log::info!("{name}: deleted (it waited for its base bdevs)");
+            return Ok(None);
+        }
+        take_volume(&name).map(Some)
+    })();
+    match volume {
+        Ok(Some(volume)) => remove(volume, true, move || responder.ok(json!(true))),
+        Ok(None) => responder.ok(json!(true)),
+        Err((code, message)) => responder.error(code, &message),
     }
-    remove(take_volume(&name)?, true);
-    Ok(json!(true))
 }
 
 fn get_bdevs(params: Option<Value>) -> RpcResult {
@@ -829,22 +901,32 @@ fn shutdown(end: Box<dyn FnOnce()>) {
     );
     let deadline = monotonic_us() + SHUTDOWN_CP_TIMEOUT_US;
     let mut end = Some(end);
+    let mut removed = false;
     let finish = move || {
-        let synced = sources
-            .iter()
-            .all(|control| control.synced.load(Ordering::Acquire));
-        if !synced && monotonic_us() < deadline {
+        if !removed {
+            let synced = sources
+                .iter()
+                .all(|control| control.synced.load(Ordering::Acquire));
+            if !synced && monotonic_us() < deadline {
+                return false;
+            }
+            if !synced {
+                log::warn!(
+                    "nvmirror: no last CP within {} s: unsynced writes stay in the NVRAM ring and are resent at the next start",
+                    SHUTDOWN_CP_TIMEOUT_US / 1_000_000
+                );
+            }
+            PENDING.with(|list| list.borrow_mut().clear());
+            let volumes = VOLUMES.with(|volumes| std::mem::take(&mut *volumes.borrow_mut()));
+            volumes
+                .into_iter()
+                .for_each(|volume| remove(volume, false, || {}));
+            removed = true;
+        }
+        // Their nodes go once their device ops completed (RETIRE_TIMEOUT_US at most).
+        if RETIRING.with(|count| count.get()) > 0 {
             return false;
         }
-        if !synced {
-            log::warn!(
-                "nvmirror: no last CP within {} s: unsynced writes stay in the NVRAM ring and are resent at the next start",
-                SHUTDOWN_CP_TIMEOUT_US / 1_000_000
-            );
-        }
-        PENDING.with(|list| list.borrow_mut().clear());
-        let volumes = VOLUMES.with(|volumes| std::mem::take(&mut *volumes.borrow_mut()));
-        volumes.into_iter().for_each(|volume| remove(volume, false));
         // The waiter poller (running this) goes once this call returns: SPDK's app thread
         // exits only when its pollers are gone.
         if let Some(thread) = nvmirror_spdk::thread::Thread::current() {
@@ -918,8 +1000,21 @@ fn promote(params: Option<Value>, responder: Responder) {
     };
     let config = volume.config.clone();
     let destination_params = volume.params.clone();
+    // The destination's devices, metadata file and ring are reopened once its node let go.
+    remove(volume, false, move || {
+        promote_stopped(name, config, destination_params, peer, responder)
+    });
+}
+
+/// The rest of `nvmirror_promote`, once the destination's node stopped and was dropped.
+fn promote_stopped(
+    name: String,
+    config: Config,
+    destination_params: Value,
+    peer: std::net::SocketAddr,
+    responder: Responder,
+) {
     let mut params = destination_params.clone();
-    remove(volume, false);
     let source_config = Config {
         role: Role::Source,
         listen: None,

@@ -1168,4 +1168,88 @@ mod with_spdk {
         app.assert_pair_mirrored();
         app.stop();
     }
+
+    /// A destination deleted while its CPs' mirror writes are in flight (a delay bdev holds
+    /// each write 300 ms): its node is dropped only once they completed, so the bdev layer
+    /// never completes an op into freed memory (before, the node went at once, and a SIGTERM
+    /// during a CP could end in "free(): corrupted unsorted chunks"). The delete answers after
+    /// the writes, the mirror can be claimed by a new create at once, and the app stops cleanly.
+    #[test]
+    fn a_volume_stops_only_once_its_device_ops_completed() {
+        let _turn = one_at_a_time();
+        spdk_dir();
+        let scratch = Scratch::new("spdk-inflight-stop");
+        let (link_port, nvmf_port) = (free_port(), free_port());
+        const DELAY_US: u64 = 300_000;
+        let destination = nvmirror(
+            &scratch,
+            "mirror0",
+            "destination",
+            "inflight",
+            ("listen", link_port),
+            "Mirror0",
+        );
+        let app = SpdkApp::start(
+            &scratch,
+            "pair",
+            "0x1",
+            75,
+            &json!({"subsystems": [
+                bdev_config(vec![
+                    malloc("Primary0"),
+                    malloc("MirrorBase0"),
+                    json!({"method": "bdev_delay_create", "params": {
+                        "base_bdev_name": "MirrorBase0", "name": "Mirror0",
+                        "avg_read_latency": 0, "p99_read_latency": 0,
+                        "avg_write_latency": DELAY_US, "p99_write_latency": DELAY_US}}),
+                    destination.clone(),
+                    nvmirror(&scratch, "nvmirror0", "source", "inflight", ("peer", link_port), "Primary0"),
+                ]),
+                nvmf_config("nvmirror0", nvmf_port),
+            ]}),
+        );
+        app.wait_settled("nvmirror0");
+        // Writes to 64 blocks go on while CPs (every 200 ms) each hold up to 64 mirror writes
+        // for DELAY_US: the destination has mirror writes in flight nearly all the time.
+        let mut perf = perf_at(nvmf_port, NQN);
+        perf.args(["--pattern", "randwrite", "--time-s", "4", "--warmup-s", "0"]);
+        perf.args([
+            "--queue-depth",
+            "4",
+            "--io-size",
+            "4096",
+            "--lba-range-bytes",
+            "262144",
+        ]);
+        let mut perf = Process(
+            perf.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start nvmirror-perf"),
+        );
+        std::thread::sleep(Duration::from_millis(1000));
+        let asked = Instant::now();
+        assert_eq!(
+            app.rpc("bdev_nvmirror_delete", json!({"name": "mirror0"})),
+            json!(true)
+        );
+        let took = asked.elapsed();
+        let log = app.log_text();
+        let waited = log
+            .lines()
+            .find(|line| line.contains("mirror0: stopping: waiting for"))
+            .unwrap_or_else(|| panic!("the delete found no mirror write in flight:\n{log}"));
+        assert!(log.contains("mirror0: stopped"), "{log}");
+        assert!(
+            took >= Duration::from_millis(50),
+            "the delete answered in {took:?}, before the mirror writes in flight ({waited}) could complete"
+        );
+        let _ = perf.0.kill();
+        let _ = perf.0.wait();
+        // The node let go of the mirror: it can be claimed again at once.
+        app.rpc("bdev_nvmirror_create", destination["params"].clone());
+        let mirror = app.rpc("bdev_nvmirror_get_bdevs", json!({"name": "mirror0"}));
+        assert_eq!(mirror[0]["state"], json!("running"), "{mirror}");
+        app.stop();
+    }
 }

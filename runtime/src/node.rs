@@ -192,6 +192,27 @@ impl NodeControl {
 /// A node as its reactor drives it: polled work plus the commands of other threads.
 pub trait Node: Poller {
     fn handle_command(&mut self, now_us: u64, command: Command);
+    /// Device ops (primaries or mirrors, the metadata file) submitted and not completed yet.
+    fn device_ops_in_flight(&self) -> usize;
+    /// Takes the completions of device ops without acting on them. A stopped node waits for
+    /// its devices this way before it is dropped where completions arrive on the node's own
+    /// thread (SPDK), so no device goes on using a channel, a buffer or ring memory that the
+    /// drop frees; a device's own drop cannot wait there. What is not acted on is what a crash
+    /// at this moment leaves, which a start recovers (ring replay, metadata read back).
+    fn reap_device_completions(&mut self) -> usize;
+}
+
+/// Device ops of `devices` submitted and not completed yet.
+fn devices_in_flight(devices: &[Device]) -> usize {
+    devices.iter().map(|device| device.inflight_count()).sum()
+}
+
+/// Takes the completions of `devices` without acting on them ([`Node::reap_device_completions`]).
+fn reap_devices(devices: &mut [Device]) -> usize {
+    devices
+        .iter_mut()
+        .map(|device| device.poll_completions(&mut |_| {}))
+        .sum()
 }
 
 /// What feeds host I/O into a source: the NVMe/TCP target or the built-in workload.
@@ -515,6 +536,15 @@ impl<F: FrontEnd> Node for SourceNode<F> {
             }
         }
     }
+
+    fn device_ops_in_flight(&self) -> usize {
+        devices_in_flight(self.volume.primaries()) + self.metadata_device.inflight_count()
+    }
+
+    fn reap_device_completions(&mut self) -> usize {
+        reap_devices(self.volume.primaries_mut())
+            + reap_devices(std::slice::from_mut(&mut self.metadata_device))
+    }
 }
 
 impl<F: FrontEnd> SourceNode<F> {
@@ -714,6 +744,15 @@ impl Node for DestinationNode {
             | Command::Attach(_) => {}
         }
     }
+
+    fn device_ops_in_flight(&self) -> usize {
+        devices_in_flight(&self.mirrors) + self.metadata_device.inflight_count()
+    }
+
+    fn reap_device_completions(&mut self) -> usize {
+        reap_devices(&mut self.mirrors)
+            + reap_devices(std::slice::from_mut(&mut self.metadata_device))
+    }
 }
 
 impl Poller for DestinationNode {
@@ -824,12 +863,28 @@ impl<F: FrontEnd> Node for PairNode<F> {
         self.source.handle_command(now_us, command);
         self.destination.handle_command(now_us, command);
     }
+
+    fn device_ops_in_flight(&self) -> usize {
+        self.source.device_ops_in_flight() + self.destination.device_ops_in_flight()
+    }
+
+    fn reap_device_completions(&mut self) -> usize {
+        self.source.reap_device_completions() + self.destination.reap_device_completions()
+    }
 }
 
 /// A queue-pair reactor of its own: no node, only a share of the target's queue pairs.
 impl Node for QueuePairHost {
     fn handle_command(&mut self, _now_us: u64, command: Command) {
         log::debug!("queue-pair reactor: {command:?} ignored");
+    }
+
+    fn device_ops_in_flight(&self) -> usize {
+        0
+    }
+
+    fn reap_device_completions(&mut self) -> usize {
+        0
     }
 }
 
@@ -866,5 +921,13 @@ impl<N: Poller> Poller for Hosted<N> {
 impl<N: Node> Node for Hosted<N> {
     fn handle_command(&mut self, now_us: u64, command: Command) {
         self.node.handle_command(now_us, command);
+    }
+
+    fn device_ops_in_flight(&self) -> usize {
+        self.node.device_ops_in_flight()
+    }
+
+    fn reap_device_completions(&mut self) -> usize {
+        self.node.reap_device_completions()
     }
 }

@@ -205,4 +205,14 @@ impl<D: BlockDevice> Node for PlainTarget<D> {
     fn handle_command(&mut self, _now_us: u64, command: Command) {
         log::debug!("unreplicated target: {command:?} ignored");
     }
+
+    /// The unreplicated target runs on the embedded reactor only, whose devices wait for
+    /// their ops in their own drop: it has nothing to wait for here.
+    fn device_ops_in_flight(&self) -> usize {
+        0
+    }
+
+    fn reap_device_completions(&mut self) -> usize {
+        0
+    }
 }

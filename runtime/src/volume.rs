@@ -237,6 +237,10 @@ impl Volume {
         &self.primaries
     }
 
+    pub(crate) fn primaries_mut(&mut self) -> &mut [Device] {
+        &mut self.primaries
+    }
+
     /// Gives back the engine and the primaries (a stop).
     pub fn into_parts(self) -> (SourceEngine, Vec<Device>) {
         (self.source, self.primaries)
