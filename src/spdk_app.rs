@@ -307,6 +307,11 @@ fn create(params: Option<Value>) -> RpcResult {
     if volume_where(|other, _| other == name).is_some() {
         return Err(invalid(format!("nvmirror volume '{name}' exists")));
     }
+    if retiring_where(|other, _| other == name).is_some() {
+        return Err(invalid(format!(
+            "nvmirror volume '{name}' is still stopping (its device I/O in flight completes first): try again"
+        )));
+    }
     if let Some(thread) = nvmirror_spdk::thread::Thread::current() {
         let _ = APP_THREAD.set(thread);
     }
@@ -337,7 +342,8 @@ fn create(params: Option<Value>) -> RpcResult {
 fn discard_changes(params: Option<Value>) -> RpcResult {
     let (name, config, _) = volume_config(params, "nvmirror_discard_changes")?;
     let metadata = config.metadata_file();
-    if let Some(user) = volume_where(|other, c| other == name || c.metadata_file() == metadata) {
+    let uses = |other: &str, c: &Config| other == name || c.metadata_file() == metadata;
+    if let Some(user) = volume_where(uses).or_else(|| retiring_where(uses)) {
         return Err(invalid(format!(
             "nvmirror volume '{user}' uses this name or metadata file: bdev_nvmirror_delete it first"
         )));
@@ -565,6 +571,7 @@ fn bdev_names(config: &Config) -> Vec<String> {
 fn remove(volume: Volume, unregister: bool, then: impl FnOnce() + 'static) {
     let Volume {
         name,
+        config,
         running,
         exported,
         inbox,
@@ -581,15 +588,35 @@ fn remove(volume: Volume, unregister: bool, then: impl FnOnce() + 'static) {
             bdev.unregister();
         }
     }
-    retire(name, node, registration, then);
+    retire(name, config, node, registration, then);
 }
 
 /// How long a stopped node waits for its device ops before it is leaked rather than freed.
 const RETIRE_TIMEOUT_US: u64 = 10_000_000;
 
 thread_local! {
-    /// Stopped nodes waiting for their device ops (shutdown waits for them).
-    static RETIRING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// The volumes whose stopped nodes wait for their device ops (shutdown waits for them; a
+    /// create or discard on their name or metadata waits too).
+    static RETIRING: RefCell<Vec<(String, Config)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A stopping volume's name that `matches` (its name and config).
+fn retiring_where(matches: impl Fn(&str, &Config) -> bool) -> Option<String> {
+    RETIRING.with(|list| {
+        list.borrow()
+            .iter()
+            .find(|(name, config)| matches(name, config))
+            .map(|(name, _)| name.clone())
+    })
+}
+
+fn retired(name: &str) {
+    RETIRING.with(|list| {
+        let mut list = list.borrow_mut();
+        if let Some(index) = list.iter().position(|(n, _)| n == name) {
+            list.remove(index);
+        }
+    });
 }
 
 /// Drops a stopped node once its device ops completed, then its ring's DMA registration, then
@@ -599,11 +626,12 @@ thread_local! {
 /// flight). Ops that never complete leave the node leaked, never freed under them.
 fn retire(
     name: String,
+    config: Config,
     node: Box<dyn Node>,
     registration: Option<Registered>,
     then: impl FnOnce() + 'static,
 ) {
-    RETIRING.with(|count| count.set(count.get() + 1));
+    RETIRING.with(|list| list.borrow_mut().push((name.clone(), config)));
     let volume = name.clone();
     let deadline = monotonic_us() + RETIRE_TIMEOUT_US;
     let mut held = Some((node, registration));
@@ -633,7 +661,7 @@ fn retire(
             drop(registration);
             log::info!("{name}: stopped");
         }
-        RETIRING.with(|count| count.set(count.get() - 1));
+        retired(&name);
         (then.take().expect("finished once"))();
         true
     };
@@ -643,7 +671,7 @@ fn retire(
     if let Err(reason) = nvmirror_spdk::thread::poll_until(finish) {
         // No waiter poller: leaking the node is the only safe choice left.
         log::error!("{volume}: cannot wait for its device ops ({reason}): the node is leaked");
-        RETIRING.with(|count| count.set(count.get() - 1));
+        retired(&volume);
     }
 }
 
@@ -924,7 +952,7 @@ fn shutdown(end: Box<dyn FnOnce()>) {
             removed = true;
         }
         // Their nodes go once their device ops completed (RETIRE_TIMEOUT_US at most).
-        if RETIRING.with(|count| count.get()) > 0 {
+        if RETIRING.with(|list| !list.borrow().is_empty()) {
             return false;
         }
         // The waiter poller (running this) goes once this call returns: SPDK's app thread

@@ -1173,7 +1173,8 @@ mod with_spdk {
     /// each write 300 ms): its node is dropped only once they completed, so the bdev layer
     /// never completes an op into freed memory (before, the node went at once, and a SIGTERM
     /// during a CP could end in "free(): corrupted unsorted chunks"). The delete answers after
-    /// the writes, the mirror can be claimed by a new create at once, and the app stops cleanly.
+    /// the writes (a create of the volume meanwhile is refused as still stopping), the mirror
+    /// can be claimed by a new create at once, and the app stops cleanly.
     #[test]
     fn a_volume_stops_only_once_its_device_ops_completed() {
         let _turn = one_at_a_time();
@@ -1228,12 +1229,37 @@ mod with_spdk {
                 .expect("start nvmirror-perf"),
         );
         std::thread::sleep(Duration::from_millis(1000));
+        // The delete and a create of the same volume pipelined on one connection: SPDK's RPC
+        // server hands the create to its method while the delete still waits for the writes.
+        let mut stream = std::os::unix::net::UnixStream::connect(&app.socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let delete = json!({"jsonrpc": "2.0", "id": 1, "method": "bdev_nvmirror_delete",
+                            "params": {"name": "mirror0"}});
+        let create = json!({"jsonrpc": "2.0", "id": 2, "method": "bdev_nvmirror_create",
+                            "params": destination["params"]});
         let asked = Instant::now();
-        assert_eq!(
-            app.rpc("bdev_nvmirror_delete", json!({"name": "mirror0"})),
-            json!(true)
+        std::io::Write::write_all(&mut stream, format!("{delete}{create}").as_bytes()).unwrap();
+        let mut answers = serde_json::Deserializer::from_reader(&stream).into_iter::<Value>();
+        let (mut deleted, mut refused, mut took) = (None, None, Duration::ZERO);
+        while deleted.is_none() || refused.is_none() {
+            let answer = answers.next().expect("an answer").expect("JSON");
+            if answer["id"] == json!(1) {
+                took = asked.elapsed();
+                deleted = Some(answer);
+            } else {
+                refused = Some(answer);
+            }
+        }
+        assert_eq!(deleted.unwrap()["result"], json!(true));
+        let refused = refused.unwrap();
+        assert!(
+            refused["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("'mirror0' is still stopping")),
+            "a create while the volume stops: {refused}"
         );
-        let took = asked.elapsed();
         let log = app.log_text();
         let waited = log
             .lines()
