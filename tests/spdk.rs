@@ -1278,4 +1278,92 @@ mod with_spdk {
         assert_eq!(mirror[0]["state"], json!("running"), "{mirror}");
         app.stop();
     }
+
+    /// SPDK's fuzzer against the embedded runtime's NVMe/TCP target (a host we did not
+    /// write, sending random admin and I/O commands): the target answers them all for 15 s,
+    /// keeps its log bounded, and afterwards still serves a verified workload that a CP puts on
+    /// the mirror. (SPDK's own target does not survive this: see README "Untrusted hosts".)
+    #[test]
+    fn the_embedded_target_survives_spdks_nvme_fuzz() {
+        let _turn = one_at_a_time();
+        let spdk = spdk_dir();
+        let scratch = Scratch::new("spdk-fuzz-embedded");
+        let (link_port, target_port) = (free_port(), free_port());
+        let destination_config = embedded_config(&scratch, "destination", "fuzz", link_port, None);
+        let _destination = start_destination(&destination_config);
+        let source_config =
+            embedded_config(&scratch, "source", "fuzz", link_port, Some(target_port));
+        let source_log = scratch.path("source-embedded.log");
+        let (mut source, _lines) = start_source(&source_config, &[], "warn", &source_log);
+
+        // The embedded nodes run on core 1; the fuzzer on core 0.
+        let mut fuzz = spdk_tool(&spdk, "test/app/fuzz/nvme_fuzz/nvme_fuzz");
+        fuzz.args(["-m", "0x1", "-s", "256", "-i", "76", "-U"]);
+        fuzz.args(["-t", "15", "-S", "7", "-N", "-a", "-F"]);
+        fuzz.arg(format!(
+            "trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:{target_port} subnqn:{NQN}"
+        ));
+        // Its output (every failed command, as JSON) goes to a file: a pipe read only at the
+        // end would fill and block it.
+        let fuzz_log = scratch.path("nvme_fuzz.log");
+        let file = std::fs::File::create(&fuzz_log).unwrap();
+        let mut child = Process(
+            fuzz.stdout(file.try_clone().unwrap())
+                .stderr(file)
+                .spawn()
+                .expect("start nvme_fuzz"),
+        );
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "nvme_fuzz did not end (a command left unanswered?); see {}",
+                fuzz_log.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let text = std::fs::read_to_string(&fuzz_log).unwrap();
+        let tail: String = text.lines().rev().take(20).collect::<Vec<_>>().join("\n");
+        assert!(status.success(), "nvme_fuzz failed ({status}):\n{tail}");
+        let completed = |queue: &str| -> u64 {
+            text.lines()
+                .find(|line| line.contains(&format!("{queue} qp, Total commands completed:")))
+                .and_then(|line| line.split("completed: ").nth(1))
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|count| count.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {queue} count in nvme_fuzz's output:\n{tail}"))
+        };
+        let (io, admin) = (completed("I/O"), completed("admin"));
+        assert!(
+            io > 1000 && admin > 1000,
+            "the fuzzer got few answers: {io} I/O, {admin} admin"
+        );
+        assert!(
+            source.0.try_wait().unwrap().is_none(),
+            "the target died under nvme_fuzz:\n{}",
+            std::fs::read_to_string(&source_log).unwrap_or_default()
+        );
+        let log_bytes = std::fs::metadata(&source_log).unwrap().len();
+        assert!(
+            log_bytes < 4 << 20,
+            "{io} fuzzed I/O commands wrote {log_bytes} bytes of log"
+        );
+
+        verified_perf(target_port, "randwrite", "1");
+        let reply = nvmirror_runtime::management::call(
+            &scratch.path("source-embedded.sock"),
+            "nvmirror_cp",
+            json!({"wait": true}),
+        )
+        .unwrap();
+        assert!(reply["cp_number"].as_u64().unwrap() > 0, "{reply}");
+        assert_eq!(
+            crc32c_of_file(&scratch.path("destination.img")),
+            crc32c_of_file(&scratch.path("source.img")),
+            "the mirror differs from the primary after the fuzzing and a CP"
+        );
+    }
 }
