@@ -567,7 +567,8 @@ fn bdev_names(config: &Config) -> Vec<String> {
 }
 
 /// Stops a volume's node and fails what still waits or comes; `unregister`: removes its bdevs
-/// too (at shutdown SPDK's bdev layer does that after the nvmf target let go of them).
+/// too (at shutdown SPDK's bdev layer does that after the nvmf target let go of them). `then`
+/// runs once the node let go of its devices ([`RunningNode::stop`]).
 fn remove(volume: Volume, unregister: bool, then: impl FnOnce() + 'static) {
     let Volume {
         name,
@@ -578,17 +579,34 @@ fn remove(volume: Volume, unregister: bool, then: impl FnOnce() + 'static) {
         _registration: registration,
         ..
     } = volume;
-    let node: Box<dyn Node> = match running {
-        Running::Source(node) => Box::new(node.stop()),
-        Running::Destination(node) => Box::new(node.stop()),
-    };
+    let volume_name = name.clone();
     inbox.close();
     if unregister {
         for bdev in exported {
             bdev.unregister();
         }
     }
-    retire(name, config, node, registration, then);
+    RETIRING.with(|list| list.borrow_mut().push((name.clone(), config)));
+    // The ring's DMA registration goes after the node (and its ring).
+    let done = move |left: usize| {
+        if left > 0 {
+            log::error!(
+                "{name}: {left} device op(s) did not complete within {} s: the node's memory is leaked, not freed under them",
+                RETIRE_TIMEOUT_US / 1_000_000
+            );
+            std::mem::forget(registration);
+        } else {
+            drop(registration);
+            log::info!("{name}: stopped");
+        }
+        RETIRING.with(|list| list.borrow_mut().retain(|(n, _)| *n != name));
+        then();
+    };
+    let label = volume_name.as_str();
+    match running {
+        Running::Source(node) => node.stop(label, RETIRE_TIMEOUT_US, done),
+        Running::Destination(node) => node.stop(label, RETIRE_TIMEOUT_US, done),
+    }
 }
 
 /// How long a stopped node waits for its device ops before it is leaked rather than freed.
@@ -608,71 +626,6 @@ fn retiring_where(matches: impl Fn(&str, &Config) -> bool) -> Option<String> {
             .find(|(name, config)| matches(name, config))
             .map(|(name, _)| name.clone())
     })
-}
-
-fn retired(name: &str) {
-    RETIRING.with(|list| {
-        let mut list = list.borrow_mut();
-        if let Some(index) = list.iter().position(|(n, _)| n == name) {
-            list.remove(index);
-        }
-    });
-}
-
-/// Drops a stopped node once its device ops completed, then its ring's DMA registration, then
-/// runs `then`. SPDK completes a bdev op on the node's thread, after this call returns: a node
-/// dropped with ops in flight would free the bdev channel, DMA buffers and ring memory that
-/// those ops still use (seen as heap corruption at shutdown when a CP's mirror writes were in
-/// flight). Ops that never complete leave the node leaked, never freed under them.
-fn retire(
-    name: String,
-    config: Config,
-    node: Box<dyn Node>,
-    registration: Option<Registered>,
-    then: impl FnOnce() + 'static,
-) {
-    RETIRING.with(|list| list.borrow_mut().push((name.clone(), config)));
-    let volume = name.clone();
-    let deadline = monotonic_us() + RETIRE_TIMEOUT_US;
-    let mut held = Some((node, registration));
-    let mut then = Some(then);
-    let mut said = false;
-    let mut finish = move || {
-        let (node, _) = held.as_mut().expect("held until finished");
-        node.reap_device_completions();
-        let left = node.device_ops_in_flight();
-        if left > 0 && monotonic_us() < deadline {
-            if !said {
-                log::info!("{name}: stopping: waiting for {left} device op(s) in flight");
-                said = true;
-            }
-            return false;
-        }
-        let (node, registration) = held.take().expect("finished once");
-        if left > 0 {
-            log::error!(
-                "{name}: {left} device op(s) did not complete within {} s: the node's memory is leaked, not freed under them",
-                RETIRE_TIMEOUT_US / 1_000_000
-            );
-            std::mem::forget(node);
-            std::mem::forget(registration);
-        } else {
-            drop(node);
-            drop(registration);
-            log::info!("{name}: stopped");
-        }
-        retired(&name);
-        (then.take().expect("finished once"))();
-        true
-    };
-    if finish() {
-        return;
-    }
-    if let Err(reason) = nvmirror_spdk::thread::poll_until(finish) {
-        // No waiter poller: leaking the node is the only safe choice left.
-        log::error!("{volume}: cannot wait for its device ops ({reason}): the node is leaked");
-        retired(&volume);
-    }
 }
 
 /// Takes volume `name` out of the registry.

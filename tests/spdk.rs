@@ -1303,31 +1303,10 @@ mod with_spdk {
         fuzz.arg(format!(
             "trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:{target_port} subnqn:{NQN}"
         ));
-        // Its output (every failed command, as JSON) goes to a file: a pipe read only at the
-        // end would fill and block it.
-        let fuzz_log = scratch.path("nvme_fuzz.log");
-        let file = std::fs::File::create(&fuzz_log).unwrap();
-        let mut child = Process(
-            fuzz.stdout(file.try_clone().unwrap())
-                .stderr(file)
-                .spawn()
-                .expect("start nvme_fuzz"),
-        );
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = child.0.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(90),
-                "nvme_fuzz did not end (a command left unanswered?); see {}",
-                fuzz_log.display()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        let text = std::fs::read_to_string(&fuzz_log).unwrap();
+        let output = run_to_end(fuzz);
+        let text = output_text(&output);
         let tail: String = text.lines().rev().take(20).collect::<Vec<_>>().join("\n");
-        assert!(status.success(), "nvme_fuzz failed ({status}):\n{tail}");
+        assert!(output.status.success(), "nvme_fuzz failed:\n{tail}");
         let completed = |queue: &str| -> u64 {
             text.lines()
                 .find(|line| line.contains(&format!("{queue} qp, Total commands completed:")))

@@ -11,6 +11,10 @@ use nvmirror_runtime::reactor::monotonic_us;
 
 use crate::thread::Poller;
 
+/// What runs once a stopped node let go of its devices: the device ops left in flight (0: the
+/// node was dropped).
+type Stopped = Box<dyn FnOnce(usize)>;
+
 /// A node running on its SPDK thread until [`RunningNode::stop`] (or drop).
 pub struct RunningNode<N: Node + 'static> {
     pub control: Arc<NodeControl>,
@@ -50,16 +54,60 @@ impl<N: Node + 'static> RunningNode<N> {
         f(&mut self.node.as_ref().expect("running").borrow_mut())
     }
 
-    /// Stops polling and gives the node back (its last counters published).
-    pub fn stop(mut self) -> N {
+    /// Stops polling the node (its last counters published) and drops it once its device ops
+    /// completed, then calls `done(0)`. SPDK completes a bdev op on this thread after the call
+    /// that submitted it returned, so a node dropped with ops in flight would free the bdev
+    /// channel, DMA buffers and ring memory they still use (a SIGTERM during a CP's mirror
+    /// writes ended in heap corruption so). Ops still in flight after `timeout_us` leave the
+    /// node leaked, never freed under them: `done(left)`.
+    pub fn stop(mut self, label: &str, timeout_us: u64, done: impl FnOnce(usize) + 'static) {
         // The poller's closure holds the other reference: dropping it leaves ours alone.
         self.poller.take();
         let node = self.node.take().expect("running");
         let Ok(node) = Rc::try_unwrap(node) else {
             unreachable!("the poller held the only other reference");
         };
-        let mut node = node.into_inner();
-        node.handle_command(monotonic_us(), Command::PublishCounters);
-        node
+        let mut node = Some(node.into_inner());
+        let deadline = monotonic_us() + timeout_us;
+        let done: Rc<RefCell<Option<Stopped>>> = Rc::new(RefCell::new(Some(Box::new(done))));
+        let on_error = done.clone();
+        let name = label.to_string();
+        let mut said = false;
+        let mut finish = move || {
+            let held = node.as_mut().expect("held until finished");
+            held.reap_device_completions();
+            let left = held.device_ops_in_flight();
+            if left > 0 && monotonic_us() < deadline {
+                if !said {
+                    log::info!("{name}: stopping: waiting for {left} device op(s) in flight");
+                    said = true;
+                }
+                return false;
+            }
+            let mut held = node.take().expect("finished once");
+            held.handle_command(monotonic_us(), Command::PublishCounters);
+            if left > 0 {
+                std::mem::forget(held);
+            } else {
+                // Before `done`: it may open the same devices and ring again (a promotion).
+                drop(held);
+            }
+            let done = done.borrow_mut().take();
+            if let Some(done) = done {
+                done(left);
+            }
+            true
+        };
+        if finish() {
+            return;
+        }
+        if let Err(reason) = crate::thread::poll_until(finish) {
+            // The waiter keeps the node (it never runs): leaked, as on a timeout.
+            log::error!("{label}: cannot wait for its device ops ({reason})");
+            let done = on_error.borrow_mut().take();
+            if let Some(done) = done {
+                done(usize::MAX);
+            }
+        }
     }
 }
