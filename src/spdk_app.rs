@@ -394,7 +394,7 @@ fn bdev_removed(name: &str) {
                 "{}: bdev {name} is being removed ({what}): the volume is deleted, its bdevs unregistered",
                 volume.name
             );
-            remove(volume, true, || {});
+            remove(volume, true, |_| {});
         }
     });
     if let Err(reason) = sent {
@@ -568,8 +568,10 @@ fn bdev_names(config: &Config) -> Vec<String> {
 
 /// Stops a volume's node and fails what still waits or comes; `unregister`: removes its bdevs
 /// too (at shutdown SPDK's bdev layer does that after the nvmf target let go of them). `then`
-/// runs once the node let go of its devices ([`RunningNode::stop`]).
-fn remove(volume: Volume, unregister: bool, then: impl FnOnce() + 'static) {
+/// runs once the node let go of its devices ([`RunningNode::stop`]), with the error to report
+/// when it could not (its device ops never completed: the node is leaked and its base bdevs
+/// stay claimed until the process ends).
+fn remove(volume: Volume, unregister: bool, then: impl FnOnce(Result<(), String>) + 'static) {
     let Volume {
         name,
         config,
@@ -589,18 +591,26 @@ fn remove(volume: Volume, unregister: bool, then: impl FnOnce() + 'static) {
     RETIRING.with(|list| list.borrow_mut().push((name.clone(), config)));
     // The ring's DMA registration goes after the node (and its ring).
     let done = move |left: usize| {
-        if left > 0 {
-            log::error!(
-                "{name}: {left} device op(s) did not complete within {} s: the node's memory is leaked, not freed under them",
+        let result = if left > 0 {
+            let left = if left == usize::MAX {
+                "its".to_string()
+            } else {
+                format!("{left}")
+            };
+            let error = format!(
+                "{name}: {left} device op(s) did not complete within {} s: the node is leaked (not freed under them) and its base bdevs stay claimed until the process ends",
                 RETIRE_TIMEOUT_US / 1_000_000
             );
+            log::error!("{error}");
             std::mem::forget(registration);
+            Err(error)
         } else {
             drop(registration);
             log::info!("{name}: stopped");
-        }
+            Ok(())
+        };
         RETIRING.with(|list| list.borrow_mut().retain(|(n, _)| *n != name));
-        then();
+        then(result);
     };
     let label = volume_name.as_str();
     match running {
@@ -656,7 +666,10 @@ fn delete(params: Option<Value>, responder: Responder) {
         take_volume(&name).map(Some)
     })();
     match volume {
-        Ok(Some(volume)) => remove(volume, true, move || responder.ok(json!(true))),
+        Ok(Some(volume)) => remove(volume, true, move |stopped| match stopped {
+            Ok(()) => responder.ok(json!(true)),
+            Err(message) => responder.error(INTERNAL_ERROR, &message),
+        }),
         Ok(None) => responder.ok(json!(true)),
         Err((code, message)) => responder.error(code, &message),
     }
@@ -901,7 +914,7 @@ fn shutdown(end: Box<dyn FnOnce()>) {
             let volumes = VOLUMES.with(|volumes| std::mem::take(&mut *volumes.borrow_mut()));
             volumes
                 .into_iter()
-                .for_each(|volume| remove(volume, false, || {}));
+                .for_each(|volume| remove(volume, false, |_| {}));
             removed = true;
         }
         // Their nodes go once their device ops completed (RETIRE_TIMEOUT_US at most).
@@ -982,8 +995,12 @@ fn promote(params: Option<Value>, responder: Responder) {
     let config = volume.config.clone();
     let destination_params = volume.params.clone();
     // The destination's devices, metadata file and ring are reopened once its node let go.
-    remove(volume, false, move || {
-        promote_stopped(name, config, destination_params, peer, responder)
+    remove(volume, false, move |stopped| match stopped {
+        Ok(()) => promote_stopped(name, config, destination_params, peer, responder),
+        Err(message) => responder.error(
+            INTERNAL_ERROR,
+            &format!("not promoted: the destination's devices cannot be reopened: {message}"),
+        ),
     });
 }
 

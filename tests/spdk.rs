@@ -1169,6 +1169,65 @@ mod with_spdk {
         app.stop();
     }
 
+    /// A source `nvmirror0` and destination `mirror0` of volume `inflight` in one app, the
+    /// mirror behind SPDK's delay bdev holding each write `delay_us`, and nvmirror-perf writing
+    /// 4 KiB to 64 blocks at QD 4 through SPDK's nvmf target: CPs (every 200 ms) each hold up
+    /// to 64 mirror writes, so the destination has mirror writes in flight nearly all the time.
+    /// Returns once the writes ran for a second, with the destination's create call.
+    fn delayed_mirror_under_load(
+        scratch: &Scratch,
+        shm_id: u32,
+        delay_us: u64,
+    ) -> (SpdkApp, Value, Process) {
+        let (link_port, nvmf_port) = (free_port(), free_port());
+        let destination = nvmirror(
+            scratch,
+            "mirror0",
+            "destination",
+            "inflight",
+            ("listen", link_port),
+            "Mirror0",
+        );
+        let app = SpdkApp::start(
+            scratch,
+            "pair",
+            "0x1",
+            shm_id,
+            &json!({"subsystems": [
+                bdev_config(vec![
+                    malloc("Primary0"),
+                    malloc("MirrorBase0"),
+                    json!({"method": "bdev_delay_create", "params": {
+                        "base_bdev_name": "MirrorBase0", "name": "Mirror0",
+                        "avg_read_latency": 0, "p99_read_latency": 0,
+                        "avg_write_latency": delay_us, "p99_write_latency": delay_us}}),
+                    destination.clone(),
+                    nvmirror(scratch, "nvmirror0", "source", "inflight", ("peer", link_port), "Primary0"),
+                ]),
+                nvmf_config("nvmirror0", nvmf_port),
+            ]}),
+        );
+        app.wait_settled("nvmirror0");
+        let mut perf = perf_at(nvmf_port, NQN);
+        perf.args(["--pattern", "randwrite", "--time-s", "4", "--warmup-s", "0"]);
+        perf.args([
+            "--queue-depth",
+            "4",
+            "--io-size",
+            "4096",
+            "--lba-range-bytes",
+            "262144",
+        ]);
+        let perf = Process(
+            perf.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start nvmirror-perf"),
+        );
+        std::thread::sleep(Duration::from_millis(1000));
+        (app, destination, perf)
+    }
+
     /// A destination deleted while its CPs' mirror writes are in flight (a delay bdev holds
     /// each write 300 ms): its node is dropped only once they completed, so the bdev layer
     /// never completes an op into freed memory (before, the node went at once, and a SIGTERM
@@ -1180,55 +1239,7 @@ mod with_spdk {
         let _turn = one_at_a_time();
         spdk_dir();
         let scratch = Scratch::new("spdk-inflight-stop");
-        let (link_port, nvmf_port) = (free_port(), free_port());
-        const DELAY_US: u64 = 300_000;
-        let destination = nvmirror(
-            &scratch,
-            "mirror0",
-            "destination",
-            "inflight",
-            ("listen", link_port),
-            "Mirror0",
-        );
-        let app = SpdkApp::start(
-            &scratch,
-            "pair",
-            "0x1",
-            75,
-            &json!({"subsystems": [
-                bdev_config(vec![
-                    malloc("Primary0"),
-                    malloc("MirrorBase0"),
-                    json!({"method": "bdev_delay_create", "params": {
-                        "base_bdev_name": "MirrorBase0", "name": "Mirror0",
-                        "avg_read_latency": 0, "p99_read_latency": 0,
-                        "avg_write_latency": DELAY_US, "p99_write_latency": DELAY_US}}),
-                    destination.clone(),
-                    nvmirror(&scratch, "nvmirror0", "source", "inflight", ("peer", link_port), "Primary0"),
-                ]),
-                nvmf_config("nvmirror0", nvmf_port),
-            ]}),
-        );
-        app.wait_settled("nvmirror0");
-        // Writes to 64 blocks go on while CPs (every 200 ms) each hold up to 64 mirror writes
-        // for DELAY_US: the destination has mirror writes in flight nearly all the time.
-        let mut perf = perf_at(nvmf_port, NQN);
-        perf.args(["--pattern", "randwrite", "--time-s", "4", "--warmup-s", "0"]);
-        perf.args([
-            "--queue-depth",
-            "4",
-            "--io-size",
-            "4096",
-            "--lba-range-bytes",
-            "262144",
-        ]);
-        let mut perf = Process(
-            perf.stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start nvmirror-perf"),
-        );
-        std::thread::sleep(Duration::from_millis(1000));
+        let (app, destination, mut perf) = delayed_mirror_under_load(&scratch, 75, 300_000);
         // The delete and a create of the same volume pipelined on one connection: SPDK's RPC
         // server hands the create to its method while the delete still waits for the writes.
         let mut stream = std::os::unix::net::UnixStream::connect(&app.socket).unwrap();
@@ -1239,14 +1250,13 @@ mod with_spdk {
                             "params": {"name": "mirror0"}});
         let create = json!({"jsonrpc": "2.0", "id": 2, "method": "bdev_nvmirror_create",
                             "params": destination["params"]});
-        let asked = Instant::now();
         std::io::Write::write_all(&mut stream, format!("{delete}{create}").as_bytes()).unwrap();
         let mut answers = serde_json::Deserializer::from_reader(&stream).into_iter::<Value>();
-        let (mut deleted, mut refused, mut took) = (None, None, Duration::ZERO);
+        let (mut deleted, mut refused, mut log_at_answer) = (None, None, String::new());
         while deleted.is_none() || refused.is_none() {
             let answer = answers.next().expect("an answer").expect("JSON");
             if answer["id"] == json!(1) {
-                took = asked.elapsed();
+                log_at_answer = app.log_text();
                 deleted = Some(answer);
             } else {
                 refused = Some(answer);
@@ -1260,15 +1270,16 @@ mod with_spdk {
                 .is_some_and(|m| m.contains("'mirror0' is still stopping")),
             "a create while the volume stops: {refused}"
         );
-        let log = app.log_text();
-        let waited = log
-            .lines()
-            .find(|line| line.contains("mirror0: stopping: waiting for"))
-            .unwrap_or_else(|| panic!("the delete found no mirror write in flight:\n{log}"));
-        assert!(log.contains("mirror0: stopped"), "{log}");
+        // It waited for mirror writes in flight, and answered only once they completed and
+        // the node was dropped (logged before the answer is sent).
+        let log = log_at_answer;
         assert!(
-            took >= Duration::from_millis(50),
-            "the delete answered in {took:?}, before the mirror writes in flight ({waited}) could complete"
+            log.contains("mirror0: stopping: waiting for"),
+            "the delete found no mirror write in flight:\n{log}"
+        );
+        assert!(
+            log.contains("mirror0: stopped"),
+            "the delete answered before its node was dropped:\n{log}"
         );
         let _ = perf.0.kill();
         let _ = perf.0.wait();
@@ -1277,6 +1288,41 @@ mod with_spdk {
         let mirror = app.rpc("bdev_nvmirror_get_bdevs", json!({"name": "mirror0"}));
         assert_eq!(mirror[0]["state"], json!("running"), "{mirror}");
         app.stop();
+    }
+
+    /// A destination deleted while a mirror write hangs longer than the 10 s a stopping node
+    /// waits (the delay bdev holds each for 12 s): the node is leaked, never freed under the
+    /// write, and the delete answers with an error that says so, instead of `true` while its
+    /// base bdev stays claimed.
+    #[test]
+    fn a_delete_whose_device_ops_never_complete_answers_an_error() {
+        let _turn = one_at_a_time();
+        spdk_dir();
+        let scratch = Scratch::new("spdk-inflight-leak");
+        let (app, destination, perf) = delayed_mirror_under_load(&scratch, 77, 12_000_000);
+        drop(perf);
+        let asked = Instant::now();
+        let answer = app.try_rpc("bdev_nvmirror_delete", json!({"name": "mirror0"}));
+        let took = asked.elapsed();
+        let error = answer.expect_err("a delete that leaked its node answered true");
+        assert!(
+            error.contains("did not complete within 10 s") && error.contains("stay claimed"),
+            "{error}"
+        );
+        assert!(took >= Duration::from_secs(9), "answered in {took:?}");
+        let log = app.log_text();
+        assert!(log.contains("mirror0: stopping: waiting for"), "{log}");
+        assert!(!log.contains("mirror0: stopped"), "{log}");
+        // Its bdev is gone from the registry; the leaked descriptor still claims the mirror.
+        assert!(app
+            .try_rpc("bdev_nvmirror_get_bdevs", json!({"name": "mirror0"}))
+            .is_err());
+        let again = app.try_rpc("bdev_nvmirror_create", destination["params"].clone());
+        assert!(
+            again.is_err(),
+            "the leaked node's mirror was claimed again: {again:?}"
+        );
+        // The app is killed on drop: a SIGTERM would wait for the hung write's bdev.
     }
 
     /// SPDK's fuzzer against the embedded runtime's NVMe/TCP target (a host we did not

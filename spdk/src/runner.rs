@@ -12,7 +12,7 @@ use nvmirror_runtime::reactor::monotonic_us;
 use crate::thread::Poller;
 
 /// What runs once a stopped node let go of its devices: the device ops left in flight (0: the
-/// node was dropped).
+/// node was dropped; `usize::MAX`: it could not even wait for them, and is leaked).
 type Stopped = Box<dyn FnOnce(usize)>;
 
 /// A node running on its SPDK thread until [`RunningNode::stop`] (or drop).
