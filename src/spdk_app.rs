@@ -285,21 +285,24 @@ fn volume_config(
 /// The first volume of this process, running or waiting for its bdevs, whose name and config
 /// `matches`.
 fn volume_where(matches: impl Fn(&str, &Config) -> bool) -> Option<String> {
-    let running = VOLUMES.with(|volumes| {
-        volumes
-            .borrow()
-            .iter()
-            .find(|v| matches(&v.name, &v.config))
-            .map(|v| v.name.clone())
-    });
-    running.or_else(|| {
-        PENDING.with(|list| {
-            list.borrow()
-                .iter()
-                .find(|p| matches(&p.name, &p.config))
-                .map(|p| p.name.clone())
+    VOLUMES
+        .with(|volumes| first_where(&volumes.borrow(), |v| (&v.name, &v.config), &matches))
+        .or_else(|| {
+            PENDING.with(|list| first_where(&list.borrow(), |p| (&p.name, &p.config), &matches))
         })
-    })
+}
+
+/// The name of the first of `items` (each a name and config, as `parts` gives them) that
+/// `matches`.
+fn first_where<T>(
+    items: &[T],
+    parts: impl Fn(&T) -> (&String, &Config),
+    matches: impl Fn(&str, &Config) -> bool,
+) -> Option<String> {
+    items
+        .iter()
+        .map(parts)
+        .find_map(|(name, config)| matches(name, config).then(|| name.clone()))
 }
 
 fn create(params: Option<Value>) -> RpcResult {
@@ -630,12 +633,7 @@ thread_local! {
 
 /// A stopping volume's name that `matches` (its name and config).
 fn retiring_where(matches: impl Fn(&str, &Config) -> bool) -> Option<String> {
-    RETIRING.with(|list| {
-        list.borrow()
-            .iter()
-            .find(|(name, config)| matches(name, config))
-            .map(|(name, _)| name.clone())
-    })
+    RETIRING.with(|list| first_where(&list.borrow(), |(name, config)| (name, config), matches))
 }
 
 /// Takes volume `name` out of the registry.

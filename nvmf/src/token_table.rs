@@ -10,31 +10,27 @@
 use crate::backend::IoToken;
 use crate::poll_group::ConnectionKey;
 
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    token: u64,
-    key: ConnectionKey,
-    index: u16,
-    used: bool,
-}
+/// A used entry: the token and its value (`None`: empty).
+type Entry<V> = Option<(u64, V)>;
 
-const EMPTY: Entry = Entry {
-    token: 0,
-    key: ConnectionKey {
-        slot: 0,
-        generation: 0,
-    },
-    index: 0,
-    used: false,
-};
-
-#[derive(Debug, Default)]
-pub struct TokenTable {
-    entries: Vec<Entry>,
+/// Tokens to what waits for them (the target: a command's connection and slot; SPDK's bdev
+/// front end: a bdev I/O).
+#[derive(Debug)]
+pub struct TokenTable<V: Copy = (ConnectionKey, u16)> {
+    entries: Vec<Entry<V>>,
     len: usize,
 }
 
-impl TokenTable {
+impl<V: Copy> Default for TokenTable<V> {
+    fn default() -> Self {
+        TokenTable {
+            entries: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<V: Copy> TokenTable<V> {
     pub fn len(&self) -> usize {
         self.len
     }
@@ -48,18 +44,18 @@ impl TokenTable {
         self.entries.len() / 2
     }
 
-    /// Room for `capacity` tokens; grows (and rehashes) only here, at connection setup.
+    /// Room for `capacity` tokens; grows (and rehashes) only here or in [`Self::insert_growing`].
     pub fn reserve_total(&mut self, capacity: usize) {
         if capacity <= self.capacity() {
             return;
         }
         let old = std::mem::replace(
             &mut self.entries,
-            vec![EMPTY; (capacity * 2).next_power_of_two()],
+            vec![None; (capacity * 2).next_power_of_two()],
         );
         self.len = 0;
-        for entry in old.into_iter().filter(|entry| entry.used) {
-            self.insert(IoToken(entry.token), (entry.key, entry.index));
+        for (token, value) in old.into_iter().flatten() {
+            self.insert(IoToken(token), value);
         }
     }
 
@@ -79,63 +75,59 @@ impl TokenTable {
         }
         let mut at = self.home(token);
         loop {
-            let entry = &self.entries[at];
-            if !entry.used {
-                return None;
+            match self.entries[at] {
+                None => return None,
+                Some((held, _)) if held == token => return Some(at),
+                Some(_) => at = (at + 1) & self.mask(),
             }
-            if entry.token == token {
-                return Some(at);
-            }
-            at = (at + 1) & self.mask();
         }
     }
 
-    /// Adds `token`; returns the previous value if it was present (replaced).
-    pub fn insert(
-        &mut self,
-        token: IoToken,
-        (key, index): (ConnectionKey, u16),
-    ) -> Option<(ConnectionKey, u16)> {
+    /// Adds `token`; returns the previous value if it was present (replaced). The table must
+    /// have room ([`Self::reserve_total`]): the target sizes it at connection setup.
+    pub fn insert(&mut self, token: IoToken, value: V) -> Option<V> {
         assert!(self.len < self.capacity(), "token table sized ahead of use");
-        let entry = Entry {
-            token: token.0,
-            key,
-            index,
-            used: true,
-        };
         let mut at = self.home(token.0);
         loop {
             let slot = &mut self.entries[at];
-            if !slot.used {
-                *slot = entry;
-                self.len += 1;
-                return None;
+            match *slot {
+                None => {
+                    *slot = Some((token.0, value));
+                    self.len += 1;
+                    return None;
+                }
+                Some((held, previous)) if held == token.0 => {
+                    *slot = Some((token.0, value));
+                    return Some(previous);
+                }
+                Some(_) => at = (at + 1) & self.mask(),
             }
-            if slot.token == token.0 {
-                let previous = (slot.key, slot.index);
-                *slot = entry;
-                return Some(previous);
-            }
-            at = (at + 1) & self.mask();
         }
     }
 
-    pub fn remove(&mut self, token: &IoToken) -> Option<(ConnectionKey, u16)> {
+    /// [`Self::insert`], doubling the table first when it is full (for users that cannot
+    /// know their number of tokens in flight ahead).
+    pub fn insert_growing(&mut self, token: IoToken, value: V) -> Option<V> {
+        if self.len >= self.capacity() {
+            self.reserve_total((self.capacity() * 2).max(64));
+        }
+        self.insert(token, value)
+    }
+
+    pub fn remove(&mut self, token: &IoToken) -> Option<V> {
         let mut hole = self.find(token.0)?;
-        let removed = (self.entries[hole].key, self.entries[hole].index);
-        self.entries[hole] = EMPTY;
+        let (_, removed) = self.entries[hole].take().expect("found");
         self.len -= 1;
         // Backward-shift: move later entries of the chain into the hole when their home
         // position is not between the hole and themselves (cyclically).
         let mask = self.mask();
         let mut at = (hole + 1) & mask;
-        while self.entries[at].used {
-            let home = self.home(self.entries[at].token);
+        while let Some((held, _)) = self.entries[at] {
+            let home = self.home(held);
             let distance_home = at.wrapping_sub(home) & mask;
             let distance_hole = at.wrapping_sub(hole) & mask;
             if distance_home >= distance_hole {
-                self.entries[hole] = self.entries[at];
-                self.entries[at] = EMPTY;
+                self.entries[hole] = self.entries[at].take();
                 hole = at;
             }
             at = (at + 1) & mask;
@@ -144,18 +136,27 @@ impl TokenTable {
     }
 
     /// Keeps the tokens `keep` says to keep (a connection closed: drop its tokens).
-    pub fn retain(&mut self, mut keep: impl FnMut(&IoToken, &mut (ConnectionKey, u16)) -> bool) {
+    pub fn retain(&mut self, mut keep: impl FnMut(&IoToken, &mut V) -> bool) {
         let dropped: Vec<u64> = self
             .entries
             .iter()
-            .filter(|entry| {
-                entry.used && !keep(&IoToken(entry.token), &mut (entry.key, entry.index))
-            })
-            .map(|entry| entry.token)
+            .flatten()
+            .filter(|&&(token, mut value)| !keep(&IoToken(token), &mut value))
+            .map(|&(token, _)| token)
             .collect();
         for token in dropped {
             self.remove(&IoToken(token));
         }
+    }
+
+    /// Empties the table: every token and value it held.
+    pub fn drain(&mut self) -> Vec<(IoToken, V)> {
+        self.len = 0;
+        self.entries
+            .iter_mut()
+            .filter_map(|entry| entry.take())
+            .map(|(token, value)| (IoToken(token), value))
+            .collect()
     }
 }
 
@@ -203,7 +204,7 @@ mod tests {
             assert_eq!(
                 table
                     .find(*token)
-                    .map(|at| (table.entries[at].key, table.entries[at].index)),
+                    .and_then(|at| table.entries[at].map(|(_, value)| value)),
                 Some(*value)
             );
         }

@@ -14,12 +14,13 @@
 //! exist and I/O is answered with a path error (Asymmetric Access Inaccessible, DNR clear): a
 //! stale former source serves nothing, and hosts retry.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::ffi::{c_void, CString};
 use std::sync::{Arc, Mutex};
 
 use nvmirror_engine::geometry::{SECTOR_SIZE, WRITE_BYTES_MAX, WRITE_ZEROES_BYTES_MAX};
 use nvmirror_nvmf::io::status_from;
+use nvmirror_nvmf::token_table::TokenTable;
 use nvmirror_nvmf::{Backend, BackendError, IoToken};
 use nvmirror_runtime::node::{FrontEnd, Volume};
 
@@ -269,16 +270,19 @@ unsafe extern "C" fn channel_create(_device: *mut c_void, ctx: *mut c_void) -> i
         poller: None,
     }));
     let address = state as usize;
+    // Swapped with the outbox at each poll, so neither allocates once both have grown.
+    let mut done = Vec::new();
     let poller = Poller::register("nvmirror_completions", 0, move || {
         // SAFETY: the state lives until channel_destroy, which drops this poller first; the
         // poller runs on this channel's thread only.
         let state = unsafe { &*(address as *const ChannelState) };
-        let done = std::mem::take(&mut *state.outbox.lock().unwrap());
-        for &(io, completion) in &done {
+        std::mem::swap(&mut done, &mut *state.outbox.lock().unwrap());
+        let count = done.len();
+        for (io, completion) in done.drain(..) {
             // SAFETY: an I/O of this channel, on its thread, completed once (taken from the outbox).
             unsafe { complete_on_thread(io.0, completion) };
         }
-        done.len()
+        count
     });
     match poller {
         Ok(poller) => {
@@ -435,7 +439,8 @@ enum Waiting {
 pub struct BdevFrontEnd {
     inbox: Inbox,
     pending: VecDeque<(u32, IoPtr)>,
-    waiting: HashMap<u64, Waiting>,
+    /// By token: consecutive tokens in consecutive entries (a SipHash map scattered them).
+    waiting: TokenTable<Waiting>,
     scratch: Vec<u8>,
 }
 
@@ -446,7 +451,7 @@ impl BdevFrontEnd {
         BdevFrontEnd {
             inbox,
             pending: VecDeque::new(),
-            waiting: HashMap::new(),
+            waiting: TokenTable::default(),
             scratch: Vec::new(),
         }
     }
@@ -512,7 +517,7 @@ impl BdevFrontEnd {
         };
         match started {
             Ok(Some((token, waiting))) => {
-                self.waiting.insert(token.0, waiting);
+                self.waiting.insert_growing(token, waiting);
             }
             Ok(None) => complete(io, Completion::Success),
             Err(BackendError::Busy) => return false,
@@ -522,7 +527,7 @@ impl BdevFrontEnd {
     }
 
     fn finish(&mut self, volume: &mut Volume, token: IoToken, result: Result<(), BackendError>) {
-        let Some(waiting) = self.waiting.remove(&token.0) else {
+        let Some(waiting) = self.waiting.remove(&token) else {
             log::error!("nvmirror bdev: completion of unknown token {}", token.0);
             return;
         };
