@@ -2327,13 +2327,28 @@ fn run_seed(seed: u64) -> Totals {
     totals
 }
 
+/// Seeds beyond the 10,000 CI runs that found a bug, kept so it stays fixed: 11915, a block
+/// named twice among a resync's references (a loss noted them again before the session's reset
+/// put the staged table back), of which a later write forgot only one copy, so the mirror got
+/// the stale block.
+const FOUND_SEEDS: &[u64] = &[11915];
+
 #[test]
 fn seeded_simulation() {
-    let seeds: Vec<u64> = match (std::env::var("SIM_SEED"), std::env::var("SIM_SEEDS")) {
+    let mut seeds: Vec<u64> = match (std::env::var("SIM_SEED"), std::env::var("SIM_SEEDS")) {
         (Ok(seed), _) => vec![seed.parse().expect("SIM_SEED is a number")],
         (_, Ok(count)) => (1..=count.parse().expect("SIM_SEEDS is a number")).collect(),
         _ => (1..=50).collect(),
     };
+    if std::env::var("SIM_SEED").is_err() {
+        // Seeds past CI's count that once failed, run every time.
+        let missing: Vec<u64> = FOUND_SEEDS
+            .iter()
+            .copied()
+            .filter(|seed| !seeds.contains(seed))
+            .collect();
+        seeds.extend(missing);
+    }
     if debug() {
         let _ = log::set_logger(&DebugLogger);
         log::set_max_level(log::LevelFilter::Info);

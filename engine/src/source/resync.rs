@@ -418,7 +418,8 @@ impl<M: RingStore> Source<M> {
         let block_size = BLOCK_SIZE as u64;
         let end = start + u64::from(length_bytes);
         for block in start / block_size..end.div_ceil(block_size) {
-            if let Ok(at) = self
+            // Every copy of the block's reference (sorted: they are neighbours).
+            while let Ok(at) = self
                 .degraded_references
                 .binary_search_by_key(&(nsid, block), |&(key, _)| key)
             {
@@ -1032,6 +1033,19 @@ impl<M: RingStore> Source<M> {
             } else {
                 self.degraded_references.extend(staged);
                 self.degraded_references.sort_unstable();
+                self.degraded_references.dedup();
+                // A loss noted the references again (`enter_degrade` can run before the link's
+                // close resets the session): a block named twice with different log places
+                // goes as data instead (it is marked), never as a reference that a later
+                // write's `forget_references` left behind in one of its copies.
+                let conflicting: Vec<(u32, u64)> = self
+                    .degraded_references
+                    .windows(2)
+                    .filter(|pair| pair[0].0 == pair[1].0)
+                    .map(|pair| pair[0].0)
+                    .collect();
+                self.degraded_references
+                    .retain(|(block, _)| conflicting.binary_search(block).is_err());
             }
         }
     }
