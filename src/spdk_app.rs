@@ -584,7 +584,7 @@ fn remove(volume: Volume, unregister: bool, then: impl FnOnce(Result<(), String>
         _registration: registration,
         ..
     } = volume;
-    let volume_name = name.clone();
+    let label = name.clone();
     inbox.close();
     if unregister {
         for bdev in exported {
@@ -593,32 +593,21 @@ fn remove(volume: Volume, unregister: bool, then: impl FnOnce(Result<(), String>
     }
     RETIRING.with(|list| list.borrow_mut().push((name.clone(), config)));
     // The ring's DMA registration goes after the node (and its ring).
-    let done = move |left: usize| {
-        let result = if left > 0 {
-            let left = if left == usize::MAX {
-                "its".to_string()
-            } else {
-                format!("{left}")
-            };
-            let error = format!(
-                "{name}: {left} device op(s) did not complete within {} s: the node is leaked (not freed under them) and its base bdevs stay claimed until the process ends",
-                RETIRE_TIMEOUT_US / 1_000_000
-            );
-            log::error!("{error}");
-            std::mem::forget(registration);
-            Err(error)
-        } else {
-            drop(registration);
-            log::info!("{name}: stopped");
-            Ok(())
-        };
+    let done = move |result: Result<(), String>| {
+        match &result {
+            Ok(()) => {
+                drop(registration);
+                log::info!("{name}: stopped");
+            }
+            // The leaked node's ring stays registered for DMA with it.
+            Err(_) => std::mem::forget(registration),
+        }
         RETIRING.with(|list| list.borrow_mut().retain(|(n, _)| *n != name));
         then(result);
     };
-    let label = volume_name.as_str();
     match running {
-        Running::Source(node) => node.stop(label, RETIRE_TIMEOUT_US, done),
-        Running::Destination(node) => node.stop(label, RETIRE_TIMEOUT_US, done),
+        Running::Source(node) => node.stop(&label, RETIRE_TIMEOUT_US, done),
+        Running::Destination(node) => node.stop(&label, RETIRE_TIMEOUT_US, done),
     }
 }
 

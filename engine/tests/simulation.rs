@@ -2342,12 +2342,11 @@ fn seeded_simulation() {
     };
     if std::env::var("SIM_SEED").is_err() {
         // Seeds past CI's count that once failed, run every time.
-        let missing: Vec<u64> = FOUND_SEEDS
-            .iter()
-            .copied()
-            .filter(|seed| !seeds.contains(seed))
-            .collect();
-        seeds.extend(missing);
+        for &seed in FOUND_SEEDS {
+            if !seeds.contains(&seed) {
+                seeds.push(seed);
+            }
+        }
     }
     if debug() {
         let _ = log::set_logger(&DebugLogger);

@@ -2,6 +2,7 @@
 //! [`Node`] the embedded reactor drives, with commands from its [`NodeControl`] mailbox.
 
 use std::cell::RefCell;
+use std::mem::ManuallyDrop;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,9 +12,9 @@ use nvmirror_runtime::reactor::monotonic_us;
 
 use crate::thread::Poller;
 
-/// What runs once a stopped node let go of its devices: the device ops left in flight (0: the
-/// node was dropped; `usize::MAX`: it could not even wait for them, and is leaked).
-type Stopped = Box<dyn FnOnce(usize)>;
+/// What runs once a stopped node let go of its devices: `Err` (the reason, logged already)
+/// when it could not, and the node was leaked instead.
+type Stopped = Box<dyn FnOnce(Result<(), String>)>;
 
 /// A node running on its SPDK thread until [`RunningNode::stop`] (or drop).
 pub struct RunningNode<N: Node + 'static> {
@@ -55,19 +56,26 @@ impl<N: Node + 'static> RunningNode<N> {
     }
 
     /// Stops polling the node (its last counters published) and drops it once its device ops
-    /// completed, then calls `done(0)`. SPDK completes a bdev op on this thread after the call
-    /// that submitted it returned, so a node dropped with ops in flight would free the bdev
-    /// channel, DMA buffers and ring memory they still use (a SIGTERM during a CP's mirror
+    /// completed, then calls `done(Ok(()))`. SPDK completes a bdev op on this thread after the
+    /// call that submitted it returned, so a node dropped with ops in flight would free the
+    /// bdev channel, DMA buffers and ring memory they still use (a SIGTERM during a CP's mirror
     /// writes ended in heap corruption so). Ops still in flight after `timeout_us` leave the
-    /// node leaked, never freed under them: `done(left)`.
-    pub fn stop(mut self, label: &str, timeout_us: u64, done: impl FnOnce(usize) + 'static) {
+    /// node leaked, never freed under them: `done(Err(why))`, its base bdevs still claimed.
+    pub fn stop(
+        mut self,
+        label: &str,
+        timeout_us: u64,
+        done: impl FnOnce(Result<(), String>) + 'static,
+    ) {
         // The poller's closure holds the other reference: dropping it leaves ours alone.
         self.poller.take();
         let node = self.node.take().expect("running");
         let Ok(node) = Rc::try_unwrap(node) else {
             unreachable!("the poller held the only other reference");
         };
-        let mut node = Some(node.into_inner());
+        // Dropped only below, once idle: a waiter dropped unfinished (the waiter list is
+        // cleared at shutdown) leaks it rather than freeing it under its ops.
+        let mut node = Some(ManuallyDrop::new(node.into_inner()));
         let deadline = monotonic_us() + timeout_us;
         let done: Rc<RefCell<Option<Stopped>>> = Rc::new(RefCell::new(Some(Box::new(done))));
         let on_error = done.clone();
@@ -86,15 +94,21 @@ impl<N: Node + 'static> RunningNode<N> {
             }
             let mut held = node.take().expect("finished once");
             held.handle_command(monotonic_us(), Command::PublishCounters);
-            if left > 0 {
-                std::mem::forget(held);
+            let result = if left > 0 {
+                Err(leaked(
+                    &name,
+                    &format!(
+                        "{left} device op(s) did not complete within {} s",
+                        timeout_us / 1_000_000
+                    ),
+                ))
             } else {
                 // Before `done`: it may open the same devices and ring again (a promotion).
-                drop(held);
-            }
-            let done = done.borrow_mut().take();
-            if let Some(done) = done {
-                done(left);
+                drop(ManuallyDrop::into_inner(held));
+                Ok(())
+            };
+            if let Some(done) = done.borrow_mut().take() {
+                done(result);
             }
             true
         };
@@ -102,12 +116,20 @@ impl<N: Node + 'static> RunningNode<N> {
             return;
         }
         if let Err(reason) = crate::thread::poll_until(finish) {
-            // The waiter keeps the node (it never runs): leaked, as on a timeout.
-            log::error!("{label}: cannot wait for its device ops ({reason})");
-            let done = on_error.borrow_mut().take();
-            if let Some(done) = done {
-                done(usize::MAX);
+            // The waiter holds the node and may never run: leaked, as on a timeout.
+            let error = leaked(label, &format!("cannot wait for its device ops ({reason})"));
+            if let Some(done) = on_error.borrow_mut().take() {
+                done(Err(error));
             }
         }
     }
+}
+
+/// The error (logged) of a stopped node left leaked because of `why`.
+fn leaked(label: &str, why: &str) -> String {
+    let error = format!(
+        "{label}: {why}: the node is leaked (not freed under them) and its base bdevs stay claimed until the process ends"
+    );
+    log::error!("{error}");
+    error
 }
