@@ -2330,8 +2330,10 @@ fn run_seed(seed: u64) -> Totals {
 /// Seeds beyond the 10,000 CI runs that found a bug, kept so it stays fixed: 11915, a block
 /// named twice among a resync's references (a loss noted them again before the session's reset
 /// put the staged table back), of which a later write forgot only one copy, so the mirror got
-/// the stale block.
-const FOUND_SEEDS: &[u64] = &[11915];
+/// the stale block; 24738, 24840 and 27611, a crash right after a degrade that lost its new
+/// generation but kept marks written after it, which no resync ever cleared (the handshake found
+/// the pair in sync; it now forgets marks without a base).
+const FOUND_SEEDS: &[u64] = &[11915, 24738, 24840, 27611];
 
 #[test]
 fn seeded_simulation() {

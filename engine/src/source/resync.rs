@@ -481,6 +481,27 @@ impl<M: RingStore> Source<M> {
         }
     }
 
+    /// A handshake found the pair in sync: marks without a base are a degrade's whose new
+    /// generation never became durable (a crash lost it, the marks written before it survived).
+    /// Invariant 9 then says no write they cover completed without the destination and no entry
+    /// they cover left the ring (its halves wait for the generation too), and this session sends
+    /// the ring's entries again: they count nothing the destination will lack. Kept, they would
+    /// stay for ever (no resync clears them) and a later degrade would resync them for nothing.
+    pub(super) fn forget_orphan_marks(&mut self) {
+        let marked = self.metadata.marked_count();
+        if marked == 0 || self.metadata.generations().bitmap_base != 0 {
+            return;
+        }
+        log::info!(
+            "source: {marked} bitmap extent(s) marked by a degrade whose generation was lost in a \
+             crash: cleared (their entries are in the ring, sent again now)"
+        );
+        let orphans: Vec<_> = self.metadata.iter_marked().collect();
+        for (nsid, offset, length) in orphans {
+            let _ = self.metadata.clear(nsid, offset / SECTOR as u64, length);
+        }
+    }
+
     /// Ends the resync object (done, dropped, or replaced by a new one). Reads of its tables may
     /// still be in flight: the next resync's tables take later generations, so those reads
     /// never fill (or count towards) a table of the new one.

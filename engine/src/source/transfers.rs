@@ -141,6 +141,8 @@ impl<M: RingStore> Source<M> {
         } else if let Some(resync) = self.retire_resync() {
             // It took our generation at a ResyncDone whose ack we never heard.
             self.resync_finished(now_us, &resync);
+        } else {
+            self.forget_orphan_marks();
         }
         // Transfers flow once every generation change of ours is durable (`handle_tick`).
         self.link = LinkState::Settling;
