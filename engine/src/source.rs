@@ -214,6 +214,11 @@ pub struct Source<M> {
     staged: StagedTable,
     /// Primary writes wait until then after a failure (retry back-off).
     apply_retry_at_us: u64,
+    /// The next entry to apply, decoded once while it waits for its device (at its queue depth,
+    /// or an overlapping op in flight): an SPDK bdev completes on a later poll, and decoding
+    /// (CRC) the same cold header at every poll cost a tenth of the source's time at QD 32.
+    /// Its seq names it: a half reused holds later seqs, so a stale one is never taken.
+    next_apply: Option<EntryHeader>,
     /// CP flushes and data reads wait until then after a failure.
     cp_retry_at_us: u64,
     /// Per namespace: a failure was logged and no op has succeeded since.
@@ -293,6 +298,7 @@ impl<M: RingStore> Source<M> {
             ops: InflightOps::new(namespace_sizes_bytes.len(), config.device_queue_depth),
             staged: StagedTable::new(),
             apply_retry_at_us: 0,
+            next_apply: None,
             cp_retry_at_us: 0,
             failing: vec![false; namespace_sizes_bytes.len()],
             pending_flushes: Vec::with_capacity(crate::geometry::NAMESPACES_MAX),

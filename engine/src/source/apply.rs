@@ -223,7 +223,11 @@ impl<M: RingStore> Source<M> {
         for half in self.halves_in_order() {
             let slot = self.cps[half].applied_slots;
             if slot < self.ring.committed_slots(half) {
-                let header = self.ring.entry_header(half, slot);
+                let seq = self.cps[half].first_seq + u64::from(slot);
+                let header = match self.next_apply.take() {
+                    Some(header) if header.seq == seq => header,
+                    _ => self.ring.entry_header(half, slot),
+                };
                 return self.start_apply(half, slot, header);
             }
             if let Some(index) = self
@@ -247,6 +251,7 @@ impl<M: RingStore> Source<M> {
             || self.overlaps_inflight(header.nsid, start, end)
             || self.held_for_point_in_time(half, &header)
         {
+            self.next_apply = Some(header);
             return None;
         }
         assert_eq!(
