@@ -908,12 +908,13 @@ fn shutdown(end: Box<dyn FnOnce()>) {
         if RETIRING.with(|list| !list.borrow().is_empty()) {
             return false;
         }
-        // The waiter poller (running this) goes once this call returns: SPDK's app thread
-        // exits only when its pollers are gone.
+        // The waiter poller (running this) and the nodes' poller go once this call returns:
+        // SPDK's app thread exits only when its pollers are gone.
         if let Some(thread) = nvmirror_spdk::thread::Thread::current() {
-            if let Err(reason) =
-                nvmirror_spdk::thread::send(thread, nvmirror_spdk::thread::stop_waiting)
-            {
+            if let Err(reason) = nvmirror_spdk::thread::send(thread, || {
+                nvmirror_spdk::thread::stop_waiting();
+                nvmirror_spdk::runner::stop_polling();
+            }) {
                 log::warn!("nvmirror: {reason}");
             }
         }

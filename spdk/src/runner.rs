@@ -1,5 +1,12 @@
-//! A node (source, destination) polled by an SPDK poller on the thread that made it: the same
-//! [`Node`] the embedded reactor drives, with commands from its [`NodeControl`] mailbox.
+//! Nodes (sources, destinations) polled on the SPDK thread that made them: the same [`Node`]s
+//! the embedded reactor drives, with commands from their [`NodeControl`] mailboxes.
+//!
+//! One poller per thread runs every node of the thread in the embedded pair's order
+//! (`PairNode`): each source's first half (new writes' transfers onto the socket), then each
+//! destination, then each source's acknowledgements and second half. A destination on the same
+//! thread takes a transfer in the pass that sent it and the source its acknowledgement right
+//! after, so a host write is answered in the reactor iteration that took it, not the next one
+//! (a poller per node, run in SPDK's order, took one iteration more at queue depth 1).
 
 use std::cell::RefCell;
 use std::mem::ManuallyDrop;
@@ -7,46 +14,169 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use nvmirror_runtime::node::{Command, Node, NodeControl};
+use nvmirror_runtime::node::{Command, DestinationNode, FrontEnd, Node, NodeControl, SourceNode};
 use nvmirror_runtime::reactor::monotonic_us;
 
 use crate::thread::Poller;
+
+/// The passes of the thread's node poller, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    SourcesFirst,
+    Destinations,
+    SourcesAcknowledgements,
+    SourcesSecond,
+}
+
+const PASSES: [Pass; 4] = [
+    Pass::SourcesFirst,
+    Pass::Destinations,
+    Pass::SourcesAcknowledgements,
+    Pass::SourcesSecond,
+];
+
+/// How the thread's poller drives a kind of node.
+pub trait Scheduled: Node {
+    /// Polled in the sources' passes (else in the destinations').
+    const SOURCE: bool;
+    /// A source's first half, or a destination's whole poll.
+    fn poll_first(&mut self, now_us: u64) -> usize;
+    fn poll_acknowledgements(&mut self, _now_us: u64) -> usize {
+        0
+    }
+    fn poll_second(&mut self, _now_us: u64) -> usize {
+        0
+    }
+}
+
+impl<F: FrontEnd> Scheduled for SourceNode<F> {
+    const SOURCE: bool = true;
+    fn poll_first(&mut self, now_us: u64) -> usize {
+        self.poll_replication(now_us)
+    }
+    fn poll_acknowledgements(&mut self, now_us: u64) -> usize {
+        SourceNode::poll_acknowledgements(self, now_us)
+    }
+    fn poll_second(&mut self, now_us: u64) -> usize {
+        self.poll_devices(now_us)
+    }
+}
+
+impl Scheduled for DestinationNode {
+    const SOURCE: bool = false;
+    fn poll_first(&mut self, now_us: u64) -> usize {
+        nvmirror_runtime::reactor::Poller::poll(self, now_us)
+    }
+}
+
+type PassFn = Box<dyn FnMut(u64, Pass) -> usize>;
+
+/// A node on the thread's poller; `poll` is taken (and the node's reference with it) when the
+/// node stops.
+struct Entry {
+    poll: RefCell<Option<PassFn>>,
+}
+
+thread_local! {
+    /// The thread's nodes, in the order they started; touched by the poller only.
+    static NODES: RefCell<Vec<Rc<Entry>>> = const { RefCell::new(Vec::new()) };
+    /// Nodes started since the poller last ran (a start never waits for a poll in progress).
+    static JOINING: RefCell<Vec<Rc<Entry>>> = const { RefCell::new(Vec::new()) };
+    static NODES_POLLER: RefCell<Option<Poller>> = const { RefCell::new(None) };
+}
+
+fn poll_nodes() -> usize {
+    NODES.with(|nodes| {
+        let mut nodes = nodes.borrow_mut();
+        JOINING.with(|joining| nodes.append(&mut joining.borrow_mut()));
+        nodes.retain(|entry| entry.poll.borrow().is_some());
+        let now_us = monotonic_us();
+        let mut work = 0;
+        let mut destinations_worked = false;
+        for pass in PASSES {
+            // Acknowledgements can be on a source's socket already only when a destination of
+            // this thread just sent some: a lone source spares the read.
+            if pass == Pass::SourcesAcknowledgements && !destinations_worked {
+                continue;
+            }
+            let before = work;
+            for entry in nodes.iter() {
+                if let Some(poll) = entry.poll.borrow_mut().as_mut() {
+                    work += poll(now_us, pass);
+                }
+            }
+            if pass == Pass::Destinations {
+                destinations_worked = work > before;
+            }
+        }
+        work
+    })
+}
+
+/// Adds `entry` to the current thread's nodes (the first one makes the thread's poller).
+fn schedule(entry: Rc<Entry>) -> Result<(), String> {
+    NODES_POLLER.with(|slot| {
+        if slot.borrow().is_none() {
+            *slot.borrow_mut() = Some(Poller::register("nvmirror_nodes", 0, poll_nodes)?);
+        }
+        Ok::<(), String>(())
+    })?;
+    JOINING.with(|joining| joining.borrow_mut().push(entry));
+    Ok(())
+}
+
+/// Ends the thread's node poller (at shutdown, on its thread, once its nodes stopped).
+pub fn stop_polling() {
+    NODES_POLLER.with(|slot| slot.borrow_mut().take());
+    JOINING.with(|joining| joining.borrow_mut().clear());
+    NODES.with(|nodes| nodes.borrow_mut().clear());
+}
 
 /// What runs once a stopped node let go of its devices: `Err` (the reason, logged already)
 /// when it could not, and the node was leaked instead.
 type Stopped = Box<dyn FnOnce(Result<(), String>)>;
 
 /// A node running on its SPDK thread until [`RunningNode::stop`] (or drop).
-pub struct RunningNode<N: Node + 'static> {
+pub struct RunningNode<N: Scheduled + 'static> {
     pub control: Arc<NodeControl>,
     node: Option<Rc<RefCell<N>>>,
-    poller: Option<Poller>,
+    entry: Option<Rc<Entry>>,
 }
 
-impl<N: Node + 'static> RunningNode<N> {
-    /// Starts polling `node` on the current SPDK thread.
+impl<N: Scheduled + 'static> RunningNode<N> {
+    /// Starts polling `node` on the current SPDK thread (from its next reactor iteration).
     pub fn start(name: &str, node: N, control: Arc<NodeControl>) -> Result<Self, String> {
         let node = Rc::new(RefCell::new(node));
         let mailbox = control.mailbox();
         let polled = node.clone();
         let stop = control.clone();
-        let poller = Poller::register(name, 0, move || {
+        let poll: PassFn = Box::new(move |now_us, pass| {
             if stop.stop.load(Ordering::Acquire) {
                 return 0;
             }
-            let now_us = monotonic_us();
             let mut node = polled.borrow_mut();
-            let mut work = 0;
-            while let Some(command) = mailbox.pop() {
-                node.handle_command(now_us, command);
-                work += 1;
+            match (N::SOURCE, pass) {
+                (true, Pass::SourcesFirst) | (false, Pass::Destinations) => {
+                    let mut work = 0;
+                    while let Some(command) = mailbox.pop() {
+                        node.handle_command(now_us, command);
+                        work += 1;
+                    }
+                    work + node.poll_first(now_us)
+                }
+                (true, Pass::SourcesAcknowledgements) => node.poll_acknowledgements(now_us),
+                (true, Pass::SourcesSecond) => node.poll_second(now_us),
+                _ => 0,
             }
-            work + node.poll(now_us)
-        })?;
+        });
+        let entry = Rc::new(Entry {
+            poll: RefCell::new(Some(poll)),
+        });
+        schedule(entry.clone()).map_err(|e| format!("{name}: {e}"))?;
         Ok(RunningNode {
             control,
             node: Some(node),
-            poller: Some(poller),
+            entry: Some(entry),
         })
     }
 
@@ -67,8 +197,11 @@ impl<N: Node + 'static> RunningNode<N> {
         timeout_us: u64,
         done: impl FnOnce(Result<(), String>) + 'static,
     ) {
-        // The poller's closure holds the other reference: dropping it leaves ours alone.
-        self.poller.take();
+        // The entry's closure holds the other reference: dropping it leaves ours alone (the
+        // poller forgets the emptied entry at its next run).
+        if let Some(entry) = self.entry.take() {
+            entry.poll.borrow_mut().take();
+        }
         let node = self.node.take().expect("running");
         let Ok(node) = Rc::try_unwrap(node) else {
             unreachable!("the poller held the only other reference");
@@ -121,6 +254,15 @@ impl<N: Node + 'static> RunningNode<N> {
             if let Some(done) = on_error.borrow_mut().take() {
                 done(Err(error));
             }
+        }
+    }
+}
+
+impl<N: Scheduled + 'static> Drop for RunningNode<N> {
+    /// Dropped running (not stopped): polled no more, as a dropped poller was.
+    fn drop(&mut self) {
+        if let Some(entry) = self.entry.take() {
+            entry.poll.borrow_mut().take();
         }
     }
 }

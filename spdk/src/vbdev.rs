@@ -575,17 +575,24 @@ fn scatter(data: &[u8], iovs: &[sys::iovec]) {
 
 impl FrontEnd for BdevFrontEnd {
     fn poll(&mut self, now_us: u64, volume: &mut Volume) -> usize {
-        let mut work = 0;
-        while let Some((token, result)) = volume.poll_completion() {
-            self.finish(volume, token, result);
-            work += 1;
-        }
+        let mut work = self.poll_completions(now_us, volume);
         self.inbox.take_all(&mut self.pending);
         while let Some(&(nsid, io)) = self.pending.front() {
             if !self.start(now_us, volume, nsid, io) {
                 break;
             }
             self.pending.pop_front();
+            work += 1;
+        }
+        work
+    }
+
+    /// The I/O that the acknowledgements just received completed (the runner's pass right after
+    /// a destination on this thread ran).
+    fn poll_completions(&mut self, _now_us: u64, volume: &mut Volume) -> usize {
+        let mut work = 0;
+        while let Some((token, result)) = volume.poll_completion() {
+            self.finish(volume, token, result);
             work += 1;
         }
         work
