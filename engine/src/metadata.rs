@@ -826,6 +826,16 @@ impl NodeMetadata {
         last
     }
 
+    /// Clears every extent of every namespace (what a finished resync, or a handshake that finds
+    /// the marks meaningless, leaves); returns the change's sequence.
+    pub fn clear_all(&mut self) -> u64 {
+        let mut seq = 0;
+        for index in 0..self.namespace_sizes_bytes.len() {
+            seq = self.clear(index as u32 + 1, 0, self.namespace_sizes_bytes[index]);
+        }
+        seq
+    }
+
     pub fn marked_count(&self) -> u64 {
         self.bits.iter().map(|b| u64::from(b.count_ones())).sum()
     }

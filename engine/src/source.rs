@@ -216,7 +216,8 @@ pub struct Source<M> {
     apply_retry_at_us: u64,
     /// The next entry to apply, decoded once while it waits for its device (at its queue depth,
     /// or an overlapping op in flight): an SPDK bdev completes on a later poll, and decoding
-    /// (CRC) the same cold header at every poll cost a tenth of the source's time at QD 32.
+    /// (CRC) the same cold header at every poll cost about a sixth of the source's time at
+    /// QD 32 (`perf record` of the nvmirror bdev: 5.8% of the core, the source node 37%).
     /// Its seq names it: a half reused holds later seqs, so a stale one is never taken.
     next_apply: Option<EntryHeader>,
     /// CP flushes and data reads wait until then after a failure.

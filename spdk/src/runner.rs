@@ -28,6 +28,13 @@ enum Pass {
     SourcesSecond,
 }
 
+impl Pass {
+    /// Whether the pass polls sources (else destinations).
+    fn of_sources(self) -> bool {
+        self != Pass::Destinations
+    }
+}
+
 const PASSES: [Pass; 4] = [
     Pass::SourcesFirst,
     Pass::Destinations,
@@ -74,6 +81,8 @@ type PassFn = Box<dyn FnMut(u64, Pass) -> usize>;
 /// A node on the thread's poller; `poll` is taken (and the node's reference with it) when the
 /// node stops.
 struct Entry {
+    /// A source (polled in the sources' passes), else a destination.
+    source: bool,
     poll: RefCell<Option<PassFn>>,
 }
 
@@ -100,7 +109,10 @@ fn poll_nodes() -> usize {
                 continue;
             }
             let before = work;
-            for entry in nodes.iter() {
+            for entry in nodes
+                .iter()
+                .filter(|entry| entry.source == pass.of_sources())
+            {
                 if let Some(poll) = entry.poll.borrow_mut().as_mut() {
                     work += poll(now_us, pass);
                 }
@@ -155,8 +167,8 @@ impl<N: Scheduled + 'static> RunningNode<N> {
                 return 0;
             }
             let mut node = polled.borrow_mut();
-            match (N::SOURCE, pass) {
-                (true, Pass::SourcesFirst) | (false, Pass::Destinations) => {
+            match pass {
+                Pass::SourcesFirst | Pass::Destinations => {
                     let mut work = 0;
                     while let Some(command) = mailbox.pop() {
                         node.handle_command(now_us, command);
@@ -164,12 +176,12 @@ impl<N: Scheduled + 'static> RunningNode<N> {
                     }
                     work + node.poll_first(now_us)
                 }
-                (true, Pass::SourcesAcknowledgements) => node.poll_acknowledgements(now_us),
-                (true, Pass::SourcesSecond) => node.poll_second(now_us),
-                _ => 0,
+                Pass::SourcesAcknowledgements => node.poll_acknowledgements(now_us),
+                Pass::SourcesSecond => node.poll_second(now_us),
             }
         });
         let entry = Rc::new(Entry {
+            source: N::SOURCE,
             poll: RefCell::new(Some(poll)),
         });
         schedule(entry.clone()).map_err(|e| format!("{name}: {e}"))?;
@@ -197,11 +209,8 @@ impl<N: Scheduled + 'static> RunningNode<N> {
         timeout_us: u64,
         done: impl FnOnce(Result<(), String>) + 'static,
     ) {
-        // The entry's closure holds the other reference: dropping it leaves ours alone (the
-        // poller forgets the emptied entry at its next run).
-        if let Some(entry) = self.entry.take() {
-            entry.poll.borrow_mut().take();
-        }
+        // The entry's closure holds the other reference: dropping it leaves ours alone.
+        self.unschedule();
         let node = self.node.take().expect("running");
         let Ok(node) = Rc::try_unwrap(node) else {
             unreachable!("the poller held the only other reference");
@@ -258,12 +267,20 @@ impl<N: Scheduled + 'static> RunningNode<N> {
     }
 }
 
-impl<N: Scheduled + 'static> Drop for RunningNode<N> {
-    /// Dropped running (not stopped): polled no more, as a dropped poller was.
-    fn drop(&mut self) {
+impl<N: Scheduled + 'static> RunningNode<N> {
+    /// Polled no more: the entry's closure (and its reference to the node) is dropped now, the
+    /// emptied entry at the poller's next run.
+    fn unschedule(&mut self) {
         if let Some(entry) = self.entry.take() {
             entry.poll.borrow_mut().take();
         }
+    }
+}
+
+impl<N: Scheduled + 'static> Drop for RunningNode<N> {
+    /// Dropped running (not stopped): polled no more, as a dropped poller was.
+    fn drop(&mut self) {
+        self.unschedule();
     }
 }
 

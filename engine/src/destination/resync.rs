@@ -269,12 +269,7 @@ impl<M: RingStore> Destination<M> {
         );
         let _ = self.metadata.adopt(generation, false);
         // What this node changed itself is overwritten by the source's content now.
-        let marked: Vec<_> = self.metadata.iter_marked().collect();
-        for (nsid, offset, length) in marked {
-            let _ = self
-                .metadata
-                .clear(nsid, offset / crate::geometry::SECTOR_SIZE as u64, length);
-        }
+        let _ = self.metadata.clear_all();
         let _ = self.metadata.set_bitmap_base(0);
         let seq = self.metadata.set_flag(FLAG_RESYNC_TARGET, false);
         self.resync_session = false;

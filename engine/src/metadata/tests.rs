@@ -392,6 +392,18 @@ fn clear_unmarks_whole_extents_only() {
 }
 
 #[test]
+fn clear_all_unmarks_every_namespace_including_short_last_extents() {
+    let mut m = metadata(&[MIB, MIB + 4096], 64 << 10);
+    let _ = m.mark(1, 0, 4096);
+    let _ = m.mark(2, 100, 4096);
+    let _ = m.mark(2, MIB / 512, 4096);
+    assert_eq!(m.marked_count(), 3);
+    let seq = m.clear_all();
+    assert_eq!(m.marked_count(), 0);
+    assert_eq!(seq, m.last_seq());
+}
+
+#[test]
 fn a_damaged_page_is_taken_as_all_changed() {
     let sizes = [8 * MIB];
     let m = metadata(&sizes, 4096);

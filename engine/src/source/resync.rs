@@ -492,14 +492,17 @@ impl<M: RingStore> Source<M> {
         if marked == 0 || self.metadata.generations().bitmap_base != 0 {
             return;
         }
+        // A degrade of this process gave the bitmap its base (a new generation counts changes
+        // since the old one): marks without one can only be a crashed process's.
+        assert!(
+            self.degrade.is_none(),
+            "a degraded source's bitmap has a base (invariant 9)"
+        );
         log::info!(
             "source: {marked} bitmap extent(s) marked by a degrade whose generation was lost in a \
              crash: cleared (their entries are in the ring, sent again now)"
         );
-        let orphans: Vec<_> = self.metadata.iter_marked().collect();
-        for (nsid, offset, length) in orphans {
-            let _ = self.metadata.clear(nsid, offset / SECTOR as u64, length);
-        }
+        let _ = self.metadata.clear_all();
     }
 
     /// Ends the resync object (done, dropped, or replaced by a new one). Reads of its tables may
