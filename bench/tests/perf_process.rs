@@ -14,19 +14,12 @@ use std::time::{Duration, Instant};
 
 use common::{assert_clean_run, finish, json_number, perf, spawn_perf, text};
 use nvmirror_nvmf::pdu::{Fes, PduType, TermReq};
+use nvmirror_test_ports::free_port;
 
 const NQN: &str = "nqn.2016-06.io.spdk:cnode1";
 /// Longest any single perf invocation may take before the test kills it and fails.
 const TARGET_START_TIMEOUT: Duration = Duration::from_secs(15);
 const TARGET_STOP_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn ephemeral_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[test]
 fn bad_usage_exits_2_naming_the_option() {
@@ -49,7 +42,7 @@ fn bad_usage_exits_2_naming_the_option() {
 
 #[test]
 fn refused_connection_exits_3_with_a_clear_message() {
-    let port = ephemeral_port().to_string();
+    let port = free_port().to_string();
     let target = format!("127.0.0.1:{port}");
     let output = perf(&["--target", &target, "--nqn", NQN, "--time-s", "1"]);
     assert_eq!(output.status.code(), Some(3));
@@ -177,7 +170,7 @@ impl SpdkTarget {
             .stderr(log)
             .spawn()
             .unwrap();
-        let port = ephemeral_port();
+        let port = free_port();
         let target = SpdkTarget {
             child,
             directory,
