@@ -297,9 +297,16 @@ fn degrade_keeps_writes_completing_while_the_destination_is_frozen_and_resyncs_i
     let counters = source_counters(&pair.source_config);
     let during = counter(&counters, "degraded_write_count") - first;
     eprintln!("{during} writes completed in 2 s with the destination frozen");
+    // The frozen process's kernel still accepts the redials: a Hello nobody answers must not
+    // hold the degraded CPs (and so the ring) for a peer timeout per dial. Before handshakes
+    // were abandoned, 0 to 760 writes completed here; after, 73,000 to 96,000.
     assert!(
-        during > 100,
+        during > 1000,
         "writes kept completing during the freeze: {counters}"
+    );
+    assert!(
+        counter(&counters, "hello_abandoned_count") >= 1,
+        "a redial was accepted and its Hello abandoned: {counters}"
     );
     assert_eq!(counter(&counters, "degrade_count"), 1, "{counters}");
     assert_eq!(counter(&counters, "write_failed_count"), 0, "{counters}");

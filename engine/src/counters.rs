@@ -52,6 +52,8 @@ pub struct Counters {
     /// Source: times writes went on without the destination (`degrade`), and writes completed so.
     pub degrade_count: u64,
     pub degraded_write_count: u64,
+    /// Source: handshakes abandoned while degraded (a Hello unanswered while a CP waited).
+    pub hello_abandoned_count: u64,
     /// Source: resyncs started; bytes of marked extents at the start of the last one and done.
     pub resync_count: u64,
     pub resync_bytes_total: u64,
@@ -66,7 +68,7 @@ pub struct Counters {
 }
 
 impl Counters {
-    fn fields(&self) -> [(&'static str, u64); 37] {
+    fn fields(&self) -> [(&'static str, u64); 38] {
         [
             ("host_write_count", self.host_write_count),
             ("host_bytes_written", self.host_bytes_written),
@@ -98,6 +100,7 @@ impl Counters {
             ("policy_change_count", self.policy_change_count),
             ("degrade_count", self.degrade_count),
             ("degraded_write_count", self.degraded_write_count),
+            ("hello_abandoned_count", self.hello_abandoned_count),
             ("resync_count", self.resync_count),
             ("resync_bytes_total", self.resync_bytes_total),
             ("resync_bytes_done", self.resync_bytes_done),
@@ -151,7 +154,7 @@ mod tests {
         counters.record_cp_duration(50);
         counters.record_cp_duration(20);
         let text = counters.to_text();
-        assert_eq!(text.lines().count(), 37);
+        assert_eq!(text.lines().count(), 38);
         assert!(text.starts_with("host_write_count 3\n"));
         assert!(text.contains("cp_duration_us_max 50\ncp_duration_us_last 20\n"));
         let json = counters.to_json();
@@ -159,7 +162,7 @@ mod tests {
         assert!(json.ends_with(
             "\"backpressure_count\":1,\"device_error_count\":0,\"cp_failure_count\":0,\
              \"mirror_bytes_written\":0,\"peer_lost_count\":0,\"peer_return_count\":0,\
-             \"peer_state\":0,\"heartbeat_count\":0,\"write_failed_count\":0,\"policy_change_count\":0,\"degrade_count\":0,\"degraded_write_count\":0,\"resync_count\":0,\"resync_bytes_total\":0,\"resync_bytes_done\":0,\"resync_reference_blocks\":0,\"resync_data_blocks\":0,\"resync_wire_bytes\":0,\"resync_blocks_applied\":0}"
+             \"peer_state\":0,\"heartbeat_count\":0,\"write_failed_count\":0,\"policy_change_count\":0,\"degrade_count\":0,\"degraded_write_count\":0,\"hello_abandoned_count\":0,\"resync_count\":0,\"resync_bytes_total\":0,\"resync_bytes_done\":0,\"resync_reference_blocks\":0,\"resync_data_blocks\":0,\"resync_wire_bytes\":0,\"resync_blocks_applied\":0}"
         ));
         assert!(json.contains("\"cp_count\":2,"));
     }

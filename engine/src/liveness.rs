@@ -59,6 +59,10 @@ pub enum PeerLostReason {
     AckOverdue { waited_us: u64 },
     /// No handshake succeeded for `down_us` since the link went down (or since start).
     Unreachable { down_us: u64 },
+    /// A degraded source's Hello got no answer for `waited_us` while a CP waited for it to
+    /// complete on the primary alone (a destination whose kernel accepts connections while the
+    /// process is frozen): the handshake is abandoned so the hosts' writes go on.
+    HelloUnanswered { waited_us: u64 },
 }
 
 impl fmt::Display for PeerLostReason {
@@ -75,6 +79,11 @@ impl fmt::Display for PeerLostReason {
             Self::Unreachable { down_us } => {
                 write!(f, "no handshake for {} ms", down_us / 1000)
             }
+            Self::HelloUnanswered { waited_us } => write!(
+                f,
+                "no answer to the Hello for {} ms while a degraded CP waited to complete",
+                waited_us / 1000
+            ),
         }
     }
 }

@@ -82,6 +82,11 @@ pub struct SourceConfig {
 pub const DEVICE_QUEUE_DEPTH_DEFAULT: u32 = 32;
 /// The largest configurable device queue depth.
 pub const DEVICE_QUEUE_DEPTH_MAX: u32 = 1024;
+/// The least a degraded CP ready to complete waits for the HelloAck of a Hello already sent (it
+/// told the destination our last completed CP, so completing one more abandons the handshake).
+/// A live destination answers well within it; each abandoned handshake doubles the wait, up to
+/// the peer timeout, so a slow one gets a long enough window, and a HelloAck resets it.
+pub const DEGRADED_HELLO_GRACE_US_MIN: u64 = 50_000;
 
 /// A host write's identity: the seq of its ring entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -241,6 +246,10 @@ pub struct Source<M> {
     generations_seq: u64,
     /// Connected; the Hello waits for `generations_seq` to be durable.
     hello_pending: bool,
+    /// When this connection's Hello was queued, until its HelloAck (or the connection's end).
+    hello_sent_us: Option<u64>,
+    /// How long a degraded CP ready to complete on the primary alone waits for a HelloAck.
+    hello_grace_us: u64,
     /// Writes complete without the destination (`degrade`).
     degrade: Option<resync::Degrade>,
     /// The destination is being resynced.
@@ -312,6 +321,8 @@ impl<M: RingStore> Source<M> {
             settle_seq: 0,
             generations_seq: 0,
             hello_pending: false,
+            hello_sent_us: None,
+            hello_grace_us: DEGRADED_HELLO_GRACE_US_MIN.min(config.peer_timeout_us),
             degrade: None,
             resync: None,
             resync_generation_next: 0,
@@ -432,13 +443,14 @@ impl<M: RingStore> Source<M> {
         self.liveness.on_connected(now_us, self.sent_bytes);
         self.link = LinkState::HelloSent;
         self.hello_pending = true;
-        self.maybe_send_hello();
+        self.hello_sent_us = None;
+        self.maybe_send_hello(now_us);
     }
 
     /// The Hello goes out once the generations it carries are durable: the destination acts on
     /// them at once (a resync session marks it a resync target and adopts our CP numbering), so
     /// a crash must not bring us back at generations it never saw.
-    fn maybe_send_hello(&mut self) {
+    fn maybe_send_hello(&mut self, now_us: u64) {
         if !self.hello_pending || self.metadata.durable_through() < self.generations_seq {
             return;
         }
@@ -453,6 +465,8 @@ impl<M: RingStore> Source<M> {
         {
             // Heartbeats queued while waiting fill no queue; try again at the next tick.
             self.hello_pending = true;
+        } else {
+            self.hello_sent_us = Some(now_us);
         }
     }
 
@@ -460,6 +474,7 @@ impl<M: RingStore> Source<M> {
     /// next HelloAck.
     pub fn handle_disconnected(&mut self, now_us: u64) {
         self.hello_pending = false;
+        self.hello_sent_us = None;
         self.out.clear();
         self.reset_session();
         self.liveness.on_disconnected();
@@ -567,7 +582,7 @@ impl<M: RingStore> Source<M> {
         self.last_tick_us = now_us;
         let active = half_of_cp(self.active_cp);
         self.cps[active].close_open_transfer();
-        self.maybe_send_hello();
+        self.maybe_send_hello(now_us);
         if self.link == LinkState::Settling && self.metadata.durable_through() >= self.settle_seq {
             self.become_ready(now_us);
         }
@@ -643,6 +658,7 @@ impl<M: RingStore> Source<M> {
             cp_timer,
             self.retry_deadline_us(),
             self.liveness_deadline_us(),
+            self.hello_grace_deadline_us(),
         ]
         .into_iter()
         .flatten()

@@ -97,7 +97,7 @@ impl<M: RingStore> Source<M> {
 
     /// The destination is lost: its connection (if any) closes; the first time, the state
     /// changes, and that is logged, counted and told as an event.
-    fn declare_lost(&mut self, now_us: u64, reason: PeerLostReason) {
+    pub(super) fn declare_lost(&mut self, now_us: u64, reason: PeerLostReason) {
         if self.liveness.is_connected() {
             self.liveness.request_close(reason);
         }

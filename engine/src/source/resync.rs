@@ -34,6 +34,7 @@ use crate::generation::{Hex, ResyncKind};
 use crate::geometry::{
     half_of_cp, BLOCK_SIZE, DESCRIPTORS_PER_TABLE, SECTOR_SIZE as SECTOR, TABLE_DATA_BLOCKS_MAX,
 };
+use crate::liveness::PeerLostReason;
 use crate::ring::RingStore;
 use crate::transfer::TransferId;
 use crate::wire::{self, Control, MessageKind, Segment};
@@ -461,24 +462,55 @@ impl<M: RingStore> Source<M> {
     /// While degraded, a frozen CP completes on the primary alone once flushed and once the new
     /// generation and every mark of its entries are durable: releasing its entries earlier would
     /// leave blocks on the primary that no durable mark names after a crash (and lose the
-    /// completions still waiting for a mark). Not while a handshake is under way: the Hello told
-    /// the destination our last completed CP, and the HelloAck must find it unchanged (the CP then
-    /// goes to the destination as any other).
+    /// completions still waiting for a mark). Not while a handshake is under way once the Hello
+    /// went out: it told the destination our last completed CP, and the HelloAck must find it
+    /// unchanged (the CP then goes to the destination as any other). A Hello unanswered for
+    /// `hello_grace_us` (a frozen destination's kernel accepts the connection and nothing more)
+    /// is abandoned instead: the connection closes, the CP completes, and the hosts' writes go on
+    /// rather than wait a peer timeout for every redial.
     pub(super) fn complete_cp_locally(&mut self, now_us: u64) {
-        if self.degrade.is_none() || !matches!(self.link, LinkState::Down | LinkState::Rejected) {
-            return;
-        }
+        let hello_sent_us = match self.link {
+            _ if self.degrade.is_none() => return,
+            LinkState::Down | LinkState::Rejected => None,
+            // Not sent yet: the Hello will carry the CP completed here.
+            LinkState::HelloSent => self.hello_sent_us,
+            LinkState::Settling | LinkState::Ready => return,
+        };
         let half = 1 - half_of_cp(self.active_cp);
         let state = &self.cps[half];
         let last_seq = state.first_seq + u64::from(self.ring.reserved_slots(half)) - 1;
-        if state.phase == CpPhase::Frozen
-            && state.flush == FlushState::Done
-            && self.degrade_marks_durable_through(last_seq)
+        if state.phase != CpPhase::Frozen
+            || state.flush != FlushState::Done
+            || !self.degrade_marks_durable_through(last_seq)
         {
-            let cp_number = state.cp_number;
-            log::debug!("source: cp {cp_number} completed on the primary alone (degraded)");
-            self.complete_cp(now_us, cp_number);
+            return;
         }
+        if let Some(sent_us) = hello_sent_us {
+            let waited_us = now_us.saturating_sub(sent_us);
+            if waited_us >= self.hello_grace_us && self.liveness.is_connected() {
+                log::warn!(
+                    "source: the destination has not answered the Hello for {} ms while cp {} \
+                     waits to complete without it: closing the connection, it is redialled",
+                    waited_us / 1000,
+                    state.cp_number
+                );
+                self.hello_grace_us = (self.hello_grace_us * 2).min(self.config.peer_timeout_us);
+                self.counters.hello_abandoned_count += 1;
+                self.declare_lost(now_us, PeerLostReason::HelloUnanswered { waited_us });
+            }
+            // Completes once the connection closed (`handle_disconnected`).
+            return;
+        }
+        let cp_number = state.cp_number;
+        log::debug!("source: cp {cp_number} completed on the primary alone (degraded)");
+        self.complete_cp(now_us, cp_number);
+    }
+
+    /// When a degraded CP's wait for the HelloAck ends, if one waits.
+    pub(super) fn hello_grace_deadline_us(&self) -> Option<u64> {
+        let sent_us = self.hello_sent_us?;
+        (self.degrade.is_some() && self.link == LinkState::HelloSent)
+            .then(|| sent_us.saturating_add(self.hello_grace_us))
     }
 
     /// A handshake found the pair in sync: marks without a base are a degrade's whose new

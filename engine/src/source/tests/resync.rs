@@ -141,6 +141,72 @@ fn degraded_writes_complete_once_marked_and_cps_complete_on_the_primary_alone() 
     );
 }
 
+/// Found on real processes (`tests/degrade.rs`, a SIGSTOPped destination): its kernel accepts
+/// every redial, so the source sat in HelloSent for a peer timeout per dial and its degraded
+/// CPs, which may not complete under a Hello that named the last completed CP, filled the ring.
+#[test]
+fn a_degraded_cp_abandons_an_unanswered_hello_after_a_grace_that_doubles_per_abandon() {
+    let mut p = degrade_pair();
+    p.connect();
+    lose_destination(&mut p);
+    run_alone(&mut p);
+    let cp_completed = |events: &[SourceEvent]| {
+        events
+            .iter()
+            .any(|e| matches!(e, SourceEvent::CpCompleted { .. }))
+    };
+    let mut grace_us = DEGRADED_HELLO_GRACE_US_MIN;
+    for round in 0..3 {
+        // A redial the frozen destination's kernel accepts: the Hello goes out, nothing answers.
+        p.source.handle_connected(p.now_us);
+        p.source.handle_tick(p.now_us);
+        let hello = source_bytes(&mut p);
+        assert!(
+            matches!(wire::decode(split(&hello)[0]), Ok(wire::Message::Hello(_))),
+            "round {round}"
+        );
+        let held = p.write(1024 + round * 8, &[9; 4096]);
+        p.source.request_cp(p.now_us);
+        // Within the grace the CP waits (the Hello named the last completed CP).
+        p.now_us += grace_us - 1;
+        let events = run_alone(&mut p);
+        assert!(!cp_completed(&events), "round {round}: {events:?}");
+        // The write itself completed once marked; its half is what waits (a full ring then).
+        assert!(completed(&events, held), "round {round}: {events:?}");
+        assert_eq!(p.source.poll_link_close(), None, "round {round}");
+        assert_eq!(
+            p.source.next_deadline_us().map(|at| at <= p.now_us + 1),
+            Some(true)
+        );
+        // Once it ends, the handshake is abandoned: the connection closes, the CP completes.
+        p.now_us += 1;
+        p.source.handle_tick(p.now_us);
+        assert_eq!(
+            p.source.poll_link_close(),
+            Some(PeerLostReason::HelloUnanswered {
+                waited_us: grace_us
+            }),
+            "round {round}"
+        );
+        assert_eq!(p.source.counters().hello_abandoned_count, round + 1);
+        p.source.handle_disconnected(p.now_us);
+        let events = [run_alone(&mut p), run_alone(&mut p)].concat();
+        assert!(cp_completed(&events), "round {round}: {events:?}");
+        grace_us *= 2;
+    }
+    // The destination thaws: the handshake succeeds, the resync makes the mirror the primary,
+    // and the grace is back at its least for the next loss.
+    let _ = reconnect(&mut p);
+    assert!(!p.source.is_degraded());
+    assert_eq!(p.source.resync_progress(), None);
+    p.source.request_cp(p.now_us);
+    for _ in 0..10 {
+        p.exchange();
+    }
+    assert_mirror_is_primary(&p);
+    assert_eq!(p.source.hello_grace_us, DEGRADED_HELLO_GRACE_US_MIN);
+}
+
 #[test]
 fn a_degraded_cp_waits_for_the_marks_of_its_writes_before_it_completes() {
     // Found on real processes: a CP frozen and flushed before its writes' marks were durable
