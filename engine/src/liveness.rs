@@ -240,6 +240,11 @@ impl Liveness {
         self.close.take()
     }
 
+    /// A close was requested and not yet polled.
+    pub fn close_requested(&self) -> bool {
+        self.close.is_some()
+    }
+
     pub fn is_connected(&self) -> bool {
         self.connected
     }

@@ -88,6 +88,12 @@ pub const DEVICE_QUEUE_DEPTH_MAX: u32 = 1024;
 /// the peer timeout, so a slow one gets a long enough window, and a HelloAck resets it.
 pub const DEGRADED_HELLO_GRACE_US_MIN: u64 = 50_000;
 
+/// The grace a degraded CP gives a HelloAck after a handshake succeeded: the least, within the
+/// peer timeout.
+fn hello_grace_least_us(config: &SourceConfig) -> u64 {
+    DEGRADED_HELLO_GRACE_US_MIN.min(config.peer_timeout_us)
+}
+
 /// A host write's identity: the seq of its ring entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct WriteId(pub u64);
@@ -186,7 +192,11 @@ pub enum SourceEvent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LinkState {
     Down,
-    HelloSent,
+    /// Connected; the Hello went out at `sent_us`, or (`None`) waits for `generations_seq` to be
+    /// durable.
+    HelloSent {
+        sent_us: Option<u64>,
+    },
     /// HelloAck accepted; a generation we adopted is being made durable before transfers flow.
     Settling,
     Ready,
@@ -244,10 +254,6 @@ pub struct Source<M> {
     settle_seq: u64,
     /// The metadata sequence of our last change of generations (a Hello waits for it).
     generations_seq: u64,
-    /// Connected; the Hello waits for `generations_seq` to be durable.
-    hello_pending: bool,
-    /// When this connection's Hello was queued, until its HelloAck (or the connection's end).
-    hello_sent_us: Option<u64>,
     /// How long a degraded CP ready to complete on the primary alone waits for a HelloAck.
     hello_grace_us: u64,
     /// Writes complete without the destination (`degrade`).
@@ -320,9 +326,7 @@ impl<M: RingStore> Source<M> {
             metadata,
             settle_seq: 0,
             generations_seq: 0,
-            hello_pending: false,
-            hello_sent_us: None,
-            hello_grace_us: DEGRADED_HELLO_GRACE_US_MIN.min(config.peer_timeout_us),
+            hello_grace_us: hello_grace_least_us(&config),
             degrade: None,
             resync: None,
             resync_generation_next: 0,
@@ -441,9 +445,7 @@ impl<M: RingStore> Source<M> {
         self.out.clear();
         self.reset_session();
         self.liveness.on_connected(now_us, self.sent_bytes);
-        self.link = LinkState::HelloSent;
-        self.hello_pending = true;
-        self.hello_sent_us = None;
+        self.link = LinkState::HelloSent { sent_us: None };
         self.maybe_send_hello(now_us);
     }
 
@@ -451,30 +453,29 @@ impl<M: RingStore> Source<M> {
     /// them at once (a resync session marks it a resync target and adopts our CP numbering), so
     /// a crash must not bring us back at generations it never saw.
     fn maybe_send_hello(&mut self, now_us: u64) {
-        if !self.hello_pending || self.metadata.durable_through() < self.generations_seq {
+        if self.link != (LinkState::HelloSent { sent_us: None })
+            || self.metadata.durable_through() < self.generations_seq
+        {
             return;
         }
-        self.hello_pending = false;
         let hello = self.hello();
         let control = Control::Hello(&hello);
         let length = control.encoded_bytes();
+        // Heartbeats queued while waiting fill no queue; else try again at the next tick.
         if self
             .out
             .push_inline(length, |bytes| control.encode(bytes))
-            .is_err()
+            .is_ok()
         {
-            // Heartbeats queued while waiting fill no queue; try again at the next tick.
-            self.hello_pending = true;
-        } else {
-            self.hello_sent_us = Some(now_us);
+            self.link = LinkState::HelloSent {
+                sent_us: Some(now_us),
+            };
         }
     }
 
     /// The link is down: drop the send queue; everything unacknowledged is resent after the
     /// next HelloAck.
     pub fn handle_disconnected(&mut self, now_us: u64) {
-        self.hello_pending = false;
-        self.hello_sent_us = None;
         self.out.clear();
         self.reset_session();
         self.liveness.on_disconnected();
@@ -512,7 +513,7 @@ impl<M: RingStore> Source<M> {
                 })
             }
             (
-                LinkState::HelloSent,
+                LinkState::HelloSent { .. },
                 Message::HelloAck {
                     cp_completed,
                     generations,
@@ -832,7 +833,7 @@ pub(crate) fn message_name(message: &Message<'_>) -> &'static str {
 fn link_state_name(state: LinkState) -> &'static str {
     match state {
         LinkState::Down => "link down",
-        LinkState::HelloSent => "awaiting HelloAck",
+        LinkState::HelloSent { .. } => "awaiting HelloAck",
         LinkState::Settling => "settling generations",
         LinkState::Ready => "ready",
         LinkState::Rejected => "rejected",

@@ -472,8 +472,8 @@ impl<M: RingStore> Source<M> {
         let hello_sent_us = match self.link {
             _ if self.degrade.is_none() => return,
             LinkState::Down | LinkState::Rejected => None,
-            // Not sent yet: the Hello will carry the CP completed here.
-            LinkState::HelloSent => self.hello_sent_us,
+            // `None`: not sent yet, and the Hello will carry the CP completed here.
+            LinkState::HelloSent { sent_us } => sent_us,
             LinkState::Settling | LinkState::Ready => return,
         };
         let half = 1 - half_of_cp(self.active_cp);
@@ -487,7 +487,8 @@ impl<M: RingStore> Source<M> {
         }
         if let Some(sent_us) = hello_sent_us {
             let waited_us = now_us.saturating_sub(sent_us);
-            if waited_us >= self.hello_grace_us && self.liveness.is_connected() {
+            // Once: the close is carried out after this tick, and the CP completes after it.
+            if waited_us >= self.hello_grace_us && !self.liveness.close_requested() {
                 log::warn!(
                     "source: the destination has not answered the Hello for {} ms while cp {} \
                      waits to complete without it: closing the connection, it is redialled",
@@ -508,9 +509,12 @@ impl<M: RingStore> Source<M> {
 
     /// When a degraded CP's wait for the HelloAck ends, if one waits.
     pub(super) fn hello_grace_deadline_us(&self) -> Option<u64> {
-        let sent_us = self.hello_sent_us?;
-        (self.degrade.is_some() && self.link == LinkState::HelloSent)
-            .then(|| sent_us.saturating_add(self.hello_grace_us))
+        match self.link {
+            LinkState::HelloSent {
+                sent_us: Some(sent_us),
+            } if self.degrade.is_some() => Some(sent_us.saturating_add(self.hello_grace_us)),
+            _ => None,
+        }
     }
 
     /// A handshake found the pair in sync: marks without a base are a degrade's whose new

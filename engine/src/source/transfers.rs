@@ -146,9 +146,7 @@ impl<M: RingStore> Source<M> {
         }
         // Transfers flow once every generation change of ours is durable (`handle_tick`).
         self.link = LinkState::Settling;
-        self.hello_sent_us = None;
-        self.hello_grace_us =
-            crate::source::DEGRADED_HELLO_GRACE_US_MIN.min(self.config.peer_timeout_us);
+        self.hello_grace_us = super::hello_grace_least_us(&self.config);
         if self.metadata.durable_through() >= self.settle_seq {
             self.become_ready(now_us);
         }
