@@ -608,7 +608,8 @@ impl<M: RingStore> Destination<M> {
                 }
                 .into());
             }
-            self.ring.store_data(&slot, 0, data);
+            // The log is read back at the CP, a ring half later: streamed past the cache.
+            self.ring.store_data_streamed(&slot, 0, data);
             self.ring.commit_with_crc(&slot, entry.data_crc);
             base.get_or_insert(round_down(u64::from(entry.data_offset), BLOCK_SIZE as u64) as u32);
         }
@@ -826,7 +827,10 @@ impl<M: RingStore> Destination<M> {
         }
     }
 
+    /// Describes what to send next. Logged data is fenced first: a TransferAck never leaves
+    /// before the entries it acknowledges are ordered into the ring.
     pub fn tx_iovecs<'a>(&'a self, out: &mut impl Extend<IoSlice<'a>>, max: usize) -> usize {
+        self.ring.fence_streamed();
         self.out.tx_iovecs(&[], out, max)
     }
 

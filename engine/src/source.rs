@@ -44,7 +44,7 @@ use std::io::IoSlice;
 
 use crate::counters::Counters;
 use crate::cp::DescriptorEntry;
-use crate::device::{DeviceError, DeviceOpKind, InflightOps};
+use crate::device::{DeviceError, DeviceOpKind};
 use crate::error::LinkError;
 use crate::geometry::{
     half_of_cp, BLOCK_SIZE, DESCRIPTORS_PER_TABLE, OUT_INLINE_BYTES, SECTOR_SIZE,
@@ -54,7 +54,7 @@ use crate::liveness::{Liveness, PeerLossPolicy, PeerLostReason, PeerState};
 use crate::ring::{EntryHeader, EntrySlot, NvramRing, RingStore};
 use crate::transfer::LoggedWrite;
 use crate::wire::{self, Control, Message, OutQueue, WireEntry};
-use apply::{SourceOp, StagedTable};
+use apply::StagedTable;
 use cp_state::{CpPhase, CpState};
 
 /// The source's configuration.
@@ -224,7 +224,7 @@ pub struct Source<M> {
     /// Reserved writes whose data never came: committed as no-ops when their turn comes.
     aborted: Vec<EntrySlot>,
     /// Device ops in flight and what each is for.
-    ops: InflightOps<SourceOp>,
+    ops: apply::SourceOps,
     /// The descriptor table whose Data blocks are being read from the primary.
     staged: StagedTable,
     /// Primary writes wait until then after a failure (retry back-off).
@@ -311,7 +311,7 @@ impl<M: RingStore> Source<M> {
             table_entries: Vec::with_capacity(DESCRIPTORS_PER_TABLE),
             namespace_sizes_bytes: namespace_sizes_bytes.to_vec(),
             aborted: Vec::with_capacity(TRANSFER_ENTRIES_MAX),
-            ops: InflightOps::new(namespace_sizes_bytes.len(), config.device_queue_depth),
+            ops: apply::SourceOps::new(namespace_sizes_bytes.len(), config.device_queue_depth),
             staged: StagedTable::new(),
             apply_retry_at_us: 0,
             next_apply: None,

@@ -50,6 +50,9 @@ pub trait LinkEndpoint {
     /// Fills `out` with up to `max` slices from the head of the send queue; returns their total bytes.
     fn tx_iovecs<'a>(&'a self, out: &mut IoVecs<'a>, max: usize) -> usize;
     fn tx_advance(&mut self, bytes: usize);
+    /// Bytes queued to send: a flush with none returns before describing any (the slices'
+    /// array is 1 KiB of stores to set up, and most passes have nothing to send).
+    fn tx_pending_bytes(&self) -> u64;
     /// The whole-message length once the message header is in `buf`, `None` if more bytes are needed.
     fn frame_length(buf: &[u8]) -> Result<Option<usize>, Self::Error>;
     /// The peer's bytes could not be framed: queue whatever tells the peer why (sent before the
@@ -556,7 +559,7 @@ impl Link {
     fn flush<E: LinkEndpoint>(&mut self, endpoint: &mut E) -> Result<usize, String> {
         let stream = self.stream.as_mut().expect("flush without a connection");
         let mut work = 0;
-        loop {
+        while endpoint.tx_pending_bytes() > 0 {
             let mut slices = IoVecs::new();
             let described = endpoint.tx_iovecs(&mut slices, SEND_IOVECS_MAX);
             if described == 0 {
@@ -577,6 +580,7 @@ impl Link {
                 Err(e) => return Err(format!("send failed: {e}")),
             }
         }
+        Ok(work)
     }
 }
 

@@ -300,6 +300,9 @@ impl LinkEndpoint for SourceEngine {
     fn tx_advance(&mut self, bytes: usize) {
         Source::tx_advance(self, bytes)
     }
+    fn tx_pending_bytes(&self) -> u64 {
+        Source::tx_pending_bytes(self)
+    }
     fn frame_length(buf: &[u8]) -> Result<Option<usize>, Self::Error> {
         wire::frame_length(buf).map_err(Into::into)
     }
@@ -327,6 +330,9 @@ impl LinkEndpoint for DestinationEngine {
     }
     fn tx_advance(&mut self, bytes: usize) {
         Destination::tx_advance(self, bytes)
+    }
+    fn tx_pending_bytes(&self) -> u64 {
+        Destination::tx_pending_bytes(self)
     }
     fn frame_length(buf: &[u8]) -> Result<Option<usize>, Self::Error> {
         wire::frame_length(buf).map_err(Into::into)

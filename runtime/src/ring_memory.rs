@@ -423,6 +423,28 @@ impl AsRef<[u8]> for RingMemory {
     }
 }
 
+impl nvmirror_engine::ring::RingStore for RingMemory {
+    fn prefetch_for_write(&self, offset: usize) {
+        let line = self.as_ref()[offset..].as_ptr();
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch is a hint with no memory-safety precondition (it never faults, and
+        // `line` is inside the mapping anyway); SSE, which it needs, is part of x86_64.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.cast())
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = line;
+    }
+
+    fn store_streamed(&mut self, offset: usize, data: &[u8]) {
+        crate::stream::stream_copy_unfenced(&mut self.as_mut()[offset..offset + data.len()], data);
+    }
+
+    fn fence_streamed(&self) {
+        crate::stream::store_fence();
+    }
+}
+
 impl AsMut<[u8]> for RingMemory {
     fn as_mut(&mut self) -> &mut [u8] {
         let size_bytes = self.size_bytes;
@@ -719,6 +741,25 @@ mod tests {
         // What was written back is what the file holds.
         let on_disk = fs::read(&path).unwrap();
         assert!(on_disk[..8 * PAGE].iter().all(|byte| *byte == 0xa5));
+    }
+
+    #[test]
+    fn a_streamed_store_lands_as_a_plain_copy_would_aligned_or_not() {
+        use nvmirror_engine::ring::RingStore;
+        let mut ring = RingMemory::anonymous(3 * 4096).unwrap();
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        // Aligned whole lanes (streamed), a sector at an odd 16-byte offset, an unaligned tail.
+        ring.store_streamed(4096, &data);
+        ring.store_streamed(16, &data[..512]);
+        ring.store_streamed(2 * 4096 + 3, &data[..1001]);
+        ring.fence_streamed();
+        let bytes = ring.as_ref();
+        assert_eq!(&bytes[4096..8192], &data[..]);
+        assert_eq!(&bytes[16..528], &data[..512]);
+        assert_eq!(&bytes[2 * 4096 + 3..2 * 4096 + 1004], &data[..1001]);
+        assert!(bytes[..16].iter().all(|&byte| byte == 0));
+        assert!(bytes[528..4096].iter().all(|&byte| byte == 0));
+        assert!(bytes[2 * 4096 + 1004..].iter().all(|&byte| byte == 0));
     }
 
     #[test]

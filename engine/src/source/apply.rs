@@ -24,7 +24,9 @@
 use super::cp_state::FlushState;
 use super::{CpPhase, DeviceFault, Source, SourceEvent};
 use crate::cp::DescriptorEntry;
-use crate::device::{DeviceCompletion, DeviceError, DeviceOp, DeviceOpKind, DeviceRequest};
+use crate::device::{
+    DeviceCompletion, DeviceError, DeviceOp, DeviceOpId, DeviceOpKind, DeviceRequest, InflightOps,
+};
 use crate::geometry::{BLOCK_SIZE, TABLE_DATA_BLOCKS_MAX};
 use crate::ring::{EntryHeader, RingStore};
 
@@ -85,6 +87,99 @@ impl SourceOp {
             Self::Flush { .. } => (0, 0),
         }
     }
+}
+
+/// The source's device ops in flight, with a counting filter of the blocks they touch: an
+/// entry to apply is checked against every op in flight (ordering, above), and the scan of
+/// them per entry was 2.9% of the embedded pair's core at QD32 (`perf record`) where nearly
+/// every check finds no overlap. A filter bucket counts the ops in flight touching a block
+/// that hashes to it; all buckets of a range empty means no op overlaps it, and only a range
+/// whose buckets are not all empty (or an op too wide to count by block) is scanned.
+#[derive(Debug)]
+pub(crate) struct SourceOps {
+    ops: InflightOps<SourceOp>,
+    buckets: Vec<u32>,
+    /// Ops in flight whose range spans more than [`FILTER_SPAN_BLOCKS_MAX`] blocks.
+    wide: u32,
+}
+
+/// Filter buckets (a power of two): 16 KiB, kept in cache by the checks themselves.
+const FILTER_BUCKETS: usize = 4096;
+/// An op over more blocks than this is not counted block by block (a scan checks it).
+const FILTER_SPAN_BLOCKS_MAX: u64 = 16;
+
+impl SourceOps {
+    pub fn new(namespace_count: usize, depth: u32) -> Self {
+        SourceOps {
+            ops: InflightOps::new(namespace_count, depth),
+            buckets: vec![0; FILTER_BUCKETS],
+            wide: 0,
+        }
+    }
+
+    pub fn start(&mut self, nsid: u32, purpose: SourceOp) -> DeviceOpId {
+        self.count(nsid, &purpose, true);
+        self.ops.start(nsid, purpose)
+    }
+
+    pub fn finish(&mut self, id: DeviceOpId) -> Option<(u32, SourceOp)> {
+        let (nsid, purpose) = self.ops.finish(id)?;
+        self.count(nsid, &purpose, false);
+        Some((nsid, purpose))
+    }
+
+    pub fn has_room(&self, nsid: u32) -> bool {
+        self.ops.has_room(nsid)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &SourceOp)> + '_ {
+        self.ops.iter()
+    }
+
+    /// An op on `nsid` overlapping `start..end` is in flight.
+    pub fn overlaps(&self, nsid: u32, start: u64, end: u64) -> bool {
+        if self.ops.count_on(nsid) == 0 || start >= end {
+            return false;
+        }
+        let (first, last) = blocks_of(start, end);
+        let filtered_out = self.wide == 0
+            && last - first <= FILTER_SPAN_BLOCKS_MAX
+            && (first..last).all(|block| self.buckets[bucket(nsid, block)] == 0);
+        !filtered_out
+            && self.ops.iter().any(|(op_nsid, op)| {
+                let (op_start, op_end) = op.range();
+                op_nsid == nsid && op_start < end && start < op_end
+            })
+    }
+
+    fn count(&mut self, nsid: u32, purpose: &SourceOp, add: bool) {
+        let (start, end) = purpose.range();
+        if start >= end {
+            return;
+        }
+        let (first, last) = blocks_of(start, end);
+        if last - first > FILTER_SPAN_BLOCKS_MAX {
+            self.wide = if add { self.wide + 1 } else { self.wide - 1 };
+            return;
+        }
+        for block in first..last {
+            let count = &mut self.buckets[bucket(nsid, block)];
+            *count = if add { *count + 1 } else { *count - 1 };
+        }
+    }
+}
+
+fn blocks_of(start: u64, end: u64) -> (u64, u64) {
+    (start / BLOCK_SIZE as u64, end.div_ceil(BLOCK_SIZE as u64))
+}
+
+fn bucket(nsid: u32, block: u64) -> usize {
+    let hash = (u64::from(nsid) << 48 ^ block).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (hash >> 32) as usize & (FILTER_BUCKETS - 1)
 }
 
 /// A DescriptorTable whose Data blocks are being read from the primary before it is queued:
@@ -347,13 +442,7 @@ impl<M: RingStore> Source<M> {
 
     /// An op on `nsid` overlapping `start..end` is in flight.
     pub(super) fn overlaps_inflight(&self, nsid: u32, start: u64, end: u64) -> bool {
-        if self.ops.count_on(nsid) == 0 {
-            return false;
-        }
-        self.ops.iter().any(|(op_nsid, op)| {
-            let (op_start, op_end) = op.range();
-            op_nsid == nsid && op_start < end && start < op_end
-        })
+        self.ops.overlaps(nsid, start, end)
     }
 
     /// An entry of the active CP that writes a block the CP in flight still reads as Data.
@@ -565,5 +654,80 @@ impl<M: RingStore> Source<M> {
             log::debug!("source: primary {fault}");
         }
         self.events.push_back(SourceEvent::DeviceFault(fault));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn apply(start: u64, end: u64) -> SourceOp {
+        SourceOp::Apply {
+            half: 0,
+            slot: 0,
+            seq: 1,
+            start,
+            end,
+        }
+    }
+
+    /// What the filter must answer: the plain scan it short-cuts.
+    fn scan(ops: &SourceOps, nsid: u32, start: u64, end: u64) -> bool {
+        ops.iter().any(|(op_nsid, op)| {
+            let (op_start, op_end) = op.range();
+            op_nsid == nsid && op_start < end && start < op_end
+        })
+    }
+
+    #[test]
+    fn the_block_filter_answers_as_the_scan_does_as_ops_start_and_finish() {
+        let block = BLOCK_SIZE as u64;
+        let mut ops = SourceOps::new(2, 64);
+        let mut live = Vec::new();
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (mut overlapping, mut checks) = (0, 0);
+        for round in 0..20_000u64 {
+            let nsid = 1 + (next() % 2) as u32;
+            // Blocks of a small space (so ranges overlap often) at sector granularity, some of
+            // them wider than the filter counts, and flushes (empty ranges).
+            let start = (next() % 512) * block + (next() % 8) * 512;
+            let length = match next() % 10 {
+                0 => 0,
+                1 => (FILTER_SPAN_BLOCKS_MAX + 1 + next() % 40) * block,
+                _ => 512 * (1 + next() % 16),
+            };
+            let op = if length == 0 {
+                SourceOp::Flush { half: 0 }
+            } else {
+                apply(start, start + length)
+            };
+            if ops.has_room(nsid) && round % 3 != 2 {
+                live.push(ops.start(nsid, op));
+            } else if !live.is_empty() {
+                let index = (next() % live.len() as u64) as usize;
+                ops.finish(live.swap_remove(index)).expect("live op");
+            }
+            let (query_start, query_length) = ((next() % 520) * block, 512 * (1 + next() % 24));
+            let expected = scan(&ops, nsid, query_start, query_start + query_length);
+            assert_eq!(
+                ops.overlaps(nsid, query_start, query_start + query_length),
+                expected,
+                "round {round}: nsid {nsid}, {query_start}+{query_length}"
+            );
+            overlapping += usize::from(expected);
+            checks += 1;
+        }
+        assert!(overlapping > checks / 10 && overlapping < checks * 9 / 10);
+        for id in live.drain(..) {
+            ops.finish(id).expect("live op");
+        }
+        assert!(ops.is_empty() && ops.wide == 0);
+        assert!(ops.buckets.iter().all(|&count| count == 0));
     }
 }
