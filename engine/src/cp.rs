@@ -181,6 +181,7 @@ mod tests {
                 ..whole
             })
             .unwrap();
+        dirty.settle();
         (dirty, transfers)
     }
 
@@ -241,6 +242,7 @@ mod tests {
             };
             dirty.note_write(&partial).unwrap();
         }
+        dirty.settle();
         let mut cp = ConsistencyPoint::new(1, CpMode::References);
         let mut extents = Vec::new();
         while let Some(extent) = cp.next_table(&dirty, &transfers) {

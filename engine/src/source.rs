@@ -622,13 +622,6 @@ impl<M: RingStore> Source<M> {
         self.cp_requested = true;
     }
 
-    /// Transfers were sent on this session and wait for their TransferAck: a runtime that
-    /// just let the destination run (the embedded pair on one reactor) reads the link again
-    /// only then.
-    pub fn awaits_transfer_acks(&self) -> bool {
-        self.awaiting_acks()
-    }
-
     /// Takes the next event.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<SourceEvent> {

@@ -396,7 +396,8 @@ impl Link {
         }
     }
 
-    fn poll_connect<E: LinkEndpoint>(&mut self, now_us: u64, endpoint: &mut E) -> usize {
+    /// The connection's upkeep without reading it: accepts or dials when due. Returns work done.
+    pub fn poll_connect<E: LinkEndpoint>(&mut self, now_us: u64, endpoint: &mut E) -> usize {
         match &mut self.role {
             LinkRole::Accept { listener, accept } => {
                 // An accept attempt per loop would be a wasted syscall per loop.

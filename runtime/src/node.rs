@@ -432,8 +432,21 @@ impl<F: FrontEnd> SourceNode<F> {
     /// The first half of a pass, what a host write waits for: acknowledgements in, completions
     /// to the front end, new host I/O in, transfers closed and sent.
     pub fn poll_replication(&mut self, now_us: u64) -> usize {
+        self.poll_intake(now_us, true)
+    }
+
+    /// [`SourceNode::poll_replication`] without reading the link, for a pass that calls
+    /// [`SourceNode::poll_acknowledgements`] after its destinations: the link is read there, once
+    /// per pass. A read here as well found nothing nearly every time (what the peer sends is
+    /// read right after the destinations ran, and a destination on this thread sends only when
+    /// it runs) and stood in front of every host write: about 0.6 µs of a QD1 pass.
+    pub fn poll_intake(&mut self, now_us: u64, read_link: bool) -> usize {
         self.now_us = now_us;
-        let mut work = self.link.poll(now_us, &mut self.volume.source);
+        let mut work = if read_link {
+            self.link.poll(now_us, &mut self.volume.source)
+        } else {
+            self.link.poll_connect(now_us, &mut self.volume.source)
+        };
         work += self.drain_events();
         work += self.front_end.poll(now_us, &mut self.volume);
         self.volume.source.handle_tick(now_us);
@@ -444,11 +457,10 @@ impl<F: FrontEnd> SourceNode<F> {
     }
 
     /// Between the halves when the destination just ran on this thread: its TransferAcks are on
-    /// the loopback socket already, so the writes they complete are answered in this pass.
+    /// the loopback socket already, so the writes they complete are answered in this pass. Reads
+    /// the link whatever the source awaits: a pass that takes its intake unread
+    /// ([`SourceNode::poll_intake`]) reads it only here.
     pub fn poll_acknowledgements(&mut self, now_us: u64) -> usize {
-        if !self.volume.source.awaits_transfer_acks() {
-            return 0;
-        }
         let mut work = self.link.poll(now_us, &mut self.volume.source);
         work += self.drain_events();
         work + self.front_end.poll_completions(now_us, &mut self.volume)
@@ -837,7 +849,7 @@ impl<F: FrontEnd> Poller for PairNode<F> {
     /// answered, before the source writes its primaries: a host write is acknowledged in the
     /// pass that received it.
     fn poll(&mut self, now_us: u64) -> usize {
-        let mut work = self.source.poll_replication(now_us);
+        let mut work = self.source.poll_intake(now_us, false);
         work += self.destination.poll(now_us);
         work += self.source.poll_acknowledgements(now_us);
         work + self.source.poll_devices(now_us)

@@ -59,7 +59,8 @@ pub trait Scheduled: Node {
 impl<F: FrontEnd> Scheduled for SourceNode<F> {
     const SOURCE: bool = true;
     fn poll_first(&mut self, now_us: u64) -> usize {
-        self.poll_replication(now_us)
+        // The link is read in the acknowledgements' pass, which follows in the same iteration.
+        self.poll_intake(now_us, false)
     }
     fn poll_acknowledgements(&mut self, now_us: u64) -> usize {
         SourceNode::poll_acknowledgements(self, now_us)

@@ -121,6 +121,7 @@ impl CpState {
         self.phase = CpPhase::Frozen;
         self.frozen_us = now_us;
         self.full = false;
+        self.dirty.settle();
         self.reads_primary =
             (0..self.dirty.len()).any(|index| mode.reads_primary(self.dirty.get(index).2));
     }
