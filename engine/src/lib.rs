@@ -19,6 +19,8 @@ mod open;
 pub mod promotion;
 pub mod ring;
 pub mod source;
+#[cfg(test)]
+mod test_rng;
 pub mod transfer;
 pub mod wire;
 pub mod wire_enum;

@@ -461,13 +461,8 @@ mod tests {
         // batch and across the batches the map settles by itself: order is kept.
         let mut batched = DirtyMap::with_capacity(4096);
         let mut one_by_one = DirtyMap::with_capacity(4096);
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rng = crate::test_rng::Rng(0x2545_F491_4F6C_DD1D);
+        let mut next = || rng.next();
         for i in 0..(PENDING_WRITES_MAX as u32 * 5 + 3) {
             let sectors = [1, 8, 8, 16, 3][(next() % 5) as usize];
             let lba = next() % 96;
@@ -508,14 +503,9 @@ mod tests {
         // Neighbouring blocks never collide (the hash is a bijection and these bits of it
         // differ for them), so the search walks blocks spread over 2^40.
         let mut seen = std::collections::HashMap::new();
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rng = crate::test_rng::Rng(0x9E37_79B9_7F4A_7C15);
         let (a, b) = (0..1u64 << 22)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state & ((1 << 40) - 1)
-            })
+            .map(|_| rng.next() & ((1 << 40) - 1))
             .find_map(|block| {
                 seen.insert(fingerprint(1, block), block)
                     .map(|earlier| (earlier, block))

@@ -1,25 +1,12 @@
 use super::*;
 use crate::device::DeviceOpKind;
+use crate::test_rng::Rng;
 
 const VOLUME: [u8; 16] = [7; 16];
 const MIB: u64 = 1 << 20;
 
 fn metadata(sizes: &[u64], extent_bytes: u64) -> NodeMetadata {
     NodeMetadata::format(VOLUME, 0x5EED, 0x9909, sizes, extent_bytes).unwrap()
-}
-
-/// A tiny deterministic generator (the engine takes no RNG).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// A metadata device: completed writes sit in a volatile cache until a flush completes; a crash

@@ -684,13 +684,8 @@ mod tests {
         let block = BLOCK_SIZE as u64;
         let mut ops = SourceOps::new(2, 64);
         let mut live = Vec::new();
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rng = crate::test_rng::Rng(0x2545_F491_4F6C_DD1D);
+        let mut next = || rng.next();
         let (mut overlapping, mut checks) = (0, 0);
         for round in 0..20_000u64 {
             let nsid = 1 + (next() % 2) as u32;
