@@ -46,8 +46,10 @@ const PASSES: [Pass; 4] = [
 pub trait Scheduled: Node {
     /// Polled in the sources' passes (else in the destinations').
     const SOURCE: bool;
-    /// A source's first half, or a destination's whole poll.
-    fn poll_first(&mut self, now_us: u64) -> usize;
+    /// A source's first half, or a destination's whole poll. `acknowledgements_follow`: the
+    /// acknowledgements' pass runs after the destinations in this iteration (a source then
+    /// reads its link there, once, and not here).
+    fn poll_first(&mut self, now_us: u64, acknowledgements_follow: bool) -> usize;
     fn poll_acknowledgements(&mut self, _now_us: u64) -> usize {
         0
     }
@@ -58,9 +60,8 @@ pub trait Scheduled: Node {
 
 impl<F: FrontEnd> Scheduled for SourceNode<F> {
     const SOURCE: bool = true;
-    fn poll_first(&mut self, now_us: u64) -> usize {
-        // The link is read in the acknowledgements' pass, which follows in the same iteration.
-        self.poll_intake(now_us, false)
+    fn poll_first(&mut self, now_us: u64, acknowledgements_follow: bool) -> usize {
+        self.poll_intake(now_us, !acknowledgements_follow)
     }
     fn poll_acknowledgements(&mut self, now_us: u64) -> usize {
         SourceNode::poll_acknowledgements(self, now_us)
@@ -72,12 +73,13 @@ impl<F: FrontEnd> Scheduled for SourceNode<F> {
 
 impl Scheduled for DestinationNode {
     const SOURCE: bool = false;
-    fn poll_first(&mut self, now_us: u64) -> usize {
+    fn poll_first(&mut self, now_us: u64, _acknowledgements_follow: bool) -> usize {
         nvmirror_runtime::reactor::Poller::poll(self, now_us)
     }
 }
 
-type PassFn = Box<dyn FnMut(u64, Pass) -> usize>;
+/// Polls a node in a pass: (now, pass, whether the acknowledgements' pass runs this iteration).
+type PassFn = Box<dyn FnMut(u64, Pass, bool) -> usize>;
 
 /// A node on the thread's poller; `poll` is taken (and the node's reference with it) when the
 /// node stops.
@@ -102,24 +104,22 @@ fn poll_nodes() -> usize {
         nodes.retain(|entry| entry.poll.borrow().is_some());
         let now_us = monotonic_us();
         let mut work = 0;
-        let mut destinations_worked = false;
+        // With a destination on this thread, acknowledgements can be on a source's socket right
+        // after the destinations' pass: sources read their links there, once per iteration (and
+        // not in their first half). A thread of lone sources has no acknowledgements' pass: its
+        // sources read in their first half.
+        let acknowledgements_follow = nodes.iter().any(|entry| !entry.source);
         for pass in PASSES {
-            // Acknowledgements can be on a source's socket already only when a destination of
-            // this thread just sent some: a lone source spares the read.
-            if pass == Pass::SourcesAcknowledgements && !destinations_worked {
+            if pass == Pass::SourcesAcknowledgements && !acknowledgements_follow {
                 continue;
             }
-            let before = work;
             for entry in nodes
                 .iter()
                 .filter(|entry| entry.source == pass.of_sources())
             {
                 if let Some(poll) = entry.poll.borrow_mut().as_mut() {
-                    work += poll(now_us, pass);
+                    work += poll(now_us, pass, acknowledgements_follow);
                 }
-            }
-            if pass == Pass::Destinations {
-                destinations_worked = work > before;
             }
         }
         work
@@ -163,7 +163,7 @@ impl<N: Scheduled + 'static> RunningNode<N> {
         let mailbox = control.mailbox();
         let polled = node.clone();
         let stop = control.clone();
-        let poll: PassFn = Box::new(move |now_us, pass| {
+        let poll: PassFn = Box::new(move |now_us, pass, acknowledgements_follow| {
             if stop.stop.load(Ordering::Acquire) {
                 return 0;
             }
@@ -175,7 +175,7 @@ impl<N: Scheduled + 'static> RunningNode<N> {
                         node.handle_command(now_us, command);
                         work += 1;
                     }
-                    work + node.poll_first(now_us)
+                    work + node.poll_first(now_us, acknowledgements_follow)
                 }
                 Pass::SourcesAcknowledgements => node.poll_acknowledgements(now_us),
                 Pass::SourcesSecond => node.poll_second(now_us),
