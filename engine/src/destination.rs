@@ -817,20 +817,20 @@ impl<M: RingStore> Destination<M> {
     }
 
     /// Queues the cumulative TransferAck if there is room (it is retried after `tx_advance`).
+    /// The log's streamed stores are fenced first: no TransferAck is queued before the entries
+    /// it acknowledges are ordered into the ring.
     fn flush_pending_ack(&mut self) {
         if let Some(transfer_id) = self.pending_ack {
             let ack = Control::TransferAck { transfer_id };
             if self.out.can_push(ack.encoded_bytes(), 1) {
+                self.ring.fence_streamed();
                 self.push_control(ack);
                 self.pending_ack = None;
             }
         }
     }
 
-    /// Describes what to send next. Logged data is fenced first: a TransferAck never leaves
-    /// before the entries it acknowledges are ordered into the ring.
     pub fn tx_iovecs<'a>(&'a self, out: &mut impl Extend<IoSlice<'a>>, max: usize) -> usize {
-        self.ring.fence_streamed();
         self.out.tx_iovecs(&[], out, max)
     }
 

@@ -169,6 +169,11 @@ pub fn half_of_cp(cp_number: u64) -> usize {
     (cp_number % 2) as usize
 }
 
+/// The first and one-past-last block that namespace bytes `start..end` touch.
+pub fn blocks_touched(start: u64, end: u64) -> (u64, u64) {
+    (start / BLOCK_SIZE as u64, end.div_ceil(BLOCK_SIZE as u64))
+}
+
 /// Rounds `value` down to a multiple of `unit`.
 pub const fn round_down(value: u64, unit: u64) -> u64 {
     value - value % unit

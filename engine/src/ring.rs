@@ -646,23 +646,28 @@ impl<M: RingStore> NvramRing<M> {
     /// entry is read back at once (its CRC, the primary write, the send to the destination), so it
     /// must stay in the cache; streaming stores here tripled the CRC's share of the write path.
     pub fn store_data(&mut self, slot: &EntrySlot, offset: usize, data: &[u8]) {
-        assert!(
-            offset + data.len() <= slot.header.data_bytes() as usize,
-            "store past the entry"
-        );
-        self.data_mut(slot)[offset..offset + data.len()].copy_from_slice(data);
+        let start = self.store_start(slot, offset, data.len());
+        self.memory.as_mut()[start..start + data.len()].copy_from_slice(data);
     }
 
     /// [`NvramRing::store_data`] with [`RingStore::store_streamed`]: for data this process
     /// reads back only much later. [`NvramRing::fence_streamed`] before it is reported stored.
     pub fn store_data_streamed(&mut self, slot: &EntrySlot, offset: usize, data: &[u8]) {
+        let start = self.store_start(slot, offset, data.len());
+        self.memory.store_streamed(start, data);
+    }
+
+    /// The ring offset of byte `offset` of a reserved entry's data, for a store of `length`.
+    fn store_start(&self, slot: &EntrySlot, offset: usize, length: usize) -> usize {
         assert!(
-            offset + data.len() <= slot.header.data_bytes() as usize,
+            offset + length <= slot.header.data_bytes() as usize,
             "store past the entry"
         );
-        let start = (self.geometry.data_area_offset(slot.half) + u64::from(slot.header.data_offset))
-            as usize;
-        self.memory.store_streamed(start + offset, data);
+        self.data_start(slot) + offset
+    }
+
+    fn data_start(&self, slot: &EntrySlot) -> usize {
+        (self.geometry.data_area_offset(slot.half) + u64::from(slot.header.data_offset)) as usize
     }
 
     /// Orders the streamed stores before whatever this thread stores or sends next.
@@ -671,8 +676,7 @@ impl<M: RingStore> NvramRing<M> {
     }
 
     pub fn data_mut(&mut self, slot: &EntrySlot) -> &mut [u8] {
-        let start = (self.geometry.data_area_offset(slot.half) + u64::from(slot.header.data_offset))
-            as usize;
+        let start = self.data_start(slot);
         &mut self.memory.as_mut()[start..start + slot.header.data_bytes() as usize]
     }
 
@@ -688,9 +692,8 @@ impl<M: RingStore> NvramRing<M> {
     }
 
     fn slot_data(&self, slot: &EntrySlot) -> &[u8] {
-        let data_start = (self.geometry.data_area_offset(slot.half)
-            + u64::from(slot.header.data_offset)) as usize;
-        &self.memory.as_ref()[data_start..data_start + slot.header.data_bytes() as usize]
+        let start = self.data_start(slot);
+        &self.memory.as_ref()[start..start + slot.header.data_bytes() as usize]
     }
 
     /// Seals a reserved entry whose data CRC the caller already verified (the destination

@@ -108,19 +108,20 @@ impl LoggedWrite {
     /// The first and one-past-last block the write touches.
     pub fn block_range(&self) -> (u64, u64) {
         let start = self.lba * SECTOR_SIZE as u64;
-        let end = start + u64::from(self.length_bytes);
-        (start / BLOCK_SIZE as u64, end.div_ceil(BLOCK_SIZE as u64))
+        crate::geometry::blocks_touched(start, start + u64::from(self.length_bytes))
     }
 }
 
-fn key_hash(nsid: u32, block_index: u64) -> u64 {
+/// A well-mixed hash of a (namespace, block) key (Fibonacci hashing): its high 32 bits pick a
+/// slot of a power-of-two table.
+pub(crate) fn key_hash(nsid: u32, block_index: u64) -> u64 {
     (u64::from(nsid) << 48 ^ block_index).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-/// 32 bits of the key's hash, half of them not among the slot position's bits (keys that
-/// collide on a slot still differ here but for one in 2^16).
-fn fingerprint(nsid: u32, block_index: u64) -> u32 {
-    (key_hash(nsid, block_index) >> 16) as u32
+/// 32 bits of a key's hash, half of them not among the slot position's bits (keys that collide
+/// on a slot still differ here but for one in 2^16).
+fn fingerprint(hash: u64) -> u32 {
+    (hash >> 16) as u32
 }
 
 /// The dirty map is full: the CP must start before more writes enter it.
@@ -198,7 +199,7 @@ impl DirtyMap {
     /// The descriptor of a block, if dirty.
     pub fn lookup(&self, nsid: u32, block_index: u64) -> Option<BufferDescriptor> {
         self.assert_settled();
-        match self.probe(nsid, block_index) {
+        match self.probe(key_hash(nsid, block_index), nsid, block_index) {
             (_, Some(index)) => Some(self.values[index]),
             (_, None) => None,
         }
@@ -233,18 +234,16 @@ impl DirtyMap {
     /// entered in order. The map must be settled before it is read (a CP settles it as it
     /// freezes).
     pub fn settle(&mut self) {
-        let mask = self.table.len() - 1;
         let mut touched = 0u64;
         for write in &self.pending {
             let (first, _) = write.block_range();
-            touched ^= self.table[(key_hash(write.nsid, first) >> 32) as usize & mask];
+            touched ^= self.table[self.slot_of(key_hash(write.nsid, first))];
         }
         std::hint::black_box(touched);
-        let pending = std::mem::take(&mut self.pending);
-        for write in &pending {
-            self.enter(write);
+        for index in 0..self.pending.len() {
+            let write = self.pending[index];
+            self.enter(&write);
         }
-        self.pending = pending;
         self.pending.clear();
         self.pending_blocks = 0;
     }
@@ -278,24 +277,28 @@ impl DirtyMap {
     }
 
     fn set(&mut self, nsid: u32, block_index: u64, descriptor: BufferDescriptor) {
-        match self.probe(nsid, block_index) {
+        let hash = key_hash(nsid, block_index);
+        match self.probe(hash, nsid, block_index) {
             (_, Some(index)) => self.values[index] = descriptor,
             (position, None) => {
                 assert!(self.keys.len() < self.keys.capacity());
                 self.keys.push((nsid, block_index));
                 self.values.push(descriptor);
                 self.positions.push(position as u32);
-                self.table[position] =
-                    u64::from(fingerprint(nsid, block_index)) << 32 | self.keys.len() as u64;
+                self.table[position] = u64::from(fingerprint(hash)) << 32 | self.keys.len() as u64;
             }
         }
     }
 
-    /// (slot position, key index if present).
-    fn probe(&self, nsid: u32, block_index: u64) -> (usize, Option<usize>) {
-        let mask = self.table.len() - 1;
-        let mut position = (key_hash(nsid, block_index) >> 32) as usize & mask;
-        let wanted = fingerprint(nsid, block_index);
+    /// The slot a key of hash `hash` probes first.
+    fn slot_of(&self, hash: u64) -> usize {
+        (hash >> 32) as usize & (self.table.len() - 1)
+    }
+
+    /// (slot position, key index if present) of the key of hash `hash`.
+    fn probe(&self, hash: u64, nsid: u32, block_index: u64) -> (usize, Option<usize>) {
+        let mut position = self.slot_of(hash);
+        let wanted = fingerprint(hash);
         loop {
             match self.table[position] {
                 0 => return (position, None),
@@ -307,7 +310,7 @@ impl DirtyMap {
                 }
                 _ => {}
             }
-            position = (position + 1) & mask;
+            position = (position + 1) & (self.table.len() - 1);
         }
     }
 
@@ -507,7 +510,7 @@ mod tests {
         let (a, b) = (0..1u64 << 22)
             .map(|_| rng.next() & ((1 << 40) - 1))
             .find_map(|block| {
-                seen.insert(fingerprint(1, block), block)
+                seen.insert(fingerprint(key_hash(1, block)), block)
                     .map(|earlier| (earlier, block))
             })
             .expect("a 32-bit fingerprint collides within 2^22 keys");

@@ -429,17 +429,12 @@ impl<F: FrontEnd> SourceNode<F> {
 }
 
 impl<F: FrontEnd> SourceNode<F> {
-    /// The first half of a pass, what a host write waits for: acknowledgements in, completions
-    /// to the front end, new host I/O in, transfers closed and sent.
-    pub fn poll_replication(&mut self, now_us: u64) -> usize {
-        self.poll_intake(now_us, true)
-    }
-
-    /// [`SourceNode::poll_replication`] without reading the link, for a pass that calls
-    /// [`SourceNode::poll_acknowledgements`] after its destinations: the link is read there, once
-    /// per pass. A read here as well found nothing nearly every time (what the peer sends is
-    /// read right after the destinations ran, and a destination on this thread sends only when
-    /// it runs) and stood in front of every host write: about 0.6 µs of a QD1 pass.
+    /// The first half of a pass, what a host write waits for: acknowledgements in (`read_link`),
+    /// completions to the front end, new host I/O in, transfers closed and sent. A pass that
+    /// calls [`SourceNode::poll_acknowledgements`] after its destinations reads the link there
+    /// instead, once per pass: a read here as well found nothing nearly every time (a
+    /// destination on this thread sends only when it runs) and stood in front of every host
+    /// write, about 0.6 µs of a QD1 pass.
     pub fn poll_intake(&mut self, now_us: u64, read_link: bool) -> usize {
         self.now_us = now_us;
         let mut work = if read_link {
@@ -487,7 +482,7 @@ impl<F: FrontEnd> Poller for SourceNode<F> {
     /// One reactor pass, ordered so a write needs as few passes as possible: the transfers of
     /// new writes are on the socket before the primary writes start.
     fn poll(&mut self, now_us: u64) -> usize {
-        self.poll_replication(now_us) + self.poll_devices(now_us)
+        self.poll_intake(now_us, true) + self.poll_devices(now_us)
     }
 
     fn wait_fds(&self, out: &mut Vec<RawFd>) {

@@ -331,6 +331,9 @@ impl RingMemory {
         if length_bytes == 0 {
             return Ok(());
         }
+        // Streamed stores ([`RingStore::store_streamed`]) may still sit in write-combining
+        // buffers: ordered first, so the write-back or cache-line flush below covers them.
+        crate::stream::store_fence();
         match (&self.map, self.medium) {
             (_, RingMedium::Hugetlbfs | RingMedium::Anonymous) => Ok(()),
             (Mapping::Shared(map), RingMedium::File) => map

@@ -27,8 +27,9 @@ use crate::cp::DescriptorEntry;
 use crate::device::{
     DeviceCompletion, DeviceError, DeviceOp, DeviceOpId, DeviceOpKind, DeviceRequest, InflightOps,
 };
-use crate::geometry::{BLOCK_SIZE, TABLE_DATA_BLOCKS_MAX};
+use crate::geometry::{blocks_touched, BLOCK_SIZE, TABLE_DATA_BLOCKS_MAX};
 use crate::ring::{EntryHeader, RingStore};
+use crate::transfer::key_hash;
 
 /// How long a failed op waits before it is tried again.
 pub const DEVICE_RETRY_BACKOFF_US: u64 = 100_000;
@@ -145,7 +146,7 @@ impl SourceOps {
         if self.ops.count_on(nsid) == 0 || start >= end {
             return false;
         }
-        let (first, last) = blocks_of(start, end);
+        let (first, last) = blocks_touched(start, end);
         let filtered_out = self.wide == 0
             && last - first <= FILTER_SPAN_BLOCKS_MAX
             && (first..last).all(|block| self.buckets[bucket(nsid, block)] == 0);
@@ -161,25 +162,28 @@ impl SourceOps {
         if start >= end {
             return;
         }
-        let (first, last) = blocks_of(start, end);
-        if last - first > FILTER_SPAN_BLOCKS_MAX {
-            self.wide = if add { self.wide + 1 } else { self.wide - 1 };
-            return;
-        }
-        for block in first..last {
-            let count = &mut self.buckets[bucket(nsid, block)];
-            *count = if add { *count + 1 } else { *count - 1 };
-        }
+        let (first, last) = blocks_touched(start, end);
+        let counted = if last - first > FILTER_SPAN_BLOCKS_MAX {
+            step(&mut self.wide, add)
+        } else {
+            (first..last).all(|block| step(&mut self.buckets[bucket(nsid, block)], add))
+        };
+        assert!(counted, "an op finished that the filter never counted");
     }
 }
 
-fn blocks_of(start: u64, end: u64) -> (u64, u64) {
-    (start / BLOCK_SIZE as u64, end.div_ceil(BLOCK_SIZE as u64))
+/// Counts one up or down; false if it would go below zero.
+fn step(count: &mut u32, add: bool) -> bool {
+    match (add, count.checked_sub(1)) {
+        (true, _) => *count += 1,
+        (false, Some(less)) => *count = less,
+        (false, None) => return false,
+    }
+    true
 }
 
 fn bucket(nsid: u32, block: u64) -> usize {
-    let hash = (u64::from(nsid) << 48 ^ block).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (hash >> 32) as usize & (FILTER_BUCKETS - 1)
+    (key_hash(nsid, block) >> 32) as usize & (FILTER_BUCKETS - 1)
 }
 
 /// A DescriptorTable whose Data blocks are being read from the primary before it is queued:
@@ -343,7 +347,7 @@ impl<M: RingStore> Source<M> {
         let start = header.offset_bytes();
         let end = start + u64::from(header.length_bytes);
         if !self.ops.has_room(header.nsid)
-            || self.overlaps_inflight(header.nsid, start, end)
+            || self.ops.overlaps(header.nsid, start, end)
             || self.held_for_point_in_time(half, &header)
         {
             self.next_apply = Some(header);
@@ -380,9 +384,7 @@ impl<M: RingStore> Source<M> {
             .ops
             .iter()
             .any(|(_, op)| matches!(*op, SourceOp::AbortedRead { half: h, slot, .. } if usize::from(h) == half && slot == self.aborted[index].slot()));
-        if reading
-            || !self.ops.has_room(header.nsid)
-            || self.overlaps_inflight(header.nsid, start, end)
+        if reading || !self.ops.has_room(header.nsid) || self.ops.overlaps(header.nsid, start, end)
         {
             return None;
         }
@@ -440,11 +442,6 @@ impl<M: RingStore> Source<M> {
         }
     }
 
-    /// An op on `nsid` overlapping `start..end` is in flight.
-    pub(super) fn overlaps_inflight(&self, nsid: u32, start: u64, end: u64) -> bool {
-        self.ops.overlaps(nsid, start, end)
-    }
-
     /// An entry of the active CP that writes a block the CP in flight still reads as Data.
     fn held_for_point_in_time(&self, half: usize, header: &EntryHeader) -> bool {
         let older = &self.cps[1 - half];
@@ -452,9 +449,8 @@ impl<M: RingStore> Source<M> {
             return false;
         }
         let start = header.offset_bytes();
-        let end = start + u64::from(header.length_bytes);
-        (start / BLOCK_SIZE as u64..end.div_ceil(BLOCK_SIZE as u64))
-            .any(|block| older.holds_block(self.config.mode, header.nsid, block))
+        let (first, end) = blocks_touched(start, start + u64::from(header.length_bytes));
+        (first..end).any(|block| older.holds_block(self.config.mode, header.nsid, block))
     }
 
     /// A primary write of entry `slot` of `half` failed: everything from it on is applied again

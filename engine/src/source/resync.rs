@@ -751,9 +751,7 @@ impl<M: RingStore> Source<M> {
         let index = resync.reads_submitted;
         let (nsid, block_index) = resync.data[index];
         let start = block_index * BLOCK_SIZE as u64;
-        if !self.ops.has_room(nsid)
-            || self.overlaps_inflight(nsid, start, start + BLOCK_SIZE as u64)
-        {
+        if !self.ops.has_room(nsid) || self.ops.overlaps(nsid, start, start + BLOCK_SIZE as u64) {
             return None;
         }
         let generation = resync.generation;
